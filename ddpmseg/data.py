@@ -1,0 +1,145 @@
+"""Reading a user's data folder: images (png/jpg) with optional masks of the same stem.
+
+Masks are ``.npy`` class-index arrays or single-channel (grey or palette) PNGs. Every problem
+is reported as our own error naming the file, before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import BadInputError, InputNotFoundError
+
+log = logging.getLogger("ddpmseg")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MASK_SUFFIXES = (".npy", ".png")
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    image: Path
+    mask: Path | None
+
+
+def list_samples(folder: str | Path, require_masks: bool = False) -> list[Sample]:
+    """Images of ``folder`` sorted by name, each with its mask when one exists.
+
+    A ``<stem>.png`` next to a ``<stem>.npy`` is the image; a PNG mask needs the image to be a
+    JPEG or the mask to be named ``<stem>_mask.png``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputNotFoundError(f"data folder {folder} does not exist", "check the path")
+    files = {p.name: p for p in folder.iterdir() if p.is_file()}
+    samples = []
+    for path in sorted(files.values()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or path.stem.endswith("_mask"):
+            continue
+        if path.suffix.lower() == ".png" and _is_mask_png(path, files):
+            continue
+        mask = _find_mask(path, files)
+        if require_masks and mask is None:
+            raise BadInputError(f"image {path} has no mask ({path.stem}.npy or {path.stem}_mask.png)",
+                                "add its mask or move the image out of the training folder")
+        samples.append(Sample(path.stem, path, mask))
+    if not samples:
+        raise InputNotFoundError(f"no images (png/jpg) in {folder}", "point to a folder of images")
+    return samples
+
+
+def _is_mask_png(path: Path, files: dict) -> bool:
+    # <stem>.png is a mask only when a JPEG image of the same stem sits beside it.
+    return any(f"{path.stem}{s}" in files for s in (".jpg", ".jpeg", ".JPG", ".JPEG"))
+
+
+def _find_mask(image: Path, files: dict) -> Path | None:
+    for name in (f"{image.stem}.npy", f"{image.stem}_mask.png", f"{image.stem}_mask.npy"):
+        if name in files:
+            return files[name]
+    if image.suffix.lower() in (".jpg", ".jpeg") and f"{image.stem}.png" in files:
+        return files[f"{image.stem}.png"]
+    return None
+
+
+def load_image(path: Path, size: tuple[int, int] | None = None, resize: bool = False) -> np.ndarray:
+    """RGB uint8 (H, W, 3). ``size`` is (H, W); another size is an error unless ``resize``."""
+    try:
+        with Image.open(path) as im:
+            if im.mode != "RGB":
+                log.info("note: %s is %s, converted to RGB", path, im.mode)
+                im = im.convert("RGB")
+            if size is not None and im.size != (size[1], size[0]):
+                if not resize:
+                    raise BadInputError(
+                        f"image {path} is {im.size[1]}x{im.size[0]} but the model takes "
+                        f"{size[0]}x{size[1]}", "pass --resize to resize images (and masks)")
+                im = im.resize((size[1], size[0]), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise BadInputError(f"cannot read image {path} ({exc})", "replace or remove the file") from exc
+
+
+def image_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1], as the reference normalises."""
+    return torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def load_mask(path: Path, size: tuple[int, int], resize: bool = False) -> np.ndarray:
+    """Class indices uint8 (H, W) from ``.npy`` or a grey/palette PNG, checked against ``size``."""
+    mask = _read_mask(path)
+    if mask.shape != tuple(size):
+        if not resize:
+            raise BadInputError(f"mask {path} is {mask.shape[0]}x{mask.shape[1]} but its image "
+                                f"is {size[0]}x{size[1]}", "fix the mask or pass --resize")
+        im = Image.fromarray(mask).resize((size[1], size[0]), Image.NEAREST)
+        mask = np.asarray(im, dtype=np.uint8).copy()
+    return mask
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    try:
+        if path.suffix.lower() == ".npy":
+            mask = np.load(path, allow_pickle=False)
+        else:
+            with Image.open(path) as im:
+                if im.mode not in ("L", "P", "I", "I;16"):
+                    raise BadInputError(f"mask {path} is a {im.mode} image",
+                                        "masks must be class indices: a grey or palette PNG or .npy")
+                mask = np.asarray(im)
+    except BadInputError:
+        raise
+    except (OSError, ValueError, UnidentifiedImageError) as exc:
+        raise BadInputError(f"cannot read mask {path} ({exc})", "replace or remove the file") from exc
+    mask = np.squeeze(mask)
+    if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
+        raise BadInputError(f"mask {path} is not a 2-D integer array (shape {mask.shape}, "
+                            f"{mask.dtype})", "save masks as H x W class indices")
+    if mask.min() < 0 or mask.max() > 255:
+        raise BadInputError(f"mask {path} has labels outside 0..255", "use uint8 class indices")
+    return mask.astype(np.uint8)
+
+
+def check_labels(mask: np.ndarray, num_classes: int, ignore_label: int, path: Path) -> None:
+    bad = np.setdiff1d(np.unique(mask), [*range(num_classes), ignore_label])
+    if bad.size:
+        raise BadInputError(f"mask {path} has labels {bad.tolist()} outside 0..{num_classes - 1} "
+                            f"(ignore label {ignore_label})", "check --config / num_classes")
+
+
+def drop_rare_classes(mask: np.ndarray, num_classes: int, ignore_label: int,
+                      min_pixels: int = 20) -> np.ndarray:
+    """The reference's rule: in one image, a class with 0 < pixels < min_pixels is ignored."""
+    out = mask.copy()
+    counts = np.bincount(mask.ravel(), minlength=256)
+    for c in range(num_classes):
+        if c != ignore_label and 0 < counts[c] < min_pixels:
+            out[mask == c] = ignore_label
+    return out
