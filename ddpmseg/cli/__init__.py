@@ -1,0 +1,5 @@
+"""The ``ddpmseg`` command line: thin click commands over the library API."""
+
+from .main import main
+
+__all__ = ["main"]

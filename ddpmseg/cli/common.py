@@ -1,0 +1,35 @@
+"""Options shared by several commands."""
+
+from __future__ import annotations
+
+import click
+
+from ..config import Config, load_config
+from ..errors import DdpmsegError
+
+device_option = click.option(
+    "--device", default="auto", show_default=True,
+    help="auto (CUDA when present), cpu, cuda or cuda:N.")
+
+config_option = click.option(
+    "--config", "config_path", default=None, metavar="TOML|NAME",
+    help="A config file, or the name of a bundled one (ffhq_34, bedroom_28, ...).")
+
+
+def resolve_config(config_path: str | None, **sections: dict) -> Config:
+    """Load the config and apply the command-line overrides (None means 'not given')."""
+    try:
+        return load_config(config_path).with_overrides(**sections)
+    except DdpmsegError as exc:
+        raise click.BadParameter(str(exc), param_hint="--config") from exc
+
+
+def parse_ints(value: str | None, name: str) -> tuple[int, ...] | None:
+    """'50,150,250' -> (50, 150, 250); a bad list is a usage error naming the option."""
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in value.replace(" ", "").split(",") if v)
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers",
+                                 param_hint=name) from exc

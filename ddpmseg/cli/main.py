@@ -1,0 +1,65 @@
+"""The ``ddpmseg`` click group and its error handling.
+
+Our errors become one line ``error: <what>; <how to fix>`` and exit 1 (2 for usage errors);
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import DdpmsegError
+
+# Each command lives in its own module of this package, named like the command.
+COMMANDS = ("extract", "fit", "predict", "evaluate", "demo", "check_checkpoint")
+
+
+class Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except DdpmsegError as exc:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; rerun the same command to resume", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ddpmseg")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+def cli(debug: bool, quiet: bool) -> None:
+    """Label-efficient semantic segmentation from diffusion-model features.
+
+    \b
+    ddpmseg extract   images (+ masks) -> feature store
+    ddpmseg fit       feature store -> trained ensemble (a run directory)
+    ddpmseg predict   run + images or store -> masks, overlays, uncertainty
+    ddpmseg evaluate  predictions + ground truth -> per-class IoU, mIoU
+    ddpmseg demo      all four on bundled face images and a small bundled backbone
+    """
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(message)s", stream=sys.stderr, force=True)
+
+
+for _name in COMMANDS:
+    try:
+        _module = importlib.import_module(f".{_name}", __package__)
+    except ModuleNotFoundError as _exc:
+        if _exc.name != f"{__package__}.{_name}":
+            raise
+        continue  # a command whose module has not landed yet
+    cli.add_command(_module.command)
+
+
+def main() -> None:
+    cli(prog_name="ddpmseg")
