@@ -1,0 +1,186 @@
+"""Loading ADM checkpoints, and saying which flag is wrong when one does not fit.
+
+A shape mismatch from ``load_state_dict`` lists hundreds of keys and names no cause; users of
+these checkpoints nearly always got one flag wrong, so the error names the likely flags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from ..errors import CheckpointError, InputNotFoundError
+
+# Containers training scripts wrap a state dict in.
+WRAPPER_KEYS = ("state_dict", "model", "ema", "model_state_dict", "ema_model")
+# Prefixes DataParallel/DDP ("module.") and torch.compile ("_orig_mod.") put on every key.
+PREFIXES = ("module.", "_orig_mod.")
+MAX_LISTED = 10
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks so multi-GB checkpoints never sit in memory."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"file {path} does not exist")
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _unwrap(obj: Any, source: str) -> dict[str, torch.Tensor]:
+    for _ in range(4):  # wrappers nest at most a couple of levels in practice
+        if not isinstance(obj, Mapping):
+            break
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return dict(obj)
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    kind = type(obj).__name__
+    keys = f" with keys {sorted(map(str, obj))[:MAX_LISTED]}" if isinstance(obj, Mapping) else ""
+    raise CheckpointError(f"{source} holds no state dict (found a {kind}{keys})",
+                          f"expected a dict of tensors, or one under "
+                          f"{' / '.join(repr(k) for k in WRAPPER_KEYS)}")
+
+
+def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in PREFIXES:
+            if sd and all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                changed = True
+    return sd
+
+
+def load_state_dict(source: str | Path | Mapping) -> dict[str, torch.Tensor]:
+    """A float32 CPU state dict from a checkpoint file (or an already loaded object).
+
+    Accepts plain, wrapped ({"state_dict"|"model"|"ema": ...}) and "module."-prefixed state
+    dicts in fp32, fp16 or bf16. Files are read with ``weights_only=True``: a checkpoint is
+    never allowed to run code.
+    """
+    if isinstance(source, Mapping):
+        obj, name = source, "state dict"
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise InputNotFoundError(f"checkpoint {path} does not exist",
+                                     "check the path to the .pt file")
+        name = str(path)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile,
+                ValueError) as exc:
+            raise CheckpointError(f"cannot read checkpoint {path}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                                  "it must be a torch.save'd state dict of tensors only") from exc
+    sd = _strip_prefixes(_unwrap(obj, name))
+    # Half-precision copies are cast up: features are computed in float32 regardless.
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+
+
+def _block_count(keys, prefix: str) -> int:
+    pat = re.compile(re.escape(prefix) + r"\.(\d+)\.")
+    idx = [int(m.group(1)) for k in keys if (m := pat.match(k))]
+    return max(idx) + 1 if idx else 0
+
+
+def _suspect_flags(model_sd: Mapping[str, torch.Tensor], ckpt: Mapping[str, torch.Tensor],
+                   missing: list[str], unexpected: list[str],
+                   mismatched: list[str]) -> list[str]:
+    """Human-readable guesses at which flags differ between the model and the checkpoint."""
+    out: list[str] = []
+
+    def shape(sd, key):
+        return tuple(sd[key].shape) if key in sd else None
+
+    m, c = shape(model_sd, "time_embed.0.weight"), shape(ckpt, "time_embed.0.weight")
+    if m and c and m != c:
+        out.append(f"num_channels (checkpoint has {c[1]}, flags give {m[1]})")
+    nm, nc = _block_count(model_sd, "input_blocks"), _block_count(ckpt, "input_blocks")
+    if nm != nc and nc:
+        out.append(f"image_size / channel_mult / num_res_blocks (checkpoint has {nc} encoder "
+                   f"blocks, flags give {nm})")
+    m, c = shape(model_sd, "out.2.weight"), shape(ckpt, "out.2.weight")
+    if m and c and m[0] != c[0]:
+        out.append(f"learn_sigma (checkpoint has {c[0]} output channels, flags give {m[0]}; "
+                   f"6 means learn_sigma true)")
+    names = missing + unexpected + mismatched
+    if any(".emb_layers." in k for k in mismatched):
+        out.append("use_scale_shift_norm (emb_layers width is 2x the block width with it)")
+    if any(re.search(r"\.(qkv|proj_out|norm)\.", k) and ".in_layers." not in k
+           and ".out_layers." not in k for k in missing + unexpected):
+        out.append("attention_resolutions (attention layers are where the checkpoint has "
+                   "none, or missing where it has them)")
+    if any(re.search(r"\.(op|conv)\.(weight|bias)$", k) or ".h_upd" in k for k in names) or \
+            any(re.search(r"\.\d+\.(in_layers|out_layers|emb_layers)\.", k) and
+                re.search(r"_blocks\.\d+\.[12]\.", k) for k in missing + unexpected):
+        out.append("resblock_updown (up/downsampling by ResBlocks vs plain convs)")
+    if "label_emb.weight" in names:
+        out.append("class_cond (label_emb is present in only one of them)")
+    if any(".qkv." in k for k in mismatched) and not out:
+        out.append("channel_mult / num_channels (attention widths differ)")
+    if mismatched and not out:
+        out.append("channel_mult (layer widths differ)")
+    if not out and (missing or unexpected):
+        out.append("num_res_blocks / channel_mult / attention_resolutions")
+    return out
+
+
+def _listing(title: str, items: list[str]) -> str:
+    more = f", ... ({len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else ""
+    return f"{len(items)} {title}: {', '.join(items[:MAX_LISTED])}{more}"
+
+
+def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str = "checkpoint"
+                     ) -> None:
+    """Raise CheckpointError unless ``sd`` has exactly the model's keys and shapes."""
+    model_sd = model.state_dict()
+    missing = [k for k in model_sd if k not in sd]
+    unexpected = [k for k in sd if k not in model_sd]
+    mismatched = [k for k in model_sd if k in sd and tuple(sd[k].shape) != tuple(model_sd[k].shape)]
+    if not (missing or unexpected or mismatched):
+        return
+    parts = []
+    if missing:
+        parts.append(_listing("missing keys", missing))
+    if unexpected:
+        parts.append(_listing("unexpected keys", unexpected))
+    if mismatched:
+        parts.append(_listing("shape mismatches", [
+            f"{k} (checkpoint {tuple(sd[k].shape)}, model {tuple(model_sd[k].shape)})"
+            for k in mismatched]))
+    suspects = _suspect_flags(model_sd, sd, missing, unexpected, mismatched)
+    note = ("num_heads / num_head_channels change no shapes, so they cannot be checked here; "
+            "if a checkpoint loads but its features look wrong, check those")
+    raise CheckpointError(
+        f"{source} does not fit the model its flags describe: " + "; ".join(parts),
+        (f"check the model flags, most likely {'; '.join(suspects)}" if suspects
+         else "check the model flags against the ones the checkpoint was trained with")
+        + f" ({note})")
+
+
+def load_checkpoint(model: nn.Module, source: str | Path | Mapping) -> nn.Module:
+    """Load a checkpoint strictly into ``model`` (in place) and return it.
+
+    The model may live on the meta device: parameters are then replaced by the loaded tensors
+    instead of copied into, which avoids initialising weights that are about to be overwritten.
+    """
+    sd = load_state_dict(source)
+    check_state_dict(model, sd, source if isinstance(source, (str, Path)) else "state dict")
+    on_meta = any(p.is_meta for p in model.parameters())
+    model.load_state_dict(sd, strict=True, assign=on_meta)
+    return model

@@ -1,0 +1,350 @@
+"""The ADM UNet of guided-diffusion, written for this project.
+
+Module names and parameter shapes follow guided-diffusion's ``UNetModel`` one for one, so that
+its published state dicts load with ``strict=True``; that is the only reason for names such as
+``in_layers.2`` or ``out.2``. Only 2-D images are supported and nothing here trains: there is no
+gradient checkpointing, and no zero-initialisation (a randomly built model is used only for
+benchmarks, where all-zero residual branches would make features degenerate).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .flags import ModelFlags
+from .nn import normalization, timestep_embedding
+
+
+class TimestepBlock(nn.Module):
+    """A module whose forward takes the timestep embedding as a second argument."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
+    """nn.Sequential that hands the embedding to the children that take one."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, H, W), emb: (N, E) -> (N, C', H', W')."""
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling, optionally followed by a 3x3 conv."""
+
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        if use_conv:
+            self.conv = nn.Conv2d(channels, self.out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, H, W) -> (N, C_out, 2H, 2W)."""
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class Downsample(nn.Module):
+    """2x downsampling by a strided 3x3 conv, or by 2x2 average pooling."""
+
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        if use_conv:
+            self.op = nn.Conv2d(channels, self.out_channels, 3, stride=2, padding=1)
+        else:
+            if self.out_channels != channels:
+                raise ValueError("average-pool downsampling cannot change the channel count")
+            self.op = nn.AvgPool2d(kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, H, W) -> (N, C_out, H/2, W/2)."""
+        return self.op(x)
+
+
+class ResBlock(TimestepBlock):
+    """Residual block conditioned on the timestep embedding, optionally resampling.
+
+    With ``use_scale_shift_norm`` the embedding gives a per-channel scale and shift applied after
+    the second norm (FiLM), so emb_layers is twice as wide as the output.
+    """
+
+    def __init__(self, channels: int, emb_channels: int, dropout: float,
+                 out_channels: int | None = None, use_conv: bool = False,
+                 use_scale_shift_norm: bool = False, up: bool = False, down: bool = False):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_layers = nn.Sequential(
+            normalization(channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, self.out_channels, 3, padding=1),
+        )
+        self.updown = up or down
+        if up:
+            self.h_upd = Upsample(channels, False)
+            self.x_upd = Upsample(channels, False)
+        elif down:
+            self.h_upd = Downsample(channels, False)
+            self.x_upd = Downsample(channels, False)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(),
+            nn.Linear(emb_channels,
+                      2 * self.out_channels if use_scale_shift_norm else self.out_channels),
+        )
+        self.out_layers = nn.Sequential(
+            normalization(self.out_channels),
+            nn.SiLU(),
+            nn.Dropout(p=dropout),
+            nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1),
+        )
+        if self.out_channels == channels:
+            self.skip_connection = nn.Identity()
+        elif use_conv:
+            self.skip_connection = nn.Conv2d(channels, self.out_channels, 3, padding=1)
+        else:
+            self.skip_connection = nn.Conv2d(channels, self.out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, H, W), emb: (N, E) -> (N, C_out, H', W') (H' = 2H up, H/2 down)."""
+        if self.updown:
+            # Resample between the activation and the conv: the conv then runs at the new size.
+            norm_act, conv = self.in_layers[:-1], self.in_layers[-1]
+            h = conv(self.h_upd(norm_act(x)))
+            x = self.x_upd(x)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        if self.use_scale_shift_norm:
+            scale, shift = torch.chunk(emb_out, 2, dim=1)
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[1:](h)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class QKVAttentionLegacy(nn.Module):
+    """Attention over a qkv tensor laid out heads first, then q/k/v (the original order)."""
+
+    def __init__(self, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv: (N, heads * 3 * c, T) -> (N, heads * c, T)."""
+        bs, width, length = qkv.shape
+        ch = width // (3 * self.n_heads)
+        q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
+        return _attend(q, k, v, ch).reshape(bs, -1, length)
+
+
+class QKVAttention(nn.Module):
+    """Attention over a qkv tensor laid out q/k/v first, then heads (use_new_attention_order)."""
+
+    def __init__(self, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv: (N, 3 * heads * c, T) -> (N, heads * c, T)."""
+        bs, width, length = qkv.shape
+        ch = width // (3 * self.n_heads)
+        q, k, v = (a.reshape(bs * self.n_heads, ch, length) for a in qkv.chunk(3, dim=1))
+        return _attend(q, k, v, ch).reshape(bs, -1, length)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ch: int) -> torch.Tensor:
+    """Softmax attention; q, k, v: (B, c, T) -> (B, c, T)."""
+    # Scaling q and k by ch**-1/4 each (not the product by ch**-1/2) is what the trained models
+    # saw; it keeps half-precision products in range, and changes float32 results in the ulps.
+    scale = 1 / math.sqrt(math.sqrt(ch))
+    weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
+    weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
+    return torch.einsum("bts,bcs->bct", weight, v)
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over all spatial positions, with a residual connection."""
+
+    def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1,
+                 use_new_attention_order: bool = False):
+        super().__init__()
+        self.channels = channels
+        self.num_heads = num_heads if num_head_channels == -1 else channels // num_head_channels
+        self.norm = normalization(channels)
+        self.qkv = nn.Conv1d(channels, channels * 3, 1)
+        self.attention = (QKVAttention if use_new_attention_order
+                          else QKVAttentionLegacy)(self.num_heads)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, H, W) -> (N, C, H, W)."""
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        h = self.proj_out(self.attention(self.qkv(self.norm(x))))
+        return (x + h).reshape(b, c, *spatial)
+
+
+class UNetModel(nn.Module):
+    """The ADM UNet: time embedding, encoder (input_blocks), middle_block, decoder
+    (output_blocks) with skip connections, and the ``out`` head.
+
+    ``attention_ds`` holds downsample rates (1 = full resolution), not pixel resolutions.
+    ``decoder_shapes[i]`` is (channels, downsample rate) of output_blocks[i]'s output.
+    """
+
+    def __init__(self, image_size: int, in_channels: int, model_channels: int,
+                 out_channels: int, num_res_blocks: int, attention_ds: Iterable[int],
+                 dropout: float = 0.0, channel_mult: Sequence[float] = (1, 2, 4, 8),
+                 conv_resample: bool = True, num_classes: int | None = None,
+                 num_heads: int = 1, num_head_channels: int = -1, num_heads_upsample: int = -1,
+                 use_scale_shift_norm: bool = False, resblock_updown: bool = False,
+                 use_new_attention_order: bool = False):
+        super().__init__()
+        if num_heads_upsample == -1:
+            num_heads_upsample = num_heads
+        attention_ds = set(attention_ds)
+        self.image_size = image_size
+        self.model_channels = model_channels
+        self.num_classes = num_classes
+        emb_dim = model_channels * 4
+
+        def res(ch_in: int, ch_out: int | None = None, **kw) -> ResBlock:
+            return ResBlock(ch_in, emb_dim, dropout, out_channels=ch_out,
+                            use_scale_shift_norm=use_scale_shift_norm, **kw)
+
+        def attn(ch: int, heads: int) -> AttentionBlock:
+            return AttentionBlock(ch, num_heads=heads, num_head_channels=num_head_channels,
+                                  use_new_attention_order=use_new_attention_order)
+
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, emb_dim)
+
+        ch = first_ch = int(channel_mult[0] * model_channels)
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
+        skip_chans = [ch]
+        ds = 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers: list[nn.Module] = [res(ch, int(mult * model_channels))]
+                ch = int(mult * model_channels)
+                if ds in attention_ds:
+                    layers.append(attn(ch, num_heads))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(
+                    res(ch, ch, down=True) if resblock_updown
+                    else Downsample(ch, conv_resample, out_channels=ch)))
+                skip_chans.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(res(ch), attn(ch, num_heads), res(ch))
+
+        self.output_blocks = nn.ModuleList()
+        self.decoder_shapes: list[tuple[int, int]] = []
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                layers = [res(ch + skip_chans.pop(), int(model_channels * mult))]
+                ch = int(model_channels * mult)
+                if ds in attention_ds:
+                    layers.append(attn(ch, num_heads_upsample))
+                if level and i == num_res_blocks:
+                    layers.append(res(ch, ch, up=True) if resblock_updown
+                                  else Upsample(ch, conv_resample, out_channels=ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+                self.decoder_shapes.append((ch, ds))
+
+        self.out = nn.Sequential(
+            normalization(ch), nn.SiLU(), nn.Conv2d(first_ch, out_channels, 3, padding=1))
+
+    @classmethod
+    def from_flags(cls, flags: ModelFlags) -> "UNetModel":
+        """The model guided-diffusion's create_model builds for these flags."""
+        return cls(
+            image_size=flags.image_size, in_channels=3, model_channels=flags.num_channels,
+            out_channels=flags.out_channels, num_res_blocks=flags.num_res_blocks,
+            attention_ds=flags.attention_ds, dropout=flags.dropout, channel_mult=flags.mult,
+            num_classes=flags.num_classes, num_heads=flags.num_heads,
+            num_head_channels=flags.num_head_channels,
+            num_heads_upsample=flags.num_heads_upsample,
+            use_scale_shift_norm=flags.use_scale_shift_norm,
+            resblock_updown=flags.resblock_updown,
+            use_new_attention_order=flags.use_new_attention_order,
+        )
+
+    def _embed(self, timesteps: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """timesteps: (N,), y: (N,) labels or None -> (N, 4 * model_channels)."""
+        if (y is None) != (self.num_classes is None):
+            raise ValueError("class labels y must be given if and only if the model is "
+                             "class-conditional")
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        if y is not None:
+            emb = emb + self.label_emb(y)
+        return emb
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        """The full model: x (N, 3, H, W), timesteps (N,), y (N,) -> (N, out_channels, H, W)."""
+        emb = self._embed(timesteps, y)
+        hs = []
+        h = x
+        for module in self.input_blocks:
+            h = module(h, emb)
+            hs.append(h)
+        h = self.middle_block(h, emb)
+        for module in self.output_blocks:
+            h = module(torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h.to(x.dtype))
+
+    def decoder_features(self, x: torch.Tensor, timesteps: torch.Tensor,
+                         blocks: Iterable[int], y: torch.Tensor | None = None
+                         ) -> dict[int, torch.Tensor]:
+        """Outputs of the requested decoder blocks, stopping after the deepest one.
+
+        x (N, 3, H, W), timesteps (N,), y (N,) or None -> {b: (N, C_b, h_b, w_b)}. Decoder
+        blocks past max(blocks) and ``out`` are never run, and encoder outputs that only those
+        blocks would read are not kept.
+        """
+        wanted = sorted(set(int(b) for b in blocks))
+        if not wanted:
+            return {}
+        if wanted[0] < 0 or wanted[-1] >= len(self.output_blocks):
+            raise IndexError(f"decoder blocks are 0..{len(self.output_blocks) - 1}, "
+                             f"got {wanted}")
+        last = wanted[-1]
+        # Decoder block i reads encoder output n-1-i; blocks 0..last need outputs >= n-1-last.
+        first_kept = len(self.input_blocks) - 1 - last
+        emb = self._embed(timesteps, y)
+        hs = []
+        h = x
+        for i, module in enumerate(self.input_blocks):
+            h = module(h, emb)
+            if i >= first_kept:
+                hs.append(h)
+        h = self.middle_block(h, emb)
+        feats = {}
+        for i, module in enumerate(self.output_blocks[:last + 1]):
+            h = module(torch.cat([h, hs.pop()], dim=1), emb)
+            if i in wanted:
+                feats[i] = h
+        return feats
