@@ -118,24 +118,26 @@ def _suspect_flags(model_sd: Mapping[str, torch.Tensor], ckpt: Mapping[str, torc
     if m and c and m[0] != c[0]:
         out.append(f"learn_sigma (checkpoint has {c[0]} output channels, flags give {m[0]}; "
                    f"6 means learn_sigma true)")
-    names = missing + unexpected + mismatched
-    if any(".emb_layers." in k for k in mismatched):
-        out.append("use_scale_shift_norm (emb_layers width is 2x the block width with it)")
-    if any(re.search(r"\.(qkv|proj_out|norm)\.", k) and ".in_layers." not in k
-           and ".out_layers." not in k for k in missing + unexpected):
-        out.append("attention_resolutions (attention layers are where the checkpoint has "
-                   "none, or missing where it has them)")
-    if any(re.search(r"\.(op|conv)\.(weight|bias)$", k) or ".h_upd" in k for k in names) or \
-            any(re.search(r"\.\d+\.(in_layers|out_layers|emb_layers)\.", k) and
-                re.search(r"_blocks\.\d+\.[12]\.", k) for k in missing + unexpected):
-        out.append("resblock_updown (up/downsampling by ResBlocks vs plain convs)")
-    if "label_emb.weight" in names:
-        out.append("class_cond (label_emb is present in only one of them)")
-    if any(".qkv." in k for k in mismatched) and not out:
-        out.append("channel_mult / num_channels (attention widths differ)")
-    if mismatched and not out:
-        out.append("channel_mult (layer widths differ)")
-    if not out and (missing or unexpected):
+    for k in mismatched:
+        if k.endswith(".emb_layers.1.weight"):
+            rows_m, rows_c = model_sd[k].shape[0], ckpt[k].shape[0]
+            if rows_c == 2 * rows_m or rows_m == 2 * rows_c:
+                out.append(f"use_scale_shift_norm (the checkpoint "
+                           f"{'uses' if rows_c > rows_m else 'does not use'} it: its "
+                           f"emb_layers are {rows_c} wide for {k.split('.emb_layers')[0]})")
+                break
+    changed = missing + unexpected
+    if "label_emb.weight" in changed:
+        out.append("class_cond (label_emb is in only one of checkpoint and model)")
+    if nm == nc:
+        # With equal block counts keys line up, so a key present on one side only is telling.
+        if any(re.search(r"\.(qkv|proj_out|norm)\.", k) for k in changed):
+            out.append("attention_resolutions (attention layers where the other has none)")
+        if any(re.search(r"\.(op|conv)\.(weight|bias)$", k) for k in changed):
+            out.append("resblock_updown (up/downsampling by ResBlocks vs by plain convs)")
+    if not out and mismatched:
+        out.append("channel_mult / num_channels (layer widths differ)")
+    if not out:
         out.append("num_res_blocks / channel_mult / attention_resolutions")
     return out
 
