@@ -88,8 +88,12 @@ def load_image(path: Path, size: tuple[int, int] | None = None, resize: bool = F
 
 
 def image_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1], as the reference normalises."""
-    return torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    """uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1], as the reference normalises.
+
+    Contiguous: a permuted (channels-last) tensor sends the convolutions down another kernel
+    whose results differ in the last float bits, so features would depend on how x0 was made.
+    """
+    return torch.from_numpy(image).permute(2, 0, 1).contiguous().float().div(127.5).sub(1.0)
 
 
 def load_mask(path: Path, size: tuple[int, int], resize: bool = False) -> np.ndarray:
@@ -110,7 +114,7 @@ def _read_mask(path: Path) -> np.ndarray:
             mask = np.load(path, allow_pickle=False)
         else:
             with Image.open(path) as im:
-                if im.mode not in ("L", "P", "I", "I;16"):
+                if im.mode not in ("1", "L", "P", "I", "I;16"):
                     raise BadInputError(f"mask {path} is a {im.mode} image",
                                         "masks must be class indices: a grey or palette PNG or .npy")
                 mask = np.asarray(im)
@@ -119,6 +123,8 @@ def _read_mask(path: Path) -> np.ndarray:
     except (OSError, ValueError, UnidentifiedImageError) as exc:
         raise BadInputError(f"cannot read mask {path} ({exc})", "replace or remove the file") from exc
     mask = np.squeeze(mask)
+    if mask.dtype == np.bool_:  # a binary mask (bool .npy or a 1-bit PNG): classes 0 and 1
+        mask = mask.astype(np.uint8)
     if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
         raise BadInputError(f"mask {path} is not a 2-D integer array (shape {mask.shape}, "
                             f"{mask.dtype})", "save masks as H x W class indices")

@@ -1,0 +1,14 @@
+"""The diffusion backbone: guided-diffusion's ADM UNet, its flags, schedules and checkpoints."""
+
+from .checkpoint import check_state_dict, load_checkpoint, load_state_dict, sha256_file
+from .diffusion import SCHEDULES, Schedule, get_schedule, q_sample
+from .extractor import DEFAULT_BLOCKS, DEFAULT_STEPS, Backbone
+from .flags import PRESETS, ModelFlags
+from .unet import UNetModel
+
+__all__ = [
+    "Backbone", "ModelFlags", "PRESETS", "UNetModel",
+    "Schedule", "SCHEDULES", "get_schedule", "q_sample",
+    "load_state_dict", "load_checkpoint", "check_state_dict", "sha256_file",
+    "DEFAULT_STEPS", "DEFAULT_BLOCKS",
+]

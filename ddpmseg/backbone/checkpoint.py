@@ -118,14 +118,13 @@ def _suspect_flags(model_sd: Mapping[str, torch.Tensor], ckpt: Mapping[str, torc
     if m and c and m[0] != c[0]:
         out.append(f"learn_sigma (checkpoint has {c[0]} output channels, flags give {m[0]}; "
                    f"6 means learn_sigma true)")
-    for k in mismatched:
-        if k.endswith(".emb_layers.1.weight"):
-            rows_m, rows_c = model_sd[k].shape[0], ckpt[k].shape[0]
-            if rows_c == 2 * rows_m or rows_m == 2 * rows_c:
-                out.append(f"use_scale_shift_norm (the checkpoint "
-                           f"{'uses' if rows_c > rows_m else 'does not use'} it: its "
-                           f"emb_layers are {rows_c} wide for {k.split('.emb_layers')[0]})")
-                break
+    # The first ResBlock sits at full resolution whatever the other flags say, so its
+    # emb_layers compare like with like; equal block widths rule out num_channels.
+    emb, width = "input_blocks.1.0.emb_layers.1.weight", "input_blocks.1.0.out_layers.0.weight"
+    m, c = shape(model_sd, emb), shape(ckpt, emb)
+    if m and c and shape(model_sd, width) == shape(ckpt, width) and m[0] != c[0]:
+        out.append(f"use_scale_shift_norm (the checkpoint {'uses' if c[0] > m[0] else 'does not use'}"
+                   f" it: its emb_layers are {c[0]} wide for {shape(ckpt, width)[0]} channels)")
     changed = missing + unexpected
     if "label_emb.weight" in changed:
         out.append("class_cond (label_emb is in only one of checkpoint and model)")
@@ -133,7 +132,11 @@ def _suspect_flags(model_sd: Mapping[str, torch.Tensor], ckpt: Mapping[str, torc
         # With equal block counts keys line up, so a key present on one side only is telling.
         if any(re.search(r"\.(qkv|proj_out|norm)\.", k) for k in changed):
             out.append("attention_resolutions (attention layers where the other has none)")
-        if any(re.search(r"\.(op|conv)\.(weight|bias)$", k) for k in changed):
+        # A resampling conv on one side where the other has a ResBlock at the same place.
+        resampled = [m.group(1) for k in changed
+                     if (m := re.match(r"(.*)\.(op|conv)\.weight$", k))]
+        if any(f"{p}.in_layers.2.weight" in model_sd or f"{p}.in_layers.2.weight" in ckpt
+               for p in resampled):
             out.append("resblock_updown (up/downsampling by ResBlocks vs by plain convs)")
     if not out and mismatched:
         out.append("channel_mult / num_channels (layer widths differ)")

@@ -9,6 +9,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+# Device types autocast knows; asking about others (meta, for dry runs) is an error.
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm that always computes in float32 and returns the input's dtype.
 
@@ -18,7 +22,7 @@ class GroupNorm32(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, C, ...) -> (N, C, ...) in x's dtype."""
-        if torch.is_autocast_enabled(x.device.type):
+        if x.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(x.device.type):
             # Autocast may lower group_norm itself; keep the float32 promise under it too.
             with torch.autocast(x.device.type, enabled=False):
                 return F.group_norm(x.float(), self.num_groups, self.weight.float(),

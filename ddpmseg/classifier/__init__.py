@@ -1,0 +1,12 @@
+"""The pixel classifier: an ensemble of pixel MLPs trained on a feature store's labelled pixels.
+
+``fit(store, run_dir, config)`` trains it, streaming minibatches from the store in bounded RAM;
+``load_ensemble(run_dir, device)`` loads it for prediction.
+"""
+
+from .ensemble import Ensemble, load_ensemble
+from .model import EarlyStopping, PixelMLP, hidden_widths, simplex_etf
+from .train import fit
+
+__all__ = ["fit", "PixelMLP", "simplex_etf", "load_ensemble", "Ensemble", "EarlyStopping",
+           "hidden_widths"]

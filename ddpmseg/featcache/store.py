@@ -1,20 +1,27 @@
 """The on-disk feature store: one Zarr (format 3) group per extraction.
 
-Layout (see README, "How features are stored"):
+Layout (the full description is FORMAT.md, beside this file):
 
-    zarr.json                 attributes: StoreInfo (format version, fingerprint, steps, ...)
+    zarr.json                 attributes: "ddpmseg" = StoreInfo (format version, fingerprint,
+                              steps, ...), "config" = the resolved run config
     act_t{t}_b{b}/            (N, C, h, w) native-resolution activation, one image per chunk
     labels/                   (N, H, W) uint8, after the reference's rare-class rule
+                              (absent in a prediction-only store: has_labels False)
     complete/                 (N,) uint8, 1 once every array of that image is written
 
 An image is written array by array and flagged complete last, so a killed writer never leaves
-a half-written image that reads as complete.
+a half-written image that reads as complete. Every chunk ends with a crc32c checksum; a chunk
+that fails it, or that is missing for an image flagged complete, is a ``StoreError`` naming the
+image.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,12 +29,32 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
+from zarr.core.sync import sync
 
-from ..errors import StoreError, StoreMismatchError
+from ..errors import FeatureOverflowError, StoreError, StoreMismatchError
 from . import pixels
 
 FORMAT_VERSION = 1
-DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": "bfloat16"}
+STORE_DTYPES = ("float16", "bfloat16", "float32")
+# zarr has no bfloat16 dtype: bfloat16 values are stored as their uint16 bit patterns (the upper
+# half of the float32 word) and readers widen them back to float32.
+_ZARR_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
+BFLOAT16_ENCODING = "bfloat16 stored as uint16 bit patterns; float32 = (uint32(v) << 16)"
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+# The default codec, chosen by bench/store_codec.py on real activations of the trained faces64
+# backbone (ffhq_34 images at 64px, float16; bench/results/store_codec.json). Diffusion
+# activations are noisy and float16 compresses little whatever the codec: Blosc Zstd level 1
+# with bit shuffle saves 14% (ratio 1.16) at ~75 MB/s per thread, while the best ratio found
+# (Zstd 9, byte shuffle: 1.23) writes at ~8 MB/s and Zstd 5 with bit shuffle (1.20) at half
+# the speed of level 1. Without bit shuffle Zstd 1 gains only 1.09-1.10; LZ4 gains 1.00-1.04
+# with byte or no shuffle and 1.14 with bit shuffle, at no better speed than Zstd 1 here; no
+# codec at all writes ~110 MB/s. Reading is ~200-250 MB/s for every Blosc setting. Zstd 1 +
+# bit shuffle is the best size per unit of write time, and writing runs in a thread pool
+# beside the model. (bfloat16 activations compress to 1.50 with the same codec.)
+DEFAULT_CODEC = {"cname": "zstd", "clevel": 1, "shuffle": "bitshuffle"}
+
+_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 
 @dataclass(frozen=True)
@@ -47,8 +74,10 @@ class StoreInfo:
     dtype: str = "float16"
     seed: int = 0
     fingerprint: dict = field(default_factory=dict)
-    codec: dict = field(default_factory=lambda: {"cname": "zstd", "clevel": 3, "shuffle": "bitshuffle"})
+    codec: dict = field(default_factory=lambda: dict(DEFAULT_CODEC))
     format_version: int = FORMAT_VERSION
+    precision: str = "fp32"      # the model's compute precision when the features were made
+    min_class_pixels: int = 20   # the rare-class rule applied to the stored labels
 
     @property
     def keys(self) -> list[tuple[int, int]]:
@@ -63,11 +92,66 @@ class StoreInfo:
 
     @classmethod
     def from_json(cls, raw: dict) -> "StoreInfo":
-        raw = dict(raw)
+        known = {f.name for f in dataclasses.fields(cls)}
+        raw = {k: v for k, v in raw.items() if k in known}
         for key in ("steps", "blocks", "image_size", "names", "class_names"):
             raw[key] = tuple(raw[key])
         raw["shapes"] = tuple(tuple(s) for s in raw["shapes"])
         return cls(**raw)
+
+    def differences(self, other: "StoreInfo") -> list[str]:
+        """Human-readable list of what differs between ``self`` (asked) and ``other`` (stored)."""
+        out = []
+        mine, theirs = self.to_json(), other.to_json()
+        for key in mine:
+            a, b = mine[key], theirs.get(key)
+            if a == b:
+                continue
+            if key == "fingerprint":
+                out.extend(_fingerprint_differences(a, b or {}))
+            elif key == "names":
+                extra = sorted(set(a) - set(b or ()))
+                gone = sorted(set(b or ()) - set(a))
+                detail = f"{len(a)} images here, {len(b or ())} in the store"
+                if extra:
+                    detail += f"; new: {_short(extra)}"
+                if gone:
+                    detail += f"; not in the data folder: {_short(gone)}"
+                if not extra and not gone:
+                    detail += "; same names, other order"
+                out.append(f"names ({detail})")
+            elif key in ("shapes", "num_images"):
+                continue  # follow from the fingerprint, blocks or names, reported there
+            else:
+                out.append(f"{key} ({_short(a)} here, {_short(b)} in the store)")
+        if not out and mine != theirs:
+            out.append("shapes")
+        return out
+
+
+def _fingerprint_differences(a: dict, b: dict) -> list[str]:
+    out = []
+    if a.get("sha256") != b.get("sha256"):
+        out.append(f"checkpoint sha256 ({str(a.get('sha256'))[:12]}... here, "
+                   f"{str(b.get('sha256'))[:12]}... in the store)")
+    fa, fb = a.get("flags") or {}, b.get("flags") or {}
+    flags = sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
+    if flags:
+        out.append("model flags " + ", ".join(
+            f"{k} ({fa.get(k)!r} here, {fb.get(k)!r} in the store)" for k in flags[:6]))
+    rest = sorted(k for k in set(a) | set(b)
+                  if k not in ("sha256", "flags") and a.get(k) != b.get(k))
+    out.extend(f"fingerprint {k} ({_short(a.get(k))} here, {_short(b.get(k))} in the store)"
+               for k in rest)
+    return out
+
+
+def _short(value, limit: int = 60) -> str:
+    if isinstance(value, list):
+        text = ",".join(str(v) for v in value[:8]) + (",..." if len(value) > 8 else "")
+    else:
+        text = str(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def array_name(t: int, b: int) -> str:
@@ -75,47 +159,203 @@ def array_name(t: int, b: int) -> str:
 
 
 def _codecs(codec: dict) -> list:
-    shuffle = BloscShuffle[codec.get("shuffle", "bitshuffle")]
-    blosc = BloscCodec(cname=codec.get("cname", "zstd"), clevel=codec.get("clevel", 3), shuffle=shuffle)
     # crc32c last: every chunk carries a checksum, so a flipped bit is an error, not a wrong value.
-    return [blosc, Crc32cCodec()] if codec.get("cname") != "none" else [Crc32cCodec()]
+    if codec.get("cname", "zstd") == "none":
+        return [Crc32cCodec()]
+    shuffle = BloscShuffle[codec.get("shuffle", "bitshuffle")]
+    blosc = BloscCodec(cname=codec.get("cname", "zstd"), clevel=codec.get("clevel", 1),
+                       shuffle=shuffle)
+    return [blosc, Crc32cCodec()]
+
+
+def encode_map(m, dtype: str, what: str = "activation") -> np.ndarray:
+    """One activation (tensor or array, any float dtype) as the store holds it.
+
+    float16 values beyond +-65504 raise ``FeatureOverflowError`` (never a silent inf), and so
+    does a map that is not finite to begin with. bfloat16 comes back as uint16 bit patterns.
+    """
+    t = m.detach() if isinstance(m, torch.Tensor) else torch.from_numpy(np.asarray(m))
+    if dtype == "float16":
+        out = t.to(torch.float16)
+        if not bool(torch.isfinite(out).all()):
+            _raise_not_finite(t, what, dtype)
+        return out.cpu().numpy()
+    if dtype == "bfloat16":
+        out = t.to(torch.bfloat16)
+        if not bool(torch.isfinite(out).all()):
+            _raise_not_finite(t, what, dtype)
+        return out.view(torch.int16).cpu().numpy().view(np.uint16)
+    if dtype == "float32":
+        out = t.to(torch.float32)
+        if not bool(torch.isfinite(out).all()):
+            _raise_not_finite(t, what, dtype)
+        return out.cpu().numpy()
+    raise ValueError(f"unknown store dtype {dtype!r}")
+
+
+def _raise_not_finite(t: torch.Tensor, what: str, dtype: str):
+    t = t.float()
+    if not bool(torch.isfinite(t).all()):
+        raise FeatureOverflowError(
+            f"{what} has NaN or infinite values: the model's output is not finite",
+            "check the checkpoint, and use --precision fp32 if it ran in fp16")
+    peak = float(t.abs().max())
+    raise FeatureOverflowError(
+        f"{what} has values up to {peak:.4g}, beyond {dtype}'s range (+-{FLOAT16_MAX:g})",
+        "extract with --dtype bfloat16 (same range as float32, half the bytes) or --dtype float32")
+
+
+def decode_map(a: np.ndarray, dtype: str) -> np.ndarray:
+    """A stored chunk as readers see it: bfloat16 bit patterns widen to float32."""
+    if dtype == "bfloat16":
+        return (np.asarray(a).astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(a)
+
+
+class _Missing:
+    pass
 
 
 class FeatureStore:
-    """Reader (and low-level writer) of a feature store. Open with ``FeatureStore.open(path)``."""
+    """Reader (and low-level writer) of a feature store. Open with ``FeatureStore.open(path)``.
+
+    Readers: ``len(store)``, ``store.names``, ``store.info``, ``store.complete()``,
+    ``store.maps(i)``, ``store.labels(i)``, ``store.pixel_features(i, ys, xs)``,
+    ``store.dense_rows(i, y0, y1)``, and lazy ``store.dask_array(t, b)`` / ``dask_labels()``.
+    Each call reads only the chunks of the image it names.
+    """
 
     def __init__(self, group: zarr.Group, info: StoreInfo, path: str):
         self.group = group
         self.info = info
         self.path = path
+        self._arrays: dict[str, zarr.Array] = {}
+        self._complete: np.ndarray | None = None
 
     # -- creation and writing -------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | Path, info: StoreInfo, overwrite: bool = False) -> "FeatureStore":
-        group = zarr.open_group(str(path), mode="w" if overwrite else "w-", zarr_format=3)
+    def create(cls, path: str | Path, info: StoreInfo, overwrite: bool = False,
+               config: dict | None = None) -> "FeatureStore":
+        """Make the group, its attributes and every (empty) array; write no chunk."""
+        if info.dtype not in STORE_DTYPES:
+            raise StoreError(f"unknown store dtype {info.dtype!r}", f"use one of {STORE_DTYPES}")
+        attrs = {"ddpmseg": info.to_json()}
+        if config is not None:
+            attrs["config"] = json.loads(json.dumps(config))
+        try:
+            group = zarr.create_group(store=str(path), overwrite=overwrite, zarr_format=3,
+                                      attributes=attrs)
+        except zarr.errors.ContainsGroupError as exc:
+            raise StoreError(f"{path} already exists", "pass overwrite=True (--overwrite) to "
+                             "replace it, or choose another path") from exc
+        store = cls(group, info, str(path))
+        store.create_missing_arrays()
+        store._complete = np.zeros(info.num_images, dtype=bool)
+        return store
+
+    def create_missing_arrays(self) -> list[str]:
+        """Create the (empty) arrays the store should have and lacks; returns their names.
+
+        ``create`` makes them all; a writer killed while creating them leaves some out, and a
+        resumed extraction makes the rest, exactly as ``create`` would have.
+        """
+        info, group = self.info, self.group
+        existing = set(group.array_keys())
+        made = []
         n = info.num_images
         codecs = _codecs(info.codec)
+        # Every chunk is written, even one equal to the fill value, so that "flagged complete
+        # but a chunk is missing" always means damage, never an all-zero map.
+        cfg = {"write_empty_chunks": True}
+        act_attrs = {"dtype": info.dtype}
+        if info.dtype == "bfloat16":
+            act_attrs["encoding"] = BFLOAT16_ENCODING
         for (t, b), (c, h, w) in zip(info.keys, info.shapes):
+            if array_name(t, b) in existing:
+                continue
             group.create_array(array_name(t, b), shape=(n, c, h, w), chunks=(1, c, h, w),
-                               dtype=DTYPES[info.dtype], compressors=codecs, fill_value=0)
-        height, width = info.image_size
-        group.create_array("labels", shape=(n, height, width), chunks=(1, height, width),
-                           dtype=np.uint8, compressors=codecs, fill_value=info.ignore_label)
-        group.create_array("complete", shape=(n,), chunks=(1,), dtype=np.uint8,
-                           compressors=[Crc32cCodec()], fill_value=0)
-        group.attrs["ddpmseg"] = info.to_json()
-        return cls(group, info, str(path))
+                               dtype=_ZARR_DTYPES[info.dtype], compressors=codecs, fill_value=0,
+                               config=cfg, dimension_names=("image", "channel", "y", "x"),
+                               attributes={**act_attrs, "step": t, "block": b})
+            made.append(array_name(t, b))
+        if info.has_labels and "labels" not in existing:
+            height, width = info.image_size
+            group.create_array("labels", shape=(n, height, width), chunks=(1, height, width),
+                               dtype=np.uint8, compressors=codecs, fill_value=info.ignore_label,
+                               config=cfg, dimension_names=("image", "y", "x"))
+            made.append("labels")
+        # Last: a store whose "complete" array exists has all its arrays.
+        if "complete" not in existing:
+            group.create_array("complete", shape=(n,), chunks=(1,), dtype=np.uint8,
+                               compressors=[Crc32cCodec()], fill_value=0, config=cfg,
+                               dimension_names=("image",))
+            made.append("complete")
+        return made
 
-    def write_image(self, i: int, maps: list, labels: np.ndarray | None = None) -> None:
-        """Write image i's maps (feature order) and labels, then flag it complete."""
-        self.group["complete"][i] = 0
-        for (t, b), m in zip(self.info.keys, maps):
-            if isinstance(m, torch.Tensor):
-                m = m.detach().cpu().numpy()
-            self.group[array_name(t, b)][i] = m
-        if labels is not None:
-            self.group["labels"][i] = labels
-        self.group["complete"][i] = 1
+    def encode(self, i: int, maps: Sequence) -> list[np.ndarray]:
+        """Image i's maps cast to the store dtype (raises FeatureOverflowError naming it)."""
+        if len(maps) != len(self.info.keys):
+            raise StoreError(f"image {i}: {len(maps)} maps given, the store has "
+                             f"{len(self.info.keys)} (steps x blocks)")
+        out = []
+        for (t, b), shape, m in zip(self.info.keys, self.info.shapes, maps):
+            if tuple(m.shape) != tuple(shape):
+                raise StoreError(f"image {i}: map t={t} b={b} has shape {tuple(m.shape)}, the "
+                                 f"store expects {tuple(shape)}")
+            what = f"image {i} ({self.info.names[i]}) activation t={t} block={b}"
+            out.append(encode_map(m, self.info.dtype, what))
+        return out
+
+    def write_image(self, i: int, maps: Sequence, labels: np.ndarray | None = None, *,
+                    encoded: bool = False) -> None:
+        """Write image i's maps (feature order) and labels, then flag it complete.
+
+        ``maps`` are float tensors/arrays, cast and checked here, or (``encoded=True``) the
+        output of ``encode``. Different images may be written from different threads or
+        processes: each touches only its own chunks.
+        """
+        i = self._index(i)
+        if not encoded:
+            maps = self.encode(i, maps)
+        if self.info.has_labels:
+            if labels is None:
+                raise StoreError(f"image {i} ({self.info.names[i]}): the store holds labels but "
+                                 "none were given")
+            labels = np.asarray(labels, dtype=np.uint8)
+            if labels.shape != tuple(self.info.image_size):
+                raise StoreError(f"image {i}: labels are {labels.shape}, the store's image size "
+                                 f"is {tuple(self.info.image_size)}")
+        complete = self._arr("complete")
+        if self._complete is None or self._complete[i]:
+            complete[i] = 0  # rewriting a finished image: it is incomplete until done again
+        targets = [(self._arr(array_name(t, b)), m) for (t, b), m in zip(self.info.keys, maps)]
+        if self.info.has_labels:
+            targets.append((self._arr("labels"), labels))
+
+        async def write_all():
+            await asyncio.gather(*(a.async_array.setitem(i, v) for a, v in targets))
+
+        sync(write_all())
+        complete[i] = 1
+        if self._complete is not None:
+            self._complete[i] = True
+
+    def mark_incomplete(self, i: int) -> None:
+        self._arr("complete")[self._index(i)] = 0
+        if self._complete is not None:
+            self._complete[i] = False
+
+    def remove_partial_files(self) -> int:
+        """Delete the temporary files a killed writer of a local store leaves behind."""
+        root = Path(self.path)
+        if not root.is_dir():
+            return 0
+        count = 0
+        for p in root.rglob("*.partial"):
+            if _PARTIAL.search(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
+                count += 1
+        return count
 
     # -- reading --------------------------------------------------------------------------
     @classmethod
@@ -123,34 +363,161 @@ class FeatureStore:
         try:
             group = zarr.open_group(str(path), mode=mode, zarr_format=3)
             raw = group.attrs["ddpmseg"]
-        except (FileNotFoundError, KeyError, ValueError) as exc:
+            info = StoreInfo.from_json(raw)
+        except (FileNotFoundError, KeyError, ValueError, TypeError) as exc:
             raise StoreError(f"{path} is not a ddpmseg feature store",
                              "run `ddpmseg extract` to make one") from exc
-        info = StoreInfo.from_json(raw)
         if info.format_version != FORMAT_VERSION:
             raise StoreMismatchError(f"{path} has store format {info.format_version}, this "
                                      f"ddpmseg reads {FORMAT_VERSION}", "re-extract the store")
         return cls(group, info, str(path))
 
+    @property
+    def config(self) -> dict:
+        """The resolved config the store was made with (as JSON), or {}."""
+        return dict(self.group.attrs.get("config", {}))
+
     def __len__(self) -> int:
         return self.info.num_images
+
+    def __repr__(self) -> str:
+        return (f"FeatureStore({self.path!r}, {len(self)} images, {self.info.feature_dim} dims, "
+                f"{self.info.dtype})")
 
     @property
     def names(self) -> tuple[str, ...]:
         return self.info.names
 
+    def _arr(self, name: str) -> zarr.Array:
+        arr = self._arrays.get(name)
+        if arr is None:
+            try:
+                # write_empty_chunks is runtime configuration, not metadata: set it on every
+                # opening, or a reopened store would skip chunks equal to the fill value.
+                arr = self.group[name].with_config({"write_empty_chunks": True})
+            except KeyError as exc:
+                raise StoreError(f"{self.path}: array {name} is missing",
+                                 "the store is damaged; re-extract it with --overwrite") from exc
+            self._arrays[name] = arr
+        return arr
+
+    def _index(self, i: int) -> int:
+        i = int(i)
+        n = self.info.num_images
+        if not -n <= i < n:
+            raise IndexError(f"image index {i} out of range for a store of {n} images")
+        return i % n
+
     def complete(self) -> np.ndarray:
-        return self.group["complete"][:].astype(bool)
+        """(N,) bool: which images are fully written (read fresh from the store)."""
+        try:
+            flags = self._arr("complete")[:]
+        except Exception as exc:  # noqa: BLE001 - any decode failure is damage
+            raise StoreError(f"{self.path}: the complete flags are unreadable ({exc})",
+                             "the store is damaged; re-extract it with --overwrite") from exc
+        self._complete = np.asarray(flags).astype(bool)
+        return self._complete.copy()
+
+    def _require_complete(self, i: int) -> None:
+        if self._complete is None:
+            self.complete()
+        if not self._complete[i]:
+            self.complete()
+            if not self._complete[i]:
+                raise StoreError(f"{self.path}: image {i} ({self.names[i]}) is not complete",
+                                 "extraction was interrupted; rerun the same `ddpmseg extract` "
+                                 "command to finish it")
+
+    def _chunk_path(self, arr: zarr.Array, i: int):
+        coords = (i,) + (0,) * (arr.ndim - 1)
+        return arr.store_path / arr.metadata.encode_chunk_key(coords)
+
+    def missing_chunks(self, i: int) -> list[str]:
+        """Names of the arrays whose chunk of image i is absent from storage."""
+        i = self._index(i)
+        names = self._array_names()
+        arrays = [self._arr(n) for n in names]
+
+        async def check():
+            return await asyncio.gather(*(self._chunk_path(a, i).exists() for a in arrays))
+
+        return [n for n, ok in zip(names, sync(check())) if not ok]
+
+    def _array_names(self) -> list[str]:
+        names = [array_name(t, b) for t, b in self.info.keys]
+        return names + (["labels"] if self.info.has_labels else [])
+
+    def _read(self, i: int, names: list[str]) -> list[np.ndarray]:
+        """Image i's chunks of ``names``, read concurrently; damage is a StoreError naming it."""
+        i = self._index(i)
+        self._require_complete(i)
+        arrays = [self._arr(n) for n in names]
+
+        async def one(arr):
+            if not await self._chunk_path(arr, i).exists():
+                return _Missing
+            return await arr.async_array.getitem(i)
+
+        async def read_all():
+            return await asyncio.gather(*(one(a) for a in arrays), return_exceptions=True)
+
+        results = sync(read_all())
+        label = f"image {i} ({self.names[i]})"
+        hint = ("the store is damaged; re-extract it (`ddpmseg extract ... --overwrite`), or "
+                "rerun extract after FeatureStore.open(path, 'r+').mark_incomplete(i)")
+        out = []
+        for name, r in zip(names, results):
+            if r is _Missing:
+                raise StoreError(f"{self.path}: {label} is flagged complete but its chunk of "
+                                 f"{name} is missing", hint)
+            if isinstance(r, BaseException):
+                if isinstance(r, (KeyboardInterrupt, SystemExit)):
+                    raise r
+                raise StoreError(f"{self.path}: {label}: the chunk of {name} is corrupt "
+                                 f"({type(r).__name__}: {r})", hint) from r
+            out.append(np.asarray(r))
+        return out
 
     def labels(self, i: int) -> np.ndarray:
-        return self.group["labels"][i]
+        """(H, W) uint8 class indices of image i (after the rare-class rule)."""
+        if not self.info.has_labels:
+            raise StoreError(f"{self.path} holds no labels (its images had no masks)",
+                             "extract a folder with masks to train or evaluate")
+        return self._read(i, ["labels"])[0]
 
     def maps(self, i: int) -> list[np.ndarray]:
-        """Image i's native maps (C, h, w) in feature order, in the store's dtype."""
-        return [self.group[array_name(t, b)][i] for t, b in self.info.keys]
+        """Image i's native maps (C, h, w) in feature order: float16 or float32 as stored
+        (bfloat16 stores are widened to float32)."""
+        raw = self._read(i, [array_name(t, b) for t, b in self.info.keys])
+        return [decode_map(a, self.info.dtype) for a in raw]
 
     def pixel_features(self, i: int, ys, xs) -> torch.Tensor:
         return pixels.pixel_features(self.maps(i), self.info.image_size, ys, xs)
 
     def dense_rows(self, i: int, y0: int, y1: int) -> torch.Tensor:
         return pixels.dense_rows(self.maps(i), self.info.image_size, y0, y1)
+
+    # -- lazy reading -------------------------------------------------------------------
+    def dask_array(self, t: int, b: int):
+        """(N, C, h, w) dask array over the (t, b) activations, one image per dask chunk.
+
+        Lazy: nothing is read until computed. bfloat16 stores come out as float32. No
+        completeness check: read ``complete()`` first when the store may be unfinished.
+        """
+        import dask.array as da
+
+        if (t, b) not in self.info.keys:
+            raise KeyError(f"the store has no activation for step {t}, block {b}; it has "
+                           f"steps {self.info.steps}, blocks {self.info.blocks}")
+        arr = da.from_zarr(self._arr(array_name(t, b)))
+        if self.info.dtype == "bfloat16":
+            arr = arr.map_blocks(decode_map, "bfloat16", dtype=np.float32)
+        return arr
+
+    def dask_labels(self):
+        """(N, H, W) uint8 dask array over the labels."""
+        import dask.array as da
+
+        if not self.info.has_labels:
+            raise StoreError(f"{self.path} holds no labels", "extract a folder with masks")
+        return da.from_zarr(self._arr("labels"))

@@ -1,0 +1,513 @@
+"""Minibatches of labelled pixels, streamed from a feature store in bounded memory.
+
+The order of an epoch is a function of (seed, epoch, shuffle size P) only:
+
+1. the training images (those with at least one labelled pixel) are permuted, and cut into
+   consecutive chunks of P images;
+2. within a chunk, the labelled pixels of its images (image by image in chunk order, each in
+   raster order) are permuted;
+3. the epoch's pixel stream is the concatenation of the chunks' streams, cut into minibatches
+   of ``batch_size`` (the last one shorter; a last batch of one pixel joins the one before, as
+   BatchNorm cannot train on a single pixel).
+
+Every labelled pixel is visited exactly once per epoch. Two sources produce the features of
+that stream:
+
+* ``StreamSource``: a pool of whole images' native maps (as stored, float16 by default),
+  filled from the store by a background *thread* (zarr 3's asyncio loop can deadlock in forked
+  workers), with pixel features computed per minibatch from the pooled maps. When all training
+  images fit the RAM budget they are loaded once and stay; otherwise the pool holds two chunks
+  (the one being trained on and the next one, loading), so P = budget / (2 x bytes per image).
+* ``InMemorySource``: the dense float32 features of every labelled pixel in RAM, as the
+  reference keeps them (the baseline, and the fast path for tiny sets).
+
+Both compute features with the same function from the same stored values and follow the same
+order, so they produce identical minibatches: an ensemble trained either way is the same.
+P is derived from the RAM budget in both cases (``shuffle_images``), so the budget, not the
+source, decides the order; P = all images whenever they fit (a global shuffle, like the
+reference's DataLoader).
+
+The pooled maps are kept channels-last and grouped by resolution ((S, h, w, C_g) per distinct
+(h, w)), so one minibatch's features take four row gathers (``index_select``) and three
+``lerp``s per resolution, instead of work per map and per image. The taps and weights are
+``ddpmseg.featcache.pixels``' (``source_coords``, the reference's align_corners=False
+arithmetic); the blend agrees with ``pixel_features`` within a float32 rounding. Minibatch
+features come out in "pool order" (one resolution group after another, ``MapLayout.perm``
+maps them to the reference's step-major order); the trainer permutes the first Linear layer's
+input columns to match, and back when it saves, so the saved model reads reference-order
+features and no per-batch reordering is paid.
+
+Cost (bench/fit_memory.py, LSUN-256 layout, 8448 dims, 2-core CPU): about 1 ms per minibatch
+of 64 pixels with cold caches, against ~0.15 ms for the in-memory row gather and ~5 ms for the
+training step. Calling ``pixel_features`` per image and per map instead would cost tens of ms
+per minibatch (one call per image in the minibatch, 15 maps each). Tried and dropped: computing
+minibatches ahead in a thread (the GIL hand-offs cost more than they hide on 2 cores), and
+``embedding_bag`` blends (10-20% faster, but they need a float32 pool, twice the memory, or
+round the features to float16).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import BadInputError, StoreError
+from ..featcache.pixels import source_coords
+
+log = logging.getLogger(__name__)
+
+_POOL_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# -- which pixels ---------------------------------------------------------------------------
+@dataclass
+class PixelIndex:
+    """The labelled pixels of a store, concatenated image by image (raster order in each).
+
+    ``offsets[i]:offsets[i+1]`` are image i's rows; ``flat`` its pixels' y * W + x, ``labels``
+    their classes. A row number is also the pixel's row in the in-memory feature matrix.
+    """
+
+    offsets: np.ndarray        # (N + 1,) int64
+    flat: np.ndarray           # (T,) int32
+    labels: np.ndarray         # (T,) uint8
+    image_size: tuple[int, int]
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def images(self) -> np.ndarray:
+        """Store indices of the images with at least one labelled pixel."""
+        return np.flatnonzero(self.counts > 0)
+
+    @property
+    def total(self) -> int:
+        return int(self.offsets[-1])
+
+    @classmethod
+    def from_store(cls, store) -> "PixelIndex":
+        info = store.info
+        flats, labs, counts = [], [], []
+        for i in range(len(store)):
+            lab = np.asarray(store.labels(i))
+            flat = np.flatnonzero(lab.ravel() != info.ignore_label)
+            y = lab.ravel()[flat]
+            if y.size and int(y.max()) >= info.num_classes:
+                bad = sorted(set(np.unique(y).tolist()) - set(range(info.num_classes)))
+                raise BadInputError(
+                    f"{store.path}: image {i} ({info.names[i]}) has labels {bad[:8]} outside "
+                    f"0..{info.num_classes - 1} (ignore label {info.ignore_label})",
+                    "re-extract with the right num_classes / ignore_label in [data]")
+            flats.append(flat.astype(np.int32))
+            labs.append(y.astype(np.uint8))
+            counts.append(flat.size)
+        offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        empty = np.zeros(0, np.int32)
+        return cls(offsets, np.concatenate(flats) if flats else empty,
+                   np.concatenate(labs) if labs else empty.astype(np.uint8),
+                   tuple(info.image_size))
+
+
+def image_bytes(info) -> int:
+    """Bytes of one image's native maps in the pool."""
+    itemsize = torch.empty(0, dtype=_POOL_DTYPES[info.dtype]).element_size()
+    return sum(c * h * w for c, h, w in info.shapes) * itemsize
+
+
+def shuffle_images(num_train: int, per_image: int, budget_bytes: float) -> int:
+    """P, the number of images shuffled together: all of them when they fit the budget, else
+    as many as two chunks in the budget allow (at least 1)."""
+    if num_train * per_image <= budget_bytes:
+        return max(1, num_train)
+    return max(1, int(budget_bytes // (2 * per_image)))
+
+
+# -- in which order -------------------------------------------------------------------------
+class EpochPlan:
+    """The seeded order of every epoch (see the module docstring)."""
+
+    def __init__(self, index: PixelIndex, chunk_images: int, seed: int, batch_size: int):
+        self.index = index
+        self.chunk_images = int(chunk_images)
+        self.seed = int(seed)
+        self.batch_size = int(batch_size)
+        self.images = index.images
+        total = int(index.counts[self.images].sum())
+        q, r = divmod(total, self.batch_size)
+        sizes = [self.batch_size] * q + ([r] if r else [])
+        if len(sizes) >= 2 and sizes[-1] == 1:
+            sizes[-2] += 1
+            sizes.pop()
+        self.batch_sizes = sizes
+        self.pixels_per_epoch = total
+
+    def image_chunks(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch, 0])
+        order = self.images[rng.permutation(len(self.images))]
+        p = self.chunk_images
+        return [order[k:k + p] for k in range(0, len(order), p)]
+
+    def chunk_rows(self, epoch: int, c: int, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(image, row) of chunk c's pixels, in their visiting order."""
+        counts = self.index.counts[images]
+        starts = self.index.offsets[images]
+        total = int(counts.sum())
+        img = np.repeat(images, counts)
+        rank = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+        rows = np.repeat(starts, counts) + rank
+        perm = np.random.default_rng([self.seed, epoch, 1 + c]).permutation(total)
+        return img[perm], rows[perm]
+
+
+# -- features of pixels from native maps ----------------------------------------------------
+class MapLayout:
+    """Where each stored map lives in the resolution-grouped, channels-last pool."""
+
+    def __init__(self, info, device: torch.device):
+        self.size = tuple(info.image_size)
+        self.dim = sum(s[0] for s in info.shapes)
+        self.device = device
+        self.dtype = _POOL_DTYPES[info.dtype]
+        groups: dict[tuple[int, int], list] = {}
+        col = 0
+        for j, (c, h, w) in enumerate(info.shapes):
+            groups.setdefault((h, w), []).append((j, c, col))
+            col += c
+        self.groups = []          # (h, w, channels, [(map j, c0, c1)], first pool column)
+        self.map_slot = {}        # map j -> (group index, c0, c1)
+        perm, start = [], 0
+        for g, ((h, w), members) in enumerate(groups.items()):
+            c0, parts = 0, []
+            for j, c, fcol in members:
+                parts.append((j, c0, c0 + c))
+                self.map_slot[j] = (g, c0, c0 + c)
+                perm.append(torch.arange(fcol, fcol + c))
+                c0 += c
+            self.groups.append((h, w, c0, parts, start))
+            start += c0
+        # Pool order: the features of one resolution group after another. Column k of a pool-
+        # order feature is column perm[k] of the reference's (step-major, then block) order.
+        self.perm = torch.cat(perm)
+        self.identity = bool(torch.equal(self.perm, torch.arange(self.dim)))
+        self._table = None
+
+    def allocate(self, slots: int) -> list[torch.Tensor]:
+        return [torch.empty((slots, h, w, c), dtype=self.dtype, device=self.device)
+                for h, w, c, _, _ in self.groups]
+
+    def put(self, bufs: list[torch.Tensor], slot: int, maps: list) -> None:
+        """Copy one image's (C, h, w) maps into ``slot`` of the pool buffers."""
+        for j, m in enumerate(maps):
+            g, c0, c1 = self.map_slot[j]
+            t = torch.from_numpy(np.ascontiguousarray(m))
+            if t.dtype != self.dtype:
+                t = t.to(self.dtype)
+            bufs[g][slot, :, :, c0:c1].copy_(t.permute(1, 2, 0))
+
+    def _tables(self):
+        """Per image pixel, for every group: the 4 bilinear taps (flat offsets in its map) and
+        the x and y weights, from ``source_coords`` (the reference's align_corners=False
+        arithmetic). Built once: (4G, H*W) int64 and (2G, H*W, 1) float32, so that one
+        minibatch looks all of them up in two indexing operations."""
+        if self._table is None:
+            height, width = self.size
+            flat = torch.arange(height * width)
+            ys, xs = flat // width, flat % width
+            taps, weights, sizes = [], [], []
+            for h, w, *_ in self.groups:
+                y0, y1, ly = source_coords(height, h, ys)
+                x0, x1, lx = source_coords(width, w, xs)
+                taps += [y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1]
+                weights += [lx, ly]
+                sizes += [h * w] * 4
+            self._table = (torch.stack(taps).to(self.device),
+                           torch.stack(weights)[:, :, None].to(self.device),
+                           torch.tensor(sizes, device=self.device)[:, None])
+        return self._table
+
+    def features(self, bufs: list[torch.Tensor], slots: torch.Tensor,
+                 flat: torch.Tensor) -> torch.Tensor:
+        """float32 (n, D) features of pixels ``flat`` (y * W + x) of the images in ``slots``,
+        in pool order (``to_feature_order`` gives the reference's order; the trainer instead
+        permutes the first layer's input columns, so no per-batch reordering is needed).
+
+        Same taps and weights as ``pixels.pixel_features``; the blend is ``torch.lerp`` (one
+        pass per interpolation instead of three), equal to it within a float32 rounding.
+        """
+        n = flat.shape[0]
+        taps, weights, sizes = self._tables()
+        rows_all = taps[:, flat] + slots * sizes            # (4G, n) rows of the pool buffers
+        w_all = weights[:, flat]                            # (2G, n, 1): x, y weight per group
+        out = torch.empty((n, self.dim), dtype=torch.float32, device=flat.device)
+        for g, ((h, w, c, _, start), buf) in enumerate(zip(self.groups, bufs)):
+            # index_select copies whole rows (one pixel's channels): far faster than indexing.
+            v = torch.index_select(buf.view(-1, c), 0, rows_all[4 * g:4 * g + 4].view(-1))
+            v = v.view(2, 2, n, c).float()
+            along_x = torch.lerp(v[:, 0], v[:, 1], w_all[2 * g])    # both source rows
+            torch.lerp(along_x[0], along_x[1], w_all[2 * g + 1], out=out[:, start:start + c])
+        return out
+
+    def to_feature_order(self, x: torch.Tensor) -> torch.Tensor:
+        """Pool-order features (n, D) -> the reference's feature order."""
+        if self.identity:
+            return x
+        out = torch.empty_like(x)
+        out[:, self.perm.to(x.device)] = x
+        return out
+
+
+# -- sources ---------------------------------------------------------------------------------
+class Chunk:
+    """A chunk of images whose pixels' features can be computed now."""
+
+    def __init__(self, images: np.ndarray, featurize, release=lambda: None):
+        self.images = images
+        self.featurize = featurize     # (image ids, rows) -> float32 (n, D) on the device
+        self.release = release
+
+
+class InMemorySource:
+    """Dense float32 features of every labelled pixel in RAM (the reference's way)."""
+
+    kind = "in_memory"
+
+    def __init__(self, store, index: PixelIndex, device: torch.device, piece: int = 8192):
+        self.device = device
+        self.layout = layout = MapLayout(store.info, torch.device("cpu"))
+        bufs = layout.allocate(1)
+        zero = torch.zeros(1, dtype=torch.int64)
+        self.x = torch.empty((index.total, layout.dim), dtype=torch.float32)
+        for i in index.images:
+            layout.put(bufs, 0, store.maps(int(i)))
+            a, b = int(index.offsets[i]), int(index.offsets[i + 1])
+            for s in range(a, b, piece):
+                e = min(b, s + piece)
+                flat = torch.from_numpy(index.flat[s:e].astype(np.int64))
+                self.x[s:e] = layout.features(bufs, zero.expand(e - s), flat)
+        del bufs
+
+    def session(self, plan: EpochPlan) -> "_Session":
+        def chunks(epoch):
+            for images in plan.image_chunks(epoch):
+                yield Chunk(images, self._featurize)
+        return _Session(chunks)
+
+    def _featurize(self, images, rows):
+        x = torch.index_select(self.x, 0, torch.from_numpy(rows))
+        return x.to(self.device, non_blocking=True) if self.device.type != "cpu" else x
+
+    def close(self) -> None:
+        self.x = None
+
+
+class StreamSource:
+    """A bounded pool of native maps, refilled from the store by a background thread."""
+
+    kind = "stream"
+
+    def __init__(self, store, index: PixelIndex, device: torch.device, chunk_images: int):
+        self.store = store
+        self.index = index
+        self.device = device
+        self.layout = MapLayout(store.info, device)
+        self.chunk_images = int(chunk_images)
+        self.images = index.images
+        self.resident = self.chunk_images >= len(self.images)
+        self._resident_bufs = None
+        self._slot_of = None
+
+    # All training images fit: load them once, keep them for every member and epoch.
+    def _load_resident(self):
+        if self._resident_bufs is None:
+            bufs = self.layout.allocate(len(self.images))
+            slot_of = np.full(len(self.store), -1, dtype=np.int64)
+            loader = _Loader(self.store, self.layout, [(None, self.images)], [bufs])
+            try:
+                item = loader.get()
+            finally:
+                loader.close()
+            slot_of[self.images] = np.arange(len(self.images))
+            self._resident_bufs, self._slot_of = bufs, torch.from_numpy(slot_of)
+            del item
+        return self._resident_bufs, self._slot_of
+
+    def session(self, plan: EpochPlan) -> "_Session":
+        if self.resident:
+            bufs, slot_of = self._load_resident()
+
+            def featurize(images, rows):
+                return self._features(bufs, slot_of, images, rows)
+
+            def chunks(epoch):
+                for images in plan.image_chunks(epoch):
+                    yield Chunk(images, featurize)
+            return _Session(chunks)
+
+        def schedule(start):
+            epoch = start
+            while True:
+                for images in plan.image_chunks(epoch):
+                    yield epoch, images
+                epoch += 1
+
+        bufs = [self.layout.allocate(self.chunk_images) for _ in range(2)]
+        slot_of = torch.full((len(self.store),), -1, dtype=torch.int64)
+        state = {"loader": None, "next": None}
+
+        def stop():
+            if state["loader"] is not None:
+                state["loader"].close()
+                state["loader"] = None
+
+        def chunks(epoch):
+            # The loader runs ahead through the epochs in order; asking for any other epoch
+            # than the next one restarts it there.
+            if state["loader"] is None or state["next"] != epoch:
+                stop()
+                state["loader"] = _Loader(self.store, self.layout, schedule(epoch), bufs)
+            loader = state["loader"]
+            state["next"] = None
+            for images in plan.image_chunks(epoch):
+                (got_epoch, got), buf_id = loader.get()
+                if got_epoch != epoch or not np.array_equal(got, images):  # pragma: no cover
+                    raise RuntimeError("pixel stream out of step with its loader")
+                slot_of[torch.from_numpy(images)] = torch.arange(len(images))
+                b = bufs[buf_id]
+
+                def featurize(imgs, rows, b=b):
+                    return self._features(b, slot_of, imgs, rows)
+                yield Chunk(images, featurize, release=lambda i=buf_id: loader.release(i))
+            state["next"] = epoch + 1
+
+        return _Session(chunks, stop)
+
+    def _features(self, bufs, slot_of, images, rows):
+        img = torch.from_numpy(images)
+        slots = slot_of[img].to(self.device)
+        flat = torch.from_numpy(self.index.flat[rows].astype(np.int64)).to(self.device)
+        return self.layout.features(bufs, slots, flat)
+
+    def close(self) -> None:
+        self._resident_bufs = None
+
+
+class _Session:
+    """One member's pass over the epochs of a source; ``close`` stops its loader."""
+
+    def __init__(self, chunks, close=lambda: None):
+        self.chunks = chunks
+        self._close = close
+
+    def close(self) -> None:
+        self._close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _Loader:
+    """Background thread: for each scheduled chunk, waits for a free buffer, fills it with the
+    chunk's images' maps and hands it over. A thread, not a process: zarr's event loop does not
+    survive fork."""
+
+    def __init__(self, store, layout: MapLayout, schedule, bufs: list):
+        self.store = store
+        self.layout = layout
+        self.bufs = bufs
+        self.free: queue.Queue = queue.Queue()
+        for k in range(len(bufs)):
+            self.free.put(k)
+        self.ready: queue.Queue = queue.Queue()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(iter(schedule),),
+                                       name="ddpmseg-pool-loader", daemon=True)
+        self.thread.start()
+
+    def _run(self, schedule: Iterator):
+        try:
+            for item in schedule:
+                buf_id = self._take_free()
+                if buf_id is None:
+                    return
+                _, images = item
+                for slot, i in enumerate(images):
+                    if self.stop.is_set():
+                        return
+                    self.layout.put(self.bufs[buf_id], slot, self.store.maps(int(i)))
+                self.ready.put((item, buf_id))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            self.ready.put(exc)
+
+    def _take_free(self):
+        while not self.stop.is_set():
+            try:
+                return self.free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return None
+
+    def get(self):
+        while True:
+            try:
+                item = self.ready.get(timeout=0.5)
+            except queue.Empty:
+                if not self.thread.is_alive():
+                    raise StoreError("the feature loader thread stopped unexpectedly",
+                                     "rerun; if it persists, check the store") from None
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            return item
+
+    def release(self, buf_id: int) -> None:
+        self.free.put(buf_id)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+# -- minibatches -----------------------------------------------------------------------------
+def batches(plan: EpochPlan, session: _Session, epoch: int,
+            device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The minibatches (features float32 (B, D), labels int64 (B,)) of one epoch.
+
+    (Computing batches ahead in a thread was tried: on a 2-core machine the GIL hand-offs
+    between it and the training step cost more than they hid.)
+    """
+    sizes = plan.batch_sizes
+    labels = plan.index.labels
+    bi, need = 0, (sizes[0] if sizes else 0)
+    xs, ys = [], []
+    for c, chunk in enumerate(session.chunks(epoch)):
+        try:
+            img, rows = plan.chunk_rows(epoch, c, chunk.images)
+            pos, n = 0, len(rows)
+            while pos < n:
+                take = min(need, n - pos)
+                r = rows[pos:pos + take]
+                xs.append(chunk.featurize(img[pos:pos + take], r))
+                ys.append(labels[r])
+                pos += take
+                need -= take
+                if need == 0:
+                    x = xs[0] if len(xs) == 1 else torch.cat(xs)
+                    y = torch.from_numpy(np.concatenate(ys).astype(np.int64)).to(device)
+                    xs, ys = [], []
+                    bi += 1
+                    need = sizes[bi] if bi < len(sizes) else 0
+                    yield x, y
+        finally:
+            chunk.release()

@@ -1,0 +1,507 @@
+"""``fit``: a feature store -> an ensemble of pixel MLPs in a run directory.
+
+Run directory:
+
+    config.json        the resolved config (data and features sections from the store)
+    store.json         {"path": ..., "info": StoreInfo of the training store}
+    member_{k:02d}.pt  {"state_dict": ..., "meta": {...}}, written atomically as each finishes
+    train_log.jsonl    one line per epoch (member, epoch, loss, ce, steps, pixels/s) and one per
+                       finished member (stop epoch, early stop)
+
+Member k seeds torch, numpy and random from ``seed + k`` before building its model, and its
+pixel order is a function of that seed too, so a member is the same whether it is trained
+alone, after others, after a resume, or on a dask worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import Config
+from ..device import resolve_device
+from ..errors import ConfigError, RunError, StoreError
+from ..featcache.store import FeatureStore, StoreInfo
+from . import sampler as S
+from .model import EarlyStopping, PixelMLP, init_normal, make_trunk, simplex_etf
+
+log = logging.getLogger(__name__)
+
+ETF_MODES = ("shared", "separate", "none")
+MEMBER_FORMAT = 1
+GIB = 1024 ** 3
+# The classifier settings a resumed run must share with the members already trained.
+# (ensemble may grow or shrink; ram_budget_gb only matters through the shuffle size.)
+_TRAINING_KEYS = ("lr", "batch_size", "max_epochs", "min_epochs", "patience", "etf",
+                  "etf_weight", "seed")
+
+
+def member_path(run_dir: str | Path, k: int) -> Path:
+    return Path(run_dir) / f"member_{k:02d}.pt"
+
+
+# -- checks ---------------------------------------------------------------------------------
+def check_classifier_config(c) -> None:
+    problems = []
+    if c.etf not in ETF_MODES:
+        problems.append(f"etf must be one of {', '.join(ETF_MODES)}, got {c.etf!r}")
+    if c.ensemble < 1:
+        problems.append(f"ensemble must be >= 1, got {c.ensemble}")
+    if not c.lr > 0:
+        problems.append(f"lr must be > 0, got {c.lr}")
+    if c.batch_size < 2:
+        problems.append(f"batch_size must be >= 2 (BatchNorm), got {c.batch_size}")
+    if c.max_epochs < 1:
+        problems.append(f"max_epochs must be >= 1, got {c.max_epochs}")
+    if c.min_epochs < 0 or c.patience < 0:
+        problems.append("min_epochs and patience must be >= 0")
+    if c.etf_weight < 0:
+        problems.append(f"etf_weight must be >= 0, got {c.etf_weight}")
+    if not c.ram_budget_gb > 0:
+        problems.append(f"ram_budget_gb must be > 0, got {c.ram_budget_gb}")
+    if problems:
+        raise ConfigError("[classifier]: " + "; ".join(problems), "fix the config or the option")
+
+
+def check_trainable(store: FeatureStore) -> None:
+    info = store.info
+    if not info.has_labels:
+        raise StoreError(f"{store.path} holds no labels (its images had no masks)",
+                         "extract a folder of images with their label maps to train on")
+    if len(store) == 0:
+        raise StoreError(f"{store.path} holds no images", "extract a folder with images")
+    done = store.complete()
+    if not done.all():
+        missing = [info.names[i] for i in np.flatnonzero(~done)[:5]]
+        raise StoreError(f"{store.path}: {int((~done).sum())} of {len(store)} images are not "
+                         f"completely extracted (e.g. {', '.join(missing)})",
+                         "rerun the same `ddpmseg extract` command to finish the store")
+
+
+def resolved_config(config: Config, info: StoreInfo) -> Config:
+    """The run's config: data and feature settings are the store's, not the config file's."""
+    data = dataclasses.replace(config.data, num_classes=info.num_classes,
+                               ignore_label=info.ignore_label,
+                               class_names=tuple(info.class_names),
+                               min_class_pixels=getattr(info, "min_class_pixels",
+                                                        config.data.min_class_pixels))
+    features = dataclasses.replace(config.features, steps=tuple(info.steps),
+                                   blocks=tuple(info.blocks), seed=info.seed, dtype=info.dtype,
+                                   precision=getattr(info, "precision", config.features.precision))
+    return dataclasses.replace(config, data=data, features=features)
+
+
+_STORE_KEYS = ("fingerprint", "steps", "blocks", "shapes", "image_size", "num_images", "names",
+               "num_classes", "ignore_label", "class_names", "dtype", "seed")
+
+
+def _store_differences(old: dict, new: dict) -> list[str]:
+    out = []
+    for key in _STORE_KEYS:
+        a, b = old.get(key), new.get(key)
+        if a != b:
+            if key == "fingerprint":
+                out.append("model fingerprint")
+            elif key == "names":
+                out.append(f"image names ({len(a or ())} in the run's store, {len(b or ())} now)")
+            else:
+                out.append(f"{key} ({_short(a)} in the run's store, {_short(b)} now)")
+    return out
+
+
+def _short(v, limit: int = 50) -> str:
+    text = json.dumps(v)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, obj) -> None:
+    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def read_member(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem
+        raise RunError(f"{path} is unreadable ({type(exc).__name__}: {exc})",
+                       "delete it and rerun `ddpmseg fit` to retrain that member") from exc
+
+
+def _prepare_run_dir(run_dir: Path, cfg: Config, store: FeatureStore, resume: bool,
+                     shuffle: int) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"run dir {run_dir} is a file", "choose another path")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        for p in list(run_dir.glob("member_*.pt")) + [run_dir / "train_log.jsonl",
+                                                       run_dir / "config.json",
+                                                       run_dir / "store.json"]:
+            p.unlink(missing_ok=True)
+        return
+    members = sorted(run_dir.glob("member_*.pt"))
+    store_json = run_dir / "store.json"
+    hint = f"use a new run dir, or --overwrite to replace {run_dir}"
+    if store_json.is_file():
+        old = json.loads(store_json.read_text()).get("info", {})
+        diffs = _store_differences(old, store.info.to_json())
+        if diffs:
+            raise RunError(f"run dir {run_dir} was trained on another store "
+                           f"({json.loads(store_json.read_text()).get('path')}): it differs in "
+                           + "; ".join(diffs), hint)
+    elif members:
+        raise RunError(f"run dir {run_dir} holds member files but no store.json", hint)
+    if not members:
+        return
+    config_json = run_dir / "config.json"
+    if config_json.is_file():
+        old = json.loads(config_json.read_text()).get("classifier", {})
+        new = dataclasses.asdict(cfg.classifier)
+        diffs = [f"{k} ({old.get(k)!r} there, {new[k]!r} now)" for k in _TRAINING_KEYS
+                 if old.get(k) != new[k]]
+        if diffs:
+            raise RunError(f"run dir {run_dir} was trained with other classifier settings: "
+                           + "; ".join(diffs),
+                           f"rerun with the same options to resume, or {hint}")
+    for p in members:
+        meta = read_member(p).get("meta", {})
+        if meta.get("shuffle_images") != shuffle:
+            raise RunError(
+                f"{p.name} was trained shuffling {meta.get('shuffle_images')} images at a time; "
+                f"with this RAM budget it would be {shuffle}, and the remaining members would "
+                "not match an uninterrupted run",
+                f"rerun with the --ram-budget of the first run, or {hint}")
+
+
+# -- training one member --------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def build_member(dim: int, num_classes: int, etf: str, seed: int):
+    """(classifier, separate ETF trunk or None, ETF matrix or None), built from ``seed``.
+
+    The classifier is built first, so its initial weights do not depend on ``etf``; the
+    separate trunk (etf="separate") draws after it; the ETF matrix has its own generator.
+    """
+    seed_everything(seed)
+    model = PixelMLP(dim, num_classes)
+    trunk = None
+    if etf == "separate":
+        trunk = make_trunk(dim, model.widths)
+        init_normal(trunk)
+    etf_m = simplex_etf(model.penultimate_width, num_classes, seed) if etf != "none" else None
+    return model, trunk, etf_m
+
+
+def train_member(k: int, source, index: S.PixelIndex, cfg: Config, dim: int,
+                 num_classes: int, shuffle: int, device: torch.device,
+                 progress: bool = True, on_epoch=None,
+                 max_steps: int | None = None) -> tuple[dict, dict]:
+    """Train member k; returns (state dict on CPU, meta). ``on_epoch(record)`` gets each epoch's
+    log record as it finishes. ``max_steps`` cuts training after that many minibatches (for
+    benchmarks; a normal fit ends by early stopping or max_epochs)."""
+    c = cfg.classifier
+    seed = c.seed + k
+    model, trunk, etf_m = build_member(dim, num_classes, c.etf, seed)
+    # Minibatch features arrive in the pool's column order: permute the first layer's input
+    # columns to it (the same model, stored differently), and back before saving.
+    perm = source.layout.perm
+    if not source.layout.identity:
+        for first in [model.layers[0]] + ([trunk[0]] if trunk is not None else []):
+            with torch.no_grad():
+                first.weight.copy_(first.weight[:, perm])
+    model.to(device).train()
+    # One optimiser per parameter set: the classifier's updates never see the other trunk.
+    opt = torch.optim.Adam(model.parameters(), lr=c.lr)
+    opt_etf = None
+    if trunk is not None:
+        trunk.to(device).train()
+        opt_etf = torch.optim.Adam(trunk.parameters(), lr=c.lr)
+    if etf_m is not None:
+        etf_m = etf_m.to(device)
+    plan = S.EpochPlan(index, shuffle, seed, c.batch_size)
+    stopper = EarlyStopping(c.min_epochs, c.patience)
+    steps_total, stop_epoch, early = 0, c.max_epochs - 1, False
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(plan.batch_sizes), file=sys.stderr, leave=False, unit="step",
+                   dynamic_ncols=True)
+    t_start = time.perf_counter()
+    try:
+        with source.session(plan) as session:
+            for epoch in range(c.max_epochs):
+                if bar is not None:
+                    bar.reset(total=len(plan.batch_sizes))
+                    bar.set_description(f"member {k + 1}/{c.ensemble} epoch {epoch}")
+                t0 = time.perf_counter()
+                # Loss sums stay on the device: one host sync per step (the early-stopping
+                # rule's), not three.
+                loss_sum = torch.zeros((), device=device)
+                etf_sum = torch.zeros((), device=device)
+                ce_sum = 0.0
+                steps = pixels = 0
+                for x, y in S.batches(plan, session, epoch, device):
+                    logits, h = model(x, return_features=True)
+                    ce = F.cross_entropy(logits, y)
+                    loss = ce
+                    etf_loss = None
+                    if c.etf == "shared":
+                        etf_loss = F.cross_entropy(h @ etf_m, y)
+                    elif c.etf == "separate":
+                        etf_loss = F.cross_entropy(trunk(x) @ etf_m, y)
+                    if etf_loss is not None:
+                        loss = ce + c.etf_weight * etf_loss
+                    opt.zero_grad(set_to_none=True)
+                    if opt_etf is not None:
+                        opt_etf.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    if opt_etf is not None:
+                        opt_etf.step()
+                    ce_value = ce.item()
+                    ce_sum += ce_value
+                    loss_sum += loss.detach()
+                    if etf_loss is not None:
+                        etf_sum += etf_loss.detach()
+                    steps += 1
+                    pixels += y.shape[0]
+                    if bar is not None:
+                        bar.update(1)
+                        if steps % 50 == 0:
+                            rate = pixels / max(time.perf_counter() - t0, 1e-9)
+                            bar.set_postfix(loss=f"{ce_value:.4f}", px_s=f"{rate:,.0f}",
+                                            refresh=False)
+                    # The reference's rule, on the classification loss (in "separate" mode the
+                    # other trunk's loss must not change when the classifier stops).
+                    if stopper.step(epoch, ce_value):
+                        early = True
+                        break
+                    if max_steps is not None and steps_total + steps >= max_steps:
+                        break
+                seconds = time.perf_counter() - t0
+                steps_total += steps
+                record = {"member": k, "epoch": epoch, "loss": loss_sum.item() / max(steps, 1),
+                          "ce": ce_sum / max(steps, 1), "steps": steps, "pixels": pixels,
+                          "pixels_per_s": pixels / max(seconds, 1e-9), "seconds": seconds}
+                if c.etf != "none":
+                    record["etf_loss"] = etf_sum.item() / max(steps, 1)
+                if on_epoch is not None:
+                    on_epoch(record)
+                if early or (max_steps is not None and steps_total >= max_steps):
+                    stop_epoch = epoch
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+    meta = {"format": MEMBER_FORMAT, "member": k, "seed": seed, "dim": dim,
+            "num_classes": num_classes, "widths": list(model.widths), "etf": c.etf,
+            "etf_weight": c.etf_weight, "stop_epoch": stop_epoch, "early_stop": early,
+            "steps": steps_total, "shuffle_images": shuffle,
+            "pixels_per_epoch": plan.pixels_per_epoch,
+            "seconds": time.perf_counter() - t_start, "device": str(device)}
+    state = {key: v.detach().cpu().clone() for key, v in model.state_dict().items()}
+    if not source.layout.identity:
+        w = torch.empty_like(state["layers.0.weight"])
+        w[:, perm] = state["layers.0.weight"]
+        state["layers.0.weight"] = w
+    return state, meta
+
+
+def save_member(run_dir: Path, k: int, state: dict, meta: dict) -> Path:
+    path = member_path(run_dir, k)
+    _atomic_write(path, lambda p: torch.save({"state_dict": state, "meta": meta}, p))
+    return path
+
+
+class _Log:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# -- fit ------------------------------------------------------------------------------------
+def _open_store(store) -> FeatureStore:
+    return store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+
+
+def _make_source(store, index, device, shuffle, in_memory: bool):
+    if in_memory:
+        return S.InMemorySource(store, index, device)
+    return S.StreamSource(store, index, device, shuffle)
+
+
+def fit(store, run_dir, config: Config | None = None, *, device="auto", in_memory: bool = False,
+        resume: bool = True, scheduler: str | None = None, progress: bool = True) -> Path:
+    """Train ``config.classifier.ensemble`` pixel MLPs on a store's labelled pixels.
+
+    ``store`` is a path (or URL) or an open FeatureStore. A run dir that already holds members
+    trained on the same store with the same settings is resumed (``resume=False`` starts
+    over). ``in_memory`` holds the dense features of all labelled pixels in RAM (the reference's
+    way) instead of streaming them from a pool bounded by ``classifier.ram_budget_gb``; both
+    give the same minibatches. ``scheduler`` ("local", "local:N" or a dask scheduler address)
+    trains the members as dask.distributed tasks. Returns the run dir.
+
+    Each member seeds torch's, numpy's and random's global generators with ``seed + k``.
+    """
+    config = config or Config()
+    check_classifier_config(config.classifier)
+    store = _open_store(store)
+    check_trainable(store)
+    info = store.info
+    cfg = resolved_config(config, info)
+    c = cfg.classifier
+    run_dir = Path(run_dir)
+    dev = resolve_device(device)
+
+    index = S.PixelIndex.from_store(store)
+    if index.total < 2:
+        raise StoreError(f"{store.path}: {index.total} labelled pixel(s); training needs at "
+                         "least 2", "check the masks and the ignore label")
+    per_image = S.image_bytes(info)
+    shuffle = S.shuffle_images(len(index.images), per_image, c.ram_budget_gb * GIB)
+    if not in_memory and 2 * per_image > c.ram_budget_gb * GIB and shuffle < len(index.images):
+        log.warning("RAM budget %.2f GB is below two images' maps (%.0f MB each): the pool holds "
+                    "2 images anyway", c.ram_budget_gb, per_image / 2 ** 20)
+
+    _prepare_run_dir(run_dir, cfg, store, resume, shuffle)
+    cfg.to_json(run_dir / "config.json")
+    _write_json(run_dir / "store.json", {"path": str(store.path), "info": info.to_json()})
+    todo = [k for k in range(c.ensemble) if not member_path(run_dir, k).is_file()]
+    logger = _Log(run_dir / "train_log.jsonl")
+    if not todo:
+        log.info("all %d members of %s are trained", c.ensemble, run_dir)
+        return run_dir
+    done = c.ensemble - len(todo)
+    log.info("fit: %d labelled pixels in %d images, %d dims, %d classes; %s, shuffling %d "
+             "image(s) at a time; training %d member(s)%s on %s", index.total,
+             len(index.images), info.feature_dim, info.num_classes,
+             "in memory" if in_memory else "streaming", shuffle, len(todo),
+             f" (resuming after {done})" if done else "", dev)
+    if done:
+        logger({"event": "resume", "members_done": done, "time": time.time()})
+
+    if in_memory:
+        log.info("in memory: %.1f GB of float32 features (%d pixels x %d dims)",
+                 index.total * info.feature_dim * 4 / GIB, index.total, info.feature_dim)
+    if scheduler:
+        _fit_distributed(store, run_dir, cfg, todo, str(device), in_memory, shuffle, scheduler,
+                         logger, progress)
+        return run_dir
+
+    source = _make_source(store, index, dev, shuffle, in_memory)
+    try:
+        for k in todo:
+            state, meta = train_member(k, source, index, cfg, info.feature_dim,
+                                       info.num_classes, shuffle, dev, progress, logger)
+            save_member(run_dir, k, state, meta)
+            logger(_done_record(meta))
+            log.info("member %d/%d: stopped at epoch %d (%s), %d steps, %.1f s", k + 1,
+                     c.ensemble, meta["stop_epoch"], "early" if meta["early_stop"] else "max",
+                     meta["steps"], meta["seconds"])
+    finally:
+        source.close()
+    return run_dir
+
+
+def _done_record(meta: dict) -> dict:
+    return {"member": meta["member"], "done": True, "stop_epoch": meta["stop_epoch"],
+            "early_stop": meta["early_stop"], "steps": meta["steps"],
+            "seconds": meta["seconds"]}
+
+
+# -- dask.distributed -----------------------------------------------------------------------
+def _member_task(store_path: str, cfg_dict: dict, k: int, device: str, in_memory: bool,
+                 shuffle: int, threads: int):
+    """One member, on a dask worker: opens the store itself, returns (state, meta, log)."""
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = Config.from_dict(cfg_dict, source="run config")
+    store = FeatureStore.open(store_path)
+    info = store.info
+    index = S.PixelIndex.from_store(store)
+    dev = resolve_device(device)
+    source = _make_source(store, index, dev, shuffle, in_memory)
+    records = []
+    try:
+        state, meta = train_member(k, source, index, cfg, info.feature_dim, info.num_classes,
+                                   shuffle, dev, progress=False, on_epoch=records.append)
+    finally:
+        source.close()
+    return state, meta, records
+
+
+def _client(scheduler: str):
+    from distributed import Client, LocalCluster
+
+    if scheduler == "local" or scheduler.startswith("local:"):
+        n = scheduler.partition(":")[2]
+        try:
+            workers = int(n) if n else max(1, min(os.cpu_count() or 1, 4))
+        except ValueError as exc:
+            raise ConfigError(f"bad scheduler {scheduler!r}",
+                              "use local, local:N or a scheduler address (tcp://host:8786)") from exc
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        return Client(cluster), cluster
+    if "://" not in scheduler:
+        raise ConfigError(f"bad scheduler {scheduler!r}",
+                          "use local, local:N or a scheduler address (tcp://host:8786)")
+    return Client(scheduler), None
+
+
+def _fit_distributed(store, run_dir, cfg, todo, device, in_memory, shuffle, scheduler, logger,
+                     progress):
+    from distributed import as_completed
+
+    client, cluster = _client(scheduler)
+    try:
+        threads = torch.get_num_threads()
+        futures = [client.submit(_member_task, str(store.path), cfg.to_dict(), k, device,
+                                 in_memory, shuffle, threads, pure=False,
+                                 key=f"ddpmseg-fit-member-{k}-{os.getpid()}-{time.time_ns()}")
+                   for k in todo]
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(todo), file=sys.stderr, desc="members", unit="member")
+        try:
+            for fut in as_completed(futures):
+                state, meta, records = fut.result()
+                k = meta["member"]
+                save_member(run_dir, k, state, meta)
+                for r in records:
+                    logger(r)
+                logger(_done_record(meta))
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

@@ -1,0 +1,50 @@
+"""``ddpmseg evaluate``: predictions + ground truth -> per-class IoU table and mIoU."""
+
+from __future__ import annotations
+
+import click
+
+from .common import config_option, resolve_config
+
+
+@click.command("evaluate")
+@click.argument("pred_dir", metavar="PRED_DIR")
+@click.argument("gt_dir", metavar="GT_DIR")
+@config_option
+@click.option("--num-classes", type=click.IntRange(1, 256), default=None, metavar="N",
+              help="Number of classes (overrides the config).")
+@click.option("--ignore-label", type=click.IntRange(0, 255), default=None, metavar="L",
+              help="The ignore label, left out of the mean (overrides the config).")
+@click.option("--mask-ignore", is_flag=True,
+              help="Drop ground-truth ignore pixels before counting (stricter than the "
+                   "reference, which counts predictions there in the class's union).")
+@click.option("--confusion", is_flag=True, help="Also write confusion.csv and confusion.png.")
+@click.option("--out", "out_dir", default=None, metavar="DIR",
+              help="Where metrics.json goes. [default: PRED_DIR]")
+def command(pred_dir, gt_dir, config_path, num_classes, ignore_label, mask_ignore, confusion,
+            out_dir):
+    """Per-class IoU and mIoU of the predictions in PRED_DIR against the masks in GT_DIR.
+
+    Predictions <name>.npy are matched by name with <name>.npy (or grey/palette PNG) masks.
+    The mIoU is the reference's: summed over the whole test set, ignore label left out of the
+    mean but its pixels not masked. Classes come from --config, else from PRED_DIR/predict.json;
+    --num-classes and --ignore-label override both.
+
+    \b
+    Examples:
+      ddpmseg evaluate preds/ffhq34 data/ffhq_34/real/test --config ffhq_34
+      ddpmseg evaluate preds/mine masks/ --num-classes 5 --ignore-label 255 --confusion
+    """
+    from ..evaluate import evaluate, format_table
+
+    class_names = ()
+    if config_path is not None:
+        cfg = resolve_config(config_path, data={"num_classes": num_classes,
+                                                "ignore_label": ignore_label})
+        num_classes, ignore_label = cfg.data.num_classes, cfg.data.ignore_label
+        class_names = cfg.data.class_names
+    result = evaluate(pred_dir, gt_dir, num_classes=num_classes, ignore_label=ignore_label,
+                      class_names=class_names, mask_ignore=mask_ignore, confusion=confusion,
+                      out=out_dir)
+    click.echo(format_table(result))
+    click.echo(f"wrote {result['metrics_path']}")

@@ -1,0 +1,54 @@
+"""``ddpmseg predict``: a trained run + a feature store or images -> label maps and pictures."""
+
+from __future__ import annotations
+
+import click
+
+from .common import device_option
+
+
+@click.command("predict")
+@click.argument("run", metavar="RUN")
+@click.argument("input_path", metavar="INPUT")
+@click.argument("out_dir", metavar="OUT")
+@click.option("--vote", type=click.Choice(["soft", "log", "hard"]), default=None,
+              help="How members are combined: soft = mean of probabilities, log = mean of "
+                   "log-probabilities (the seed's), hard = majority. [default: the run's "
+                   "config, soft]")
+@click.option("--uncertainty", is_flag=True,
+              help="Also write <name>_entropy.npy, <name>_jsd.npy and <name>_uncertainty.png.")
+@click.option("--tile-rows", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Image rows predicted at a time; bounds peak memory. [default: the run's "
+                   "config, 32]")
+@click.option("--images", "images_dir", default=None, metavar="DIR",
+              help="With a store as INPUT: folder of the original images, for the overlays "
+                   "(drawn on grey without it).")
+@click.option("--resize", is_flag=True,
+              help="Resize images of another size to the run's image size.")
+@click.option("--checkpoint", default=None, metavar="PATH",
+              help="The backbone checkpoint, when INPUT is an image folder and the run's is "
+                   "elsewhere. Must be the one the run was trained with.")
+@device_option
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def command(run, input_path, out_dir, vote, uncertainty, tile_rows, images_dir, resize,
+            checkpoint, device, no_progress):
+    """Predict segmentation masks with the ensemble of RUN for every image of INPUT.
+
+    INPUT is a feature store (from `ddpmseg extract`) or a folder of images; from images,
+    features are extracted on the fly with the run's backbone. OUT receives per image
+    <name>.npy (uint8 class indices), <name>.png (palette PNG), <name>_overlay.png, and once
+    palette.json, summary.png (contact sheet) and predict.json (the settings used).
+
+    \b
+    Examples:
+      ddpmseg predict runs/ffhq34 stores/ffhq34_test.zarr preds/ffhq34
+      ddpmseg predict runs/ffhq34 data/ffhq_34/real/test preds/ffhq34 --uncertainty
+      ddpmseg predict runs/ffhq34 stores/test.zarr preds --images data/test --vote hard
+    """
+    from ..predict import predict
+
+    summary = predict(run, input_path, out_dir, vote=vote, uncertainty=uncertainty,
+                      device=device, tile_rows=tile_rows, resize=resize, checkpoint=checkpoint,
+                      images=images_dir, progress=not no_progress)
+    click.echo(f"predicted {summary['num_images']} image(s) ({summary['input_kind']}, vote "
+               f"{summary['vote']}, {summary['num_members']} members) into {summary['out_dir']}")

@@ -1,0 +1,244 @@
+"""Evaluation: predicted label maps + ground truth -> per-class IoU table and mIoU.
+
+The mIoU is the reference's (ddpm-segmentation's ``compute_iou``): intersections and unions are
+summed over the whole test set, then for each class c in 0..num_classes-1 other than the ignore
+label, IoU_c = |pred == c AND gt == c| / |pred == c OR gt == c| (0 when the union is empty), and
+the mIoU is the mean of those. Ground-truth pixels with the ignore label are NOT masked out: a
+prediction of c there counts in c's union, as in the published numbers. ``mask_ignore=True`` is
+the stricter variant that drops those pixels first.
+
+Everything is computed from one 256 x 256 confusion matrix (rows: ground truth, columns:
+prediction) accumulated image by image, so memory does not grow with the test set.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import render
+from .data import _read_mask, check_labels
+from .errors import BadInputError, ConfigError, InputNotFoundError
+
+log = logging.getLogger("ddpmseg")
+
+__all__ = ["evaluate", "format_table", "iou_from_confusion", "confusion_matrix",
+           "list_predictions", "find_ground_truth"]
+
+# Files predict writes beside the label maps, which are not label maps themselves.
+_NOT_PREDICTIONS = ("_entropy", "_jsd", "_overlay", "_uncertainty")
+_NOT_PREDICTION_NAMES = ("summary", "confusion", "palette")
+
+
+def list_predictions(pred_dir: Path) -> dict[str, Path]:
+    """name -> label-map file: the ``<name>.npy`` files, or else the label PNGs."""
+    files = sorted(p for p in pred_dir.iterdir() if p.is_file())
+
+    def is_label(p: Path) -> bool:
+        return not p.stem.endswith(_NOT_PREDICTIONS) and p.stem not in _NOT_PREDICTION_NAMES
+
+    found = {p.stem: p for p in files if p.suffix.lower() == ".npy" and is_label(p)}
+    if not found:
+        found = {p.stem: p for p in files if p.suffix.lower() == ".png" and is_label(p)}
+    return found
+
+
+def find_ground_truth(gt_dir: Path, name: str) -> Path:
+    """``<name>.npy``, ``<name>_mask.png``, ``<name>_mask.npy``, or a grey/palette ``<name>.png``."""
+    for candidate in (f"{name}.npy", f"{name}_mask.png", f"{name}_mask.npy"):
+        if (gt_dir / candidate).is_file():
+            return gt_dir / candidate
+    png = gt_dir / f"{name}.png"
+    if png.is_file() and _single_channel(png):
+        return png
+    raise BadInputError(f"no ground truth for prediction {name!r}: {gt_dir / (name + '.npy')} "
+                        f"(or {name}_mask.png) does not exist",
+                        "give the folder holding the test masks, or remove the prediction")
+
+
+def _single_channel(path: Path) -> bool:
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.mode in ("L", "P", "I", "I;16")
+    except OSError:
+        return False
+
+
+def confusion_matrix(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """int64 (256, 256): counts of (ground truth, prediction) label pairs."""
+    pairs = gt.astype(np.int64).ravel() * 256 + pred.astype(np.int64).ravel()
+    return np.bincount(pairs, minlength=256 * 256).reshape(256, 256)
+
+
+def iou_from_confusion(conf: np.ndarray, num_classes: int, ignore_label: int,
+                       mask_ignore: bool = False) -> tuple[list[dict], float]:
+    """Per-class rows (index, intersection, union, gt and predicted pixels, IoU) and the mIoU."""
+    conf = np.asarray(conf, dtype=np.int64)
+    if mask_ignore and 0 <= ignore_label < conf.shape[0]:
+        conf = conf.copy()
+        conf[ignore_label, :] = 0
+    rows = []
+    for c in range(num_classes):
+        if c == ignore_label:
+            continue
+        inter = int(conf[c, c])
+        gt_px = int(conf[c, :].sum())
+        pred_px = int(conf[:, c].sum())
+        union = gt_px + pred_px - inter
+        rows.append({"index": c, "iou": inter / union if union else 0.0, "gt_pixels": gt_px,
+                     "pred_pixels": pred_px, "intersection": inter, "union": union})
+    miou = float(np.mean([r["iou"] for r in rows])) if rows else 0.0
+    return rows, miou
+
+
+def _load_predictions_meta(pred_dir: Path) -> dict:
+    meta = pred_dir / "predict.json"
+    if meta.is_file():
+        try:
+            return json.loads(meta.read_text())
+        except (OSError, ValueError):
+            log.warning("could not read %s; ignoring it", meta)
+    return {}
+
+
+def _read_label_map(path: Path) -> np.ndarray:
+    return _read_mask(path)
+
+
+def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
+             ignore_label: int | None = None, class_names: Sequence[str] = (),
+             mask_ignore: bool = False, confusion: bool = False, out=None,
+             write: bool = True) -> dict:
+    """The reference's mIoU of the predictions in PRED_DIR against the masks in GT_DIR.
+
+    Predictions are ``<name>.npy`` (or label PNGs) matched by name with ``<name>.npy`` or
+    grey/palette PNG masks in GT_DIR. ``num_classes``, ``ignore_label`` and ``class_names``
+    default to those in PRED_DIR/predict.json when predict wrote it (ignore label 255
+    otherwise). Writes ``metrics.json`` (with ``confusion``: ``confusion.csv`` and
+    ``confusion.png`` too) into ``out`` (default PRED_DIR) unless ``write`` is False.
+    Returns {"miou", "classes": [{index, name, iou, gt_pixels, pred_pixels, intersection,
+    union}], ...}.
+    """
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    if not pred_dir.is_dir():
+        raise InputNotFoundError(f"predictions folder {pred_dir} does not exist",
+                                 "give the folder `ddpmseg predict` wrote")
+    if not gt_dir.is_dir():
+        raise InputNotFoundError(f"ground-truth folder {gt_dir} does not exist",
+                                 "give the folder of test masks (<name>.npy or PNG)")
+    meta = _load_predictions_meta(pred_dir)
+    if num_classes is None:
+        num_classes = meta.get("num_classes")
+        if num_classes is None:
+            raise ConfigError("the number of classes is not known",
+                              "pass --config or --num-classes")
+    if ignore_label is None:
+        ignore_label = int(meta.get("ignore_label", 255))
+    if not class_names:
+        class_names = tuple(meta.get("class_names") or ())
+    num_classes, ignore_label = int(num_classes), int(ignore_label)
+    if not 1 <= num_classes <= 256:
+        raise ConfigError(f"num_classes must be 1..256, got {num_classes}", "fix --num-classes")
+
+    predictions = list_predictions(pred_dir)
+    if not predictions:
+        raise InputNotFoundError(f"no predictions (<name>.npy or label PNGs) in {pred_dir}",
+                                 "run `ddpmseg predict` first")
+    # Match every prediction before reading any: a missing mask is reported up front.
+    pairs = [(name, path, find_ground_truth(gt_dir, name)) for name, path in predictions.items()]
+
+    conf = np.zeros((256, 256), dtype=np.int64)
+    for name, pred_path, gt_path in pairs:
+        pred = _read_label_map(pred_path)
+        gt = _read_label_map(gt_path)
+        if pred.shape != gt.shape:
+            raise BadInputError(f"prediction {pred_path} is {pred.shape[0]}x{pred.shape[1]} but "
+                                f"its ground truth {gt_path} is {gt.shape[0]}x{gt.shape[1]}",
+                                "predict at the masks' size (or resize the masks)")
+        check_labels(gt, num_classes, ignore_label, gt_path)
+        bad = np.setdiff1d(np.unique(pred), [*range(num_classes), ignore_label])
+        if bad.size:
+            raise BadInputError(f"prediction {pred_path} has labels {bad.tolist()} outside "
+                                f"0..{num_classes - 1}", "check --num-classes / --config")
+        conf += confusion_matrix(pred, gt)
+
+    rows, miou = iou_from_confusion(conf, num_classes, ignore_label, mask_ignore)
+    for row in rows:
+        c = row["index"]
+        row["name"] = class_names[c] if c < len(class_names) else f"class_{c}"
+    rows = [{k: r[k] for k in ("index", "name", "iou", "gt_pixels", "pred_pixels",
+                               "intersection", "union")} for r in rows]
+    ignored = int(conf[ignore_label, :].sum()) if 0 <= ignore_label < 256 else 0
+    result = {
+        "miou": miou,
+        "num_images": len(pairs),
+        "num_classes": num_classes,
+        "ignore_label": ignore_label,
+        "mask_ignore": mask_ignore,
+        "evaluated_classes": len(rows),
+        "ignore_pixels": ignored,
+        "total_pixels": int(conf.sum()),
+        "pred_dir": str(pred_dir),
+        "gt_dir": str(gt_dir),
+        "names": [name for name, _, _ in pairs],
+        "classes": rows,
+    }
+    labels = list(range(num_classes))
+    if num_classes <= ignore_label < 256:
+        labels.append(ignore_label)
+    matrix = conf[np.ix_(labels, labels)]
+    if confusion:
+        result["confusion"] = {"labels": labels, "matrix": matrix.tolist()}
+    if write:
+        out_dir = Path(out) if out is not None else pred_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        result["metrics_path"] = str(out_dir / "metrics.json")
+        if confusion:
+            _write_confusion(out_dir, matrix, labels, class_names, ignore_label)
+            result["confusion_csv"] = str(out_dir / "confusion.csv")
+            result["confusion_png"] = str(out_dir / "confusion.png")
+    return result
+
+
+def _write_confusion(out_dir: Path, matrix: np.ndarray, labels: list[int],
+                     class_names: Sequence[str], ignore_label: int) -> None:
+    def label(c: int) -> str:
+        if c == ignore_label and c >= len(class_names):
+            return f"{c}:ignore"
+        return f"{c}:{class_names[c] if c < len(class_names) else f'class_{c}'}"
+
+    with open(out_dir / "confusion.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["gt \\ pred", *[label(c) for c in labels]])
+        for c, row in zip(labels, matrix):
+            writer.writerow([label(c), *[int(v) for v in row]])
+    names = [str(c) for c in labels]
+    render.confusion_image(matrix, names, names).save(out_dir / "confusion.png")
+
+
+def format_table(result: dict) -> str:
+    """The per-class table as aligned text, then the mIoU line."""
+    rows = result["classes"]
+    name_w = min(40, max([5] + [len(r["name"]) for r in rows]))
+    num_w = max([8] + [len(str(r["union"])) for r in rows]) + 1
+    header = (f"{'idx':>4}  {'class':<{name_w}}  {'IoU %':>7}  {'gt px':>{num_w}}  "
+              f"{'pred px':>{num_w}}  {'inter':>{num_w}}  {'union':>{num_w}}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        name = r["name"] if len(r["name"]) <= name_w else r["name"][:name_w - 2] + ".."
+        lines.append(f"{r['index']:>4}  {name:<{name_w}}  {100 * r['iou']:>7.2f}  "
+                     f"{r['gt_pixels']:>{num_w}}  {r['pred_pixels']:>{num_w}}  "
+                     f"{r['intersection']:>{num_w}}  {r['union']:>{num_w}}")
+    lines.append("-" * len(header))
+    mode = "masked out" if result.get("mask_ignore") else "not masked (reference)"
+    lines.append(f"mIoU {100 * result['miou']:.2f} % over {len(rows)} classes, "
+                 f"{result.get('num_images', '?')} images (ignore label "
+                 f"{result.get('ignore_label')}: {mode})")
+    return "\n".join(lines)

@@ -1,0 +1,476 @@
+"""``extract``: a folder of images (and masks) -> a feature store.
+
+The pipeline, in one process: a loader thread decodes the next batch of images while the model
+runs the current one; each finished image's activations go to a small thread pool that casts
+them to the store dtype, checks float16 overflow, compresses and writes them, and flags the
+image complete last. With ``scheduler`` the images are split into dask.distributed tasks; each
+worker process loads the backbone once and writes only its own images' chunks.
+
+Everything the user can get wrong (a mask with unknown labels or of the wrong size, an image of
+the wrong size, a store made with another model) is reported before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .. import data as D
+from ..config import Config
+from ..bundled import resolve_checkpoint
+from ..errors import (BadInputError, ConfigError, DdpmsegError, StoreError,
+                      StoreMismatchError)
+from .store import STORE_DTYPES, FeatureStore, StoreInfo
+
+log = logging.getLogger("ddpmseg")
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Threads that cast, compress and write finished images while the model runs.
+WRITER_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    samples: list            # data.Sample, sorted by name
+    labels: list             # per image: uint8 (H, W) after the rare-class rule, or None
+    has_labels: bool
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What an extraction task needs besides the backbone (picklable, for dask)."""
+
+    store_path: str
+    image_paths: tuple[str, ...]
+    steps: tuple[int, ...]
+    blocks: tuple[int, ...]
+    seed: int
+    precision: str
+    batch_size: int
+    resize: bool
+    # torch's intra-op threads of the client. Some CPU kernels (1x1 convolutions among them)
+    # sum in an order that depends on the thread count, so a worker computes with the same
+    # count as the client: then its features are bit-identical to a one-process run.
+    threads: int = 0
+
+
+def extract(data_dir, store_path, config: Config | None = None, checkpoint=None, *,
+            backbone=None, device="auto", batch_size: int | None = None,
+            precision: str | None = None, overwrite: bool = False, resize: bool = False,
+            scheduler: str | None = None, progress: bool = True) -> FeatureStore:
+    """Extract the features of every image of ``data_dir`` into the store at ``store_path``.
+
+    ``config``: steps, blocks, seed and dtype from ``config.features``; classes, ignore label
+    and the rare-class rule from ``config.data``; model flags from ``config.model.preset`` and
+    the checkpoint from ``checkpoint`` or ``config.model.checkpoint``. ``backbone``: an
+    already-loaded ``ddpmseg.backbone.Backbone`` (then no checkpoint is needed, except with a
+    scheduler, whose workers load their own).
+
+    ``data_dir`` holds images with masks of the same stem (a training or evaluation store) or
+    images only (a prediction-only store, ``has_labels`` False). Some images with masks and
+    some without is an error naming an image without one: a forgotten mask would otherwise
+    silently become an unlabelled image.
+
+    Rerunning with the same arguments resumes: complete images are kept, the rest are redone,
+    and the result is bit-identical to an uninterrupted run. A store made with another model,
+    steps, blocks, seed, dtype, image list or classes is refused (``StoreMismatchError``)
+    unless ``overwrite``. ``scheduler``: None (this process), "local" / "local:N" (a dask
+    LocalCluster of N single-threaded worker processes) or "tcp://host:port" (a running dask
+    scheduler whose workers see the same files). Returns the store, opened for reading.
+    """
+    from ..backbone import Backbone, ModelFlags
+
+    config = config or Config()
+    fc, dc = config.features, config.data
+    steps, blocks = tuple(int(t) for t in fc.steps), tuple(int(b) for b in fc.blocks)
+    dtype, seed = fc.dtype, int(fc.seed)
+    precision = precision or fc.precision
+    batch_size = int(batch_size or fc.batch_size)
+    _check_settings(steps, blocks, dtype, precision, batch_size, dc)
+    checkpoint = checkpoint if checkpoint not in (None, "") else (config.model.checkpoint or None)
+    checkpoint = resolve_checkpoint(checkpoint) if checkpoint else None
+
+    flags = backbone.flags if backbone is not None else ModelFlags.resolve(config.model.preset)
+    for t in steps:
+        if not 0 <= t < flags.diffusion_steps:
+            raise ConfigError(f"step {t} is out of range 0..{flags.diffusion_steps - 1}",
+                              "check features.steps / --steps")
+    size = (flags.image_size, flags.image_size)
+
+    # 1. Read and check every mask (and every image's size) before anything is written.
+    inputs = _read_inputs(data_dir, size, resize, dc)
+
+    # 2. The backbone (its hash and flags identify the features).
+    if backbone is None:
+        if checkpoint is None:
+            raise ConfigError("no checkpoint given",
+                              "pass --checkpoint PATH or set model.checkpoint in the config")
+        backbone = Backbone.from_checkpoint(checkpoint, flags, device=device)
+    shapes_by_block = backbone.block_shapes(blocks)
+    info = StoreInfo(
+        steps=steps, blocks=blocks,
+        shapes=tuple(tuple(shapes_by_block[b]) for _ in steps for b in blocks),
+        image_size=size, num_images=len(inputs.samples),
+        names=tuple(s.name for s in inputs.samples),
+        num_classes=dc.num_classes, ignore_label=dc.ignore_label,
+        class_names=tuple(dc.class_names), has_labels=inputs.has_labels, dtype=dtype,
+        seed=seed, fingerprint=backbone.fingerprint(), precision=precision,
+        min_class_pixels=dc.min_class_pixels)
+    resolved = config.with_overrides(
+        model={"checkpoint": str(checkpoint) if checkpoint else ""},
+        features={"precision": precision, "batch_size": batch_size})
+
+    # 3. Create the store, or reopen it and check that it was made the same way.
+    store = _open_or_create(str(store_path), info, overwrite, resolved.to_dict())
+    done = store.complete()
+    for i in np.flatnonzero(done):
+        missing = store.missing_chunks(int(i))
+        if missing:
+            log.warning("image %d (%s) was flagged complete but %s missing: redoing it",
+                        i, info.names[i], ", ".join(missing[:3]) +
+                        (" are" if len(missing) > 1 else " is"))
+            store.mark_incomplete(int(i))
+            done[i] = False
+    todo = [int(i) for i in np.flatnonzero(~done)]
+    if len(todo) < len(done):
+        log.info("%s: %d of %d images already extracted, %d to go", store_path,
+                 len(done) - len(todo), len(done), len(todo))
+
+    # 4. Extract what is left.
+    job = _Job(str(store_path), tuple(str(s.image) for s in inputs.samples), steps, blocks,
+               seed, precision, batch_size, bool(resize), torch.get_num_threads())
+    if todo:
+        start = time.perf_counter()
+        with _progress_bar(len(done), len(done) - len(todo), progress) as bar:
+            if scheduler:
+                _run_distributed(scheduler, job, todo, inputs.labels, backbone, checkpoint,
+                                 device, bar.update)
+            else:
+                run_images(store, backbone, job, todo, inputs.labels,
+                           on_done=lambda i: bar.update(1))
+        log.info("extracted %d images in %.1fs into %s (%d dims per pixel, %s)", len(todo),
+                 time.perf_counter() - start, store_path, info.feature_dim, dtype)
+    return FeatureStore.open(store_path)
+
+
+# -- checking inputs ----------------------------------------------------------------------------
+
+def _check_settings(steps, blocks, dtype, precision, batch_size, dc) -> None:
+    if dtype not in STORE_DTYPES:
+        raise ConfigError(f"unknown store dtype {dtype!r}", f"use one of {', '.join(STORE_DTYPES)}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}", f"use one of {', '.join(PRECISIONS)}")
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    for name, values in (("steps", steps), ("blocks", blocks)):
+        if not values:
+            raise ConfigError(f"no {name} given", f"set features.{name} or --{name}")
+        if len(set(values)) != len(values):
+            raise ConfigError(f"{name} repeat a value: {list(values)}", "list each once")
+        if min(values) < 0:
+            raise ConfigError(f"{name} must be non-negative, got {list(values)}")
+    if not 1 <= dc.num_classes <= 256:
+        raise ConfigError(f"data.num_classes must be 1..256, got {dc.num_classes}")
+    if not 0 <= dc.ignore_label <= 255:
+        raise ConfigError(f"data.ignore_label must be 0..255, got {dc.ignore_label}")
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(H, W) from the file header, without decoding the pixels."""
+    try:
+        with Image.open(path) as im:
+            return im.size[1], im.size[0]
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise BadInputError(f"cannot read image {path} ({exc})",
+                            "replace or remove the file") from exc
+
+
+def _read_inputs(data_dir, size: tuple[int, int], resize: bool, dc) -> _Inputs:
+    samples = D.list_samples(data_dir)
+    with_mask = [s for s in samples if s.mask is not None]
+    if with_mask and len(with_mask) < len(samples):
+        lone = next(s for s in samples if s.mask is None)
+        raise BadInputError(
+            f"image {lone.image} has no mask ({lone.name}.npy or {lone.name}_mask.png) while "
+            f"{len(with_mask)} of the {len(samples)} images in {data_dir} have one",
+            "add its mask, or move it to a folder of unlabelled images (a folder without any "
+            "mask makes a prediction-only store)")
+    labels = []
+    for s in samples:
+        hw = _image_size(s.image)
+        if hw != size and not resize:
+            raise BadInputError(f"image {s.image} is {hw[0]}x{hw[1]} but the model takes "
+                                f"{size[0]}x{size[1]}",
+                                "pass --resize to resize images (and masks)")
+        if s.mask is None:
+            labels.append(None)
+            continue
+        mask = D.load_mask(s.mask, hw)  # must match its own image
+        D.check_labels(mask, dc.num_classes, dc.ignore_label, s.mask)
+        if hw != size:
+            # Nearest neighbour: labels stay labels.
+            mask = np.asarray(Image.fromarray(mask).resize((size[1], size[0]), Image.NEAREST),
+                              dtype=np.uint8)
+        labels.append(D.drop_rare_classes(mask, dc.num_classes, dc.ignore_label,
+                                          dc.min_class_pixels))
+    return _Inputs(samples, labels, bool(with_mask))
+
+
+# -- the store ----------------------------------------------------------------------------------
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def _open_or_create(path: str, info: StoreInfo, overwrite: bool, config: dict) -> FeatureStore:
+    hint = "pass --overwrite to replace it, or choose another store path"
+    existing = None
+    if _is_local(path) and Path(path).exists():
+        p = Path(path)
+        if not p.is_dir():
+            raise StoreError(f"{path} exists and is a file, not a feature store",
+                             "choose another store path")
+        if (p / "zarr.json").is_file():
+            try:
+                existing = FeatureStore.open(path, mode="r+")
+            except StoreMismatchError:
+                if not overwrite:
+                    raise
+                existing = True  # an older format of ours: replaced below
+            except StoreError:
+                existing = None
+        if existing is None and any(p.iterdir()):
+            raise StoreError(f"{path} exists and is not a ddpmseg feature store",
+                             "choose another store path (nothing there was changed)")
+    elif not _is_local(path):
+        try:
+            existing = FeatureStore.open(path, mode="r+")
+        except StoreError:
+            existing = None
+    if existing is not None and overwrite:
+        log.info("replacing the store %s", path)
+        return FeatureStore.create(path, info, overwrite=True, config=config)
+    if existing is None:
+        return FeatureStore.create(path, info, overwrite=_is_local(path), config=config)
+    diffs = info.differences(existing.info)
+    if diffs:
+        raise StoreMismatchError(f"{path} was made with other settings: " + "; ".join(diffs),
+                                 hint)
+    made = existing.create_missing_arrays()  # a run killed while creating the store
+    if made:
+        log.info("%s: created the arrays an interrupted run left out: %s", path, ", ".join(made))
+    removed = existing.remove_partial_files()
+    if removed:
+        log.info("%s: removed %d temporary files of an interrupted run", path, removed)
+    return existing
+
+
+# -- one process --------------------------------------------------------------------------------
+
+def _load_batch(paths: Sequence[str], size: tuple[int, int], resize: bool) -> torch.Tensor:
+    return torch.stack([D.image_tensor(D.load_image(Path(p), size, resize)) for p in paths])
+
+
+def _write_one(store: FeatureStore, i: int, maps: list, labels) -> int:
+    store.write_image(i, store.encode(i, maps), labels, encoded=True)
+    return i
+
+
+def run_images(store: FeatureStore, backbone, job: _Job, indices: Sequence[int], labels: Sequence,
+               on_done: Callable[[int], None] | None = None,
+               writers: int = WRITER_THREADS) -> None:
+    """Extract and write images ``indices`` (the loop shared by every way of running).
+
+    The model runs in this thread; a loader thread prepares the next batch, and ``writers``
+    threads cast, check, compress and write finished images. At most ``batch_size + writers``
+    images wait to be written, which bounds memory.
+    """
+    size = tuple(store.info.image_size)
+    keys = store.info.keys
+    batches = [list(indices[k:k + job.batch_size]) for k in range(0, len(indices), job.batch_size)]
+    if not batches:
+        return
+    limit = job.batch_size + writers
+    pending: deque = deque()
+
+    def finish(block: bool) -> None:
+        # Errors surface here, in order; progress is reported as soon as a write lands.
+        while pending and (block or pending[0][1].done() or len(pending) > limit):
+            pending.popleft()[1].result()
+
+    def report(i: int):
+        def callback(fut) -> None:
+            if on_done is not None and not fut.cancelled() and fut.exception() is None:
+                on_done(i)
+        return callback
+
+    with ThreadPoolExecutor(1, thread_name_prefix="ddpmseg-load") as loader, \
+            ThreadPoolExecutor(writers, thread_name_prefix="ddpmseg-write") as pool:
+        try:
+            def load(batch):
+                return loader.submit(_load_batch, [job.image_paths[i] for i in batch], size,
+                                     job.resize)
+
+            next_x = load(batches[0])
+            for k, batch in enumerate(batches):
+                x0 = next_x.result()
+                if k + 1 < len(batches):
+                    next_x = load(batches[k + 1])
+                acts = backbone.activations(x0, job.steps, job.blocks, seed=job.seed,
+                                            precision=job.precision)
+                for j, i in enumerate(batch):
+                    maps = [acts[key][j] for key in keys]
+                    fut = pool.submit(_write_one, store, i, maps,
+                                      labels[i] if store.info.has_labels else None)
+                    fut.add_done_callback(report(i))
+                    pending.append((i, fut))
+                del acts
+                finish(block=False)
+            finish(block=True)
+        except BaseException:
+            for _, fut in pending:
+                fut.cancel()
+            raise
+
+
+class _NullBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return _NullBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="img", desc="extract", file=sys.stderr,
+                dynamic_ncols=True, smoothing=0.1)
+
+
+# -- dask.distributed ---------------------------------------------------------------------------
+
+_WORKER_BACKBONES: dict = {}
+
+
+def _worker_backbone(source: dict):
+    """The backbone of a worker process, loaded once and kept for its later tasks."""
+    from ..backbone import Backbone
+
+    key = repr(sorted((k, repr(v)) for k, v in source.items()))
+    bb = _WORKER_BACKBONES.get(key)
+    if bb is None:
+        _WORKER_BACKBONES.clear()
+        if source.get("checkpoint"):
+            bb = Backbone.from_checkpoint(source["checkpoint"], source["flags"],
+                                          device=source["device"])
+        else:
+            bb = Backbone.random(source["flags"], seed=source["random_seed"],
+                                 device=source["device"])
+        _WORKER_BACKBONES[key] = bb
+    return bb
+
+
+def _dask_task(job: _Job, source: dict, indices: list[int], labels: list):
+    """One dask task: extract images ``indices``. Our errors come back as data, hint included."""
+    previous = torch.get_num_threads()
+    try:
+        if job.threads:
+            torch.set_num_threads(job.threads)
+        bb = _worker_backbone(source)
+        store = FeatureStore.open(job.store_path, mode="r+")
+        if bb.fingerprint() != store.info.fingerprint:
+            raise StoreMismatchError(
+                f"worker backbone ({source.get('checkpoint') or 'random'}) differs from the one "
+                f"the store {job.store_path} was created with",
+                "workers must see the same checkpoint file as the client")
+        # The client sends only images not flagged complete: no need to read every flag here.
+        store._complete = np.zeros(len(store), dtype=bool)
+        full = [None] * len(store)
+        for i, lab in zip(indices, labels):
+            full[i] = lab
+        run_images(store, bb, job, indices, full, writers=1)
+        return {"done": list(indices)}
+    except DdpmsegError as exc:
+        return {"error": type(exc).__name__, "message": exc.message, "hint": exc.hint}
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _parse_scheduler(scheduler: str, threads: int):
+    from distributed import Client, LocalCluster
+
+    text = scheduler.strip()
+    if text == "local" or text.startswith("local:"):
+        n = text.partition(":")[2]
+        try:
+            # Each worker computes with the client's torch thread count (see _Job.threads).
+            n_workers = int(n) if n else max(1, (os.cpu_count() or 1) // max(1, threads))
+        except ValueError:
+            raise ConfigError(f"bad scheduler {scheduler!r}", "use local, local:N or "
+                              "tcp://host:port") from None
+        if n_workers < 1:
+            raise ConfigError(f"bad scheduler {scheduler!r}: N must be at least 1")
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=logging.ERROR)
+        return Client(cluster), cluster
+    if "://" in text or ":" in text:
+        try:
+            return Client(text, timeout=30), None
+        except OSError as exc:
+            raise ConfigError(f"cannot reach the dask scheduler {text} ({exc})",
+                              "check the address, or use --scheduler local") from exc
+    raise ConfigError(f"bad scheduler {scheduler!r}", "use local, local:N or tcp://host:port")
+
+
+def _run_distributed(scheduler: str, job: _Job, todo: list[int], labels: list, backbone,
+                     checkpoint, device, update: Callable[[int], None]) -> None:
+    from distributed import as_completed
+
+    from .. import errors
+
+    sha = getattr(backbone, "sha256", "")
+    if checkpoint:
+        source = {"checkpoint": str(Path(checkpoint).expanduser().resolve())}
+    elif isinstance(sha, str) and sha.startswith("random-"):
+        source = {"checkpoint": "", "random_seed": int(sha.split("-", 1)[1])}
+    else:
+        raise ConfigError("a scheduler needs the checkpoint path: each worker loads the model "
+                          "itself", "pass checkpoint= / --checkpoint")
+    source.update(flags=backbone.flags.to_dict(), device=str(device))
+    # Tasks of whole batches (a batch never spans two tasks, so the images are computed in the
+    # same groups as in one process).
+    groups = [todo[k:k + job.batch_size] for k in range(0, len(todo), job.batch_size)]
+    client, cluster = _parse_scheduler(scheduler, job.threads)
+    try:
+        futures = [client.submit(_dask_task, job, source, g, [labels[i] for i in g],
+                                 pure=False, key=f"ddpmseg-extract-{g[0]}-{os.getpid()}")
+                   for g in groups]
+        for fut in as_completed(futures):
+            result = fut.result()
+            if "error" in result:
+                for other in futures:
+                    other.cancel()
+                kind = getattr(errors, result["error"], errors.DdpmsegError)
+                raise kind(result["message"], result["hint"])
+            update(len(result["done"]))
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

@@ -1,0 +1,506 @@
+"""Prediction: a trained ensemble + a feature store or a folder of images -> label maps.
+
+Prediction works in row tiles: for ``tile_rows`` rows of an image at a time, the dense pixel
+features of those rows are computed from the image's native-resolution maps, every member of the
+ensemble runs on them, and the members' logits are voted into labels. Peak memory is bounded by
+one image's native maps plus one tile's features (tile_rows x W x D floats), never by the
+image's full dense feature tensor (2.2 GB for 256x256 at 8448 dims) nor by the ensemble size.
+
+From a folder of images, features are extracted on the fly with the run's backbone (checkpoint
+and flags recorded in the training store's fingerprint), image by image, and never written out.
+
+Library entry point: :func:`predict`; the per-image core is :func:`predict_maps`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+from . import __version__, render, voting
+from .config import Config
+from .data import IMAGE_SUFFIXES, image_tensor, list_samples, load_image
+from .device import resolve_device
+from .errors import (BadInputError, ConfigError, InputNotFoundError, RunError, StoreError,
+                     StoreMismatchError)
+from .featcache import pixels
+from .featcache.store import FeatureStore, StoreInfo
+
+log = logging.getLogger("ddpmseg")
+
+__all__ = ["predict", "predict_maps", "TileFeatures", "ImagePrediction", "RunModel",
+           "load_run", "check_compatible", "SUMMARY_IMAGES"]
+
+# Rows of the contact sheet summary.png.
+SUMMARY_IMAGES = 8
+
+_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class RunModel:
+    """What prediction needs of a trained run: the members, the training store's StoreInfo and
+    the run's Config. ``ddpmseg.classifier.load_ensemble`` returns an object with the same
+    attributes; this class lets a caller (or a test) predict with modules it built itself."""
+
+    members: Sequence[nn.Module]
+    info: StoreInfo
+    config: Config = field(default_factory=Config)
+    run_dir: str | None = None
+
+
+@dataclass
+class ImagePrediction:
+    labels: np.ndarray                 # uint8 (H, W)
+    entropy: np.ndarray | None = None  # float32 (H, W), nats
+    jsd: np.ndarray | None = None      # float32 (H, W), nats
+
+
+# -- the per-image core -------------------------------------------------------------------------
+class TileFeatures:
+    """Dense pixel features of row tiles of one image, from its native (C, h, w) maps.
+
+    The reference's definition (each map bilinearly upsampled to (H, W) with align_corners
+    False, concatenated step-major then block), computed separably for only the rows asked:
+    the two source rows of each output row are blended at the map's own width, then one matrix
+    product with the (w, W) column-interpolation matrix widens them. Equal to
+    ``featcache.pixels.dense_rows`` up to float32 rounding, and independent of how the image
+    is cut into tiles. ``rows`` returns a channels-first (D, n) buffer, reused between calls.
+    """
+
+    def __init__(self, maps: Sequence, size: tuple[int, int],
+                 device: torch.device | None = None):
+        self.size = (int(size[0]), int(size[1]))
+        # float32 once per image: half-precision indexing and arithmetic are slow on CPUs.
+        self.maps = [_map_tensor(m, device).float() for m in maps]
+        self.device = self.maps[0].device
+        self.dim = sum(m.shape[0] for m in self.maps)
+        width = self.size[1]
+        self._columns = {}
+        for m in self.maps:
+            w = m.shape[2]
+            if w not in self._columns:
+                x0, x1, lx = pixels.source_coords(width, w, torch.arange(width))
+                mat = torch.zeros(w, width, dtype=torch.float32)
+                cols = torch.arange(width)
+                mat.index_put_((x0, cols), 1.0 - lx, accumulate=True)
+                mat.index_put_((x1, cols), lx, accumulate=True)
+                self._columns[w] = mat.to(self.device)
+        self._buffer: torch.Tensor | None = None
+
+    def rows(self, y0: int, y1: int) -> torch.Tensor:
+        """float32 (D, (y1 - y0) * W): features of rows y0..y1-1, pixels row-major."""
+        height, width = self.size
+        n_rows = y1 - y0
+        need = self.dim * n_rows * width
+        if self._buffer is None or self._buffer.numel() < need:
+            self._buffer = torch.empty(need, dtype=torch.float32, device=self.device)
+        out = self._buffer[:need].view(self.dim, n_rows * width)
+        ys = torch.arange(y0, y1)
+        c0 = 0
+        for m in self.maps:
+            c, h, w = m.shape
+            lo, hi, ly = pixels.source_coords(height, h, ys)
+            ly = ly.to(self.device)[:, None]
+            lo, hi = lo.to(self.device), hi.to(self.device)
+            blended = m[:, lo, :] * (1.0 - ly) + m[:, hi, :] * ly          # (C, rows, w)
+            torch.mm(blended.view(c * n_rows, w), self._columns[w],
+                     out=out[c0:c0 + c].view(c * n_rows, width))
+            c0 += c
+        return out
+
+
+@torch.no_grad()
+def predict_maps(members: Sequence[nn.Module], maps: Sequence, size: tuple[int, int], *,
+                 vote: str = "soft", tile_rows: int = 32, uncertainty: bool = False,
+                 device: torch.device | str | None = None) -> ImagePrediction:
+    """Labels (and uncertainty) of one image from its native (C, h, w) maps in feature order.
+
+    Rows y0..y0+tile_rows-1 at a time: their dense features -> every member -> vote. Each
+    pixel's result depends on nothing but its own features, so not on ``tile_rows``.
+    """
+    voting.check_vote(vote)
+    if tile_rows < 1:
+        raise ConfigError(f"tile_rows must be >= 1, got {tile_rows}", "pass --tile-rows 32")
+    height, width = size
+    device = torch.device(device) if device is not None else None
+    tiles = TileFeatures(maps, size, device)
+    labels = np.empty((height, width), dtype=np.uint8)
+    entropy = np.empty((height, width), dtype=np.float32) if uncertainty else None
+    jsd = np.empty((height, width), dtype=np.float32) if uncertainty else None
+    for y0 in range(0, height, tile_rows):
+        y1 = min(y0 + tile_rows, height)
+        feats = tiles.rows(y0, y1).T  # (n, D): a transposed view, no copy
+        logits = torch.stack([m(feats).float() for m in members])
+        if logits.shape[-1] > 256:
+            raise RunError(f"the ensemble has {logits.shape[-1]} classes; label maps hold at "
+                           "most 256", "use at most 256 classes")
+        tile = voting.vote(logits, vote)
+        labels[y0:y1] = tile.view(y1 - y0, width).to(torch.uint8).cpu().numpy()
+        if uncertainty:
+            ent, div = voting.uncertainty(logits)
+            entropy[y0:y1] = ent.view(y1 - y0, width).cpu().numpy()
+            jsd[y0:y1] = div.view(y1 - y0, width).cpu().numpy()
+    return ImagePrediction(labels, entropy, jsd)
+
+
+def _map_tensor(m, device: torch.device | None) -> torch.Tensor:
+    t = m if isinstance(m, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(m))
+    if t.dim() == 4 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() != 3:
+        raise ValueError(f"a native map must be (C, h, w), got {tuple(t.shape)}")
+    return t.to(device) if device is not None else t
+
+
+# -- the run --------------------------------------------------------------------------------
+def load_run(run, device: torch.device):
+    """A run directory -> the classifier's loaded ensemble; an ensemble-like object as it is."""
+    if hasattr(run, "members") and hasattr(run, "info"):
+        members = [m.to(device).eval() for m in run.members]
+        return RunModel(members, run.info, getattr(run, "config", None) or Config(),
+                        getattr(run, "run_dir", None))
+    path = Path(run)
+    if not path.is_dir():
+        raise InputNotFoundError(f"run directory {path} does not exist",
+                                 "give the directory `ddpmseg fit` wrote")
+    try:
+        from .classifier import load_ensemble
+    except ImportError as exc:  # the classifier module is part of the package; be explicit
+        raise RunError(f"cannot load run {path}: ddpmseg.classifier is unavailable ({exc})",
+                       "reinstall ddpmseg") from exc
+    ens = load_ensemble(path, device)
+    members = [m.to(device).eval() for m in ens.members]
+    return RunModel(members, ens.info, getattr(ens, "config", None) or Config(), str(path))
+
+
+def _norm(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def check_compatible(run_info: StoreInfo, store_info: StoreInfo, store_path: str = "store"
+                     ) -> None:
+    """The store must hold the features the run was trained on: same fingerprint (checkpoint
+    and flags), steps, blocks and native shapes; else StoreMismatchError saying what differs."""
+    diffs = []
+    fp_run, fp_store = run_info.fingerprint or {}, store_info.fingerprint or {}
+    if _norm(fp_run) != _norm(fp_store):
+        parts = []
+        if fp_run.get("sha256") != fp_store.get("sha256"):
+            parts.append(f"checkpoint sha256 {str(fp_store.get('sha256'))[:12]} vs the run's "
+                         f"{str(fp_run.get('sha256'))[:12]}")
+        flags_run, flags_store = fp_run.get("flags") or {}, fp_store.get("flags") or {}
+        keys = sorted(k for k in set(flags_run) | set(flags_store)
+                      if _norm(flags_run.get(k)) != _norm(flags_store.get(k)))
+        if keys:
+            parts.append("model flags " + ", ".join(
+                f"{k}={flags_store.get(k)!r} vs {flags_run.get(k)!r}" for k in keys[:6]))
+        other = sorted(k for k in set(fp_run) | set(fp_store) if k not in ("sha256", "flags")
+                       and _norm(fp_run.get(k)) != _norm(fp_store.get(k)))
+        if other:
+            parts.append("fingerprint " + ", ".join(other))
+        diffs.append("model fingerprint differs (" + "; ".join(parts or ["content"]) + ")")
+    if tuple(run_info.steps) != tuple(store_info.steps):
+        diffs.append(f"steps {list(store_info.steps)} vs the run's {list(run_info.steps)}")
+    if tuple(run_info.blocks) != tuple(store_info.blocks):
+        diffs.append(f"blocks {list(store_info.blocks)} vs the run's {list(run_info.blocks)}")
+    shapes_run = [tuple(s) for s in run_info.shapes]
+    shapes_store = [tuple(s) for s in store_info.shapes]
+    if shapes_run != shapes_store:
+        diffs.append(f"native shapes {shapes_store} vs the run's {shapes_run}")
+    if diffs:
+        raise StoreMismatchError(
+            f"feature store {store_path} does not match the run's training store: "
+            + "; ".join(diffs),
+            "extract the images with the run's checkpoint, steps and blocks, or predict from "
+            "the image folder")
+    # Same model and layout, but features made a little differently: worth a word, no more.
+    for key in ("seed", "dtype", "precision"):
+        a, b = getattr(run_info, key, None), getattr(store_info, key, None)
+        if a != b:
+            log.warning("note: %s has %s %s, the run was trained on %s features", store_path,
+                        key, b, a)
+
+
+# -- inputs ---------------------------------------------------------------------------------
+@dataclass
+class _Item:
+    name: str
+    image: np.ndarray | None   # RGB uint8 for the overlay, None = draw on grey
+    maps: list                 # native maps in feature order
+
+
+def _is_store(path: Path) -> bool:
+    return path.is_dir() and (path / "zarr.json").is_file()
+
+
+def _find_original(images_dir: Path | None, name: str) -> Path | None:
+    if images_dir is None:
+        return None
+    for suffix in IMAGE_SUFFIXES + tuple(s.upper() for s in IMAGE_SUFFIXES):
+        candidate = images_dir / f"{name}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class _StoreSource:
+    kind = "store"
+
+    def __init__(self, path: Path, model: RunModel, images_dir: Path | None):
+        self.store = FeatureStore.open(path)
+        check_compatible(model.info, self.store.info, str(path))
+        done = self.store.complete()
+        missing = [n for n, ok in zip(self.store.names, done) if not ok]
+        if missing:
+            raise StoreError(f"feature store {path} has {len(missing)} incomplete image(s), "
+                             f"first {missing[0]!r}", "rerun `ddpmseg extract` to finish it")
+        if images_dir is not None and not images_dir.is_dir():
+            raise InputNotFoundError(f"images folder {images_dir} does not exist",
+                                     "give the folder of the original images, or leave out "
+                                     "--images to draw overlays on grey")
+        self.images_dir = images_dir
+        self.size = tuple(self.store.info.image_size)
+        self.names = list(self.store.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def items(self) -> Iterator[_Item]:
+        for i, name in enumerate(self.names):
+            original = _find_original(self.images_dir, name)
+            image = None
+            if original is not None:
+                image = load_image(original)
+            elif self.images_dir is not None:
+                log.warning("no original image for %s in %s; overlay drawn on grey", name,
+                            self.images_dir)
+            yield _Item(name, image, self.store.maps(i))
+
+
+class _ImageSource:
+    kind = "images"
+
+    def __init__(self, path: Path, model: RunModel, device: torch.device,
+                 checkpoint: str | None, resize: bool):
+        self.samples = list_samples(path)
+        self.info = model.info
+        self.size = tuple(model.info.image_size)
+        self.resize = resize
+        self.device = device
+        # Check every image's size before the (slow) backbone load and before any output.
+        for s in self.samples:
+            load_image(s.image, self.size, resize)  # raises BadInputError naming the file
+        self.checkpoint = _resolve_checkpoint(checkpoint, model)
+        fingerprint = model.info.fingerprint or {}
+        self.flags = fingerprint.get("flags") or model.config.model.preset
+        self.dtype = _TORCH_DTYPES.get(model.info.dtype, torch.float32)
+        self.precision = getattr(model.info, "precision", "fp32") or "fp32"
+        self.names = [s.name for s in self.samples]
+        self.backbone = load_backbone(self.checkpoint, self.flags, device)
+        want = fingerprint.get("sha256")
+        if want:
+            # from_checkpoint hashes the file as it loads it; hash it here only if it did not.
+            got = getattr(self.backbone, "sha256", "") or file_sha256(self.checkpoint)
+            if got != want:
+                raise StoreMismatchError(
+                    f"checkpoint {self.checkpoint} (sha256 {got[:12]}) is not the one the run "
+                    f"was trained with (sha256 {str(want)[:12]})",
+                    "pass --checkpoint with the checkpoint the run's store was extracted with")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def items(self) -> Iterator[_Item]:
+        info = self.info
+        for sample in self.samples:
+            image = load_image(sample.image, self.size, self.resize)
+            x0 = image_tensor(image)[None].to(self.device)
+            with torch.no_grad():
+                acts = self.backbone.activations(x0, list(info.steps), list(info.blocks),
+                                                 seed=info.seed, precision=self.precision)
+            maps = []
+            for (t, b), shape in zip(info.keys, info.shapes):
+                act = acts[(t, b)]
+                a = act[0] if act.dim() == 4 else act
+                if tuple(a.shape) != tuple(shape):
+                    raise StoreMismatchError(
+                        f"the backbone gives step {t} block {b} as {tuple(a.shape)}, the run "
+                        f"was trained on {tuple(shape)}", "check the checkpoint and its flags")
+                # The store's dtype: features equal those a store of the same images holds.
+                maps.append(a.detach().to(self.dtype))
+            del acts
+            yield _Item(sample.name, image, maps)
+
+
+def load_backbone(checkpoint: Path, flags, device: torch.device):
+    """The run's backbone (kept as a module-level function so tests can substitute one)."""
+    try:
+        from .backbone import Backbone
+    except ImportError as exc:
+        raise RunError(f"predicting from images needs ddpmseg.backbone ({exc})",
+                       "predict from a feature store made by `ddpmseg extract` instead") from exc
+    return Backbone.from_checkpoint(checkpoint, flags, device)
+
+
+def _resolve_checkpoint(checkpoint: str | None, model: RunModel) -> Path:
+    given = checkpoint or model.config.model.checkpoint
+    if not given:
+        raise RunError("the run records no backbone checkpoint to extract features with",
+                       "pass --checkpoint PATH (the checkpoint of the run's training store)")
+    path = Path(given).expanduser()
+    if not path.is_file() and not path.is_absolute() and model.run_dir:
+        beside = Path(model.run_dir) / path
+        if beside.is_file():
+            path = beside
+    if not path.is_file():
+        raise InputNotFoundError(f"checkpoint {path} not found",
+                                 "pass --checkpoint PATH to the run's backbone checkpoint")
+    return path
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- outputs --------------------------------------------------------------------------------
+def _write_image_outputs(out: Path, item: _Item, pred: ImagePrediction, palette: np.ndarray,
+                         model: RunModel, uncertainty: bool) -> tuple[dict, tuple]:
+    info = model.info
+    names = tuple(info.class_names) or tuple(model.config.data.class_names)
+    files = {}
+    files["npy"] = out / f"{item.name}.npy"
+    np.save(files["npy"], pred.labels)
+    files["png"] = out / f"{item.name}.png"
+    render.save_label_png(files["png"], pred.labels, palette)
+    over = render.overlay(item.image, pred.labels, palette, names, info.num_classes)
+    files["overlay"] = out / f"{item.name}_overlay.png"
+    Image.fromarray(over).save(files["overlay"])
+    if uncertainty:
+        files["entropy"] = out / f"{item.name}_entropy.npy"
+        np.save(files["entropy"], pred.entropy)
+        files["jsd"] = out / f"{item.name}_jsd.npy"
+        np.save(files["jsd"], pred.jsd)
+        files["uncertainty"] = out / f"{item.name}_uncertainty.png"
+        render.uncertainty_image(pred.entropy, pred.jsd, info.num_classes,
+                                 len(model.members)).save(files["uncertainty"])
+    row = (item.name, item.image, render.colorize(pred.labels, palette), over)
+    return {k: str(v) for k, v in files.items()}, row
+
+
+def predict(run, input, out_dir, *, vote: str | None = None, uncertainty: bool = False,
+            device: str | torch.device = "auto", tile_rows: int | None = None,
+            resize: bool = False, checkpoint: str | None = None, images: str | None = None,
+            progress: bool = True) -> dict:
+    """Predict every image of INPUT (a feature store or a folder of images) with RUN.
+
+    ``run`` is a run directory (``ddpmseg fit``'s output) or an ensemble-like object with
+    ``members``, ``info`` and ``config``. Writes into ``out_dir`` per image ``<name>.npy``
+    (uint8 labels), ``<name>.png`` (palette PNG), ``<name>_overlay.png`` and, with
+    ``uncertainty``, ``<name>_entropy.npy``, ``<name>_jsd.npy``, ``<name>_uncertainty.png``;
+    once: ``palette.json``, ``summary.png`` and ``predict.json``. ``vote`` and ``tile_rows``
+    default to the run config's [predict] values. ``images`` is a folder of the originals for
+    the overlays when INPUT is a store. Returns the summary written to predict.json, with the
+    output paths per image under "outputs".
+    """
+    started = time.perf_counter()
+    dev = resolve_device(device)
+    model = load_run(run, dev)
+    cfg = model.config
+    vote = vote or cfg.predict.vote
+    if vote not in voting.VOTES:
+        raise ConfigError(f"unknown vote {vote!r}", f"use one of {', '.join(voting.VOTES)}")
+    tile_rows = int(tile_rows or cfg.predict.tile_rows)
+    if tile_rows < 1:
+        raise ConfigError(f"tile_rows must be >= 1, got {tile_rows}", "pass --tile-rows 32")
+    if not model.members:
+        raise RunError("the run has no trained members", "run `ddpmseg fit` to train them")
+    info = model.info
+    if info.num_classes > 256:
+        raise RunError(f"the run has {info.num_classes} classes; label maps hold at most 256",
+                       "use at most 256 classes")
+
+    source_path = Path(input)
+    if not source_path.exists():
+        raise InputNotFoundError(f"input {source_path} does not exist",
+                                 "give a feature store or a folder of images")
+    images_dir = Path(images) if images else None
+    if _is_store(source_path):
+        source = _StoreSource(source_path, model, images_dir)
+    elif source_path.is_dir():
+        source = _ImageSource(source_path, model, dev, checkpoint, resize)
+    else:
+        raise BadInputError(f"input {source_path} is neither a feature store nor a folder of "
+                            "images", "give a store made by `ddpmseg extract` or an image folder")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    class_names = tuple(info.class_names) or tuple(cfg.data.class_names)
+    palette = render.make_palette(info.num_classes, info.ignore_label)
+    render.save_palette(out / "palette.json", palette, info.num_classes, info.ignore_label,
+                        class_names)
+
+    outputs: dict[str, dict] = {}
+    sheet_rows = []
+    bar = tqdm(source.items(), total=len(source), desc="predict", unit="img",
+               disable=not progress, leave=False)
+    for item in bar:
+        pred = predict_maps(model.members, item.maps, source.size, vote=vote,
+                            tile_rows=tile_rows, uncertainty=uncertainty, device=dev)
+        item.maps = None
+        files, row = _write_image_outputs(out, item, pred, palette, model, uncertainty)
+        outputs[item.name] = files
+        if len(sheet_rows) < SUMMARY_IMAGES:
+            sheet_rows.append(row)
+    bar.close()
+    summary_path = out / "summary.png"
+    if sheet_rows:
+        render.contact_sheet(sheet_rows).save(summary_path)
+
+    summary = {
+        "version": __version__,
+        "run": model.run_dir if model.run_dir is not None else None,
+        "input": str(source_path),
+        "input_kind": source.kind,
+        "out_dir": str(out),
+        "vote": vote,
+        "tile_rows": tile_rows,
+        "uncertainty": uncertainty,
+        "device": str(dev),
+        "resize": resize,
+        "images": str(images_dir) if images_dir else None,
+        "checkpoint": str(source.checkpoint) if source.kind == "images" else None,
+        "num_members": len(model.members),
+        "num_classes": info.num_classes,
+        "ignore_label": info.ignore_label,
+        "class_names": list(class_names),
+        "steps": list(info.steps),
+        "blocks": list(info.blocks),
+        "image_size": list(source.size),
+        "seed": info.seed,
+        "dtype": info.dtype,
+        "fingerprint": info.fingerprint,
+        "num_images": len(outputs),
+        "names": list(outputs),
+        "summary": str(summary_path) if sheet_rows else None,
+        "palette": str(out / "palette.json"),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    (out / "predict.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    log.info("predicted %d image(s) into %s (%.1f s)", len(outputs), out, summary["seconds"])
+    return {**summary, "outputs": outputs}

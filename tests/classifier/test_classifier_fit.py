@@ -1,0 +1,208 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from ddpmseg.classifier import fit, load_ensemble
+from ddpmseg.errors import RunError, StoreError
+from ddpmseg.featcache.store import FeatureStore
+
+
+def _weights(run):
+    ens = load_ensemble(run, "cpu")
+    return [m.state_dict() for m in ens.members]
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(
+        set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+
+def _accuracy(store, run):
+    ens = load_ensemble(run, "cpu")
+    right = total = 0
+    for i in range(len(store)):
+        lab = store.labels(i)
+        ys, xs = np.nonzero(lab != store.info.ignore_label)
+        mean = torch.stack(ens.probs(store.pixel_features(i, ys, xs))).mean(0)
+        right += int((mean.argmax(1).numpy() == lab[ys, xs]).sum())
+        total += len(ys)
+    return right / total
+
+
+def test_fit_separates_classes_and_writes_a_run(store_path, small_config, tmp_path):
+    run = fit(store_path, tmp_path / "run", small_config(ensemble=2, max_epochs=8),
+              device="cpu", progress=False)
+    assert {"config.json", "store.json", "member_00.pt", "member_01.pt", "train_log.jsonl"} <= {
+        p.name for p in run.iterdir()}
+    store = FeatureStore.open(store_path)
+    assert _accuracy(store, run) >= 0.99
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data"]["num_classes"] == 3 and cfg["classifier"]["ensemble"] == 2
+    stored = json.loads((run / "store.json").read_text())
+    assert stored["info"]["fingerprint"] == store.info.fingerprint
+    lines = [json.loads(l) for l in (run / "train_log.jsonl").read_text().splitlines()]
+    epochs = [r for r in lines if "epoch" in r]
+    assert epochs and all(r["pixels_per_s"] > 0 and r["steps"] > 0 for r in epochs)
+    assert sorted(r["member"] for r in lines if r.get("done")) == [0, 1]
+    ens = load_ensemble(run, "cpu")
+    assert len(ens.members) == 2 and not any(m.training for m in ens.members)
+    assert ens.info.steps == store.info.steps and ens.info.shapes == store.info.shapes
+    x = np.zeros((5, store.info.feature_dim), np.float16)
+    logits, probs = ens.logits(x), ens.probs(x)
+    assert len(logits) == 2 and logits[0].shape == (5, 3)
+    assert torch.allclose(probs[1].sum(1), torch.ones(5))
+    # A finished run is not retrained.
+    mtime = (run / "member_00.pt").stat().st_mtime_ns
+    fit(store_path, run, small_config(ensemble=2, max_epochs=8), device="cpu", progress=False)
+    assert (run / "member_00.pt").stat().st_mtime_ns == mtime
+
+
+def test_etf_modes(store_path, small_config, tmp_path):
+    runs = {mode: fit(store_path, tmp_path / mode, small_config(ensemble=1, etf=mode),
+                      device="cpu", progress=False) for mode in ("none", "shared", "separate")}
+    w = {mode: _weights(run)[0] for mode, run in runs.items()}
+    # shared: the ETF loss reads the classifier's own penultimate features -> other weights.
+    assert not torch.equal(w["shared"]["layers.0.weight"], w["none"]["layers.0.weight"])
+    # separate (the seed's variant): its own trunk, nothing shared -> the same classifier.
+    assert _same([w["separate"]], [w["none"]])
+    x = FeatureStore.open(store_path).pixel_features(0, np.arange(32), np.arange(32))
+    a = load_ensemble(runs["separate"], "cpu").logits(x)[0]
+    b = load_ensemble(runs["none"], "cpu").logits(x)[0]
+    assert torch.equal(a, b)
+
+
+def test_streaming_and_in_memory_fit_the_same_ensemble(store_path, small_config, tmp_path):
+    cfg = small_config(ensemble=1, max_epochs=3)
+    a = fit(store_path, tmp_path / "stream", cfg, device="cpu", progress=False)
+    b = fit(store_path, tmp_path / "memory", cfg, device="cpu", in_memory=True, progress=False)
+    assert _same(_weights(a), _weights(b))
+    # With a budget of two images: one-image chunks, double-buffered, loaded in the background.
+    cfg = small_config(ensemble=1, max_epochs=3, ram_budget_gb=1.5e-5)
+    c = fit(store_path, tmp_path / "stream2", cfg, device="cpu", progress=False)
+    d = fit(store_path, tmp_path / "memory2", cfg, device="cpu", in_memory=True, progress=False)
+    meta = torch.load(c / "member_00.pt", weights_only=True)["meta"]
+    assert meta["shuffle_images"] == 1
+    assert _same(_weights(c), _weights(d))
+
+
+_KILL_SCRIPT = """
+import sys
+from ddpmseg.classifier import fit
+from ddpmseg.config import ClassifierConfig, Config
+cfg = Config(classifier=ClassifierConfig(ensemble=3, max_epochs=6, min_epochs=3, patience=1000))
+fit(sys.argv[1], sys.argv[2], cfg, device="cpu", progress=False)
+"""
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(store_path, tmp_path):
+    from ddpmseg.config import ClassifierConfig, Config
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(store_path), str(run)])
+    try:
+        deadline = time.time() + 120
+        while not (run / "member_00.pt").exists():
+            assert proc.poll() is None, "fit exited before member 0 was written"
+            assert time.time() < deadline
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run / "member_02.pt").exists()  # the kill really interrupted the fit
+    cfg = Config(classifier=ClassifierConfig(ensemble=3, max_epochs=6, min_epochs=3, patience=1000))
+    fit(store_path, run, cfg, device="cpu", progress=False)
+    whole = fit(store_path, tmp_path / "whole", cfg, device="cpu", progress=False)
+    assert _same(_weights(run), _weights(whole))
+    assert not list(run.glob(".*tmp"))
+    log = (run / "train_log.jsonl").read_text()
+    assert '"event": "resume"' in log
+
+
+def test_refuses_a_run_dir_of_another_store(store_path, small_config, make_store, tmp_path):
+    cfg = small_config(ensemble=1, max_epochs=1)
+    run = fit(store_path, tmp_path / "run", cfg, device="cpu", progress=False)
+    other = make_store(tmp_path / "other.zarr", steps=(10, 30), fingerprint={"sha256": "0" * 64})
+    with pytest.raises(RunError) as err:
+        fit(other, run, cfg, device="cpu", progress=False)
+    msg = str(err.value)
+    assert "another store" in msg and "steps" in msg and "fingerprint" in msg
+    assert "--overwrite" in msg and "new run dir" in msg
+    # Other classifier settings on top of trained members are refused too...
+    with pytest.raises(RunError, match="lr"):
+        fit(store_path, run, small_config(ensemble=2, max_epochs=1, lr=0.01), device="cpu",
+            progress=False)
+    # ...and --overwrite (resume=False) starts over.
+    fit(other, run, cfg, device="cpu", resume=False, progress=False)
+    assert load_ensemble(run, "cpu").info.steps == (10, 30)
+
+
+def test_refuses_stores_without_labels_or_unfinished(make_store, small_config, tmp_path):
+    cfg = small_config(ensemble=1, max_epochs=1)
+    nolab = make_store(tmp_path / "nolab.zarr", labels=False)
+    with pytest.raises(StoreError, match="no labels"):
+        fit(nolab, tmp_path / "r1", cfg, device="cpu", progress=False)
+    partial = make_store(tmp_path / "partial.zarr", complete=False)
+    with pytest.raises(StoreError, match="extract"):
+        fit(partial.path, tmp_path / "r2", cfg, device="cpu", progress=False)
+
+
+def test_load_ensemble_of_an_unfinished_run(store_path, small_config, tmp_path):
+    run = fit(store_path, tmp_path / "run", small_config(ensemble=2, max_epochs=1),
+              device="cpu", progress=False)
+    (run / "member_01.pt").unlink()
+    with pytest.raises(RunError, match="not trained"):
+        load_ensemble(run, "cpu")
+    with pytest.raises(RunError, match="not a ddpmseg run"):
+        load_ensemble(tmp_path, "cpu")
+
+
+def test_dask_members_equal_sequential(store_path, small_config, tmp_path):
+    pytest.importorskip("distributed")
+    cfg = small_config(ensemble=2, max_epochs=2)
+    seq = fit(store_path, tmp_path / "seq", cfg, device="cpu", progress=False)
+    par = fit(store_path, tmp_path / "par", cfg, device="cpu", progress=False,
+              scheduler="local:2")
+    assert _same(_weights(seq), _weights(par))
+    done = [json.loads(l) for l in (par / "train_log.jsonl").read_text().splitlines()]
+    assert sorted(r["member"] for r in done if r.get("done")) == [0, 1]
+
+
+def test_bad_scheduler_is_a_config_error(store_path, small_config, tmp_path):
+    from ddpmseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="scheduler"):
+        fit(store_path, tmp_path / "run", small_config(ensemble=1, max_epochs=1), device="cpu",
+            progress=False, scheduler="bogus")
+
+
+def test_bad_classifier_settings_are_config_errors(store_path, small_config, tmp_path):
+    from ddpmseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="etf"):
+        fit(store_path, tmp_path / "run", small_config(etf="both"), device="cpu", progress=False)
+    with pytest.raises(ConfigError, match="batch_size"):
+        fit(store_path, tmp_path / "run", small_config(batch_size=1), device="cpu",
+            progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_on_the_gpu(store_path, small_config, tmp_path):
+    cfg = small_config(ensemble=1, max_epochs=3)
+    gpu = fit(store_path, tmp_path / "gpu", cfg, device="cuda", progress=False)
+    mem = fit(store_path, tmp_path / "gpu_mem", cfg, device="cuda", in_memory=True,
+              progress=False)
+    store = FeatureStore.open(store_path)
+    assert _accuracy(store, gpu) >= 0.95
+    ens = load_ensemble(gpu, "cuda")
+    assert ens.members[0].layers[0].weight.is_cuda
+    # Streaming (pool on the GPU) and in-memory (rows moved per batch) agree there too.
+    a, b = _weights(gpu), _weights(mem)
+    assert all(torch.allclose(a[0][k].float(), b[0][k].float(), atol=1e-4) for k in a[0])

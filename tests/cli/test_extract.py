@@ -1,0 +1,114 @@
+"""``ddpmseg extract`` through click's CliRunner, with the tiny64 fixture model."""
+
+import logging
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from ddpmseg.cli.main import cli
+from ddpmseg.featcache import FeatureStore
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    # The CLI points the root logger at the runner's stream, closed after each invoke.
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture
+def data_dir(tmp_path, shared_dir):
+    """Three real ffhq_34 images and masks downscaled to 64x64."""
+    src = sorted((shared_dir / "data" / "ffhq_34" / "real" / "train").glob("*.png"))[:3]
+    if len(src) < 3:
+        pytest.skip("ffhq_34 train images are absent")
+    out = tmp_path / "data"
+    out.mkdir()
+    for p in src:
+        with Image.open(p) as im:
+            im.convert("RGB").resize((64, 64), Image.BILINEAR).save(out / p.name)
+        mask = Image.fromarray(np.load(p.with_suffix(".npy"))).resize((64, 64), Image.NEAREST)
+        mask.save(out / f"{p.stem}_mask.png")
+    return out
+
+
+@pytest.fixture
+def config_toml(tmp_path, fixtures_dir):
+    path = tmp_path / "tiny.toml"
+    path.write_text(f"""
+[data]
+name = "faces"
+num_classes = 34
+ignore_label = 255
+
+[model]
+preset = "tiny64_cosine"
+checkpoint = "{fixtures_dir / 'adm_tiny64_cosine.pt'}"
+
+[features]
+steps = [10, 400]
+blocks = [2, 5, 8, 11]
+""")
+    return path
+
+
+def test_extract_command(tmp_path, data_dir, config_toml):
+    store_path = tmp_path / "s.zarr"
+    result = CliRunner().invoke(cli, ["extract", str(data_dir), str(store_path), "--config",
+                                      str(config_toml), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "3 images" in result.output and "640 dims" in result.output
+    store = FeatureStore.open(store_path)
+    assert store.complete().all() and store.info.has_labels
+    assert store.info.steps == (10, 400) and store.info.dtype == "float16"
+    assert store.config["data"]["name"] == "faces"
+    assert store.config["model"]["preset"] == "tiny64_cosine"
+    assert store.labels(0).shape == (64, 64)
+
+
+def test_options_override_the_config(tmp_path, data_dir, config_toml):
+    store_path = tmp_path / "s.zarr"
+    result = CliRunner().invoke(cli, [
+        "extract", str(data_dir), str(store_path), "--config", str(config_toml),
+        "--steps", "10", "--blocks", "2,8", "--dtype", "bfloat16", "--seed", "3",
+        "--batch-size", "2", "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    info = FeatureStore.open(store_path).info
+    assert (info.steps, info.blocks, info.dtype, info.seed) == ((10,), (2, 8), "bfloat16", 3)
+    assert FeatureStore.open(store_path).config["features"]["batch_size"] == 2
+    # Rerun with other steps: refused, naming them, one line, no traceback.
+    again = CliRunner().invoke(cli, ["extract", str(data_dir), str(store_path), "--config",
+                                     str(config_toml), "--no-progress"])
+    assert again.exit_code != 0
+    assert "error:" in again.output and "steps" in again.output and "--overwrite" in again.output
+    assert "Traceback" not in again.output
+
+
+def test_wrong_path_is_a_one_line_error(tmp_path, config_toml):
+    result = CliRunner().invoke(cli, ["extract", str(tmp_path / "nope"), str(tmp_path / "s.zarr"),
+                                      "--config", str(config_toml), "--no-progress"])
+    assert result.exit_code != 0
+    assert "error:" in result.output and "nope" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_bad_options_are_usage_errors(tmp_path, data_dir, config_toml):
+    result = CliRunner().invoke(cli, ["extract", str(data_dir), str(tmp_path / "s.zarr"),
+                                      "--config", str(config_toml), "--steps", "10,x"])
+    assert result.exit_code == 2 and "--steps" in result.output
+    result = CliRunner().invoke(cli, ["extract", str(data_dir), str(tmp_path / "s.zarr"),
+                                      "--dtype", "int8"])
+    assert result.exit_code == 2
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_help_has_an_example():
+    result = CliRunner().invoke(cli, ["extract", "--help"])
+    assert result.exit_code == 0
+    assert "ddpmseg extract data/" in result.output and "--scheduler" in result.output

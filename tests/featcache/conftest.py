@@ -1,0 +1,151 @@
+"""Fixtures of the feature-store tests: small real data, the tiny64 fixture model, a fake model."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpmseg.config import Config
+
+TINY64_STEPS = (10, 400)
+TINY64_BLOCKS = (2, 5, 8, 11)
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under root (relative path -> bytes)."""
+    return {str(p.relative_to(root)): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def make_folder(dest: Path, images: list[np.ndarray], masks: list[np.ndarray | None],
+                names: list[str] | None = None) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    names = names or [f"img{k:03d}" for k in range(len(images))]
+    for name, im, mask in zip(names, images, masks):
+        Image.fromarray(im).save(dest / f"{name}.png")
+        if mask is not None:
+            np.save(dest / f"{name}.npy", mask)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny64_ckpt(fixtures_dir) -> Path:
+    return fixtures_dir / "adm_tiny64_cosine.pt"
+
+
+@pytest.fixture(scope="session")
+def tiny64(tiny64_ckpt):
+    from ddpmseg.backbone import Backbone
+
+    return Backbone.from_checkpoint(tiny64_ckpt, "tiny64_cosine", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def faces(shared_dir) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Six real ffhq_34 training images and masks at 64x64 (bilinear / nearest)."""
+    folder = shared_dir / "data" / "ffhq_34" / "real" / "train"
+    paths = sorted(folder.glob("*.png"))[:6]
+    if len(paths) < 6:
+        pytest.skip(f"{folder} has fewer than 6 images")
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            image = np.asarray(im.convert("RGB").resize((64, 64), Image.BILINEAR)).copy()
+        mask = np.load(p.with_suffix(".npy"))
+        mask = np.asarray(Image.fromarray(mask).resize((64, 64), Image.NEAREST)).copy()
+        out.append((p.stem, image, mask))
+    return out
+
+
+@pytest.fixture
+def faces_dir(tmp_path, faces) -> Path:
+    """A data folder of the first four faces (png + npy)."""
+    sel = faces[:4]
+    return make_folder(tmp_path / "data", [f[1] for f in sel], [f[2] for f in sel],
+                       [f[0] for f in sel])
+
+
+@pytest.fixture
+def tiny_config(tiny64_ckpt) -> Config:
+    return Config().with_overrides(
+        data={"num_classes": 34, "ignore_label": 255},
+        model={"preset": "tiny64_cosine", "checkpoint": str(tiny64_ckpt)},
+        features={"steps": TINY64_STEPS, "blocks": TINY64_BLOCKS})
+
+
+class FakeBackbone:
+    """Deterministic stand-in for ddpmseg.backbone.Backbone (no model): activations are
+    smooth functions of the image, times ``scale``; for overflow and store-only tests."""
+
+    def __init__(self, scale: float = 1.0, image_size: int = 32, tag: str = "fake"):
+        from ddpmseg.backbone import ModelFlags
+
+        base = ModelFlags.resolve("tiny64_cosine").to_dict()
+        self.flags = ModelFlags.from_dict({**base, "image_size": image_size,
+                                           "channel_mult": "1,2,2"})
+        self.scale = scale
+        self.sha256 = hashlib.sha256(tag.encode()).hexdigest()
+        self.device = torch.device("cpu")
+        self.calls = 0
+
+    def fingerprint(self) -> dict:
+        return {"sha256": self.sha256, "flags": self.flags.to_dict()}
+
+    def block_shapes(self, blocks):
+        s = self.flags.image_size
+        return {b: (4 + b, s // 2 ** (b % 3), s // 2 ** (b % 3)) for b in blocks}
+
+    def activations(self, x0, steps, blocks, noise=None, seed=0, *, precision="fp32", **kw):
+        self.calls += 1
+        shapes = self.block_shapes(blocks)
+        out = {}
+        for t in steps:
+            for b in blocks:
+                c, h, w = shapes[b]
+                small = torch.nn.functional.adaptive_avg_pool2d(x0.float(), (h, w))
+                chans = [small[:, k % 3] * (k + 1) + t / 1000 + b for k in range(c)]
+                out[(t, b)] = torch.stack(chans, dim=1) * self.scale
+        return out
+
+
+@pytest.fixture
+def fake_backbone():
+    return FakeBackbone
+
+
+@pytest.fixture
+def synthetic_dir(tmp_path) -> Path:
+    """Four random 32x32 images with 3-class masks (no ../shared needed)."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(4)]
+    masks = []
+    for _ in range(4):
+        m = np.zeros((32, 32), np.uint8)
+        m[8:24, 8:24] = 1
+        m[:4, :] = 2
+        masks.append(m)
+    return make_folder(tmp_path / "synthetic", images, masks)
+
+
+@pytest.fixture
+def fake_config() -> Config:
+    return Config().with_overrides(data={"num_classes": 3, "ignore_label": 255},
+                                   features={"steps": (5, 50), "blocks": (1, 2)})
+
+
+@pytest.fixture
+def helpers():
+    """The plain helper functions of this conftest (conftest modules are not importable)."""
+
+    class H:
+        pass
+
+    H.tree_bytes = staticmethod(tree_bytes)
+    H.make_folder = staticmethod(make_folder)
+    H.FakeBackbone = FakeBackbone
+    return H

@@ -1,0 +1,297 @@
+"""Tiled prediction: exactness against untiled and dense prediction, outputs, input checks, and
+prediction from an image folder against prediction from a store of the same images."""
+
+import importlib
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from ddpmseg.config import Config, ModelConfig
+from ddpmseg.errors import BadInputError, ConfigError, StoreMismatchError
+from ddpmseg.featcache.store import FeatureStore, StoreInfo
+from ddpmseg.featcache import pixels
+from ddpmseg.predict import RunModel, TileFeatures, check_compatible, predict, predict_maps
+from ddpmseg.voting import vote as vote_fn
+
+# `ddpmseg.predict` may be re-exported as a function by the package; the module is this.
+predict_module = importlib.import_module("ddpmseg.predict")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: one intra-op thread is faster, and immune to a busy machine's load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+STEPS, BLOCKS = (5, 50), (3, 7)
+SHAPES = ((6, 5, 6), (4, 10, 12), (6, 5, 6), (4, 10, 12))  # (C, h, w) per (step, block)
+SIZE = (20, 24)  # (H, W): non-square, and 20 is divisible by neither 3 nor 7
+NUM_CLASSES = 5
+
+
+def make_info(n=2, **kw) -> StoreInfo:
+    fields = dict(steps=STEPS, blocks=BLOCKS, shapes=SHAPES, image_size=SIZE, num_images=n,
+                  names=tuple(f"img{i}" for i in range(n)), num_classes=NUM_CLASSES,
+                  ignore_label=255, class_names=("bg", "a", "b", "c", "d"), has_labels=False,
+                  dtype="float32", fingerprint={"sha256": "abc", "flags": {"image_size": 24}})
+    fields.update(kw)
+    return StoreInfo(**fields)
+
+
+def make_maps(seed, shapes=SHAPES):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=g) for s in shapes]
+
+
+def make_store(path, n=2, **kw):
+    info = make_info(n, **kw)
+    store = FeatureStore.create(path, info)
+    for i in range(n):
+        store.write_image(i, make_maps(100 + i, info.shapes))
+    return FeatureStore.open(path)
+
+
+def make_members(k=3, dim=20, seed=0):
+    torch.manual_seed(seed)
+    members = []
+    for _ in range(k):
+        m = nn.Sequential(nn.Linear(dim, 16), nn.ReLU(), nn.BatchNorm1d(16), nn.Linear(16, NUM_CLASSES))
+        m[2].running_mean.normal_()
+        m[2].running_var.uniform_(0.5, 2.0)
+        members.append(m.eval())
+    return members
+
+
+@pytest.fixture
+def run_model():
+    return RunModel(make_members(), make_info(), Config())
+
+
+def dense_reference(members, maps, size, method):
+    """The reference's way: every map upsampled to the full image, concatenated, all pixels."""
+    ups = [F.interpolate(m[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+           for m in maps]
+    feats = torch.cat(ups).reshape(sum(m.shape[0] for m in maps), -1).T
+    with torch.no_grad():
+        logits = torch.stack([m(feats) for m in members])
+    return vote_fn(logits, method).reshape(size).numpy().astype(np.uint8)
+
+
+def test_tile_features_are_the_reference_features():
+    # Upsampled maps, a map at the image's own size and one larger than the image.
+    shapes = SHAPES + ((3, 20, 24), (2, 40, 30))
+    maps = [m.half() for m in make_maps(3, shapes)]
+    tiles = TileFeatures(maps, SIZE)
+    full = torch.cat([F.interpolate(m[None].float(), size=SIZE, mode="bilinear",
+                                    align_corners=False)[0] for m in maps])
+    for y0, y1 in ((0, 20), (0, 3), (3, 10), (19, 20)):
+        got = tiles.rows(y0, y1).T
+        torch.testing.assert_close(got, pixels.dense_rows(maps, SIZE, y0, y1), rtol=1e-5,
+                                   atol=1e-5)
+        want = full[:, y0:y1].reshape(full.shape[0], -1).T
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["soft", "log", "hard"])
+def test_tiled_equals_untiled_and_dense(method):
+    members = make_members()
+    maps = make_maps(7)
+    full = predict_maps(members, maps, SIZE, vote=method, tile_rows=SIZE[0], uncertainty=True)
+    for rows in (1, 3, 7, 19, 64):
+        tiled = predict_maps(members, maps, SIZE, vote=method, tile_rows=rows, uncertainty=True)
+        assert np.array_equal(tiled.labels, full.labels), rows
+        np.testing.assert_allclose(tiled.entropy, full.entropy, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(tiled.jsd, full.jsd, rtol=0, atol=1e-6)
+    assert full.labels.dtype == np.uint8 and full.labels.shape == SIZE
+    assert len(np.unique(full.labels)) > 1  # a meaningful comparison
+    assert np.array_equal(full.labels, dense_reference(members, maps, SIZE, method))
+
+
+def test_predict_store_outputs(tmp_path, run_model):
+    store = make_store(tmp_path / "s.zarr")
+    images = tmp_path / "orig"
+    images.mkdir()
+    Image.fromarray(np.full((*SIZE, 3), 200, np.uint8)).save(images / "img0.png")
+    res = predict(run_model, tmp_path / "s.zarr", tmp_path / "out", uncertainty=True,
+                  tile_rows=7, device="cpu", images=images, progress=False)
+    out = tmp_path / "out"
+    assert res["names"] == ["img0", "img1"] and res["input_kind"] == "store"
+    for i, name in enumerate(store.names):
+        labels = np.load(out / f"{name}.npy")
+        assert labels.dtype == np.uint8 and labels.shape == SIZE
+        expect = predict_maps(run_model.members, store.maps(i), SIZE, tile_rows=SIZE[0])
+        assert np.array_equal(labels, expect.labels)
+        with Image.open(out / f"{name}.png") as im:
+            assert im.mode == "P"
+            assert np.array_equal(np.asarray(im), labels)
+        with Image.open(out / f"{name}_overlay.png") as im:
+            assert im.mode == "RGB" and im.size == (SIZE[1], SIZE[0])
+        ent = np.load(out / f"{name}_entropy.npy")
+        jsd = np.load(out / f"{name}_jsd.npy")
+        assert ent.shape == SIZE and jsd.shape == SIZE and ent.dtype == np.float32
+        assert np.all(ent >= 0) and np.all(ent <= np.log(NUM_CLASSES) + 1e-5)
+        assert np.all(jsd >= 0) and np.all(jsd <= ent + 1e-5)
+        assert (out / f"{name}_uncertainty.png").is_file()
+    palette = json.loads((out / "palette.json").read_text())
+    assert palette["classes"][1]["name"] == "a"
+    settings = json.loads((out / "predict.json").read_text())
+    assert settings["vote"] == "soft" and settings["tile_rows"] == 7
+    assert settings["num_members"] == 3 and settings["images"] == str(images)
+    with Image.open(out / "summary.png") as im:
+        assert im.mode == "RGB"
+    # img0's overlay is drawn on its original (light grey 200), img1's on mid grey 128.
+    with Image.open(out / "img0_overlay.png") as a, Image.open(out / "img1_overlay.png") as b:
+        assert np.asarray(a)[-1].mean() > np.asarray(b)[-1].mean()
+
+
+def test_vote_and_tile_rows_default_to_run_config(tmp_path):
+    cfg = Config().with_overrides(predict={"vote": "hard", "tile_rows": 3})
+    model = RunModel(make_members(), make_info(), cfg)
+    make_store(tmp_path / "s.zarr")
+    res = predict(model, tmp_path / "s.zarr", tmp_path / "out", device="cpu", progress=False)
+    assert res["vote"] == "hard" and res["tile_rows"] == 3
+    with pytest.raises(ConfigError):
+        predict(model, tmp_path / "s.zarr", tmp_path / "out", vote="mean", progress=False)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"fingerprint": {"sha256": "other", "flags": {"image_size": 24}}}, "sha256"),
+    ({"fingerprint": {"sha256": "abc", "flags": {"image_size": 32}}}, "image_size"),
+    ({"steps": (5, 60)}, "steps"),
+    ({"blocks": (3, 8)}, "blocks"),
+    ({"shapes": ((6, 5, 6), (4, 10, 12), (6, 5, 6), (5, 10, 12))}, "shapes"),
+])
+def test_store_mismatch_says_what_differs(tmp_path, run_model, change, words):
+    make_store(tmp_path / "s.zarr", **change)
+    with pytest.raises(StoreMismatchError, match=words):
+        predict(run_model, tmp_path / "s.zarr", tmp_path / "out", device="cpu", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_compatible_accepts_equal():
+    check_compatible(make_info(), make_info(n=5, names=tuple("abcde")))
+
+
+def test_image_folder_wrong_size_names_the_file(tmp_path, run_model):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.zeros((*SIZE, 3), np.uint8)).save(folder / "good.png")
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(folder / "small.png")
+    with pytest.raises(BadInputError, match=r"small\.png.*--resize"):
+        predict(run_model, folder, tmp_path / "out", device="cpu", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+class FakeBackbone:
+    """Deterministic 'activations': pooled, channel-mixed images at each map's shape."""
+
+    sha256 = "abc"
+
+    def activations(self, x0, steps, blocks, seed=0, precision="fp32"):
+        out = {}
+        for k, ((t, b), (c, h, w)) in enumerate(zip([(t, b) for t in steps for b in blocks],
+                                                    SHAPES)):
+            pooled = F.adaptive_avg_pool2d(x0, (h, w))
+            mix = torch.Generator().manual_seed(k)
+            weight = torch.randn(c, 3, generator=mix)
+            out[(t, b)] = torch.einsum("ck,bkhw->bchw", weight, pooled) + t / 100
+        return out
+
+
+def test_image_folder_path_with_a_substitute_backbone(tmp_path, monkeypatch):
+    """The image-folder path (resize, tiling, outputs) without the real backbone."""
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"weights")
+    cfg = Config(model=ModelConfig(checkpoint=str(ckpt)))
+    model = RunModel(make_members(), make_info(), cfg)
+    monkeypatch.setattr(predict_module, "load_backbone", lambda *a: FakeBackbone())
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (*SIZE, 3)).astype(np.uint8)).save(folder / "p.png")
+    Image.fromarray(rng.integers(0, 256, (40, 30, 3)).astype(np.uint8)).save(folder / "q.jpg")
+    res = predict(model, folder, tmp_path / "out", resize=True, tile_rows=6, device="cpu",
+                  progress=False)
+    assert res["input_kind"] == "images" and res["names"] == ["p", "q"]
+    assert np.load(tmp_path / "out" / "q.npy").shape == SIZE
+    with Image.open(tmp_path / "out" / "q_overlay.png") as im:
+        assert im.size == (SIZE[1], SIZE[0])
+    # A checkpoint other than the run's is refused.
+    monkeypatch.setattr(FakeBackbone, "sha256", "zzz")
+    with pytest.raises(StoreMismatchError, match="sha256"):
+        predict(model, folder, tmp_path / "out2", resize=True, device="cpu", progress=False)
+
+
+def test_image_folder_equals_store_with_real_backbone(tmp_path, fixtures_dir):
+    """Features extracted on the fly give the same predictions as a store of the same images
+    (made by `extract` when it is available, else by hand from the backbone's activations)."""
+    backbone = pytest.importorskip("ddpmseg.backbone")
+    if not hasattr(backbone, "Backbone"):
+        pytest.skip("ddpmseg.backbone has no Backbone yet")
+    ckpt = fixtures_dir / "adm_tiny64_cosine.pt"
+    meta = json.loads((fixtures_dir / "adm_tiny64_cosine.json").read_text())
+    steps, blocks = tuple(meta["steps"]), tuple(meta["blocks"])
+    bb = backbone.Backbone.from_checkpoint(ckpt, meta["model_flags"], "cpu")
+    size = (64, 64)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    names = ["a", "b"]
+    for name in names:
+        img = rng.integers(0, 256, (*size, 3)).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"{name}.png")
+    store_path = tmp_path / "s.zarr"
+    try:
+        from ddpmseg.featcache import extract
+    except ImportError:
+        extract = None
+    if extract is not None:
+        cfg = Config().with_overrides(
+            data={"num_classes": NUM_CLASSES},
+            features={"steps": steps, "blocks": blocks, "dtype": "float32"})
+        store = extract(folder, store_path, cfg, backbone=bb, device="cpu", progress=False)
+        info = store.info
+    else:
+        all_maps = []
+        for name in names:
+            img = np.asarray(Image.open(folder / f"{name}.png"))
+            x0 = torch.from_numpy(img).permute(2, 0, 1).contiguous().float().div(127.5).sub(1)
+            acts = bb.activations(x0[None], steps, blocks, seed=0)
+            all_maps.append([acts[(t, b)][0] for t in steps for b in blocks])
+        info = StoreInfo(steps=steps, blocks=blocks,
+                         shapes=tuple(tuple(m.shape) for m in all_maps[0]), image_size=size,
+                         num_images=2, names=tuple(names), num_classes=NUM_CLASSES,
+                         ignore_label=255, has_labels=False, dtype="float32",
+                         fingerprint=bb.fingerprint())
+        store = FeatureStore.create(store_path, info)
+        for i, maps in enumerate(all_maps):
+            store.write_image(i, maps)
+    members = make_members(dim=info.feature_dim, seed=1)
+    # Batch-norm statistics from these features, so that the members' predictions vary.
+    sample = FeatureStore.open(store_path).dense_rows(0, 0, size[0])
+    with torch.no_grad():
+        for m in members:
+            m[2].momentum = None
+            m[2].reset_running_stats()
+            m.train()(sample)
+            m.eval()
+    model = RunModel(members, info, Config(model=ModelConfig(checkpoint=str(ckpt))))
+    from_store = predict(model, store_path, tmp_path / "o1", device="cpu", tile_rows=16,
+                         uncertainty=True, progress=False)
+    from_images = predict(model, folder, tmp_path / "o2", device="cpu", tile_rows=16,
+                          uncertainty=True, progress=False)
+    assert from_store["names"] == from_images["names"] == names
+    for name in names:
+        a = np.load(tmp_path / "o1" / f"{name}.npy")
+        b = np.load(tmp_path / "o2" / f"{name}.npy")
+        assert np.array_equal(a, b)
+        assert np.array_equal(np.load(tmp_path / "o1" / f"{name}_entropy.npy"),
+                              np.load(tmp_path / "o2" / f"{name}_entropy.npy"))
+    assert len(np.unique(np.load(tmp_path / "o1" / "a.npy"))) > 1
