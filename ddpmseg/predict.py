@@ -44,6 +44,8 @@ __all__ = ["predict", "predict_maps", "TileFeatures", "ImagePrediction", "RunMod
 
 # Rows of the contact sheet summary.png.
 SUMMARY_IMAGES = 8
+# Overlays of small images are enlarged so their legend can be read.
+OVERLAY_MIN_SIDE = 256
 
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -388,7 +390,8 @@ def _write_image_outputs(out: Path, item: _Item, pred: ImagePrediction, palette:
     np.save(files["npy"], pred.labels)
     files["png"] = out / f"{item.name}.png"
     render.save_label_png(files["png"], pred.labels, palette)
-    over = render.overlay(item.image, pred.labels, palette, names, info.num_classes)
+    over = render.overlay(item.image, pred.labels, palette, names, info.num_classes,
+                          min_side=OVERLAY_MIN_SIDE)
     files["overlay"] = out / f"{item.name}_overlay.png"
     Image.fromarray(over).save(files["overlay"])
     if uncertainty:

@@ -124,9 +124,13 @@ def draw_legend(im: Image.Image, entries: Sequence[tuple[str, tuple[int, int, in
 
 def overlay(image: np.ndarray | None, labels: np.ndarray, palette: np.ndarray,
             class_names: Sequence[str] = (), num_classes: int | None = None,
-            alpha: float = 0.5, legend: bool = True) -> np.ndarray:
+            alpha: float = 0.5, legend: bool = True, min_side: int = 0) -> np.ndarray:
     """uint8 (H, W, 3): the colour mask blended over ``image`` (grey when None), with a legend
-    of the classes present, largest first."""
+    of the classes present, largest first. ``min_side``: a smaller mask is enlarged by a whole
+    factor first (labels nearest, image bilinear), so a 64px result stays legible."""
+    if min_side and min(labels.shape) < min_side:
+        factor = -(-min_side // min(labels.shape))
+        labels = labels.repeat(factor, axis=0).repeat(factor, axis=1)
     height, width = labels.shape
     if image is None:
         image = np.full((height, width, 3), GREY_RGB, dtype=np.uint8)

@@ -33,6 +33,7 @@ def one_thread():
 STEPS, BLOCKS = (5, 50), (3, 7)
 SHAPES = ((6, 5, 6), (4, 10, 12), (6, 5, 6), (4, 10, 12))  # (C, h, w) per (step, block)
 SIZE = (20, 24)  # (H, W): non-square, and 20 is divisible by neither 3 nor 7
+OVERLAY_SCALE = 13  # overlays are enlarged to at least 256 px: ceil(256 / 20)
 NUM_CLASSES = 5
 
 
@@ -132,7 +133,7 @@ def test_predict_store_outputs(tmp_path, run_model):
             assert im.mode == "P"
             assert np.array_equal(np.asarray(im), labels)
         with Image.open(out / f"{name}_overlay.png") as im:
-            assert im.mode == "RGB" and im.size == (SIZE[1], SIZE[0])
+            assert im.mode == "RGB" and im.size == (SIZE[1] * OVERLAY_SCALE, SIZE[0] * OVERLAY_SCALE)
         ent = np.load(out / f"{name}_entropy.npy")
         jsd = np.load(out / f"{name}_jsd.npy")
         assert ent.shape == SIZE and jsd.shape == SIZE and ent.dtype == np.float32
@@ -222,7 +223,7 @@ def test_image_folder_path_with_a_substitute_backbone(tmp_path, monkeypatch):
     assert res["input_kind"] == "images" and res["names"] == ["p", "q"]
     assert np.load(tmp_path / "out" / "q.npy").shape == SIZE
     with Image.open(tmp_path / "out" / "q_overlay.png") as im:
-        assert im.size == (SIZE[1], SIZE[0])
+        assert im.size == (SIZE[1] * OVERLAY_SCALE, SIZE[0] * OVERLAY_SCALE)
     # A checkpoint other than the run's is refused.
     monkeypatch.setattr(FakeBackbone, "sha256", "zzz")
     with pytest.raises(StoreMismatchError, match="sha256"):

@@ -55,6 +55,14 @@ def test_overlay_resizes_a_differently_sized_image():
     assert out.shape == (20, 30, 3)
 
 
+def test_overlay_enlarges_small_masks_by_a_whole_factor():
+    labels = np.array([[0, 1], [1, 0]], np.uint8)
+    out = render.overlay(None, labels, render.make_palette(2), legend=False, min_side=5)
+    assert out.shape == (6, 6, 3)
+    small = render.overlay(None, labels, render.make_palette(2), legend=False)
+    assert np.array_equal(out[::3, ::3], small)
+
+
 def test_heatmap_monotone_brightness():
     values = np.linspace(0, 1, 11)[None, :]
     rgb = render.heatmap(values, 1.0).astype(int)
