@@ -22,13 +22,7 @@ from ddpmseg.voting import vote as vote_fn
 predict_module = importlib.import_module("ddpmseg.predict")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread is faster, and immune to a busy machine's load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS, BLOCKS = (5, 50), (3, 7)
 SHAPES = ((6, 5, 6), (4, 10, 12), (6, 5, 6), (4, 10, 12))  # (C, h, w) per (step, block)

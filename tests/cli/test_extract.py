@@ -1,6 +1,5 @@
 """``ddpmseg extract`` through click's CliRunner, with the tiny64 fixture model."""
 
-import logging
 
 import numpy as np
 import pytest
@@ -9,16 +8,6 @@ from PIL import Image
 
 from ddpmseg.cli.main import cli
 from ddpmseg.featcache import FeatureStore
-
-
-@pytest.fixture(autouse=True)
-def restore_logging():
-    # The CLI points the root logger at the runner's stream, closed after each invoke.
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture

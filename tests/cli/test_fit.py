@@ -1,7 +1,6 @@
 """``ddpmseg fit`` through click's CliRunner on a tiny synthetic store."""
 
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -9,15 +8,6 @@ from click.testing import CliRunner
 
 from ddpmseg.cli.main import cli
 from ddpmseg.featcache.store import FeatureStore, StoreInfo
-
-
-@pytest.fixture(autouse=True)
-def restore_logging():
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture

@@ -16,13 +16,7 @@ from ddpmseg.featcache.store import FeatureStore, StoreInfo
 predict_module = importlib.import_module("ddpmseg.predict")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread is faster, and immune to a busy machine's load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHAPES = ((4, 4, 5), (3, 8, 10))
 INFO = StoreInfo(steps=(10,), blocks=(1, 2), shapes=SHAPES, image_size=(8, 10), num_images=2,
