@@ -1,0 +1,54 @@
+"""The click group: version, help on every command, error lines and exit codes."""
+
+import pytest
+from click.testing import CliRunner
+
+from ddpmseg import __version__
+from ddpmseg.cli.main import cli
+
+COMMANDS = ["extract", "fit", "predict", "evaluate", "demo", "check-checkpoint"]
+
+
+def test_version():
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_every_command_is_registered_with_help_and_an_example():
+    assert sorted(cli.commands) == sorted(COMMANDS)
+    for name in COMMANDS:
+        result = CliRunner().invoke(cli, [name, "--help"])
+        assert result.exit_code == 0, name
+        assert "Example" in result.output and f"ddpmseg {name}" in result.output, name
+
+
+def test_unknown_device_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path), "--device", "tpu"])
+    assert result.exit_code == 2
+    assert "error: unknown device 'tpu'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_unknown_config_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path), "--config", "nope"])
+    assert result.exit_code == 2 and "nope" in result.output
+
+
+def test_check_checkpoint(shared_dir):
+    path = shared_dir / "backbones" / "adm_faces64" / "adm_faces64.pt"
+    result = CliRunner().invoke(cli, ["check-checkpoint", str(path), "--preset", "faces_64"])
+    assert result.exit_code == 0, result.output
+    assert "72d3f7bf7a9827b0525409e074d2259d8dce17db61f8c68ab62e5e02ad50d4f8" in result.output
+    wrong = CliRunner().invoke(cli, ["check-checkpoint", str(path), "--preset", "tiny64_cosine"])
+    assert wrong.exit_code == 1 and wrong.output.startswith("error: ")
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_debug_shows_the_traceback(tmp_path, debug):
+    args = ["--debug"] if debug else []
+    result = CliRunner().invoke(cli, [*args, "check-checkpoint", str(tmp_path / "x.pt")])
+    assert result.exit_code != 0
+    if debug:
+        assert result.exception is not None and not isinstance(result.exception, SystemExit)
+    else:
+        assert "error: checkpoint" in result.output and isinstance(result.exception, SystemExit)
