@@ -229,7 +229,7 @@ def main(argv=None) -> int:
             pred_dir = work / "preds" / f"{tag}_{vote}"
             if pred_dir.exists():
                 shutil.rmtree(pred_dir)
-            predict(run, stores["test"], pred_dir, vote=vote, device=args.device, progress=False)
+            predict(run, work / "test.zarr", pred_dir, vote=vote, device=args.device, progress=False)
             out[vote] = score(pred_dir)
         print(f"  etf {mode:<8} seed {seed}{' in-memory' if in_memory else ''}: "
               f"hard {out['hard']:.2f}  soft {out['soft']:.2f}  (fit {t_fit:.0f} s)", flush=True)

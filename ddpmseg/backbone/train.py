@@ -1,0 +1,386 @@
+"""Training (or fine-tuning) an ADM backbone on a folder of images, as guided-diffusion does.
+
+The objective is DDPM's: epsilon MSE at uniformly drawn steps, plus, when the model learns its
+variance (``learn_sigma``), the variational-bound term on the variance channels with a
+stop-gradient on the mean (guided-diffusion's hybrid loss). AdamW, an EMA of the weights,
+random horizontal flips; images are resized and centre-cropped to the model size once and held
+in RAM as uint8.
+
+Every random draw of training -- epoch permutations, flips, steps, noise -- comes from one
+``torch.Generator`` owned by the run, and dropout from torch's global generator seeded at start;
+both states are saved with the optimizer, so ``resume=True`` continues bit for bit (on CPU) as
+if the run had never stopped. Single process: no multi-GPU (DDP) support.
+
+Output folder::
+
+    ema.pt          EMA weights (guided-diffusion key names; Backbone.from_checkpoint loads it)
+    model.pt        raw weights
+    state.pt        optimizer, step, RNG states, data order position
+    flags.json      the model flags
+    train_log.jsonl one line of loss and speed per log interval
+    samples.png     a grid sampled from the EMA weights at each save (unless samples=0)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data import list_samples, load_image
+from ..device import resolve_device
+from ..errors import BadInputError, ConfigError, DdpmsegError, RunError
+from .flags import ModelFlags
+from .sampling import DiffusionTerms, image_grid, sample, training_losses
+from .unet import UNetModel
+
+log = logging.getLogger("ddpmseg")
+
+STATE_VERSION = 1
+
+
+# -- data ------------------------------------------------------------------------------------
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> (size, size, 3): shorter side resized to ``size``, centre cropped."""
+    im = Image.fromarray(image)
+    w, h = im.size
+    # Halve with a box filter first while far larger, then bicubic: guided-diffusion's way.
+    while min(w, h) >= 2 * size:
+        im = im.resize((w // 2, h // 2), Image.BOX)
+        w, h = im.size
+    scale = size / min(w, h)
+    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    arr = np.asarray(im, dtype=np.uint8)
+    top = (arr.shape[0] - size) // 2
+    left = (arr.shape[1] - size) // 2
+    return arr[top:top + size, left:left + size].copy()
+
+
+def load_images(images_dir: str | Path, size: int, progress: bool = False) -> torch.Tensor:
+    """All images of ``images_dir`` as one uint8 tensor (N, 3, size, size), sorted by name."""
+    samples = list_samples(images_dir)
+    out = torch.empty((len(samples), 3, size, size), dtype=torch.uint8)
+    it = samples
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(samples, desc="loading images", unit="img", leave=False)
+    for i, s in enumerate(it):
+        arr = load_image(s.image)
+        if arr.ndim != 3 or arr.shape[2] != 3 or min(arr.shape[:2]) == 0:
+            raise BadInputError(f"cannot use image {s.image} (shape {arr.shape})",
+                                "replace or remove the file")
+        out[i] = torch.from_numpy(center_crop(arr, size)).permute(2, 0, 1)
+    return out
+
+
+class DataOrder:
+    """Epochs of random permutations from the run's generator, with a resumable position."""
+
+    def __init__(self, n: int, generator: torch.Generator):
+        self.n = n
+        self.gen = generator
+        self.perm = torch.randperm(n, generator=generator)
+        self.pos = 0
+        self.epoch = 0
+
+    def next(self, batch: int) -> torch.Tensor:
+        """The indices of the next ``batch`` images, running into the next epoch as needed."""
+        parts, need = [], batch
+        while need > 0:
+            if self.pos >= self.n:
+                self.perm = torch.randperm(self.n, generator=self.gen)
+                self.pos = 0
+                self.epoch += 1
+            take = min(need, self.n - self.pos)
+            parts.append(self.perm[self.pos:self.pos + take])
+            self.pos += take
+            need -= take
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def state(self) -> dict:
+        return {"perm": self.perm.clone(), "pos": self.pos, "epoch": self.epoch}
+
+    def load(self, st: Mapping) -> None:
+        if int(st["perm"].numel()) != self.n:
+            raise RunError(f"the run was trained on {int(st['perm'].numel())} images but the "
+                           f"folder now holds {self.n}",
+                           "resume with the same images, or start a new output folder")
+        self.perm = st["perm"].clone()
+        self.pos = int(st["pos"])
+        self.epoch = int(st["epoch"])
+
+
+# -- checkpoint files ------------------------------------------------------------------------
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _cpu_state(sd: Mapping[str, torch.Tensor]) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
+
+
+# -- the loop --------------------------------------------------------------------------------
+
+class Trainer:
+    """One training run: model, EMA, optimizer, data and RNG, saved to and resumed from ``out``.
+
+    ``train_backbone`` is the usual entry; the class is there for tests and benchmarks that
+    step it by hand.
+    """
+
+    def __init__(self, images: torch.Tensor, flags: ModelFlags, out_dir: Path | None, *,
+                 batch_size: int = 16, lr: float = 1e-4, ema: float = 0.9999,
+                 weight_decay: float = 0.0, device: str | torch.device = "auto", seed: int = 0):
+        self.flags = flags
+        self.out = out_dir
+        self.device = resolve_device(device)
+        self.images = images
+        self.batch_size = batch_size
+        self.ema_rate = ema
+        self.lr = lr
+        self.seed = seed
+        # Global generator: dropout draws from it.
+        torch.manual_seed(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+        try:
+            self.model = UNetModel.from_flags(flags).to(self.device)
+        except DdpmsegError:
+            raise
+        except (ValueError, RuntimeError, ZeroDivisionError, KeyError) as exc:
+            raise ConfigError(f"the model flags do not build a UNet: {exc}",
+                              "check channel_mult, num_heads and attention_resolutions") from exc
+        self.model.train()
+        self.ema_model = UNetModel.from_flags(flags).to(self.device)
+        self.ema_model.load_state_dict(self.model.state_dict())
+        self.ema_model.eval().requires_grad_(False)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ema_params = list(self.ema_model.parameters())
+        fused = self.device.type == "cuda"
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay,
+                                     **({"fused": True} if fused else {"foreach": True}))
+        self.terms = DiffusionTerms.from_flags(flags, self.device)
+        self.order = DataOrder(len(images), self.gen)
+        self.step = 0
+
+    # -- one step --
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x0, t, noise) of the next step; every draw from the run's generator, on the CPU."""
+        b = self.batch_size
+        idx = self.order.next(b)
+        flip = torch.rand(b, generator=self.gen) < 0.5
+        t = torch.randint(0, self.flags.diffusion_steps, (b,), generator=self.gen)
+        noise = torch.randn((b, 3, self.flags.image_size, self.flags.image_size),
+                            generator=self.gen)
+        x = self.images[idx]
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        nb = self.device.type == "cuda"
+        x0 = x.to(self.device, non_blocking=nb).float().div_(127.5).sub_(1.0)
+        return x0, t.to(self.device, non_blocking=nb), noise.to(self.device, non_blocking=nb)
+
+    def train_step(self) -> dict[str, float]:
+        x0, t, noise = self.next_batch()
+        losses = training_losses(self.model, self.terms, x0, t, noise, self.flags.learn_sigma)
+        loss = losses["loss"].mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema_params, self.params, 1.0 - self.ema_rate)
+        self.step += 1
+        return {k: v.detach().mean() for k, v in losses.items()}
+
+    # -- save / load --
+
+    def save(self, samples: int = 0, sample_steps: int = 50) -> None:
+        out = self.out
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_torch_save(_cpu_state(self.model.state_dict()), out / "model.pt")
+        _atomic_torch_save(_cpu_state(self.ema_model.state_dict()), out / "ema.pt")
+        _atomic_write(out / "flags.json",
+                      (json.dumps({"model_flags": self.flags.to_dict()}, indent=2) + "\n").encode())
+        state = {
+            "version": STATE_VERSION,
+            "step": self.step,
+            "optimizer": self.opt.state_dict(),
+            "generator": self.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "order": self.order.state(),
+            "hparams": {"batch_size": self.batch_size, "lr": self.lr, "ema": self.ema_rate,
+                        "seed": self.seed},
+        }
+        # Last: state.pt names the step the weight files belong to.
+        _atomic_torch_save(state, out / "state.pt")
+        if samples > 0:
+            gen = torch.Generator().manual_seed(self.seed)
+            imgs = sample(self.ema_model, self.flags, samples, sample_steps, gen, self.device)
+            buf = out / ".samples.png.tmp"
+            Image.fromarray(image_grid(imgs)).save(buf, format="PNG")
+            os.replace(buf, out / "samples.png")
+
+    def load(self) -> None:
+        out = self.out
+        try:
+            state = torch.load(out / "state.pt", map_location="cpu", weights_only=False)
+            model_sd = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+            ema_sd = torch.load(out / "ema.pt", map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError) as exc:
+            raise RunError(f"cannot resume from {out}: {exc}",
+                           "start a new output folder (the files are incomplete)") from exc
+        try:
+            self.model.load_state_dict(model_sd)
+            self.ema_model.load_state_dict(ema_sd)
+        except RuntimeError as exc:
+            raise RunError(f"the weights in {out} do not fit the model flags: {exc}",
+                           "resume with the run's own flags (its flags.json)") from exc
+        self.opt.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if torch.cuda.is_available() and state.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.order.load(state["order"])
+        self.step = int(state["step"])
+
+
+def _check_positive(name: str, value, *, allow_none: bool = False, integer: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
+    if integer and not bad and not float(value).is_integer():
+        bad = True
+    if bad or (isinstance(value, float) and not math.isfinite(value)):
+        raise ConfigError(f"{name} must be a positive {'integer' if integer else 'number'}, "
+                          f"got {value!r}")
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log lines past ``step`` (written after the last save of a run that was killed)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    _atomic_write(path, ("\n".join(keep) + "\n" if keep else "").encode())
+
+
+def train_backbone(images_dir: str | Path, out_dir: str | Path,
+                   flags: ModelFlags | Mapping | str | Path | None = None, *,
+                   steps: int | None = None, minutes: float | None = None,
+                   batch_size: int = 16, lr: float = 1e-4, ema: float = 0.9999,
+                   device: str | torch.device = "auto", resume: bool = False,
+                   save_every: float = 10.0, seed: int = 0, samples: int = 4,
+                   sample_steps: int = 50, log_every: int = 10, progress: bool = True) -> Path:
+    """Train an ADM UNet on the images of ``images_dir``; checkpoints go to ``out_dir``.
+
+    ``flags``: ModelFlags, a preset name, a flag dict or a JSON file (None on resume: the run's
+    flags.json). Stops after ``steps`` total steps (counted from the run's start, so a resumed
+    run stops at the same step) or after ``minutes`` of this call, whichever comes first; one
+    of them is required. ``save_every``: minutes between checkpoints (also saved at the end).
+    ``samples``: images in samples.png at each save (0: none), drawn in ``sample_steps``
+    strided ancestral steps from the EMA weights. Returns ``out_dir``.
+    """
+    out = Path(out_dir).expanduser()
+    if steps is None and minutes is None:
+        raise ConfigError("give a number of steps or of minutes to train",
+                          "pass --steps N or --minutes M")
+    _check_positive("steps", steps, allow_none=True, integer=True)
+    _check_positive("minutes", minutes, allow_none=True)
+    _check_positive("batch_size", batch_size, integer=True)
+    _check_positive("lr", lr)
+    _check_positive("save_every", save_every)
+    _check_positive("log_every", log_every, integer=True)
+    if not (isinstance(ema, (int, float)) and 0.0 <= ema < 1.0):
+        raise ConfigError(f"ema must be in [0, 1), got {ema!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise ConfigError(f"samples must be 0 or a positive integer, got {samples!r}")
+
+    has_run = (out / "state.pt").is_file()
+    if resume and has_run:
+        saved = ModelFlags.resolve(out / "flags.json")
+        flags = saved if flags is None else ModelFlags.resolve(flags)
+        if flags != saved:
+            raise ConfigError(f"the flags differ from those of the run in {out}",
+                              "resume without flags, or with the run's flags.json")
+    elif has_run:
+        raise RunError(f"{out} already holds a training run",
+                       "pass --resume to continue it, or choose another output folder")
+    if flags is None:
+        raise ConfigError("no model flags given", "pass --preset NAME or --flags FILE")
+    flags = ModelFlags.resolve(flags)
+    if flags.class_cond:
+        raise ConfigError("class-conditional training is not supported",
+                          "set class_cond to false")
+
+    images = load_images(images_dir, flags.image_size, progress=progress)
+    trainer = Trainer(images, flags, out, batch_size=int(batch_size), lr=float(lr),
+                      ema=float(ema), device=device, seed=seed)
+    if resume and has_run:
+        trainer.load()
+        _trim_log(out / "train_log.jsonl", trainer.step)
+        log.info("resuming %s at step %d", out, trainer.step)
+    out.mkdir(parents=True, exist_ok=True)
+
+    start = time.monotonic()
+    last_save = start
+    deadline = start + minutes * 60 if minutes is not None else math.inf
+    total = int(steps) if steps is not None else None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=trainer.step, unit="step", desc="train", dynamic_ncols=True)
+    acc: dict[str, torch.Tensor] = {}
+    acc_n, acc_t = 0, time.monotonic()
+    saved_step = trainer.step if has_run and resume else -1
+    with open(out / "train_log.jsonl", "a") as logf:
+        while (total is None or trainer.step < total) and time.monotonic() < deadline:
+            losses = trainer.train_step()
+            for k, v in losses.items():
+                acc[k] = acc.get(k, 0) + v
+            acc_n += 1
+            if bar is not None:
+                bar.update(1)
+            if trainer.step % log_every == 0 or trainer.step == total:
+                now = time.monotonic()
+                rec = {"step": trainer.step, "epoch": trainer.order.epoch}
+                rec.update({k: round(float(v) / acc_n, 6) for k, v in acc.items()})
+                rec["images_per_s"] = round(acc_n * trainer.batch_size / max(now - acc_t, 1e-9), 2)
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.1f}")
+                acc, acc_n, acc_t = {}, 0, now
+            if time.monotonic() - last_save >= save_every * 60:
+                trainer.save(samples, sample_steps)
+                saved_step = trainer.step
+                last_save = time.monotonic()
+    if bar is not None:
+        bar.close()
+    if saved_step != trainer.step:
+        trainer.save(samples, sample_steps)
+    return out
+
+
+__all__ = ["train_backbone", "Trainer", "load_images", "center_crop", "DataOrder"]

@@ -1,0 +1,73 @@
+"""``ddpmseg train-backbone``: a folder of images -> a trained ADM backbone checkpoint."""
+
+from __future__ import annotations
+
+import click
+
+from .common import device_option
+
+
+@click.command("train-backbone")
+@click.argument("images_dir", metavar="IMAGES_DIR")
+@click.argument("out_dir", metavar="OUT")
+@click.option("--preset", default=None, metavar="NAME",
+              help="Model flags preset: lsun_256, faces_64, tiny_256, tiny64_cosine.")
+@click.option("--flags", "flags_path", default=None, metavar="FILE",
+              help="A JSON file of guided-diffusion model flags (or {\"model_flags\": {...}}).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Train until the run has made N steps in all (a resumed run counts its "
+                   "earlier steps).")
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="M", help="Train for M minutes of this call (with --steps: whichever "
+                                "comes first).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4,
+              show_default=True, help="AdamW learning rate.")
+@click.option("--ema", type=click.FloatRange(min=0, max=1, max_open=True), default=0.9999,
+              show_default=True, help="EMA decay of the weights saved to ema.pt.")
+@device_option
+@click.option("--resume", is_flag=True,
+              help="Continue the run in OUT exactly where its last checkpoint left off (same "
+                   "data order and random numbers). Flags may be omitted: OUT/flags.json.")
+@click.option("--save-every-minutes", "save_every", type=click.FloatRange(min=0, min_open=True),
+              default=10.0, show_default=True, metavar="M",
+              help="Minutes between checkpoints (one is also written at the end).")
+@click.option("--samples", type=click.IntRange(min=0), default=4, show_default=True,
+              metavar="N", help="Images in OUT/samples.png at each checkpoint (0: none).")
+@click.option("--sample-steps", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Strided ancestral sampling steps for samples.png.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.pass_context
+def command(ctx, images_dir, out_dir, preset, flags_path, steps, minutes, batch_size, lr, ema,
+            device, resume, save_every, samples, sample_steps, seed, no_progress):
+    """Train an ADM diffusion UNet on the images in IMAGES_DIR, writing checkpoints to OUT.
+
+    The objective is guided-diffusion's: epsilon MSE at uniform steps, plus the variational
+    bound on the learned variance (stop-gradient on the mean) when the flags set learn_sigma.
+    AdamW, an EMA of the weights, random horizontal flips; images are resized and
+    centre-cropped to the model's size. Single process (one device; no multi-GPU).
+
+    OUT gets ema.pt (load it with the same flags as any guided-diffusion checkpoint),
+    model.pt, state.pt, flags.json, train_log.jsonl and samples.png.
+
+    \b
+    Examples:
+      ddpmseg train-backbone faces/ runs/faces64 --preset faces_64 --minutes 60
+      ddpmseg train-backbone faces/ runs/faces64 --resume --steps 20000
+    """
+    from ..backbone.train import train_backbone
+
+    if preset is not None and flags_path is not None:
+        raise click.UsageError("give --preset or --flags, not both")
+    flags = preset if preset is not None else flags_path
+    if flags is None and not resume:
+        raise click.UsageError("give the model flags: --preset NAME or --flags FILE")
+    if steps is None and minutes is None:
+        raise click.UsageError("say how long to train: --steps N or --minutes M")
+    quiet = bool(ctx.find_root().params.get("quiet"))
+    out = train_backbone(images_dir, out_dir, flags, steps=steps, minutes=minutes,
+                         batch_size=batch_size, lr=lr, ema=ema, device=device, resume=resume,
+                         save_every=save_every, seed=seed, samples=samples,
+                         sample_steps=sample_steps, progress=not (no_progress or quiet))
+    click.echo(f"{out}: ema.pt, model.pt, state.pt, flags.json")
