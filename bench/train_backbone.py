@@ -8,7 +8,8 @@ are measured in alternating rounds after a warm-up so that a busy machine hurts 
 
 Reported: images/s of each (median over rounds), and ours / plain (goal: >= 1, not slower).
 
-    python bench/train_backbone.py [--batch-size 8] [--rounds 4] [--steps 3] [--device auto]
+    python bench/train_backbone.py [--batch-size N] [--rounds R] [--steps S] [--threads T]
+                                   [--device auto]
 """
 
 from __future__ import annotations
@@ -74,9 +75,12 @@ def main() -> None:
     ap.add_argument("--preset", default="faces_64")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="default: 8 on CPU, 32 on CUDA")
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=None, help="default: 4")
     ap.add_argument("--steps", type=int, default=None, help="steps per round (default: 3 CPU, "
                                                             "30 CUDA)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: 1 on CPU, which is steadier and, on "
+                         "a shared machine, faster than torch's choice; 0: torch's choice)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"
                                          / "train_backbone.json"))
@@ -84,8 +88,12 @@ def main() -> None:
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
+    threads = args.threads if args.threads is not None else (0 if cuda else 1)
+    if threads > 0:
+        torch.set_num_threads(threads)
     batch = args.batch_size or (32 if cuda else 8)
     steps = args.steps or (30 if cuda else 3)
+    rounds = args.rounds or 4
     flags = ModelFlags.resolve(args.preset)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (64, 3, flags.image_size, flags.image_size),
@@ -97,7 +105,7 @@ def main() -> None:
     for loop in (ours, plain):  # warm-up (allocator, cuDNN autotuning, thread pools)
         images_per_s(loop, 2, batch, device)
     res = {"ours": [], "plain": []}
-    for r in range(args.rounds):
+    for r in range(rounds):
         order = (("ours", ours), ("plain", plain)) if r % 2 == 0 else \
             (("plain", plain), ("ours", ours))
         for name, loop in order:
@@ -109,7 +117,7 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor()
         or platform.machine(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "batch_size": batch, "steps_per_round": steps, "rounds": args.rounds,
+        "batch_size": batch, "steps_per_round": steps, "rounds": rounds,
         "ours_images_per_s": round(ours_ips, 3), "plain_images_per_s": round(plain_ips, 3),
         "ratio_ours_over_plain": round(ours_ips / plain_ips, 3),
         "rounds_ours": [round(x, 3) for x in res["ours"]],

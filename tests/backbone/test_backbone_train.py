@@ -210,3 +210,46 @@ def test_cli(images_dir, tmp_path):
     assert res.exit_code == 2 and "--preset" in res.output
     res = CliRunner().invoke(cli, ["train-backbone", "--help"])
     assert res.exit_code == 0 and "ddpmseg train-backbone" in res.output
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(images_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    kw = dict(batch_size=2, lr=1e-3, ema=0.9, samples=0, progress=False, seed=1)
+    out = tmp_path / "killed"
+    code = ("import torch, json, sys; torch.set_num_threads(1)\n"
+            "from ddpmseg.backbone.train import train_backbone\n"
+            f"train_backbone({str(images_dir)!r}, {str(out)!r}, json.loads(sys.argv[1]), "
+            "steps=100000, save_every=1e-9, batch_size=2, lr=1e-3, ema=0.9, samples=0, "
+            "progress=False, seed=1)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(TINY)])
+    try:
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            if (out / "state.pt").is_file():
+                try:
+                    if torch.load(out / "state.pt", weights_only=False)["step"] >= 3:
+                        break
+                except (RuntimeError, EOFError, OSError):
+                    pass  # replaced while reading
+            assert proc.poll() is None, "the training process died"
+            time.sleep(0.05)
+        else:
+            pytest.fail("no checkpoint past step 3 within 40 s")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    # state.pt is the commit record: weight files of a later, unfinished save are dropped.
+    killed_step = torch.load(out / "state.pt", weights_only=False)["step"]
+    assert killed_step >= 3
+    total = killed_step + 2
+    train_backbone(images_dir, out, None, steps=total, resume=True, **kw)
+    full = train_backbone(images_dir, tmp_path / "full", TINY, steps=total, **kw)
+    for name in ("model.pt", "ema.pt"):
+        a, b = _weights(full / name), _weights(out / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert not list(out.glob(".*"))
