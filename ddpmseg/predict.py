@@ -438,7 +438,8 @@ def predict(run, input, out_dir, *, vote: str | None = None, uncertainty: bool =
         raise RunError(f"the run has {info.num_classes} classes; label maps hold at most 256",
                        "use at most 256 classes")
 
-    source_path = Path(input)
+    # An open FeatureStore (as extract returns) is taken by its path.
+    source_path = Path(getattr(input, "path", input))
     if not source_path.exists():
         raise InputNotFoundError(f"input {source_path} does not exist",
                                  "give a feature store or a folder of images")

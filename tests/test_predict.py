@@ -114,7 +114,8 @@ def test_predict_store_outputs(tmp_path, run_model):
     images = tmp_path / "orig"
     images.mkdir()
     Image.fromarray(np.full((*SIZE, 3), 200, np.uint8)).save(images / "img0.png")
-    res = predict(run_model, tmp_path / "s.zarr", tmp_path / "out", uncertainty=True,
+    # An open store is accepted as well as its path.
+    res = predict(run_model, store, tmp_path / "out", uncertainty=True,
                   tile_rows=7, device="cpu", images=images, progress=False)
     out = tmp_path / "out"
     assert res["names"] == ["img0", "img1"] and res["input_kind"] == "store"

@@ -17,8 +17,10 @@ Skipped, saying why, when ../shared/data (or its ffhq_34 set) is absent.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -27,7 +29,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+import torch
+
 from ddpmseg.cli.main import cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIG = "faces64_ffhq_34"
 NUM_CLASSES, IGNORE = 34, 255
@@ -55,6 +61,21 @@ def copy_pairs(src: Path, dst: Path, n: int) -> list[str]:
         shutil.copy2(src / f"{name}.png", dst / f"{name}.png")
         shutil.copy2(src / f"{name}.npy", dst / f"{name}.npy")
     return names
+
+
+@contextlib.contextmanager
+def quiet_module_setup():
+    """For module-scoped fixtures (the function-scoped conftest ones do not cover them): one
+    torch thread, and the root logger restored after the CLI pointed it at CliRunner's stream."""
+    root = logging.getLogger()
+    handlers, level, threads = root.handlers[:], root.level, torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        torch.set_num_threads(threads)
 
 
 def invoke(*args: str):
@@ -122,13 +143,14 @@ def pipeline(ffhq, tmp_path_factory):
         np.save(gt / f"{name}.npy", gts[name])
     r = {"root": root, "train": train, "test": test, "gt": gt, "gts": gts,
          "test_names": test_names}
-    r["extract_train"] = invoke("extract", train, root / "train.zarr", *COMMON, "--resize")
-    r["extract_test"] = invoke("extract", test, root / "test.zarr", *COMMON, "--resize")
-    r["fit"] = invoke("fit", root / "train.zarr", root / "run", *COMMON, "--ensemble", "2",
-                      "--epochs", "3")
-    r["predict"] = invoke("predict", root / "run", root / "test.zarr", root / "preds",
-                          "--images", test, "--device", "cpu", "--no-progress")
-    r["evaluate"] = invoke("evaluate", root / "preds", gt, "--config", CONFIG)
+    with quiet_module_setup():
+        r["extract_train"] = invoke("extract", train, root / "train.zarr", *COMMON, "--resize")
+        r["extract_test"] = invoke("extract", test, root / "test.zarr", *COMMON, "--resize")
+        r["fit"] = invoke("fit", root / "train.zarr", root / "run", *COMMON, "--ensemble", "2",
+                          "--epochs", "3")
+        r["predict"] = invoke("predict", root / "run", root / "test.zarr", root / "preds",
+                              "--images", test, "--device", "cpu", "--no-progress")
+        r["evaluate"] = invoke("evaluate", root / "preds", gt, "--config", CONFIG)
     return r
 
 
@@ -197,7 +219,8 @@ def good_store(ffhq, tmp_path_factory) -> Path:
     """A complete store of 2 real training images, to extract over after a failure."""
     root = tmp_path_factory.mktemp("good_store")
     copy_pairs(ffhq / "train", root / "train", 2)
-    result = invoke("extract", root / "train", root / "store.zarr", *COMMON, "--resize")
+    with quiet_module_setup():
+        result = invoke("extract", root / "train", root / "store.zarr", *COMMON, "--resize")
     assert_ok(result, "extract of the good store")
     return root / "store.zarr"
 
