@@ -138,33 +138,23 @@ class ResBlock(TimestepBlock):
         return self.skip_connection(x) + h
 
 
-class QKVAttentionLegacy(nn.Module):
-    """Attention over a qkv tensor laid out heads first, then q/k/v (the original order)."""
-
-    def __init__(self, n_heads: int):
-        super().__init__()
-        self.n_heads = n_heads
-
-    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
-        """qkv: (N, heads * 3 * c, T) -> (N, heads * c, T)."""
-        bs, width, length = qkv.shape
-        ch = width // (3 * self.n_heads)
-        q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
-        return _attend(q, k, v, ch).reshape(bs, -1, length)
-
-
 class QKVAttention(nn.Module):
-    """Attention over a qkv tensor laid out q/k/v first, then heads (use_new_attention_order)."""
+    """Attention over a qkv tensor. ``legacy`` (the original order) lays it out heads first,
+    then q/k/v; otherwise q/k/v first, then heads (use_new_attention_order). No parameters."""
 
-    def __init__(self, n_heads: int):
+    def __init__(self, n_heads: int, legacy: bool = True):
         super().__init__()
         self.n_heads = n_heads
+        self.legacy = legacy
 
     def forward(self, qkv: torch.Tensor) -> torch.Tensor:
         """qkv: (N, 3 * heads * c, T) -> (N, heads * c, T)."""
         bs, width, length = qkv.shape
         ch = width // (3 * self.n_heads)
-        q, k, v = (a.reshape(bs * self.n_heads, ch, length) for a in qkv.chunk(3, dim=1))
+        if self.legacy:
+            q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
+        else:
+            q, k, v = (a.reshape(bs * self.n_heads, ch, length) for a in qkv.chunk(3, dim=1))
         return _attend(q, k, v, ch).reshape(bs, -1, length)
 
 
@@ -188,8 +178,7 @@ class AttentionBlock(nn.Module):
         self.num_heads = num_heads if num_head_channels == -1 else channels // num_head_channels
         self.norm = normalization(channels)
         self.qkv = nn.Conv1d(channels, channels * 3, 1)
-        self.attention = (QKVAttention if use_new_attention_order
-                          else QKVAttentionLegacy)(self.num_heads)
+        self.attention = QKVAttention(self.num_heads, legacy=not use_new_attention_order)
         self.proj_out = nn.Conv1d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
