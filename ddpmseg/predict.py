@@ -39,7 +39,7 @@ from .featcache.store import FeatureStore, StoreInfo
 
 log = logging.getLogger("ddpmseg")
 
-__all__ = ["predict", "predict_maps", "TileFeatures", "ImagePrediction", "RunModel",
+__all__ = ["predict", "predict_maps", "ImagePrediction", "RunModel",
            "load_run", "check_compatible", "SUMMARY_IMAGES"]
 
 # Rows of the contact sheet summary.png.
@@ -70,59 +70,6 @@ class ImagePrediction:
 
 
 # -- the per-image core -------------------------------------------------------------------------
-class TileFeatures:
-    """Dense pixel features of row tiles of one image, from its native (C, h, w) maps.
-
-    The reference's definition (each map bilinearly upsampled to (H, W) with align_corners
-    False, concatenated step-major then block), computed separably for only the rows asked:
-    the two source rows of each output row are blended at the map's own width, then one matrix
-    product with the (w, W) column-interpolation matrix widens them. Equal to
-    ``featcache.pixels.dense_rows`` up to float32 rounding, and independent of how the image
-    is cut into tiles. ``rows`` returns a channels-first (D, n) buffer, reused between calls.
-    """
-
-    def __init__(self, maps: Sequence, size: tuple[int, int],
-                 device: torch.device | None = None):
-        self.size = (int(size[0]), int(size[1]))
-        # float32 once per image: half-precision indexing and arithmetic are slow on CPUs.
-        self.maps = [_map_tensor(m, device).float() for m in maps]
-        self.device = self.maps[0].device
-        self.dim = sum(m.shape[0] for m in self.maps)
-        width = self.size[1]
-        self._columns = {}
-        for m in self.maps:
-            w = m.shape[2]
-            if w not in self._columns:
-                x0, x1, lx = pixels.source_coords(width, w, torch.arange(width))
-                mat = torch.zeros(w, width, dtype=torch.float32)
-                cols = torch.arange(width)
-                mat.index_put_((x0, cols), 1.0 - lx, accumulate=True)
-                mat.index_put_((x1, cols), lx, accumulate=True)
-                self._columns[w] = mat.to(self.device)
-        self._buffer: torch.Tensor | None = None
-
-    def rows(self, y0: int, y1: int) -> torch.Tensor:
-        """float32 (D, (y1 - y0) * W): features of rows y0..y1-1, pixels row-major."""
-        height, width = self.size
-        n_rows = y1 - y0
-        need = self.dim * n_rows * width
-        if self._buffer is None or self._buffer.numel() < need:
-            self._buffer = torch.empty(need, dtype=torch.float32, device=self.device)
-        out = self._buffer[:need].view(self.dim, n_rows * width)
-        ys = torch.arange(y0, y1)
-        c0 = 0
-        for m in self.maps:
-            c, h, w = m.shape
-            lo, hi, ly = pixels.source_coords(height, h, ys)
-            ly = ly.to(self.device)[:, None]
-            lo, hi = lo.to(self.device), hi.to(self.device)
-            blended = m[:, lo, :] * (1.0 - ly) + m[:, hi, :] * ly          # (C, rows, w)
-            torch.mm(blended.view(c * n_rows, w), self._columns[w],
-                     out=out[c0:c0 + c].view(c * n_rows, width))
-            c0 += c
-        return out
-
-
 @torch.no_grad()
 def predict_maps(members: Sequence[nn.Module], maps: Sequence, size: tuple[int, int], *,
                  vote: str = "soft", tile_rows: int = 32, uncertainty: bool = False,
@@ -137,7 +84,7 @@ def predict_maps(members: Sequence[nn.Module], maps: Sequence, size: tuple[int, 
         raise ConfigError(f"tile_rows must be >= 1, got {tile_rows}", "pass --tile-rows 32")
     height, width = size
     device = torch.device(device) if device is not None else None
-    tiles = TileFeatures(maps, size, device)
+    tiles = pixels.TileFeatures(maps, size, device)
     labels = np.empty((height, width), dtype=np.uint8)
     entropy = np.empty((height, width), dtype=np.float32) if uncertainty else None
     jsd = np.empty((height, width), dtype=np.float32) if uncertainty else None
@@ -155,15 +102,6 @@ def predict_maps(members: Sequence[nn.Module], maps: Sequence, size: tuple[int, 
             entropy[y0:y1] = ent.view(y1 - y0, width).cpu().numpy()
             jsd[y0:y1] = div.view(y1 - y0, width).cpu().numpy()
     return ImagePrediction(labels, entropy, jsd)
-
-
-def _map_tensor(m, device: torch.device | None) -> torch.Tensor:
-    t = m if isinstance(m, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(m))
-    if t.dim() == 4 and t.shape[0] == 1:
-        t = t[0]
-    if t.dim() != 3:
-        raise ValueError(f"a native map must be (C, h, w), got {tuple(t.shape)}")
-    return t.to(device) if device is not None else t
 
 
 # -- the run --------------------------------------------------------------------------------

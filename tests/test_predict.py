@@ -15,7 +15,8 @@ from ddpmseg.config import Config, ModelConfig
 from ddpmseg.errors import BadInputError, ConfigError, StoreMismatchError
 from ddpmseg.featcache.store import FeatureStore, StoreInfo
 from ddpmseg.featcache import pixels
-from ddpmseg.predict import RunModel, TileFeatures, check_compatible, predict, predict_maps
+from ddpmseg.featcache.pixels import TileFeatures
+from ddpmseg.predict import RunModel, check_compatible, predict, predict_maps
 from ddpmseg.voting import vote as vote_fn
 
 # `ddpmseg.predict` may be re-exported as a function by the package; the module is this.
@@ -88,8 +89,9 @@ def test_tile_features_are_the_reference_features():
                                     align_corners=False)[0] for m in maps])
     for y0, y1 in ((0, 20), (0, 3), (3, 10), (19, 20)):
         got = tiles.rows(y0, y1).T
-        torch.testing.assert_close(got, pixels.dense_rows(maps, SIZE, y0, y1), rtol=1e-5,
-                                   atol=1e-5)
+        ys, xs = torch.meshgrid(torch.arange(y0, y1), torch.arange(SIZE[1]), indexing="ij")
+        torch.testing.assert_close(got, pixels.pixel_features(maps, SIZE, ys.ravel(), xs.ravel()),
+                                   rtol=1e-5, atol=1e-5)
         want = full[:, y0:y1].reshape(full.shape[0], -1).T
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
