@@ -1,19 +1,17 @@
 """ddpmseg: label-efficient semantic segmentation from diffusion-model features.
 
 The library API mirrors the CLI: ``extract``, ``fit``, ``predict``, ``evaluate`` and ``demo``.
-Submodules are imported on first use, so ``import ddpmseg`` stays cheap.
 """
-
-import importlib
 
 __version__ = "0.1.0"
 
-_API = {"extract": "featcache", "fit": "classifier", "predict": "predict",
-        "evaluate": "evaluate", "demo": "demo", "load_config": "config"}
-__all__ = [*_API, "__version__"]
+# Bound after their submodules are imported, so ``ddpmseg.predict`` is the function, not the
+# module of the same name (``importlib.import_module("ddpmseg.predict")`` gives the module).
+from .classifier import fit  # noqa: E402
+from .config import load_config  # noqa: E402
+from .demo import demo  # noqa: E402
+from .evaluate import evaluate  # noqa: E402
+from .featcache import extract  # noqa: E402
+from .predict import predict  # noqa: E402
 
-
-def __getattr__(name: str):
-    if name in _API:
-        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
-    raise AttributeError(f"module 'ddpmseg' has no attribute {name!r}")
+__all__ = ["extract", "fit", "predict", "evaluate", "demo", "load_config", "__version__"]

@@ -1,0 +1,14 @@
+"""``import ddpmseg`` exposes the functions the CLI commands are thin over."""
+
+import importlib
+
+import ddpmseg
+
+
+def test_top_level_functions_are_the_library_functions():
+    assert ddpmseg.extract is importlib.import_module("ddpmseg.featcache").extract
+    assert ddpmseg.fit is importlib.import_module("ddpmseg.classifier").fit
+    assert ddpmseg.predict is importlib.import_module("ddpmseg.predict").predict
+    assert ddpmseg.evaluate is importlib.import_module("ddpmseg.evaluate").evaluate
+    assert ddpmseg.demo is importlib.import_module("ddpmseg.demo").demo
+    assert all(callable(getattr(ddpmseg, name)) for name in ddpmseg.__all__ if name != "__version__")
