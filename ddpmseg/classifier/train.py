@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..config import Config
 from ..device import resolve_device
+from ..scaleout import connect
 from ..errors import ConfigError, RunError, StoreError
 from ..featcache.store import FeatureStore, StoreInfo
 from . import sampler as S
@@ -454,30 +455,13 @@ def _member_task(store_path: str, cfg_dict: dict, k: int, device: str, in_memory
     return state, meta, records
 
 
-def _client(scheduler: str):
-    from distributed import Client, LocalCluster
-
-    if scheduler == "local" or scheduler.startswith("local:"):
-        n = scheduler.partition(":")[2]
-        try:
-            workers = int(n) if n else max(1, min(os.cpu_count() or 1, 4))
-        except ValueError as exc:
-            raise ConfigError(f"bad scheduler {scheduler!r}",
-                              "use local, local:N or a scheduler address (tcp://host:8786)") from exc
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None)
-        return Client(cluster), cluster
-    if "://" not in scheduler:
-        raise ConfigError(f"bad scheduler {scheduler!r}",
-                          "use local, local:N or a scheduler address (tcp://host:8786)")
-    return Client(scheduler), None
 
 
 def _fit_distributed(store, run_dir, cfg, todo, device, in_memory, shuffle, scheduler, logger,
                      progress):
     from distributed import as_completed
 
-    client, cluster = _client(scheduler)
+    client, cluster = connect(scheduler, max(1, min(os.cpu_count() or 1, 4)))
     try:
         threads = torch.get_num_threads()
         futures = [client.submit(_member_task, str(store.path), cfg.to_dict(), k, device,

@@ -29,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from .. import data as D
 from ..config import Config
 from ..bundled import resolve_checkpoint
+from ..scaleout import connect
 from ..errors import (BadInputError, ConfigError, DdpmsegError, StoreError,
                       StoreMismatchError)
 from .store import STORE_DTYPES, FeatureStore, StoreInfo
@@ -414,29 +415,8 @@ def _dask_task(job: _Job, source: dict, indices: list[int], labels: list):
 
 
 def _parse_scheduler(scheduler: str, threads: int):
-    from distributed import Client, LocalCluster
-
-    text = scheduler.strip()
-    if text == "local" or text.startswith("local:"):
-        n = text.partition(":")[2]
-        try:
-            # Each worker computes with the client's torch thread count (see _Job.threads).
-            n_workers = int(n) if n else max(1, (os.cpu_count() or 1) // max(1, threads))
-        except ValueError:
-            raise ConfigError(f"bad scheduler {scheduler!r}", "use local, local:N or "
-                              "tcp://host:port") from None
-        if n_workers < 1:
-            raise ConfigError(f"bad scheduler {scheduler!r}: N must be at least 1")
-        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=logging.ERROR)
-        return Client(cluster), cluster
-    if "://" in text or ":" in text:
-        try:
-            return Client(text, timeout=30), None
-        except OSError as exc:
-            raise ConfigError(f"cannot reach the dask scheduler {text} ({exc})",
-                              "check the address, or use --scheduler local") from exc
-    raise ConfigError(f"bad scheduler {scheduler!r}", "use local, local:N or tcp://host:port")
+    # Each worker computes with the client's torch thread count (see _Job.threads).
+    return connect(scheduler, max(1, (os.cpu_count() or 1) // max(1, threads)))
 
 
 def _run_distributed(scheduler: str, job: _Job, todo: list[int], labels: list, backbone,

@@ -216,6 +216,11 @@ class _Missing:
     pass
 
 
+def _exists(path) -> bool:
+    # A URL (s3://, memory://) cannot be checked here; let zarr's own error stand for it.
+    return "://" in str(path) or Path(path).exists()
+
+
 class FeatureStore:
     """Reader (and low-level writer) of a feature store. Open with ``FeatureStore.open(path)``.
 
@@ -365,7 +370,8 @@ class FeatureStore:
             raw = group.attrs["ddpmseg"]
             info = StoreInfo.from_json(raw)
         except (FileNotFoundError, KeyError, ValueError, TypeError) as exc:
-            raise StoreError(f"{path} is not a ddpmseg feature store",
+            what = "is not a ddpmseg feature store" if _exists(path) else "does not exist"
+            raise StoreError(f"{path} {what}",
                              "run `ddpmseg extract` to make one") from exc
         if info.format_version != FORMAT_VERSION:
             raise StoreMismatchError(f"{path} has store format {info.format_version}, this "

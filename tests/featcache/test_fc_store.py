@@ -238,7 +238,7 @@ def test_differences_name_what_changed():
 
 
 def test_open_rejects_what_is_not_a_store(tmp_path):
-    with pytest.raises(StoreError, match="not a ddpmseg feature store"):
+    with pytest.raises(StoreError, match="nothing does not exist"):
         FeatureStore.open(tmp_path / "nothing")
     import zarr
 

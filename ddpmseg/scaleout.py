@@ -1,0 +1,50 @@
+"""Connecting to dask.distributed for ``--scheduler local[:N]|tcp://host:port``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+from .errors import ConfigError
+
+HINT = "use local, local:N or a scheduler address (tcp://host:8786)"
+
+
+@contextlib.contextmanager
+def _environ_kept():
+    # Starting worker processes writes OMP_NUM_THREADS=1 and friends into this process's
+    # os.environ; any subprocess started later would then compute with other thread counts.
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def connect(scheduler: str, default_workers: int):
+    """(client, cluster): a LocalCluster of single-threaded worker processes for ``local[:N]``
+    (cluster is then ours to close), or a client of a running scheduler (cluster None)."""
+    from distributed import Client, LocalCluster
+
+    text = scheduler.strip()
+    if text == "local" or text.startswith("local:"):
+        n = text.partition(":")[2]
+        try:
+            workers = int(n) if n else default_workers
+        except ValueError:
+            raise ConfigError(f"bad scheduler {scheduler!r}", HINT) from None
+        if workers < 1:
+            raise ConfigError(f"bad scheduler {scheduler!r}: N must be at least 1", HINT)
+        with _environ_kept():
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=None, silence_logs=logging.ERROR)
+        return Client(cluster), cluster
+    if "://" not in text:
+        raise ConfigError(f"bad scheduler {scheduler!r}", HINT)
+    try:
+        return Client(text, timeout=30), None
+    except OSError as exc:
+        raise ConfigError(f"cannot reach the dask scheduler {text} ({exc})",
+                          "check the address, or use --scheduler local") from exc
