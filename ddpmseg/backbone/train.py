@@ -9,7 +9,18 @@ in RAM as uint8.
 Every random draw of training -- epoch permutations, flips, steps, noise -- comes from one
 ``torch.Generator`` owned by the run, and dropout from torch's global generator seeded at start;
 both states are saved with the optimizer, so ``resume=True`` continues bit for bit (on CPU) as
-if the run had never stopped. Single process: no multi-GPU (DDP) support.
+if the run had never stopped.
+
+Data parallel (DDP): launched by ``torchrun`` (WORLD_SIZE > 1 in the environment),
+``train_backbone`` joins the process group (nccl on ``cuda:LOCAL_RANK``, gloo on the CPU) and
+wraps the model in DistributedDataParallel. ``batch_size`` stays the *global* batch: every rank
+makes the same draws from the run's generator (so data order, flips, steps and noise are those
+of a single-process run) and trains on its own contiguous slice of ``batch_size / WORLD_SIZE``
+images; DDP averages the gradients, so a step equals a single-process step on the whole batch
+(up to float rounding and dropout). Dropout draws from ``seed + rank``. Only rank 0 writes
+checkpoints, logs and samples and shows progress; every rank loads the state on resume. E.g.::
+
+    torchrun --nproc_per_node 4 $(which ddpmseg) train-backbone IMAGES OUT --preset faces_64 ...
 
 Output folder::
 
@@ -163,7 +174,16 @@ class Trainer:
 
     def __init__(self, images: torch.Tensor, flags: ModelFlags, out_dir: Path | None, *,
                  batch_size: int = 16, lr: float = 1e-4, ema: float = 0.9999,
-                 weight_decay: float = 0.0, device: str | torch.device = "auto", seed: int = 0):
+                 weight_decay: float = 0.0, device: str | torch.device = "auto", seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        """``rank`` / ``world_size`` > 1: one DDP process of a joined process group (see
+        ``train_backbone``); ``batch_size`` is the global batch, divisible by ``world_size``."""
+        if world_size > 1 and batch_size % world_size:
+            raise ConfigError(f"the batch size {batch_size} does not split evenly over "
+                              f"{world_size} processes",
+                              f"use a multiple of {world_size} (the batch is the global one)")
+        self.rank = rank
+        self.world_size = world_size
         self.flags = flags
         self.out = out_dir
         self.device = resolve_device(device)
@@ -188,6 +208,15 @@ class Trainer:
         self.ema_model.eval().requires_grad_(False)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ema_params = list(self.ema_model.parameters())
+        # ``net`` is what the forward pass goes through: the model, or its DDP wrapper (which
+        # broadcasts rank 0's initial weights); ``model`` stays the bare module for saving.
+        self.net: torch.nn.Module = self.model
+        if world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            ids = [self.device] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+            # Each rank its own dropout stream (the model init above used ``seed`` everywhere).
+            torch.manual_seed(seed + rank)
         # Fused AdamW (CPU and CUDA): one kernel over all parameters, ~3x faster than the
         # default per-tensor loop on CPU; deterministic, so resume stays exact.
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, fused=True)
@@ -205,6 +234,11 @@ class Trainer:
         t = torch.randint(0, self.flags.diffusion_steps, (b,), generator=self.gen)
         noise = torch.randn((b, 3, self.flags.image_size, self.flags.image_size),
                             generator=self.gen)
+        if self.world_size > 1:
+            # All ranks drew the whole global batch alike; each keeps its own slice.
+            n = b // self.world_size
+            part = slice(self.rank * n, (self.rank + 1) * n)
+            idx, flip, t, noise = idx[part], flip[part], t[part], noise[part]
         x = self.images[idx]
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
         nb = self.device.type == "cuda"
@@ -213,7 +247,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         x0, t, noise = self.next_batch()
-        losses = training_losses(self.model, self.terms, x0, t, noise, self.flags.learn_sigma)
+        losses = training_losses(self.net, self.terms, x0, t, noise, self.flags.learn_sigma)
         loss = losses["loss"].mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -231,7 +265,27 @@ class Trainer:
         The weights go to ``.model.pt.step<N>`` / ``.ema.pt.step<N>`` first; replacing state.pt
         (step N) is the commit; the weight files are renamed into place after it, and a resume
         that finds them still pending for its step finishes the renames (``_roll_forward``).
+        Under DDP every rank must call it: the ranks' RNG states are gathered, rank 0 writes,
+        and all wait for it at a barrier.
         """
+        rank_rng = None
+        if self.world_size > 1:
+            import torch.distributed as dist
+            mine = (torch.get_rng_state(),
+                    torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+            rank_rng = [None] * self.world_size
+            dist.all_gather_object(rank_rng, mine)
+            if self.rank != 0:
+                dist.barrier()
+                return
+        try:
+            self._write(samples, sample_steps, rank_rng)
+        finally:
+            if self.world_size > 1:
+                import torch.distributed as dist
+                dist.barrier()
+
+    def _write(self, samples: int, sample_steps: int, rank_rng: list | None) -> None:
         out = self.out
         out.mkdir(parents=True, exist_ok=True)
         pending = {name: out / f".{name}.step{self.step}" for name in WEIGHT_FILES}
@@ -250,6 +304,9 @@ class Trainer:
             "hparams": {"batch_size": self.batch_size, "lr": self.lr, "ema": self.ema_rate,
                         "seed": self.seed},
         }
+        if rank_rng is not None:
+            state["world_size"] = self.world_size
+            state["rank_rng"] = [{"torch_rng": c, "cuda_rng": g} for c, g in rank_rng]
         _atomic_torch_save(state, out / "state.pt")  # the commit point
         _roll_forward(out, self.step)
         if samples > 0:
@@ -263,7 +320,11 @@ class Trainer:
         out = self.out
         try:
             state = torch.load(out / "state.pt", map_location="cpu", weights_only=True)
-            _roll_forward(out, int(state["step"]))
+            if self.rank == 0:
+                _roll_forward(out, int(state["step"]))
+            if self.world_size > 1:  # the others read the weights once rank 0 has rolled
+                import torch.distributed as dist
+                dist.barrier()
             model_sd = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
             ema_sd = torch.load(out / "ema.pt", map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, EOFError) as exc:
@@ -277,9 +338,19 @@ class Trainer:
                            "resume with the run's own flags (its flags.json)") from exc
         self.opt.load_state_dict(state["optimizer"])
         self.gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if torch.cuda.is_available() and state.get("cuda_rng"):
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if self.world_size == 1:
+            torch.set_rng_state(state["torch_rng"])
+            if torch.cuda.is_available() and state.get("cuda_rng"):
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+        elif state.get("world_size") == self.world_size and state.get("rank_rng"):
+            mine = state["rank_rng"][self.rank]
+            torch.set_rng_state(mine["torch_rng"])
+            if self.device.type == "cuda" and mine.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
+        else:
+            # Saved by another number of processes: the data order still resumes exactly;
+            # dropout gets a fresh stream per rank.
+            torch.manual_seed(self.seed + self.rank + 7919 * (int(state["step"]) + 1))
         self.order.load(state["order"])
         self.step = int(state["step"])
 
@@ -324,7 +395,71 @@ def train_backbone(images_dir: str | Path, out_dir: str | Path,
     of them is required. ``save_every``: minutes between checkpoints (also saved at the end).
     ``samples``: images in samples.png at each save (0: none), drawn in ``sample_steps``
     strided ancestral steps from the EMA weights. Returns ``out_dir``.
+
+    Under ``torchrun`` (WORLD_SIZE > 1 in the environment) this process is one rank of a DDP
+    run (see the module's doc): it joins the process group (unless the caller already has),
+    ``batch_size`` is the global batch (a multiple of WORLD_SIZE), and the group is destroyed
+    again at the end. A ``cuda`` or ``auto`` device becomes ``cuda:LOCAL_RANK``.
     """
+    kw = dict(steps=steps, minutes=minutes, batch_size=batch_size, lr=lr, ema=ema,
+              resume=resume, save_every=save_every, seed=seed, samples=samples,
+              sample_steps=sample_steps, log_every=log_every, progress=progress)
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world_size <= 1:
+        return _train(images_dir, out_dir, flags, device=device, rank=0, world_size=1, **kw)
+
+    import torch.distributed as dist
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    own_group = not dist.is_initialized()
+    if own_group:
+        if dev.type == "cuda":
+            dist.init_process_group("nccl", device_id=dev)
+        else:
+            dist.init_process_group("gloo")
+    try:
+        if dist.get_world_size() != world_size or dist.get_rank() != rank:
+            raise RunError("the process group does not match WORLD_SIZE / RANK",
+                           "launch with torchrun")
+        return _train(images_dir, out_dir, flags, device=dev, rank=rank,
+                      world_size=world_size, **kw)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _agree(value: bool, world_size: int, device: torch.device) -> bool:
+    """Rank 0's ``value`` on every rank (one process: ``value``); keeps the ranks in step."""
+    if world_size == 1:
+        return value
+    import torch.distributed as dist
+    flag = torch.tensor([1 if value else 0], dtype=torch.int32,
+                        device=device if device.type == "cuda" else "cpu")
+    dist.broadcast(flag, 0)
+    return bool(flag.item())
+
+
+def _mean_over_ranks(acc: dict[str, torch.Tensor], world_size: int) -> dict[str, torch.Tensor]:
+    """The accumulated losses averaged over the ranks (one process: as they are)."""
+    if world_size == 1 or not acc:
+        return acc
+    import torch.distributed as dist
+    keys = sorted(acc)
+    vals = torch.stack([torch.as_tensor(acc[k], dtype=torch.float32) for k in keys])
+    dist.all_reduce(vals)
+    vals = vals / world_size
+    return {k: vals[i] for i, k in enumerate(keys)}
+
+
+def _train(images_dir, out_dir, flags, *, steps, minutes, batch_size, lr, ema, device, resume,
+           save_every, seed, samples, sample_steps, log_every, progress, rank,
+           world_size) -> Path:
+    main = rank == 0
+    progress = progress and main
     out = Path(out_dir).expanduser()
     if steps is None and minutes is None:
         raise ConfigError("give a number of steps or of minutes to train",
@@ -359,12 +494,17 @@ def train_backbone(images_dir: str | Path, out_dir: str | Path,
 
     images = load_images(images_dir, flags.image_size, progress=progress)
     trainer = Trainer(images, flags, out, batch_size=int(batch_size), lr=float(lr),
-                      ema=float(ema), device=device, seed=seed)
+                      ema=float(ema), device=device, seed=seed, rank=rank, world_size=world_size)
     if resume and has_run:
         trainer.load()
-        _trim_log(out / "train_log.jsonl", trainer.step)
-        log.info("resuming %s at step %d", out, trainer.step)
+        if main:
+            _trim_log(out / "train_log.jsonl", trainer.step)
+            log.info("resuming %s at step %d", out, trainer.step)
+    elif main and world_size > 1:
+        log.info("training on %d processes, %d images per process and step", world_size,
+                 int(batch_size) // world_size)
     out.mkdir(parents=True, exist_ok=True)
+    dev = trainer.device
 
     start = time.monotonic()
     last_save = start
@@ -377,8 +517,9 @@ def train_backbone(images_dir: str | Path, out_dir: str | Path,
     acc: dict[str, torch.Tensor] = {}
     acc_n, acc_t = 0, time.monotonic()
     saved_step = trainer.step if has_run and resume else -1
-    with open(out / "train_log.jsonl", "a") as logf:
-        while (total is None or trainer.step < total) and time.monotonic() < deadline:
+    with open(out / "train_log.jsonl", "a") if main else open(os.devnull, "w") as logf:
+        while ((total is None or trainer.step < total)
+               and not _agree(time.monotonic() >= deadline, world_size, dev)):
             losses = trainer.train_step()
             for k, v in losses.items():
                 acc[k] = acc.get(k, 0) + v
@@ -386,6 +527,7 @@ def train_backbone(images_dir: str | Path, out_dir: str | Path,
             if bar is not None:
                 bar.update(1)
             if trainer.step % log_every == 0 or trainer.step == total:
+                acc = _mean_over_ranks(acc, world_size)
                 now = time.monotonic()
                 rec = {"step": trainer.step, "epoch": trainer.order.epoch}
                 rec.update({k: round(float(v) / acc_n, 6) for k, v in acc.items()})
@@ -395,7 +537,7 @@ def train_backbone(images_dir: str | Path, out_dir: str | Path,
                 if bar is not None:
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.1f}")
                 acc, acc_n, acc_t = {}, 0, now
-            if time.monotonic() - last_save >= save_every * 60:
+            if _agree(time.monotonic() - last_save >= save_every * 60, world_size, dev):
                 trainer.save(samples, sample_steps)
                 saved_step = trainer.step
                 last_save = time.monotonic()

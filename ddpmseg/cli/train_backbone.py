@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from .common import device_option
@@ -20,7 +22,9 @@ from .common import device_option
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="M", help="Train for M minutes of this call (with --steps: whichever "
                                 "comes first).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Images per step in all: under torchrun the global batch, split evenly "
+                   "over the processes (a multiple of their number).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4,
               show_default=True, help="AdamW learning rate.")
 @click.option("--ema", type=click.FloatRange(min=0, max=1, max_open=True), default=0.9999,
@@ -46,7 +50,12 @@ def command(ctx, images_dir, out_dir, preset, flags_path, steps, minutes, batch_
     The objective is guided-diffusion's: epsilon MSE at uniform steps, plus the variational
     bound on the learned variance (stop-gradient on the mean) when the flags set learn_sigma.
     AdamW, an EMA of the weights, random horizontal flips; images are resized and
-    centre-cropped to the model's size. Single process (one device; no multi-GPU).
+    centre-cropped to the model's size.
+
+    Multi-GPU (DDP): launch with torchrun; each process trains on its share of the global
+    --batch-size (cuda:LOCAL_RANK with nccl, or the CPU with gloo), and only the first one
+    writes OUT and shows progress. Resume with the same number of processes to keep the
+    random numbers exact (another number resumes the data order exactly).
 
     OUT gets ema.pt (load it with the same flags as any guided-diffusion checkpoint),
     model.pt, state.pt, flags.json, train_log.jsonl and samples.png.
@@ -55,6 +64,8 @@ def command(ctx, images_dir, out_dir, preset, flags_path, steps, minutes, batch_
     Examples:
       ddpmseg train-backbone faces/ runs/faces64 --preset faces_64 --minutes 60
       ddpmseg train-backbone faces/ runs/faces64 --resume --steps 20000
+      torchrun --nproc_per_node 4 $(which ddpmseg) train-backbone faces/ runs/f64 \\
+          --preset faces_64 --batch-size 64 --minutes 60
     """
     from ..backbone.train import train_backbone
 
@@ -70,4 +81,5 @@ def command(ctx, images_dir, out_dir, preset, flags_path, steps, minutes, batch_
                          batch_size=batch_size, lr=lr, ema=ema, device=device, resume=resume,
                          save_every=save_every, seed=seed, samples=samples,
                          sample_steps=sample_steps, progress=not (no_progress or quiet))
-    click.echo(f"{out}: ema.pt, model.pt, state.pt, flags.json")
+    if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun: the first process only
+        click.echo(f"{out}: ema.pt, model.pt, state.pt, flags.json")
