@@ -243,7 +243,6 @@ def main() -> None:
         print(f"{r['images']:>6} {r['budget_gb']:>9.1f} {r['shuffle_images']:>7} "
               f"{'resident' if r['resident'] else '2 chunks':>9} {r['peak_rss_gb']:>11.2f} "
               f"{r['reference_dense_gb']:>12.1f}")
-    stream_2 = [r for r in memory if r["images"] == args.speed_images]
     print(f"\nin memory (the reference's way), {args.speed_images} images: peak RSS "
           f"{in_memory['peak_rss_gb']:.2f} GB (features built in {in_memory['setup_seconds']:.0f} s)")
     med = speed["median_pixels_per_s"]

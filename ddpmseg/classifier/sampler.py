@@ -332,12 +332,11 @@ class StreamSource:
             slot_of = np.full(len(self.store), -1, dtype=np.int64)
             loader = _Loader(self.store, self.layout, [(None, self.images)], [bufs])
             try:
-                item = loader.get()
+                loader.get()  # fills bufs
             finally:
                 loader.close()
             slot_of[self.images] = np.arange(len(self.images))
             self._resident_bufs, self._slot_of = bufs, torch.from_numpy(slot_of)
-            del item
         return self._resident_bufs, self._slot_of
 
     def session(self, plan: EpochPlan) -> "_Session":

@@ -9,11 +9,9 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from PIL import Image
 
 from ddpmseg.backbone import Backbone, ModelFlags
 from ddpmseg.backbone.train import Trainer, train_backbone
@@ -39,20 +37,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def images_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(5):
-        h, w = 16 + 3 * i, 20 + i
-        yy, xx = np.mgrid[0:h, 0:w]
-        col = rng.integers(0, 255, 3)
-        img = (col[None, None] * (0.3 + 0.7 * (xx / w))[..., None]).astype(np.uint8)
-        img[..., i % 3] = (yy * 255 // h).astype(np.uint8)
-        Image.fromarray(img).save(folder / f"img{i}.png")
-    return folder
 
 
 def _weights(path):

@@ -24,21 +24,6 @@ TINY = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def images_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(5):
-        # Smooth colour gradients (learnable) of assorted sizes, so centre-cropping is exercised.
-        h, w = 16 + 3 * i, 20 + i
-        yy, xx = np.mgrid[0:h, 0:w]
-        col = rng.integers(0, 255, 3)
-        img = (col[None, None] * (0.3 + 0.7 * (xx / w))[..., None]).astype(np.uint8)
-        img[..., i % 3] = (yy * 255 // h).astype(np.uint8)
-        Image.fromarray(img).save(folder / f"img{i}.png")
-    return folder
-
-
 def _weights(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
