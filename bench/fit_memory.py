@@ -41,11 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lsun_layout import BLOCKS, FEATURE_DIM, PER_STEP, SIZE, STEPS  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
-STEPS = (50, 150, 250)
-BLOCKS = (5, 6, 7, 8, 12)
-PER_STEP = ((1024, 32, 32), (512, 32, 32), (512, 32, 32), (512, 64, 64), (256, 128, 128))
-SIZE = (256, 256)
 NUM_CLASSES = 28
 GIB = 1024 ** 3
 
@@ -211,16 +209,16 @@ def main() -> None:
     store_path = Path(args.store)
     store_path.parent.mkdir(parents=True, exist_ok=True)
     n_max = max(counts + [args.speed_images])
-    print(f"store {store_path} ({n_max} images, 8448 dims, 256x256)", file=sys.stderr)
+    print(f"store {store_path} ({n_max} images, {FEATURE_DIM} dims, {SIZE[0]}x{SIZE[1]})", file=sys.stderr)
     ensure_store(store_path, n_max)
-    per_image_dense = SIZE[0] * SIZE[1] * 8448 * 4
+    per_image_dense = SIZE[0] * SIZE[1] * FEATURE_DIM * 4
 
     memory = []
     for budget in budgets:
         for n in counts:
             r = run_child(store_path, n, budget, args.steps, in_memory=False)
             r.update(images=n, budget_gb=budget,
-                     reference_dense_gb=r["labelled_pixels"] * 8448 * 4 / GIB)
+                     reference_dense_gb=r["labelled_pixels"] * FEATURE_DIM * 4 / GIB)
             memory.append(r)
             print(f"  memory: {n} images, budget {budget} GB: {r['peak_rss_gb']:.2f} GB",
                   file=sys.stderr, flush=True)
@@ -257,7 +255,7 @@ def main() -> None:
     at30 = [r for r in memory if r["images"] == max(counts)]
     result = {
         "layout": {"steps": STEPS, "blocks": BLOCKS, "shapes_per_step": PER_STEP,
-                   "image_size": SIZE, "feature_dim": 8448, "num_classes": NUM_CLASSES,
+                   "image_size": SIZE, "feature_dim": FEATURE_DIM, "num_classes": NUM_CLASSES,
                    "store_dtype": "float16"},
         "memory": memory, "in_memory_run": in_memory, "speed": speed,
         "stream_over_in_memory": ratio,

@@ -30,11 +30,9 @@ import sys
 import time
 from pathlib import Path
 
+from lsun_layout import BLOCKS, FEATURE_DIM, PER_STEP, SIZE, STEPS  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
-STEPS = (50, 150, 250)
-BLOCKS = (5, 6, 7, 8, 12)
-PER_STEP = ((1024, 32, 32), (512, 32, 32), (512, 32, 32), (512, 64, 64), (256, 128, 128))
-SIZE = (256, 256)
 NUM_CLASSES = 34
 
 
@@ -166,7 +164,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     make_store(store, args.images)
-    print(f"store: {args.images} synthetic 256x256 images, 8448 dims, float16, "
+    print(f"store: {args.images} synthetic {SIZE[0]}x{SIZE[1]} images, {FEATURE_DIM} dims, float16, "
           f"{time.perf_counter() - t0:.1f} s to write", flush=True)
     ks = [int(k) for k in args.ks.split(",")]
     rows = []
@@ -198,7 +196,7 @@ def main() -> None:
     result = {
         "benchmark": "predict_memory",
         "layout": {"steps": STEPS, "blocks": BLOCKS, "shapes_per_step": PER_STEP,
-                   "image_size": SIZE, "feature_dim": 8448, "store_dtype": "float16",
+                   "image_size": SIZE, "feature_dim": FEATURE_DIM, "store_dtype": "float16",
                    "num_classes": NUM_CLASSES, "member": "8448->128->32->34 MLP (BN)"},
         "images": args.images,
         "tile_rows": args.tile_rows,
