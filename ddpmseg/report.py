@@ -309,8 +309,7 @@ def _settings(meta: dict) -> str:
         ("image size", "x".join(str(s) for s in meta.get("image_size") or []) or "?"),
         ("classes", meta.get("num_classes")),
     ]
-    chips = "".join(f'<span><b>{_esc(k)}</b> <span title="{_esc(sha) if k == "fingerprint" else ""}"'
-                    f'>{_esc(v)}</span></span>' for k, v in items)
+    chips = "".join(f'<span><b>{_esc(k)}</b> {_esc(v)}</span>' for k, v in items)
     flags = fingerprint.get("flags") or {}
     detail = ""
     if flags or meta.get("input"):
