@@ -224,13 +224,6 @@ def train_member(k: int, source, index: S.PixelIndex, cfg: Config, dim: int,
     c = cfg.classifier
     seed = c.seed + k
     model, trunk, etf_m = build_member(dim, num_classes, c.etf, seed)
-    # Minibatch features arrive in the pool's column order: permute the first layer's input
-    # columns to it (the same model, stored differently), and back before saving.
-    perm = source.layout.perm
-    if not source.layout.identity:
-        for first in [model.layers[0]] + ([trunk[0]] if trunk is not None else []):
-            with torch.no_grad():
-                first.weight.copy_(first.weight[:, perm])
     model.to(device).train()
     # One optimiser per parameter set: the classifier's updates never see the other trunk.
     opt = torch.optim.Adam(model.parameters(), lr=c.lr)
@@ -322,10 +315,6 @@ def train_member(k: int, source, index: S.PixelIndex, cfg: Config, dim: int,
             "pixels_per_epoch": plan.pixels_per_epoch,
             "seconds": time.perf_counter() - t_start, "device": str(device)}
     state = {key: v.detach().cpu().clone() for key, v in model.state_dict().items()}
-    if not source.layout.identity:
-        w = torch.empty_like(state["layers.0.weight"])
-        w[:, perm] = state["layers.0.weight"]
-        state["layers.0.weight"] = w
     return state, meta
 
 
