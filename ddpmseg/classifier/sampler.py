@@ -13,7 +13,7 @@ The order of an epoch is a function of (seed, epoch, shuffle size P) only:
 Every labelled pixel is visited exactly once per epoch. Two sources produce the features of
 that stream:
 
-* ``StreamSource``: a pool of whole images' native maps (as stored, float16 by default),
+* ``StreamSource``: a pool of whole images' native maps (as float32: see ``MapLayout``),
   filled from the store by a background *thread* (zarr 3's asyncio loop can deadlock in forked
   workers), with pixel features computed per minibatch from the pooled maps. When all training
   images fit the RAM budget they are loaded once and stay; otherwise the pool holds two chunks
@@ -32,13 +32,13 @@ The pooled maps' layout and the gather over them are ``ddpmseg.featcache.pixels.
 out in the reference's order (step-major, then block), so the trainer's model reads them as
 they are.
 
-Cost (bench/fit_memory.py, LSUN-256 layout, 8448 dims, 2-core CPU): about 1 ms per minibatch
-of 64 pixels with cold caches, against ~0.15 ms for the in-memory row gather and ~5 ms for the
-training step. Calling ``pixel_features`` per image and per map instead would cost tens of ms
-per minibatch (one call per image in the minibatch, 15 maps each). Tried and dropped: computing
-minibatches ahead in a thread (the GIL hand-offs cost more than they hide on 2 cores), and
-``embedding_bag`` blends (10-20% faster, but they need a float32 pool, twice the memory, or
-round the features to float16).
+Cost (bench/fit_speed.py, 1 thread, shared 2-core CPU): features are gathered for a run of
+minibatches at once (``run_pixels``). The gather reads four float32 taps per feature value, four
+times the bytes of the in-memory row copy: about 0.15 ms per 64 pixels at 1344 dims and 2.5 ms
+at 8448 dims (memory-bound), against 0.1 and 0.3-0.7 ms for the in-memory copy and 4 and
+16-20 ms for the training step. Tried and dropped: a float16 pool blended with ``lerp`` (the
+upcast and blends are three extra passes over (4, n, C) temporaries: 2-6x slower), and
+computing minibatches ahead in a thread (the GIL hand-offs cost more than they hide on 2 cores).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from ..errors import BadInputError, StoreError
-from ..featcache.pixels import POOL_DTYPES, MapLayout
+from ..featcache.pixels import MapLayout
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,9 @@ class PixelIndex:
 
 
 def image_bytes(info) -> int:
-    """Bytes of one image's native maps in the pool."""
-    itemsize = torch.empty(0, dtype=POOL_DTYPES[info.dtype]).element_size()
+    """Bytes of one image's native maps in the pool (float32 whatever the store's dtype: see
+    ``MapLayout``)."""
+    itemsize = torch.empty(0, dtype=MapLayout.dtype).element_size()
     return sum(c * h * w for c, h, w in info.shapes) * itemsize
 
 
@@ -374,15 +375,29 @@ class _Loader:
 
 
 # -- minibatches -----------------------------------------------------------------------------
-def batches(plan: EpochPlan, session: _Session, epoch: int,
-            device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+# Features are gathered for a run of consecutive minibatches at once (about this many bytes of
+# float32), so the per-call cost of the gather (a few dozen small tensor ops) is paid once per
+# run, not once per 64 pixels. Both sources cut the same runs, so their minibatches are the same
+# tensors, laid out alike in memory.
+RUN_BYTES = 4 * 2 ** 20
+
+
+def run_pixels(batch_size: int, dim: int, run_bytes: int = RUN_BYTES) -> int:
+    """Pixels per gather: a whole number of minibatches, at least one, about ``run_bytes``."""
+    return max(1, run_bytes // (4 * max(1, dim) * batch_size)) * batch_size
+
+
+def batches(plan: EpochPlan, session: _Session, epoch: int, device: torch.device,
+            dim: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The minibatches (features float32 (B, D), labels int64 (B,)) of one epoch.
 
-    (Computing batches ahead in a thread was tried: on a 2-core machine the GIL hand-offs
-    between it and the training step cost more than they hid.)
+    A minibatch is a view into its run's feature tensor (or, where it straddles two chunks,
+    a concatenation). (Computing batches ahead in a thread was tried: on a 2-core machine the
+    GIL hand-offs between it and the training step cost more than they hid.)
     """
     sizes = plan.batch_sizes
     labels = plan.index.labels
+    extra = run_pixels(plan.batch_size, dim) - plan.batch_size
     bi, need = 0, (sizes[0] if sizes else 0)
     xs, ys = [], []
     for c, chunk in enumerate(session.chunks(epoch)):
@@ -390,18 +405,23 @@ def batches(plan: EpochPlan, session: _Session, epoch: int,
             img, rows = plan.chunk_rows(epoch, c, chunk.images)
             pos, n = 0, len(rows)
             while pos < n:
-                take = min(need, n - pos)
-                r = rows[pos:pos + take]
-                xs.append(chunk.featurize(img[pos:pos + take], r))
-                ys.append(labels[r])
-                pos += take
-                need -= take
-                if need == 0:
-                    x = xs[0] if len(xs) == 1 else torch.cat(xs)
-                    y = torch.from_numpy(np.concatenate(ys).astype(np.int64)).to(device)
-                    xs, ys = [], []
-                    bi += 1
-                    need = sizes[bi] if bi < len(sizes) else 0
-                    yield x, y
+                # The rest of the current minibatch and a few whole ones, in one gather.
+                run = min(n - pos, need + extra)
+                feats = chunk.featurize(img[pos:pos + run], rows[pos:pos + run])
+                q = 0
+                while q < run:
+                    take = min(need, run - q)
+                    xs.append(feats[q:q + take])
+                    ys.append(labels[rows[pos + q:pos + q + take]])
+                    q += take
+                    need -= take
+                    if need == 0:
+                        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+                        y = torch.from_numpy(np.concatenate(ys).astype(np.int64)).to(device)
+                        xs, ys = [], []
+                        bi += 1
+                        need = sizes[bi] if bi < len(sizes) else 0
+                        yield x, y
+                pos += run
         finally:
             chunk.release()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import device_option
+from .common import device_option, threads_option
 
 
 @click.command("predict")
@@ -29,6 +29,7 @@ from .common import device_option
               help="The backbone checkpoint, when INPUT is an image folder and the run's is "
                    "elsewhere. Must be the one the run was trained with.")
 @device_option
+@threads_option()
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def command(run, input_path, out_dir, vote, uncertainty, tile_rows, images_dir, resize,
             checkpoint, device, no_progress):

@@ -19,8 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-
-POOL_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+import torch.nn.functional as F
 
 
 def source_coords(out_size: int, in_size: int, idx: torch.Tensor):
@@ -132,19 +131,23 @@ def feature_dim(shapes: Sequence[tuple[int, int, int]]) -> int:
 class MapLayout:
     """Where each stored map lives in a pool of images' maps, and the gather over that pool.
 
-    The pool keeps the maps channels-last and grouped by resolution ((S, h, w, C_g) per
-    distinct (h, w), S image slots), so the features of any pixels of any pooled images take
-    four row gathers (``index_select``, one pixel's channels each) and a few ``lerp``s per
-    resolution, instead of work per map and per image. The output is in the reference's order
-    (step-major, then block): each group's blend is written straight into its maps' feature
-    columns, so no caller ever reorders features or weights.
+    The pool keeps the maps as float32, channels-last and grouped by resolution ((S, h, w, C_g)
+    per distinct (h, w), S image slots), so the features of any pixels of any pooled images
+    take one fused gather per resolution: ``embedding_bag`` sums each pixel's four bilinear
+    taps (rows of C_g channels) with their weights in a single pass. float32 because that
+    kernel needs the weights' dtype (a float16 pool would round every feature to float16);
+    upcasting float16 taps per minibatch instead costs three extra passes, 2-6x slower in
+    bench/fit_speed.py. The output is in the reference's order (step-major, then block): each
+    group's columns are copied straight into its maps' feature columns, so no caller ever
+    reorders features or weights.
     """
+
+    dtype = torch.float32
 
     def __init__(self, info, device: torch.device):
         self.size = tuple(info.image_size)
         self.dim = sum(s[0] for s in info.shapes)
         self.device = device
-        self.dtype = POOL_DTYPES[info.dtype]
         groups: dict[tuple[int, int], list] = {}
         col = 0
         for j, (c, h, w) in enumerate(info.shapes):
@@ -158,7 +161,7 @@ class MapLayout:
                 self.map_slot[j] = (g, c0, c0 + c)
                 prev = segments[-1] if segments else None
                 if prev is not None and prev[1] == c0 and prev[2] + (prev[1] - prev[0]) == fcol:
-                    # Adjacent in the pool and in the feature: one blend covers both maps.
+                    # Adjacent in the pool and in the feature: one copy covers both maps.
                     segments[-1] = (prev[0], c0 + c, prev[2])
                 else:
                     segments.append((c0, c0 + c, fcol))
@@ -166,24 +169,25 @@ class MapLayout:
             self.groups.append((h, w, c0, segments))
         self._table = None
 
+    def image_bytes(self) -> int:
+        """Bytes of one image's maps in the pool."""
+        return sum(h * w * c for h, w, c, _ in self.groups) * 4
+
     def allocate(self, slots: int) -> list[torch.Tensor]:
         return [torch.empty((slots, h, w, c), dtype=self.dtype, device=self.device)
                 for h, w, c, _ in self.groups]
 
     def put(self, bufs: list[torch.Tensor], slot: int, maps: Sequence) -> None:
-        """Copy one image's (C, h, w) maps into ``slot`` of the pool buffers."""
+        """Copy one image's (C, h, w) maps (any float dtype) into ``slot`` of the pool."""
         for j, m in enumerate(maps):
             g, c0, c1 = self.map_slot[j]
             t = m if isinstance(m, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(m))
-            if t.dtype != self.dtype:
-                t = t.to(self.dtype)
             bufs[g][slot, :, :, c0:c1].copy_(t.permute(1, 2, 0))
 
     def _tables(self):
-        """Per image pixel, for every group: the 4 bilinear taps (flat offsets in its map) and
-        the x and y weights, from ``source_coords``. Built once: (4G, H*W) int64 and
-        (2G, H*W, 1) float32, so that one gather looks all of them up in two indexing
-        operations."""
+        """Per image pixel, for every group: its 4 bilinear taps (flat offsets in the group's
+        map, order (y0,x0) (y0,x1) (y1,x0) (y1,x1)) and their weights, from ``source_coords``.
+        Built once: (G, H*W, 4) int64 and float32."""
         if self._table is None:
             height, width = self.size
             flat = torch.arange(height * width)
@@ -192,12 +196,13 @@ class MapLayout:
             for h, w, *_ in self.groups:
                 y0, y1, ly = source_coords(height, h, ys)
                 x0, x1, lx = source_coords(width, w, xs)
-                taps += [y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1]
-                weights += [lx, ly]
-                sizes += [h * w] * 4
+                taps.append(torch.stack([y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1], 1))
+                weights.append(torch.stack([(1 - lx) * (1 - ly), lx * (1 - ly),
+                                            (1 - lx) * ly, lx * ly], 1))
+                sizes.append(h * w)
             self._table = (torch.stack(taps).to(self.device),
-                           torch.stack(weights)[:, :, None].to(self.device),
-                           torch.tensor(sizes, device=self.device)[:, None])
+                           torch.stack(weights).to(self.device),
+                           torch.tensor(sizes, device=self.device)[:, None, None])
         return self._table
 
     def features(self, bufs: list[torch.Tensor], slots: torch.Tensor,
@@ -205,22 +210,20 @@ class MapLayout:
         """float32 (n, D) features of pixels ``flat`` (y * W + x) of the images in ``slots``
         (pool slot per pixel), in the reference's feature order.
 
-        Same taps and weights as ``pixel_features``; the blend is ``torch.lerp`` (one pass per
-        interpolation instead of three), equal to it within a float32 rounding. Row k depends
-        on pixel k only, so any run of pixels gives the same rows however it is cut.
+        Same taps and weights as ``pixel_features`` (the weighted sum of the four taps instead
+        of two nested blends: equal within a float32 rounding). Row k depends on pixel k only,
+        so any run of pixels gives the same rows however it is cut.
         """
         n = flat.shape[0]
         taps, weights, sizes = self._tables()
-        rows_all = taps[:, flat] + slots * sizes            # (4G, n) rows of the pool buffers
-        w_all = weights[:, flat]                            # (2G, n, 1): x, y weight per group
+        rows_all = taps[:, flat] + slots[None, :, None] * sizes   # (G, n, 4) pool rows
+        w_all = weights[:, flat]                                  # (G, n, 4)
         out = torch.empty((n, self.dim), dtype=torch.float32, device=flat.device)
         for g, ((h, w, c, segments), buf) in enumerate(zip(self.groups, bufs)):
-            # index_select copies whole rows (one pixel's channels): far faster than indexing.
-            v = torch.index_select(buf.view(-1, c), 0, rows_all[4 * g:4 * g + 4].view(-1))
-            v = v.view(2, 2, n, c).float()
-            along_x = torch.lerp(v[:, 0], v[:, 1], w_all[2 * g])    # both source rows
-            wy = w_all[2 * g + 1]
+            got = F.embedding_bag(rows_all[g], buf.view(-1, c), mode="sum",
+                                  per_sample_weights=w_all[g])
+            if len(segments) == 1 and segments[0][1] - segments[0][0] == self.dim:
+                return got
             for c0, c1, fcol in segments:
-                torch.lerp(along_x[0, :, c0:c1], along_x[1, :, c0:c1], wy,
-                           out=out[:, fcol:fcol + c1 - c0])
+                out[:, fcol:fcol + c1 - c0] = got[:, c0:c1]
         return out

@@ -10,10 +10,10 @@ def store(tmp_path_factory, make_store):
     return make_store(tmp_path_factory.mktemp("sampler") / "s.zarr", n_images=5)
 
 
-def _epoch(plan, source, epoch):
+def _epoch(plan, source, epoch, dim=1):
     with source.session(plan) as session:
         return [(x.clone(), y.clone()) for x, y in S.batches(plan, session, epoch,
-                                                             torch.device("cpu"))]
+                                                             torch.device("cpu"), dim)]
 
 
 def test_plan_visits_every_labelled_pixel_once(store):
@@ -63,7 +63,10 @@ def reference_features(store, i: int) -> np.ndarray:
     return dense.reshape(dense.shape[0], -1).T
 
 
-def test_minibatch_features_are_the_reference_bilinear_features(store):
+# Runs of whole chunks, and runs of two minibatches (so runs end inside chunks and minibatches
+# straddle chunk ends).
+@pytest.mark.parametrize("run_dim", [1, S.RUN_BYTES // (4 * 50 * 2)])
+def test_minibatch_features_are_the_reference_bilinear_features(store, run_dim):
     index = S.PixelIndex.from_store(store)
     cpu = torch.device("cpu")
     ref = {int(i): reference_features(store, int(i)) for i in index.images}
@@ -73,7 +76,7 @@ def test_minibatch_features_are_the_reference_bilinear_features(store):
         stream = S.StreamSource(store, index, cpu, chunk)
         assert stream.resident == (chunk == 5)
         for epoch in (0, 1):
-            a, b = _epoch(plan, stream, epoch), _epoch(plan, in_memory, epoch)
+            a, b = _epoch(plan, stream, epoch, run_dim), _epoch(plan, in_memory, epoch, run_dim)
             assert [len(y) for _, y in a] == plan.batch_sizes
             # The pixels in visiting order, from the plan; their features from numpy.
             order = [plan.chunk_rows(epoch, c, imgs)
@@ -107,7 +110,7 @@ def test_stopping_mid_epoch_stops_the_loader(store):
     plan = S.EpochPlan(index, 1, seed=0, batch_size=16)
     stream = S.StreamSource(store, index, torch.device("cpu"), 1)
     session = stream.session(plan)
-    it = S.batches(plan, session, 0, torch.device("cpu"))
+    it = S.batches(plan, session, 0, torch.device("cpu"), 1)
     next(it)
     it.close()
     session.close()

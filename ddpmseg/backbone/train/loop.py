@@ -176,7 +176,7 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "order": self.order.state(),
             "hparams": {"batch_size": self.batch_size, "lr": self.lr, "ema": self.ema_rate,
-                        "seed": self.seed},
+                        "seed": self.seed, "threads": torch.get_num_threads()},
         }
         if rank_rng is not None:
             state["world_size"] = self.world_size
@@ -338,6 +338,7 @@ def _train(images_dir, out_dir, flags, *, steps, minutes, batch_size, lr, ema, d
                 rec = {"step": trainer.step, "epoch": trainer.order.epoch}
                 rec.update({k: round(float(v) / acc_n, 6) for k, v in acc.items()})
                 rec["images_per_s"] = round(acc_n * trainer.batch_size / max(now - acc_t, 1e-9), 2)
+                rec["threads"] = torch.get_num_threads()
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
                 if bar is not None:
