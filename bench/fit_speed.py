@@ -162,14 +162,26 @@ def measure(name: str, store, steps: int, rounds: int) -> dict:
           f"{info.feature_dim} dims; dense float32 {x.numel() * 4 / GIB:.2f} GB", file=sys.stderr,
           flush=True)
 
+    # Where the time goes: seconds inside the feature gather (streaming) or row copy (in memory).
+    gather = {"stream": 0.0, "in_memory": 0.0}
+    for kind, attr in (("stream", "_features"), ("in_memory", "_featurize")):
+        def timed(*a, _f=getattr(sources[kind], attr), _k=kind):
+            t = time.perf_counter()
+            r = _f(*a)
+            gather[_k] += time.perf_counter() - t
+            return r
+        setattr(sources[kind], attr, timed)
+    gather_ms = {"stream": [], "in_memory": []}
     states = {}
 
     def ours(kind: str) -> float:
+        gather[kind] = 0.0
         records = []
         state, _ = train_member(0, sources[kind], index, cfg, info.feature_dim,
                                 info.num_classes, shuffle, dev, progress=False,
                                 on_epoch=records.append, max_steps=steps)
         states.setdefault(kind, state)
+        gather_ms[kind].append(1e3 * gather[kind] / sum(r["steps"] for r in records))
         return sum(r["pixels"] for r in records) / sum(r["seconds"] for r in records)
 
     runners = {"stream": lambda: ours("stream"), "in_memory": lambda: ours("in_memory"),
@@ -201,6 +213,9 @@ def measure(name: str, store, steps: int, rounds: int) -> dict:
            "stream_over_in_memory": statistics.median(ratios("stream", "in_memory")),
            "stream_over_reference": statistics.median(ratios("stream", "reference")),
            "in_memory_over_reference": statistics.median(ratios("in_memory", "reference")),
+           "gather_ms_per_step": {k: statistics.median(v) for k, v in gather_ms.items()},
+           "step_ms": {k: 64e3 / v for k, v in
+                       {k: statistics.median(rates[k]) for k in rates}.items()},
            "members_bit_identical": bool(identical)}
     return out
 
@@ -255,6 +270,10 @@ def main() -> int:
               f"streaming / reference = {r['stream_over_reference']:.2f}, "
               f"in-memory / reference = {r['in_memory_over_reference']:.2f} "
               f"(medians of per-round ratios)")
+        g, st = r["gather_ms_per_step"], r["step_ms"]
+        print(f"  profile, ms per minibatch (medians): stream {st['stream']:.2f} of which "
+              f"feature gather {g['stream']:.2f}; in_memory {st['in_memory']:.2f} of which row "
+              f"copy {g['in_memory']:.2f}; reference {st['reference']:.2f}")
         print(f"  members streaming vs in memory bit-identical: {r['members_bit_identical']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
