@@ -11,7 +11,7 @@ configuration's alone:
 
 - memory: one member trained for --steps minibatches of 64 pixels, streaming, on N = 5, 10, 20,
   30 images, at the default 2 GB pool budget and at a 0.5 GB one. The pool holds
-  min(N x 50 MB, budget) of native maps; above the budget it holds two chunks and loads the
+  min(N x 100 MB, budget) (float32) of native maps; above the budget it holds two chunks and loads the
   next in a background thread. The reference's way needs N x 65536 x 8448 x 4 bytes
   (2.2 GB per image: ~66 GB at 30 images) before the first step.
 - throughput: pixels/s of the same training streaming versus ``in_memory`` (the dense float32

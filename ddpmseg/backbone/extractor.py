@@ -18,7 +18,7 @@ from ..device import resolve_device
 from ..bundled import resolve_checkpoint
 from ..errors import BadInputError, ConfigError, InputNotFoundError
 from .checkpoint import load_checkpoint, sha256_file
-from .diffusion import get_schedule
+from .diffusion import Schedule
 from .flags import ModelFlags
 from .unet import UNetModel
 
@@ -63,7 +63,7 @@ class Backbone:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.sha256 = sha256
-        self.schedule = get_schedule(self.flags.noise_schedule, self.flags.diffusion_steps)
+        self.schedule = Schedule.from_flags(self.flags)
 
     # -- construction -----------------------------------------------------------------------
 
@@ -225,7 +225,7 @@ class Backbone:
                 t = step_values[pos]
                 x_t = self.schedule.q_sample(x0[imgs], t, noise)
                 feats = self.model.decoder_features(
-                    x_t, self._model_timesteps(t), blocks,
+                    x_t, self.schedule.model_timesteps(t), blocks,
                     y=None if y is None else y[imgs])
                 if not out:
                     for s in steps:
@@ -237,9 +237,3 @@ class Backbone:
                     for b in blocks:
                         out[(steps[j], b)][i] = feats[b][k]
         return out
-
-    def _model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
-        """The timesteps the model sees: t itself, or t * 1000 / steps with rescale_timesteps."""
-        if self.flags.rescale_timesteps:
-            return t.float() * (1000.0 / self.flags.diffusion_steps)
-        return t

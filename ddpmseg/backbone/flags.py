@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import ConfigError, InputNotFoundError
+from .diffusion import SCHEDULES
 
 # Flags of guided-diffusion that only matter for training or sampling; a feature extractor
 # accepts them so that a full flag dict loads, and ignores them.
@@ -139,8 +140,6 @@ class ModelFlags:
         self._validate()
 
     def _validate(self) -> None:
-        from .diffusion import SCHEDULES  # late: diffusion does not need flags
-
         if self.image_size <= 0 or self.num_channels <= 0 or self.num_res_blocks <= 0:
             raise ConfigError("model flags image_size, num_channels and num_res_blocks must be "
                               "positive")

@@ -224,13 +224,6 @@ def train_member(k: int, source, index: S.PixelIndex, cfg: Config, dim: int,
     c = cfg.classifier
     seed = c.seed + k
     model, trunk, etf_m = build_member(dim, num_classes, c.etf, seed)
-    # Minibatch features arrive in the pool's column order: permute the first layer's input
-    # columns to it (the same model, stored differently), and back before saving.
-    perm = source.layout.perm
-    if not source.layout.identity:
-        for first in [model.layers[0]] + ([trunk[0]] if trunk is not None else []):
-            with torch.no_grad():
-                first.weight.copy_(first.weight[:, perm])
     model.to(device).train()
     # One optimiser per parameter set: the classifier's updates never see the other trunk.
     opt = torch.optim.Adam(model.parameters(), lr=c.lr)
@@ -262,7 +255,7 @@ def train_member(k: int, source, index: S.PixelIndex, cfg: Config, dim: int,
                 etf_sum = torch.zeros((), device=device)
                 ce_sum = 0.0
                 steps = pixels = 0
-                for x, y in S.batches(plan, session, epoch, device):
+                for x, y in S.batches(plan, session, epoch, device, dim):
                     logits, h = model(x, return_features=True)
                     ce = F.cross_entropy(logits, y)
                     loss = ce
@@ -304,7 +297,8 @@ def train_member(k: int, source, index: S.PixelIndex, cfg: Config, dim: int,
                 steps_total += steps
                 record = {"member": k, "epoch": epoch, "loss": loss_sum.item() / max(steps, 1),
                           "ce": ce_sum / max(steps, 1), "steps": steps, "pixels": pixels,
-                          "pixels_per_s": pixels / max(seconds, 1e-9), "seconds": seconds}
+                          "pixels_per_s": pixels / max(seconds, 1e-9), "seconds": seconds,
+                          "threads": torch.get_num_threads()}
                 if c.etf != "none":
                     record["etf_loss"] = etf_sum.item() / max(steps, 1)
                 if on_epoch is not None:
@@ -320,12 +314,9 @@ def train_member(k: int, source, index: S.PixelIndex, cfg: Config, dim: int,
             "etf_weight": c.etf_weight, "stop_epoch": stop_epoch, "early_stop": early,
             "steps": steps_total, "shuffle_images": shuffle,
             "pixels_per_epoch": plan.pixels_per_epoch,
-            "seconds": time.perf_counter() - t_start, "device": str(device)}
+            "seconds": time.perf_counter() - t_start, "device": str(device),
+            "threads": torch.get_num_threads()}
     state = {key: v.detach().cpu().clone() for key, v in model.state_dict().items()}
-    if not source.layout.identity:
-        w = torch.empty_like(state["layers.0.weight"])
-        w[:, perm] = state["layers.0.weight"]
-        state["layers.0.weight"] = w
     return state, meta
 
 

@@ -5,11 +5,34 @@ from __future__ import annotations
 import click
 
 from ..config import Config, load_config
+from ..device import DEFAULT_THREADS, set_threads
 from ..errors import DdpmsegError
 
 device_option = click.option(
     "--device", default="auto", show_default=True,
     help="auto (CUDA when present), cpu, cuda or cuda:N.")
+
+
+
+def threads_option(work: str | None = None):
+    """``--threads N``: torch's intra-op threads for this command, applied as it is parsed.
+
+    Unset: OMP_NUM_THREADS when set, else the measured default for ``work``
+    (``ddpmseg.device.DEFAULT_THREADS``), else one per core.
+    """
+    def apply(ctx, param, value):
+        try:
+            set_threads(value, work)
+        except DdpmsegError as exc:
+            raise click.BadParameter(str(exc), param_hint="--threads") from exc
+        return value
+
+    default = DEFAULT_THREADS.get(work or "", "one per core")
+    return click.option(
+        "--threads", type=click.IntRange(min=1), default=None, metavar="N", expose_value=False,
+        callback=apply,
+        help=f"Torch CPU threads. [default: OMP_NUM_THREADS, else {default}]")
+
 
 config_option = click.option(
     "--config", "config_path", default=None, metavar="TOML|NAME",

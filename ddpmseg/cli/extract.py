@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import config_option, device_option, parse_ints, resolve_config
+from .common import config_option, device_option, threads_option, parse_ints, resolve_config
 
 _DTYPES = ("float16", "bfloat16", "float32")
 _PRECISIONS = ("fp32", "bf16", "fp16")
@@ -27,6 +27,7 @@ _PRECISIONS = ("fp32", "bf16", "fp16")
 @click.option("--dtype", type=click.Choice(_DTYPES), default=None,
               help="Storage dtype of the activations. [default: config, float16]")
 @device_option
+@threads_option()
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, metavar="N",
               help="Images per forward pass. [default: config, 1]")
 @click.option("--precision", type=click.Choice(_PRECISIONS), default=None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import config_option, device_option, resolve_config
+from .common import config_option, device_option, threads_option, resolve_config
 
 _ETF_MODES = ("shared", "separate", "none")
 
@@ -39,6 +39,7 @@ _ETF_MODES = ("shared", "separate", "none")
               help="Hold the dense features of all labelled pixels in RAM, as the reference "
                    "does (~2.2 GB per 256px image at 8448 dims); same result as streaming.")
 @device_option
+@threads_option("fit")
 @click.option("--scheduler", default=None, metavar="local|local:N|tcp://HOST:PORT",
               help="Train the members in parallel as dask.distributed tasks (a local cluster "
                    "of N worker processes, or an existing scheduler whose workers see STORE).")

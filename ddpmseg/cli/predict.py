@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import device_option
+from .common import device_option, threads_option
 
 
 @click.command("predict")
@@ -31,6 +31,7 @@ from .common import device_option
 @click.option("--report", "with_report", is_flag=True,
               help="Also write OUT/report/index.html (see `ddpmseg report`) and print its path.")
 @device_option
+@threads_option()
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def command(run, input_path, out_dir, vote, uncertainty, tile_rows, images_dir, resize,
             checkpoint, with_report, device, no_progress):

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from .common import device_option
+from .common import device_option, threads_option
 
 
 @click.command("train-backbone")
@@ -30,6 +30,7 @@ from .common import device_option
 @click.option("--ema", type=click.FloatRange(min=0, max=1, max_open=True), default=0.9999,
               show_default=True, help="EMA decay of the weights saved to ema.pt.")
 @device_option
+@threads_option()
 @click.option("--resume", is_flag=True,
               help="Continue the run in OUT exactly where its last checkpoint left off (same "
                    "data order and random numbers). Flags may be omitted: OUT/flags.json.")

@@ -70,3 +70,24 @@ def test_fit_refuses_another_store_in_one_line(tiny_store, tmp_path):
 def test_fit_help_has_an_example():
     res = CliRunner().invoke(cli, ["fit", "--help"])
     assert res.exit_code == 0 and "ddpmseg fit stores/" in res.output
+
+
+def test_fit_threads_are_set_and_recorded(tiny_store, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    run = tmp_path / "run"
+    try:
+        res = CliRunner().invoke(cli, ["fit", str(tiny_store), str(run), "--ensemble", "1",
+                                       "--epochs", "1", "--batch-size", "16", "--threads", "2",
+                                       "--device", "cpu", "--no-progress"])
+        assert res.exit_code == 0, res.output
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    meta = torch.load(run / "member_00.pt", weights_only=True)["meta"]
+    assert meta["threads"] == 2
+    log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["threads"] == 2 for r in log if "epoch" in r and "done" not in r)
+    res = CliRunner().invoke(cli, ["fit", str(tiny_store), str(run), "--threads", "0"])
+    assert res.exit_code == 2 and "--threads" in res.output
