@@ -6,7 +6,9 @@ Key mapping (reference -> ddpmseg):
     category -> data.name            number_class -> data.num_classes
     ignore_label -> data.ignore_label
     training_path -> data.train_dir  testing_path -> data.test_dir  (defaults for data folders)
-    model_path -> model.checkpoint   (relative to the JSON's folder, or absolute)
+    model_path -> model.checkpoint   (relative to the JSON's folder, or absolute; a relative
+                                      path found only from the working directory, as the
+                                      reference's own configs mean it, is taken from there)
     steps, blocks -> features.steps, features.blocks (noise seed 0, as the reference's default)
     model_num -> classifier.ensemble batch_size -> classifier.batch_size
     dim [H, W, D]: checked against the backbone's image size and the feature width of the
@@ -72,6 +74,11 @@ def load_reference_config(path: str | Path, preset: str | None = None) -> Config
     if raw.get("model_type", "ddpm") != "ddpm":
         raise ConfigError(f"{where}: model_type {raw['model_type']!r} is not supported",
                           "only the reference's ddpm features can be imported")
+    if "share_noise" not in raw:
+        # The reference tests for the key, not its value: without it every image gets new noise.
+        raise ConfigError(f"{where}: no share_noise key, so the reference drew new noise for "
+                          "every image: features ddpmseg does not compute",
+                          'add "share_noise": true (and retrain in the reference)')
     for key, wanted in _MUST_BE.items():
         if key in raw and raw[key] != wanted:
             raise ConfigError(f"{where}: {key} {json.dumps(raw[key])} gives features ddpmseg "
@@ -157,8 +164,15 @@ def _flags_source(raw: dict, path: Path, checkpoint: Path, preset: str | None, d
 
 
 def _resolve_path(value: str, base: Path) -> Path:
+    """Relative to the JSON's folder; failing that, to the working directory, which is what
+    the reference's own configs mean (they are run from its repository root)."""
     p = Path(value).expanduser()
-    return p if p.is_absolute() else (base / p).resolve()
+    if p.is_absolute():
+        return p
+    beside = (base / p).resolve()
+    if not beside.exists() and p.exists():
+        return p.resolve()
+    return beside
 
 
 def _string(raw: dict, key: str, where: str) -> str:

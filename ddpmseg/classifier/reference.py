@@ -8,7 +8,8 @@ between the two tools by adding or stripping the ``module.`` prefix, bit for bit
 - ``import_run(ref_dir, run_dir, config)``: model_{i}.pth files + the config of their ddpm.json
   -> a ddpmseg run directory (default vote hard, as the reference predicts).
 - ``export_run(run_dir, out_dir)``: a ddpmseg run -> ``out_dir/ddpm.json`` +
-  ``out_dir/pixel_classifiers/model_{i}.pth``, which the reference's ``load_ensemble`` reads.
+  ``out_dir/pixel_classifiers/<steps>_<blocks>/model_{i}.pth`` (the reference appends that
+  sub-folder to its exp_dir), which the reference's ``load_ensemble`` reads.
 
 Where the run directory's layout is touched: ``_write_run`` and ``_read_run`` only.
 """
@@ -23,7 +24,6 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..data import IMAGE_SUFFIXES
 from ..errors import ConfigError, InputNotFoundError, RunError
 from ..featcache.store import StoreInfo
 from ..reference_config import to_reference_json
@@ -40,6 +40,20 @@ EXPORT_SUBDIR = "pixel_classifiers"
 
 def reference_member_path(ref_dir: str | Path, i: int) -> Path:
     return Path(ref_dir) / f"model_{i}.pth"
+
+
+def experiment_suffix(steps, blocks) -> str:
+    """The sub-folder the reference appends to exp_dir: ``50_150_250_5_6_7_8_12``."""
+    return "_".join(str(v) for v in (*steps, *blocks))
+
+
+def _members_folder(ref_dir: Path, steps, blocks) -> Path:
+    """REF_DIR itself, or the reference's ``exp_dir/<steps>_<blocks>`` below it."""
+    below = ref_dir / experiment_suffix(steps, blocks)
+    if not reference_member_path(ref_dir, 0).is_file() and \
+            reference_member_path(below, 0).is_file():
+        return below
+    return ref_dir
 
 
 # -- reading the reference's members -----------------------------------------------------------
@@ -98,6 +112,7 @@ def import_run(ref_dir, run_dir, config: Config, *, device="cpu", overwrite: boo
     if not config.model.checkpoint:
         raise ConfigError("the config names no checkpoint",
                           "give the ddpm.json (model_path) the classifiers were trained with")
+    ref_dir = _members_folder(ref_dir, config.features.steps, config.features.blocks)
     k_total = config.classifier.ensemble
     missing = [reference_member_path(ref_dir, i).name for i in range(k_total)
                if not reference_member_path(ref_dir, i).is_file()]
@@ -141,7 +156,8 @@ def import_run(ref_dir, run_dir, config: Config, *, device="cpu", overwrite: boo
 
 # -- export -------------------------------------------------------------------------------------
 def export_run(run_dir, out_dir, *, format: str = "reference", overwrite: bool = False) -> Path:
-    """A ddpmseg run -> ``out_dir/ddpm.json`` + ``out_dir/pixel_classifiers/model_{i}.pth``.
+    """A ddpmseg run -> ``out_dir/ddpm.json`` + ``out_dir/pixel_classifiers/<steps>_<blocks>/
+    model_{i}.pth``.
 
     The ddpm.json names the checkpoint and the member folder by absolute path, so the
     reference's scripts find them from any working directory; the UNet's flags go under
@@ -153,7 +169,7 @@ def export_run(run_dir, out_dir, *, format: str = "reference", overwrite: bool =
         raise ConfigError(f"unknown export format {format!r}", f"use one of {', '.join(FORMATS)}")
     out_dir = Path(out_dir)
     cfg, info, states = _read_run(run_dir)
-    _check_target(out_dir, overwrite, ("ddpm.json", f"{EXPORT_SUBDIR}/model_*.pth"), "output")
+    _check_target(out_dir, overwrite, ("ddpm.json", f"{EXPORT_SUBDIR}/*/model_*.pth"), "output")
     if tuple(info.image_size)[0] != tuple(info.image_size)[1]:
         raise RunError(f"{run_dir} was trained on {info.image_size[0]}x{info.image_size[1]} "
                        "images; the reference's models are square", "keep it in ddpmseg")
@@ -167,12 +183,15 @@ def export_run(run_dir, out_dir, *, format: str = "reference", overwrite: bool =
     if info.seed != 0:
         log.warning("export: the run's features use noise seed %d: run the reference with "
                     "--seed %d", info.seed, info.seed)
-    members_dir = out_dir / EXPORT_SUBDIR
+    exp_dir = out_dir / EXPORT_SUBDIR
+    # The reference reads its members from exp_dir/<steps>_<blocks>/.
+    members_dir = exp_dir / experiment_suffix(info.steps, info.blocks)
     raw = to_reference_json(
         cfg, image_size=info.image_size, feature_dim=info.feature_dim,
-        exp_dir=str(members_dir.resolve()), model_path=str(checkpoint),
-        flags=info.fingerprint.get("flags", {}), training_number=len(info.names) or _count_images(cfg.data.train_dir),
-        testing_number=_count_images(cfg.data.test_dir))
+        exp_dir=str(exp_dir.resolve()), model_path=str(checkpoint),
+        flags=info.fingerprint.get("flags", {}),
+        # The reference takes every image of its folders for a count <= 0.
+        training_number=len(info.names) or -1, testing_number=-1)
     members_dir.mkdir(parents=True, exist_ok=True)
     for i, state in enumerate(states):
         wrapped = {PREFIX + k: v for k, v in state.items()}
@@ -229,12 +248,6 @@ def _checkpoint_path(cfg: Config) -> Path:
                        "the reference needs model_path: rerun `ddpmseg extract` with "
                        "--checkpoint and retrain")
     return resolve_checkpoint(cfg.model.checkpoint).expanduser().resolve()
-
-
-def _count_images(folder: str) -> int:
-    if not folder or not Path(folder).is_dir():
-        return 0
-    return sum(1 for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 __all__ = ["import_run", "export_run", "read_reference_member", "reference_member_path",

@@ -16,8 +16,8 @@ def command(run_dir, out_dir, fmt, overwrite):
     """Write the ensemble of RUN in another tool's format into OUT_DIR.
 
     With --format reference: OUT_DIR/ddpm.json (absolute model_path and exp_dir) and
-    OUT_DIR/pixel_classifiers/model_{i}.pth (nn.DataParallel state dicts, as the reference
-    saves them). The ETF head is not exported (the reference has none; prediction does not
+    OUT_DIR/pixel_classifiers/<steps>_<blocks>/model_{i}.pth (nn.DataParallel state dicts,
+    where and as the reference saves them). The ETF head is not exported (the reference has none; prediction does not
     use it), which is said on stderr.
 
     \b
@@ -27,4 +27,5 @@ def command(run_dir, out_dir, fmt, overwrite):
     from ..classifier.reference import export_run
 
     path = export_run(run_dir, out_dir, format=fmt, overwrite=overwrite)
-    click.echo(f"wrote {path} and {path.parent / 'pixel_classifiers'}")
+    members = sorted(path.parent.glob("pixel_classifiers/*/model_*.pth"))
+    click.echo(f"wrote {path} and {len(members)} member(s) in {members[0].parent}")

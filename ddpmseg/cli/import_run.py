@@ -21,6 +21,8 @@ from .common import device_option
 def command(ref_dir, run_dir, config_path, preset, overwrite, device):
     """Import the reference's trained pixel classifiers (REF_DIR/model_{i}.pth) as a run.
 
+    REF_DIR is the folder of the model_{i}.pth files, or the ddpm.json's exp_dir above the
+    <steps>_<blocks> folder the reference writes them to.
     The files are checked against the ddpm.json's dim and number_class; the run records the
     fingerprint of its checkpoint (model_path) and its steps and blocks, so `ddpmseg predict`
     and `ddpmseg evaluate` work on it as on any run. Its default vote is hard, as in the
@@ -28,7 +30,7 @@ def command(ref_dir, run_dir, config_path, preset, overwrite, device):
 
     \b
     Examples:
-      ddpmseg import-run pixel_classifiers/ffhq_34/datasetDDPM runs/ffhq34_ref \\
+      ddpmseg import-run pixel_classifiers/ffhq_34/ddpm runs/ffhq34_ref \\
           --config experiments/ffhq_34/ddpm.json
       ddpmseg import-run old/models runs/mine --config ddpm.json --preset faces_64
     """

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 import ddpmseg
-from ddpmseg.classifier import load_ensemble
+from ddpmseg.classifier import PixelMLP, load_ensemble
 from ddpmseg.classifier.reference import export_run, import_run, read_reference_member
 from ddpmseg.cli.main import cli
 from ddpmseg.config import load_config
@@ -83,6 +83,25 @@ def test_other_features_are_refused_in_one_line(ref, tmp_path, key, value):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_ddpm_json_without_share_noise_is_refused(ref, tmp_path):
+    path = _copy_fixture_json(ref, tmp_path)
+    raw = json.loads(path.read_text())
+    del raw["share_noise"]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match="no share_noise key"):
+        load_config(path)
+
+
+def test_model_path_relative_to_the_working_directory(ref, tmp_path, monkeypatch):
+    """The reference's own configs name paths from its repository root, where it runs."""
+    shutil.copy(ref / "ddpm.json", tmp_path / "ddpm.json")
+    monkeypatch.chdir(ref)
+    cfg = load_config(tmp_path / "ddpm.json")
+    assert cfg.model.checkpoint == str((ref / "../../backbones/adm_faces64/adm_faces64.pt")
+                                       .resolve())
+    assert cfg.data.test_dir == str(ref / "data" / "test")
 
 
 @pytest.mark.parametrize("dim, what", [([64, 64, 1000], "1344"), ([256, 256, 1344], "64x64")])
@@ -164,9 +183,14 @@ def test_round_trip_import_export_import_is_bit_identical(ref, imported, tmp_pat
     raw = json.loads(ddpm_json.read_text())
     assert raw["model_num"] == 3 and raw["dim"] == [64, 64, 1344]
     assert raw["share_noise"] is True and raw["upsample_mode"] == "bilinear"
-    saved = torch.load(tmp_path / "out" / "pixel_classifiers" / "model_2.pth", weights_only=True)
+    # Where and how the reference's load_ensemble reads a member: exp_dir/<steps>_<blocks>/,
+    # into nn.DataParallel(pixel_classifier), strictly.
+    members = tmp_path / "out" / "pixel_classifiers" / "50_150_250_2_4_5_7_8"
+    assert raw["exp_dir"] == str(members.parent.resolve())
+    saved = torch.load(members / "model_2.pth", weights_only=True)
     assert list(saved) == ["model_state_dict"]
-    assert all(k.startswith("module.layers.") for k in saved["model_state_dict"])
+    torch.nn.DataParallel(PixelMLP(1344, 34, init=False)).load_state_dict(
+        saved["model_state_dict"], strict=True)
     again = import_run(tmp_path / "out" / "pixel_classifiers", tmp_path / "run2",
                        load_config(ddpm_json))
     before, after = _states(imported), _states(again)
@@ -189,6 +213,7 @@ def test_export_of_an_etf_run_says_the_head_is_dropped(ref, imported, tmp_path, 
                                       "--format", "reference"])
     assert result.exit_code == 0, result.output
     assert "ETF regulariser (shared) is dropped" in result.output
-    assert (tmp_path / "out" / "pixel_classifiers" / "model_0.pth").is_file()
+    assert (tmp_path / "out" / "pixel_classifiers" / "50_150_250_2_4_5_7_8" / "model_0.pth"
+            ).is_file()
     again = CliRunner().invoke(cli, ["export-run", str(run), str(tmp_path / "out")])
     assert again.exit_code == 1 and "already holds" in again.output

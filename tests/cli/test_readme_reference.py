@@ -49,4 +49,5 @@ def test_readme_commands_run_as_written(shared_dir, tmp_path, monkeypatch, one_t
     assert same / total >= 0.999
     assert re.search(r"mIoU\D*25\.4", outputs["evaluate"]), outputs["evaluate"]
     assert "ETF" not in outputs["export-run"]  # an imported run has no ETF head to drop
-    assert (tmp_path / "repo" / "exported" / "ref" / "pixel_classifiers" / "model_2.pth").is_file()
+    assert (tmp_path / "repo" / "exported" / "ref" / "pixel_classifiers" / "50_150_250_2_4_5_7_8"
+            / "model_2.pth").is_file()
