@@ -96,8 +96,7 @@ def read_reference_member(path: str | Path, dim: int, num_classes: int) -> dict:
 
 
 # -- import -------------------------------------------------------------------------------------
-def import_run(ref_dir, run_dir, config: Config, *, device="cpu", overwrite: bool = False
-               ) -> Path:
+def import_run(ref_dir, run_dir, config: Config, *, overwrite: bool = False) -> Path:
     """The reference's ``model_{i}.pth`` (i < config.classifier.ensemble) in ``ref_dir`` ->
     a ddpmseg run in ``run_dir``. ``config`` is usually ``load_config("ddpm.json")``; its
     checkpoint is loaded (strictly, into its model flags) for the run's fingerprint and
@@ -121,8 +120,9 @@ def import_run(ref_dir, run_dir, config: Config, *, device="cpu", overwrite: boo
                                  f"(e.g. {missing[0]})",
                                  "check the folder and model_num in the ddpm.json")
 
+    # Loaded (on the CPU: only its hash and shapes are needed) to prove it fits its flags.
     backbone = Backbone.from_checkpoint(config.model.checkpoint,
-                                        ModelFlags.resolve(config.model.preset), device=device)
+                                        ModelFlags.resolve(config.model.preset), device="cpu")
     steps, blocks = tuple(config.features.steps), tuple(config.features.blocks)
     shapes_by_block = backbone.block_shapes(blocks)
     size = backbone.flags.image_size
@@ -180,6 +180,9 @@ def export_run(run_dir, out_dir, *, format: str = "reference", overwrite: bool =
     if cfg.predict.vote != "hard":
         log.warning("export: the run predicts by %s vote, the reference by hard (majority) "
                     "vote: its masks may differ in a few pixels", cfg.predict.vote)
+    if info.dtype != "float32":
+        log.warning("export: the run was trained on %s features, the reference computes "
+                    "float32 ones: its masks may differ in a few pixels", info.dtype)
     if info.seed != 0:
         log.warning("export: the run's features use noise seed %d: run the reference with "
                     "--seed %d", info.seed, info.seed)

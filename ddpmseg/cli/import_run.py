@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import click
 
-from .common import device_option
-
 
 @click.command("import-run")
 @click.argument("ref_dir", metavar="REF_DIR")
@@ -17,8 +15,7 @@ from .common import device_option
               help="Model flags, when neither the ddpm.json (model_flags) nor a flags JSON "
                    "beside its checkpoint gives them. [default: lsun_256 for 256x256]")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in RUN_DIR.")
-@device_option
-def command(ref_dir, run_dir, config_path, preset, overwrite, device):
+def command(ref_dir, run_dir, config_path, preset, overwrite):
     """Import the reference's trained pixel classifiers (REF_DIR/model_{i}.pth) as a run.
 
     REF_DIR is the folder of the model_{i}.pth files, or the ddpm.json's exp_dir above the
@@ -42,5 +39,5 @@ def command(ref_dir, run_dir, config_path, preset, overwrite, device):
         cfg = load_reference_config(config_path, preset=preset)
     else:
         cfg = load_config(config_path).with_overrides(model={"preset": preset})
-    out = import_run(ref_dir, run_dir, cfg, device=device, overwrite=overwrite)
+    out = import_run(ref_dir, run_dir, cfg, overwrite=overwrite)
     click.echo(f"imported {cfg.classifier.ensemble} member(s) from {ref_dir} into {out}")

@@ -217,3 +217,15 @@ def test_export_of_an_etf_run_says_the_head_is_dropped(ref, imported, tmp_path, 
             ).is_file()
     again = CliRunner().invoke(cli, ["export-run", str(run), str(tmp_path / "out")])
     assert again.exit_code == 1 and "already holds" in again.output
+
+
+def test_extract_takes_the_training_path_of_a_ddpm_json(ref, tmp_path, one_thread):
+    store = tmp_path / "train.zarr"
+    result = CliRunner().invoke(cli, ["extract", str(store), "--config", str(ref / "ddpm.json"),
+                                      "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    names = sorted(p.stem for p in (ref / "data" / "train").glob("*.png"))
+    info = ddpmseg.featcache.FeatureStore.open(store).info
+    assert sorted(info.names) == names and info.feature_dim == 1344
+    refused = CliRunner().invoke(cli, ["extract", str(tmp_path / "x.zarr")])
+    assert refused.exit_code == 2 and "training folder" in refused.output
