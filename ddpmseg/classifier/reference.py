@@ -27,7 +27,7 @@ from ..config import Config
 from ..errors import ConfigError, InputNotFoundError, RunError
 from ..featcache.store import StoreInfo
 from ..reference_config import to_reference_json
-from .model import PixelMLP
+from .model import PixelMLP, hidden_widths
 from .train import _atomic_write, _write_json, resolved_config, save_member
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def import_run(ref_dir, run_dir, config: Config, *, overwrite: bool = False) -> 
         predict=dataclasses.replace(config.predict, vote="hard"))
     cfg = resolved_config(config, info)
     metas = [{"member": i, "dim": info.feature_dim, "num_classes": info.num_classes,
-              "widths": list(PixelMLP(1, info.num_classes, init=False).widths), "etf": "none",
+              "widths": list(hidden_widths(info.num_classes)), "etf": "none",
               "source": "reference", "file": str(reference_member_path(ref_dir, i).resolve())}
              for i in range(k_total)]
     _write_run(run_dir, cfg, info, states, metas, source=str(ref_dir.resolve()))
@@ -199,8 +199,9 @@ def export_run(run_dir, out_dir, *, format: str = "reference", overwrite: bool =
     for i, state in enumerate(states):
         wrapped = {PREFIX + k: v for k, v in state.items()}
         _atomic_write(reference_member_path(members_dir, i),
-                lambda p, w=wrapped: torch.save({STATE_KEY: w}, p))
-    _atomic_write(out_dir / "ddpm.json", lambda p: p.write_text(json.dumps(raw, indent=2) + "\n"))
+                      lambda p, w=wrapped: torch.save({STATE_KEY: w}, p))
+    _atomic_write(out_dir / "ddpm.json",
+                  lambda p: p.write_text(json.dumps(raw, indent=2) + "\n"))
     log.info("exported %d members of %s to %s", len(states), run_dir, out_dir)
     return out_dir / "ddpm.json"
 

@@ -17,8 +17,8 @@ def command(run_dir, out_dir, fmt, overwrite):
 
     With --format reference: OUT_DIR/ddpm.json (absolute model_path and exp_dir) and
     OUT_DIR/pixel_classifiers/<steps>_<blocks>/model_{i}.pth (nn.DataParallel state dicts,
-    where and as the reference saves them). The ETF head is not exported (the reference has none; prediction does not
-    use it), which is said on stderr.
+    where and as the reference saves them). The ETF head is not exported (the reference has
+    none; prediction does not use it), which is said on stderr.
 
     \b
     Examples:

@@ -175,6 +175,12 @@ def test_imported_run_reproduces_the_reference_predictions(ref, imported, tmp_pa
     result = ddpmseg.evaluate(tmp_path / "preds", cfg.data.test_dir, num_classes=34,
                               ignore_label=255)
     assert abs(100 * result["miou"] - 25.41) <= 0.1
+    # Straight from the images, with the backbone the run's fingerprint names: the same masks.
+    ddpmseg.predict(imported, cfg.data.test_dir, tmp_path / "from_images", device="cpu",
+                    progress=False)
+    for name in NAMES:
+        assert np.array_equal(np.load(tmp_path / "from_images" / f"{name}.npy"),
+                              np.load(tmp_path / "preds" / f"{name}.npy"))
 
 
 # -- exporting ------------------------------------------------------------------------------------
