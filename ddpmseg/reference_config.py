@@ -36,10 +36,10 @@ log = logging.getLogger(__name__)
 # Settings whose other values give features that ddpmseg does not compute.
 _MUST_BE = {"upsample_mode": "bilinear", "share_noise": True, "input_activations": False}
 _REQUIRED = ("number_class", "dim", "steps", "blocks", "model_path")
-# Keys the reference reads that change nothing here.
-_IGNORED = ("exp_dir", "model_type", "max_training", "training_number", "testing_number",
-            "seed", "category", "training_path", "testing_path", "ignore_label", "model_num",
-            "batch_size", "model_flags") + tuple(_MUST_BE) + _REQUIRED
+# Every key the reference's configs hold (some change nothing here), and our model_flags.
+_KNOWN = ("exp_dir", "model_type", "max_training", "training_number", "testing_number",
+          "seed", "category", "training_path", "validation_path", "testing_path",
+          "ignore_label", "model_num", "batch_size", "model_flags") + tuple(_MUST_BE) + _REQUIRED
 _DEFAULT_256_PRESET = "lsun_256"
 
 
@@ -85,7 +85,7 @@ def load_reference_config(path: str | Path, preset: str | None = None) -> Config
                               "does not compute",
                               f"use {json.dumps(wanted)} (and retrain in the reference) or "
                               "start from a ddpmseg config")
-    unknown = sorted(set(raw) - set(_IGNORED))
+    unknown = sorted(set(raw) - set(_KNOWN))
     if unknown:
         log.warning("%s: ignoring keys the reference does not define: %s", where,
                     ", ".join(unknown))

@@ -104,6 +104,30 @@ def test_model_path_relative_to_the_working_directory(ref, tmp_path, monkeypatch
     assert cfg.data.test_dir == str(ref / "data" / "test")
 
 
+def test_a_published_style_256px_config_needs_no_flags_file(tmp_path, caplog):
+    """The reference's benchmark configs: 256px, paths from its repository root, a
+    validation_path; flags default to the published checkpoints' architecture."""
+    path = tmp_path / "experiments" / "ffhq_34" / "ddpm.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({
+        "exp_dir": "pixel_classifiers/ffhq_34/ddpm", "model_type": "ddpm",
+        "category": "ffhq_34", "number_class": 34, "ignore_label": 255,
+        "training_path": "datasets/ffhq_34/real/train",
+        "validation_path": "datasets/ffhq_34/ddpm",
+        "testing_path": "datasets/ffhq_34/real/test", "model_path": "checkpoints/ddpm/ffhq.pt",
+        "dim": [256, 256, 8192], "steps": [50, 150, 250, 350], "blocks": [6, 7, 8, 9],
+        "model_num": 10, "batch_size": 64, "max_training": 30, "training_number": 20,
+        "testing_number": 20, "upsample_mode": "bilinear", "share_noise": True,
+        "input_activations": False}))
+    cfg = load_config(path)
+    assert cfg.model.preset == "lsun_256" and cfg.classifier.ensemble == 10
+    assert cfg.features.steps == (50, 150, 250, 350) and cfg.features.blocks == (6, 7, 8, 9)
+    assert not [r for r in caplog.records if "ignoring keys" in r.getMessage()]
+    _write_json(path, dim=[256, 256, 8448])
+    with pytest.raises(ConfigError, match="give 8192"):
+        load_config(path)
+
+
 @pytest.mark.parametrize("dim, what", [([64, 64, 1000], "1344"), ([256, 256, 1344], "64x64")])
 def test_dim_is_checked_against_the_backbone(ref, tmp_path, dim, what):
     path = _write_json(_copy_fixture_json(ref, tmp_path), dim=dim)
@@ -184,7 +208,7 @@ def test_imported_run_reproduces_the_reference_predictions(ref, imported, tmp_pa
 
 
 # -- exporting ------------------------------------------------------------------------------------
-def test_round_trip_import_export_import_is_bit_identical(ref, imported, tmp_path, caplog):
+def test_round_trip_import_export_import_is_bit_identical(ref, imported, tmp_path):
     ddpm_json = export_run(imported, tmp_path / "out")
     raw = json.loads(ddpm_json.read_text())
     assert raw["model_num"] == 3 and raw["dim"] == [64, 64, 1344]
@@ -209,7 +233,7 @@ def test_round_trip_import_export_import_is_bit_identical(ref, imported, tmp_pat
         load_ensemble(imported, "cpu").info.fingerprint
 
 
-def test_export_of_an_etf_run_says_the_head_is_dropped(ref, imported, tmp_path, caplog):
+def test_export_of_an_etf_run_says_the_head_is_dropped(ref, imported, tmp_path):
     run = tmp_path / "etf_run"
     shutil.copytree(imported, run)
     cfg = json.loads((run / "config.json").read_text())
