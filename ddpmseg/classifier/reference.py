@@ -107,7 +107,7 @@ def import_run(ref_dir, run_dir, config: Config, *, overwrite: bool = False) -> 
     if not ref_dir.is_dir():
         raise InputNotFoundError(f"{ref_dir} is not a folder",
                                  "give the folder holding the reference's model_{i}.pth")
-    _check_target(run_dir, overwrite, ("config.json", "store.json", "member_*.pt"), "run dir")
+    _check_target(run_dir, overwrite, _RUN_FILES, "run dir")
     if not config.model.checkpoint:
         raise ConfigError("the config names no checkpoint",
                           "give the ddpm.json (model_path) the classifiers were trained with")
@@ -207,15 +207,18 @@ def export_run(run_dir, out_dir, *, format: str = "reference", overwrite: bool =
 
 
 # -- the run directory (the only code here that knows its layout) -------------------------------
+# The files that make a folder a run (an import refuses to mix with them unless overwriting).
+_RUN_FILES = ("config.json", "store.json", "member_*.pt", "train_log.jsonl")
+
+
 def _write_run(run_dir: Path, cfg: Config, info: StoreInfo, states: list[dict],
                metas: list[dict], source: str) -> None:
     """Write a complete run with fit's own helpers: members first, then config.json and
     store.json, which make the directory a run (a failed write leaves no loadable run)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    for p in run_dir.glob("member_*.pt"):
-        p.unlink()
-    for name in ("config.json", "store.json", "train_log.jsonl"):
-        (run_dir / name).unlink(missing_ok=True)
+    for pattern in _RUN_FILES:
+        for p in run_dir.glob(pattern):
+            p.unlink()
     for k, (state, meta) in enumerate(zip(states, metas)):
         save_member(run_dir, k, state, meta)
     cfg.to_json(run_dir / "config.json")
