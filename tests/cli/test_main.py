@@ -6,7 +6,7 @@ from click.testing import CliRunner
 from ddpmseg import __version__
 from ddpmseg.cli.main import cli
 
-COMMANDS = ["extract", "fit", "predict", "evaluate", "demo", "check-checkpoint",
+COMMANDS = ["extract", "fit", "predict", "evaluate", "report", "demo", "check-checkpoint",
             "train-backbone", "import-run", "export-run"]
 
 
