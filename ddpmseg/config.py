@@ -27,6 +27,10 @@ class DataConfig:
     class_names: tuple[str, ...] = ()
     # Per image, a class covering fewer pixels than this becomes the ignore label (reference: 20).
     min_class_pixels: int = 20
+    # Default data folders of commands that take one (a reference ddpm.json's
+    # training_path / testing_path); "" = none.
+    train_dir: str = ""
+    test_dir: str = ""
 
     def class_name(self, c: int) -> str:
         return self.class_names[c] if c < len(self.class_names) else f"class_{c}"
@@ -143,10 +147,15 @@ def _coerce(value, hint, where: str):
 
 
 def load_config(path: str | Path | None = None) -> Config:
-    """Read a TOML config: a path, or the name of a bundled config (``ffhq_34``); None = defaults."""
+    """Read a TOML config: a path, or the name of a bundled config (``ffhq_34``); None = defaults.
+
+    A ``.json`` file is read as the reference's ``ddpm.json`` (``reference_config``)."""
     if path is None:
         return Config()
     path = Path(path)
+    if path.suffix.lower() == ".json":
+        from .reference_config import load_reference_config
+        return load_reference_config(path)
     if not path.exists() and not path.suffix:
         path = CONFIG_DIR / f"{path.name}.toml"
     if not path.is_file():

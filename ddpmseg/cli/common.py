@@ -35,8 +35,9 @@ def threads_option(work: str | None = None):
 
 
 config_option = click.option(
-    "--config", "config_path", default=None, metavar="TOML|NAME",
-    help="A config file, or the name of a bundled one (ffhq_34, bedroom_28, ...).")
+    "--config", "config_path", default=None, metavar="TOML|NAME|JSON",
+    help="A config file, the name of a bundled one (ffhq_34, bedroom_28, ...), or a "
+         "reference ddpm.json.")
 
 
 def resolve_config(config_path: str | None, **sections: dict) -> Config:

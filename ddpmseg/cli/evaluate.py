@@ -9,7 +9,7 @@ from .common import config_option, resolve_config
 
 @click.command("evaluate")
 @click.argument("pred_dir", metavar="PRED_DIR")
-@click.argument("gt_dir", metavar="GT_DIR")
+@click.argument("gt_dir", metavar="[GT_DIR]", required=False)
 @config_option
 @click.option("--num-classes", type=click.IntRange(1, 256), default=None, metavar="N",
               help="Number of classes (overrides the config).")
@@ -28,7 +28,8 @@ def command(pred_dir, gt_dir, config_path, num_classes, ignore_label, mask_ignor
     Predictions <name>.npy are matched by name with <name>.npy (or grey/palette PNG) masks.
     The mIoU is the reference's: summed over the whole test set, ignore label left out of the
     mean but its pixels not masked. Classes come from --config, else from PRED_DIR/predict.json;
-    --num-classes and --ignore-label override both.
+    --num-classes and --ignore-label override both. Without GT_DIR, the config's data.test_dir
+    is used (a reference ddpm.json's testing_path).
 
     \b
     Examples:
@@ -43,6 +44,10 @@ def command(pred_dir, gt_dir, config_path, num_classes, ignore_label, mask_ignor
                                                 "ignore_label": ignore_label})
         num_classes, ignore_label = cfg.data.num_classes, cfg.data.ignore_label
         class_names = cfg.data.class_names
+        gt_dir = gt_dir or cfg.data.test_dir or None
+    if gt_dir is None:
+        raise click.UsageError("give GT_DIR, or a config with a test folder (data.test_dir, or "
+                               "testing_path in a ddpm.json)")
     result = evaluate(pred_dir, gt_dir, num_classes=num_classes, ignore_label=ignore_label,
                       class_names=class_names, mask_ignore=mask_ignore, confusion=confusion,
                       out=out_dir)

@@ -11,8 +11,7 @@ _PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @click.command("extract")
-@click.argument("data_dir", metavar="DATA_DIR")
-@click.argument("store", metavar="STORE")
+@click.argument("paths", nargs=-1, required=True, metavar="[DATA_DIR] STORE")
 @config_option
 @click.option("--checkpoint", default=None, metavar="PATH",
               help="The guided-diffusion checkpoint (.pt). [default: model.checkpoint of the "
@@ -42,7 +41,7 @@ _PRECISIONS = ("fp32", "bf16", "fp16")
                    "an existing scheduler whose workers see the same files.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context
-def command(ctx, data_dir, store, config_path, checkpoint, preset, steps, blocks, dtype, device,
+def command(ctx, paths, config_path, checkpoint, preset, steps, blocks, dtype, device,
             batch_size, precision, seed, resize, overwrite, scheduler, no_progress):
     """Extract diffusion features of every image in DATA_DIR into the store STORE.
 
@@ -50,7 +49,8 @@ def command(ctx, data_dir, store, config_path, checkpoint, preset, steps, blocks
     for training and evaluation, or images only for prediction. Every mask is checked before
     anything is written. Rerunning the same command resumes an interrupted extraction;
     a store made with other settings is refused unless --overwrite. Each option overrides
-    its key of the config.
+    its key of the config. Without DATA_DIR, the config's data.train_dir is used (a
+    reference ddpm.json's training_path).
 
     \b
     Examples:
@@ -58,6 +58,7 @@ def command(ctx, data_dir, store, config_path, checkpoint, preset, steps, blocks
           --config ffhq_34 --checkpoint checkpoints/ffhq.pt
       ddpmseg extract my_images/ stores/mine.zarr --preset faces_64 \\
           --checkpoint adm_faces64.pt --steps 50,150,250 --blocks 2,4,5,7,8 --resize
+      ddpmseg extract stores/train.zarr --config experiments/ffhq_34/ddpm.json
     """
     from ..featcache import extract
 
@@ -67,6 +68,7 @@ def command(ctx, data_dir, store, config_path, checkpoint, preset, steps, blocks
                                    "blocks": parse_ints(blocks, "--blocks"),
                                    "dtype": dtype, "seed": seed, "precision": precision,
                                    "batch_size": batch_size})
+    data_dir, store = _data_and_store(paths, cfg.data.train_dir)
     quiet = bool(ctx.find_root().params.get("quiet"))
     result = extract(data_dir, store, cfg, device=device, resize=resize, overwrite=overwrite,
                      scheduler=scheduler, progress=not (no_progress or quiet))
@@ -74,3 +76,14 @@ def command(ctx, data_dir, store, config_path, checkpoint, preset, steps, blocks
     click.echo(f"{store}: {len(result)} images, {info.feature_dim} dims per pixel "
                f"({len(info.steps)} steps x {len(info.blocks)} blocks), {info.dtype}, "
                f"{'with' if info.has_labels else 'without'} labels")
+
+
+def _data_and_store(paths: tuple[str, ...], default_dir: str) -> tuple[str, str]:
+    if len(paths) == 2:
+        return paths[0], paths[1]
+    if len(paths) == 1 and default_dir:
+        return default_dir, paths[0]
+    if len(paths) == 1:
+        raise click.UsageError("give DATA_DIR STORE, or a config with a training folder "
+                               "(data.train_dir, or training_path in a ddpm.json)")
+    raise click.UsageError(f"expected [DATA_DIR] STORE, got {len(paths)} paths")

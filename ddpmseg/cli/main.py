@@ -17,7 +17,7 @@ from ..errors import DdpmsegError
 
 # Each command lives in its own module of this package, named like the command.
 COMMANDS = ("extract", "fit", "predict", "evaluate", "report", "demo", "check_checkpoint",
-            "train_backbone")
+            "train_backbone", "import_run", "export_run")
 
 
 class Group(click.Group):
@@ -49,6 +49,7 @@ def cli(debug: bool, quiet: bool) -> None:
     ddpmseg report    predictions (+ ground truth) -> HTML page: tables, pictures
     ddpmseg demo      all four on bundled face images and a small bundled backbone
     ddpmseg train-backbone  train an ADM diffusion model on your own unlabelled images
+    ddpmseg import-run / export-run  move runs from / to ddpm-segmentation's format
     """
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(message)s", stream=sys.stderr, force=True)

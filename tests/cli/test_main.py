@@ -7,7 +7,7 @@ from ddpmseg import __version__
 from ddpmseg.cli.main import cli
 
 COMMANDS = ["extract", "fit", "predict", "evaluate", "report", "demo", "check-checkpoint",
-            "train-backbone"]
+            "train-backbone", "import-run", "export-run"]
 
 
 def test_version():
