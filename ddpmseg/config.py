@@ -36,7 +36,10 @@ class DataConfig:
 class ModelConfig:
     # A preset name of ddpmseg.backbone (lsun_256, faces_64, ...) or a path to a flags JSON.
     preset: str = "lsun_256"
+    # A guided-diffusion .pt file, or a diffusers model folder (then preset is not used).
     checkpoint: str = ""
+    # Stable Diffusion only: the text the UNet is conditioned on ("" = the empty prompt).
+    prompt: str = ""
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,10 @@ class FeatureBackbone(abc.ABC):
     def default_noise(self, height: int, width: int, seed: int = 0) -> torch.Tensor:
         """The noise shared by every image and step of an (height, width) batch."""
 
+    def parameter_count(self) -> int:
+        """Parameters of the modules that compute the features."""
+        return sum(p.numel() for p in self.model.parameters())
+
     @abc.abstractmethod
     def activations(self, x0: torch.Tensor, steps: Sequence[int], blocks: Sequence[BlockId],
                     noise: torch.Tensor | None = None, seed: int = 0, *,

@@ -28,8 +28,14 @@ class Layout:
     diffusion_steps: int
 
 
+def _is_loaded(spec) -> bool:
+    # Duck-typed: wrappers of a backbone (benchmarks time one) count as loaded backbones.
+    return isinstance(spec, FeatureBackbone) or hasattr(spec, "activations")
+
+
 def is_diffusers(spec) -> bool:
-    return spec is not None and not isinstance(spec, FeatureBackbone) and \
+    """Whether a checkpoint spec names a diffusers folder (else an ADM file)."""
+    return spec is not None and not _is_loaded(spec) and \
         Path(resolve_checkpoint(spec)).expanduser().is_dir()
 
 
@@ -64,7 +70,7 @@ def describe_backbone(spec, flags=None):
     any weights: an ADM spec gives its ModelFlags, a diffusers folder its configs' values."""
     from .flags import ModelFlags
 
-    if isinstance(spec, FeatureBackbone):
+    if _is_loaded(spec):
         return getattr(spec, "flags", None) or Layout(spec.image_size, spec.num_steps)
     if not is_diffusers(spec):
         return ModelFlags.resolve(flags)

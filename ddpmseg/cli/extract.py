@@ -15,11 +15,15 @@ _PRECISIONS = ("fp32", "bf16", "fp16")
 @click.argument("store", metavar="STORE")
 @config_option
 @click.option("--checkpoint", default=None, metavar="PATH",
-              help="The guided-diffusion checkpoint (.pt). [default: model.checkpoint of the "
-                   "config]")
+              help="The backbone: a guided-diffusion checkpoint (.pt, with --preset), or a "
+                   "diffusers model folder (DDPM UNet2DModel or Stable Diffusion). "
+                   "[default: model.checkpoint of the config]")
 @click.option("--preset", default=None, metavar="NAME|JSON",
               help="Model flags: a preset (lsun_256, faces_64, ...) or a flags JSON file. "
                    "[default: model.preset of the config]")
+@click.option("--prompt", default=None, metavar="TEXT",
+              help="Stable Diffusion only: the text the UNet is conditioned on. "
+                   "[default: config, the empty prompt]")
 @click.option("--steps", default=None, metavar="T,T,...",
               help="Diffusion steps to noise each image to. [default: config, 50,150,250]")
 @click.option("--blocks", default=None, metavar="B,B,...",
@@ -41,8 +45,8 @@ _PRECISIONS = ("fp32", "bf16", "fp16")
                    "an existing scheduler whose workers see the same files.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context
-def command(ctx, data_dir, store, config_path, checkpoint, preset, steps, blocks, dtype, device,
-            batch_size, precision, seed, resize, overwrite, scheduler, no_progress):
+def command(ctx, data_dir, store, config_path, checkpoint, preset, prompt, steps, blocks, dtype,
+            device, batch_size, precision, seed, resize, overwrite, scheduler, no_progress):
     """Extract diffusion features of every image in DATA_DIR into the store STORE.
 
     DATA_DIR holds images (png/jpg) with masks of the same stem (<id>.npy or <id>_mask.png)
@@ -57,11 +61,13 @@ def command(ctx, data_dir, store, config_path, checkpoint, preset, steps, blocks
           --config ffhq_34 --checkpoint checkpoints/ffhq.pt
       ddpmseg extract my_images/ stores/mine.zarr --preset faces_64 \\
           --checkpoint adm_faces64.pt --steps 50,150,250 --blocks 2,4,5,7,8 --resize
+      ddpmseg extract my_images/ stores/sd.zarr --checkpoint models/stable-diffusion-v1-5 \\
+          --steps 50,150,250 --blocks 1,2,3 --resize --config ffhq_34
     """
     from ..featcache import extract
 
     cfg = resolve_config(config_path,
-                         model={"preset": preset, "checkpoint": checkpoint},
+                         model={"preset": preset, "checkpoint": checkpoint, "prompt": prompt},
                          features={"steps": parse_ints(steps, "--steps"),
                                    "blocks": parse_ints(blocks, "--blocks"),
                                    "dtype": dtype, "seed": seed, "precision": precision,
