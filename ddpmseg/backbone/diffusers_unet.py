@@ -16,10 +16,12 @@ Blocks: an integer i or ``"up{i}"`` is ``up_blocks[i]``; ``"up{i}.res{j}"`` its 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import re
+import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -100,17 +102,49 @@ def load_scheduler(root: Path):
     return diffusers.DDPMScheduler(**{k: cfg[k] for k in keys if k in cfg}), folder
 
 
-def load_pretrained(cls, folder: Path, what: str):
-    """``cls.from_pretrained(folder, local_files_only=True)``, strict: a missing, unexpected or
-    mis-shaped weight is a CheckpointError (diffusers would only log it)."""
+@contextlib.contextmanager
+def _quiet_loading():
+    """No loading progress bars from diffusers/transformers unless stderr is a terminal."""
+    if sys.stderr.isatty():
+        yield
+        return
+    import importlib
+
+    libs = []
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            lib = importlib.import_module(name)
+        except ImportError:
+            continue
+        if lib.is_progress_bar_enabled():
+            lib.disable_progress_bar()
+            libs.append(lib)
     try:
-        model, info = cls.from_pretrained(str(folder), local_files_only=True,
-                                          output_loading_info=True, low_cpu_mem_usage=False)
+        yield
+    finally:
+        for lib in libs:
+            lib.enable_progress_bar()
+
+
+def load_pretrained(cls, folder: Path, what: str, allow_unexpected: bool = False):
+    """``cls.from_pretrained(folder, local_files_only=True)``, strict: a missing, unexpected or
+    mis-shaped weight is a CheckpointError (diffusers would only log it). ``allow_unexpected``:
+    weights the model does not use are only logged (old CLIP text encoders carry a buffer that
+    newer transformers no longer has)."""
+    try:
+        with _quiet_loading():
+            model, info = cls.from_pretrained(str(folder), local_files_only=True,
+                                              output_loading_info=True,
+                                              low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot load the {what} from {folder}: {first}",
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        detail = " ".join(lines[:3]) if lines else type(exc).__name__
+        raise CheckpointError(f"cannot load the {what} from {folder}: {detail}",
                               "check that the folder is a complete diffusers model") from exc
-    problems = [f"{key.replace('_', ' ')}: {', '.join(map(str, items[:5]))}"
+    if allow_unexpected and info.get("unexpected_keys"):
+        log.info("%s: ignoring unused weights %s", folder, list(info["unexpected_keys"])[:5])
+        info = {k: v for k, v in info.items() if k != "unexpected_keys"}
+    problems = [f"{key.replace('_', ' ')}: {', '.join(map(str, list(items)[:5]))}"
                 for key, items in sorted(info.items()) if items and key != "error_msgs"]
     if info.get("error_msgs"):
         problems.append("; ".join(map(str, info["error_msgs"][:3])))

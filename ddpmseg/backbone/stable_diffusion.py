@@ -87,7 +87,7 @@ class StableDiffusionBackbone(DiffusersBackbone):
                                "UNet2DConditionModel")
         vae = load_pretrained(diffusers.AutoencoderKL, root / "vae", "VAE")
         encoder = load_pretrained(transformers.CLIPTextModel, root / "text_encoder",
-                                  "text encoder")
+                                  "text encoder", allow_unexpected=True)
         try:
             tokenizer = transformers.CLIPTokenizer.from_pretrained(str(root / "tokenizer"),
                                                                    local_files_only=True)
