@@ -165,6 +165,19 @@ def _first_tensor(out) -> torch.Tensor:
     return _first_tensor(out.sample)
 
 
+def up_block_shape(block_out_channels, latent_size: int, i: int, kind: str | None = None,
+                   _j: int = 0) -> tuple[int, int, int]:
+    """(C, h, w) of up_blocks[i] (or of its resnet/attention/upsampler ``kind``) for a
+    latent_size input: diffusers builds up block i at the resolution of level i from the
+    bottom, with the widths reversed, ending with an upsampler except the last."""
+    channels = list(reversed(block_out_channels))
+    levels = len(channels)
+    size = latent_size // 2 ** (levels - 1) * 2 ** i
+    if kind in (None, "upsample") and i < levels - 1:
+        size *= 2
+    return channels[i], size, size
+
+
 class _Enough(Exception):
     """Raised by a hook once every requested output is in: ends the forward early."""
 
@@ -232,24 +245,12 @@ class DiffusersBackbone(FeatureBackbone):
         return i, kind, j
 
     def block_shapes(self, blocks=None) -> dict:
-        """{block: (C, h, w)} for an image_size input, from the config (no forward pass).
-
-        up_blocks[i] works at the resolution of the i-th level from the bottom and ends with
-        an upsampler except the last, as diffusers builds them.
-        """
+        """{block: (C, h, w)} for an image_size input, from the config (no forward pass)."""
         if blocks is None:
             blocks = range(self.num_blocks)
-        channels = list(reversed(self.unet.config.block_out_channels))
-        levels = len(channels)
-        base = self.image_size // self.factor // 2 ** (levels - 1)
-        out = {}
-        for block in blocks:
-            i, kind, _ = self._parse(block)
-            size = base * 2 ** i
-            if kind in (None, "upsample") and i < levels - 1:
-                size *= 2
-            out[block] = (channels[i], size, size)
-        return out
+        latent = self.image_size // self.factor
+        return {b: up_block_shape(self.unet.config.block_out_channels, latent, *self._parse(b))
+                for b in blocks}
 
     def fingerprint(self) -> dict:
         flags = {} if self.prompt is None else {"prompt": self.prompt}
