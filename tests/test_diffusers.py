@@ -423,3 +423,19 @@ def test_end_to_end_ffhq34_with_stable_diffusion(ffhq, sd_dir, ddpm_dir, tmp_pat
     extract(tmp_path / "train", tmp_path / "ddpm.zarr", other, resize=True, progress=False)
     with pytest.raises(StoreMismatchError, match="model fingerprint differs"):
         predict(run, tmp_path / "ddpm.zarr", tmp_path / "p3", device="cpu", progress=False)
+
+
+def test_dask_workers_load_the_folder_and_match_one_process(ffhq, sd_dir, tmp_path):
+    """With --scheduler the workers load the SD folder themselves (prompt included, from the
+    fingerprint) and write the same maps as one process."""
+    copy_pairs(ffhq / "train", tmp_path / "train", 2)
+    cfg = Config().with_overrides(data={"num_classes": 34},
+                                  model={"checkpoint": str(sd_dir), "prompt": "a face"},
+                                  features={"steps": [50], "blocks": [0, 1]})
+    one = extract(tmp_path / "train", tmp_path / "one.zarr", cfg, resize=True, progress=False)
+    dist = extract(tmp_path / "train", tmp_path / "dist.zarr", cfg, resize=True,
+                   scheduler="local:1", progress=False)
+    assert dist.info.fingerprint == one.info.fingerprint
+    for i in range(2):
+        for a, b in zip(one.maps(i), dist.maps(i)):
+            np.testing.assert_array_equal(a, b)
