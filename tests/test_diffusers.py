@@ -238,7 +238,7 @@ def test_store_pixel_features_equal_dense_upsample(ddpm_dir, tmp_path):
     for k in range(2):
         Image.fromarray(pix[k]).save(data / f"im{k}.png")
         np.save(data / f"im{k}.npy", np.full((32, 32), k, np.uint8))
-    blocks = [0, 1]
+    blocks = [0, "up0.res1"]   # a named sub-module at 16px, upsampled to 32
     cfg = Config().with_overrides(data={"num_classes": 2},
                                   features={"steps": STEPS, "blocks": blocks,
                                             "dtype": "float32", "seed": 7})
@@ -343,13 +343,14 @@ def test_end_to_end_ffhq34_with_a_unet2d_folder(ffhq, tmp_path):
     copy_pairs(ffhq / "test", tmp_path / "test", 2)
     run = CliRunner().invoke
     common = ["--config", "ffhq_34", "--device", "cpu", "--no-progress"]
-    feats = ["--checkpoint", str(model), "--steps", "50,150", "--blocks", "0,1", "--resize"]
+    feats = ["--checkpoint", str(model), "--steps", "50,150", "--blocks", "1,up0.res1",
+             "--resize"]
     for split in ("train", "test"):
         r = run(cli, ["extract", str(tmp_path / split), str(tmp_path / f"{split}.zarr"),
                       *feats, *common])
         assert r.exit_code == 0, r.output
         assert "3 images" in r.output if split == "train" else "2 images" in r.output
-        assert "96 dims per pixel" in r.output   # (32 + 16) channels x 2 steps
+        assert "96 dims per pixel" in r.output   # (16 + 32) channels x 2 steps
     r = run(cli, ["fit", str(tmp_path / "train.zarr"), str(tmp_path / "run"), "--ensemble", "2",
                   "--epochs", "1", *common])
     assert r.exit_code == 0, r.output

@@ -21,6 +21,14 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BlockId = int | str
 
 
+def block_id(value) -> BlockId:
+    """A block as stores and configs keep it: an int when it is one (numpy ints included),
+    else its name."""
+    if isinstance(value, str):
+        return int(value) if value.lstrip("-").isdigit() else value
+    return int(value)
+
+
 def precision_context(device: torch.device, precision: str):
     """torch.autocast for "bf16"/"fp16" (fp16 on CUDA only), nothing for "fp32"."""
     if precision not in PRECISIONS:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import config_option, device_option, parse_ints, resolve_config
+from .common import config_option, device_option, parse_blocks, parse_ints, resolve_config
 
 _DTYPES = ("float16", "bfloat16", "float32")
 _PRECISIONS = ("fp32", "bf16", "fp16")
@@ -27,7 +27,9 @@ _PRECISIONS = ("fp32", "bf16", "fp16")
 @click.option("--steps", default=None, metavar="T,T,...",
               help="Diffusion steps to noise each image to. [default: config, 50,150,250]")
 @click.option("--blocks", default=None, metavar="B,B,...",
-              help="Decoder blocks whose outputs are kept. [default: config, 5,6,7,8,12]")
+              help="Decoder blocks whose outputs are kept: indices (of up_blocks for a "
+                   "diffusers folder, which also takes names like up2.res1, up2.attn0). "
+                   "[default: config, 5,6,7,8,12]")
 @click.option("--dtype", type=click.Choice(_DTYPES), default=None,
               help="Storage dtype of the activations. [default: config, float16]")
 @device_option
@@ -69,7 +71,7 @@ def command(ctx, data_dir, store, config_path, checkpoint, preset, prompt, steps
     cfg = resolve_config(config_path,
                          model={"preset": preset, "checkpoint": checkpoint, "prompt": prompt},
                          features={"steps": parse_ints(steps, "--steps"),
-                                   "blocks": parse_ints(blocks, "--blocks"),
+                                   "blocks": parse_blocks(blocks),
                                    "dtype": dtype, "seed": seed, "precision": precision,
                                    "batch_size": batch_size})
     quiet = bool(ctx.find_root().params.get("quiet"))

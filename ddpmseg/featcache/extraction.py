@@ -90,11 +90,12 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     LocalCluster of N single-threaded worker processes) or "tcp://host:port" (a running dask
     scheduler whose workers see the same files). Returns the store, opened for reading.
     """
+    from ..backbone.base import block_id
     from ..backbone.factory import describe_backbone, load_backbone
 
     config = config or Config()
     fc, dc = config.features, config.data
-    steps, blocks = tuple(int(t) for t in fc.steps), tuple(int(b) for b in fc.blocks)
+    steps, blocks = tuple(int(t) for t in fc.steps), tuple(block_id(b) for b in fc.blocks)
     dtype, seed = fc.dtype, int(fc.seed)
     precision = precision or fc.precision
     batch_size = int(batch_size or fc.batch_size)
@@ -179,7 +180,7 @@ def _check_settings(steps, blocks, dtype, precision, batch_size, dc) -> None:
             raise ConfigError(f"no {name} given", f"set features.{name} or --{name}")
         if len(set(values)) != len(values):
             raise ConfigError(f"{name} repeat a value: {list(values)}", "list each once")
-        if min(values) < 0:
+        if any(isinstance(v, int) and v < 0 for v in values):
             raise ConfigError(f"{name} must be non-negative, got {list(values)}")
     if not 1 <= dc.num_classes <= 256:
         raise ConfigError(f"data.num_classes must be 1..256, got {dc.num_classes}")
