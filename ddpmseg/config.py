@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,13 +41,17 @@ class DataConfig:
 class ModelConfig:
     # A preset name of ddpmseg.backbone (lsun_256, faces_64, ...) or a path to a flags JSON.
     preset: str = "lsun_256"
+    # A guided-diffusion .pt file, or a diffusers model folder (then preset is not used).
     checkpoint: str = ""
+    # Stable Diffusion only: the text the UNet is conditioned on ("" = the empty prompt).
+    prompt: str = ""
 
 
 @dataclass(frozen=True)
 class FeatureConfig:
     steps: tuple[int, ...] = (50, 150, 250)
-    blocks: tuple[int, ...] = (5, 6, 7, 8, 12)
+    # Decoder block indices; diffusers backbones also take names such as "up2.res1".
+    blocks: tuple[int | str, ...] = (5, 6, 7, 8, 12)
     seed: int = 0
     dtype: str = "float16"
     precision: str = "fp32"
@@ -138,6 +143,13 @@ def _coerce(value, hint, where: str):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {value!r}", "write it as [a, b, ...]")
         return tuple(_coerce(v, item, where) for v in value)
+    if isinstance(hint, types.UnionType):
+        options = typing.get_args(hint)
+        if any(isinstance(value, o) and not (o is int and isinstance(value, bool))
+               for o in options):
+            return value
+        raise ConfigError(f"{where} must be {' or '.join(o.__name__ for o in options)}, got "
+                          f"{value!r}", "fix the value's type")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is bool and not isinstance(value, bool) or not isinstance(value, hint) or (

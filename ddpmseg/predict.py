@@ -281,11 +281,11 @@ class _ImageSource:
 def load_backbone(checkpoint: Path, flags, device: torch.device):
     """The run's backbone (kept as a module-level function so tests can substitute one)."""
     try:
-        from .backbone import Backbone
+        from .backbone.factory import load_backbone as load
     except ImportError as exc:
         raise RunError(f"predicting from images needs ddpmseg.backbone ({exc})",
                        "predict from a feature store made by `ddpmseg extract` instead") from exc
-    return Backbone.from_checkpoint(checkpoint, flags, device)
+    return load(checkpoint, flags, device)
 
 
 def _resolve_checkpoint(checkpoint: str | None, model: RunModel) -> Path:
@@ -294,11 +294,11 @@ def _resolve_checkpoint(checkpoint: str | None, model: RunModel) -> Path:
         raise RunError("the run records no backbone checkpoint to extract features with",
                        "pass --checkpoint PATH (the checkpoint of the run's training store)")
     path = Path(given).expanduser()
-    if not path.is_file() and not path.is_absolute() and model.run_dir:
+    if not path.exists() and not path.is_absolute() and model.run_dir:
         beside = Path(model.run_dir) / path
-        if beside.is_file():
+        if beside.exists():
             path = beside
-    if not path.is_file():
+    if not path.exists():  # a .pt file, or a diffusers folder
         raise InputNotFoundError(f"checkpoint {path} not found",
                                  "pass --checkpoint PATH to the run's backbone checkpoint")
     return path

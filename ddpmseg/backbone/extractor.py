@@ -6,7 +6,6 @@ steps t, run the UNet, and read what some decoder blocks output.
 
 from __future__ import annotations
 
-import contextlib
 import numbers
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -17,6 +16,8 @@ import torch
 from ..device import resolve_device
 from ..bundled import resolve_checkpoint
 from ..errors import BadInputError, ConfigError, InputNotFoundError
+from .base import (FeatureBackbone, check_image, check_noise, precision_context,
+                   seeded_noise)
 from .checkpoint import load_checkpoint, sha256_file
 from .diffusion import Schedule
 from .flags import ModelFlags
@@ -25,8 +26,6 @@ from .unet import UNetModel
 # The paper's choice for the 256px LSUN/FFHQ models (8448 dims per pixel).
 DEFAULT_STEPS = (50, 150, 250)
 DEFAULT_BLOCKS = (5, 6, 7, 8, 12)
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _int_list(name: str, values: Iterable, upper: int) -> list[int]:
@@ -48,12 +47,14 @@ def _int_list(name: str, values: Iterable, upper: int) -> list[int]:
     return out
 
 
-class Backbone:
+class Backbone(FeatureBackbone):
     """An ADM UNet in eval mode on one device, with its flags, schedule and checkpoint hash.
 
     Build it with ``from_checkpoint`` (or ``random`` for benchmarks); the constructor takes a
     ready model, for tests.
     """
+
+    kind = "adm"
 
     def __init__(self, model: UNetModel, flags: ModelFlags | Mapping | str | Path,
                  sha256: str = "", device: str | torch.device | None = None):
@@ -105,6 +106,14 @@ class Backbone:
     # -- description ------------------------------------------------------------------------
 
     @property
+    def image_size(self) -> int:
+        return self.flags.image_size
+
+    @property
+    def num_steps(self) -> int:
+        return self.flags.diffusion_steps
+
+    @property
     def num_blocks(self) -> int:
         """How many decoder blocks (output_blocks) the model has."""
         return len(self.model.output_blocks)
@@ -130,51 +139,17 @@ class Backbone:
 
     def default_noise(self, height: int, width: int, seed: int = 0) -> torch.Tensor:
         """(1, 3, H, W) standard normal noise, drawn on the CPU so every device gets the same."""
-        gen = torch.Generator().manual_seed(int(seed))
-        return torch.randn(1, 3, height, width, generator=gen).to(self.device)
+        return seeded_noise((1, 3, height, width), seed, self.device)
 
     def _check_image(self, x0: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x0, torch.Tensor):
-            raise BadInputError(f"x0 must be a torch tensor, got {type(x0).__name__}")
-        if x0.dim() != 4 or x0.shape[1] != 3 or x0.shape[0] == 0:
-            raise BadInputError(f"x0 must be (B, 3, H, W) with B >= 1, got {tuple(x0.shape)}")
-        if not x0.is_floating_point():
-            raise BadInputError(f"x0 must be a float tensor in [-1, 1], got {x0.dtype}",
-                                "scale 8-bit images as x / 127.5 - 1")
-        factor = 2 ** (len(self.flags.mult) - 1)
-        if x0.shape[2] % factor or x0.shape[3] % factor:
-            raise BadInputError(f"image size {tuple(x0.shape[2:])} is not a multiple of "
-                                f"{factor}, which this UNet's {len(self.flags.mult)} levels need")
-        x0 = x0.to(self.device, torch.float32)
-        lo, hi = x0.aminmax()
-        # A little slack for rounding in the caller's normalisation.
-        if not (torch.isfinite(lo) and torch.isfinite(hi)) or lo < -1.001 or hi > 1.001:
-            raise BadInputError(f"x0 must be in [-1, 1], got values in "
-                                f"[{float(lo):.4g}, {float(hi):.4g}]",
-                                "scale 8-bit images as x / 127.5 - 1")
-        return x0
+        levels = len(self.flags.mult)
+        return check_image(x0, self.device, 2 ** (levels - 1), f"this UNet's {levels} levels")
 
     def _check_noise(self, noise: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        if not isinstance(noise, torch.Tensor):
-            raise BadInputError(f"noise must be a torch tensor, got {type(noise).__name__}")
-        if noise.dim() == 3:
-            noise = noise[None]
-        if tuple(noise.shape) != (1, 3, shape[2], shape[3]):
-            raise BadInputError(f"noise must be (1, 3, {shape[2]}, {shape[3]}) and is shared "
-                                f"by every image and step, got {tuple(noise.shape)}")
-        return noise.to(self.device, torch.float32)
+        return check_noise(noise, (1, 3, shape[2], shape[3]), self.device)
 
     def _autocast(self, precision: str):
-        if precision not in PRECISIONS:
-            raise ConfigError(f"unknown precision {precision!r}",
-                              f"use one of {', '.join(PRECISIONS)}")
-        dtype = PRECISIONS[precision]
-        if dtype is None:
-            return contextlib.nullcontext()
-        if dtype is torch.float16 and self.device.type != "cuda":
-            raise ConfigError("precision fp16 needs a CUDA device",
-                              "use bf16 or fp32 on the CPU")
-        return torch.autocast(self.device.type, dtype=dtype)
+        return precision_context(self.device, precision)
 
     def activations(self, x0: torch.Tensor, steps: Sequence[int], blocks: Sequence[int],
                     noise: torch.Tensor | None = None, seed: int = 0, *,

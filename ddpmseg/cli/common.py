@@ -48,6 +48,14 @@ def resolve_config(config_path: str | None, **sections: dict) -> Config:
         raise click.BadParameter(str(exc), param_hint="--config") from exc
 
 
+def parse_blocks(value: str | None, name: str = "--blocks") -> tuple[int | str, ...] | None:
+    """'5,6,up2.res1' -> (5, 6, 'up2.res1'): block indices, or block names (diffusers)."""
+    if value is None:
+        return None
+    return tuple(int(v) if v.lstrip("-").isdigit() else v
+                 for v in value.replace(" ", "").split(",") if v)
+
+
 def parse_ints(value: str | None, name: str) -> tuple[int, ...] | None:
     """'50,150,250' -> (50, 150, 250); a bad list is a usage error naming the option."""
     if value is None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .common import config_option, device_option, threads_option, parse_ints, resolve_config
+from .common import (config_option, device_option, parse_blocks, parse_ints, resolve_config,
+                     threads_option)
 
 _DTYPES = ("float16", "bfloat16", "float32")
 _PRECISIONS = ("fp32", "bf16", "fp16")
@@ -14,15 +15,21 @@ _PRECISIONS = ("fp32", "bf16", "fp16")
 @click.argument("paths", nargs=-1, required=True, metavar="[DATA_DIR] STORE")
 @config_option
 @click.option("--checkpoint", default=None, metavar="PATH",
-              help="The guided-diffusion checkpoint (.pt). [default: model.checkpoint of the "
-                   "config]")
+              help="The backbone: a guided-diffusion checkpoint (.pt, with --preset), or a "
+                   "diffusers model folder (DDPM UNet2DModel or Stable Diffusion). "
+                   "[default: model.checkpoint of the config]")
 @click.option("--preset", default=None, metavar="NAME|JSON",
               help="Model flags: a preset (lsun_256, faces_64, ...) or a flags JSON file. "
                    "[default: model.preset of the config]")
+@click.option("--prompt", default=None, metavar="TEXT",
+              help="Stable Diffusion only: the text the UNet is conditioned on. "
+                   "[default: config, the empty prompt]")
 @click.option("--steps", default=None, metavar="T,T,...",
               help="Diffusion steps to noise each image to. [default: config, 50,150,250]")
 @click.option("--blocks", default=None, metavar="B,B,...",
-              help="Decoder blocks whose outputs are kept. [default: config, 5,6,7,8,12]")
+              help="Decoder blocks whose outputs are kept: indices (of up_blocks for a "
+                   "diffusers folder, which also takes names like up2.res1, up2.attn0). "
+                   "[default: config, 5,6,7,8,12]")
 @click.option("--dtype", type=click.Choice(_DTYPES), default=None,
               help="Storage dtype of the activations. [default: config, float16]")
 @device_option
@@ -41,8 +48,8 @@ _PRECISIONS = ("fp32", "bf16", "fp16")
                    "an existing scheduler whose workers see the same files.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context
-def command(ctx, paths, config_path, checkpoint, preset, steps, blocks, dtype, device,
-            batch_size, precision, seed, resize, overwrite, scheduler, no_progress):
+def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, dtype,
+            device, batch_size, precision, seed, resize, overwrite, scheduler, no_progress):
     """Extract diffusion features of every image in DATA_DIR into the store STORE.
 
     DATA_DIR holds images (png/jpg) with masks of the same stem (<id>.npy or <id>_mask.png)
@@ -59,13 +66,15 @@ def command(ctx, paths, config_path, checkpoint, preset, steps, blocks, dtype, d
       ddpmseg extract my_images/ stores/mine.zarr --preset faces_64 \\
           --checkpoint adm_faces64.pt --steps 50,150,250 --blocks 2,4,5,7,8 --resize
       ddpmseg extract stores/train.zarr --config experiments/ffhq_34/ddpm.json
+      ddpmseg extract my_images/ stores/sd.zarr --checkpoint models/stable-diffusion-v1-5 \\
+          --steps 50,150,250 --blocks 1,2,3 --resize --config ffhq_34
     """
     from ..featcache import extract
 
     cfg = resolve_config(config_path,
-                         model={"preset": preset, "checkpoint": checkpoint},
+                         model={"preset": preset, "checkpoint": checkpoint, "prompt": prompt},
                          features={"steps": parse_ints(steps, "--steps"),
-                                   "blocks": parse_ints(blocks, "--blocks"),
+                                   "blocks": parse_blocks(blocks),
                                    "dtype": dtype, "seed": seed, "precision": precision,
                                    "batch_size": batch_size})
     data_dir, store = _data_and_store(paths, cfg.data.train_dir)

@@ -90,11 +90,12 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     LocalCluster of N single-threaded worker processes) or "tcp://host:port" (a running dask
     scheduler whose workers see the same files). Returns the store, opened for reading.
     """
-    from ..backbone import Backbone, ModelFlags
+    from ..backbone.base import block_id
+    from ..backbone.factory import describe_backbone, load_backbone
 
     config = config or Config()
     fc, dc = config.features, config.data
-    steps, blocks = tuple(int(t) for t in fc.steps), tuple(int(b) for b in fc.blocks)
+    steps, blocks = tuple(int(t) for t in fc.steps), tuple(block_id(b) for b in fc.blocks)
     dtype, seed = fc.dtype, int(fc.seed)
     precision = precision or fc.precision
     batch_size = int(batch_size or fc.batch_size)
@@ -102,7 +103,7 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     checkpoint = checkpoint if checkpoint not in (None, "") else (config.model.checkpoint or None)
     checkpoint = resolve_checkpoint(checkpoint) if checkpoint else None
 
-    flags = backbone.flags if backbone is not None else ModelFlags.resolve(config.model.preset)
+    flags = describe_backbone(backbone or checkpoint, config.model.preset)
     for t in steps:
         if not 0 <= t < flags.diffusion_steps:
             raise ConfigError(f"step {t} is out of range 0..{flags.diffusion_steps - 1}",
@@ -117,7 +118,7 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
         if checkpoint is None:
             raise ConfigError("no checkpoint given",
                               "pass --checkpoint PATH or set model.checkpoint in the config")
-        backbone = Backbone.from_checkpoint(checkpoint, flags, device=device)
+        backbone = load_backbone(checkpoint, flags, device=device, prompt=config.model.prompt)
     shapes_by_block = backbone.block_shapes(blocks)
     info = StoreInfo(
         steps=steps, blocks=blocks,
@@ -179,7 +180,7 @@ def _check_settings(steps, blocks, dtype, precision, batch_size, dc) -> None:
             raise ConfigError(f"no {name} given", f"set features.{name} or --{name}")
         if len(set(values)) != len(values):
             raise ConfigError(f"{name} repeat a value: {list(values)}", "list each once")
-        if min(values) < 0:
+        if any(isinstance(v, int) and v < 0 for v in values):
             raise ConfigError(f"{name} must be non-negative, got {list(values)}")
     if not 1 <= dc.num_classes <= 256:
         raise ConfigError(f"data.num_classes must be 1..256, got {dc.num_classes}")
@@ -373,14 +374,14 @@ _WORKER_BACKBONES: dict = {}
 def _worker_backbone(source: dict):
     """The backbone of a worker process, loaded once and kept for its later tasks."""
     from ..backbone import Backbone
+    from ..backbone.factory import load_backbone
 
     key = repr(sorted((k, repr(v)) for k, v in source.items()))
     bb = _WORKER_BACKBONES.get(key)
     if bb is None:
         _WORKER_BACKBONES.clear()
         if source.get("checkpoint"):
-            bb = Backbone.from_checkpoint(source["checkpoint"], source["flags"],
-                                          device=source["device"])
+            bb = load_backbone(source["checkpoint"], source["flags"], device=source["device"])
         else:
             bb = Backbone.random(source["flags"], seed=source["random_seed"],
                                  device=source["device"])
@@ -433,7 +434,7 @@ def _run_distributed(scheduler: str, job: _Job, todo: list[int], labels: list, b
     else:
         raise ConfigError("a scheduler needs the checkpoint path: each worker loads the model "
                           "itself", "pass checkpoint= / --checkpoint")
-    source.update(flags=backbone.flags.to_dict(), device=str(device))
+    source.update(flags=backbone.fingerprint().get("flags"), device=str(device))
     # Tasks of whole batches (a batch never spans two tasks, so the images are computed in the
     # same groups as in one process).
     groups = [todo[k:k + job.batch_size] for k in range(0, len(todo), job.batch_size)]
