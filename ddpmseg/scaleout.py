@@ -37,9 +37,11 @@ def connect(scheduler: str, default_workers: int):
             raise ConfigError(f"bad scheduler {scheduler!r}", HINT) from None
         if workers < 1:
             raise ConfigError(f"bad scheduler {scheduler!r}: N must be at least 1", HINT)
+        # ":0": a free port for the dashboard. None still falls back to 8787, and the cluster
+        # then fails to start wherever a notebook's cluster already holds that port.
         with _environ_kept():
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None, silence_logs=logging.ERROR)
+                                   dashboard_address=":0", silence_logs=logging.ERROR)
         return Client(cluster), cluster
     if "://" not in text:
         raise ConfigError(f"bad scheduler {scheduler!r}", HINT)
