@@ -1,13 +1,15 @@
 """The diffusion backbone: guided-diffusion's ADM UNet, its flags, schedules and checkpoints."""
 
-from .checkpoint import check_state_dict, load_checkpoint, load_state_dict, sha256_file
+from ..fileio import sha256_file
+from .checkpoint import check_state_dict, load_checkpoint, load_state_dict
 from .diffusion import SCHEDULES, Schedule, get_schedule, q_sample
 from .extractor import DEFAULT_BLOCKS, DEFAULT_STEPS, Backbone
 from .flags import PRESETS, ModelFlags
+from .ident import BackboneId
 from .unet import UNetModel
 
 __all__ = [
-    "Backbone", "ModelFlags", "PRESETS", "UNetModel",
+    "Backbone", "BackboneId", "ModelFlags", "PRESETS", "UNetModel",
     "Schedule", "SCHEDULES", "get_schedule", "q_sample",
     "load_state_dict", "load_checkpoint", "check_state_dict", "sha256_file",
     "DEFAULT_STEPS", "DEFAULT_BLOCKS",

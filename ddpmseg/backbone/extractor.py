@@ -17,7 +17,9 @@ import torch
 from ..device import resolve_device
 from ..bundled import resolve_checkpoint
 from ..errors import BadInputError, ConfigError, InputNotFoundError
-from .checkpoint import load_checkpoint, sha256_file
+from ..fileio import sha256_file
+from .checkpoint import load_checkpoint
+from .ident import BackboneId
 from .diffusion import get_schedule
 from .flags import ModelFlags
 from .unet import UNetModel
@@ -100,7 +102,7 @@ class Backbone:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = UNetModel.from_flags(flags)
-        return cls(model, flags, sha256=f"random-{seed}", device=device)
+        return cls(model, flags, sha256=BackboneId.random(seed).sha256, device=device)
 
     # -- description ------------------------------------------------------------------------
 
@@ -119,7 +121,11 @@ class Backbone:
 
     def fingerprint(self) -> dict:
         """What identifies this backbone's features: checkpoint hash and flags (JSON-able)."""
-        return {"sha256": self.sha256, "flags": self.flags.to_dict()}
+        return self.ident.to_json()
+
+    @property
+    def ident(self) -> BackboneId:
+        return BackboneId(self.sha256, self.flags.to_dict())
 
     def __repr__(self) -> str:
         return (f"Backbone(image_size={self.flags.image_size}, "

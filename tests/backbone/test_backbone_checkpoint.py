@@ -105,7 +105,7 @@ def test_sha256_file_streams_the_whole_file(tmp_path):
     data = bytes(range(256)) * 9000  # several read chunks
     path = tmp_path / "blob"
     path.write_bytes(data)
-    assert sha256_file(path, chunk_size=4096) == hashlib.sha256(data).hexdigest()
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
 
 
 def test_faces64_loads_strictly_with_its_preset(shared_dir):
