@@ -133,7 +133,8 @@ def test_refuses_a_run_dir_of_another_store(store_path, small_config, make_store
     with pytest.raises(RunError) as err:
         fit(other, run, cfg, device="cpu", progress=False)
     msg = str(err.value)
-    assert "another store" in msg and "steps" in msg and "fingerprint" in msg
+    assert "another store" in msg and "steps (10,30 now, 10,20 in the run" in msg
+    assert "checkpoint sha256 (000000000000... now, ffffffffffff... in the run" in msg
     assert "--overwrite" in msg and "new run dir" in msg
     # Other classifier settings on top of trained members are refused too...
     with pytest.raises(RunError, match="lr"):

@@ -4,6 +4,7 @@ import torch
 
 from ddpmseg.classifier import sampler as S
 from ddpmseg.featcache import pixels
+from ddpmseg.featcache.spec import FeatureSpec
 from ddpmseg.featcache.store import FeatureStore, StoreInfo
 
 
@@ -11,7 +12,7 @@ from ddpmseg.featcache.store import FeatureStore, StoreInfo
 def test_pool_features_equal_pixel_features(tmp_path):
     # Non-square image, maps at three resolutions, two of them sharing one.
     shapes = ((3, 5, 7), (4, 10, 14), (2, 5, 7), (6, 20, 28))
-    info = StoreInfo(steps=(1, 2), blocks=(5, 8), shapes=shapes, image_size=(20, 28),
+    info = StoreInfo(FeatureSpec(steps=(1, 2), blocks=(5, 8), shapes=shapes, image_size=(20, 28)),
                      num_images=3, names=("a", "b", "c"), num_classes=2, ignore_label=255)
     rng = np.random.default_rng(0)
     store = FeatureStore.create(tmp_path / "s.zarr", info)
