@@ -1,6 +1,6 @@
 """Run configuration: TOML files read into frozen dataclasses.
 
-A config has four sections, each a frozen dataclass with the reference's values as defaults:
+A config has five sections, each a frozen dataclass with the reference's values as defaults:
 ``[data]``, ``[model]``, ``[features]``, ``[classifier]`` and ``[predict]``. Command-line options
 override single keys (``with_overrides``); every run writes the resolved config as JSON.
 """
@@ -8,15 +8,20 @@ override single keys (``with_overrides``); every run writes the resolved config 
 from __future__ import annotations
 
 import dataclasses
-import json
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, InputNotFoundError
+from .fileio import write_json
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def class_name(class_names, c: int) -> str:
+    """Class c's name: from ``class_names``, or ``class_{c}`` where the list has none."""
+    return class_names[c] if c < len(class_names) else f"class_{c}"
 
 
 @dataclass(frozen=True)
@@ -29,7 +34,7 @@ class DataConfig:
     min_class_pixels: int = 20
 
     def class_name(self, c: int) -> str:
-        return self.class_names[c] if c < len(self.class_names) else f"class_{c}"
+        return class_name(self.class_names, c)
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json(path, self.to_dict())
 
     def with_overrides(self, **sections: dict) -> "Config":
         """``cfg.with_overrides(classifier={"ensemble": 3})``; ``None`` values are skipped."""

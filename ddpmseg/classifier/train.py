@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from distributed import as_completed
 from tqdm import tqdm
 
 from ..config import Config
@@ -322,8 +323,6 @@ def _member_task(store_path: str, cfg_dict: dict, k: int, device: str, in_memory
 
 def _fit_distributed(store, run_dir, cfg, todo, device, in_memory, shuffle, scheduler, logger,
                      progress):
-    from distributed import as_completed
-
     client, cluster = connect(scheduler, max(1, min(os.cpu_count() or 1, 4)))
     try:
         threads = torch.get_num_threads()

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import click
 
+from ..featcache import extract
+from ..featcache.spec import PRECISIONS, STORE_DTYPES
 from .common import config_option, device_option, parse_ints, resolve_config
-
-_DTYPES = ("float16", "bfloat16", "float32")
-_PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @click.command("extract")
@@ -24,12 +23,12 @@ _PRECISIONS = ("fp32", "bf16", "fp16")
               help="Diffusion steps to noise each image to. [default: config, 50,150,250]")
 @click.option("--blocks", default=None, metavar="B,B,...",
               help="Decoder blocks whose outputs are kept. [default: config, 5,6,7,8,12]")
-@click.option("--dtype", type=click.Choice(_DTYPES), default=None,
+@click.option("--dtype", type=click.Choice(STORE_DTYPES), default=None,
               help="Storage dtype of the activations. [default: config, float16]")
 @device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, metavar="N",
               help="Images per forward pass. [default: config, 1]")
-@click.option("--precision", type=click.Choice(_PRECISIONS), default=None,
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="Compute precision of the model (fp16 on CUDA only). [default: config, fp32]")
 @click.option("--seed", type=int, default=None, help="Noise seed. [default: config, 0]")
 @click.option("--resize", is_flag=True,
@@ -58,8 +57,6 @@ def command(ctx, data_dir, store, config_path, checkpoint, preset, steps, blocks
       ddpmseg extract my_images/ stores/mine.zarr --preset faces_64 \\
           --checkpoint adm_faces64.pt --steps 50,150,250 --blocks 2,4,5,7,8 --resize
     """
-    from ..featcache import extract
-
     cfg = resolve_config(config_path,
                          model={"preset": preset, "checkpoint": checkpoint},
                          features={"steps": parse_ints(steps, "--steps"),

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from distributed import as_completed
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -425,8 +426,6 @@ def _parse_scheduler(scheduler: str, threads: int):
 
 def _run_distributed(scheduler: str, job: _Job, todo: list[int], labels: list, backbone,
                      checkpoint, device, update: Callable[[int], None]) -> None:
-    from distributed import as_completed
-
     random_seed = BackboneId.of(backbone).random_seed
     if checkpoint:
         source = {"checkpoint": str(Path(checkpoint).expanduser().resolve())}

@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 
+from ..backbone.extractor import PRECISIONS as _MODEL_PRECISIONS
 from ..backbone.ident import BackboneId
 from . import pixels
 
 STORE_DTYPES = ("float16", "bfloat16", "float32")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = tuple(_MODEL_PRECISIONS)  # "fp32", "bf16", "fp16": what Backbone runs in
 
 
 @dataclass(frozen=True)

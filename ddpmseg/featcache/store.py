@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import dask.array as da
 import numpy as np
 import torch
 import zarr
@@ -504,8 +505,6 @@ class FeatureStore:
         Lazy: nothing is read until computed. bfloat16 stores come out as float32. No
         completeness check: read ``complete()`` first when the store may be unfinished.
         """
-        import dask.array as da
-
         if (t, b) not in self.info.keys:
             raise KeyError(f"the store has no activation for step {t}, block {b}; it has "
                            f"steps {self.info.steps}, blocks {self.info.blocks}")
@@ -516,8 +515,6 @@ class FeatureStore:
 
     def dask_labels(self):
         """(N, H, W) uint8 dask array over the labels."""
-        import dask.array as da
-
         if not self.info.has_labels:
             raise StoreError(f"{self.path} holds no labels", "extract a folder with masks")
         return da.from_zarr(self._arr("labels"))
