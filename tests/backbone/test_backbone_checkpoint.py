@@ -108,11 +108,11 @@ def test_sha256_file_streams_the_whole_file(tmp_path):
     assert sha256_file(path) == hashlib.sha256(data).hexdigest()
 
 
-def test_faces64_loads_strictly_with_its_preset(shared_dir):
+def test_faces64_loads_strictly_with_its_preset(shared_dir, missing_shared):
     folder = shared_dir / "backbones" / "adm_faces64"
     path = folder / "adm_faces64.pt"
     if not path.is_file():
-        pytest.skip(f"{path} not present")
+        missing_shared(f"{path} not present")
     bb = Backbone.from_checkpoint(path, "faces_64")
     sd = bb.model.state_dict()
     assert len(sd) == 386 and sum(v.numel() for v in sd.values()) == 6_295_043
