@@ -17,9 +17,7 @@ image.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +27,10 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
-from zarr.core.sync import sync
 
 from ..errors import FeatureOverflowError, StoreError, StoreMismatchError
 from . import pixels
+from . import zarr_adapter as ZA
 from .spec import STORE_DTYPES
 from .spec import FeatureSpec, short
 
@@ -55,7 +53,6 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)
 # beside the model. (bfloat16 activations compress to 1.50 with the same codec.)
 DEFAULT_CODEC = {"cname": "zstd", "clevel": 1, "shuffle": "bitshuffle"}
 
-_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 
 @dataclass(frozen=True)
@@ -212,10 +209,6 @@ def decode_map(a: np.ndarray, dtype: str) -> np.ndarray:
     return np.asarray(a)
 
 
-class _Missing:
-    pass
-
-
 def _exists(path) -> bool:
     # A URL (s3://, memory://) cannot be checked here; let zarr's own error stand for it.
     return "://" in str(path) or Path(path).exists()
@@ -326,11 +319,7 @@ class FeatureStore:
         targets = [(self._arr(array_name(t, b)), m) for (t, b), m in zip(self.info.keys, maps)]
         if self.info.has_labels:
             targets.append((self._arr("labels"), labels))
-
-        async def write_all():
-            await asyncio.gather(*(a.async_array.setitem(i, v) for a, v in targets))
-
-        sync(write_all())
+        ZA.write_images(targets, i)
         complete[i] = 1
         if self._complete is not None:
             self._complete[i] = True
@@ -347,15 +336,7 @@ class FeatureStore:
 
     def remove_partial_files(self) -> int:
         """Delete the temporary files a killed writer of a local store leaves behind."""
-        root = Path(self.path)
-        if not root.is_dir():
-            return 0
-        count = 0
-        for p in root.rglob("*.partial"):
-            if _PARTIAL.search(p.name) and p.is_file():
-                p.unlink(missing_ok=True)
-                count += 1
-        return count
+        return ZA.remove_partial_files(self.path)
 
     # -- reading --------------------------------------------------------------------------
     @classmethod
@@ -429,20 +410,12 @@ class FeatureStore:
                                  "extraction was interrupted; rerun the same `ddpmseg extract` "
                                  "command to finish it")
 
-    def _chunk_path(self, arr: zarr.Array, i: int):
-        coords = (i,) + (0,) * (arr.ndim - 1)
-        return arr.store_path / arr.metadata.encode_chunk_key(coords)
-
     def missing_chunks(self, i: int) -> list[str]:
         """Names of the arrays whose chunk of image i is absent from storage."""
         i = self._index(i)
         names = self._array_names()
-        arrays = [self._arr(n) for n in names]
-
-        async def check():
-            return await asyncio.gather(*(self._chunk_path(a, i).exists() for a in arrays))
-
-        return [n for n, ok in zip(names, sync(check())) if not ok]
+        present = ZA.chunks_exist([self._arr(n) for n in names], i)
+        return [n for n, ok in zip(names, present) if not ok]
 
     def _array_names(self) -> list[str]:
         names = [array_name(t, b) for t, b in self.info.keys]
@@ -452,23 +425,13 @@ class FeatureStore:
         """Image i's chunks of ``names``, read concurrently; damage is a StoreError naming it."""
         i = self._index(i)
         self._require_complete(i)
-        arrays = [self._arr(n) for n in names]
-
-        async def one(arr):
-            if not await self._chunk_path(arr, i).exists():
-                return _Missing
-            return await arr.async_array.getitem(i)
-
-        async def read_all():
-            return await asyncio.gather(*(one(a) for a in arrays), return_exceptions=True)
-
-        results = sync(read_all())
+        results = ZA.read_images([self._arr(n) for n in names], i)
         label = f"image {i} ({self.names[i]})"
         hint = ("the store is damaged; re-extract it (`ddpmseg extract ... --overwrite`), or "
                 "rerun extract after FeatureStore.open(path, 'r+').mark_incomplete(i)")
         out = []
         for name, r in zip(names, results):
-            if r is _Missing:
+            if r is ZA.Missing:
                 raise StoreError(f"{self.path}: {label} is flagged complete but its chunk of "
                                  f"{name} is missing", hint)
             if isinstance(r, BaseException):
