@@ -1,6 +1,6 @@
 """ddpmseg: label-efficient semantic segmentation from diffusion-model features.
 
-The library API mirrors the CLI: ``extract``, ``fit``, ``predict``, ``evaluate`` and ``demo``.
+The library API mirrors the CLI: ``extract``, ``fit``, ``predict``, ``evaluate``, ``report`` and ``demo``.
 """
 
 __version__ = "0.1.0"
@@ -13,5 +13,7 @@ from .demo import demo  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
 from .featcache import extract  # noqa: E402
 from .predict import predict  # noqa: E402
+from .report import report  # noqa: E402
 
-__all__ = ["extract", "fit", "predict", "evaluate", "demo", "load_config", "__version__"]
+__all__ = ["extract", "fit", "predict", "evaluate", "report", "demo", "load_config",
+           "__version__"]

@@ -19,11 +19,6 @@ from .fileio import write_json
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
-def class_name(class_names, c: int) -> str:
-    """Class c's name: from ``class_names``, or ``class_{c}`` where the list has none."""
-    return class_names[c] if c < len(class_names) else f"class_{c}"
-
-
 @dataclass(frozen=True)
 class DataConfig:
     name: str = "custom"
@@ -32,9 +27,6 @@ class DataConfig:
     class_names: tuple[str, ...] = ()
     # Per image, a class covering fewer pixels than this becomes the ignore label (reference: 20).
     min_class_pixels: int = 20
-
-    def class_name(self, c: int) -> str:
-        return class_name(self.class_names, c)
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,15 @@ def list_samples(folder: str | Path, require_masks: bool = False) -> list[Sample
     return samples
 
 
+def find_image(folder: Path, name: str) -> Path | None:
+    """``folder/<name>.png`` (or .jpg, .jpeg, upper case too) when it exists."""
+    for suffix in IMAGE_SUFFIXES + tuple(s.upper() for s in IMAGE_SUFFIXES):
+        candidate = Path(folder) / f"{name}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def _is_mask_png(path: Path, files: dict) -> bool:
     # <stem>.png is a mask only when a JPEG image of the same stem sits beside it.
     return any(f"{path.stem}{s}" in files for s in (".jpg", ".jpeg", ".JPG", ".JPEG"))

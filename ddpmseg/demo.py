@@ -12,13 +12,15 @@ from .config import Config, load_config
 from .evaluate import evaluate, format_table
 from .featcache import extract
 from .predict import predict
+from .report import report
 
 log = logging.getLogger("ddpmseg")
 
 
 def demo(out_dir: str | Path = "ddpmseg-demo", *, config: Config | None = None,
          device: str = "auto", progress: bool = True) -> dict:
-    """extract -> fit -> predict -> evaluate on the bundled demo set; returns evaluate's result.
+    """extract -> fit -> predict -> evaluate -> report on the bundled demo set; returns
+    evaluate's result, with the path of the report's index.html under "report".
 
     Rerunning resumes: complete stores and finished members are reused.
     """
@@ -44,6 +46,7 @@ def demo(out_dir: str | Path = "ddpmseg-demo", *, config: Config | None = None,
     result = evaluate(out / "pred", DEMO_DATA / "test", num_classes=cfg.data.num_classes,
                       ignore_label=cfg.data.ignore_label, class_names=cfg.data.class_names)
     log.info("%s", format_table(result))
-    log.info("demo finished in %.0f s; overlays and summary.png in %s",
-             time.perf_counter() - started, out / "pred")
+    result["report"] = report(out / "pred", DEMO_DATA / "test")
+    log.info("demo finished in %.0f s; overlays and summary.png in %s, report in %s",
+             time.perf_counter() - started, out / "pred", result["report"])
     return result

@@ -58,3 +58,7 @@ class RunError(DdpmsegError, OSError):
 
 class FeatureOverflowError(DdpmsegError, OverflowError):
     """An activation does not fit the store's dtype (float16 overflow)."""
+
+
+class OutputError(DdpmsegError, OSError):
+    """An output folder or file cannot be written."""

@@ -22,15 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from . import render
-from .config import class_name
 from .data import check_labels, is_mask_png, mask_names, read_mask
 from .errors import BadInputError, ConfigError, InputNotFoundError
 from .fileio import write_json
 
 log = logging.getLogger("ddpmseg")
 
-__all__ = ["evaluate", "format_table", "iou_from_confusion", "confusion_matrix",
-           "list_predictions", "find_ground_truth"]
+__all__ = ["evaluate", "format_table", "iou_from_confusion", "image_iou", "confusion_matrix",
+           "confusion_axis", "list_predictions", "find_ground_truth"]
 
 # Files predict writes beside the label maps, which are not label maps themselves.
 _NOT_PREDICTIONS = ("_entropy", "_jsd", "_overlay", "_uncertainty")
@@ -90,6 +89,15 @@ def iou_from_confusion(conf: np.ndarray, num_classes: int, ignore_label: int,
     return rows, miou
 
 
+def image_iou(conf: np.ndarray, num_classes: int, ignore_label: int,
+              mask_ignore: bool = False) -> float:
+    """One image's mean IoU over the classes it has in its ground truth or prediction (the
+    test-set mIoU counts an absent class as 0, which would make every single image look bad)."""
+    rows, _ = iou_from_confusion(conf, num_classes, ignore_label, mask_ignore)
+    present = [r["iou"] for r in rows if r["union"] > 0]
+    return float(np.mean(present)) if present else 0.0
+
+
 def _load_predictions_meta(pred_dir: Path) -> dict:
     meta = pred_dir / "predict.json"
     if meta.is_file():
@@ -112,7 +120,7 @@ def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
     otherwise). Writes ``metrics.json`` (with ``confusion``: ``confusion.csv`` and
     ``confusion.png`` too) into ``out`` (default PRED_DIR) unless ``write`` is False.
     Returns {"miou", "classes": [{index, name, iou, gt_pixels, pred_pixels, intersection,
-    union}], ...}.
+    union}], "per_image": {name: image_iou}, ...}.
     """
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     if not pred_dir.is_dir():
@@ -143,6 +151,7 @@ def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
     pairs = [(name, path, find_ground_truth(gt_dir, name)) for name, path in predictions.items()]
 
     conf = np.zeros((256, 256), dtype=np.int64)
+    per_image = {}
     for name, pred_path, gt_path in pairs:
         pred = read_mask(pred_path)
         gt = read_mask(gt_path)
@@ -155,12 +164,14 @@ def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
         if bad.size:
             raise BadInputError(f"prediction {pred_path} has labels {bad.tolist()} outside "
                                 f"0..{num_classes - 1}", "check --num-classes / --config")
-        conf += confusion_matrix(pred, gt)
+        image_conf = confusion_matrix(pred, gt)
+        per_image[name] = image_iou(image_conf, num_classes, ignore_label, mask_ignore)
+        conf += image_conf
 
     rows, miou = iou_from_confusion(conf, num_classes, ignore_label, mask_ignore)
     for row in rows:
         c = row["index"]
-        row["name"] = class_name(class_names, c)
+        row["name"] = render.class_name(class_names, c)
     rows = [{k: r[k] for k in ("index", "name", "iou", "gt_pixels", "pred_pixels",
                                "intersection", "union")} for r in rows]
     ignored = int(conf[ignore_label, :].sum()) if 0 <= ignore_label < 256 else 0
@@ -176,6 +187,7 @@ def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
         "pred_dir": str(pred_dir),
         "gt_dir": str(gt_dir),
         "names": [name for name, _, _ in pairs],
+        "per_image": per_image,
         "classes": rows,
     }
     labels = list(range(num_classes))
@@ -201,15 +213,23 @@ def _write_confusion(out_dir: Path, matrix: np.ndarray, labels: list[int],
     def label(c: int) -> str:
         if c == ignore_label and c >= len(class_names):
             return f"{c}:ignore"
-        return f"{c}:{class_name(class_names, c)}"
+        return f"{c}:{render.class_name(class_names, c)}"
 
     with open(out_dir / "confusion.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["gt \\ pred", *[label(c) for c in labels]])
         for c, row in zip(labels, matrix):
             writer.writerow([label(c), *[int(v) for v in row]])
-    names = [str(c) for c in labels]
+    names = confusion_axis(labels, class_names, ignore_label)
     render.confusion_image(matrix, names, names).save(out_dir / "confusion.png")
+
+
+def confusion_axis(labels: Sequence[int], class_names: Sequence[str], ignore_label: int
+                   ) -> list[str]:
+    """The confusion picture's axis labels: "<index> <name>", "<index> ignore" for the
+    ignore label when it is no class."""
+    return [f"{c} ignore" if c == ignore_label and c >= len(class_names)
+            else render.class_label(c, class_names) for c in labels]
 
 
 def format_table(result: dict) -> str:

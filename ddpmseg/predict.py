@@ -29,7 +29,7 @@ from tqdm import tqdm
 from . import __version__, render, voting
 from .backbone import Backbone
 from .classifier import Ensemble, load_ensemble
-from .data import IMAGE_SUFFIXES, image_tensor, list_samples, load_image
+from .data import find_image, image_tensor, list_samples, load_image
 from .device import resolve_device
 from .errors import (BadInputError, ConfigError, InputNotFoundError, RunError, StoreError,
                      StoreMismatchError)
@@ -139,13 +139,7 @@ def _is_store(path: Path) -> bool:
 
 
 def _find_original(images_dir: Path | None, name: str) -> Path | None:
-    if images_dir is None:
-        return None
-    for suffix in IMAGE_SUFFIXES + tuple(s.upper() for s in IMAGE_SUFFIXES):
-        candidate = images_dir / f"{name}{suffix}"
-        if candidate.is_file():
-            return candidate
-    return None
+    return find_image(images_dir, name) if images_dir is not None else None
 
 
 class _StoreSource:
@@ -264,7 +258,7 @@ def _write_image_outputs(out: Path, item: _Item, pred: ImagePrediction, palette:
         files["uncertainty"] = out / f"{item.name}_uncertainty.png"
         render.uncertainty_image(pred.entropy, pred.jsd, info.num_classes,
                                  len(model.members)).save(files["uncertainty"])
-    row = (item.name, item.image, render.colorize(pred.labels, palette), over)
+    row = (item.name, item.image, pred.labels)
     return {k: str(v) for k, v in files.items()}, row
 
 
@@ -336,7 +330,8 @@ def predict(run, input, out_dir, *, vote: str | None = None, uncertainty: bool =
     bar.close()
     summary_path = out / "summary.png"
     if sheet_rows:
-        render.contact_sheet(sheet_rows).save(summary_path)
+        render.contact_sheet(sheet_rows, palette, class_names, info.num_classes).save(
+            summary_path)
 
     summary = {
         "version": __version__,
@@ -361,6 +356,8 @@ def predict(run, input, out_dir, *, vote: str | None = None, uncertainty: bool =
         "seed": info.seed,
         "dtype": info.dtype,
         "fingerprint": info.fingerprint,
+        # The run's resolved config: what a report shows of the run (backbone, ETF, ...).
+        "config": cfg.to_dict(),
         "num_images": len(outputs),
         "names": list(outputs),
         "summary": str(summary_path) if sheet_rows else None,

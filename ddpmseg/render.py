@@ -1,10 +1,16 @@
-"""Pictures of predictions: class palette, palette PNGs, overlays with a legend, heat maps,
-the contact sheet and the confusion-matrix image. PIL only (default font), no matplotlib.
+"""Pictures of predictions: class palette, palette PNGs, overlays with a legend panel, heat maps
+with colour bars, the contact sheet and the confusion-matrix image.
+
+Pillow only (its bundled font): these pictures are a few rectangles, ramps and lines of text,
+which Pillow draws exactly where asked, so pixel tests can check what lands where; a plotting
+library would add a heavy dependency for no visible gain. Legends, captions and colour scales
+always sit beside the pictures, never on them.
 """
 
 from __future__ import annotations
 
 import colorsys
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,9 +20,18 @@ from PIL import Image, ImageDraw, ImageFont
 
 IGNORE_RGB = (0, 0, 0)
 GREY_RGB = (128, 128, 128)
+PANEL_RGB = (255, 255, 255)      # background of legends, captions and colour bars
+TEXT_RGB = (20, 20, 20)
+NO_DATA_RGB = (200, 200, 200)    # confusion rows with no ground-truth pixels
+LEGEND_WIDTH = 200               # px of the legend panel beside an overlay
+LEGEND_FONT = 12
+CAPTION_FONT = 13
+UNCERTAINTY_MIN_SIDE = 256       # uncertainty maps are enlarged to at least this
+SHEET_TILE = 192                 # px of every tile of the contact sheet
+MAX_AXIS_LABEL = 180             # px of a confusion-matrix axis label before it is cut
 
 # Anchors of a perceptually ordered dark-to-bright map (black, purple, red, orange, pale yellow).
-_HEAT_ANCHORS = np.array([
+HEAT_ANCHORS = np.array([
     (0, 0, 4), (60, 9, 101), (135, 33, 107), (203, 71, 72), (246, 138, 20), (252, 254, 164),
 ], dtype=np.float64)
 
@@ -43,8 +58,8 @@ def make_palette(num_classes: int, ignore_label: int | None = None) -> np.ndarra
 
 def palette_json(palette: np.ndarray, num_classes: int, ignore_label: int,
                  class_names: Sequence[str] = ()) -> dict:
-    classes = [{"index": c, "name": _name(class_names, c), "rgb": [int(v) for v in palette[c]]}
-               for c in range(num_classes)]
+    classes = [{"index": c, "name": class_name(class_names, c),
+                "rgb": [int(v) for v in palette[c]]} for c in range(num_classes)]
     return {"num_classes": num_classes, "ignore_label": ignore_label, "classes": classes,
             "palette": palette.reshape(-1).astype(int).tolist()}
 
@@ -55,7 +70,7 @@ def save_palette(path: str | Path, palette: np.ndarray, num_classes: int, ignore
                                                   class_names), indent=1) + "\n")
 
 
-def _name(class_names: Sequence[str], c: int) -> str:
+def class_name(class_names: Sequence[str], c: int) -> str:
     return class_names[c] if c < len(class_names) else f"class_{c}"
 
 
@@ -66,7 +81,8 @@ def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
 
 def label_png(labels: np.ndarray, palette: np.ndarray) -> Image.Image:
     """A mode "P" image whose pixel values are the class indices."""
-    im = Image.fromarray(np.ascontiguousarray(labels.astype(np.uint8)), mode="P")
+    labels = np.ascontiguousarray(labels, dtype=np.uint8)
+    im = Image.frombytes("P", (labels.shape[1], labels.shape[0]), labels.tobytes())
     im.putpalette(palette.reshape(-1).astype(np.uint8).tolist())
     return im
 
@@ -75,62 +91,50 @@ def save_label_png(path: str | Path, labels: np.ndarray, palette: np.ndarray) ->
     label_png(labels, palette).save(path, optimize=False)
 
 
-# -- overlay and legend ------------------------------------------------------------------------
-def _font() -> ImageFont.ImageFont:
-    return ImageFont.load_default()
+# -- text ----------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def font(size: int = 12) -> ImageFont.ImageFont:
+    """Pillow's bundled font at ``size`` px (the fixed bitmap font where FreeType is missing)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ValueError, OSError, ImportError):  # Pillow < 10.1, or no FreeType
+        return ImageFont.load_default()
 
 
-def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, max_width: int) -> str:
-    if draw.textlength(text, font=font) <= max_width:
+def display_name(name: str) -> str:
+    """Part names such as "head***eye***iris" read better as "head/eye/iris"."""
+    return str(name).replace("***", "/")
+
+
+def class_label(c: int, class_names: Sequence[str] = ()) -> str:
+    """"<index> <name>", as legends and the confusion matrix write a class."""
+    return f"{c} {display_name(class_name(class_names, c))}"
+
+
+def _line_height(fnt) -> int:
+    return _PROBE.textbbox((0, 0), "Hg", font=fnt)[3] + 4
+
+
+def _text_width(text: str, fnt) -> int:
+    return int(np.ceil(_PROBE.textlength(text, font=fnt)))
+
+
+def _fit_text(text: str, fnt, max_width: int) -> str:
+    """``text``, cut and ended with ".." where it is wider than ``max_width`` pixels."""
+    if _text_width(text, fnt) <= max_width:
         return text
-    while len(text) > 1 and draw.textlength(text + "..", font=font) > max_width:
+    while len(text) > 1 and _text_width(text + "..", fnt) > max_width:
         text = text[:-1]
     return text + ".."
 
 
-def draw_legend(im: Image.Image, entries: Sequence[tuple[str, tuple[int, int, int]]],
-                max_width_frac: float = 0.5, max_height_frac: float = 0.5) -> Image.Image:
-    """Draw (name, colour) entries in a translucent box at the top-left corner of ``im``,
-    within the given fractions of its width and height (then "+N more")."""
-    if not entries:
-        return im
-    font = _font()
-    base = im.convert("RGBA")
-    layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(layer)
-    text_h = draw.textbbox((0, 0), "Hg", font=font)[3]
-    line = max(text_h + 3, 8)
-    sw = line - 3
-    pad = 3
-    max_lines = max(1, (int(base.height * max_height_frac) - 2 * pad) // line)
-    shown = list(entries)
-    if len(shown) > max_lines:
-        rest = len(shown) - (max_lines - 1)
-        shown = shown[:max_lines - 1] + [(f"+{rest} more", None)]
-    max_text = max(8, int(base.width * max_width_frac) - sw - 3 * pad)
-    labels = [_fit_text(draw, name, font, max_text) for name, _ in shown]
-    width = sw + 2 * pad + pad + max(int(draw.textlength(t, font=font)) for t in labels)
-    height = 2 * pad + line * len(shown)
-    draw.rectangle((0, 0, min(width, base.width - 1), min(height, base.height - 1)),
-                   fill=(0, 0, 0, 150))
-    for k, (label, (_, colour)) in enumerate(zip(labels, shown)):
-        y = pad + k * line
-        if colour is not None:
-            draw.rectangle((pad, y + 1, pad + sw - 1, y + sw), fill=tuple(colour) + (255,),
-                           outline=(255, 255, 255, 255))
-        draw.text((2 * pad + sw, y), label, fill=(255, 255, 255, 255), font=font)
-    return Image.alpha_composite(base, layer).convert("RGB")
+_PROBE = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
 
-def overlay(image: np.ndarray | None, labels: np.ndarray, palette: np.ndarray,
-            class_names: Sequence[str] = (), num_classes: int | None = None,
-            alpha: float = 0.5, legend: bool = True, min_side: int = 0) -> np.ndarray:
-    """uint8 (H, W, 3): the colour mask blended over ``image`` (grey when None), with a legend
-    of the classes present, largest first. ``min_side``: a smaller mask is enlarged by a whole
-    factor first (labels nearest, image bilinear), so a 64px result stays legible."""
-    if min_side and min(labels.shape) < min_side:
-        factor = -(-min_side // min(labels.shape))
-        labels = labels.repeat(factor, axis=0).repeat(factor, axis=1)
+# -- overlay and legend ----------------------------------------------------------------------
+def blend(image: np.ndarray | None, labels: np.ndarray, palette: np.ndarray,
+          alpha: float = 0.5) -> np.ndarray:
+    """uint8 (H, W, 3): the colour mask over ``image`` (grey when None; resized to the mask)."""
     height, width = labels.shape
     if image is None:
         image = np.full((height, width, 3), GREY_RGB, dtype=np.uint8)
@@ -138,127 +142,265 @@ def overlay(image: np.ndarray | None, labels: np.ndarray, palette: np.ndarray,
         image = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
     colours = colorize(labels, palette).astype(np.float32)
     blended = image.astype(np.float32) * (1.0 - alpha) + colours * alpha
-    out = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def legend_entries(counts: np.ndarray, palette: np.ndarray, class_names: Sequence[str] = (),
+                   num_classes: int | None = None) -> list[tuple[str, tuple[int, int, int]]]:
+    """(label, colour) of every class with a pixel in ``counts`` (a bincount), largest first."""
+    limit = num_classes if num_classes is not None else 256
+    order = np.argsort(-np.asarray(counts), kind="stable")
+    return [(class_label(int(c), class_names), tuple(int(v) for v in palette[c]))
+            for c in order if counts[c] > 0 and c < limit]
+
+
+def legend_panel(entries: Sequence[tuple[str, tuple[int, int, int]]], height: int | None = None,
+                 width: int = LEGEND_WIDTH, title: str = "") -> Image.Image:
+    """A white panel listing (label, colour) entries, one a line. With ``height``, entries that
+    do not fit end in a "+N more" line; without, the panel is as tall as its entries."""
+    fnt = font(LEGEND_FONT)
+    line = _line_height(fnt)
+    swatch = line - 4
+    pad = 6
+    top = pad + (line if title else 0)
+    shown: list = list(entries)
+    if height is None:
+        height = top + line * max(1, len(shown)) + pad
+    else:
+        fit = max(1, (height - top - pad) // line)
+        if len(shown) > fit:
+            rest = len(shown) - (fit - 1)
+            shown = shown[:fit - 1] + [(f"+{rest} more", None)]
+    panel = Image.new("RGB", (width, height), PANEL_RGB)
+    draw = ImageDraw.Draw(panel)
+    if title:
+        draw.text((pad, pad), _fit_text(title, fnt, width - 2 * pad), fill=TEXT_RGB, font=fnt)
+    text_x = pad + swatch + 5
+    for k, (label, colour) in enumerate(shown):
+        y = top + k * line
+        if colour is not None:
+            draw.rectangle((pad, y + 1, pad + swatch - 1, y + swatch), fill=tuple(colour),
+                           outline=(90, 90, 90))
+        draw.text((text_x, y), _fit_text(label, fnt, width - text_x - 2), fill=TEXT_RGB,
+                  font=fnt)
+    return panel
+
+
+def overlay(image: np.ndarray | None, labels: np.ndarray, palette: np.ndarray,
+            class_names: Sequence[str] = (), num_classes: int | None = None,
+            alpha: float = 0.5, legend: bool = True, min_side: int = 0) -> np.ndarray:
+    """uint8 (H, W + LEGEND_WIDTH, 3): the colour mask blended over ``image`` (grey when None)
+    and, in a panel to its right, never on the picture, a legend of the classes present,
+    largest first. ``legend=False``: the (H, W, 3) blend alone. ``min_side``: a smaller mask is
+    enlarged by a whole factor first (labels nearest, image bilinear), so it stays legible."""
+    if min_side and min(labels.shape) < min_side:
+        factor = -(-min_side // min(labels.shape))
+        labels = labels.repeat(factor, axis=0).repeat(factor, axis=1)
+    out = blend(image, labels, palette, alpha)
     if not legend:
         return out
     counts = np.bincount(labels.ravel(), minlength=256)
-    limit = num_classes if num_classes is not None else 256
-    present = [c for c in np.argsort(-counts, kind="stable") if counts[c] > 0 and c < limit]
-    # Part names such as "head***eye***iris" read better as "head/eye/iris".
-    entries = [(f"{c} {_name(class_names, int(c)).replace('***', '/')}",
-                tuple(int(v) for v in palette[c])) for c in present]
-    return np.asarray(draw_legend(Image.fromarray(out), entries))
+    panel = legend_panel(legend_entries(counts, palette, class_names, num_classes), out.shape[0])
+    return np.concatenate([out, np.asarray(panel)], axis=1)
 
 
-# -- heat maps ---------------------------------------------------------------------------------
+# -- heat maps and colour bars -----------------------------------------------------------------
 def heatmap(values: np.ndarray, vmax: float | None = None, vmin: float = 0.0) -> np.ndarray:
     """uint8 (H, W, 3): ``values`` mapped through a dark-to-bright colour map on [vmin, vmax]."""
     values = np.asarray(values, dtype=np.float64)
     if vmax is None:
         vmax = float(values.max()) if values.size else 1.0
     span = vmax - vmin if vmax > vmin else 1.0
-    x = np.clip((values - vmin) / span, 0.0, 1.0) * (len(_HEAT_ANCHORS) - 1)
-    lo = np.minimum(np.floor(x).astype(np.int64), len(_HEAT_ANCHORS) - 2)
+    x = np.clip((values - vmin) / span, 0.0, 1.0) * (len(HEAT_ANCHORS) - 1)
+    lo = np.minimum(np.floor(x).astype(np.int64), len(HEAT_ANCHORS) - 2)
     frac = (x - lo)[..., None]
-    rgb = _HEAT_ANCHORS[lo] * (1.0 - frac) + _HEAT_ANCHORS[lo + 1] * frac
+    rgb = HEAT_ANCHORS[lo] * (1.0 - frac) + HEAT_ANCHORS[lo + 1] * frac
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
-def _caption(im: Image.Image, text: str) -> Image.Image:
-    font = _font()
+def colour_bar(width: int, vmin: float, vmax: float, labels: Sequence[str] | None = None,
+               bar_height: int = 12) -> Image.Image:
+    """A horizontal bar of the heat map from ``vmin`` (left) to ``vmax`` (right), on white,
+    with its end values (or ``labels``: left, middle, right) written under it."""
+    fnt = font(LEGEND_FONT)
+    line = _line_height(fnt)
+    im = Image.new("RGB", (width, bar_height + 2 + line), PANEL_RGB)
+    ramp = heatmap(np.linspace(vmin, vmax, width)[None, :], vmax, vmin)
+    im.paste(Image.fromarray(np.repeat(ramp, bar_height, axis=0)), (0, 0))
     draw = ImageDraw.Draw(im)
-    box = draw.textbbox((2, 1), text, font=font)
-    draw.rectangle((0, 0, box[2] + 2, box[3] + 2), fill=(0, 0, 0))
-    draw.text((2, 1), text, fill=(255, 255, 255), font=font)
+    draw.rectangle((0, 0, width - 1, bar_height - 1), outline=(90, 90, 90))
+    if labels is None:
+        labels = (format_number(vmin), format_number((vmin + vmax) / 2), format_number(vmax))
+    left, middle, right = labels
+    y = bar_height + 1
+    draw.text((0, y), left, fill=TEXT_RGB, font=fnt)
+    draw.text(((width - _text_width(middle, fnt)) // 2, y), middle, fill=TEXT_RGB, font=fnt)
+    draw.text((width - _text_width(right, fnt) - 1, y), right, fill=TEXT_RGB, font=fnt)
     return im
 
 
+def format_number(v: float) -> str:
+    """A colour-bar tick: two decimals at most, no trailing zeros."""
+    return f"{v:.2f}".rstrip("0").rstrip(".") if v != 0 else "0"
+
+
+def _heat_panel(values: np.ndarray, vmax: float, caption: str, scale_note: str,
+                factor: int) -> Image.Image:
+    """Caption above, heat map (enlarged ``factor`` x, nearest), colour bar below."""
+    fnt = font(CAPTION_FONT)
+    line = _line_height(fnt)
+    big = heatmap(values, vmax).repeat(factor, axis=0).repeat(factor, axis=1)
+    height, width = big.shape[:2]
+    bar = colour_bar(width, 0.0, vmax,
+                     ("0", format_number(vmax / 2), f"{format_number(vmax)} {scale_note}"))
+    panel = Image.new("RGB", (width, line + height + 4 + bar.height), PANEL_RGB)
+    ImageDraw.Draw(panel).text((0, 1), _fit_text(caption, fnt, width), fill=TEXT_RGB, font=fnt)
+    panel.paste(Image.fromarray(big), (0, line))
+    panel.paste(bar, (0, line + height + 4))
+    return panel
+
+
+def uncertainty_limits(num_classes: int, num_members: int
+                       ) -> tuple[tuple[float, str], tuple[float, str]]:
+    """The largest possible entropy (ln C) and members' JSD (ln min(K, C)), in nats, each with
+    how it is written at the end of its colour bar ("= ln 34")."""
+    classes = max(num_classes, 2)
+    members = max(min(num_members, num_classes), 2)
+    return ((float(np.log(classes)), f"= ln {classes}"),
+            (float(np.log(members)), f"= ln {members}"))
+
+
 def uncertainty_image(entropy: np.ndarray, jsd: np.ndarray, num_classes: int,
-                      num_members: int) -> Image.Image:
-    """Entropy and JS-divergence heat maps side by side, each on its largest possible value
-    (log C for the entropy, log min(K, C) for the divergence) so images compare."""
-    height, width = entropy.shape
-    ent_max = float(np.log(max(num_classes, 2)))
-    jsd_max = float(np.log(max(min(num_members, num_classes), 2)))
-    gap = 4
-    sheet = Image.new("RGB", (2 * width + gap, height), (255, 255, 255))
-    sheet.paste(_caption(Image.fromarray(heatmap(entropy, ent_max)), "entropy"), (0, 0))
-    sheet.paste(_caption(Image.fromarray(heatmap(jsd, jsd_max)), "JSD"), (width + gap, 0))
+                      num_members: int, min_side: int = UNCERTAINTY_MIN_SIDE) -> Image.Image:
+    """Entropy of the mean and the members' Jensen-Shannon divergence, side by side, each
+    enlarged by a whole factor to at least ``min_side`` px with its caption above and colour
+    bar below. Each is scaled to its largest possible value (ln C for the entropy, ln min(K, C)
+    for the divergence), so the maps of different images compare."""
+    factor = max(1, -(-min_side // max(1, min(entropy.shape))))
+    (ent_max, ent_note), (jsd_max, jsd_note) = uncertainty_limits(num_classes, num_members)
+    left = _heat_panel(entropy, ent_max, f"entropy (nats), mean {float(np.mean(entropy)):.3f}",
+                       ent_note, factor)
+    right = _heat_panel(jsd, jsd_max, f"members' JSD (nats), mean {float(np.mean(jsd)):.3f}",
+                        jsd_note, factor)
+    pad, gap = 8, 16
+    sheet = Image.new("RGB", (left.width + right.width + gap + 2 * pad,
+                              max(left.height, right.height) + 2 * pad), PANEL_RGB)
+    sheet.paste(left, (pad, pad))
+    sheet.paste(right, (pad + left.width + gap, pad))
     return sheet
 
 
 # -- contact sheet -----------------------------------------------------------------------------
-def contact_sheet(rows: Sequence[tuple[str, np.ndarray | None, np.ndarray, np.ndarray]],
-                  max_tile: int = 256) -> Image.Image:
-    """One row per image: image | prediction | overlay, with the image's name above the row.
+def _fit_size(height: int, width: int, box: int) -> tuple[int, int]:
+    """(width, height) of a height x width picture scaled to fit a box x box tile."""
+    scale = box / max(height, width)
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
-    ``rows`` are (name, image RGB or None, prediction RGB, overlay RGB).
+
+def contact_sheet(rows: Sequence[tuple[str, np.ndarray | None, np.ndarray]],
+                  palette: np.ndarray, class_names: Sequence[str] = (),
+                  num_classes: int | None = None, tile: int = SHEET_TILE) -> Image.Image:
+    """One row per image: image | prediction | overlay, each scaled to fit one tile x tile
+    square, the image's name on its own line above the row, and one legend of every class in
+    the sheet in a panel to the right of all pictures.
+
+    ``rows`` are (name, image RGB or None (drawn grey), uint8 label map).
     """
-    font = _font()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_h = probe.textbbox((0, 0), "Hg", font=font)[3] + 4
-    pad = 4
-    heights = [r[2].shape[0] for r in rows]
-    widths = [r[2].shape[1] for r in rows]
-    scale = min(1.0, max_tile / max(max(heights), max(widths)))
-    tile_w = max(1, round(max(widths) * scale))
-    tile_h = max(1, round(max(heights) * scale))
-    sheet_w = 3 * tile_w + 4 * pad
-    sheet_h = text_h + pad + len(rows) * (text_h + tile_h + pad)
-    sheet = Image.new("RGB", (sheet_w, sheet_h), (255, 255, 255))
+    fnt = font(CAPTION_FONT)
+    line = _line_height(fnt)
+    pad = 8
+    body_w = 3 * tile + 4 * pad
+    counts = np.zeros(256, dtype=np.int64)
+    for _, _, labels in rows:
+        counts += np.bincount(labels.ravel(), minlength=256)
+    legend = legend_panel(legend_entries(counts, palette, class_names, num_classes),
+                          title="classes, largest first")
+    body_h = line + pad + len(rows) * (line + tile + pad)
+    sheet = Image.new("RGB", (body_w + legend.width, max(body_h, legend.height + line + pad)),
+                      PANEL_RGB)
     draw = ImageDraw.Draw(sheet)
     for k, title in enumerate(("image", "prediction", "overlay")):
-        draw.text((pad + k * (tile_w + pad), 2), title, fill=(0, 0, 0), font=font)
-    y = text_h + pad
-    for name, image, pred, over in rows:
-        draw.text((pad, y), _fit_text(draw, name, font, sheet_w - 2 * pad), fill=(0, 0, 0),
-                  font=font)
-        y += text_h
+        draw.text((pad + k * (tile + pad), 2), title, fill=TEXT_RGB, font=fnt)
+    sheet.paste(legend, (body_w, line + pad))
+    y = line + pad
+    for name, image, labels in rows:
+        draw.text((pad, y), _fit_text(name, fnt, body_w - 2 * pad), fill=TEXT_RGB, font=fnt)
+        y += line
+        height, width = labels.shape
+        size = _fit_size(height, width, tile)
+        big_labels = np.asarray(Image.fromarray(labels).resize(size, Image.NEAREST))
         if image is None:
-            image = np.full_like(pred, 128)
-        for k, tile in enumerate((image, pred, over)):
-            th = max(1, round(tile.shape[0] * scale))
-            tw = max(1, round(tile.shape[1] * scale))
-            im = Image.fromarray(tile).resize((tw, th), Image.NEAREST if k == 1 else
-                                              Image.BILINEAR)
-            sheet.paste(im, (pad + k * (tile_w + pad), y))
-        y += tile_h + pad
+            picture = np.full((size[1], size[0], 3), GREY_RGB, dtype=np.uint8)
+        else:
+            picture = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+        tiles = (picture, colorize(big_labels, palette), blend(picture, big_labels, palette))
+        for k, t in enumerate(tiles):
+            x = pad + k * (tile + pad) + (tile - size[0]) // 2
+            sheet.paste(Image.fromarray(t), (x, y + (tile - size[1]) // 2))
+        y += tile + pad
     return sheet
 
 
 # -- confusion matrix --------------------------------------------------------------------------
 def confusion_image(matrix: np.ndarray, row_labels: Sequence[str] = (),
                     col_labels: Sequence[str] = ()) -> Image.Image:
-    """Row-normalised confusion matrix (rows: ground truth, columns: prediction) as a heat map
-    with the class indices along the axes."""
+    """Row-normalised confusion matrix (rows: ground truth, columns: prediction) as a heat map,
+    with the class labels on both axes (columns' written upwards) and a colour scale. Rows
+    without ground-truth pixels are grey."""
     matrix = np.asarray(matrix, dtype=np.float64)
     rows, cols = matrix.shape
     sums = matrix.sum(axis=1, keepdims=True)
     norm = np.divide(matrix, sums, out=np.zeros_like(matrix), where=sums > 0)
-    cell = int(max(6, min(24, 640 // max(rows, cols, 1))))
-    font = _font()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    labels_r = list(row_labels) or [str(i) for i in range(rows)]
-    labels_c = list(col_labels) or [str(i) for i in range(cols)]
-    margin_l = 6 + max(int(probe.textlength(s, font=font)) for s in labels_r)
-    text_h = probe.textbbox((0, 0), "Hg", font=font)[3] + 2
-    margin_t = text_h + 4
-    grid = Image.fromarray(heatmap(norm, 1.0)).resize((cols * cell, rows * cell), Image.NEAREST)
-    foot = 2 * text_h + 4
-    sheet = Image.new("RGB", (margin_l + cols * cell + 4, margin_t + rows * cell + foot),
-                      (255, 255, 255))
-    sheet.paste(grid, (margin_l, margin_t))
+    fnt = font(LEGEND_FONT)
+    line = _line_height(fnt)
+    cell = int(np.clip(720 // max(rows, cols, 1), 12, 32))
+    labels_r = [str(s) for s in row_labels] or [str(i) for i in range(rows)]
+    labels_c = [str(s) for s in col_labels] or [str(i) for i in range(cols)]
+    labels_r = [_fit_text(s, fnt, MAX_AXIS_LABEL) for s in labels_r]
+    labels_c = [_fit_text(s, fnt, MAX_AXIS_LABEL) for s in labels_c]
+    pad = 8
+    left = pad + line + max(_text_width(s, fnt) for s in labels_r) + 6
+    top = pad + line + max(_text_width(s, fnt) for s in labels_c) + 6
+    grid_w, grid_h = cols * cell, rows * cell
+    bar_x = left + grid_w + 16
+    bar_h = max(grid_h, 120)
+    width = bar_x + 14 + 6 + _text_width("1.0", fnt) + pad + _text_width("of row", fnt)
+    height = top + max(grid_h, bar_h) + 2 * line + 2 * pad
+    sheet = Image.new("RGB", (width, height), PANEL_RGB)
+    grid = heatmap(norm, 1.0)
+    grid[sums[:, 0] == 0] = NO_DATA_RGB
+    sheet.paste(Image.fromarray(grid).resize((grid_w, grid_h), Image.NEAREST), (left, top))
     draw = ImageDraw.Draw(sheet)
-    step = max(1, int(np.ceil((text_h + 2) / cell)))
+    # Labels only every step-th row/column where cells are lower than a line of text.
+    step = max(1, -(-line // cell))
     for r in range(0, rows, step):
-        draw.text((2, margin_t + r * cell + (cell - text_h) // 2), labels_r[r], fill=(0, 0, 0),
-                  font=font)
-    col_step = max(1, int(np.ceil(
-        (max(probe.textlength(s, font=font) for s in labels_c) + 3) / cell)))
-    for c in range(0, cols, col_step):
-        draw.text((margin_l + c * cell, 2), labels_c[c], fill=(0, 0, 0), font=font)
-    draw.text((2, margin_t + rows * cell + 2), "rows: ground truth, columns: prediction",
-              fill=(0, 0, 0), font=font)
-    draw.text((2, margin_t + rows * cell + 2 + text_h), "row-normalised", fill=(0, 0, 0),
-              font=font)
+        text = labels_r[r]
+        draw.text((left - 4 - _text_width(text, fnt), top + r * cell + (cell - line) // 2 + 1),
+                  text, fill=TEXT_RGB, font=fnt)
+    for c in range(0, cols, step):
+        text = labels_c[c]
+        strip = Image.new("RGB", (_text_width(text, fnt) + 2, line), PANEL_RGB)
+        ImageDraw.Draw(strip).text((0, 1), text, fill=TEXT_RGB, font=fnt)
+        strip = strip.rotate(90, expand=True)  # reads upwards, ends at the grid
+        sheet.paste(strip, (left + c * cell + (cell - line) // 2, top - 4 - strip.height))
+    draw.text((left, pad), "prediction", fill=TEXT_RGB, font=fnt)
+    title = Image.new("RGB", (_text_width("ground truth", fnt) + 2, line), PANEL_RGB)
+    ImageDraw.Draw(title).text((0, 1), "ground truth", fill=TEXT_RGB, font=fnt)
+    title = title.rotate(90, expand=True)
+    sheet.paste(title, (pad, top + max(0, (grid_h - title.height) // 2)))
+    # The colour scale: 1 at the top, 0 at the bottom.
+    ramp = heatmap(np.linspace(1.0, 0.0, bar_h)[:, None], 1.0)
+    sheet.paste(Image.fromarray(np.repeat(ramp, 14, axis=1)), (bar_x, top))
+    draw.rectangle((bar_x, top, bar_x + 13, top + bar_h - 1), outline=(90, 90, 90))
+    for value, y in (("1.0", top), ("0.5", top + bar_h // 2 - line // 2),
+                     ("0.0", top + bar_h - line)):
+        draw.text((bar_x + 20, y), value, fill=TEXT_RGB, font=fnt)
+    draw.text((bar_x, top - 2 * line), "share", fill=TEXT_RGB, font=fnt)
+    draw.text((bar_x, top - line), "of row", fill=TEXT_RGB, font=fnt)
+    foot = top + max(grid_h, bar_h) + pad
+    draw.text((pad, foot), "rows: ground truth, columns: prediction; each row is divided by "
+              "its ground-truth pixels", fill=TEXT_RGB, font=fnt)
+    if (sums == 0).any():
+        draw.text((pad, foot + line), "grey rows: no ground-truth pixels of that class",
+                  fill=TEXT_RGB, font=fnt)
     return sheet

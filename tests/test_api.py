@@ -11,4 +11,5 @@ def test_top_level_functions_are_the_library_functions():
     assert ddpmseg.predict is importlib.import_module("ddpmseg.predict").predict
     assert ddpmseg.evaluate is importlib.import_module("ddpmseg.evaluate").evaluate
     assert ddpmseg.demo is importlib.import_module("ddpmseg.demo").demo
+    assert ddpmseg.report is importlib.import_module("ddpmseg.report").report
     assert all(callable(getattr(ddpmseg, name)) for name in ddpmseg.__all__ if name != "__version__")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ddpmseg import render
 from ddpmseg.backbone import Backbone, BackboneId
 from ddpmseg.bundled import DEMO_DATA, resolve_checkpoint
 from ddpmseg.classifier import Ensemble
@@ -142,7 +143,8 @@ def test_predict_store_outputs(tmp_path, run_model):
             assert im.mode == "P"
             assert np.array_equal(np.asarray(im), labels)
         with Image.open(out / f"{name}_overlay.png") as im:
-            assert im.mode == "RGB" and im.size == (SIZE[1] * OVERLAY_SCALE, SIZE[0] * OVERLAY_SCALE)
+            assert im.mode == "RGB" and im.size == (SIZE[1] * OVERLAY_SCALE + render.LEGEND_WIDTH,
+                                                    SIZE[0] * OVERLAY_SCALE)
         ent = np.load(out / f"{name}_entropy.npy")
         jsd = np.load(out / f"{name}_jsd.npy")
         assert ent.shape == SIZE and jsd.shape == SIZE and ent.dtype == np.float32
@@ -233,7 +235,7 @@ def test_image_folder_path_with_a_substitute_backbone(tmp_path, monkeypatch):
     assert res["input_kind"] == "images" and res["names"] == ["p", "q"]
     assert np.load(tmp_path / "out" / "q.npy").shape == SIZE
     with Image.open(tmp_path / "out" / "q_overlay.png") as im:
-        assert im.size == (SIZE[1] * OVERLAY_SCALE, SIZE[0] * OVERLAY_SCALE)
+        assert im.size == (SIZE[1] * OVERLAY_SCALE + render.LEGEND_WIDTH, SIZE[0] * OVERLAY_SCALE)
     # A checkpoint other than the run's is refused.
     monkeypatch.setattr(FakeBackbone, "sha256", "zzz")
     with pytest.raises(StoreMismatchError, match="sha256"):

@@ -14,10 +14,12 @@ from .common import config_option, device_option, resolve_config
 @device_option
 def command(out: str, config_path: str | None, device: str) -> None:
     """Run extract, fit, predict and evaluate on bundled face images (64px) with the bundled
-    adm_faces64 backbone. A few minutes on 2 CPU cores; rerun to resume.
+    adm_faces64 backbone, write the HTML report and print the path of its index.html. A few
+    minutes on 2 CPU cores; rerun to resume.
 
     \b
     Example:
       ddpmseg demo --out ddpmseg-demo
     """
-    demo(out, config=resolve_config(config_path or "faces64_ffhq_34"), device=device)
+    result = demo(out, config=resolve_config(config_path or "faces64_ffhq_34"), device=device)
+    click.echo(result["report"])

@@ -16,7 +16,7 @@ from .. import __version__
 from ..errors import DdpmsegError
 
 # Each command lives in its own module of this package, named like the command.
-COMMANDS = ("extract", "fit", "predict", "evaluate", "demo", "check_checkpoint",
+COMMANDS = ("extract", "fit", "predict", "evaluate", "report", "demo", "check_checkpoint",
             "train_backbone")
 
 
@@ -46,6 +46,7 @@ def cli(debug: bool, quiet: bool) -> None:
     ddpmseg fit       feature store -> trained ensemble (a run directory)
     ddpmseg predict   run + images or store -> masks, overlays, uncertainty
     ddpmseg evaluate  predictions + ground truth -> per-class IoU, mIoU
+    ddpmseg report    predictions (+ ground truth) -> HTML page: tables, pictures
     ddpmseg demo      all four on bundled face images and a small bundled backbone
     ddpmseg train-backbone  train an ADM diffusion model on your own unlabelled images
     """

@@ -30,10 +30,12 @@ from .common import device_option
 @click.option("--checkpoint", default=None, metavar="PATH",
               help="The backbone checkpoint, when INPUT is an image folder and the run's is "
                    "elsewhere. Must be the one the run was trained with.")
+@click.option("--report", "with_report", is_flag=True,
+              help="Also write OUT/report/index.html (see `ddpmseg report`) and print its path.")
 @device_option
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def command(run, input_path, out_dir, vote, uncertainty, tile_rows, images_dir, resize,
-            checkpoint, device, no_progress):
+            checkpoint, with_report, device, no_progress):
     """Predict segmentation masks with the ensemble of RUN for every image of INPUT.
 
     INPUT is a feature store (from `ddpmseg extract`) or a folder of images; from images,
@@ -44,7 +46,7 @@ def command(run, input_path, out_dir, vote, uncertainty, tile_rows, images_dir, 
     \b
     Examples:
       ddpmseg predict runs/ffhq34 stores/ffhq34_test.zarr preds/ffhq34
-      ddpmseg predict runs/ffhq34 data/ffhq_34/real/test preds/ffhq34 --uncertainty
+      ddpmseg predict runs/ffhq34 data/ffhq_34/real/test preds/ffhq34 --uncertainty --report
       ddpmseg predict runs/ffhq34 stores/test.zarr preds --images data/test --vote hard
     """
     summary = predict(run, input_path, out_dir, vote=vote, uncertainty=uncertainty,
@@ -52,3 +54,7 @@ def command(run, input_path, out_dir, vote, uncertainty, tile_rows, images_dir, 
                       images=images_dir, progress=not no_progress)
     click.echo(f"predicted {summary['num_images']} image(s) ({summary['input_kind']}, vote "
                f"{summary['vote']}, {summary['num_members']} members) into {summary['out_dir']}")
+    if with_report:
+        from ..report import report
+
+        click.echo(report(summary["out_dir"]))

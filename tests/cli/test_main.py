@@ -7,7 +7,7 @@ from ddpmseg import __version__
 from ddpmseg.bundled import resolve_checkpoint
 from ddpmseg.cli.main import cli
 
-COMMANDS = ["extract", "fit", "predict", "evaluate", "demo", "check-checkpoint",
+COMMANDS = ["extract", "fit", "predict", "evaluate", "report", "demo", "check-checkpoint",
             "train-backbone"]
 
 

@@ -85,3 +85,16 @@ def test_predict_cli_bad_option_values(tmp_path, store, fake_run):
     res = CliRunner().invoke(cli, ["predict", str(fake_run), str(store), str(tmp_path / "o"),
                                    "--tile-rows", "0"])
     assert res.exit_code == 2
+
+
+def test_predict_cli_report_prints_the_index_path(tmp_path, store, fake_run):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["predict", str(fake_run), str(store), str(out),
+                                      "--uncertainty", "--report", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    index = out / "report" / "index.html"
+    assert result.stdout.strip().splitlines()[-1] == str(index)
+    page = index.read_text()
+    assert page.count('class="card"') == 2 and "mean JSD" in page
+    settings = json.loads((out / "predict.json").read_text())
+    assert settings["config"]["classifier"]["etf"] == Config().classifier.etf

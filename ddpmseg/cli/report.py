@@ -1,0 +1,26 @@
+"""``ddpmseg report``: a prediction folder -> a static HTML page (index.html + pictures)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("report")
+@click.argument("pred_dir", metavar="PRED_DIR")
+@click.option("--gt", "gt_dir", default=None, metavar="GT_DIR",
+              help="Folder of ground-truth masks: adds mIoU, per-class and per-image IoU and "
+                   "the confusion matrix.")
+@click.option("--out", "out_dir", default=None, metavar="DIR",
+              help="Where index.html and its pictures go. [default: PRED_DIR/report]")
+def command(pred_dir, gt_dir, out_dir):
+    """Write a self-contained HTML report of the predictions in PRED_DIR and print the path of
+    its index.html. It opens from file:// without a server and copies as a folder.
+
+    \b
+    Examples:
+      ddpmseg report preds/ffhq34 --gt data/ffhq_34/real/test
+      ddpmseg report preds/mine --out report-mine
+    """
+    from ..report import report
+
+    click.echo(report(pred_dir, gt_dir, out_dir))

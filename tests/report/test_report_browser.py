@@ -1,0 +1,117 @@
+"""The report in a real browser: Debian's chromium, driven by selenium through Debian's
+chromedriver (nothing downloads a browser). Loads the page from file://, with no console error,
+every picture decoded, one table row per class, sorting by IoU reordering the table, and the
+mIoU, the table's first rows and the first card on screen at 1280 x 800.
+
+Without chromium the tests skip, saying why, except under CI (CI=true), where they fail: CI
+must run them (.ci/run installs chromium when it is missing).
+"""
+
+import os
+import shutil
+
+import pytest
+from PIL import Image
+
+from ddpmseg.report import report
+
+VIEWPORT = (1280, 800)
+
+
+def _need(reason: str):
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{reason} (CI must run the browser test: .ci/run installs chromium)")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def browser():
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        _need("selenium is not installed (pip install -e '.[test]')")
+    binary = next(filter(None, map(shutil.which, ("chromium", "chromium-browser"))), None)
+    driver_path = shutil.which("chromedriver")
+    if binary is None or driver_path is None:
+        _need("no chromium/chromedriver on PATH (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    # --no-sandbox: chromium refuses to start as root (CI runs as root) with its sandbox on.
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                f"--window-size={VIEWPORT[0]},{VIEWPORT[1]}"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+        "width": VIEWPORT[0], "height": VIEWPORT[1], "deviceScaleFactor": 1, "mobile": False})
+    yield driver
+    driver.quit()
+
+
+def _iou_column(driver) -> list[float]:
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll('#class-table tbody tr'))"
+        ".map(r => parseFloat(r.cells[2].getAttribute('data-v')))")
+
+
+def check_page(driver, index, num_classes: int) -> list[str]:
+    """Load ``index`` from file:// and return what is wrong with it (empty when all is well)."""
+    driver.get(index.resolve().as_uri())
+    driver.execute_script("return document.readyState")  # get() returns after the load event
+    problems = [f"console: {e['message']}" for e in driver.get_log("browser")
+                if e["level"] in ("SEVERE", "ERROR")]
+    images = driver.execute_script(
+        "return Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, "
+        "i.naturalWidth])")
+    if not images:
+        problems.append("no <img> on the page")
+    problems += [f"image {src} not shown (naturalWidth {w})" for src, done, w in images
+                 if not done or w == 0]
+    rows = driver.execute_script(
+        "return document.querySelectorAll('#class-table tbody tr').length")
+    if rows != num_classes:
+        problems.append(f"class table has {rows} rows, expected {num_classes}")
+        return problems
+    before = _iou_column(driver)
+    driver.execute_script(
+        "document.querySelectorAll('#class-table th')[2].querySelector('button').click()")
+    after = _iou_column(driver)
+    if after != sorted(before, reverse=True) or after == before:
+        problems.append(f"sorting by IoU gave {after} from {before}")
+    return problems
+
+
+def test_report_in_chromium(browser, pred_folder, tmp_path):
+    built = report(pred_folder.pred, pred_folder.gt)
+    # The report is a folder that works wherever it is copied.
+    copy = tmp_path / "copied report"
+    shutil.copytree(built.parent, copy)
+    assert check_page(browser, copy / "index.html", pred_folder.num_classes) == []
+    browser.execute_script("window.scrollTo(0, 0)")
+    shot = tmp_path / "report.png"
+    assert browser.save_screenshot(str(shot))
+    with Image.open(shot) as im:
+        assert im.size == VIEWPORT
+    # Without scrolling: the mIoU, the table's first rows and the whole first card.
+    bottoms = browser.execute_script(
+        "return ['#miou', '#class-table tbody tr:nth-child(3)', '.card'].map("
+        "s => document.querySelector(s).getBoundingClientRect().bottom)")
+    assert all(0 < b <= VIEWPORT[1] for b in bottoms), bottoms
+
+
+def test_the_check_fails_on_a_missing_image(browser, pred_folder):
+    index = report(pred_folder.pred, pred_folder.gt)
+    (index.parent / "img" / "0001_overlay.png").unlink()
+    problems = check_page(browser, index, pred_folder.num_classes)
+    assert any("0001_overlay.png not shown" in p for p in problems), problems
+    assert any(p.startswith("console:") and "0001_overlay.png" in p for p in problems)
+
+
+def test_the_check_fails_on_an_empty_table(browser, pred_folder):
+    index = report(pred_folder.pred, pred_folder.gt)
+    page = index.read_text()
+    start, end = page.index("<tbody>") + len("<tbody>"), page.index("</tbody>")
+    index.write_text(page[:start] + page[end:])
+    problems = check_page(browser, index, pred_folder.num_classes)
+    assert problems == [f"class table has 0 rows, expected {pred_folder.num_classes}"]
