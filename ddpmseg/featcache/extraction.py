@@ -294,7 +294,7 @@ def encoded_maps(backbone, x0: torch.Tensor, spec: FeatureSpec,
             for maps, name in zip(image_maps(backbone, x0, spec), names)]
 
 
-def load_batch(paths: Sequence[str], size: tuple[int, int], resize: bool) -> torch.Tensor:
+def _load_batch(paths: Sequence[str], size: tuple[int, int], resize: bool) -> torch.Tensor:
     return torch.stack([D.image_tensor(D.load_image(Path(p), size, resize)) for p in paths])
 
 
@@ -334,7 +334,7 @@ def run_images(store: FeatureStore, backbone, job: _Job, indices: Sequence[int],
             ThreadPoolExecutor(writers, thread_name_prefix="ddpmseg-write") as pool:
         try:
             def load(batch):
-                return loader.submit(load_batch, [job.image_paths[i] for i in batch], size,
+                return loader.submit(_load_batch, [job.image_paths[i] for i in batch], size,
                                      job.resize)
 
             next_x = load(batches[0])
