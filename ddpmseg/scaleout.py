@@ -38,8 +38,11 @@ def connect(scheduler: str, default_workers: int):
         if workers < 1:
             raise ConfigError(f"bad scheduler {scheduler!r}: N must be at least 1", HINT)
         with _environ_kept():
+            # No dashboard; the scheduler's own HTTP server on a free port, not the default
+            # 8787, which another cluster on this machine may hold (distributed then warns).
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None, silence_logs=logging.ERROR)
+                                   dashboard_address=None, silence_logs=logging.ERROR,
+                                   scheduler_kwargs={"dashboard_address": ":0"})
         return Client(cluster), cluster
     if "://" not in text:
         raise ConfigError(f"bad scheduler {scheduler!r}", HINT)
