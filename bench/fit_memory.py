@@ -62,13 +62,15 @@ _LAYOUT_NAME = "lsun256"
 
 
 def store_info(n: int):
+    from ddpmseg.backbone import BackboneId
+    from ddpmseg.featcache.spec import FeatureSpec
     from ddpmseg.featcache.store import StoreInfo
 
-    return StoreInfo(steps=STEPS, blocks=BLOCKS, shapes=PER_STEP * len(STEPS), image_size=SIZE,
-                     num_images=n, names=tuple(f"synthetic_{i:03d}" for i in range(n)),
+    spec = FeatureSpec(steps=STEPS, blocks=BLOCKS, shapes=PER_STEP * len(STEPS),
+                       image_size=SIZE, backbone=BackboneId("synthetic"))
+    return StoreInfo(spec, num_images=n, names=tuple(f"synthetic_{i:03d}" for i in range(n)),
                      num_classes=NUM_CLASSES, ignore_label=255,
-                     class_names=tuple(f"class_{c}" for c in range(NUM_CLASSES)),
-                     fingerprint={"sha256": "synthetic", "bench": "fit_memory"})
+                     class_names=tuple(f"class_{c}" for c in range(NUM_CLASSES)))
 
 
 def ensure_store(path: Path, n: int):

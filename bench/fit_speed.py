@@ -68,15 +68,17 @@ def lsun256_store(work: Path, images: int):
     from lsun_layout import BLOCKS, PER_STEP, SIZE, STEPS
 
     from ddpmseg.errors import StoreError
+    from ddpmseg.backbone import BackboneId
+    from ddpmseg.featcache.spec import FeatureSpec
     from ddpmseg.featcache.store import FeatureStore, StoreInfo
 
     path = work / f"lsun256_random_{images}.zarr"
     classes = 28
-    info = StoreInfo(steps=STEPS, blocks=BLOCKS, shapes=PER_STEP * len(STEPS), image_size=SIZE,
-                     num_images=images, names=tuple(f"random_{i:03d}" for i in range(images)),
+    spec = FeatureSpec(steps=STEPS, blocks=BLOCKS, shapes=PER_STEP * len(STEPS), image_size=SIZE,
+                       backbone=BackboneId.random(0))
+    info = StoreInfo(spec, num_images=images, names=tuple(f"random_{i:03d}" for i in range(images)),
                      num_classes=classes, ignore_label=255,
-                     class_names=tuple(f"class_{c}" for c in range(classes)),
-                     fingerprint={"sha256": "random", "bench": "fit_speed"})
+                     class_names=tuple(f"class_{c}" for c in range(classes)))
     try:
         store = FeatureStore.open(path)
         if store.complete().all() and store.info.shapes == info.shapes:

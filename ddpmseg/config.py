@@ -1,6 +1,6 @@
 """Run configuration: TOML files read into frozen dataclasses.
 
-A config has four sections, each a frozen dataclass with the reference's values as defaults:
+A config has five sections, each a frozen dataclass with the reference's values as defaults:
 ``[data]``, ``[model]``, ``[features]``, ``[classifier]`` and ``[predict]``. Command-line options
 override single keys (``with_overrides``); every run writes the resolved config as JSON.
 """
@@ -8,7 +8,6 @@ override single keys (``with_overrides``); every run writes the resolved config 
 from __future__ import annotations
 
 import dataclasses
-import json
 import tomllib
 import types
 import typing
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, InputNotFoundError
+from .fileio import write_json
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -32,9 +32,6 @@ class DataConfig:
     # training_path / testing_path); "" = none.
     train_dir: str = ""
     test_dir: str = ""
-
-    def class_name(self, c: int) -> str:
-        return self.class_names[c] if c < len(self.class_names) else f"class_{c}"
 
 
 @dataclass(frozen=True)
@@ -90,7 +87,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json(path, self.to_dict())
 
     def with_overrides(self, **sections: dict) -> "Config":
         """``cfg.with_overrides(classifier={"ensemble": 3})``; ``None`` values are skipped."""

@@ -20,6 +20,23 @@ log = logging.getLogger("ddpmseg")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MASK_SUFFIXES = (".npy", ".png")
+# A PNG holds class indices when it has one channel: 1-bit, grey, palette or 16/32-bit grey.
+MASK_PNG_MODES = ("1", "L", "P", "I", "I;16")
+
+
+def mask_names(stem: str) -> tuple[str, ...]:
+    """The file names a mask of image ``<stem>`` may have, in the order they are looked for
+    (besides a single-channel ``<stem>.png`` when the image itself is not that PNG)."""
+    return (f"{stem}.npy", f"{stem}_mask.png", f"{stem}_mask.npy")
+
+
+def is_mask_png(path: Path) -> bool:
+    """Whether the PNG at ``path`` can be a mask (a single-channel image)."""
+    try:
+        with Image.open(path) as im:
+            return im.mode in MASK_PNG_MODES
+    except (OSError, UnidentifiedImageError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -70,7 +87,7 @@ def _is_mask_png(path: Path, files: dict) -> bool:
 
 
 def _find_mask(image: Path, files: dict) -> Path | None:
-    for name in (f"{image.stem}.npy", f"{image.stem}_mask.png", f"{image.stem}_mask.npy"):
+    for name in mask_names(image.stem):
         if name in files:
             return files[name]
     if image.suffix.lower() in (".jpg", ".jpeg") and f"{image.stem}.png" in files:
@@ -107,7 +124,7 @@ def image_tensor(image: np.ndarray) -> torch.Tensor:
 
 def load_mask(path: Path, size: tuple[int, int], resize: bool = False) -> np.ndarray:
     """Class indices uint8 (H, W) from ``.npy`` or a grey/palette PNG, checked against ``size``."""
-    mask = _read_mask(path)
+    mask = read_mask(path)
     if mask.shape != tuple(size):
         if not resize:
             raise BadInputError(f"mask {path} is {mask.shape[0]}x{mask.shape[1]} but its image "
@@ -117,13 +134,14 @@ def load_mask(path: Path, size: tuple[int, int], resize: bool = False) -> np.nda
     return mask
 
 
-def _read_mask(path: Path) -> np.ndarray:
+def read_mask(path: Path) -> np.ndarray:
+    """Class indices uint8 (H, W) from ``.npy`` or a single-channel PNG (MASK_PNG_MODES)."""
     try:
         if path.suffix.lower() == ".npy":
             mask = np.load(path, allow_pickle=False)
         else:
             with Image.open(path) as im:
-                if im.mode not in ("1", "L", "P", "I", "I;16"):
+                if im.mode not in MASK_PNG_MODES:
                     raise BadInputError(f"mask {path} is a {im.mode} image",
                                         "masks must be class indices: a grey or palette PNG or .npy")
                 mask = np.asarray(im)

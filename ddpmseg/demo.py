@@ -7,7 +7,12 @@ import time
 from pathlib import Path
 
 from .bundled import DEMO_DATA
+from .classifier import fit
 from .config import Config, load_config
+from .evaluate import evaluate, format_table
+from .featcache import extract
+from .predict import predict
+from .report import report
 
 log = logging.getLogger("ddpmseg")
 
@@ -19,12 +24,6 @@ def demo(out_dir: str | Path = "ddpmseg-demo", *, config: Config | None = None,
 
     Rerunning resumes: complete stores and finished members are reused.
     """
-    from .classifier import fit
-    from .evaluate import evaluate, format_table
-    from .featcache import extract
-    from .predict import predict
-    from .report import report
-
     cfg = config or load_config("faces64_ffhq_34")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

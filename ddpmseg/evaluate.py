@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from . import render
-from .data import _read_mask, check_labels
+from .data import check_labels, is_mask_png, mask_names, read_mask
 from .errors import BadInputError, ConfigError, InputNotFoundError
+from .fileio import write_json
 
 log = logging.getLogger("ddpmseg")
 
@@ -50,24 +51,15 @@ def list_predictions(pred_dir: Path) -> dict[str, Path]:
 
 def find_ground_truth(gt_dir: Path, name: str) -> Path:
     """``<name>.npy``, ``<name>_mask.png``, ``<name>_mask.npy``, or a grey/palette ``<name>.png``."""
-    for candidate in (f"{name}.npy", f"{name}_mask.png", f"{name}_mask.npy"):
+    for candidate in mask_names(name):
         if (gt_dir / candidate).is_file():
             return gt_dir / candidate
     png = gt_dir / f"{name}.png"
-    if png.is_file() and _single_channel(png):
+    if png.is_file() and is_mask_png(png):
         return png
     raise BadInputError(f"no ground truth for prediction {name!r}: {gt_dir / (name + '.npy')} "
                         f"(or {name}_mask.png) does not exist",
                         "give the folder holding the test masks, or remove the prediction")
-
-
-def _single_channel(path: Path) -> bool:
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            return im.mode in ("L", "P", "I", "I;16")
-    except OSError:
-        return False
 
 
 def confusion_matrix(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
@@ -116,10 +108,6 @@ def _load_predictions_meta(pred_dir: Path) -> dict:
     return {}
 
 
-def _read_label_map(path: Path) -> np.ndarray:
-    return _read_mask(path)
-
-
 def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
              ignore_label: int | None = None, class_names: Sequence[str] = (),
              mask_ignore: bool = False, confusion: bool = False, out=None,
@@ -165,8 +153,8 @@ def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
     conf = np.zeros((256, 256), dtype=np.int64)
     per_image = {}
     for name, pred_path, gt_path in pairs:
-        pred = _read_label_map(pred_path)
-        gt = _read_label_map(gt_path)
+        pred = read_mask(pred_path)
+        gt = read_mask(gt_path)
         if pred.shape != gt.shape:
             raise BadInputError(f"prediction {pred_path} is {pred.shape[0]}x{pred.shape[1]} but "
                                 f"its ground truth {gt_path} is {gt.shape[0]}x{gt.shape[1]}",
@@ -183,7 +171,7 @@ def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
     rows, miou = iou_from_confusion(conf, num_classes, ignore_label, mask_ignore)
     for row in rows:
         c = row["index"]
-        row["name"] = class_names[c] if c < len(class_names) else f"class_{c}"
+        row["name"] = render.class_name(class_names, c)
     rows = [{k: r[k] for k in ("index", "name", "iou", "gt_pixels", "pred_pixels",
                                "intersection", "union")} for r in rows]
     ignored = int(conf[ignore_label, :].sum()) if 0 <= ignore_label < 256 else 0
@@ -211,7 +199,7 @@ def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
     if write:
         out_dir = Path(out) if out is not None else pred_dir
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_json(out_dir / "metrics.json", result)
         result["metrics_path"] = str(out_dir / "metrics.json")
         if confusion:
             _write_confusion(out_dir, matrix, labels, class_names, ignore_label)
@@ -225,7 +213,7 @@ def _write_confusion(out_dir: Path, matrix: np.ndarray, labels: list[int],
     def label(c: int) -> str:
         if c == ignore_label and c >= len(class_names):
             return f"{c}:ignore"
-        return f"{c}:{class_names[c] if c < len(class_names) else f'class_{c}'}"
+        return f"{c}:{render.class_name(class_names, c)}"
 
     with open(out_dir / "confusion.csv", "w", newline="") as fh:
         writer = csv.writer(fh)

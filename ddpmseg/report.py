@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from . import render
-from .data import _read_mask, find_image, load_image
+from .data import find_image, load_image, read_mask
 from .errors import BadInputError, InputNotFoundError, OutputError
 from .evaluate import confusion_axis, evaluate, list_predictions
 
@@ -141,7 +141,7 @@ def _write(pred_dir: Path, meta: dict, predictions: dict, gt_dir: Path | None,
     counts = np.zeros(256, dtype=np.int64)
     cards = []
     for position, (name, path) in enumerate(predictions.items()):
-        labels = _read_mask(path)
+        labels = read_mask(path)
         counts += np.bincount(labels.ravel(), minlength=256)
         card = _Card(position, name)
         if metrics is not None:

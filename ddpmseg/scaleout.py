@@ -6,6 +6,8 @@ import contextlib
 import logging
 import os
 
+from distributed import Client, LocalCluster
+
 from .errors import ConfigError
 
 HINT = "use local, local:N or a scheduler address (tcp://host:8786)"
@@ -26,8 +28,6 @@ def _environ_kept():
 def connect(scheduler: str, default_workers: int):
     """(client, cluster): a LocalCluster of single-threaded worker processes for ``local[:N]``
     (cluster is then ours to close), or a client of a running scheduler (cluster None)."""
-    from distributed import Client, LocalCluster
-
     text = scheduler.strip()
     if text == "local" or text.startswith("local:"):
         n = text.partition(":")[2]

@@ -388,7 +388,7 @@ def test_end_to_end_ffhq34_with_a_unet2d_folder(ffhq, tmp_path):
     r = run(cli, ["predict", str(tmp_path / "run"), str(tmp_path / "adm.zarr"),
                   str(tmp_path / "pred_adm"), "--device", "cpu", "--no-progress"])
     assert r.exit_code == 1
-    assert "error: feature store" in r.output and "model fingerprint differs" in r.output
+    assert "error: feature store" in r.output and "backbone kind (diffusers-unet in the run, adm in the store)" in r.output
     assert not (tmp_path / "pred_adm").exists()
     # ... and extracting with it into the diffusers store is refused, naming the fingerprint.
     r = run(cli, ["extract", str(tmp_path / "test"), str(tmp_path / "test.zarr"),
@@ -422,7 +422,7 @@ def test_end_to_end_ffhq34_with_stable_diffusion(ffhq, sd_dir, ddpm_dir, tmp_pat
                 np.load(tmp_path / "p2" / f"{name}.npy")).all()
     other = cfg.with_overrides(model={"checkpoint": str(ddpm_dir)})
     extract(tmp_path / "train", tmp_path / "ddpm.zarr", other, resize=True, progress=False)
-    with pytest.raises(StoreMismatchError, match="model fingerprint differs"):
+    with pytest.raises(StoreMismatchError, match="backbone kind"):
         predict(run, tmp_path / "ddpm.zarr", tmp_path / "p3", device="cpu", progress=False)
 
 

@@ -44,10 +44,10 @@ COMMON = ["--config", CONFIG, "--device", "cpu", "--no-progress"]
 # -- data ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ffhq(shared_dir) -> Path:
+def ffhq(shared_dir, missing_shared) -> Path:
     root = shared_dir / "data" / "ffhq_34" / "real"
     if not (root / "train").is_dir() or not (root / "test").is_dir():
-        pytest.skip(f"{root}/train and test are absent: the real ffhq_34 benchmark data lives there")
+        missing_shared(f"{root}/train and test are absent: the real ffhq_34 benchmark data lives there")
     return root
 
 

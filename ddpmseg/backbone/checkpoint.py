@@ -6,7 +6,6 @@ these checkpoints nearly always got one flag wrong, so the error names the likel
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 import zipfile
@@ -23,18 +22,6 @@ WRAPPER_KEYS = ("state_dict", "model", "ema", "model_state_dict", "ema_model")
 # Prefixes DataParallel/DDP ("module.") and torch.compile ("_orig_mod.") put on every key.
 PREFIXES = ("module.", "_orig_mod.")
 MAX_LISTED = 10
-
-
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks so multi-GB checkpoints never sit in memory."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputNotFoundError(f"file {path} does not exist")
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _unwrap(obj: Any, source: str) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ from ..device import resolve_device
 from ..errors import CheckpointError, ConfigError, InputNotFoundError
 from .base import (BlockId, FeatureBackbone, check_image, check_noise, check_steps,
                    precision_context, seeded_noise)
-from .checkpoint import sha256_file
+from ..fileio import sha256_file
 
 log = logging.getLogger("ddpmseg")
 

@@ -16,10 +16,12 @@ import torch
 from ..device import resolve_device
 from ..bundled import resolve_checkpoint
 from ..errors import BadInputError, ConfigError, InputNotFoundError
+from ..fileio import sha256_file
 from .base import (FeatureBackbone, check_image, check_noise, precision_context,
                    seeded_noise)
-from .checkpoint import load_checkpoint, sha256_file
+from .checkpoint import load_checkpoint
 from .diffusion import Schedule
+from .ident import BackboneId
 from .flags import ModelFlags
 from .unet import UNetModel
 
@@ -101,7 +103,7 @@ class Backbone(FeatureBackbone):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = UNetModel.from_flags(flags)
-        return cls(model, flags, sha256=f"random-{seed}", device=device)
+        return cls(model, flags, sha256=BackboneId.random(seed).sha256, device=device)
 
     # -- description ------------------------------------------------------------------------
 
@@ -128,7 +130,11 @@ class Backbone(FeatureBackbone):
 
     def fingerprint(self) -> dict:
         """What identifies this backbone's features: checkpoint hash and flags (JSON-able)."""
-        return {"sha256": self.sha256, "flags": self.flags.to_dict()}
+        return self.ident.to_json()
+
+    @property
+    def ident(self) -> BackboneId:
+        return BackboneId(self.sha256, self.flags.to_dict())
 
     def __repr__(self) -> str:
         return (f"Backbone(image_size={self.flags.image_size}, "

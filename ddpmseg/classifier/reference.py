@@ -25,10 +25,16 @@ import torch
 
 from ..config import Config
 from ..errors import ConfigError, InputNotFoundError, RunError
+from ..backbone import Backbone, BackboneId, ModelFlags
+from ..bundled import resolve_checkpoint
+from ..featcache.spec import FeatureSpec
 from ..featcache.store import StoreInfo
+from ..fileio import atomic_write
 from ..reference_config import to_reference_json
 from .model import PixelMLP, hidden_widths
-from .train import _atomic_write, _write_json, resolved_config, save_member
+from .ensemble import load_ensemble
+from .run import (CONFIG_FILE, LOG_FILE, MEMBER_GLOB, STORE_FILE, resolved_config, write_header,
+                  write_member)
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +107,6 @@ def import_run(ref_dir, run_dir, config: Config, *, overwrite: bool = False) -> 
     a ddpmseg run in ``run_dir``. ``config`` is usually ``load_config("ddpm.json")``; its
     checkpoint is loaded (strictly, into its model flags) for the run's fingerprint and
     feature shapes. Everything is checked before the first byte is written."""
-    from ..backbone import Backbone, ModelFlags
-
     ref_dir, run_dir = Path(ref_dir), Path(run_dir)
     if not ref_dir.is_dir():
         raise InputNotFoundError(f"{ref_dir} is not a folder",
@@ -126,15 +130,15 @@ def import_run(ref_dir, run_dir, config: Config, *, overwrite: bool = False) -> 
     steps, blocks = tuple(config.features.steps), tuple(config.features.blocks)
     shapes_by_block = backbone.block_shapes(blocks)
     size = backbone.flags.image_size
-    info = StoreInfo(
-        steps=steps, blocks=blocks,
-        shapes=tuple(tuple(shapes_by_block[b]) for _ in steps for b in blocks),
-        image_size=(size, size), num_images=0, names=(),
-        num_classes=config.data.num_classes, ignore_label=config.data.ignore_label,
-        class_names=tuple(config.data.class_names), has_labels=True,
-        # The reference keeps float32 features computed in float32.
-        dtype="float32", precision="fp32", seed=config.features.seed,
-        fingerprint=backbone.fingerprint(), min_class_pixels=config.data.min_class_pixels)
+    # The reference keeps float32 features computed in float32.
+    spec = FeatureSpec(steps=steps, blocks=blocks,
+                       shapes=tuple(tuple(shapes_by_block[b]) for _ in steps for b in blocks),
+                       image_size=(size, size), backbone=BackboneId.of(backbone),
+                       seed=config.features.seed, dtype="float32", precision="fp32")
+    info = StoreInfo(spec, num_images=0, names=(),
+                     num_classes=config.data.num_classes, ignore_label=config.data.ignore_label,
+                     class_names=tuple(config.data.class_names), has_labels=True,
+                     min_class_pixels=config.data.min_class_pixels)
     del backbone
 
     states = [read_reference_member(reference_member_path(ref_dir, i), info.feature_dim,
@@ -198,9 +202,9 @@ def export_run(run_dir, out_dir, *, format: str = "reference", overwrite: bool =
     members_dir.mkdir(parents=True, exist_ok=True)
     for i, state in enumerate(states):
         wrapped = {PREFIX + k: v for k, v in state.items()}
-        _atomic_write(reference_member_path(members_dir, i),
+        atomic_write(reference_member_path(members_dir, i),
                       lambda p, w=wrapped: torch.save({STATE_KEY: w}, p))
-    _atomic_write(out_dir / "ddpm.json",
+    atomic_write(out_dir / "ddpm.json",
                   lambda p: p.write_text(json.dumps(raw, indent=2) + "\n"))
     log.info("exported %d members of %s to %s", len(states), run_dir, out_dir)
     return out_dir / "ddpm.json"
@@ -208,28 +212,25 @@ def export_run(run_dir, out_dir, *, format: str = "reference", overwrite: bool =
 
 # -- the run directory (the only code here that knows its layout) -------------------------------
 # The files that make a folder a run (an import refuses to mix with them unless overwriting).
-_RUN_FILES = ("config.json", "store.json", "member_*.pt", "train_log.jsonl")
+_RUN_FILES = (CONFIG_FILE, STORE_FILE, MEMBER_GLOB, LOG_FILE)
 
 
 def _write_run(run_dir: Path, cfg: Config, info: StoreInfo, states: list[dict],
                metas: list[dict], source: str) -> None:
-    """Write a complete run with fit's own helpers: members first, then config.json and
-    store.json, which make the directory a run (a failed write leaves no loadable run)."""
+    """Write a complete run with fit's own run-format helpers: members first, then the header
+    (config.json and store.json), which makes the directory a run (a failed write leaves no
+    loadable run). The training store is the reference folder ``source``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     for pattern in _RUN_FILES:
         for p in run_dir.glob(pattern):
             p.unlink()
     for k, (state, meta) in enumerate(zip(states, metas)):
-        save_member(run_dir, k, state, meta)
-    cfg.to_json(run_dir / "config.json")
-    _write_json(run_dir / "store.json",
-                {"path": "", "imported_from": source, "info": info.to_json()})
+        write_member(run_dir, k, state, meta)
+    write_header(run_dir, cfg, f"imported from {source}", info)
 
 
 def _read_run(run_dir) -> tuple[Config, StoreInfo, list[dict]]:
     """(config, training StoreInfo, member state dicts on the CPU) of a ddpmseg run."""
-    from .ensemble import load_ensemble
-
     ens = load_ensemble(run_dir, "cpu")
     states = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in ens.members]
     return ens.config, ens.info, states
@@ -248,8 +249,6 @@ def _check_target(path: Path, overwrite: bool, patterns: tuple[str, ...], what: 
 
 
 def _checkpoint_path(cfg: Config) -> Path:
-    from ..bundled import resolve_checkpoint
-
     if not cfg.model.checkpoint:
         raise RunError("the run's config names no checkpoint",
                        "the reference needs model_path: rerun `ddpmseg extract` with "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..evaluate import evaluate, format_table
 from .common import config_option, resolve_config
 
 
@@ -36,8 +37,6 @@ def command(pred_dir, gt_dir, config_path, num_classes, ignore_label, mask_ignor
       ddpmseg evaluate preds/ffhq34 data/ffhq_34/real/test --config ffhq_34
       ddpmseg evaluate preds/mine masks/ --num-classes 5 --ignore-label 255 --confusion
     """
-    from ..evaluate import evaluate, format_table
-
     class_names = ()
     if config_path is not None:
         cfg = resolve_config(config_path, data={"num_classes": num_classes,

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import click
 
+from ..featcache import extract
+from ..featcache.spec import PRECISIONS, STORE_DTYPES
 from .common import (config_option, device_option, parse_blocks, parse_ints, resolve_config,
                      threads_option)
-
-_DTYPES = ("float16", "bfloat16", "float32")
-_PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @click.command("extract")
@@ -30,13 +29,13 @@ _PRECISIONS = ("fp32", "bf16", "fp16")
               help="Decoder blocks whose outputs are kept: indices (of up_blocks for a "
                    "diffusers folder, which also takes names like up2.res1, up2.attn0). "
                    "[default: config, 5,6,7,8,12]")
-@click.option("--dtype", type=click.Choice(_DTYPES), default=None,
+@click.option("--dtype", type=click.Choice(STORE_DTYPES), default=None,
               help="Storage dtype of the activations. [default: config, float16]")
 @device_option
 @threads_option()
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, metavar="N",
               help="Images per forward pass. [default: config, 1]")
-@click.option("--precision", type=click.Choice(_PRECISIONS), default=None,
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="Compute precision of the model (fp16 on CUDA only). [default: config, fp32]")
 @click.option("--seed", type=int, default=None, help="Noise seed. [default: config, 0]")
 @click.option("--resize", is_flag=True,
@@ -69,8 +68,6 @@ def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, 
       ddpmseg extract my_images/ stores/sd.zarr --checkpoint models/stable-diffusion-v1-5 \\
           --steps 50,150,250 --blocks 1,2,3 --resize --config ffhq_34
     """
-    from ..featcache import extract
-
     cfg = resolve_config(config_path,
                          model={"preset": preset, "checkpoint": checkpoint, "prompt": prompt},
                          features={"steps": parse_ints(steps, "--steps"),

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from .common import config_option, device_option, threads_option, resolve_config
-
-_ETF_MODES = ("shared", "separate", "none")
+from ..classifier import fit, load_ensemble
+from ..classifier.train import ETF_MODES
+from .common import config_option, device_option, resolve_config, threads_option
 
 
 @click.command("fit")
@@ -15,7 +15,7 @@ _ETF_MODES = ("shared", "separate", "none")
 @config_option
 @click.option("--ensemble", type=click.IntRange(min=1), default=None, metavar="K",
               help="Number of pixel MLPs in the ensemble. [default: config, 10]")
-@click.option("--etf", type=click.Choice(_ETF_MODES), default=None,
+@click.option("--etf", type=click.Choice(ETF_MODES), default=None,
               help="ETF regulariser: on the classifier's own features (shared), on a separate "
                    "trunk as in the seed code (separate, no effect on predictions), or off "
                    "(none, the original method). [default: config, shared]")
@@ -61,8 +61,6 @@ def command(ctx, store, run_dir, config_path, ensemble, etf, etf_weight, max_epo
       ddpmseg fit stores/ffhq34_train.zarr runs/ffhq34 --config ffhq_34
       ddpmseg fit stores/mine.zarr runs/mine --ensemble 3 --etf none --ram-budget 4
     """
-    from ..classifier import fit, load_ensemble
-
     cfg = resolve_config(config_path, classifier={
         "ensemble": ensemble, "etf": etf, "etf_weight": etf_weight, "max_epochs": max_epochs,
         "batch_size": batch_size, "lr": lr, "seed": seed, "ram_budget_gb": ram_budget_gb})

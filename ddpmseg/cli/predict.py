@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from ..predict import predict
+from ..voting import VOTES
 from .common import device_option, threads_option
 
 
@@ -11,7 +13,7 @@ from .common import device_option, threads_option
 @click.argument("run", metavar="RUN")
 @click.argument("input_path", metavar="INPUT")
 @click.argument("out_dir", metavar="OUT")
-@click.option("--vote", type=click.Choice(["soft", "log", "hard"]), default=None,
+@click.option("--vote", type=click.Choice(VOTES), default=None,
               help="How members are combined: soft = mean of probabilities, log = mean of "
                    "log-probabilities (the seed's), hard = majority. [default: the run's "
                    "config, soft]")
@@ -48,8 +50,6 @@ def command(run, input_path, out_dir, vote, uncertainty, tile_rows, images_dir, 
       ddpmseg predict runs/ffhq34 data/ffhq_34/real/test preds/ffhq34 --uncertainty --report
       ddpmseg predict runs/ffhq34 stores/test.zarr preds --images data/test --vote hard
     """
-    from ..predict import predict
-
     summary = predict(run, input_path, out_dir, vote=vote, uncertainty=uncertainty,
                       device=device, tile_rows=tile_rows, resize=resize, checkpoint=checkpoint,
                       images=images_dir, progress=not no_progress)

@@ -1,5 +1,6 @@
 """``ddpmseg fit`` through click's CliRunner on a tiny synthetic store."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -7,14 +8,16 @@ import pytest
 from click.testing import CliRunner
 
 from ddpmseg.cli.main import cli
+from ddpmseg.featcache.spec import FeatureSpec
 from ddpmseg.featcache.store import FeatureStore, StoreInfo
 
 
 @pytest.fixture
 def tiny_store(tmp_path):
     rng = np.random.default_rng(0)
-    info = StoreInfo(steps=(5,), blocks=(1, 2), shapes=((3, 4, 4), (2, 8, 8)),
-                     image_size=(8, 8), num_images=2, names=("a", "b"), num_classes=2,
+    spec = FeatureSpec(steps=(5,), blocks=(1, 2), shapes=((3, 4, 4), (2, 8, 8)),
+                       image_size=(8, 8))
+    info = StoreInfo(spec, num_images=2, names=("a", "b"), num_classes=2,
                      ignore_label=255, class_names=("bg", "fg"))
     store = FeatureStore.create(tmp_path / "tiny.zarr", info)
     for i in range(2):
@@ -53,8 +56,8 @@ def test_fit_refuses_another_store_in_one_line(tiny_store, tmp_path):
     args = ["--ensemble", "1", "--epochs", "1", "--device", "cpu", "--no-progress"]
     assert CliRunner().invoke(cli, ["fit", str(tiny_store), str(run), *args]).exit_code == 0
     info = FeatureStore.open(tiny_store).info
-    other = FeatureStore.create(tmp_path / "other.zarr", StoreInfo(**{
-        **info.__dict__, "steps": (7,)}))
+    other = FeatureStore.create(tmp_path / "other.zarr", dataclasses.replace(
+        info, spec=dataclasses.replace(info.spec, steps=(7,))))
     rng = np.random.default_rng(1)
     for i in range(2):
         other.write_image(i, [rng.normal(size=s).astype(np.float32) for s in info.shapes],

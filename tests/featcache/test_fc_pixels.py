@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from ddpmseg.featcache import pixels
+from ddpmseg.featcache.spec import FeatureSpec
+from ddpmseg.featcache.store import StoreInfo
 
 
 def dense_reference(maps, size):
@@ -77,12 +79,10 @@ def test_feature_dim():
 def test_pool_gather_is_the_reference_order_dense_features(tmp_path):
     # Non-square image, maps at three resolutions, two sharing one and interleaved with the
     # others in feature order: the pool groups them, the output must not.
-    from ddpmseg.featcache.store import StoreInfo
-
     shapes = ((3, 5, 7), (4, 10, 14), (2, 5, 7), (6, 20, 28))
-    info = StoreInfo(steps=(1, 2), blocks=(5, 8), shapes=shapes, image_size=(20, 28),
-                     num_images=3, names=("a", "b", "c"), num_classes=2, ignore_label=255,
-                     dtype="float32")
+    info = StoreInfo(FeatureSpec(steps=(1, 2), blocks=(5, 8), shapes=shapes, image_size=(20, 28),
+                                 dtype="float32"),
+                     num_images=3, names=("a", "b", "c"), num_classes=2, ignore_label=255)
     gen = torch.Generator().manual_seed(0)
     images = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
     layout = pixels.MapLayout(info, torch.device("cpu"))
