@@ -32,7 +32,7 @@ from ..bundled import resolve_checkpoint
 from ..scaleout import connect
 from ..errors import (BadInputError, ConfigError, DdpmsegError, StoreError,
                       StoreMismatchError)
-from .store import STORE_DTYPES, FeatureStore, StoreInfo
+from .store import STORE_DTYPES, FeatureStore, StoreInfo, parse_codec
 
 log = logging.getLogger("ddpmseg")
 
@@ -99,6 +99,7 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     precision = precision or fc.precision
     batch_size = int(batch_size or fc.batch_size)
     _check_settings(steps, blocks, dtype, precision, batch_size, dc)
+    codec = parse_codec(fc.codec, dtype)
     checkpoint = checkpoint if checkpoint not in (None, "") else (config.model.checkpoint or None)
     checkpoint = resolve_checkpoint(checkpoint) if checkpoint else None
 
@@ -126,6 +127,7 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
         names=tuple(s.name for s in inputs.samples),
         num_classes=dc.num_classes, ignore_label=dc.ignore_label,
         class_names=tuple(dc.class_names), has_labels=inputs.has_labels, dtype=dtype,
+        codec=codec,
         seed=seed, fingerprint=backbone.fingerprint(), precision=precision,
         min_class_pixels=dc.min_class_pixels)
     resolved = config.with_overrides(
