@@ -183,6 +183,7 @@ class _ImageSource:
                  checkpoint: str | None, resize: bool):
         self.samples = list_samples(path)
         self.spec = model.info.spec
+        self.keepbits = model.info.codec.get("keepbits")  # as the run's store rounded them
         self.size = self.spec.image_size
         self.resize = resize
         self.device = device
@@ -212,7 +213,8 @@ class _ImageSource:
             x0 = image_tensor(image)[None].to(self.device)
             with torch.no_grad():
                 # The path `extract` takes: the maps equal those a store of the images holds.
-                (encoded,) = encoded_maps(self.backbone, x0, self.spec, [sample.name])
+                (encoded,) = encoded_maps(self.backbone, x0, self.spec, [sample.name],
+                                          self.keepbits)
             yield _Item(sample.name, image, [decode_map(m, self.spec.dtype) for m in encoded])
 
 

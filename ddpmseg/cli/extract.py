@@ -6,6 +6,7 @@ import click
 
 from ..featcache import extract
 from ..featcache.spec import PRECISIONS, STORE_DTYPES
+from ..featcache.store import codec_name
 from .common import (config_option, device_option, parse_blocks, parse_ints, resolve_config,
                      threads_option)
 
@@ -31,6 +32,10 @@ from .common import (config_option, device_option, parse_blocks, parse_ints, res
                    "[default: config, 5,6,7,8,12]")
 @click.option("--dtype", type=click.Choice(STORE_DTYPES), default=None,
               help="Storage dtype of the activations. [default: config, float16]")
+@click.option("--codec", default=None, metavar="lossless|bitroundK",
+              help="lossless, or bitroundK: keep K mantissa bits of each stored value (lossy, "
+                   "relative error <= 2^-(K+1)); bitround3 on float16 reaches 1/100 of dense "
+                   "float32 (README, store size). [default: config, lossless]")
 @device_option
 @threads_option()
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, metavar="N",
@@ -47,7 +52,7 @@ from .common import (config_option, device_option, parse_blocks, parse_ints, res
                    "an existing scheduler whose workers see the same files.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context
-def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, dtype,
+def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, dtype, codec,
             device, batch_size, precision, seed, resize, overwrite, scheduler, no_progress):
     """Extract diffusion features of every image in DATA_DIR into the store STORE.
 
@@ -72,15 +77,17 @@ def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, 
                          model={"preset": preset, "checkpoint": checkpoint, "prompt": prompt},
                          features={"steps": parse_ints(steps, "--steps"),
                                    "blocks": parse_blocks(blocks),
-                                   "dtype": dtype, "seed": seed, "precision": precision,
-                                   "batch_size": batch_size})
+                                   "dtype": dtype, "codec": codec, "seed": seed,
+                                   "precision": precision, "batch_size": batch_size})
     data_dir, store = _data_and_store(paths, cfg.data.train_dir)
     quiet = bool(ctx.find_root().params.get("quiet"))
     result = extract(data_dir, store, cfg, device=device, resize=resize, overwrite=overwrite,
                      scheduler=scheduler, progress=not (no_progress or quiet))
     info = result.info
+    lossless = info.codec.get("keepbits") is None
     click.echo(f"{store}: {len(result)} images, {info.feature_dim} dims per pixel "
-               f"({len(info.steps)} steps x {len(info.blocks)} blocks), {info.dtype}, "
+               f"({len(info.steps)} steps x {len(info.blocks)} blocks), {info.dtype}"
+               + ("" if lossless else f" {codec_name(info.codec)}") + ", "
                f"{'with' if info.has_labels else 'without'} labels")
 
 

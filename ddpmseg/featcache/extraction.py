@@ -36,7 +36,7 @@ from ..config import Config
 from ..errors import BadInputError, ConfigError, StoreError, StoreMismatchError
 from ..scaleout import connect
 from .spec import PRECISIONS, STORE_DTYPES, FeatureSpec
-from .store import FeatureStore, StoreInfo, encode_image
+from .store import FeatureStore, StoreInfo, encode_image, parse_codec
 
 log = logging.getLogger("ddpmseg")
 
@@ -97,6 +97,7 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     precision = precision or fc.precision
     batch_size = int(batch_size or fc.batch_size)
     _check_settings(steps, blocks, dtype, precision, batch_size, dc)
+    codec = parse_codec(fc.codec, dtype)
     checkpoint = checkpoint if checkpoint not in (None, "") else (config.model.checkpoint or None)
     checkpoint = resolve_checkpoint(checkpoint) if checkpoint else None
 
@@ -125,7 +126,7 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
                      names=tuple(s.name for s in inputs.samples),
                      num_classes=dc.num_classes, ignore_label=dc.ignore_label,
                      class_names=tuple(dc.class_names), has_labels=inputs.has_labels,
-                     min_class_pixels=dc.min_class_pixels)
+                     min_class_pixels=dc.min_class_pixels, codec=codec)
     resolved = config.with_overrides(
         model={"checkpoint": str(checkpoint) if checkpoint else ""},
         features={"precision": precision, "batch_size": batch_size})
@@ -285,13 +286,13 @@ def image_maps(backbone, x0: torch.Tensor, spec: FeatureSpec) -> list[list[torch
     return [[acts[key][j] for key in spec.keys] for j in range(x0.shape[0])]
 
 
-def encoded_maps(backbone, x0: torch.Tensor, spec: FeatureSpec,
-                 names: Sequence[str]) -> list[list[np.ndarray]]:
+def encoded_maps(backbone, x0: torch.Tensor, spec: FeatureSpec, names: Sequence[str],
+                 keepbits: int | None = None) -> list[list[np.ndarray]]:
     """An image batch -> per image, its maps exactly as a store of ``spec`` holds them (cast
     to the store dtype, shapes and float16 overflow checked: ``FeatureOverflowError`` names
-    the image). ``extract`` runs these two steps with the encoding in writer threads;
+    the image; ``keepbits``: a lossy store's rounding). ``extract`` runs these two steps with the encoding in writer threads;
     prediction from a folder of images runs them here."""
-    return [encode_image(maps, spec, f"image {name}")
+    return [encode_image(maps, spec, f"image {name}", keepbits)
             for maps, name in zip(image_maps(backbone, x0, spec), names)]
 
 

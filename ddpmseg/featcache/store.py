@@ -18,6 +18,7 @@ image.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
-from ..errors import FeatureOverflowError, StoreError, StoreMismatchError
+from ..errors import ConfigError, FeatureOverflowError, StoreError, StoreMismatchError
 from . import pixels
 from . import zarr_adapter as ZA
 from .spec import STORE_DTYPES
@@ -38,6 +39,8 @@ FORMAT_VERSION = 1
 # zarr has no bfloat16 dtype: bfloat16 values are stored as their uint16 bit patterns (the upper
 # half of the float32 word) and readers widen them back to float32.
 _ZARR_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
+_TORCH_STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32,
+                       "bfloat16": torch.bfloat16}
 BFLOAT16_ENCODING = "bfloat16 stored as uint16 bit patterns; float32 = (uint32(v) << 16)"
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -150,13 +153,70 @@ def _codecs(codec: dict) -> list:
     return [blosc, Crc32cCodec()]
 
 
-def encode_map(m, dtype: str, what: str = "activation") -> np.ndarray:
+# Mantissa bits of each store dtype: the most that keepbits (lossy rounding) can keep.
+MANTISSA_BITS = {"float16": 10, "bfloat16": 7, "float32": 23}
+_INT_OF = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+_MANTISSA_OF = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}
+
+
+def parse_codec(name: str | None, dtype: str = "float16") -> dict:
+    """The codec setting a ``--codec`` name stands for, as ``StoreInfo.codec`` holds it.
+
+    "lossless" (or None): the default Blosc setting. "bitroundK": the same, after rounding each
+    value to K mantissa bits (round to nearest, ties to even), 1 <= K < the dtype's mantissa
+    bits; relative error <= 2**-(K+1). Zeroed low bits compress well under bit shuffle, and a
+    reader needs nothing to undo: the values are ordinary numbers of the store dtype.
+    """
+    codec = dict(DEFAULT_CODEC)
+    if name in (None, "", "lossless"):
+        return codec
+    m = re.fullmatch(r"bitround(\d+)", str(name))
+    top = MANTISSA_BITS.get(dtype, 0)
+    if m is None or not 1 <= int(m.group(1)) < top:
+        raise ConfigError(f"unknown codec {name!r} for dtype {dtype}",
+                          f"use lossless or bitroundK with K in 1..{top - 1} (mantissa bits "
+                          f"kept; see the store-size table in the README)")
+    codec["keepbits"] = int(m.group(1))
+    return codec
+
+
+def codec_name(codec: dict) -> str:
+    """The ``--codec`` name of a ``StoreInfo.codec`` setting (inverse of ``parse_codec``)."""
+    return f"bitround{codec['keepbits']}" if codec.get("keepbits") is not None else "lossless"
+
+
+def round_mantissa(t: torch.Tensor, keepbits: int) -> torch.Tensor:
+    """``t`` (float16, bfloat16 or float32) with its mantissa rounded to ``keepbits`` bits.
+
+    Round to nearest, ties to even, on the bit pattern: adding half a quantum (minus one, plus
+    the kept LSB) then masking carries into the exponent when the mantissa overflows, so the
+    result is the nearest value with ``keepbits`` bits (inf when that is beyond the dtype's
+    largest finite value, which the caller's finiteness check turns into an error). NaN and
+    inf are left as they are, for the same check.
+    """
+    drop = _MANTISSA_OF[t.dtype] - int(keepbits)
+    if drop <= 0:
+        return t
+    width = 8 * t.element_size()
+    # int64 arithmetic on the unsigned pattern: no wrap-around for any width.
+    bits = t.contiguous().view(_INT_OF[t.dtype]).to(torch.int64) & ((1 << width) - 1)
+    bits = (bits + ((1 << (drop - 1)) - 1) + ((bits >> drop) & 1)) & ~((1 << drop) - 1)
+    bits = torch.where(bits >= 1 << (width - 1), bits - (1 << width), bits)
+    rounded = bits.to(_INT_OF[t.dtype]).view(t.dtype)
+    return torch.where(torch.isfinite(t), rounded, t)
+
+
+def encode_map(m, dtype: str, what: str = "activation", keepbits: int | None = None
+               ) -> np.ndarray:
     """One activation (tensor or array, any float dtype) as the store holds it.
 
     float16 values beyond +-65504 raise ``FeatureOverflowError`` (never a silent inf), and so
     does a map that is not finite to begin with. bfloat16 comes back as uint16 bit patterns.
+    ``keepbits``: round the stored values to that many mantissa bits (lossy; ``parse_codec``).
     """
     t = m.detach() if isinstance(m, torch.Tensor) else torch.from_numpy(np.asarray(m))
+    if dtype in _TORCH_STORE_DTYPES and keepbits is not None:
+        t = round_mantissa(t.to(_TORCH_STORE_DTYPES[dtype]), keepbits)
     if dtype == "float16":
         out = t.to(torch.float16)
         if not bool(torch.isfinite(out).all()):
@@ -187,9 +247,11 @@ def _raise_not_finite(t: torch.Tensor, what: str, dtype: str):
         "extract with --dtype bfloat16 (same range as float32, half the bytes) or --dtype float32")
 
 
-def encode_image(maps: Sequence, spec: FeatureSpec, image: str) -> list[np.ndarray]:
+def encode_image(maps: Sequence, spec: FeatureSpec, image: str,
+                 keepbits: int | None = None) -> list[np.ndarray]:
     """One image's maps (feature order) as a store of ``spec`` holds them; ``image`` names it
-    in errors (a wrong count or shape is a StoreError, an overflow a FeatureOverflowError)."""
+    in errors (a wrong count or shape is a StoreError, an overflow a FeatureOverflowError).
+    ``keepbits``: the lossy codec's mantissa rounding (``StoreInfo.codec``), if any."""
     if len(maps) != len(spec.keys):
         raise StoreError(f"{image}: {len(maps)} maps given, the features have "
                          f"{len(spec.keys)} (steps x blocks)")
@@ -198,7 +260,7 @@ def encode_image(maps: Sequence, spec: FeatureSpec, image: str) -> list[np.ndarr
         if tuple(m.shape) != tuple(shape):
             raise StoreError(f"{image}: map t={t} b={b} has shape {tuple(m.shape)}, the "
                              f"features have {tuple(shape)}")
-        out.append(encode_map(m, spec.dtype, f"{image} activation t={t} block={b}"))
+        out.append(encode_map(m, spec.dtype, f"{image} activation t={t} block={b}", keepbits))
     return out
 
 
@@ -266,6 +328,8 @@ class FeatureStore:
         # but a chunk is missing" always means damage, never an all-zero map.
         cfg = {"write_empty_chunks": True}
         act_attrs = {"dtype": info.dtype}
+        if info.codec.get("keepbits") is not None:
+            act_attrs["keepbits"] = info.codec["keepbits"]   # lossy: mantissa bits kept
         if info.dtype == "bfloat16":
             act_attrs["encoding"] = BFLOAT16_ENCODING
         for (t, b), (c, h, w) in zip(info.keys, info.shapes):
@@ -292,7 +356,8 @@ class FeatureStore:
 
     def encode(self, i: int, maps: Sequence) -> list[np.ndarray]:
         """Image i's maps cast to the store dtype (raises FeatureOverflowError naming it)."""
-        return encode_image(maps, self.info.spec, f"image {i} ({self.info.names[i]})")
+        return encode_image(maps, self.info.spec, f"image {i} ({self.info.names[i]})",
+                            self.info.codec.get("keepbits"))
 
     def write_image(self, i: int, maps: Sequence, labels: np.ndarray | None = None, *,
                     encoded: bool = False) -> None:
