@@ -164,7 +164,7 @@ def check_labels(mask: np.ndarray, num_classes: int, ignore_label: int, path: Pa
     bad = np.setdiff1d(np.unique(mask), [*range(num_classes), ignore_label])
     if bad.size:
         raise BadInputError(f"mask {path} has labels {bad.tolist()} outside 0..{num_classes - 1} "
-                            f"(ignore label {ignore_label})", "check --config / num_classes")
+                            f"(ignore label {ignore_label})", "pass --num-classes N (data.num_classes) or a --config with the right class count")
 
 
 def drop_rare_classes(mask: np.ndarray, num_classes: int, ignore_label: int,

@@ -30,6 +30,7 @@ from . import __version__, render, voting
 from .backbone import load_backbone as factory_load_backbone
 from .classifier import Ensemble, load_ensemble
 from .data import find_image, image_tensor, list_samples, load_image
+from .bundled import resolve_checkpoint
 from .device import resolve_device
 from .errors import (BadInputError, ConfigError, InputNotFoundError, RunError, StoreError,
                      StoreMismatchError)
@@ -226,7 +227,8 @@ def _resolve_checkpoint(checkpoint: str | None, model: Ensemble) -> Path:
     if not given:
         raise RunError("the run records no backbone checkpoint to extract features with",
                        "pass --checkpoint PATH (the checkpoint of the run's training store)")
-    path = Path(given).expanduser()
+    # bundled:faces_64 names the checkpoint that ships inside the package.
+    path = Path(resolve_checkpoint(given)).expanduser()
     if not path.exists() and not path.is_absolute() and model.run_dir:
         beside = Path(model.run_dir) / path
         if beside.exists():

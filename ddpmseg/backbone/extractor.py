@@ -22,7 +22,7 @@ from .base import (FeatureBackbone, check_image, check_noise, precision_context,
 from .checkpoint import load_checkpoint
 from .diffusion import Schedule
 from .ident import BackboneId
-from .flags import ModelFlags
+from .flags import USUAL_FEATURES, ModelFlags
 from .unet import UNetModel
 
 # The paper's choice for the 256px LSUN/FFHQ models (8448 dims per pixel).
@@ -40,13 +40,24 @@ def _int_list(name: str, values: Iterable, upper: int) -> list[int]:
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise ConfigError(f"{name} must be integers, got {v!r}")
         if not 0 <= int(v) < upper:
-            raise ConfigError(f"{name[:-1]} {v} is out of range 0..{upper - 1}")
+            raise ConfigError(f"{name[:-1]} {v} is out of range: this model's {name} are "
+                              f"0..{upper - 1}", _range_hint(name, upper))
         out.append(int(v))
     if not out:
         raise ConfigError(f"no {name} given")
     if len(set(out)) != len(out):
         raise ConfigError(f"{name} repeat a value: {out}")
     return out
+
+
+def _range_hint(name: str, upper: int) -> str:
+    if name != "blocks":
+        return f"pass --{name} with values in 0..{upper - 1}"
+    # Name the presets whose usual blocks fit, so a user need not guess.
+    fitting = [f"{p}: {','.join(map(str, f['blocks']))}" for p, f in USUAL_FEATURES.items()
+               if max(f["blocks"]) < upper]
+    usual = f" (usual choices: {'; '.join(fitting)})" if fitting else ""
+    return f"pass --blocks with values in 0..{upper - 1}{usual}"
 
 
 class Backbone(FeatureBackbone):

@@ -49,9 +49,16 @@ class RunHeader:
     store_path: str
 
 
-def resolved_config(config: Config, info: StoreInfo) -> Config:
-    """The run's config: data and feature settings are the store's, not the config file's."""
+def resolved_config(config: Config, info: StoreInfo, store_model: dict | None = None) -> Config:
+    """The run's config: data and feature settings are the store's, not the config file's.
+
+    ``store_model``: the store's [model] section; when the config names no checkpoint, the
+    run records the store's (and its preset), so predicting from images finds the backbone.
+    """
     spec = info.spec
+    if store_model and not config.model.checkpoint and store_model.get("checkpoint"):
+        config = config.with_overrides(model={k: store_model.get(k) for k in
+                                              ("checkpoint", "preset", "prompt")})
     data = dataclasses.replace(config.data, num_classes=info.num_classes,
                                ignore_label=info.ignore_label,
                                class_names=tuple(info.class_names),

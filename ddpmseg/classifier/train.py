@@ -228,7 +228,7 @@ def fit(store, run_dir, config: Config | None = None, *, device="auto", in_memor
     store = _open_store(store)
     check_trainable(store)
     info = store.info
-    cfg = R.resolved_config(config, info)
+    cfg = R.resolved_config(config, info, store.config.get("model"))
     c = cfg.classifier
     run_dir = Path(run_dir)
     dev = resolve_device(device)

@@ -5,17 +5,15 @@ from __future__ import annotations
 import click
 
 from ..evaluate import evaluate, format_table
-from .common import config_option, resolve_config
+from .common import config_option, ignore_label_option, num_classes_option, resolve_config
 
 
 @click.command("evaluate")
 @click.argument("pred_dir", metavar="PRED_DIR")
 @click.argument("gt_dir", metavar="[GT_DIR]", required=False)
 @config_option
-@click.option("--num-classes", type=click.IntRange(1, 256), default=None, metavar="N",
-              help="Number of classes (overrides the config).")
-@click.option("--ignore-label", type=click.IntRange(0, 255), default=None, metavar="L",
-              help="The ignore label, left out of the mean (overrides the config).")
+@num_classes_option
+@ignore_label_option
 @click.option("--mask-ignore", is_flag=True,
               help="Drop ground-truth ignore pixels before counting (stricter than the "
                    "reference, which counts predictions there in the class's union).")

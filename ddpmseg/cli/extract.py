@@ -6,8 +6,9 @@ import click
 
 from ..featcache import extract
 from ..featcache.spec import PRECISIONS, STORE_DTYPES
-from .common import (config_option, device_option, parse_blocks, parse_ints, resolve_config,
-                     threads_option)
+from .common import (config_option, device_option, parse_blocks, parse_ints, preset_features,
+                     ignore_label_option, num_classes_option,
+                     resolve_config, show_progress, threads_option)
 
 
 @click.command("extract")
@@ -29,6 +30,8 @@ from .common import (config_option, device_option, parse_blocks, parse_ints, res
               help="Decoder blocks whose outputs are kept: indices (of up_blocks for a "
                    "diffusers folder, which also takes names like up2.res1, up2.attn0). "
                    "[default: config, 5,6,7,8,12]")
+@num_classes_option
+@ignore_label_option
 @click.option("--dtype", type=click.Choice(STORE_DTYPES), default=None,
               help="Storage dtype of the activations. [default: config, float16]")
 @device_option
@@ -45,10 +48,10 @@ from .common import (config_option, device_option, parse_blocks, parse_ints, res
 @click.option("--scheduler", default=None, metavar="local|local:N|tcp://HOST:PORT",
               help="Run as dask.distributed tasks: a local cluster of N worker processes, or "
                    "an existing scheduler whose workers see the same files.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context
-def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, dtype,
-            device, batch_size, precision, seed, resize, overwrite, scheduler, no_progress):
+def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, num_classes,
+            ignore_label, dtype,
+            device, batch_size, precision, seed, resize, overwrite, scheduler):
     """Extract diffusion features of every image in DATA_DIR into the store STORE.
 
     DATA_DIR holds images (png/jpg) with masks of the same stem (<id>.npy or <id>_mask.png)
@@ -68,16 +71,18 @@ def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, 
       ddpmseg extract my_images/ stores/sd.zarr --checkpoint models/stable-diffusion-v1-5 \\
           --steps 50,150,250 --blocks 1,2,3 --resize --config ffhq_34
     """
+    preset, usual = preset_features(preset, checkpoint)
+    steps, blocks = parse_ints(steps, "--steps"), parse_blocks(blocks)
     cfg = resolve_config(config_path,
                          model={"preset": preset, "checkpoint": checkpoint, "prompt": prompt},
-                         features={"steps": parse_ints(steps, "--steps"),
-                                   "blocks": parse_blocks(blocks),
+                         features={"steps": steps or usual.get("steps"),
+                                   "blocks": blocks or usual.get("blocks"),
                                    "dtype": dtype, "seed": seed, "precision": precision,
-                                   "batch_size": batch_size})
+                                   "batch_size": batch_size},
+                         data={"num_classes": num_classes, "ignore_label": ignore_label})
     data_dir, store = _data_and_store(paths, cfg.data.train_dir)
-    quiet = bool(ctx.find_root().params.get("quiet"))
     result = extract(data_dir, store, cfg, device=device, resize=resize, overwrite=overwrite,
-                     scheduler=scheduler, progress=not (no_progress or quiet))
+                     scheduler=scheduler, progress=show_progress(ctx))
     info = result.info
     click.echo(f"{store}: {len(result)} images, {info.feature_dim} dims per pixel "
                f"({len(info.steps)} steps x {len(info.blocks)} blocks), {info.dtype}, "

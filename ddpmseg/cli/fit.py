@@ -6,7 +6,7 @@ import click
 
 from ..classifier import fit, load_ensemble
 from ..classifier.train import ETF_MODES
-from .common import config_option, device_option, resolve_config, threads_option
+from .common import config_option, device_option, resolve_config, show_progress, threads_option
 
 
 @click.command("fit")
@@ -45,10 +45,9 @@ from .common import config_option, device_option, resolve_config, threads_option
                    "of N worker processes, or an existing scheduler whose workers see STORE).")
 @click.option("--overwrite", is_flag=True,
               help="Start over in a RUN_DIR that holds another run.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context
 def command(ctx, store, run_dir, config_path, ensemble, etf, etf_weight, max_epochs, batch_size,
-            lr, seed, ram_budget_gb, in_memory, device, scheduler, overwrite, no_progress):
+            lr, seed, ram_budget_gb, in_memory, device, scheduler, overwrite):
     """Train an ensemble of pixel classifiers on the labelled pixels of STORE into RUN_DIR.
 
     Minibatches are computed on the fly from the stored native-resolution maps, in a RAM
@@ -64,9 +63,8 @@ def command(ctx, store, run_dir, config_path, ensemble, etf, etf_weight, max_epo
     cfg = resolve_config(config_path, classifier={
         "ensemble": ensemble, "etf": etf, "etf_weight": etf_weight, "max_epochs": max_epochs,
         "batch_size": batch_size, "lr": lr, "seed": seed, "ram_budget_gb": ram_budget_gb})
-    quiet = bool(ctx.find_root().params.get("quiet"))
     out = fit(store, run_dir, cfg, device=device, in_memory=in_memory, resume=not overwrite,
-              scheduler=scheduler, progress=not (no_progress or quiet))
+              scheduler=scheduler, progress=show_progress(ctx))
     ens = load_ensemble(out, "cpu")
     stops = ", ".join(str(m.get("stop_epoch")) for m in ens.metas)
     click.echo(f"{out}: {len(ens)} members, {ens.num_classes} classes, {ens.feature_dim} dims "

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from .common import device_option, threads_option
+from .common import device_option, show_progress, threads_option
 
 
 @click.command("train-backbone")
@@ -42,10 +42,9 @@ from .common import device_option, threads_option
 @click.option("--sample-steps", type=click.IntRange(min=1), default=50, show_default=True,
               help="Strided ancestral sampling steps for samples.png.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context
 def command(ctx, images_dir, out_dir, preset, flags_path, steps, minutes, batch_size, lr, ema,
-            device, resume, save_every, samples, sample_steps, seed, no_progress):
+            device, resume, save_every, samples, sample_steps, seed):
     """Train an ADM diffusion UNet on the images in IMAGES_DIR, writing checkpoints to OUT.
 
     The objective is guided-diffusion's: epsilon MSE at uniform steps, plus the variational
@@ -77,10 +76,9 @@ def command(ctx, images_dir, out_dir, preset, flags_path, steps, minutes, batch_
         raise click.UsageError("give the model flags: --preset NAME or --flags FILE")
     if steps is None and minutes is None:
         raise click.UsageError("say how long to train: --steps N or --minutes M")
-    quiet = bool(ctx.find_root().params.get("quiet"))
     out = train_backbone(images_dir, out_dir, flags, steps=steps, minutes=minutes,
                          batch_size=batch_size, lr=lr, ema=ema, device=device, resume=resume,
                          save_every=save_every, seed=seed, samples=samples,
-                         sample_steps=sample_steps, progress=not (no_progress or quiet))
+                         sample_steps=sample_steps, progress=show_progress(ctx))
     if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun: the first process only
         click.echo(f"{out}: ema.pt, model.pt, state.pt, flags.json")

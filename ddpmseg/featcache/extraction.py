@@ -31,7 +31,7 @@ from tqdm import tqdm
 from .. import data as D
 from ..backbone import Backbone, BackboneId, ModelFlags, describe_backbone, load_backbone
 from ..backbone.base import block_id
-from ..bundled import resolve_checkpoint
+from ..bundled import BUNDLED_CHECKPOINTS, resolve_checkpoint
 from ..config import Config
 from ..errors import BadInputError, ConfigError, StoreError, StoreMismatchError
 from ..scaleout import connect
@@ -98,6 +98,8 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     batch_size = int(batch_size or fc.batch_size)
     _check_settings(steps, blocks, dtype, precision, batch_size, dc)
     checkpoint = checkpoint if checkpoint not in (None, "") else (config.model.checkpoint or None)
+    # A bundled name is recorded as given: the package's own path differs per install.
+    recorded = str(checkpoint) if str(checkpoint) in BUNDLED_CHECKPOINTS else None
     checkpoint = resolve_checkpoint(checkpoint) if checkpoint else None
 
     flags = describe_backbone(backbone or checkpoint, config.model.preset)
@@ -127,7 +129,7 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
                      class_names=tuple(dc.class_names), has_labels=inputs.has_labels,
                      min_class_pixels=dc.min_class_pixels)
     resolved = config.with_overrides(
-        model={"checkpoint": str(checkpoint) if checkpoint else ""},
+        model={"checkpoint": recorded or (str(checkpoint) if checkpoint else "")},
         features={"precision": precision, "batch_size": batch_size})
 
     # 3. Create the store, or reopen it and check that it was made the same way.
