@@ -7,6 +7,7 @@ steps t, run the UNet, and read what some decoder blocks output.
 from __future__ import annotations
 
 import numbers
+import re
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -15,14 +16,14 @@ import torch
 
 from ..device import resolve_device
 from ..bundled import resolve_checkpoint
-from ..errors import BadInputError, ConfigError, InputNotFoundError
+from ..errors import BadInputError, CheckpointError, ConfigError, InputNotFoundError
 from ..fileio import sha256_file
 from .base import (FeatureBackbone, check_image, check_noise, precision_context,
                    seeded_noise)
-from .checkpoint import load_checkpoint
+from .checkpoint import check_state_dict, load_checkpoint, load_state_dict
 from .diffusion import Schedule
 from .ident import BackboneId
-from .flags import USUAL_FEATURES, ModelFlags
+from .flags import PRESETS, USUAL_FEATURES, ModelFlags
 from .unet import UNetModel
 
 # The paper's choice for the 256px LSUN/FFHQ models (8448 dims per pixel).
@@ -48,6 +49,23 @@ def _int_list(name: str, values: Iterable, upper: int) -> list[int]:
     if len(set(out)) != len(out):
         raise ConfigError(f"{name} repeat a value: {out}")
     return out
+
+
+def presets_that_fit(path: str | Path, skip: ModelFlags | None = None) -> list[str]:
+    """The preset names whose architecture loads ``path`` strictly (keys and shapes)."""
+    sd = load_state_dict(path)
+    fits = []
+    for name, flags in PRESETS.items():
+        if flags == skip:
+            continue
+        with torch.device("meta"):
+            model = UNetModel.from_flags(flags)
+        try:
+            check_state_dict(model, sd)
+        except CheckpointError:
+            continue
+        fits.append(name)
+    return fits
 
 
 def _range_hint(name: str, upper: int) -> str:
@@ -102,7 +120,19 @@ class Backbone(FeatureBackbone):
         # or memory goes into random weights that would be overwritten at once.
         with torch.device("meta"):
             model = UNetModel.from_flags(flags)
-        load_checkpoint(model, path)
+        try:
+            load_checkpoint(model, path)
+        except CheckpointError as exc:
+            fits = presets_that_fit(path, skip=flags)
+            if not fits:
+                raise
+            # The key-by-key listing helps nobody when another preset simply fits.
+            counts = re.findall(r"(\d+ (?:missing keys|unexpected keys|shape mismatches))",
+                                exc.message)
+            raise CheckpointError(f"{path} does not fit the model flags given "
+                                  f"({', '.join(counts)})",
+                                  f"it loads as preset {' / '.join(fits)}: pass --preset "
+                                  f"{fits[0]}") from exc
         return cls(model, flags, sha256=digest, device=device)
 
     @classmethod
