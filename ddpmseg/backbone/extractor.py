@@ -109,6 +109,7 @@ class Backbone(FeatureBackbone):
         Raises InputNotFoundError for a missing file and CheckpointError when keys or shapes
         do not match (naming them and the flags most likely wrong).
         """
+        preset = flags if isinstance(flags, str) and flags in PRESETS else None
         flags = ModelFlags.resolve(flags)
         device = resolve_device(device)
         path = resolve_checkpoint(path).expanduser()
@@ -123,13 +124,14 @@ class Backbone(FeatureBackbone):
         try:
             load_checkpoint(model, path)
         except CheckpointError as exc:
-            fits = presets_that_fit(path, skip=flags)
+            # A wrong preset name: the key-by-key diagnosis helps nobody when another preset
+            # simply fits (hand-written flags keep it: it says which flag is off).
+            fits = presets_that_fit(path, skip=flags) if preset else []
             if not fits:
                 raise
-            # The key-by-key listing helps nobody when another preset simply fits.
             counts = re.findall(r"(\d+ (?:missing keys|unexpected keys|shape mismatches))",
                                 exc.message)
-            raise CheckpointError(f"{path} does not fit the model flags given "
+            raise CheckpointError(f"{path} does not fit preset {preset} "
                                   f"({', '.join(counts)})",
                                   f"it loads as preset {' / '.join(fits)}: pass --preset "
                                   f"{fits[0]}") from exc

@@ -277,9 +277,11 @@ def fit(store, run_dir, config: Config | None = None, *, device="auto", in_memor
                                        info.num_classes, shuffle, dev, progress, logger)
             R.write_member(run_dir, k, state, meta)
             logger(_done_record(meta))
-            log.info("member %d/%d: stopped at epoch %d (%s), %d steps, %.1f s", k + 1,
-                     c.ensemble, meta["stop_epoch"], "early" if meta["early_stop"] else "max",
-                     meta["steps"], meta["seconds"])
+            # stop_epoch is stored 0-based; people count epochs from 1.
+            log.info("member %d/%d: stopped after epoch %d of at most %d (%s), %d steps, %.1f s",
+                     k + 1, c.ensemble, meta["stop_epoch"] + 1, c.max_epochs,
+                     "early stop" if meta["early_stop"] else "max epochs", meta["steps"],
+                     meta["seconds"])
     finally:
         source.close()
     return run_dir

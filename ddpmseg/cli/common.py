@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 
@@ -75,6 +76,11 @@ def preset_features(preset: str | None, checkpoint: str | None) -> tuple[str | N
     return preset, dict(USUAL_FEATURES.get(preset or "", {}))
 
 
+def count(n: int, noun: str) -> str:
+    """'1 member', '3 members'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def parse_blocks(value: str | None, name: str = "--blocks") -> tuple[int | str, ...] | None:
     """'5,6,up2.res1' -> (5, 6, 'up2.res1'): block indices, or block names (diffusers)."""
     if value is None:
@@ -92,6 +98,25 @@ def parse_ints(value: str | None, name: str) -> tuple[int, ...] | None:
     except ValueError as exc:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of integers",
                                  param_hint=name) from exc
+
+
+def renamed_option(old: str, new: str, dest: str, **kwargs):
+    """Keep an old option spelling working for one release: ``old`` fills ``dest`` (the new
+    option's parameter) when the new one is not given, and prints a deprecation note."""
+    hidden = f"deprecated_{dest}"
+
+    def decorate(f):
+        @functools.wraps(f)
+        def wrapper(*args, **params):
+            value = params.pop(hidden)
+            if value is not None:
+                click.echo(f"warning: {old} is deprecated and will be removed in the next "
+                           f"release; use {new}", err=True)
+                if params.get(dest) is None:
+                    params[dest] = value
+            return f(*args, **params)
+        return click.option(old, hidden, default=None, hidden=True, **kwargs)(wrapper)
+    return decorate
 
 
 # -- options every command takes, before or after its name ------------------------------------

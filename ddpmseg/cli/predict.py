@@ -6,7 +6,7 @@ import click
 
 from ..predict import predict
 from ..voting import VOTES
-from .common import device_option, show_progress, threads_option
+from .common import count, device_option, show_progress, threads_option
 
 
 @click.command("predict")
@@ -53,8 +53,9 @@ def command(ctx, run, input_path, out_dir, vote, uncertainty, tile_rows, images_
     summary = predict(run, input_path, out_dir, vote=vote, uncertainty=uncertainty,
                       device=device, tile_rows=tile_rows, resize=resize, checkpoint=checkpoint,
                       images=images_dir, progress=show_progress(ctx))
-    click.echo(f"predicted {summary['num_images']} image(s) ({summary['input_kind']}, vote "
-               f"{summary['vote']}, {summary['num_members']} members) into {summary['out_dir']}")
+    click.echo(f"predicted {count(summary['num_images'], 'image')} ({summary['input_kind']}, "
+               f"vote {summary['vote']}, {count(summary['num_members'], 'member')}) into "
+               f"{summary['out_dir']}")
     if with_report:
         from ..report import report
 
