@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..config import Config
 from ..device import resolve_device
-from ..scaleout import connect
+from ..scaleout import check_scheduler, connect
 from ..errors import ConfigError, RunError, StoreError
 from ..featcache.store import FeatureStore
 from . import run as R
@@ -225,6 +225,7 @@ def fit(store, run_dir, config: Config | None = None, *, device="auto", in_memor
     """
     config = config or Config()
     check_classifier_config(config.classifier)
+    check_scheduler(scheduler)  # before the run dir is made
     store = _open_store(store)
     check_trainable(store)
     info = store.info

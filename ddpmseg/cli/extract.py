@@ -54,7 +54,7 @@ def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, 
             device, batch_size, precision, seed, resize, overwrite, scheduler):
     """Extract diffusion features of every image in DATA_DIR into the store STORE.
 
-    DATA_DIR holds images (png/jpg) with masks of the same stem (<id>.npy or <id>_mask.png)
+    DATA_DIR holds images (png/jpg/webp/bmp/tif) with masks of the same stem (<id>.npy or <id>_mask.png)
     for training and evaluation, or images only for prediction. Every mask is checked before
     anything is written. Rerunning the same command resumes an interrupted extraction;
     a store made with other settings is refused unless --overwrite. Each option overrides

@@ -34,7 +34,7 @@ from ..backbone.base import block_id
 from ..bundled import BUNDLED_CHECKPOINTS, resolve_checkpoint
 from ..config import Config
 from ..errors import BadInputError, ConfigError, StoreError, StoreMismatchError
-from ..scaleout import connect
+from ..scaleout import check_scheduler, connect
 from .spec import PRECISIONS, STORE_DTYPES, FeatureSpec
 from .store import FeatureStore, StoreInfo, encode_image
 
@@ -97,6 +97,7 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     precision = precision or fc.precision
     batch_size = int(batch_size or fc.batch_size)
     _check_settings(steps, blocks, dtype, precision, batch_size, dc)
+    check_scheduler(scheduler)  # before anything is written
     checkpoint = checkpoint if checkpoint not in (None, "") else (config.model.checkpoint or None)
     # A bundled name is recorded as given: the package's own path differs per install.
     recorded = str(checkpoint) if str(checkpoint) in BUNDLED_CHECKPOINTS else None
@@ -188,9 +189,11 @@ def _check_settings(steps, blocks, dtype, precision, batch_size, dc) -> None:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    """(H, W) from the file header, without decoding the pixels."""
+    """(H, W) of an image, decoded in full: a truncated file must fail here, before the
+    store is created, not halfway through writing it."""
     try:
         with Image.open(path) as im:
+            im.load()
             return im.size[1], im.size[0]
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise BadInputError(f"cannot read image {path} ({exc})",
