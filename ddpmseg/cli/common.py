@@ -76,6 +76,21 @@ def preset_features(preset: str | None, checkpoint: str | None) -> tuple[str | N
     return preset, dict(USUAL_FEATURES.get(preset or "", {}))
 
 
+def bundled_default(cfg: Config) -> Config:
+    """A preset with a checkpoint bundled in ddpmseg (faces_64) and no checkpoint given: that
+    one, with a note, so `--preset faces_64` alone runs."""
+    from ..bundled import BUNDLED_PRESETS
+
+    if cfg.model.checkpoint:
+        return cfg
+    name = next((k for k, v in BUNDLED_PRESETS.items() if v == cfg.model.preset), None)
+    if name is None:
+        return cfg
+    logging.getLogger("ddpmseg").warning("note: no --checkpoint given; using the one bundled "
+                                         "with preset %s (%s)", cfg.model.preset, name)
+    return cfg.with_overrides(model={"checkpoint": name})
+
+
 def count(n: int, noun: str) -> str:
     """'1 member', '3 members'."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -6,8 +6,8 @@ import click
 
 from ..featcache import extract
 from ..featcache.spec import PRECISIONS, STORE_DTYPES
-from .common import (config_option, device_option, parse_blocks, parse_ints, preset_features,
-                     ignore_label_option, num_classes_option,
+from .common import (bundled_default, config_option, device_option, ignore_label_option,
+                     num_classes_option, parse_blocks, parse_ints, preset_features,
                      resolve_config, show_progress, threads_option)
 
 
@@ -37,7 +37,7 @@ from .common import (config_option, device_option, parse_blocks, parse_ints, pre
 @device_option
 @threads_option()
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Images per forward pass. [default: config, 1]")
+              help="Images per forward pass (features.batch_size). [default: config, 1]")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="Compute precision of the model (fp16 on CUDA only). [default: config, fp32]")
 @click.option("--seed", type=int, default=None, help="Noise seed. [default: config, 0]")
@@ -80,6 +80,7 @@ def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, 
                                    "dtype": dtype, "seed": seed, "precision": precision,
                                    "batch_size": batch_size},
                          data={"num_classes": num_classes, "ignore_label": ignore_label})
+    cfg = bundled_default(cfg)
     data_dir, store = _data_and_store(paths, cfg.data.train_dir)
     result = extract(data_dir, store, cfg, device=device, resize=resize, overwrite=overwrite,
                      scheduler=scheduler, progress=show_progress(ctx))

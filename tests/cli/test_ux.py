@@ -62,6 +62,14 @@ def test_preset_alone_brings_its_steps_and_blocks(trained):
     assert info.steps == (50, 150, 250) and info.blocks == (2, 4, 5, 7, 8)
 
 
+def test_preset_alone_uses_the_bundled_checkpoint(data, tmp_path):
+    res = invoke("extract", data, tmp_path / "x.zarr", "--preset", "faces_64", "--num-classes",
+                 "34", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert "using the one bundled with preset faces_64 (bundled:faces_64)" in res.stderr
+    assert res.stdout.startswith(f"{tmp_path / 'x.zarr'}: 2 images, 1344 dims per pixel")
+
+
 def test_out_of_range_block_names_the_valid_ones(data, tmp_path):
     res = invoke("extract", data, tmp_path / "x.zarr", *EXTRACT, "--blocks", "12")
     line = one_error_line(res, 2)
