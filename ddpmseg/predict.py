@@ -40,6 +40,7 @@ from .featcache.spec import FeatureSpec
 from .featcache.store import FeatureStore, decode_map
 from .fileio import atomic_write, sha256_file, write_json
 from .predict_outputs import check_free, clear_previous, image_files, remove_written
+from .progress import wanted
 
 log = logging.getLogger("ddpmseg")
 
@@ -341,7 +342,7 @@ def _predict_into(out, source, source_path, model, dev, vote, tile_rows, uncerta
     outputs: dict[str, dict] = {}
     sheet_rows = []
     bar = tqdm(source.items(), total=len(source), desc="predict", unit="img",
-               disable=not progress, leave=False)
+               disable=not wanted(progress), leave=False)
     for item in bar:
         pred = predict_maps(model.members, item.maps, source.size, vote=vote,
                             tile_rows=tile_rows, uncertainty=uncertainty, device=dev)

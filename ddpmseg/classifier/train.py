@@ -23,6 +23,7 @@ from tqdm import tqdm
 from ..config import Config
 from ..device import resolve_device
 from ..scaleout import check_scheduler, connect
+from ..progress import wanted
 from ..errors import ConfigError, RunError, StoreError
 from ..featcache.store import FeatureStore
 from . import run as R
@@ -117,7 +118,7 @@ def train_member(k: int, source, index: S.PixelIndex, cfg: Config, dim: int,
     stopper = EarlyStopping(c.min_epochs, c.patience)
     steps_total, stop_epoch, early = 0, c.max_epochs - 1, False
     bar = None
-    if progress:
+    if wanted(progress):
         bar = tqdm(total=len(plan.batch_sizes), file=sys.stderr, leave=False, unit="step",
                    dynamic_ncols=True)
     t_start = time.perf_counter()
@@ -325,7 +326,7 @@ def _fit_distributed(store, run_dir, cfg, todo, device, in_memory, shuffle, sche
                                  key=f"ddpmseg-fit-member-{k}-{os.getpid()}-{time.time_ns()}")
                    for k in todo]
         bar = None
-        if progress:
+        if wanted(progress):
             bar = tqdm(total=len(todo), file=sys.stderr, desc="members", unit="member")
         try:
             for fut in as_completed(futures):

@@ -35,6 +35,7 @@ from ..bundled import BUNDLED_CHECKPOINTS, resolve_checkpoint
 from ..config import Config
 from ..errors import BadInputError, ConfigError, StoreError, StoreMismatchError
 from ..scaleout import check_scheduler, connect
+from ..progress import wanted
 from .spec import PRECISIONS, STORE_DTYPES, FeatureSpec
 from .store import FeatureStore, StoreInfo, encode_image
 
@@ -374,7 +375,7 @@ class _NullBar:
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
-    if not enabled:
+    if not wanted(enabled):
         return _NullBar()
     return tqdm(total=total, initial=initial, unit="img", desc="extract", file=sys.stderr,
                 dynamic_ncols=True, smoothing=0.1)
