@@ -1,7 +1,6 @@
 """extract(): real images and the face backbone bundled in the package, masks checked before anything is written."""
 
 import json
-
 import sys
 
 import numpy as np
