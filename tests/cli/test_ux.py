@@ -245,3 +245,31 @@ def test_format_1_store_still_reads(trained, tmp_path):
     store = FeatureStore.open(old)
     assert store.info.format_version == 1
     np.testing.assert_array_equal(store.labels(0), FeatureStore.open(trained / "s.zarr").labels(0))
+
+
+def test_unwritable_folder_one_line(trained, tmp_path, monkeypatch):
+    # Tests run as root here, where chmod cannot make a folder unwritable: raise what the OS
+    # raises for a user without permission.
+    from pathlib import Path
+
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self.name == "locked":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    out = tmp_path / "locked"
+    line = one_error_line(invoke("predict", trained / "run", trained / "s.zarr", out))
+    assert line == f"error: Permission denied: {out}; check its permissions, or choose another path"
+
+
+def test_resuming_fit_with_another_ram_budget_says_so(trained, tmp_path):
+    run = tmp_path / "run"
+    args = ["fit", trained / "s.zarr", run, "--ensemble", "2", "--max-epochs", "1",
+            "--device", "cpu"]
+    shutil.copytree(trained / "run", run)  # member 1 of 2 done, with the default 2 GB budget
+    res = invoke(*args, "--ram-budget-gb", "3")
+    assert res.exit_code == 0, res.output
+    assert "note: ram_budget_gb is 3.0 now, 2.0 when the run started; resuming" in res.stderr
