@@ -191,7 +191,9 @@ def apply(store: FeatureStore, p: Plan, labels_by_name: dict) -> None:
     n = len(p.names)
     store.resize(n)
     info = dataclasses.replace(store.info, num_images=n, names=p.names)
-    write_state(store, info, ImageState(p.hashes, p.inactive))
+    state = ImageState(p.hashes, p.inactive)
+    if info != store.info or state != read_state(store):  # a rerun with no change writes nothing
+        write_state(store, info, state)
     if p.describe():
         log.info("%s follows the folder: %s", store.path, p.describe())
 
