@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from . import __version__, render, voting
 from .backbone import load_backbone as factory_load_backbone
+from .bundled import resolve_checkpoint
 from .classifier import Ensemble, load_ensemble
 from .data import find_image, image_tensor, list_samples, load_image
 from .device import resolve_device
@@ -267,7 +268,7 @@ def _resolve_checkpoint(checkpoint: str | None, model: Ensemble) -> Path:
     if not given:
         raise RunError("the run records no backbone checkpoint to extract features with",
                        "pass --checkpoint PATH (the checkpoint of the run's training store)")
-    path = Path(given).expanduser()
+    path = resolve_checkpoint(given).expanduser()  # "bundled:faces_64" too
     if not path.exists() and not path.is_absolute() and model.run_dir:
         beside = Path(model.run_dir) / path
         if beside.exists():

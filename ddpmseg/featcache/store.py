@@ -479,6 +479,12 @@ class FeatureStore:
         raw = self._read(i, [array_name(t, b) for t, b in self.info.keys])
         return [decode_map(a, self.info.dtype) for a in raw]
 
+    def map(self, i: int, t: int, b) -> np.ndarray:
+        """Image i's native map of step t, block b alone (reads only that array's chunk)."""
+        if (t, b) not in self.info.keys:
+            raise KeyError(f"the store has no activation for step {t}, block {b}")
+        return decode_map(self._read(i, [array_name(t, b)])[0], self.info.dtype)
+
     def pixel_features(self, i: int, ys, xs) -> torch.Tensor:
         return pixels.pixel_features(self.maps(i), self.info.image_size, ys, xs)
 
