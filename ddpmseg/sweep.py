@@ -203,7 +203,12 @@ class Sweep:
         return out
 
     def singles(self) -> dict:
-        return {k: self.score([k]) for k in self.keys}
+        out = {}
+        for n, k in enumerate(self.keys, 1):
+            out[k] = self.score([k])
+            log.info("map %d/%d t=%s b=%s (%d dims): mIoU %.2f +- %.2f", n, len(self.keys), *k,
+                     out[k].dims, 100 * out[k].mean, 100 * out[k].std)
+        return out
 
     def greedy(self, singles: dict) -> list[Score]:
         ranked = sorted(singles, key=lambda k: -singles[k].mean)[:self.s.candidates]

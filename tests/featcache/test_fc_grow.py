@@ -2,12 +2,13 @@
 image) touch only what changed, end equal to a store extracted from scratch, and survive a kill
 at any point of a round."""
 
+import importlib.util
 import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,38 +164,20 @@ def test_kill_between_the_steps_of_a_round_resumes_to_the_same_store(
     assert_same_content(store, uninterrupted)
 
 
-SCRIPT = textwrap.dedent("""
-    import sys, time
-    from ddpmseg.backbone import Backbone
-    from ddpmseg.config import Config
-    from ddpmseg.featcache import extract
-    import torch
-    torch.set_num_threads(1)
-
-    data, store, ckpt, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-    real = Backbone.from_checkpoint(ckpt, "faces_64")
-
-    class Slow:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def activations(self, *args, **kwargs):
-            time.sleep(delay)
-            return real.activations(*args, **kwargs)
-
-    cfg = Config().with_overrides(
-        data={"num_classes": 34},
-        model={"preset": "faces_64", "checkpoint": ckpt},
-        features={"steps": (10, 400), "blocks": (2, 5, 8, 11)})
-    extract(data, store, cfg, ckpt, backbone=Slow(), progress=False)
-""")
+def _resume_script() -> str:
+    """The slowed-down extraction script of test_fc_resume (one definition of it)."""
+    path = Path(__file__).with_name("test_fc_resume.py")
+    spec = importlib.util.spec_from_file_location("_fc_resume_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SCRIPT
 
 
 def test_sigkill_mid_round_resumes_to_the_same_result(tmp_path, faces, faces64_ckpt, helpers):
     folder = helpers.make_folder(tmp_path / "data", [f[1] for f in faces[:2]],
                                  [f[2] for f in faces[:2]], [f[0] for f in faces[:2]])
     script = tmp_path / "grow.py"
-    script.write_text(SCRIPT)
+    script.write_text(_resume_script())
     killed, full = tmp_path / "killed.zarr", tmp_path / "full.zarr"
 
     def run(path, delay):
