@@ -4,10 +4,8 @@ at any point of a round."""
 
 import importlib.util
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -193,26 +191,14 @@ def test_sigkill_mid_round_resumes_to_the_same_result(tmp_path, faces, faces64_c
         write_sample(folder, name, image, mask, helpers)
     write_sample(folder, faces[0][0], faces[0][1][::-1].copy(), faces[0][2], helpers)
 
-    proc = run(killed, 0.6)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                store = FeatureStore.open(killed)
-                if len(store) == 6 and store.complete().sum() >= 3:
-                    break
-            except Exception:  # noqa: BLE001 - attributes being replaced
-                pass
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "extract made no progress"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    def killable() -> bool:
+        try:
+            store = FeatureStore.open(killed)
+            return len(store) == 6 and store.complete().sum() >= 3
+        except Exception:  # noqa: BLE001 - attributes being replaced
+            return False
+
+    helpers.sigkill_when(run(killed, 0.6), killable)
     assert not FeatureStore.open(killed).complete().all(), "the kill came too late"
 
     for path in (killed, full):
