@@ -28,13 +28,14 @@ from tqdm import tqdm
 
 from . import __version__, render, voting
 from .backbone import load_backbone as factory_load_backbone
+from .bundled import resolve_checkpoint
 from .classifier import Ensemble, load_ensemble
 from .data import find_image, image_tensor, list_samples, load_image
-from .bundled import resolve_checkpoint
 from .device import resolve_device
 from .errors import (BadInputError, ConfigError, InputNotFoundError, RunError, StoreError,
                      StoreMismatchError)
-from .featcache import pixels
+from .classifier import run as R
+from .featcache import content, pixels
 from .featcache.extraction import encoded_maps
 from .featcache.spec import FeatureSpec
 from .featcache.store import FeatureStore, decode_map
@@ -129,6 +130,25 @@ def check_compatible(run_spec: FeatureSpec, store_spec: FeatureSpec,
                     note)
 
 
+def _warn_if_stale(model: Ensemble) -> None:
+    """Warn when the run's training store has changed (labels corrected, images added) since
+    the run was trained: its predictions do not use the newest labels."""
+    if model.run_dir is None or not model.store_path or not _is_store(Path(model.store_path)):
+        return
+    trained_on = R.read_header(model.run_dir).images
+    if trained_on is None:
+        return  # a run from before runs recorded their image set
+    try:
+        store = FeatureStore.open(model.store_path)
+    except StoreError:
+        return
+    changes = content.image_set_changes(trained_on, content.image_set(store))
+    if changes:
+        log.warning("the run %s is older than the labels of its store %s: since it was trained, "
+                    "%s; refit (`ddpmseg fit %s NEW_RUN_DIR`) to use them", model.run_dir,
+                    model.store_path, "; ".join(changes), model.store_path)
+
+
 # -- inputs ---------------------------------------------------------------------------------
 @dataclass
 class _Item:
@@ -221,6 +241,27 @@ class _ImageSource:
             yield _Item(sample.name, image, [decode_map(m, self.spec.dtype) for m in encoded])
 
 
+def input_path(input) -> Path:
+    """The path of a prediction input; an open FeatureStore (as extract returns) by its path."""
+    path = Path(getattr(input, "path", input))
+    if not path.exists():
+        raise InputNotFoundError(f"input {path} does not exist",
+                                 "give a feature store or a folder of images")
+    return path
+
+
+def open_source(path: Path, model: Ensemble, device: torch.device, checkpoint: str | None,
+                resize: bool, images_dir: Path | None = None):
+    """The images of a store or an image folder, as items (name, RGB image, native maps) the
+    run can predict: ``source.items()``, ``len(source)``, ``source.size``, ``source.kind``."""
+    if _is_store(path):
+        return _StoreSource(path, model, images_dir)
+    if path.is_dir():
+        return _ImageSource(path, model, device, checkpoint, resize)
+    raise BadInputError(f"input {path} is neither a feature store nor a folder of images",
+                        "give a store made by `ddpmseg extract` or an image folder")
+
+
 def load_backbone(checkpoint: Path, flags, device: torch.device):
     """The run's backbone (kept as a module-level function so tests can substitute one)."""
     return factory_load_backbone(checkpoint, flags, device)
@@ -231,8 +272,7 @@ def _resolve_checkpoint(checkpoint: str | None, model: Ensemble) -> Path:
     if not given:
         raise RunError("the run records no backbone checkpoint to extract features with",
                        "pass --checkpoint PATH (the checkpoint of the run's training store)")
-    # bundled:faces_64 names the checkpoint that ships inside the package.
-    path = Path(resolve_checkpoint(given)).expanduser()
+    path = resolve_checkpoint(given).expanduser()  # "bundled:faces_64" too
     if not path.exists() and not path.is_absolute() and model.run_dir:
         beside = Path(model.run_dir) / path
         if beside.exists():
@@ -305,19 +345,11 @@ def predict(run, input, out_dir, *, vote: str | None = None, uncertainty: bool =
         raise RunError(f"the run has {info.num_classes} classes; label maps hold at most 256",
                        "use at most 256 classes")
 
-    # An open FeatureStore (as extract returns) is taken by its path.
-    source_path = Path(getattr(input, "path", input))
-    if not source_path.exists():
-        raise InputNotFoundError(f"input {source_path} does not exist",
-                                 "give a feature store or a folder of images")
+    _warn_if_stale(model)
+
+    source_path = input_path(input)
     images_dir = Path(images) if images else None
-    if _is_store(source_path):
-        source = _StoreSource(source_path, model, images_dir)
-    elif source_path.is_dir():
-        source = _ImageSource(source_path, model, dev, checkpoint, resize)
-    else:
-        raise BadInputError(f"input {source_path} is neither a feature store nor a folder of "
-                            "images", "give a store made by `ddpmseg extract` or an image folder")
+    source = open_source(source_path, model, dev, checkpoint, resize, images_dir)
 
     out = Path(out_dir)
     created = not out.exists()

@@ -404,3 +404,55 @@ def confusion_image(matrix: np.ndarray, row_labels: Sequence[str] = (),
         draw.text((pad, foot + line), "grey rows: no ground-truth pixels of that class",
                   fill=TEXT_RGB, font=fnt)
     return sheet
+
+
+def value_grid(values: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str],
+               title: str, note: str = "", fmt: str = "{:.1f}") -> Image.Image:
+    """A heat map of a small table with each value written in its cell (``ddpmseg sweep``'s
+    steps x blocks mIoU), the labels on both axes and a colour scale from the lowest to the
+    highest value."""
+    values = np.asarray(values, dtype=np.float64)
+    rows, cols = values.shape
+    fnt = font(LEGEND_FONT)
+    line = _line_height(fnt)
+    pad = 8
+    cell_w = max(_text_width(fmt.format(v), fnt) for v in values.ravel()) + 16
+    cell_w = max(cell_w, max(_text_width(s, fnt) for s in col_labels) + 8, 48)
+    cell_h = line + 14
+    left = pad + max(_text_width(s, fnt) for s in row_labels) + 8
+    top = pad + 2 * line + 6
+    vmin, vmax = float(values.min()), float(values.max())
+    grid = heatmap(values, vmax, vmin)
+    bar_x = left + cols * cell_w + 16
+    width = max(bar_x + 14 + 8 + _text_width(fmt.format(vmax), fnt) + pad,
+                left + _text_width(title, fnt) + pad)
+    height = top + rows * cell_h + 2 * line + 2 * pad
+    sheet = Image.new("RGB", (width, height), PANEL_RGB)
+    draw = ImageDraw.Draw(sheet)
+    draw.text((pad, pad), title, fill=TEXT_RGB, font=fnt)
+    for c, label in enumerate(col_labels):
+        draw.text((left + c * cell_w + (cell_w - _text_width(label, fnt)) // 2, top - line - 2),
+                  label, fill=TEXT_RGB, font=fnt)
+    for r, label in enumerate(row_labels):
+        y = top + r * cell_h
+        draw.text((left - 6 - _text_width(label, fnt), y + (cell_h - line) // 2), label,
+                  fill=TEXT_RGB, font=fnt)
+        for c in range(cols):
+            x = left + c * cell_w
+            rgb = tuple(int(v) for v in grid[r, c])
+            draw.rectangle((x, y, x + cell_w - 1, y + cell_h - 1), fill=rgb,
+                           outline=PANEL_RGB)
+            # Dark text on bright cells, white on dark ones.
+            ink = (0, 0, 0) if sum(rgb) > 380 else (255, 255, 255)
+            text = fmt.format(values[r, c])
+            draw.text((x + (cell_w - _text_width(text, fnt)) // 2, y + (cell_h - line) // 2),
+                      text, fill=ink, font=fnt)
+    bar_h = rows * cell_h
+    ramp = heatmap(np.linspace(vmax, vmin, bar_h)[:, None], vmax, vmin)
+    sheet.paste(Image.fromarray(np.repeat(ramp, 14, axis=1)), (bar_x, top))
+    draw.rectangle((bar_x, top, bar_x + 13, top + bar_h - 1), outline=(90, 90, 90))
+    draw.text((bar_x + 20, top), fmt.format(vmax), fill=TEXT_RGB, font=fnt)
+    draw.text((bar_x + 20, top + bar_h - line), fmt.format(vmin), fill=TEXT_RGB, font=fnt)
+    if note:
+        draw.text((pad, top + bar_h + pad), note, fill=TEXT_RGB, font=fnt)
+    return sheet

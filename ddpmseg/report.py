@@ -29,6 +29,7 @@ from . import render
 from .data import find_image, load_image, read_mask
 from .errors import BadInputError, InputNotFoundError, OutputError
 from .evaluate import confusion_axis, evaluate, list_predictions
+from .suggest import read_suggestions
 
 log = logging.getLogger("ddpmseg")
 
@@ -402,7 +403,15 @@ def _card(card: _Card, limits) -> str:
             "</div></article>")
 
 
-def _label_next(cards: list[_Card], count: int) -> str:
+def _label_next(cards: list[_Card], count: int, suggested=None) -> str:
+    if suggested:  # `ddpmseg suggest --out PRED_DIR` wrote suggest.csv here: its ranking wins
+        position = {c.name: c.position for c in cards}
+        items = "".join(
+            (f'<li><a href="#card-{position[name]}">{_esc(name)}</a> ' if name in position
+             else f"<li>{_esc(name)} ") + f'<span class="sub">{_esc(kind)} {score:.4f}</span>'
+            "</li>" for name, kind, score in suggested[:count])
+        return ('<p class="sub">Ranked by <code>ddpmseg suggest</code> (suggest.csv): '
+                f'highest ensemble disagreement first:</p><ol class="next">{items}</ol>')
     scored = [c for c in cards if c.jsd is not None]
     if not scored:
         return ('<p class="sub">No uncertainty maps in this folder: predict with '
@@ -449,7 +458,7 @@ def _page(pred_dir: Path, meta: dict, metrics: dict | None, rows: list[dict],
 <div class="panel" id="classes">{score}</div>
 <div class="panel"><h2>Classes</h2><div class="tablebox">
 {_class_table(rows, palette, metrics is not None)}</div></div>
-<div class="panel" id="next"><h2>Label these next</h2>{_label_next(cards, label_next)}</div>
+<div class="panel" id="next"><h2>Label these next</h2>{_label_next(cards, label_next, read_suggestions(pred_dir))}</div>
 </aside>
 <section id="images"><h2>Images ({len(cards)}, {order})</h2>
 {"".join(_card(c, limits) for c in cards)}

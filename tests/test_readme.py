@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 BYOD = "## Bring your own data"
 # Sections whose commands other tests run as written.
-ELSEWHERE = {"## Coming from ddpm-segmentation": "tests/cli/test_readme_reference.py"}
+ELSEWHERE = {"## Coming from ddpm-segmentation": "tests/cli/test_readme_reference.py",
+             "## The labelling loop": "tests/test_readme.py"}
 # Published-checkpoint lines, run here with the bundled backbone instead (said in the output).
 SUBSTITUTIONS = [
     ("--checkpoint lsun_horse.pt", "--checkpoint bundled:faces_64 --resize"),
@@ -158,3 +159,54 @@ def test_bring_your_own_data_with_a_published_checkpoint(readme_dir, capsys):
     assert len(out) == 7
     assert "loads strictly as faces_64" in out[0]
     assert re.search(r"mIoU \d+\.\d+ % over 21 classes", out[5])
+
+
+LOOP = "## The labelling loop"
+# The loop's published-checkpoint lines, run with the bundled backbone; its fits train two short
+# members (suggest needs two to disagree), and the sweep of ffhq_34 stores runs on this test's
+# own train and test stores with a small sample.
+LOOP_SUBSTITUTIONS = [
+    ("--checkpoint lsun_horse.pt", "--checkpoint bundled:faces_64 --resize"),
+    ("--config configs/horse_21.toml\n", "--config configs/horse_21.toml --ensemble 2 "
+                                         "--max-epochs 1\n"),
+    ("--diverse --out suggest/", "--diverse --out suggest/ --resize"),
+    ("ddpmseg sweep ffhq34_train.zarr ffhq34_test.zarr", "ddpmseg sweep train.zarr test.zarr"),
+    ("--pixels 30000 --test-pixels 81920 --seeds 3 --epochs 6",
+     "--pixels 2000 --test-pixels 2000 --seeds 1 --epochs 1"),
+]
+
+
+def test_labelling_loop_commands(readme_dir, capsys):
+    """The loop as written (bundled backbone substituted): extract, fit, suggest on unlabelled
+    images, label one more image, extract again (the store grows), fit again; then the sweep."""
+    loop, sweep = bash_blocks(section(LOOP))[:2]
+    text = loop + " ".join(sweep.replace("\\\n", " ").split()) + "\n"
+    for old, new in LOOP_SUBSTITUTIONS:
+        assert old in text, f"README no longer has {old!r}: update LOOP_SUBSTITUTIONS"
+        text = text.replace(old, new)
+    with capsys.disabled():
+        print("\n[test_readme] labelling-loop block run with the bundled faces_64 backbone "
+              "substituted for lsun_horse.pt")
+    unlabelled = Path("data/unlabelled")
+    unlabelled.mkdir()
+    for png in sorted(Path("data/test").glob("*.png")):
+        shutil.copy(png, unlabelled)
+    first, rest = text.split("# label the suggested images", 1)
+    for command in commands(first):
+        run(command)
+    assert Path("suggest/suggest.csv").is_file() and Path("suggest/suggest.png").is_file()
+    # "label the suggested images, move them (with their masks) into data/train"
+    png = sorted(Path("data/test").glob("*.png"))[0]
+    shutil.copy(png, "data/train")
+    shutil.copy(png.with_suffix(".npy"), "data/train")
+    loop_rest, sweep_cmds = rest.split("ddpmseg sweep", 1)
+    for command in commands(loop_rest):
+        run(command)
+    from ddpmseg.featcache import FeatureStore
+
+    assert len(FeatureStore.open("train.zarr")) == 3  # grown, not re-extracted
+    run("ddpmseg extract data/test test.zarr --config configs/horse_21.toml "
+        "--checkpoint bundled:faces_64 --resize")
+    (command,) = commands("ddpmseg sweep" + sweep_cmds)
+    out = run(command)
+    assert "steps" in out and Path("sweep/sweep.csv").is_file()

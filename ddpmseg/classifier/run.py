@@ -3,7 +3,8 @@
     config.json        the resolved config, without the [features] section: the features a
                        run was trained on are its store's FeatureSpec, recorded once, in
                        store.json (runs written before kept a copy here; it is ignored)
-    store.json         {"path": the training store, "info": its StoreInfo (FORMAT.md)}
+    store.json         {"path": the training store, "info": its StoreInfo (FORMAT.md),
+                       "images": {name: [image sha256, mask sha256]} of the images trained on}
     member_{k:02d}.pt  {"state_dict": ..., "meta": {...}}, written atomically as each finishes
     train_log.jsonl    one line per epoch (member, epoch, loss, ce, steps, pixels/s) and one per
                        finished member (stop epoch, early stop)
@@ -21,6 +22,7 @@ import torch
 
 from ..config import Config
 from ..errors import RunError
+from ..featcache.content import image_set_changes
 from ..featcache.store import StoreInfo
 from ..fileio import atomic_write, write_json
 
@@ -48,6 +50,7 @@ class RunHeader:
     config: Config       # resolved: data and features sections are the store's
     info: StoreInfo      # the training store's; ``info.spec`` is the run's FeatureSpec
     store_path: str
+    images: dict | None = None   # the image set trained on, with hashes (None: older runs)
 
 
 def resolved_config(config: Config, info: StoreInfo, store_model: dict | None = None) -> Config:
@@ -69,11 +72,15 @@ def resolved_config(config: Config, info: StoreInfo, store_model: dict | None = 
     return dataclasses.replace(config, data=data, features=features)
 
 
-def write_header(run_dir: Path, config: Config, store_path: str, info: StoreInfo) -> None:
+def write_header(run_dir: Path, config: Config, store_path: str, info: StoreInfo,
+                 images: dict | None = None) -> None:
     raw = config.to_dict()
     raw.pop("features")  # the store's spec, in store.json
     write_json(Path(run_dir) / CONFIG_FILE, raw)
-    write_json(Path(run_dir) / STORE_FILE, {"path": str(store_path), "info": info.to_json()})
+    store = {"path": str(store_path), "info": info.to_json()}
+    if images is not None:
+        store["images"] = images
+    write_json(Path(run_dir) / STORE_FILE, store)
 
 
 def read_header(run_dir: str | Path) -> RunHeader:
@@ -90,7 +97,8 @@ def read_header(run_dir: str | Path) -> RunHeader:
         raise RunError(f"{run_dir}: {CONFIG_FILE} or {STORE_FILE} is unreadable ({exc})",
                        "retrain: `ddpmseg fit ... --overwrite`") from exc
     config = Config.from_dict(raw_cfg, source=str(cfg_path))
-    return RunHeader(resolved_config(config, info), info, raw_store.get("path", ""))
+    return RunHeader(resolved_config(config, info), info, raw_store.get("path", ""),
+                     raw_store.get("images"))
 
 
 def read_member(path: Path) -> dict:
@@ -111,9 +119,11 @@ def append_log(run_dir: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def prepare(run_dir: Path, cfg: Config, info: StoreInfo, resume: bool, shuffle: int) -> None:
+def prepare(run_dir: Path, cfg: Config, info: StoreInfo, resume: bool, shuffle: int,
+            images: dict | None = None) -> None:
     """Make ``run_dir`` ready for ``fit``: emptied (``resume`` False), or checked that the
-    members in it were trained on the same features, labels and settings."""
+    members in it were trained on the same features, labels and settings (and, ``images``,
+    the same image set: a store that grew or changed since is never silently mixed in)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RunError(f"run dir {run_dir} is a file", "choose another path")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -126,7 +136,14 @@ def prepare(run_dir: Path, cfg: Config, info: StoreInfo, resume: bool, shuffle: 
     hint = f"use a new run dir, or --overwrite to replace {run_dir}"
     if (run_dir / STORE_FILE).is_file():
         old = read_header(run_dir)
-        diffs = info.differences(old.info, "now", "in the run's store", ignore=_IRRELEVANT)
+        ignore = _IRRELEVANT
+        if images is not None and old.images is not None:
+            changes = image_set_changes(old.images, images)
+            if changes:
+                raise RunError(f"run dir {run_dir} was trained on an earlier state of the store "
+                               f"{old.store_path}: since then " + "; ".join(changes), hint)
+            ignore = _IRRELEVANT + ("names",)  # same set; store order may differ (compact)
+        diffs = info.differences(old.info, "now", "in the run's store", ignore=ignore)
         if diffs:
             raise RunError(f"run dir {run_dir} was trained on another store "
                            f"({old.store_path}): it differs in " + "; ".join(diffs), hint)

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from ..errors import BadInputError, StoreError
+from ..featcache import content
 from ..featcache.pixels import MapLayout
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,11 @@ class PixelIndex:
     def from_store(cls, store) -> "PixelIndex":
         info = store.info
         flats, labs, counts = [], [], []
+        active = content.active_mask(store)
         for i in range(len(store)):
+            if not active[i]:  # pruned (``extract --prune``): kept on disk, never trained on
+                counts.append(0)
+                continue
             lab = np.asarray(store.labels(i))
             flat = np.flatnonzero(lab.ravel() != info.ignore_label)
             y = lab.ravel()[flat]

@@ -25,6 +25,7 @@ from ..device import resolve_device
 from ..scaleout import check_scheduler, connect
 from ..progress import wanted
 from ..errors import ConfigError, RunError, StoreError
+from ..featcache import content
 from ..featcache.store import FeatureStore
 from . import run as R
 from . import sampler as S
@@ -64,7 +65,7 @@ def check_trainable(store: FeatureStore) -> None:
                          "extract a folder of images with their label maps to train on")
     if len(store) == 0:
         raise StoreError(f"{store.path} holds no images", "extract a folder with images")
-    done = store.complete()
+    done = store.complete() | ~content.active_mask(store)  # pruned images are never read
     if not done.all():
         missing = [info.names[i] for i in np.flatnonzero(~done)[:5]]
         raise StoreError(f"{store.path}: {int((~done).sum())} of {len(store)} images are not "
@@ -245,8 +246,9 @@ def fit(store, run_dir, config: Config | None = None, *, device="auto", in_memor
         log.warning("RAM budget %.2f GB is below two images' maps (%.0f MB each): the pool holds "
                     "2 images anyway", c.ram_budget_gb, per_image / 2 ** 20)
 
-    R.prepare(run_dir, cfg, info, resume, shuffle)
-    R.write_header(run_dir, cfg, store.path, info)
+    images = content.image_set(store)
+    R.prepare(run_dir, cfg, info, resume, shuffle, images)
+    R.write_header(run_dir, cfg, store.path, info, images)
     todo = [k for k in range(c.ensemble) if not R.member_path(run_dir, k).is_file()]
 
     def logger(record: dict) -> None:

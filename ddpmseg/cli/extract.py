@@ -50,19 +50,26 @@ from .common import (bundled_default, config_option, device_option, ignore_label
               help="Resize images of another size to the model's (masks with nearest).")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing store made with other settings.")
+@click.option("--prune", is_flag=True,
+              help="Keep images that left DATA_DIR in the store as inactive (never trained "
+                   "on) instead of refusing.")
+@click.option("--compact", is_flag=True,
+              help="Rewrite the store without its inactive images (implies --prune).")
 @click.option("--scheduler", default=None, metavar="local|local:N|tcp://HOST:PORT",
               help="Run as dask.distributed tasks: a local cluster of N worker processes, or "
                    "an existing scheduler whose workers see the same files.")
 @click.pass_context
 def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, num_classes,
             ignore_label, dtype, codec, device, batch_size, precision, seed, resize, overwrite,
-            scheduler):
+            prune, compact, scheduler):
     """Extract diffusion features of every image in DATA_DIR into the store STORE.
 
     DATA_DIR holds images (png/jpg/webp/bmp/tif) with masks of the same stem (<id>.npy or <id>_mask.png)
     for training and evaluation, or images only for prediction. Every mask is checked before
-    anything is written. Rerunning the same command resumes an interrupted extraction;
-    a store made with other settings is refused unless --overwrite. Each option overrides
+    anything is written. Rerunning the same command resumes an interrupted extraction and
+    follows the folder: new images are appended, a changed mask rewrites its labels, a
+    changed image is re-extracted; images gone from the folder are refused unless --prune.
+    A store made with other settings is refused unless --overwrite. Each option overrides
     its key of the config. Without DATA_DIR, the config's data.train_dir is used (a
     reference ddpm.json's training_path).
 
@@ -73,6 +80,8 @@ def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, 
       ddpmseg extract my_images/ stores/mine.zarr --preset faces_64 \\
           --checkpoint adm_faces64.pt --steps 50,150,250 --blocks 2,4,5,7,8 --resize
       ddpmseg extract stores/train.zarr --config experiments/ffhq_34/ddpm.json
+      ddpmseg extract data/ffhq_34/real/train stores/ffhq34_train.zarr \\
+          --config ffhq_34 --checkpoint checkpoints/ffhq.pt --prune   # after labelling more
       ddpmseg extract my_images/ stores/sd.zarr --checkpoint models/stable-diffusion-v1-5 \\
           --steps 50,150,250 --blocks 1,2,3 --resize --config ffhq_34
     """
@@ -89,7 +98,8 @@ def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, 
     cfg = bundled_default(cfg)
     data_dir, store = _data_and_store(paths, cfg.data.train_dir)
     result = extract(data_dir, store, cfg, device=device, resize=resize, overwrite=overwrite,
-                     scheduler=scheduler, progress=show_progress(ctx))
+                     scheduler=scheduler, progress=show_progress(ctx), prune=prune,
+                     compact=compact)
     info = result.info
     lossless = info.codec.get("keepbits") is None
     click.echo(f"{store}: {len(result)} images, {info.feature_dim} dims per pixel "

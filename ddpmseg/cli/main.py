@@ -17,7 +17,7 @@ from .common import configure_logging, global_options
 
 # Each command lives in its own module of this package, named like the command.
 COMMANDS = ("extract", "fit", "predict", "evaluate", "report", "demo", "check_checkpoint",
-            "train_backbone", "import_run", "export_run")
+            "train_backbone", "import_run", "export_run", "suggest", "sweep")
 
 
 class Group(click.Group):
@@ -76,6 +76,8 @@ def cli(debug: bool, quiet: bool, no_progress: bool) -> None:
     ddpmseg predict   run + images or store -> masks, overlays, uncertainty
     ddpmseg evaluate  predictions + ground truth -> per-class IoU, mIoU
     ddpmseg report    predictions (+ ground truth) -> HTML page: tables, pictures
+    ddpmseg suggest   run + unlabelled images -> which to label next
+    ddpmseg sweep     train + test stores -> which steps and blocks to use
     ddpmseg demo      all four on bundled face images and a small bundled backbone
     ddpmseg train-backbone  train an ADM diffusion model on your own unlabelled images
     ddpmseg import-run / export-run  move runs from / to ddpm-segmentation's format

@@ -34,8 +34,9 @@ from ..backbone.base import block_id
 from ..bundled import BUNDLED_CHECKPOINTS, resolve_checkpoint
 from ..config import Config
 from ..errors import BadInputError, ConfigError, StoreError, StoreMismatchError
-from ..scaleout import check_scheduler, connect
 from ..progress import wanted
+from ..scaleout import check_scheduler, connect
+from . import content
 from .spec import PRECISIONS, STORE_DTYPES, FeatureSpec
 from .store import FeatureStore, StoreInfo, encode_image, parse_codec
 
@@ -70,7 +71,8 @@ class _Job:
 def extract(data_dir, store_path, config: Config | None = None, checkpoint=None, *,
             backbone=None, device="auto", batch_size: int | None = None,
             precision: str | None = None, overwrite: bool = False, resize: bool = False,
-            scheduler: str | None = None, progress: bool = True) -> FeatureStore:
+            scheduler: str | None = None, progress: bool = True, prune: bool = False,
+            compact: bool = False) -> FeatureStore:
     """Extract the features of every image of ``data_dir`` into the store at ``store_path``.
 
     ``config``: steps, blocks, seed and dtype from ``config.features``; classes, ignore label
@@ -86,8 +88,11 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
 
     Rerunning with the same arguments resumes: complete images are kept, the rest are redone,
     and the result is bit-identical to an uninterrupted run. A store made with another model,
-    steps, blocks, seed, dtype, image list or classes is refused (``StoreMismatchError``)
-    unless ``overwrite``. ``scheduler``: None (this process), "local" / "local:N" (a dask
+    steps, blocks, seed, dtype or classes is refused (``StoreMismatchError``) unless
+    ``overwrite``. A store follows its folder (``featcache.content``): new images are
+    appended, a changed mask rewrites its labels, a changed image is re-extracted; images
+    that left the folder are refused unless ``prune`` (kept, inactive) or ``compact``
+    (rewritten without them). ``scheduler``: None (this process), "local" / "local:N" (a dask
     LocalCluster of N single-threaded worker processes) or "tcp://host:port" (a running dask
     scheduler whose workers see the same files). Returns the store, opened for reading.
     """
@@ -135,8 +140,17 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
         model={"checkpoint": recorded or (str(checkpoint) if checkpoint else "")},
         features={"precision": precision, "batch_size": batch_size})
 
-    # 3. Create the store, or reopen it and check that it was made the same way.
+    # 3. Create the store, or reopen it and check that it was made the same way; then make it
+    # follow the folder (appended, relabelled, re-extracted, pruned images).
     store = _open_or_create(str(store_path), info, overwrite, resolved.to_dict())
+    folder_hashes = content.sample_hashes(inputs.samples)
+    labels_by_name = {s.name: lab for s, lab in zip(inputs.samples, inputs.labels)}
+    content.apply(store, content.plan(store, folder_hashes, prune or compact), labels_by_name)
+    if compact:
+        store = content.compact(store)
+    info = store.info
+    paths_by_name = {s.name: str(s.image) for s in inputs.samples}
+    labels = content.labels_in_store_order(info.names, labels_by_name)
     done = store.complete()
     for i in np.flatnonzero(done):
         missing = store.missing_chunks(int(i))
@@ -146,22 +160,23 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
                         (" are" if len(missing) > 1 else " is"))
             store.mark_incomplete(int(i))
             done[i] = False
-    todo = [int(i) for i in np.flatnonzero(~done)]
+    # Pruned images are not in the folder: one left unfinished stays so (never trained on).
+    todo = [int(i) for i in np.flatnonzero(~done) if info.names[i] in paths_by_name]
     if len(todo) < len(done):
         log.info("%s: %d of %d images already extracted, %d to go", store_path,
                  len(done) - len(todo), len(done), len(todo))
 
     # 4. Extract what is left.
-    job = _Job(str(store_path), tuple(str(s.image) for s in inputs.samples), spec, batch_size,
-               bool(resize), torch.get_num_threads())
+    job = _Job(str(store_path), tuple(paths_by_name.get(n, "") for n in info.names), spec,
+               batch_size, bool(resize), torch.get_num_threads())
     if todo:
         start = time.perf_counter()
         with _progress_bar(len(done), len(done) - len(todo), progress) as bar:
             if scheduler:
-                _run_distributed(scheduler, job, todo, inputs.labels, backbone, checkpoint,
+                _run_distributed(scheduler, job, todo, labels, backbone, checkpoint,
                                  device, bar.update)
             else:
-                run_images(store, backbone, job, todo, inputs.labels,
+                run_images(store, backbone, job, todo, labels,
                            on_done=lambda i: bar.update(1))
         log.info("extracted %d images in %.1fs into %s (%d dims per pixel, %s)", len(todo),
                  time.perf_counter() - start, store_path, info.feature_dim, dtype)
@@ -242,6 +257,8 @@ def _is_local(path: str) -> bool:
 def _open_or_create(path: str, info: StoreInfo, overwrite: bool, config: dict) -> FeatureStore:
     hint = "pass --overwrite to replace it, or choose another store path"
     existing = None
+    if _is_local(path):
+        content.finish_compact(path)
     if _is_local(path) and Path(path).exists():
         p = Path(path)
         if not p.is_dir():
@@ -269,7 +286,8 @@ def _open_or_create(path: str, info: StoreInfo, overwrite: bool, config: dict) -
         return FeatureStore.create(path, info, overwrite=True, config=config)
     if existing is None:
         return FeatureStore.create(path, info, overwrite=_is_local(path), config=config)
-    diffs = info.differences(existing.info)
+    # The image list may differ: the store follows its folder (content.plan).
+    diffs = info.differences(existing.info, ignore=("names",))
     if diffs:
         raise StoreMismatchError(f"{path} was made with other settings: " + "; ".join(diffs),
                                  hint)

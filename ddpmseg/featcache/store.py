@@ -123,7 +123,7 @@ class StoreInfo:
         """Readable list of what differs between ``self`` (asked) and ``other`` (stored): the
         spec's differences, then the image list, classes and encoding."""
         out = self.spec.differences(other.spec, here, there, ignore=ignore)
-        if self.names != other.names:
+        if "names" not in ignore and self.names != other.names:
             extra = sorted(set(self.names) - set(other.names))
             gone = sorted(set(other.names) - set(self.names))
             detail = f"{len(self.names)} images {here}, {len(other.names)} {there}"
@@ -402,6 +402,28 @@ class FeatureStore:
         if self._complete is not None:
             self._complete[i] = True
 
+    def write_labels(self, i: int, labels: np.ndarray) -> None:
+        """Rewrite only image i's labels chunk (a corrected mask); its maps are untouched."""
+        i = self._index(i)
+        labels = np.asarray(labels, dtype=np.uint8)
+        if labels.shape != tuple(self.info.image_size):
+            raise StoreError(f"image {i}: labels are {labels.shape}, the store's image size "
+                             f"is {tuple(self.info.image_size)}")
+        ZA.write_images([(self._arr("labels"), labels)], i)
+
+    def resize(self, n: int) -> None:
+        """Give every array room for ``n`` images along the image axis (metadata only when
+        growing: no existing chunk is read or written). The attributes are the caller's."""
+        for name in self._array_names() + ["complete"]:
+            arr = self._arr(name)
+            if arr.shape[0] != n:
+                arr.resize((n,) + tuple(arr.shape[1:]))
+        if self._complete is not None and len(self._complete) != n:
+            grown = np.zeros(n, dtype=bool)
+            k = min(n, len(self._complete))
+            grown[:k] = self._complete[:k]
+            self._complete = grown
+
     def assume_incomplete(self) -> None:
         """Take every image as not yet written, without reading the flags (for a writer that
         was handed only images known to be incomplete)."""
@@ -472,7 +494,9 @@ class FeatureStore:
     def complete(self) -> np.ndarray:
         """(N,) bool: which images are fully written (read fresh from the store)."""
         try:
-            flags = self._arr("complete")[:]
+            # [:N]: a grow killed after resizing the arrays, before recording the new names,
+            # leaves them longer than the attributes say; the attributes are the truth.
+            flags = self._arr("complete")[:self.info.num_images]
         except Exception as exc:  # noqa: BLE001 - any decode failure is damage
             raise StoreError(f"{self.path}: the complete flags are unreadable ({exc})",
                              "the store is damaged; re-extract it with --overwrite") from exc
@@ -533,6 +557,12 @@ class FeatureStore:
         (bfloat16 stores are widened to float32)."""
         raw = self._read(i, [array_name(t, b) for t, b in self.info.keys])
         return [decode_map(a, self.info.dtype) for a in raw]
+
+    def map(self, i: int, t: int, b) -> np.ndarray:
+        """Image i's native map of step t, block b alone (reads only that array's chunk)."""
+        if (t, b) not in self.info.keys:
+            raise KeyError(f"the store has no activation for step {t}, block {b}")
+        return decode_map(self._read(i, [array_name(t, b)])[0], self.info.dtype)
 
     def pixel_features(self, i: int, ys, xs) -> torch.Tensor:
         return pixels.pixel_features(self.maps(i), self.info.image_size, ys, xs)

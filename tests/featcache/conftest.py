@@ -4,6 +4,8 @@ needed), and a fake model."""
 from __future__ import annotations
 
 import hashlib
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,26 @@ def make_folder(dest: Path, images: list[np.ndarray], masks: list[np.ndarray | N
         if mask is not None:
             np.save(dest / f"{name}.npy", mask)
     return dest
+
+
+def sigkill_when(proc, ready, timeout: float = 120) -> None:
+    """SIGKILL the subprocess ``proc`` as soon as ``ready()`` is true (polled every 20 ms);
+    fails if the process ends first or nothing is ready within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                pytest.fail(f"the process ended before the kill: {proc.communicate()}")
+            if time.monotonic() > deadline:
+                pytest.fail("the process made no progress")
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
 
 
 @pytest.fixture(scope="session")
@@ -143,4 +165,5 @@ def helpers():
     H.tree_bytes = staticmethod(tree_bytes)
     H.make_folder = staticmethod(make_folder)
     H.FakeBackbone = FakeBackbone
+    H.sigkill_when = staticmethod(sigkill_when)
     return H

@@ -1,10 +1,8 @@
 """A killed extract resumes to a store byte-identical, file by file, to an uninterrupted run."""
 
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 from ddpmseg.featcache import FeatureStore
 
@@ -54,20 +52,8 @@ def test_killed_extract_resumes_bit_identical(tmp_path, faces, faces64_ckpt, hel
     script.write_text(SCRIPT)
     killed, full = tmp_path / "killed.zarr", tmp_path / "full.zarr"
 
-    proc = run(script, [folder, killed, faces64_ckpt, 0.6])
-    try:
-        deadline = time.monotonic() + 120
-        while count_complete(killed) < 2:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "extract made no progress"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    helpers.sigkill_when(run(script, [folder, killed, faces64_ckpt, 0.6]),
+                         lambda: count_complete(killed) >= 2)
     done_at_kill = count_complete(killed)
     assert 2 <= done_at_kill < len(faces), "the kill came too late to test resumption"
 

@@ -1,0 +1,254 @@
+"""What a store's images are: per-image content hashes, inactive images, and how a store
+follows a data folder that changes between two ``extract`` runs.
+
+The group attribute ``"images"`` holds ``{"hashes": {name: [image sha256, mask sha256 or
+null]}, "inactive": [names]}``. The store order (``StoreInfo.names``) is insertion order: a
+rerun appends new images at the end. Comparing the folder's hashes with the recorded ones
+tells the cases apart:
+
+- a name not in the store: appended (arrays grow; no existing chunk is touched);
+- the image bytes changed: the image is flagged incomplete and re-extracted (maps and labels);
+- only the mask bytes changed: its labels chunk is rewritten, nothing else;
+- a stored name missing from the folder: refused, unless ``prune`` marks it inactive (kept on
+  disk, never trained on). ``compact`` then rewrites the store without inactive images.
+
+Every step is ordered so that a run killed at any point and rerun on the same folder ends in
+the same store: flags and labels are written first, the arrays are grown next, and the
+attributes (names, hashes) last, in one write. Until that write the old hashes stand, so a
+rerun sees the same differences and redoes the same (idempotent) steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BadInputError, StoreError
+from .spec import short
+from .store import FeatureStore, StoreInfo
+
+log = logging.getLogger("ddpmseg")
+
+IMAGES_ATTR = "images"
+
+
+def file_sha256(path) -> str | None:
+    """Hex sha256 of a file's bytes, or None for no file (an image without a mask)."""
+    if path is None:
+        return None
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def sample_hashes(samples) -> dict[str, list]:
+    """{name: [image sha256, mask sha256 or None]} of ``data.Sample``s."""
+    return {s.name: [file_sha256(s.image), file_sha256(s.mask)] for s in samples}
+
+
+@dataclass(frozen=True)
+class ImageState:
+    """The recorded content of a store: hashes by name (may lack legacy images) and the
+    names that are inactive."""
+
+    hashes: dict
+    inactive: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        return {"hashes": {k: list(v) for k, v in self.hashes.items()},
+                "inactive": list(self.inactive)}
+
+    @classmethod
+    def from_json(cls, raw: dict | None) -> "ImageState":
+        raw = raw or {}
+        return cls({k: list(v) for k, v in raw.get("hashes", {}).items()},
+                   tuple(raw.get("inactive", ())))
+
+
+def read_state(store: FeatureStore) -> ImageState:
+    return ImageState.from_json(store.group.attrs.get(IMAGES_ATTR))
+
+
+def active_mask(store: FeatureStore) -> np.ndarray:
+    """(N,) bool: the images a fit may train on (not pruned)."""
+    inactive = set(read_state(store).inactive)
+    return np.array([n not in inactive for n in store.names], dtype=bool)
+
+
+def image_set(store: FeatureStore) -> dict[str, list]:
+    """The active images of a store with their hashes ([None, None] where none is recorded):
+    what a run trained on this store records."""
+    state = read_state(store)
+    return {n: list(state.hashes.get(n, [None, None]))
+            for n, ok in zip(store.names, active_mask(store)) if ok}
+
+
+def write_state(store: FeatureStore, info: StoreInfo, state: ImageState) -> None:
+    """Record the store's info (names, count) and image state in one attribute write."""
+    store.group.attrs.update({"ddpmseg": info.to_json(), IMAGES_ATTR: state.to_json()})
+    store.info = info
+
+
+def image_set_changes(old: dict, new: dict) -> list[str]:
+    """Readable differences between two image sets ({name: [image, mask] hashes})."""
+    added = sorted(set(new) - set(old))
+    removed = sorted(set(old) - set(new))
+    both = [n for n in old if n in new]
+    images = [n for n in both if old[n][0] != new[n][0]]
+    masks = [n for n in both if old[n][0] == new[n][0] and old[n][1] != new[n][1]]
+    out = []
+    for what, names in (("added", added), ("removed or pruned", removed),
+                        ("with other pixels", images), ("with another mask", masks)):
+        if names:
+            out.append(f"{len(names)} image(s) {what}: {short(names)}")
+    return out
+
+
+# -- following a folder ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Plan:
+    """How the store must change to follow the folder (store indices unless said)."""
+
+    names: tuple[str, ...]        # the store order after the change
+    hashes: dict                  # the hashes to record
+    inactive: tuple[str, ...]
+    new: tuple[str, ...] = ()
+    reextract: tuple[int, ...] = ()
+    relabel: tuple[int, ...] = ()
+    pruned: tuple[str, ...] = ()
+    backfilled: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        parts = []
+        for what, n in (("new", len(self.new)), ("re-extracted (pixels changed)",
+                        len(self.reextract)), ("relabelled (mask changed)", len(self.relabel)),
+                        ("pruned", len(self.pruned))):
+            if n:
+                parts.append(f"{n} {what}")
+        return ", ".join(parts)
+
+
+def plan(store: FeatureStore, folder_hashes: dict, prune: bool) -> Plan:
+    """Compare a folder ({name: hashes}, sorted by name) with a store. Writes nothing; raises
+    ``BadInputError`` naming the images that left the folder unless ``prune``."""
+    state = read_state(store)
+    stored = list(store.names)
+    inactive = set(state.inactive)
+    gone = [n for n in stored if n not in folder_hashes and n not in inactive]
+    if gone and not prune:
+        raise BadInputError(
+            f"{len(gone)} image(s) of the store {store.path} are no longer in the data folder: "
+            f"{short(gone)}",
+            "put them back, or pass --prune to keep them in the store as inactive (never "
+            "trained on); add --compact to also rewrite the store without them")
+    inactive = (inactive | set(gone)) - set(folder_hashes)
+    new = [n for n in folder_hashes if n not in set(stored)]
+    hashes = dict(state.hashes)
+    reextract, relabel, backfilled = [], [], []
+    for i, name in enumerate(stored):
+        if name not in folder_hashes:
+            continue
+        now, then = folder_hashes[name], state.hashes.get(name)
+        if then is None:
+            # A store written before hashes were recorded: nothing to compare with.
+            backfilled.append(name)
+        elif now[0] != then[0]:
+            reextract.append(i)
+        elif now[1] != then[1]:
+            relabel.append(i)
+        hashes[name] = list(now)
+    for name in new:
+        hashes[name] = list(folder_hashes[name])
+    return Plan(names=tuple(stored + new), hashes=hashes,
+                inactive=tuple(n for n in stored if n in inactive), new=tuple(new),
+                reextract=tuple(reextract), relabel=tuple(relabel), pruned=tuple(gone),
+                backfilled=tuple(backfilled))
+
+
+def apply(store: FeatureStore, p: Plan, labels_by_name: dict) -> None:
+    """Carry out a plan on a store opened for writing (see the module docstring for why this
+    order survives a kill). ``labels_by_name``: the folder's stored-form labels."""
+    done = store.complete()
+    index = {n: i for i, n in enumerate(store.names)}
+    legacy = [n for n in p.backfilled if done[index[n]]]
+    if legacy:
+        log.warning("%s: %d extracted image(s) have no recorded content hash (a store from "
+                    "before hashes): taking the folder's files as the ones extracted (%s)",
+                    store.path, len(legacy), short(legacy))
+    for i in p.reextract:
+        if done[i]:
+            store.mark_incomplete(i)
+    for i in p.relabel:
+        if done[i]:
+            store.write_labels(i, labels_by_name[store.names[i]])
+    n = len(p.names)
+    store.resize(n)
+    info = dataclasses.replace(store.info, num_images=n, names=p.names)
+    state = ImageState(p.hashes, p.inactive)
+    if info != store.info or state != read_state(store):  # a rerun with no change writes nothing
+        write_state(store, info, state)
+    if p.describe():
+        log.info("%s follows the folder: %s", store.path, p.describe())
+
+
+# -- compacting ------------------------------------------------------------------------------
+
+def _compact_paths(path: str) -> tuple[Path, Path]:
+    p = Path(path)
+    return p.with_name(p.name + ".compact"), p.with_name(p.name + ".old")
+
+
+def finish_compact(path: str) -> None:
+    """Complete (or undo) a compaction a kill interrupted. Safe to call always."""
+    tmp, old = _compact_paths(path)
+    target = Path(path)
+    if old.exists() and not target.exists() and tmp.exists():
+        tmp.rename(target)  # killed between the two renames
+    if old.exists() and target.exists():
+        shutil.rmtree(old)
+    if tmp.exists() and target.exists():
+        shutil.rmtree(tmp)  # killed while copying: the original is intact
+
+
+def compact(store: FeatureStore) -> FeatureStore:
+    """Rewrite a local store without its inactive images (a new store beside it, copied image
+    by image, then swapped in by two renames). Returns the new store, opened for writing."""
+    if "://" in store.path:
+        raise StoreError(f"--compact needs a local store, not {store.path}",
+                         "copy the store to a local path first")
+    state = read_state(store)
+    keep = [i for i, n in enumerate(store.names) if n not in set(state.inactive)]
+    if len(keep) == len(store):
+        return store
+    done = store.complete()
+    incomplete = [store.names[i] for i in keep if not done[i]]
+    if incomplete:
+        raise StoreError(f"{store.path}: cannot compact while {short(incomplete)} are not "
+                         "completely extracted", "rerun extract without --compact first")
+    tmp, old = _compact_paths(store.path)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    names = tuple(store.names[i] for i in keep)
+    info = dataclasses.replace(store.info, num_images=len(keep), names=names)
+    new = FeatureStore.create(tmp, info, config=store.config or None)
+    for j, i in enumerate(keep):
+        encoded = store.encode(i, store.maps(i))  # float16 and bfloat16 round-trip exactly
+        new.write_image(j, encoded, store.labels(i) if info.has_labels else None, encoded=True)
+    write_state(new, info, ImageState({n: state.hashes[n] for n in names if n in state.hashes}))
+    Path(store.path).rename(old)
+    tmp.rename(store.path)
+    shutil.rmtree(old)
+    log.info("%s: compacted, %d inactive image(s) removed", store.path, len(store) - len(keep))
+    return FeatureStore.open(store.path, mode="r+")
+
+
+def labels_in_store_order(names: Sequence[str], labels_by_name: dict) -> list:
+    """Per store index, the folder's labels (None for images not in the folder)."""
+    return [labels_by_name.get(n) for n in names]

@@ -1,0 +1,92 @@
+"""`suggest` ranks images by ensemble disagreement (and skips near-duplicates with diverse);
+`sweep` finds the maps that carry the classes."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from ddpmseg.classifier import fit
+from ddpmseg.cli.main import cli
+from ddpmseg.errors import ConfigError
+from ddpmseg.predict import predict
+from ddpmseg.report import report
+from ddpmseg.suggest import diverse_order, read_suggestions, suggest
+from ddpmseg.sweep import SweepSettings, sweep
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, store_path, small_config):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    return fit(store_path, out, small_config(ensemble=3, max_epochs=1), device="cpu",
+               progress=False)
+
+
+def test_suggest_ranks_by_mean_jsd_and_writes_csv_and_sheet(run_dir, store_path, tmp_path):
+    pred = predict(run_dir, store_path, tmp_path / "pred", uncertainty=True, device="cpu",
+                   progress=False)
+    ranked = suggest(run_dir, store_path, tmp_path / "pred", device="cpu")
+    means = {n: float(np.load(pred["outputs"][n]["jsd"]).mean()) for n in pred["names"]}
+    assert [s.name for s in ranked] == sorted(means, key=lambda n: -means[n])
+    for s in ranked:
+        assert s.score == pytest.approx(means[s.name], rel=1e-5)
+        assert s.area.sum() == pytest.approx(1.0)
+    with open(tmp_path / "pred" / "suggest.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0][:3] == ["rank", "name", "score_jsd"] and rows[0][3] == "area:c0"
+    assert [r[1] for r in rows[1:]] == [s.name for s in ranked]
+    with Image.open(tmp_path / "pred" / "suggest.png") as im:
+        assert im.width > 300 and im.height > 300
+    # The HTML report lists the suggestions under "label these next", in their order.
+    page = report(tmp_path / "pred").read_text()
+    assert "Ranked by <code>ddpmseg suggest</code>" in page
+    next_section = page[page.index('id="next"'):]
+    found = [next_section.index(f">{s.name}<") for s in ranked[:3]]
+    assert found == sorted(found)
+    assert read_suggestions(tmp_path / "pred")[0][0] == ranked[0].name
+
+
+def test_suggest_top_entropy_and_cli(run_dir, store_path, tmp_path):
+    top = suggest(run_dir, store_path, tmp_path / "s", top=2, by="entropy", device="cpu")
+    assert len(top) == 2 and top[0].score >= top[1].score
+    with pytest.raises(ConfigError, match="unknown score"):
+        suggest(run_dir, store_path, tmp_path / "s", by="margin")
+    result = CliRunner().invoke(cli, ["suggest", str(run_dir), str(store_path), "--out",
+                                      str(tmp_path / "c"), "--top", "3", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert [line.split("\t")[0] for line in result.stdout.strip().splitlines()] == ["1", "2", "3"]
+
+
+def test_diverse_order_skips_near_duplicates():
+    scores = np.array([1.0, 0.95, 0.5, 0.1])
+    pooled = np.array([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0], [-1.0, -1.0]])
+    order, sims = diverse_order(scores, pooled)
+    assert order[:2] == [0, 2]        # image 1 duplicates image 0: it falls back
+    assert sims[0] is None and sims[order.index(1)] > 0.99
+    plain = sorted(range(4), key=lambda i: -scores[i])
+    assert plain[:2] == [0, 1]
+
+
+def test_sweep_finds_the_map_that_carries_the_classes(make_store, tmp_path):
+    train = make_store(tmp_path / "train.zarr", n_images=4, seed=0)
+    test = make_store(tmp_path / "test.zarr", n_images=2, seed=1)
+    settings = SweepSettings(pixels=1000, test_pixels=1000, seeds=2, epochs=20, candidates=2,
+                             max_maps=2, batch_size=128)
+    summary = sweep(train, test, tmp_path / "sw", settings, compare=[((10, 20), (5,))])
+    singles = summary["singles"]
+    # Blocks 8 hold 3 x one-hot(class); blocks 5 are noise.
+    for t in (10, 20):
+        assert np.mean(singles[f"t{t}_b8"]["mious"]) > 0.8
+        assert np.mean(singles[f"t{t}_b5"]["mious"]) < 0.6
+    assert summary["config"]["blocks"] == [8]
+    noise = summary["compared"]["steps 10,20 blocks 5"]
+    assert summary["compared"]["sweep's choice"]["miou"] > noise["miou"] + 0.2
+    with open(tmp_path / "sw" / "sweep.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["step \\ block", "5", "8"] and [r[0] for r in rows[1:]] == ["10", "20"]
+    with Image.open(tmp_path / "sw" / "sweep.png") as im:
+        assert im.width >= 150
+    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["config"]["blocks"] == [8]
