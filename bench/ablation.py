@@ -280,9 +280,9 @@ def main(argv=None) -> int:
     timings["fit_mean_s"] = round(statistics.fmean(fit_seconds), 1)
     timings["total_s"] = round(time.perf_counter() - t_all, 1)
 
-    fp = info.fingerprint or {}
     checkpoint = cfg.model.checkpoint or "(none)"
-    backbone = f"{checkpoint} (preset {cfg.model.preset}, sha256 {str(fp.get('sha256', '?'))[:12]})"
+    backbone = (f"{checkpoint} (preset {cfg.model.preset}, "
+                f"sha256 {info.spec.backbone.sha256[:12] or '?'})")
     setup = {
         "set": args.set, "split": f"{args.split}: {info.num_images} train / {n_test} test "
                                   f"images ({train_dir} , {test_dir})",

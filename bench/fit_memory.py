@@ -2,7 +2,10 @@
 
 Layout: the LSUN-256 ADM configuration, steps 50, 150, 250 x blocks 5, 6, 7, 8, 12, native
 shapes per step (1024,32,32) (512,32,32) (512,32,32) (512,64,64) (256,128,128): 8448 dims per
-pixel, 256x256 labels (28 classes, a few ignored pixels). One store of synthetic float16 maps
+pixel, 256x256 labels (28 classes, a few ignored pixels). With ``--layout sd512``: Stable Diffusion
+1.x's layout at 512px (bench/sd_layout.py: up_blocks 1, 2, 3 of 64x64 latents, (1280,32,32)
+(640,64,64) (320,64,64) per step, 6720 dims, 512x512 labels; dense float32 is 7 GB per image, so
+run it with ``--speed-images 0``, which skips the in-RAM comparison). One store of synthetic float16 maps
 (random normal) is written once under /tmp with FeatureStore.create/write_image (default codec)
 and reused by later runs; fits on N images use its first N.
 
@@ -11,7 +14,7 @@ configuration's alone:
 
 - memory: one member trained for --steps minibatches of 64 pixels, streaming, on N = 5, 10, 20,
   30 images, at the default 2 GB pool budget and at a 0.5 GB one. The pool holds
-  min(N x 50 MB, budget) of native maps; above the budget it holds two chunks and loads the
+  min(N x 100 MB, budget) (float32) of native maps; above the budget it holds two chunks and loads the
   next in a background thread. The reference's way needs N x 65536 x 8448 x 4 bytes
   (2.2 GB per image: ~66 GB at 30 images) before the first step.
 - throughput: pixels/s of the same training streaming versus ``in_memory`` (the dense float32
@@ -25,6 +28,7 @@ of in-memory throughput. Prints the tables and writes bench/results/fit_memory.j
 
     python bench/fit_memory.py [--steps 300] [--speed-steps 200] [--speed-blocks 8]
                                [--images 5,10,20,30] [--budgets 2.0,0.5]
+    python bench/fit_memory.py --layout sd512 --speed-images 0
 """
 
 from __future__ import annotations
@@ -41,21 +45,32 @@ from pathlib import Path
 
 import numpy as np
 
-from lsun_layout import BLOCKS, FEATURE_DIM, PER_STEP, SIZE, STEPS  # noqa: E402
+import lsun_layout  # noqa: E402
+import sd_layout  # noqa: E402
+
+# --layout: the published ADM 256px models' (default) or Stable Diffusion 1.x's at 512px.
+LAYOUTS = {"lsun256": lsun_layout, "sd512": sd_layout}
+_layout = LAYOUTS[sys.argv[sys.argv.index("--layout") + 1]] if "--layout" in sys.argv \
+    else lsun_layout
+STEPS, BLOCKS, PER_STEP = _layout.STEPS, _layout.BLOCKS, _layout.PER_STEP
+SIZE, FEATURE_DIM = _layout.SIZE, _layout.FEATURE_DIM
 
 HERE = Path(__file__).resolve().parent
 NUM_CLASSES = 28
 GIB = 1024 ** 3
+_LAYOUT_NAME = "lsun256"
 
 
 def store_info(n: int):
+    from ddpmseg.backbone import BackboneId
+    from ddpmseg.featcache.spec import FeatureSpec
     from ddpmseg.featcache.store import StoreInfo
 
-    return StoreInfo(steps=STEPS, blocks=BLOCKS, shapes=PER_STEP * len(STEPS), image_size=SIZE,
-                     num_images=n, names=tuple(f"synthetic_{i:03d}" for i in range(n)),
+    spec = FeatureSpec(steps=STEPS, blocks=BLOCKS, shapes=PER_STEP * len(STEPS),
+                       image_size=SIZE, backbone=BackboneId("synthetic"))
+    return StoreInfo(spec, num_images=n, names=tuple(f"synthetic_{i:03d}" for i in range(n)),
                      num_classes=NUM_CLASSES, ignore_label=255,
-                     class_names=tuple(f"class_{c}" for c in range(NUM_CLASSES)),
-                     fingerprint={"sha256": "synthetic", "bench": "fit_memory"})
+                     class_names=tuple(f"class_{c}" for c in range(NUM_CLASSES)))
 
 
 def ensure_store(path: Path, n: int):
@@ -79,7 +94,7 @@ def ensure_store(path: Path, n: int):
         # Blobs of 16x16 pixels per class, about 3% of them ignored.
         cells = rng.integers(0, NUM_CLASSES, (16, 16)).astype(np.uint8)
         cells[rng.random((16, 16)) < 0.03] = 255
-        labels = np.kron(cells, np.ones((16, 16), np.uint8))
+        labels = np.kron(cells, np.ones((SIZE[0] // 16, SIZE[1] // 16), np.uint8))
         store.write_image(i, maps, labels)
         print(f"  wrote image {i + 1}/{n} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
               flush=True)
@@ -165,7 +180,8 @@ def child_speed(args) -> None:
 
 def run_child(store: Path, images: int, budget: float, steps: int, in_memory: bool,
               mode: str = "memory", blocks: int = 1) -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, "--store", str(store), "--images",
+    cmd = [sys.executable, __file__, "--layout", _LAYOUT_NAME, "--child", mode, "--store",
+           str(store), "--images",
            str(images), "--budget", str(budget), "--child-steps", str(steps), "--blocks",
            str(blocks)]
     if in_memory:
@@ -184,15 +200,20 @@ def run_child(store: Path, images: int, budget: float, steps: int, in_memory: bo
 # -- parent ------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--store", default="/tmp/ddpmseg_bench/fit_lsun256.zarr")
+    ap.add_argument("--layout", choices=sorted(LAYOUTS), default="lsun256",
+                    help="feature layout: ADM 256px (lsun256) or Stable Diffusion 512px (sd512)")
+    ap.add_argument("--store", default=None,
+                    help="[default: /tmp/ddpmseg_bench/fit_LAYOUT.zarr]")
     ap.add_argument("--images", default="5,10,20,30")
     ap.add_argument("--budgets", default="2.0,0.5", help="pool budgets (GB) for the RSS table")
     ap.add_argument("--steps", type=int, default=300, help="minibatches per memory run")
-    ap.add_argument("--speed-images", type=int, default=2)
+    ap.add_argument("--speed-images", type=int, default=2,
+                    help="images of the in-memory and speed comparison (0: skip it)")
     ap.add_argument("--speed-steps", type=int, default=200, help="minibatches per speed block")
     ap.add_argument("--speed-blocks", type=int, default=8,
                     help="alternating blocks per source in the speed comparison")
-    ap.add_argument("--out", default=str(HERE / "results" / "fit_memory.json"))
+    ap.add_argument("--out", default=None,
+                    help="[default: bench/results/fit_memory.json; _sd512 added for sd512]")
     ap.add_argument("--child", choices=("memory", "speed"), help=argparse.SUPPRESS)
     ap.add_argument("--blocks", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--budget", type=float, default=2.0, help=argparse.SUPPRESS)
@@ -204,6 +225,11 @@ def main() -> None:
         args.steps = args.child_steps
         return child(args) if args.child == "memory" else child_speed(args)
 
+    global _LAYOUT_NAME
+    _LAYOUT_NAME = args.layout
+    suffix = "" if args.layout == "lsun256" else f"_{args.layout}"
+    args.store = args.store or f"/tmp/ddpmseg_bench/fit_{args.layout}.zarr"
+    args.out = args.out or str(HERE / "results" / f"fit_memory{suffix}.json")
     counts = [int(v) for v in args.images.split(",")]
     budgets = [float(v) for v in args.budgets.split(",")]
     store_path = Path(args.store)
@@ -223,14 +249,16 @@ def main() -> None:
             print(f"  memory: {n} images, budget {budget} GB: {r['peak_rss_gb']:.2f} GB",
                   file=sys.stderr, flush=True)
 
-    in_memory = run_child(store_path, args.speed_images, 2.0, 100, in_memory=True)
-    in_memory.update(images=args.speed_images)
-    print(f"  in-memory RSS, {args.speed_images} images: {in_memory['peak_rss_gb']:.2f} GB",
-          file=sys.stderr, flush=True)
-    speed = run_child(store_path, args.speed_images, 2.0, args.speed_steps, in_memory=False,
-                      mode="speed", blocks=args.speed_blocks)
-    ratio = speed["median_ratio"]
-    print(f"  speed: streaming / in-memory = {ratio:.3f}", file=sys.stderr, flush=True)
+    in_memory = speed = ratio = None
+    if args.speed_images:
+        in_memory = run_child(store_path, args.speed_images, 2.0, 100, in_memory=True)
+        in_memory.update(images=args.speed_images)
+        print(f"  in-memory RSS, {args.speed_images} images: {in_memory['peak_rss_gb']:.2f} GB",
+              file=sys.stderr, flush=True)
+        speed = run_child(store_path, args.speed_images, 2.0, args.speed_steps, in_memory=False,
+                          mode="speed", blocks=args.speed_blocks)
+        ratio = speed["median_ratio"]
+        print(f"  speed: streaming / in-memory = {ratio:.3f}", file=sys.stderr, flush=True)
 
     print(f"\nfit peak RSS, one member, {args.steps} minibatches of 64 pixels, streaming "
           f"(reference: dense float32 features of every labelled pixel, "
@@ -241,20 +269,22 @@ def main() -> None:
         print(f"{r['images']:>6} {r['budget_gb']:>9.1f} {r['shuffle_images']:>7} "
               f"{'resident' if r['resident'] else '2 chunks':>9} {r['peak_rss_gb']:>11.2f} "
               f"{r['reference_dense_gb']:>12.1f}")
-    print(f"\nin memory (the reference's way), {args.speed_images} images: peak RSS "
-          f"{in_memory['peak_rss_gb']:.2f} GB (features built in {in_memory['setup_seconds']:.0f} s)")
-    med = speed["median_pixels_per_s"]
-    print(f"\nthroughput on {args.speed_images} images (all resident), one process, "
-          f"{args.speed_blocks} alternating blocks of {args.speed_steps} minibatches of 64 "
-          f"per source, medians:")
-    print(f"     stream: {med['stream']:>10,.0f} pixels/s")
-    print(f"  in_memory: {med['in_memory']:>10,.0f} pixels/s")
-    print(f"  streaming / in-memory = {ratio:.3f} (median of the block pairs; goal >= 0.85); "
-          f"pairs: {', '.join(f'{r:.2f}' for r in speed['block_ratios'])}")
+    if speed is not None:
+        print(f"\nin memory (the reference's way), {args.speed_images} images: peak RSS "
+              f"{in_memory['peak_rss_gb']:.2f} GB (features built in "
+              f"{in_memory['setup_seconds']:.0f} s)")
+        med = speed["median_pixels_per_s"]
+        print(f"\nthroughput on {args.speed_images} images (all resident), one process, "
+              f"{args.speed_blocks} alternating blocks of {args.speed_steps} minibatches of 64 "
+              f"per source, medians:")
+        print(f"     stream: {med['stream']:>10,.0f} pixels/s")
+        print(f"  in_memory: {med['in_memory']:>10,.0f} pixels/s")
+        print(f"  streaming / in-memory = {ratio:.3f} (median of the block pairs; goal >= 0.85); "
+              f"pairs: {', '.join(f'{r:.2f}' for r in speed['block_ratios'])}")
 
     at30 = [r for r in memory if r["images"] == max(counts)]
     result = {
-        "layout": {"steps": STEPS, "blocks": BLOCKS, "shapes_per_step": PER_STEP,
+        "layout": {"name": args.layout, "steps": STEPS, "blocks": BLOCKS, "shapes_per_step": PER_STEP,
                    "image_size": SIZE, "feature_dim": FEATURE_DIM, "num_classes": NUM_CLASSES,
                    "store_dtype": "float16"},
         "memory": memory, "in_memory_run": in_memory, "speed": speed,
@@ -262,7 +292,7 @@ def main() -> None:
         "goals": {"peak_rss_gb_at_max_images": {str(r["budget_gb"]): r["peak_rss_gb"]
                                                  for r in at30},
                   "peak_rss_below_3gb": all(r["peak_rss_gb"] < 3 for r in at30),
-                  "stream_within_15pct": ratio >= 0.85},
+                  "stream_within_15pct": None if ratio is None else ratio >= 0.85},
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                     "platform": platform.platform()},
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),

@@ -70,13 +70,15 @@ def build_members(k: int, dim: int):
 def make_store(path: Path, n: int) -> None:
     import numpy as np
 
+    from ddpmseg.backbone import BackboneId
+    from ddpmseg.featcache.spec import FeatureSpec
     from ddpmseg.featcache.store import FeatureStore, StoreInfo
 
     shapes = PER_STEP * len(STEPS)
-    info = StoreInfo(steps=STEPS, blocks=BLOCKS, shapes=shapes, image_size=SIZE, num_images=n,
-                     names=tuple(f"bench{i:03d}" for i in range(n)), num_classes=NUM_CLASSES,
-                     ignore_label=255, has_labels=False, dtype="float16",
-                     fingerprint={"sha256": "synthetic", "flags": {"preset": "lsun_256"}})
+    spec = FeatureSpec(steps=STEPS, blocks=BLOCKS, shapes=shapes, image_size=SIZE,
+                       dtype="float16", backbone=BackboneId("synthetic", {"preset": "lsun_256"}))
+    info = StoreInfo(spec, num_images=n, names=tuple(f"bench{i:03d}" for i in range(n)),
+                     num_classes=NUM_CLASSES, ignore_label=255, has_labels=False)
     store = FeatureStore.create(path, info, overwrite=True)
     rng = np.random.default_rng(0)
     for i in range(n):
@@ -88,10 +90,11 @@ def make_store(path: Path, n: int) -> None:
 def child_tiled(store_path: str, k: int, tile_rows: int, out_dir: str) -> dict:
     from ddpmseg.config import Config
     from ddpmseg.featcache.store import FeatureStore
-    from ddpmseg.predict import RunModel, predict
+    from ddpmseg.classifier import Ensemble
+    from ddpmseg.predict import predict
 
     info = FeatureStore.open(store_path).info
-    model = RunModel(build_members(k, info.feature_dim), info, Config())
+    model = Ensemble(build_members(k, info.feature_dim), info, Config())
     base = rss_gb()
     t0 = time.perf_counter()
     res = predict(model, store_path, out_dir, tile_rows=tile_rows, device="cpu",

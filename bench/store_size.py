@@ -12,6 +12,11 @@ the end-to-end extraction rate (images/s, model included), and the writer's own 
 extractor's thread pool). Prints a table and writes bench/results/store_size.json.
 
     python bench/store_size.py [--images 2] [--dtype float16] [--device cpu]
+    python bench/store_size.py --model sd15 --blocks 1,2,3 --images 1
+
+``--model sd15``: Stable Diffusion 1.x at full size (UNet + VAE, random weights, a random prompt
+embedding in place of CLIP's; bench/sd_layout.py) on the same images upscaled to 512px: the
+up_blocks maps of 64x64 latents against 6720 x 512 x 512 dense float32 values (7 GB) per image.
 """
 
 from __future__ import annotations
@@ -82,10 +87,15 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", default="50,150,250")
     ap.add_argument("--blocks", default="5,6,7,8,12")
+    ap.add_argument("--model", choices=("lsun_256", "sd15"), default="lsun_256",
+                    help="ADM 256px, or Stable Diffusion 1.x at 512px (random weights)")
     ap.add_argument("--codecs", default="bitround2,bitround3,bitround4",
                     help="lossy codecs also measured, on the same images' maps")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "store_size.json"))
+    ap.add_argument("--out", default=None,
+                    help="[default: bench/results/store_size.json, store_size_sd15.json]")
     args = ap.parse_args()
+    suffix = "" if args.model == "lsun_256" else f"_{args.model}"
+    args.out = args.out or str(REPO / "bench" / "results" / f"store_size{suffix}.json")
 
     from ddpmseg.backbone import Backbone
     from ddpmseg.config import load_config
@@ -96,18 +106,26 @@ def main() -> None:
     steps = tuple(int(v) for v in args.steps.split(","))
     blocks = tuple(int(v) for v in args.blocks.split(","))
     start = time.perf_counter()
-    bb = Recording(Backbone.random("lsun_256", seed=0, device=args.device))
+    if args.model == "sd15":
+        import sd_layout
+
+        bb = Recording(sd_layout.random_backbone(seed=0, device=args.device))
+    else:
+        bb = Recording(Backbone.random("lsun_256", seed=0, device=args.device))
     load_s = time.perf_counter() - start
-    size = bb.flags.image_size
+    size = bb.image_size
     cfg = load_config("bedroom_28").with_overrides(
         model={"preset": "lsun_256"},
         features={"steps": steps, "blocks": blocks, "dtype": args.dtype})
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        source = make_data(tmp / "data", args.images, size)
+        source = make_data(tmp / "data", args.images, 256)
+        if size != 256:
+            source += f", resized to {size}px"
         start = time.perf_counter()
-        store = extract(tmp / "data", tmp / "store.zarr", cfg, backbone=bb, progress=True)
+        store = extract(tmp / "data", tmp / "store.zarr", cfg, backbone=bb, progress=True,
+                        resize=size != 256)
         extract_s = time.perf_counter() - start
         info = store.info
         n, dim = len(store), info.feature_dim
@@ -148,7 +166,7 @@ def main() -> None:
 
     per_image_mb = native_f32 / n / 1e6
     result = {
-        "architecture": "lsun_256 (random weights)", "images": source, "num_images": n,
+        "architecture": f"{args.model} (random weights)", "images": source, "num_images": n,
         "steps": steps, "blocks": blocks, "feature_dim": dim, "dtype": args.dtype,
         "codec": info.codec, "device": str(bb.device), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "model_load_s": load_s,
@@ -163,7 +181,7 @@ def main() -> None:
         "read_raw_MBps": native_dtype / read_s / 1e6,
         "lossy_codecs": lossy,
     }
-    print(f"\nlsun_256 architecture, {source}, steps {steps}, blocks {blocks}: {dim} dims, "
+    print(f"\n{args.model} architecture, {source}, steps {steps}, blocks {blocks}: {dim} dims, "
           f"{args.dtype}, codec {info.codec}, device {bb.device}")
     print(f"  dense float32 features (reference): {dense / 1e9:8.3f} GB  "
           f"({dense / n / 1e9:.2f} GB per image)")

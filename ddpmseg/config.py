@@ -1,6 +1,6 @@
 """Run configuration: TOML files read into frozen dataclasses.
 
-A config has four sections, each a frozen dataclass with the reference's values as defaults:
+A config has five sections, each a frozen dataclass with the reference's values as defaults:
 ``[data]``, ``[model]``, ``[features]``, ``[classifier]`` and ``[predict]``. Command-line options
 override single keys (``with_overrides``); every run writes the resolved config as JSON.
 """
@@ -8,13 +8,14 @@ override single keys (``with_overrides``); every run writes the resolved config 
 from __future__ import annotations
 
 import dataclasses
-import json
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, InputNotFoundError
+from .fileio import write_json
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -27,22 +28,27 @@ class DataConfig:
     class_names: tuple[str, ...] = ()
     # Per image, a class covering fewer pixels than this becomes the ignore label (reference: 20).
     min_class_pixels: int = 20
-
-    def class_name(self, c: int) -> str:
-        return self.class_names[c] if c < len(self.class_names) else f"class_{c}"
+    # Default data folders of commands that take one (a reference ddpm.json's
+    # training_path / testing_path); "" = none.
+    train_dir: str = ""
+    test_dir: str = ""
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     # A preset name of ddpmseg.backbone (lsun_256, faces_64, ...) or a path to a flags JSON.
     preset: str = "lsun_256"
+    # A guided-diffusion .pt file, or a diffusers model folder (then preset is not used).
     checkpoint: str = ""
+    # Stable Diffusion only: the text the UNet is conditioned on ("" = the empty prompt).
+    prompt: str = ""
 
 
 @dataclass(frozen=True)
 class FeatureConfig:
     steps: tuple[int, ...] = (50, 150, 250)
-    blocks: tuple[int, ...] = (5, 6, 7, 8, 12)
+    # Decoder block indices; diffusers backbones also take names such as "up2.res1".
+    blocks: tuple[int | str, ...] = (5, 6, 7, 8, 12)
     seed: int = 0
     dtype: str = "float16"
     codec: str = "lossless"   # or "bitroundK": keep K mantissa bits (lossy, smaller store)
@@ -82,7 +88,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json(path, self.to_dict())
 
     def with_overrides(self, **sections: dict) -> "Config":
         """``cfg.with_overrides(classifier={"ensemble": 3})``; ``None`` values are skipped."""
@@ -135,6 +141,13 @@ def _coerce(value, hint, where: str):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {value!r}", "write it as [a, b, ...]")
         return tuple(_coerce(v, item, where) for v in value)
+    if isinstance(hint, types.UnionType):
+        options = typing.get_args(hint)
+        if any(isinstance(value, o) and not (o is int and isinstance(value, bool))
+               for o in options):
+            return value
+        raise ConfigError(f"{where} must be {' or '.join(o.__name__ for o in options)}, got "
+                          f"{value!r}", "fix the value's type")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is bool and not isinstance(value, bool) or not isinstance(value, hint) or (
@@ -144,10 +157,15 @@ def _coerce(value, hint, where: str):
 
 
 def load_config(path: str | Path | None = None) -> Config:
-    """Read a TOML config: a path, or the name of a bundled config (``ffhq_34``); None = defaults."""
+    """Read a TOML config: a path, or the name of a bundled config (``ffhq_34``); None = defaults.
+
+    A ``.json`` file is read as the reference's ``ddpm.json`` (``reference_config``)."""
     if path is None:
         return Config()
     path = Path(path)
+    if path.suffix.lower() == ".json":
+        from .reference_config import load_reference_config
+        return load_reference_config(path)
     if not path.exists() and not path.suffix:
         path = CONFIG_DIR / f"{path.name}.toml"
     if not path.is_file():

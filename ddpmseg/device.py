@@ -1,6 +1,8 @@
-"""Choosing the torch device from a user's ``--device`` string."""
+"""Choosing the torch device from a user's ``--device`` string, and the torch thread count."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -24,3 +26,33 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"unsupported device {name!r}", "use auto, cpu, cuda or cuda:N")
     return device
+
+
+# torch intra-op threads per kind of work when neither --threads nor OMP_NUM_THREADS says:
+# measured by bench/fit_speed.py (fit) on a 2-core machine; see set_threads.
+DEFAULT_THREADS = {"fit": 1}
+
+
+def set_threads(threads: int | None = None, work: str | None = None) -> int:
+    """Set torch's intra-op thread count and return it.
+
+    ``threads`` (``--threads``) wins; else OMP_NUM_THREADS when set (torch reads it at start);
+    else the measured default for ``work`` (``DEFAULT_THREADS``); else torch's own default
+    (one per core).
+    """
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ConfigError(f"threads must be a positive integer, got {threads!r}")
+    elif os.environ.get("OMP_NUM_THREADS", "").strip():
+        try:
+            threads = max(1, int(os.environ["OMP_NUM_THREADS"].split(",")[0]))
+        except ValueError as exc:
+            raise ConfigError(f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']!r} is not a "
+                              "number", "set it to a positive integer, or unset it") from exc
+    elif work in DEFAULT_THREADS:
+        threads = DEFAULT_THREADS[work]
+    else:
+        return torch.get_num_threads()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads

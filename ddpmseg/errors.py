@@ -18,6 +18,10 @@ class DdpmsegError(Exception):
         self.message = message
         self.hint = hint
 
+    def __reduce__(self):
+        # Pickled (across dask or multiprocessing) with its hint, not just the message.
+        return (type(self), (self.message, self.hint))
+
     def __str__(self) -> str:
         return f"{self.message}; {self.hint}" if self.hint else self.message
 

@@ -14,12 +14,10 @@ Library entry point: :func:`predict`; the per-image core is :func:`predict_maps`
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,37 +27,34 @@ from torch import nn
 from tqdm import tqdm
 
 from . import __version__, render, voting
-from .config import Config
+from .backbone import load_backbone as factory_load_backbone
+from .classifier import Ensemble, load_ensemble
 from .data import find_image, image_tensor, list_samples, load_image
+from .bundled import resolve_checkpoint
 from .device import resolve_device
 from .errors import (BadInputError, ConfigError, InputNotFoundError, RunError, StoreError,
                      StoreMismatchError)
 from .featcache import pixels
-from .featcache.store import FeatureStore, StoreInfo
+from .featcache.extraction import encoded_maps
+from .featcache.spec import FeatureSpec
+from .featcache.store import FeatureStore, decode_map
+from .fileio import atomic_write, sha256_file, write_json
+from .predict_outputs import check_free, clear_previous, image_files, remove_written
+from .progress import wanted
 
 log = logging.getLogger("ddpmseg")
 
-__all__ = ["predict", "predict_maps", "ImagePrediction", "RunModel",
-           "load_run", "check_compatible", "SUMMARY_IMAGES"]
+__all__ = ["predict", "predict_maps", "ImagePrediction", "load_run", "check_compatible",
+           "SUMMARY_IMAGES"]
 
 # Rows of the contact sheet summary.png.
 SUMMARY_IMAGES = 8
 # Overlays of small images are enlarged so their legend can be read.
 OVERLAY_MIN_SIDE = 256
+# Features made with another seed, dtype or compute precision are close to the run's, not
+# equal: prediction goes ahead with a warning. Every other difference is refused.
+TOLERATED = ("seed", "dtype", "precision")
 
-_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class RunModel:
-    """What prediction needs of a trained run: the members, the training store's StoreInfo and
-    the run's Config. ``ddpmseg.classifier.load_ensemble`` returns an object with the same
-    attributes; this class lets a caller (or a test) predict with modules it built itself."""
-
-    members: Sequence[nn.Module]
-    info: StoreInfo
-    config: Config = field(default_factory=Config)
-    run_dir: str | None = None
 
 
 @dataclass
@@ -105,72 +100,33 @@ def predict_maps(members: Sequence[nn.Module], maps: Sequence, size: tuple[int, 
 
 
 # -- the run --------------------------------------------------------------------------------
-def load_run(run, device: torch.device):
-    """A run directory -> the classifier's loaded ensemble; an ensemble-like object as it is."""
-    if hasattr(run, "members") and hasattr(run, "info"):
-        members = [m.to(device).eval() for m in run.members]
-        return RunModel(members, run.info, getattr(run, "config", None) or Config(),
-                        getattr(run, "run_dir", None))
+def load_run(run, device: torch.device) -> Ensemble:
+    """A run directory -> its Ensemble on ``device``; an Ensemble is moved there."""
+    if isinstance(run, Ensemble):
+        return Ensemble(run.members, run.info, run.config, run.run_dir, device,
+                        run.store_path, run.metas)
     path = Path(run)
     if not path.is_dir():
         raise InputNotFoundError(f"run directory {path} does not exist",
                                  "give the directory `ddpmseg fit` wrote")
-    try:
-        from .classifier import load_ensemble
-    except ImportError as exc:  # the classifier module is part of the package; be explicit
-        raise RunError(f"cannot load run {path}: ddpmseg.classifier is unavailable ({exc})",
-                       "reinstall ddpmseg") from exc
-    ens = load_ensemble(path, device)
-    members = [m.to(device).eval() for m in ens.members]
-    return RunModel(members, ens.info, getattr(ens, "config", None) or Config(), str(path))
+    return load_ensemble(path, device)
 
 
-def _norm(value) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
-
-
-def check_compatible(run_info: StoreInfo, store_info: StoreInfo, store_path: str = "store"
-                     ) -> None:
-    """The store must hold the features the run was trained on: same fingerprint (checkpoint
-    and flags), steps, blocks and native shapes; else StoreMismatchError saying what differs."""
-    diffs = []
-    fp_run, fp_store = run_info.fingerprint or {}, store_info.fingerprint or {}
-    if _norm(fp_run) != _norm(fp_store):
-        parts = []
-        if fp_run.get("sha256") != fp_store.get("sha256"):
-            parts.append(f"checkpoint sha256 {str(fp_store.get('sha256'))[:12]} vs the run's "
-                         f"{str(fp_run.get('sha256'))[:12]}")
-        flags_run, flags_store = fp_run.get("flags") or {}, fp_store.get("flags") or {}
-        keys = sorted(k for k in set(flags_run) | set(flags_store)
-                      if _norm(flags_run.get(k)) != _norm(flags_store.get(k)))
-        if keys:
-            parts.append("model flags " + ", ".join(
-                f"{k}={flags_store.get(k)!r} vs {flags_run.get(k)!r}" for k in keys[:6]))
-        other = sorted(k for k in set(fp_run) | set(fp_store) if k not in ("sha256", "flags")
-                       and _norm(fp_run.get(k)) != _norm(fp_store.get(k)))
-        if other:
-            parts.append("fingerprint " + ", ".join(other))
-        diffs.append("model fingerprint differs (" + "; ".join(parts or ["content"]) + ")")
-    if tuple(run_info.steps) != tuple(store_info.steps):
-        diffs.append(f"steps {list(store_info.steps)} vs the run's {list(run_info.steps)}")
-    if tuple(run_info.blocks) != tuple(store_info.blocks):
-        diffs.append(f"blocks {list(store_info.blocks)} vs the run's {list(run_info.blocks)}")
-    shapes_run = [tuple(s) for s in run_info.shapes]
-    shapes_store = [tuple(s) for s in store_info.shapes]
-    if shapes_run != shapes_store:
-        diffs.append(f"native shapes {shapes_store} vs the run's {shapes_run}")
+def check_compatible(run_spec: FeatureSpec, store_spec: FeatureSpec,
+                     store_path: str = "store") -> None:
+    """The store must hold the features the run was trained on (same model, steps, blocks,
+    shapes, image size); else StoreMismatchError saying what differs. A seed, dtype or
+    precision of its own is only a warning."""
+    diffs = run_spec.differences(store_spec, "in the run", "in the store", ignore=TOLERATED)
     if diffs:
         raise StoreMismatchError(
             f"feature store {store_path} does not match the run's training store: "
             + "; ".join(diffs),
             "extract the images with the run's checkpoint, steps and blocks, or predict from "
             "the image folder")
-    # Same model and layout, but features made a little differently: worth a word, no more.
-    for key in ("seed", "dtype", "precision"):
-        a, b = getattr(run_info, key, None), getattr(store_info, key, None)
-        if a != b:
-            log.warning("note: %s has %s %s, the run was trained on %s features", store_path,
-                        key, b, a)
+    for note in run_spec.differences(store_spec, "in the run", "in the store", only=TOLERATED):
+        log.warning("note: %s has other features than the run was trained on: %s", store_path,
+                    note)
 
 
 # -- inputs ---------------------------------------------------------------------------------
@@ -192,9 +148,9 @@ def _find_original(images_dir: Path | None, name: str) -> Path | None:
 class _StoreSource:
     kind = "store"
 
-    def __init__(self, path: Path, model: RunModel, images_dir: Path | None):
+    def __init__(self, path: Path, model: Ensemble, images_dir: Path | None):
         self.store = FeatureStore.open(path)
-        check_compatible(model.info, self.store.info, str(path))
+        check_compatible(model.info.spec, self.store.info.spec, str(path))
         done = self.store.complete()
         missing = [n for n, ok in zip(self.store.names, done) if not ok]
         if missing:
@@ -226,100 +182,77 @@ class _StoreSource:
 class _ImageSource:
     kind = "images"
 
-    def __init__(self, path: Path, model: RunModel, device: torch.device,
+    def __init__(self, path: Path, model: Ensemble, device: torch.device,
                  checkpoint: str | None, resize: bool):
         self.samples = list_samples(path)
-        self.info = model.info
-        self.size = tuple(model.info.image_size)
+        self.spec = model.info.spec
+        self.keepbits = model.info.codec.get("keepbits")  # as the run's store rounded them
+        self.size = self.spec.image_size
         self.resize = resize
         self.device = device
         # Check every image's size before the (slow) backbone load and before any output.
         for s in self.samples:
             load_image(s.image, self.size, resize)  # raises BadInputError naming the file
         self.checkpoint = _resolve_checkpoint(checkpoint, model)
-        fingerprint = model.info.fingerprint or {}
-        self.flags = fingerprint.get("flags") or model.config.model.preset
-        self.dtype = _TORCH_DTYPES.get(model.info.dtype, torch.float32)
-        self.precision = getattr(model.info, "precision", "fp32") or "fp32"
         self.names = [s.name for s in self.samples]
-        self.backbone = load_backbone(self.checkpoint, self.flags, device)
-        want = fingerprint.get("sha256")
-        if want:
+        want = self.spec.backbone
+        self.backbone = load_backbone(self.checkpoint, want.flags or model.config.model.preset,
+                                      device)
+        if want.sha256:
             # from_checkpoint hashes the file as it loads it; hash it here only if it did not.
-            got = getattr(self.backbone, "sha256", "") or file_sha256(self.checkpoint)
-            if got != want:
+            got = getattr(self.backbone, "sha256", "") or sha256_file(self.checkpoint)
+            if got != want.sha256:
                 raise StoreMismatchError(
                     f"checkpoint {self.checkpoint} (sha256 {got[:12]}) is not the one the run "
-                    f"was trained with (sha256 {str(want)[:12]})",
+                    f"was trained with (sha256 {want.sha256[:12]})",
                     "pass --checkpoint with the checkpoint the run's store was extracted with")
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def items(self) -> Iterator[_Item]:
-        info = self.info
         for sample in self.samples:
             image = load_image(sample.image, self.size, self.resize)
             x0 = image_tensor(image)[None].to(self.device)
             with torch.no_grad():
-                acts = self.backbone.activations(x0, list(info.steps), list(info.blocks),
-                                                 seed=info.seed, precision=self.precision)
-            maps = []
-            for (t, b), shape in zip(info.keys, info.shapes):
-                act = acts[(t, b)]
-                a = act[0] if act.dim() == 4 else act
-                if tuple(a.shape) != tuple(shape):
-                    raise StoreMismatchError(
-                        f"the backbone gives step {t} block {b} as {tuple(a.shape)}, the run "
-                        f"was trained on {tuple(shape)}", "check the checkpoint and its flags")
-                # The store's dtype: features equal those a store of the same images holds.
-                maps.append(a.detach().to(self.dtype))
-            del acts
-            yield _Item(sample.name, image, maps)
+                # The path `extract` takes: the maps equal those a store of the images holds.
+                (encoded,) = encoded_maps(self.backbone, x0, self.spec, [sample.name],
+                                          self.keepbits)
+            yield _Item(sample.name, image, [decode_map(m, self.spec.dtype) for m in encoded])
 
 
 def load_backbone(checkpoint: Path, flags, device: torch.device):
     """The run's backbone (kept as a module-level function so tests can substitute one)."""
-    try:
-        from .backbone import Backbone
-    except ImportError as exc:
-        raise RunError(f"predicting from images needs ddpmseg.backbone ({exc})",
-                       "predict from a feature store made by `ddpmseg extract` instead") from exc
-    return Backbone.from_checkpoint(checkpoint, flags, device)
+    return factory_load_backbone(checkpoint, flags, device)
 
 
-def _resolve_checkpoint(checkpoint: str | None, model: RunModel) -> Path:
+def _resolve_checkpoint(checkpoint: str | None, model: Ensemble) -> Path:
     given = checkpoint or model.config.model.checkpoint
     if not given:
         raise RunError("the run records no backbone checkpoint to extract features with",
                        "pass --checkpoint PATH (the checkpoint of the run's training store)")
-    path = Path(given).expanduser()
-    if not path.is_file() and not path.is_absolute() and model.run_dir:
+    # bundled:faces_64 names the checkpoint that ships inside the package.
+    path = Path(resolve_checkpoint(given)).expanduser()
+    if not path.exists() and not path.is_absolute() and model.run_dir:
         beside = Path(model.run_dir) / path
-        if beside.is_file():
+        if beside.exists():
             path = beside
-    if not path.is_file():
+    if not path.exists():  # a .pt file, or a diffusers folder
         raise InputNotFoundError(f"checkpoint {path} not found",
                                  "pass --checkpoint PATH to the run's backbone checkpoint")
     return path
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # -- outputs --------------------------------------------------------------------------------
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as fh:  # np.save(path) would append ".npy" to a temporary name
+        np.save(fh, array)
+
+
 def _write_image_outputs(out: Path, item: _Item, pred: ImagePrediction, palette: np.ndarray,
-                         model: RunModel, uncertainty: bool) -> tuple[dict, tuple]:
+                         model: Ensemble, names: tuple, uncertainty: bool) -> tuple[dict, tuple]:
     info = model.info
-    names = tuple(info.class_names) or tuple(model.config.data.class_names)
     files = {}
-    files["npy"] = out / f"{item.name}.npy"
-    np.save(files["npy"], pred.labels)
     files["png"] = out / f"{item.name}.png"
     render.save_label_png(files["png"], pred.labels, palette)
     over = render.overlay(item.image, pred.labels, palette, names, info.num_classes,
@@ -334,6 +267,9 @@ def _write_image_outputs(out: Path, item: _Item, pred: ImagePrediction, palette:
         files["uncertainty"] = out / f"{item.name}_uncertainty.png"
         render.uncertainty_image(pred.entropy, pred.jsd, info.num_classes,
                                  len(model.members)).save(files["uncertainty"])
+    # The label map last and atomically: a <name>.npy in OUT means its image is complete.
+    files["npy"] = out / f"{item.name}.npy"
+    atomic_write(files["npy"], lambda p: _save_npy(p, pred.labels))
     row = (item.name, item.image, pred.labels)
     return {k: str(v) for k, v in files.items()}, row
 
@@ -344,8 +280,7 @@ def predict(run, input, out_dir, *, vote: str | None = None, uncertainty: bool =
             progress: bool = True) -> dict:
     """Predict every image of INPUT (a feature store or a folder of images) with RUN.
 
-    ``run`` is a run directory (``ddpmseg fit``'s output) or an ensemble-like object with
-    ``members``, ``info`` and ``config``. Writes into ``out_dir`` per image ``<name>.npy``
+    ``run`` is a run directory (``ddpmseg fit``'s output) or a ``classifier.Ensemble``. Writes into ``out_dir`` per image ``<name>.npy``
     (uint8 labels), ``<name>.png`` (palette PNG), ``<name>_overlay.png`` and, with
     ``uncertainty``, ``<name>_entropy.npy``, ``<name>_jsd.npy``, ``<name>_uncertainty.png``;
     once: ``palette.json``, ``summary.png`` and ``predict.json``. ``vote`` and ``tile_rows``
@@ -385,33 +320,51 @@ def predict(run, input, out_dir, *, vote: str | None = None, uncertainty: bool =
                             "images", "give a store made by `ddpmseg extract` or an image folder")
 
     out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    clear_previous(out)
+    check_free(out, source.names)  # e.g. OUT = the data folder: its images are not ours
+    written: list[Path] = [out / "palette.json"]
+    try:
+        return _predict_into(out, source, source_path, model, dev, vote, tile_rows,
+                             uncertainty, resize, images_dir, started, written, progress)
+    except BaseException:
+        remove_written(written, out if created else None)  # no partial prediction is left
+        raise
+
+
+def _predict_into(out, source, source_path, model, dev, vote, tile_rows, uncertainty, resize,
+                  images_dir, started, written, progress) -> dict:
+    info, cfg = model.info, model.config
     class_names = tuple(info.class_names) or tuple(cfg.data.class_names)
     palette = render.make_palette(info.num_classes, info.ignore_label)
-    render.save_palette(out / "palette.json", palette, info.num_classes, info.ignore_label,
-                        class_names)
+    write_json(out / "palette.json", render.palette_json(palette, info.num_classes,
+                                                         info.ignore_label, class_names))
 
     outputs: dict[str, dict] = {}
     sheet_rows = []
     bar = tqdm(source.items(), total=len(source), desc="predict", unit="img",
-               disable=not progress, leave=False)
+               disable=not wanted(progress), leave=False)
     for item in bar:
         pred = predict_maps(model.members, item.maps, source.size, vote=vote,
                             tile_rows=tile_rows, uncertainty=uncertainty, device=dev)
         item.maps = None
-        files, row = _write_image_outputs(out, item, pred, palette, model, uncertainty)
+        written.extend(image_files(out, item.name))
+        files, row = _write_image_outputs(out, item, pred, palette, model, class_names,
+                                          uncertainty)
         outputs[item.name] = files
         if len(sheet_rows) < SUMMARY_IMAGES:
             sheet_rows.append(row)
     bar.close()
     summary_path = out / "summary.png"
+    written.append(summary_path)
     if sheet_rows:
         render.contact_sheet(sheet_rows, palette, class_names, info.num_classes).save(
             summary_path)
 
     summary = {
         "version": __version__,
-        "run": model.run_dir if model.run_dir is not None else None,
+        "run": str(model.run_dir) if model.run_dir is not None else None,
         "input": str(source_path),
         "input_kind": source.kind,
         "out_dir": str(out),
@@ -440,6 +393,6 @@ def predict(run, input, out_dir, *, vote: str | None = None, uncertainty: bool =
         "palette": str(out / "palette.json"),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    (out / "predict.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_json(out / "predict.json", summary, default=str)
     log.info("predicted %d image(s) into %s (%.1f s)", len(outputs), out, summary["seconds"])
     return {**summary, "outputs": outputs}

@@ -38,11 +38,6 @@ def check_vote(method: str) -> str:
     return method
 
 
-def mean_probs(logits) -> torch.Tensor:
-    """(n, C): the mean of the members' softmax probabilities."""
-    return torch.softmax(_stack(logits), dim=-1).mean(dim=0)
-
-
 def vote(logits, method: str = "soft") -> torch.Tensor:
     """int64 (n,): the ensemble's class per pixel under ``method`` (soft, log or hard)."""
     check_vote(method)

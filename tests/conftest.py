@@ -1,6 +1,12 @@
-"""Shared fixtures: where ../shared is, and skipping with a clear reason when it is absent."""
+"""Shared fixtures: where ../shared is, and skipping with a clear reason when it is absent.
+
+Tests that need only face images and a backbone use the ones bundled in ddpmseg/assets and run
+anywhere. Parity and real-data tests need ../shared: without it they skip, except under
+``CI=true`` (CI always has ../shared), where its absence fails them.
+"""
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -10,10 +16,23 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+def skip_without_shared(reason: str):
+    """Skip for want of something in ../shared; under CI=true, fail instead."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: ../shared must be complete)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def missing_shared():
+    """``missing_shared(reason)``: skip (fail under CI=true) when part of ../shared is absent."""
+    return skip_without_shared
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} is absent: parity fixtures and benchmark data live there")
+        skip_without_shared(f"{SHARED} is absent: parity fixtures and benchmark data live there")
     return SHARED
 
 
@@ -21,7 +40,7 @@ def shared_dir() -> Path:
 def fixtures_dir(shared_dir) -> Path:
     path = shared_dir / "fixtures" / "adm"
     if not path.is_dir():
-        pytest.skip(f"{path} is absent")
+        skip_without_shared(f"{path} is absent")
     return path
 
 

@@ -54,3 +54,12 @@ def test_json_round_trip(tmp_path):
     cfg = load_config("bedroom_28")
     cfg.to_json(tmp_path / "c.json")
     assert Config.from_dict(json.loads((tmp_path / "c.json").read_text())) == cfg
+
+
+def test_blocks_may_be_names(tmp_path):
+    """features.blocks: indices, or (diffusers backbones) names such as "up2.res1"."""
+    path = tmp_path / "c.toml"
+    path.write_text('[features]\nblocks = [1, "up2.res1"]\n')
+    assert load_config(path).features.blocks == (1, "up2.res1")
+    with pytest.raises(ConfigError, match="must be int or str, got 1.5"):
+        Config().with_overrides(features={"blocks": (1.5,)})

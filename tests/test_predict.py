@@ -1,6 +1,7 @@
 """Tiled prediction: exactness against untiled and dense prediction, outputs, input checks, and
 prediction from an image folder against prediction from a store of the same images."""
 
+import dataclasses
 import importlib
 import json
 
@@ -12,12 +13,17 @@ from PIL import Image
 from torch import nn
 
 from ddpmseg import render
+from ddpmseg.backbone import Backbone, BackboneId
+from ddpmseg.bundled import DEMO_DATA, resolve_checkpoint
+from ddpmseg.classifier import Ensemble
 from ddpmseg.config import Config, ModelConfig
-from ddpmseg.errors import BadInputError, ConfigError, StoreMismatchError
-from ddpmseg.featcache.store import FeatureStore, StoreInfo
-from ddpmseg.featcache import pixels
+from ddpmseg.errors import (BadInputError, ConfigError, FeatureOverflowError,
+                            StoreMismatchError)
+from ddpmseg.featcache import extract, pixels
 from ddpmseg.featcache.pixels import TileFeatures
-from ddpmseg.predict import RunModel, check_compatible, predict, predict_maps
+from ddpmseg.featcache.spec import FeatureSpec
+from ddpmseg.featcache.store import FeatureStore, StoreInfo
+from ddpmseg.predict import check_compatible, predict, predict_maps
 from ddpmseg.voting import vote as vote_fn
 
 # `ddpmseg.predict` may be re-exported as a function by the package; the module is this.
@@ -33,13 +39,19 @@ OVERLAY_SCALE = 13  # overlays are enlarged to at least 256 px: ceil(256 / 20)
 NUM_CLASSES = 5
 
 
+SPEC_FIELDS = {f.name for f in dataclasses.fields(FeatureSpec)}
+
+
 def make_info(n=2, **kw) -> StoreInfo:
-    fields = dict(steps=STEPS, blocks=BLOCKS, shapes=SHAPES, image_size=SIZE, num_images=n,
-                  names=tuple(f"img{i}" for i in range(n)), num_classes=NUM_CLASSES,
-                  ignore_label=255, class_names=("bg", "a", "b", "c", "d"), has_labels=False,
-                  dtype="float32", fingerprint={"sha256": "abc", "flags": {"image_size": 24}})
-    fields.update(kw)
-    return StoreInfo(**fields)
+    """A StoreInfo of n images; keyword arguments change the spec's or the info's fields."""
+    spec = dict(steps=STEPS, blocks=BLOCKS, shapes=SHAPES, image_size=SIZE, dtype="float32",
+                backbone=BackboneId("abc", {"image_size": 24}))
+    info = dict(num_images=n, names=tuple(f"img{i}" for i in range(n)),
+                num_classes=NUM_CLASSES, ignore_label=255,
+                class_names=("bg", "a", "b", "c", "d"), has_labels=False)
+    for key, value in kw.items():
+        (spec if key in SPEC_FIELDS else info)[key] = value
+    return StoreInfo(FeatureSpec(**spec), **info)
 
 
 def make_maps(seed, shapes=SHAPES):
@@ -68,7 +80,7 @@ def make_members(k=3, dim=20, seed=0):
 
 @pytest.fixture
 def run_model():
-    return RunModel(make_members(), make_info(), Config())
+    return Ensemble(make_members(), make_info(), Config())
 
 
 def dense_reference(members, maps, size, method):
@@ -153,7 +165,7 @@ def test_predict_store_outputs(tmp_path, run_model):
 
 def test_vote_and_tile_rows_default_to_run_config(tmp_path):
     cfg = Config().with_overrides(predict={"vote": "hard", "tile_rows": 3})
-    model = RunModel(make_members(), make_info(), cfg)
+    model = Ensemble(make_members(), make_info(), cfg)
     make_store(tmp_path / "s.zarr")
     res = predict(model, tmp_path / "s.zarr", tmp_path / "out", device="cpu", progress=False)
     assert res["vote"] == "hard" and res["tile_rows"] == 3
@@ -162,8 +174,8 @@ def test_vote_and_tile_rows_default_to_run_config(tmp_path):
 
 
 @pytest.mark.parametrize("change, words", [
-    ({"fingerprint": {"sha256": "other", "flags": {"image_size": 24}}}, "sha256"),
-    ({"fingerprint": {"sha256": "abc", "flags": {"image_size": 32}}}, "image_size"),
+    ({"backbone": BackboneId("other", {"image_size": 24})}, "sha256"),
+    ({"backbone": BackboneId("abc", {"image_size": 32})}, "image_size"),
     ({"steps": (5, 60)}, "steps"),
     ({"blocks": (3, 8)}, "blocks"),
     ({"shapes": ((6, 5, 6), (4, 10, 12), (6, 5, 6), (5, 10, 12))}, "shapes"),
@@ -176,7 +188,7 @@ def test_store_mismatch_says_what_differs(tmp_path, run_model, change, words):
 
 
 def test_check_compatible_accepts_equal():
-    check_compatible(make_info(), make_info(n=5, names=tuple("abcde")))
+    check_compatible(make_info().spec, make_info(n=5, names=tuple("abcde")).spec)
 
 
 def test_image_folder_wrong_size_names_the_file(tmp_path, run_model):
@@ -193,6 +205,7 @@ class FakeBackbone:
     """Deterministic 'activations': pooled, channel-mixed images at each map's shape."""
 
     sha256 = "abc"
+    scale = 1.0
 
     def activations(self, x0, steps, blocks, seed=0, precision="fp32"):
         out = {}
@@ -201,7 +214,7 @@ class FakeBackbone:
             pooled = F.adaptive_avg_pool2d(x0, (h, w))
             mix = torch.Generator().manual_seed(k)
             weight = torch.randn(c, 3, generator=mix)
-            out[(t, b)] = torch.einsum("ck,bkhw->bchw", weight, pooled) + t / 100
+            out[(t, b)] = (torch.einsum("ck,bkhw->bchw", weight, pooled) + t / 100) * self.scale
         return out
 
 
@@ -210,7 +223,7 @@ def test_image_folder_path_with_a_substitute_backbone(tmp_path, monkeypatch):
     ckpt = tmp_path / "model.pt"
     ckpt.write_bytes(b"weights")
     cfg = Config(model=ModelConfig(checkpoint=str(ckpt)))
-    model = RunModel(make_members(), make_info(), cfg)
+    model = Ensemble(make_members(), make_info(), cfg)
     monkeypatch.setattr(predict_module, "load_backbone", lambda *a: FakeBackbone())
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -229,50 +242,43 @@ def test_image_folder_path_with_a_substitute_backbone(tmp_path, monkeypatch):
         predict(model, folder, tmp_path / "out2", resize=True, device="cpu", progress=False)
 
 
-def test_image_folder_equals_store_with_real_backbone(tmp_path, fixtures_dir):
-    """Features extracted on the fly give the same predictions as a store of the same images
-    (made by `extract` when it is available, else by hand from the backbone's activations)."""
-    backbone = pytest.importorskip("ddpmseg.backbone")
-    if not hasattr(backbone, "Backbone"):
-        pytest.skip("ddpmseg.backbone has no Backbone yet")
-    ckpt = fixtures_dir / "adm_tiny64_cosine.pt"
-    meta = json.loads((fixtures_dir / "adm_tiny64_cosine.json").read_text())
-    steps, blocks = tuple(meta["steps"]), tuple(meta["blocks"])
-    bb = backbone.Backbone.from_checkpoint(ckpt, meta["model_flags"], "cpu")
-    size = (64, 64)
+def test_image_folder_float16_overflow_raises_as_extract_does(tmp_path, monkeypatch):
+    """Features made on the fly pass the store's encoding: a float16 overflow is an error
+    naming the image, never silent inf features."""
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"weights")
+    model = Ensemble(make_members(), make_info(dtype="float16"),
+                     Config(model=ModelConfig(checkpoint=str(ckpt))))
+    big = FakeBackbone()
+    big.scale = 1e6  # activations far beyond float16's 65504
+    monkeypatch.setattr(predict_module, "load_backbone", lambda *a: big)
     folder = tmp_path / "imgs"
     folder.mkdir()
-    rng = np.random.default_rng(3)
-    names = ["a", "b"]
+    Image.fromarray(np.full((*SIZE, 3), 90, np.uint8)).save(folder / "p.png")
+    with pytest.raises(FeatureOverflowError, match=r"image p activation t=5 block=3.*float16"):
+        predict(model, folder, tmp_path / "out", device="cpu", progress=False)
+    big.scale = 1.0  # the same run and images within range predict
+    res = predict(model, folder, tmp_path / "out", device="cpu", progress=False)
+    assert res["names"] == ["p"]
+
+
+def test_image_folder_equals_store_with_real_backbone(tmp_path):
+    """Features extracted on the fly give the same predictions as a store of the same images
+    made by `extract` (the bundled face backbone and demo images)."""
+    ckpt = resolve_checkpoint("bundled:faces_64")
+    bb = Backbone.from_checkpoint(ckpt, "faces_64", "cpu")
+    steps, blocks = (50, 150), (2, 5)
+    size = (64, 64)
+    names = ["img00000599", "img00000829"]
+    folder = tmp_path / "imgs"
+    folder.mkdir()
     for name in names:
-        img = rng.integers(0, 256, (*size, 3)).astype(np.uint8)
-        Image.fromarray(img).save(folder / f"{name}.png")
+        (folder / f"{name}.png").write_bytes((DEMO_DATA / "test" / f"{name}.png").read_bytes())
     store_path = tmp_path / "s.zarr"
-    try:
-        from ddpmseg.featcache import extract
-    except ImportError:
-        extract = None
-    if extract is not None:
-        cfg = Config().with_overrides(
-            data={"num_classes": NUM_CLASSES},
-            features={"steps": steps, "blocks": blocks, "dtype": "float32"})
-        store = extract(folder, store_path, cfg, backbone=bb, device="cpu", progress=False)
-        info = store.info
-    else:
-        all_maps = []
-        for name in names:
-            img = np.asarray(Image.open(folder / f"{name}.png"))
-            x0 = torch.from_numpy(img).permute(2, 0, 1).contiguous().float().div(127.5).sub(1)
-            acts = bb.activations(x0[None], steps, blocks, seed=0)
-            all_maps.append([acts[(t, b)][0] for t in steps for b in blocks])
-        info = StoreInfo(steps=steps, blocks=blocks,
-                         shapes=tuple(tuple(m.shape) for m in all_maps[0]), image_size=size,
-                         num_images=2, names=tuple(names), num_classes=NUM_CLASSES,
-                         ignore_label=255, has_labels=False, dtype="float32",
-                         fingerprint=bb.fingerprint())
-        store = FeatureStore.create(store_path, info)
-        for i, maps in enumerate(all_maps):
-            store.write_image(i, maps)
+    cfg = Config().with_overrides(
+        data={"num_classes": NUM_CLASSES},
+        features={"steps": steps, "blocks": blocks, "dtype": "float16"})
+    info = extract(folder, store_path, cfg, backbone=bb, device="cpu", progress=False).info
     members = make_members(dim=info.feature_dim, seed=1)
     # Batch-norm statistics from these features, so that the members' predictions vary.
     sample = FeatureStore.open(store_path).dense_rows(0, 0, size[0])
@@ -282,7 +288,7 @@ def test_image_folder_equals_store_with_real_backbone(tmp_path, fixtures_dir):
             m[2].reset_running_stats()
             m.train()(sample)
             m.eval()
-    model = RunModel(members, info, Config(model=ModelConfig(checkpoint=str(ckpt))))
+    model = Ensemble(members, info, Config(model=ModelConfig(checkpoint=str(ckpt))))
     from_store = predict(model, store_path, tmp_path / "o1", device="cpu", tile_rows=16,
                          uncertainty=True, progress=False)
     from_images = predict(model, folder, tmp_path / "o2", device="cpu", tile_rows=16,
@@ -294,4 +300,4 @@ def test_image_folder_equals_store_with_real_backbone(tmp_path, fixtures_dir):
         assert np.array_equal(a, b)
         assert np.array_equal(np.load(tmp_path / "o1" / f"{name}_entropy.npy"),
                               np.load(tmp_path / "o2" / f"{name}_entropy.npy"))
-    assert len(np.unique(np.load(tmp_path / "o1" / "a.npy"))) > 1
+    assert len(np.unique(np.load(tmp_path / "o1" / f"{names[0]}.npy"))) > 1

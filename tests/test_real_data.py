@@ -44,10 +44,10 @@ COMMON = ["--config", CONFIG, "--device", "cpu", "--no-progress"]
 # -- data ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ffhq(shared_dir) -> Path:
+def ffhq(shared_dir, missing_shared) -> Path:
     root = shared_dir / "data" / "ffhq_34" / "real"
     if not (root / "train").is_dir() or not (root / "test").is_dir():
-        pytest.skip(f"{root}/train and test are absent: the real ffhq_34 benchmark data lives there")
+        missing_shared(f"{root}/train and test are absent: the real ffhq_34 benchmark data lives there")
     return root
 
 
@@ -147,7 +147,7 @@ def pipeline(ffhq, tmp_path_factory):
         r["extract_train"] = invoke("extract", train, root / "train.zarr", *COMMON, "--resize")
         r["extract_test"] = invoke("extract", test, root / "test.zarr", *COMMON, "--resize")
         r["fit"] = invoke("fit", root / "train.zarr", root / "run", *COMMON, "--ensemble", "2",
-                          "--epochs", "3")
+                          "--max-epochs", "3")
         r["predict"] = invoke("predict", root / "run", root / "test.zarr", root / "preds",
                               "--images", test, "--device", "cpu", "--no-progress")
         r["evaluate"] = invoke("evaluate", root / "preds", gt, "--config", CONFIG)

@@ -6,8 +6,8 @@ steps t, run the UNet, and read what some decoder blocks output.
 
 from __future__ import annotations
 
-import contextlib
 import numbers
+import re
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -16,17 +16,19 @@ import torch
 
 from ..device import resolve_device
 from ..bundled import resolve_checkpoint
-from ..errors import BadInputError, ConfigError, InputNotFoundError
-from .checkpoint import load_checkpoint, sha256_file
-from .diffusion import get_schedule
-from .flags import ModelFlags
+from ..errors import BadInputError, CheckpointError, ConfigError, InputNotFoundError
+from ..fileio import sha256_file
+from .base import (FeatureBackbone, check_image, check_noise, precision_context,
+                   seeded_noise)
+from .checkpoint import check_state_dict, load_checkpoint, load_state_dict
+from .diffusion import Schedule
+from .ident import BackboneId
+from .flags import PRESETS, USUAL_FEATURES, ModelFlags
 from .unet import UNetModel
 
 # The paper's choice for the 256px LSUN/FFHQ models (8448 dims per pixel).
 DEFAULT_STEPS = (50, 150, 250)
 DEFAULT_BLOCKS = (5, 6, 7, 8, 12)
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _int_list(name: str, values: Iterable, upper: int) -> list[int]:
@@ -39,7 +41,8 @@ def _int_list(name: str, values: Iterable, upper: int) -> list[int]:
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise ConfigError(f"{name} must be integers, got {v!r}")
         if not 0 <= int(v) < upper:
-            raise ConfigError(f"{name[:-1]} {v} is out of range 0..{upper - 1}")
+            raise ConfigError(f"{name[:-1]} {v} is out of range: this model's {name} are "
+                              f"0..{upper - 1}", _range_hint(name, upper))
         out.append(int(v))
     if not out:
         raise ConfigError(f"no {name} given")
@@ -48,12 +51,41 @@ def _int_list(name: str, values: Iterable, upper: int) -> list[int]:
     return out
 
 
-class Backbone:
+def presets_that_fit(path: str | Path, skip: ModelFlags | None = None) -> list[str]:
+    """The preset names whose architecture loads ``path`` strictly (keys and shapes)."""
+    sd = load_state_dict(path)
+    fits = []
+    for name, flags in PRESETS.items():
+        if flags == skip:
+            continue
+        with torch.device("meta"):
+            model = UNetModel.from_flags(flags)
+        try:
+            check_state_dict(model, sd)
+        except CheckpointError:
+            continue
+        fits.append(name)
+    return fits
+
+
+def _range_hint(name: str, upper: int) -> str:
+    if name != "blocks":
+        return f"pass --{name} with values in 0..{upper - 1}"
+    # Name the presets whose usual blocks fit, so a user need not guess.
+    fitting = [f"{p}: {','.join(map(str, f['blocks']))}" for p, f in USUAL_FEATURES.items()
+               if max(f["blocks"]) < upper]
+    usual = f" (usual choices: {'; '.join(fitting)})" if fitting else ""
+    return f"pass --blocks with values in 0..{upper - 1}{usual}"
+
+
+class Backbone(FeatureBackbone):
     """An ADM UNet in eval mode on one device, with its flags, schedule and checkpoint hash.
 
     Build it with ``from_checkpoint`` (or ``random`` for benchmarks); the constructor takes a
     ready model, for tests.
     """
+
+    kind = "adm"
 
     def __init__(self, model: UNetModel, flags: ModelFlags | Mapping | str | Path,
                  sha256: str = "", device: str | torch.device | None = None):
@@ -63,7 +95,7 @@ class Backbone:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.sha256 = sha256
-        self.schedule = get_schedule(self.flags.noise_schedule, self.flags.diffusion_steps)
+        self.schedule = Schedule.from_flags(self.flags)
 
     # -- construction -----------------------------------------------------------------------
 
@@ -77,6 +109,7 @@ class Backbone:
         Raises InputNotFoundError for a missing file and CheckpointError when keys or shapes
         do not match (naming them and the flags most likely wrong).
         """
+        preset = flags if isinstance(flags, str) and flags in PRESETS else None
         flags = ModelFlags.resolve(flags)
         device = resolve_device(device)
         path = resolve_checkpoint(path).expanduser()
@@ -88,7 +121,20 @@ class Backbone:
         # or memory goes into random weights that would be overwritten at once.
         with torch.device("meta"):
             model = UNetModel.from_flags(flags)
-        load_checkpoint(model, path)
+        try:
+            load_checkpoint(model, path)
+        except CheckpointError as exc:
+            # A wrong preset name: the key-by-key diagnosis helps nobody when another preset
+            # simply fits (hand-written flags keep it: it says which flag is off).
+            fits = presets_that_fit(path, skip=flags) if preset else []
+            if not fits:
+                raise
+            counts = re.findall(r"(\d+ (?:missing keys|unexpected keys|shape mismatches))",
+                                exc.message)
+            raise CheckpointError(f"{path} does not fit preset {preset} "
+                                  f"({', '.join(counts)})",
+                                  f"it loads as preset {' / '.join(fits)}: pass --preset "
+                                  f"{fits[0]}") from exc
         return cls(model, flags, sha256=digest, device=device)
 
     @classmethod
@@ -100,9 +146,17 @@ class Backbone:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = UNetModel.from_flags(flags)
-        return cls(model, flags, sha256=f"random-{seed}", device=device)
+        return cls(model, flags, sha256=BackboneId.random(seed).sha256, device=device)
 
     # -- description ------------------------------------------------------------------------
+
+    @property
+    def image_size(self) -> int:
+        return self.flags.image_size
+
+    @property
+    def num_steps(self) -> int:
+        return self.flags.diffusion_steps
 
     @property
     def num_blocks(self) -> int:
@@ -119,7 +173,11 @@ class Backbone:
 
     def fingerprint(self) -> dict:
         """What identifies this backbone's features: checkpoint hash and flags (JSON-able)."""
-        return {"sha256": self.sha256, "flags": self.flags.to_dict()}
+        return self.ident.to_json()
+
+    @property
+    def ident(self) -> BackboneId:
+        return BackboneId(self.sha256, self.flags.to_dict())
 
     def __repr__(self) -> str:
         return (f"Backbone(image_size={self.flags.image_size}, "
@@ -130,51 +188,17 @@ class Backbone:
 
     def default_noise(self, height: int, width: int, seed: int = 0) -> torch.Tensor:
         """(1, 3, H, W) standard normal noise, drawn on the CPU so every device gets the same."""
-        gen = torch.Generator().manual_seed(int(seed))
-        return torch.randn(1, 3, height, width, generator=gen).to(self.device)
+        return seeded_noise((1, 3, height, width), seed, self.device)
 
     def _check_image(self, x0: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x0, torch.Tensor):
-            raise BadInputError(f"x0 must be a torch tensor, got {type(x0).__name__}")
-        if x0.dim() != 4 or x0.shape[1] != 3 or x0.shape[0] == 0:
-            raise BadInputError(f"x0 must be (B, 3, H, W) with B >= 1, got {tuple(x0.shape)}")
-        if not x0.is_floating_point():
-            raise BadInputError(f"x0 must be a float tensor in [-1, 1], got {x0.dtype}",
-                                "scale 8-bit images as x / 127.5 - 1")
-        factor = 2 ** (len(self.flags.mult) - 1)
-        if x0.shape[2] % factor or x0.shape[3] % factor:
-            raise BadInputError(f"image size {tuple(x0.shape[2:])} is not a multiple of "
-                                f"{factor}, which this UNet's {len(self.flags.mult)} levels need")
-        x0 = x0.to(self.device, torch.float32)
-        lo, hi = x0.aminmax()
-        # A little slack for rounding in the caller's normalisation.
-        if not (torch.isfinite(lo) and torch.isfinite(hi)) or lo < -1.001 or hi > 1.001:
-            raise BadInputError(f"x0 must be in [-1, 1], got values in "
-                                f"[{float(lo):.4g}, {float(hi):.4g}]",
-                                "scale 8-bit images as x / 127.5 - 1")
-        return x0
+        levels = len(self.flags.mult)
+        return check_image(x0, self.device, 2 ** (levels - 1), f"this UNet's {levels} levels")
 
     def _check_noise(self, noise: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        if not isinstance(noise, torch.Tensor):
-            raise BadInputError(f"noise must be a torch tensor, got {type(noise).__name__}")
-        if noise.dim() == 3:
-            noise = noise[None]
-        if tuple(noise.shape) != (1, 3, shape[2], shape[3]):
-            raise BadInputError(f"noise must be (1, 3, {shape[2]}, {shape[3]}) and is shared "
-                                f"by every image and step, got {tuple(noise.shape)}")
-        return noise.to(self.device, torch.float32)
+        return check_noise(noise, (1, 3, shape[2], shape[3]), self.device)
 
     def _autocast(self, precision: str):
-        if precision not in PRECISIONS:
-            raise ConfigError(f"unknown precision {precision!r}",
-                              f"use one of {', '.join(PRECISIONS)}")
-        dtype = PRECISIONS[precision]
-        if dtype is None:
-            return contextlib.nullcontext()
-        if dtype is torch.float16 and self.device.type != "cuda":
-            raise ConfigError("precision fp16 needs a CUDA device",
-                              "use bf16 or fp32 on the CPU")
-        return torch.autocast(self.device.type, dtype=dtype)
+        return precision_context(self.device, precision)
 
     def activations(self, x0: torch.Tensor, steps: Sequence[int], blocks: Sequence[int],
                     noise: torch.Tensor | None = None, seed: int = 0, *,
@@ -225,7 +249,7 @@ class Backbone:
                 t = step_values[pos]
                 x_t = self.schedule.q_sample(x0[imgs], t, noise)
                 feats = self.model.decoder_features(
-                    x_t, self._model_timesteps(t), blocks,
+                    x_t, self.schedule.model_timesteps(t), blocks,
                     y=None if y is None else y[imgs])
                 if not out:
                     for s in steps:
@@ -237,9 +261,3 @@ class Backbone:
                     for b in blocks:
                         out[(steps[j], b)][i] = feats[b][k]
         return out
-
-    def _model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
-        """The timesteps the model sees: t itself, or t * 1000 / steps with rescale_timesteps."""
-        if self.flags.rescale_timesteps:
-            return t.float() * (1000.0 / self.flags.diffusion_steps)
-        return t

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import ConfigError, InputNotFoundError
+from .diffusion import SCHEDULES
 
 # Flags of guided-diffusion that only matter for training or sampling; a feature extractor
 # accepts them so that a full flag dict loads, and ignores them.
@@ -139,8 +140,6 @@ class ModelFlags:
         self._validate()
 
     def _validate(self) -> None:
-        from .diffusion import SCHEDULES  # late: diffusion does not need flags
-
         if self.image_size <= 0 or self.num_channels <= 0 or self.num_res_blocks <= 0:
             raise ConfigError("model flags image_size, num_channels and num_res_blocks must be "
                               "positive")
@@ -280,4 +279,14 @@ PRESETS: dict[str, ModelFlags] = {
         num_heads=4, num_head_channels=-1, dropout=0.0, use_scale_shift_norm=False,
         resblock_updown=False, learn_sigma=True, noise_schedule="cosine",
     ),
+}
+
+# The steps and blocks each preset is normally used with: a preset given alone on the command
+# line brings these, so `--preset faces_64` works without --steps/--blocks. lsun_256's are the
+# paper's (8448 dims); faces_64's are the demo's (its decoder has blocks 0..11, 1344 dims).
+USUAL_FEATURES: dict[str, dict[str, tuple[int, ...]]] = {
+    "lsun_256": {"steps": (50, 150, 250), "blocks": (5, 6, 7, 8, 12)},
+    "tiny_256": {"steps": (50, 150, 250), "blocks": (5, 6, 7, 8, 12)},
+    "faces_64": {"steps": (50, 150, 250), "blocks": (2, 4, 5, 7, 8)},
+    "tiny64_cosine": {"steps": (50, 150, 250), "blocks": (2, 4, 5, 7, 8)},
 }

@@ -1,7 +1,8 @@
 """The pixel classifier: an ensemble of pixel MLPs trained on a feature store's labelled pixels.
 
 ``fit(store, run_dir, config)`` trains it, streaming minibatches from the store in bounded RAM;
-``load_ensemble(run_dir, device)`` loads it for prediction.
+``load_ensemble(run_dir, device)`` loads it for prediction. The run directory's layout, and its
+one reader and writer, are ``run.py``.
 """
 
 from .ensemble import Ensemble, load_ensemble

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +11,8 @@ from ..config import Config
 from ..device import resolve_device
 from ..errors import RunError
 from ..featcache.store import StoreInfo
+from . import run as R
 from .model import PixelMLP
-from .train import member_path, read_member
 
 
 class Ensemble:
@@ -24,13 +23,14 @@ class Ensemble:
     run's resolved Config; ``metas``: each member file's meta.
     """
 
-    def __init__(self, members: list, info: StoreInfo, config: Config, run_dir: Path,
-                 device: torch.device, store_path: str = "", metas: list | None = None):
-        self.members = members
+    def __init__(self, members: list, info: StoreInfo, config: Config | None = None,
+                 run_dir: str | Path | None = None, device: torch.device | str = "cpu",
+                 store_path: str = "", metas: list | None = None):
+        self.device = torch.device(device)
+        self.members = [m.to(self.device).eval() for m in members]
         self.info = info
-        self.config = config
-        self.run_dir = Path(run_dir)
-        self.device = device
+        self.config = R.resolved_config(config or Config(), info)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
         self.store_path = store_path
         self.metas = metas or []
 
@@ -68,31 +68,26 @@ class Ensemble:
 def load_ensemble(run_dir: str | Path, device="auto") -> Ensemble:
     """Load a run directory written by ``fit``; every member of its config must be present."""
     run_dir = Path(run_dir)
-    cfg_path, store_path = run_dir / "config.json", run_dir / "store.json"
-    if not cfg_path.is_file() or not store_path.is_file():
-        raise RunError(f"{run_dir} is not a ddpmseg run directory (no config.json/store.json)",
-                       "train one with `ddpmseg fit STORE RUN_DIR`")
-    config = Config.from_dict(json.loads(cfg_path.read_text()), source=str(cfg_path))
-    raw = json.loads(store_path.read_text())
-    info = StoreInfo.from_json(raw["info"])
+    header = R.read_header(run_dir)
+    info = header.info
     dev = resolve_device(device)
-    k_total = config.classifier.ensemble
-    missing = [k for k in range(k_total) if not member_path(run_dir, k).is_file()]
+    k_total = header.config.classifier.ensemble
+    missing = [k for k in range(k_total) if not R.member_path(run_dir, k).is_file()]
     if missing:
         raise RunError(f"{run_dir}: {len(missing)} of {k_total} members are not trained yet "
-                       f"(e.g. {member_path(run_dir, missing[0]).name})",
+                       f"(e.g. {R.member_path(run_dir, missing[0]).name})",
                        "rerun the same `ddpmseg fit` command to finish the run")
     members, metas = [], []
     for k in range(k_total):
-        saved = read_member(member_path(run_dir, k))
+        saved = R.read_member(R.member_path(run_dir, k))
         meta = saved.get("meta", {})
         model = PixelMLP(meta.get("dim", info.feature_dim),
                          meta.get("num_classes", info.num_classes), init=False)
         try:
             model.load_state_dict(saved["state_dict"])
         except (RuntimeError, KeyError) as exc:
-            raise RunError(f"{member_path(run_dir, k)} does not fit the run's model "
+            raise RunError(f"{R.member_path(run_dir, k)} does not fit the run's model "
                            f"({exc})", "retrain: `ddpmseg fit ... --overwrite`") from exc
         members.append(model.to(dev).eval())
         metas.append(meta)
-    return Ensemble(members, info, config, run_dir, dev, raw.get("path", ""), metas)
+    return Ensemble(members, info, header.config, run_dir, dev, header.store_path, metas)

@@ -13,7 +13,7 @@ The order of an epoch is a function of (seed, epoch, shuffle size P) only:
 Every labelled pixel is visited exactly once per epoch. Two sources produce the features of
 that stream:
 
-* ``StreamSource``: a pool of whole images' native maps (as stored, float16 by default),
+* ``StreamSource``: a pool of whole images' native maps (as float32: see ``MapLayout``),
   filled from the store by a background *thread* (zarr 3's asyncio loop can deadlock in forked
   workers), with pixel features computed per minibatch from the pooled maps. When all training
   images fit the RAM budget they are loaded once and stay; otherwise the pool holds two chunks
@@ -27,23 +27,18 @@ P is derived from the RAM budget in both cases (``shuffle_images``), so the budg
 source, decides the order; P = all images whenever they fit (a global shuffle, like the
 reference's DataLoader).
 
-The pooled maps are kept channels-last and grouped by resolution ((S, h, w, C_g) per distinct
-(h, w)), so one minibatch's features take four row gathers (``index_select``) and three
-``lerp``s per resolution, instead of work per map and per image. The taps and weights are
-``ddpmseg.featcache.pixels``' (``source_coords``, the reference's align_corners=False
-arithmetic); the blend agrees with ``pixel_features`` within a float32 rounding. Minibatch
-features come out in "pool order" (one resolution group after another, ``MapLayout.perm``
-maps them to the reference's step-major order); the trainer permutes the first Linear layer's
-input columns to match, and back when it saves, so the saved model reads reference-order
-features and no per-batch reordering is paid.
+The pooled maps' layout and the gather over them are ``ddpmseg.featcache.pixels.MapLayout``
+(channels-last, grouped by resolution; the reference's align_corners=False taps); features come
+out in the reference's order (step-major, then block), so the trainer's model reads them as
+they are.
 
-Cost (bench/fit_memory.py, LSUN-256 layout, 8448 dims, 2-core CPU): about 1 ms per minibatch
-of 64 pixels with cold caches, against ~0.15 ms for the in-memory row gather and ~5 ms for the
-training step. Calling ``pixel_features`` per image and per map instead would cost tens of ms
-per minibatch (one call per image in the minibatch, 15 maps each). Tried and dropped: computing
-minibatches ahead in a thread (the GIL hand-offs cost more than they hide on 2 cores), and
-``embedding_bag`` blends (10-20% faster, but they need a float32 pool, twice the memory, or
-round the features to float16).
+Cost (bench/fit_speed.py, 1 thread, shared 2-core CPU): features are gathered for a run of
+minibatches at once (``run_pixels``). The gather reads four float32 taps per feature value, four
+times the bytes of the in-memory row copy: about 0.15 ms per 64 pixels at 1344 dims and 2.5 ms
+at 8448 dims (memory-bound), against 0.1 and 0.3-0.7 ms for the in-memory copy and 4 and
+16-20 ms for the training step. Tried and dropped: a float16 pool blended with ``lerp`` (the
+upcast and blends are three extra passes over (4, n, C) temporaries: 2-6x slower), and
+computing minibatches ahead in a thread (the GIL hand-offs cost more than they hide on 2 cores).
 """
 
 from __future__ import annotations
@@ -58,12 +53,9 @@ import numpy as np
 import torch
 
 from ..errors import BadInputError, StoreError
-from ..featcache.pixels import source_coords
+from ..featcache.pixels import MapLayout
 
 log = logging.getLogger(__name__)
-
-_POOL_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 # -- which pixels ---------------------------------------------------------------------------
 @dataclass
@@ -118,8 +110,9 @@ class PixelIndex:
 
 
 def image_bytes(info) -> int:
-    """Bytes of one image's native maps in the pool."""
-    itemsize = torch.empty(0, dtype=_POOL_DTYPES[info.dtype]).element_size()
+    """Bytes of one image's native maps in the pool (float32 whatever the store's dtype: see
+    ``MapLayout``)."""
+    itemsize = torch.empty(0, dtype=MapLayout.dtype).element_size()
     return sum(c * h * w for c, h, w in info.shapes) * itemsize
 
 
@@ -166,103 +159,6 @@ class EpochPlan:
         rows = np.repeat(starts, counts) + rank
         perm = np.random.default_rng([self.seed, epoch, 1 + c]).permutation(total)
         return img[perm], rows[perm]
-
-
-# -- features of pixels from native maps ----------------------------------------------------
-class MapLayout:
-    """Where each stored map lives in the resolution-grouped, channels-last pool."""
-
-    def __init__(self, info, device: torch.device):
-        self.size = tuple(info.image_size)
-        self.dim = sum(s[0] for s in info.shapes)
-        self.device = device
-        self.dtype = _POOL_DTYPES[info.dtype]
-        groups: dict[tuple[int, int], list] = {}
-        col = 0
-        for j, (c, h, w) in enumerate(info.shapes):
-            groups.setdefault((h, w), []).append((j, c, col))
-            col += c
-        self.groups = []          # (h, w, channels, [(map j, c0, c1)], first pool column)
-        self.map_slot = {}        # map j -> (group index, c0, c1)
-        perm, start = [], 0
-        for g, ((h, w), members) in enumerate(groups.items()):
-            c0, parts = 0, []
-            for j, c, fcol in members:
-                parts.append((j, c0, c0 + c))
-                self.map_slot[j] = (g, c0, c0 + c)
-                perm.append(torch.arange(fcol, fcol + c))
-                c0 += c
-            self.groups.append((h, w, c0, parts, start))
-            start += c0
-        # Pool order: the features of one resolution group after another. Column k of a pool-
-        # order feature is column perm[k] of the reference's (step-major, then block) order.
-        self.perm = torch.cat(perm)
-        self.identity = bool(torch.equal(self.perm, torch.arange(self.dim)))
-        self._table = None
-
-    def allocate(self, slots: int) -> list[torch.Tensor]:
-        return [torch.empty((slots, h, w, c), dtype=self.dtype, device=self.device)
-                for h, w, c, _, _ in self.groups]
-
-    def put(self, bufs: list[torch.Tensor], slot: int, maps: list) -> None:
-        """Copy one image's (C, h, w) maps into ``slot`` of the pool buffers."""
-        for j, m in enumerate(maps):
-            g, c0, c1 = self.map_slot[j]
-            t = torch.from_numpy(np.ascontiguousarray(m))
-            if t.dtype != self.dtype:
-                t = t.to(self.dtype)
-            bufs[g][slot, :, :, c0:c1].copy_(t.permute(1, 2, 0))
-
-    def _tables(self):
-        """Per image pixel, for every group: the 4 bilinear taps (flat offsets in its map) and
-        the x and y weights, from ``source_coords`` (the reference's align_corners=False
-        arithmetic). Built once: (4G, H*W) int64 and (2G, H*W, 1) float32, so that one
-        minibatch looks all of them up in two indexing operations."""
-        if self._table is None:
-            height, width = self.size
-            flat = torch.arange(height * width)
-            ys, xs = flat // width, flat % width
-            taps, weights, sizes = [], [], []
-            for h, w, *_ in self.groups:
-                y0, y1, ly = source_coords(height, h, ys)
-                x0, x1, lx = source_coords(width, w, xs)
-                taps += [y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1]
-                weights += [lx, ly]
-                sizes += [h * w] * 4
-            self._table = (torch.stack(taps).to(self.device),
-                           torch.stack(weights)[:, :, None].to(self.device),
-                           torch.tensor(sizes, device=self.device)[:, None])
-        return self._table
-
-    def features(self, bufs: list[torch.Tensor], slots: torch.Tensor,
-                 flat: torch.Tensor) -> torch.Tensor:
-        """float32 (n, D) features of pixels ``flat`` (y * W + x) of the images in ``slots``,
-        in pool order (``to_feature_order`` gives the reference's order; the trainer instead
-        permutes the first layer's input columns, so no per-batch reordering is needed).
-
-        Same taps and weights as ``pixels.pixel_features``; the blend is ``torch.lerp`` (one
-        pass per interpolation instead of three), equal to it within a float32 rounding.
-        """
-        n = flat.shape[0]
-        taps, weights, sizes = self._tables()
-        rows_all = taps[:, flat] + slots * sizes            # (4G, n) rows of the pool buffers
-        w_all = weights[:, flat]                            # (2G, n, 1): x, y weight per group
-        out = torch.empty((n, self.dim), dtype=torch.float32, device=flat.device)
-        for g, ((h, w, c, _, start), buf) in enumerate(zip(self.groups, bufs)):
-            # index_select copies whole rows (one pixel's channels): far faster than indexing.
-            v = torch.index_select(buf.view(-1, c), 0, rows_all[4 * g:4 * g + 4].view(-1))
-            v = v.view(2, 2, n, c).float()
-            along_x = torch.lerp(v[:, 0], v[:, 1], w_all[2 * g])    # both source rows
-            torch.lerp(along_x[0], along_x[1], w_all[2 * g + 1], out=out[:, start:start + c])
-        return out
-
-    def to_feature_order(self, x: torch.Tensor) -> torch.Tensor:
-        """Pool-order features (n, D) -> the reference's feature order."""
-        if self.identity:
-            return x
-        out = torch.empty_like(x)
-        out[:, self.perm.to(x.device)] = x
-        return out
 
 
 # -- sources ---------------------------------------------------------------------------------
@@ -479,15 +375,29 @@ class _Loader:
 
 
 # -- minibatches -----------------------------------------------------------------------------
-def batches(plan: EpochPlan, session: _Session, epoch: int,
-            device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+# Features are gathered for a run of consecutive minibatches at once (about this many bytes of
+# float32), so the per-call cost of the gather (a few dozen small tensor ops) is paid once per
+# run, not once per 64 pixels. Both sources cut the same runs, so their minibatches are the same
+# tensors, laid out alike in memory.
+RUN_BYTES = 4 * 2 ** 20
+
+
+def run_pixels(batch_size: int, dim: int, run_bytes: int = RUN_BYTES) -> int:
+    """Pixels per gather: a whole number of minibatches, at least one, about ``run_bytes``."""
+    return max(1, run_bytes // (4 * max(1, dim) * batch_size)) * batch_size
+
+
+def batches(plan: EpochPlan, session: _Session, epoch: int, device: torch.device,
+            dim: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The minibatches (features float32 (B, D), labels int64 (B,)) of one epoch.
 
-    (Computing batches ahead in a thread was tried: on a 2-core machine the GIL hand-offs
-    between it and the training step cost more than they hid.)
+    A minibatch is a view into its run's feature tensor (or, where it straddles two chunks,
+    a concatenation). (Computing batches ahead in a thread was tried: on a 2-core machine the
+    GIL hand-offs between it and the training step cost more than they hid.)
     """
     sizes = plan.batch_sizes
     labels = plan.index.labels
+    extra = run_pixels(plan.batch_size, dim) - plan.batch_size
     bi, need = 0, (sizes[0] if sizes else 0)
     xs, ys = [], []
     for c, chunk in enumerate(session.chunks(epoch)):
@@ -495,18 +405,23 @@ def batches(plan: EpochPlan, session: _Session, epoch: int,
             img, rows = plan.chunk_rows(epoch, c, chunk.images)
             pos, n = 0, len(rows)
             while pos < n:
-                take = min(need, n - pos)
-                r = rows[pos:pos + take]
-                xs.append(chunk.featurize(img[pos:pos + take], r))
-                ys.append(labels[r])
-                pos += take
-                need -= take
-                if need == 0:
-                    x = xs[0] if len(xs) == 1 else torch.cat(xs)
-                    y = torch.from_numpy(np.concatenate(ys).astype(np.int64)).to(device)
-                    xs, ys = [], []
-                    bi += 1
-                    need = sizes[bi] if bi < len(sizes) else 0
-                    yield x, y
+                # The rest of the current minibatch and a few whole ones, in one gather.
+                run = min(n - pos, need + extra)
+                feats = chunk.featurize(img[pos:pos + run], rows[pos:pos + run])
+                q = 0
+                while q < run:
+                    take = min(need, run - q)
+                    xs.append(feats[q:q + take])
+                    ys.append(labels[rows[pos + q:pos + q + take]])
+                    q += take
+                    need -= take
+                    if need == 0:
+                        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+                        y = torch.from_numpy(np.concatenate(ys).astype(np.int64)).to(device)
+                        xs, ys = [], []
+                        bi += 1
+                        need = sizes[bi] if bi < len(sizes) else 0
+                        yield x, y
+                pos += run
         finally:
             chunk.release()

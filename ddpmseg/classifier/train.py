@@ -1,12 +1,4 @@
-"""``fit``: a feature store -> an ensemble of pixel MLPs in a run directory.
-
-Run directory:
-
-    config.json        the resolved config (data and features sections from the store)
-    store.json         {"path": ..., "info": StoreInfo of the training store}
-    member_{k:02d}.pt  {"state_dict": ..., "meta": {...}}, written atomically as each finishes
-    train_log.jsonl    one line per epoch (member, epoch, loss, ce, steps, pixels/s) and one per
-                       finished member (stop epoch, early stop)
+"""``fit``: a feature store -> an ensemble of pixel MLPs in a run directory (``run.py``).
 
 Member k seeds torch, numpy and random from ``seed + k`` before building its model, and its
 pixel order is a function of that seed too, so a member is the same whether it is trained
@@ -15,8 +7,6 @@ alone, after others, after a resume, or on a dask worker.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 import random
@@ -27,30 +17,23 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from distributed import as_completed
+from tqdm import tqdm
 
 from ..config import Config
 from ..device import resolve_device
-from ..scaleout import connect
+from ..scaleout import check_scheduler, connect
+from ..progress import wanted
 from ..errors import ConfigError, RunError, StoreError
-from ..featcache.store import FeatureStore, StoreInfo
+from ..featcache.store import FeatureStore
+from . import run as R
 from . import sampler as S
 from .model import EarlyStopping, PixelMLP, init_normal, make_trunk, simplex_etf
 
 log = logging.getLogger(__name__)
 
 ETF_MODES = ("shared", "separate", "none")
-MEMBER_FORMAT = 1
 GIB = 1024 ** 3
-# The classifier settings a resumed run must share with the members already trained.
-# (ensemble may grow or shrink; ram_budget_gb only matters through the shuffle size.)
-_TRAINING_KEYS = ("lr", "batch_size", "max_epochs", "min_epochs", "patience", "etf",
-                  "etf_weight", "seed")
-
-
-def member_path(run_dir: str | Path, k: int) -> Path:
-    return Path(run_dir) / f"member_{k:02d}.pt"
-
-
 # -- checks ---------------------------------------------------------------------------------
 def check_classifier_config(c) -> None:
     problems = []
@@ -89,108 +72,6 @@ def check_trainable(store: FeatureStore) -> None:
                          "rerun the same `ddpmseg extract` command to finish the store")
 
 
-def resolved_config(config: Config, info: StoreInfo) -> Config:
-    """The run's config: data and feature settings are the store's, not the config file's."""
-    data = dataclasses.replace(config.data, num_classes=info.num_classes,
-                               ignore_label=info.ignore_label,
-                               class_names=tuple(info.class_names),
-                               min_class_pixels=getattr(info, "min_class_pixels",
-                                                        config.data.min_class_pixels))
-    features = dataclasses.replace(config.features, steps=tuple(info.steps),
-                                   blocks=tuple(info.blocks), seed=info.seed, dtype=info.dtype,
-                                   precision=getattr(info, "precision", config.features.precision))
-    return dataclasses.replace(config, data=data, features=features)
-
-
-_STORE_KEYS = ("fingerprint", "steps", "blocks", "shapes", "image_size", "num_images", "names",
-               "num_classes", "ignore_label", "class_names", "dtype", "seed")
-
-
-def _store_differences(old: dict, new: dict) -> list[str]:
-    out = []
-    for key in _STORE_KEYS:
-        a, b = old.get(key), new.get(key)
-        if a != b:
-            if key == "fingerprint":
-                out.append("model fingerprint")
-            elif key == "names":
-                out.append(f"image names ({len(a or ())} in the run's store, {len(b or ())} now)")
-            else:
-                out.append(f"{key} ({_short(a)} in the run's store, {_short(b)} now)")
-    return out
-
-
-def _short(v, limit: int = 50) -> str:
-    text = json.dumps(v)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_json(path: Path, obj) -> None:
-    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-def read_member(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem
-        raise RunError(f"{path} is unreadable ({type(exc).__name__}: {exc})",
-                       "delete it and rerun `ddpmseg fit` to retrain that member") from exc
-
-
-def _prepare_run_dir(run_dir: Path, cfg: Config, store: FeatureStore, resume: bool,
-                     shuffle: int) -> None:
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunError(f"run dir {run_dir} is a file", "choose another path")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        for p in list(run_dir.glob("member_*.pt")) + [run_dir / "train_log.jsonl",
-                                                       run_dir / "config.json",
-                                                       run_dir / "store.json"]:
-            p.unlink(missing_ok=True)
-        return
-    members = sorted(run_dir.glob("member_*.pt"))
-    store_json = run_dir / "store.json"
-    hint = f"use a new run dir, or --overwrite to replace {run_dir}"
-    if store_json.is_file():
-        old = json.loads(store_json.read_text()).get("info", {})
-        diffs = _store_differences(old, store.info.to_json())
-        if diffs:
-            raise RunError(f"run dir {run_dir} was trained on another store "
-                           f"({json.loads(store_json.read_text()).get('path')}): it differs in "
-                           + "; ".join(diffs), hint)
-    elif members:
-        raise RunError(f"run dir {run_dir} holds member files but no store.json", hint)
-    if not members:
-        return
-    config_json = run_dir / "config.json"
-    if config_json.is_file():
-        old = json.loads(config_json.read_text()).get("classifier", {})
-        new = dataclasses.asdict(cfg.classifier)
-        diffs = [f"{k} ({old.get(k)!r} there, {new[k]!r} now)" for k in _TRAINING_KEYS
-                 if old.get(k) != new[k]]
-        if diffs:
-            raise RunError(f"run dir {run_dir} was trained with other classifier settings: "
-                           + "; ".join(diffs),
-                           f"rerun with the same options to resume, or {hint}")
-    for p in members:
-        meta = read_member(p).get("meta", {})
-        if meta.get("shuffle_images") != shuffle:
-            raise RunError(
-                f"{p.name} was trained shuffling {meta.get('shuffle_images')} images at a time; "
-                f"with this RAM budget it would be {shuffle}, and the remaining members would "
-                "not match an uninterrupted run",
-                f"rerun with the --ram-budget of the first run, or {hint}")
-
-
 # -- training one member --------------------------------------------------------------------
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -224,13 +105,6 @@ def train_member(k: int, source, index: S.PixelIndex, cfg: Config, dim: int,
     c = cfg.classifier
     seed = c.seed + k
     model, trunk, etf_m = build_member(dim, num_classes, c.etf, seed)
-    # Minibatch features arrive in the pool's column order: permute the first layer's input
-    # columns to it (the same model, stored differently), and back before saving.
-    perm = source.layout.perm
-    if not source.layout.identity:
-        for first in [model.layers[0]] + ([trunk[0]] if trunk is not None else []):
-            with torch.no_grad():
-                first.weight.copy_(first.weight[:, perm])
     model.to(device).train()
     # One optimiser per parameter set: the classifier's updates never see the other trunk.
     opt = torch.optim.Adam(model.parameters(), lr=c.lr)
@@ -244,8 +118,7 @@ def train_member(k: int, source, index: S.PixelIndex, cfg: Config, dim: int,
     stopper = EarlyStopping(c.min_epochs, c.patience)
     steps_total, stop_epoch, early = 0, c.max_epochs - 1, False
     bar = None
-    if progress:
-        from tqdm import tqdm
+    if wanted(progress):
         bar = tqdm(total=len(plan.batch_sizes), file=sys.stderr, leave=False, unit="step",
                    dynamic_ncols=True)
     t_start = time.perf_counter()
@@ -262,7 +135,7 @@ def train_member(k: int, source, index: S.PixelIndex, cfg: Config, dim: int,
                 etf_sum = torch.zeros((), device=device)
                 ce_sum = 0.0
                 steps = pixels = 0
-                for x, y in S.batches(plan, session, epoch, device):
+                for x, y in S.batches(plan, session, epoch, device, dim):
                     logits, h = model(x, return_features=True)
                     ce = F.cross_entropy(logits, y)
                     loss = ce
@@ -304,7 +177,8 @@ def train_member(k: int, source, index: S.PixelIndex, cfg: Config, dim: int,
                 steps_total += steps
                 record = {"member": k, "epoch": epoch, "loss": loss_sum.item() / max(steps, 1),
                           "ce": ce_sum / max(steps, 1), "steps": steps, "pixels": pixels,
-                          "pixels_per_s": pixels / max(seconds, 1e-9), "seconds": seconds}
+                          "pixels_per_s": pixels / max(seconds, 1e-9), "seconds": seconds,
+                          "threads": torch.get_num_threads()}
                 if c.etf != "none":
                     record["etf_loss"] = etf_sum.item() / max(steps, 1)
                 if on_epoch is not None:
@@ -315,33 +189,15 @@ def train_member(k: int, source, index: S.PixelIndex, cfg: Config, dim: int,
     finally:
         if bar is not None:
             bar.close()
-    meta = {"format": MEMBER_FORMAT, "member": k, "seed": seed, "dim": dim,
+    meta = {"format": R.MEMBER_FORMAT, "member": k, "seed": seed, "dim": dim,
             "num_classes": num_classes, "widths": list(model.widths), "etf": c.etf,
             "etf_weight": c.etf_weight, "stop_epoch": stop_epoch, "early_stop": early,
             "steps": steps_total, "shuffle_images": shuffle,
             "pixels_per_epoch": plan.pixels_per_epoch,
-            "seconds": time.perf_counter() - t_start, "device": str(device)}
+            "seconds": time.perf_counter() - t_start, "device": str(device),
+            "threads": torch.get_num_threads()}
     state = {key: v.detach().cpu().clone() for key, v in model.state_dict().items()}
-    if not source.layout.identity:
-        w = torch.empty_like(state["layers.0.weight"])
-        w[:, perm] = state["layers.0.weight"]
-        state["layers.0.weight"] = w
     return state, meta
-
-
-def save_member(run_dir: Path, k: int, state: dict, meta: dict) -> Path:
-    path = member_path(run_dir, k)
-    _atomic_write(path, lambda p: torch.save({"state_dict": state, "meta": meta}, p))
-    return path
-
-
-class _Log:
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __call__(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 # -- fit ------------------------------------------------------------------------------------
@@ -370,10 +226,11 @@ def fit(store, run_dir, config: Config | None = None, *, device="auto", in_memor
     """
     config = config or Config()
     check_classifier_config(config.classifier)
+    check_scheduler(scheduler)  # before the run dir is made
     store = _open_store(store)
     check_trainable(store)
     info = store.info
-    cfg = resolved_config(config, info)
+    cfg = R.resolved_config(config, info, store.config.get("model"))
     c = cfg.classifier
     run_dir = Path(run_dir)
     dev = resolve_device(device)
@@ -388,11 +245,13 @@ def fit(store, run_dir, config: Config | None = None, *, device="auto", in_memor
         log.warning("RAM budget %.2f GB is below two images' maps (%.0f MB each): the pool holds "
                     "2 images anyway", c.ram_budget_gb, per_image / 2 ** 20)
 
-    _prepare_run_dir(run_dir, cfg, store, resume, shuffle)
-    cfg.to_json(run_dir / "config.json")
-    _write_json(run_dir / "store.json", {"path": str(store.path), "info": info.to_json()})
-    todo = [k for k in range(c.ensemble) if not member_path(run_dir, k).is_file()]
-    logger = _Log(run_dir / "train_log.jsonl")
+    R.prepare(run_dir, cfg, info, resume, shuffle)
+    R.write_header(run_dir, cfg, store.path, info)
+    todo = [k for k in range(c.ensemble) if not R.member_path(run_dir, k).is_file()]
+
+    def logger(record: dict) -> None:
+        R.append_log(run_dir, record)
+
     if not todo:
         log.info("all %d members of %s are trained", c.ensemble, run_dir)
         return run_dir
@@ -418,11 +277,13 @@ def fit(store, run_dir, config: Config | None = None, *, device="auto", in_memor
         for k in todo:
             state, meta = train_member(k, source, index, cfg, info.feature_dim,
                                        info.num_classes, shuffle, dev, progress, logger)
-            save_member(run_dir, k, state, meta)
+            R.write_member(run_dir, k, state, meta)
             logger(_done_record(meta))
-            log.info("member %d/%d: stopped at epoch %d (%s), %d steps, %.1f s", k + 1,
-                     c.ensemble, meta["stop_epoch"], "early" if meta["early_stop"] else "max",
-                     meta["steps"], meta["seconds"])
+            # stop_epoch is stored 0-based; people count epochs from 1.
+            log.info("member %d/%d: stopped after epoch %d of at most %d (%s), %d steps, %.1f s",
+                     k + 1, c.ensemble, meta["stop_epoch"] + 1, c.max_epochs,
+                     "early stop" if meta["early_stop"] else "max epochs", meta["steps"],
+                     meta["seconds"])
     finally:
         source.close()
     return run_dir
@@ -455,12 +316,8 @@ def _member_task(store_path: str, cfg_dict: dict, k: int, device: str, in_memory
     return state, meta, records
 
 
-
-
 def _fit_distributed(store, run_dir, cfg, todo, device, in_memory, shuffle, scheduler, logger,
                      progress):
-    from distributed import as_completed
-
     client, cluster = connect(scheduler, max(1, min(os.cpu_count() or 1, 4)))
     try:
         threads = torch.get_num_threads()
@@ -469,14 +326,13 @@ def _fit_distributed(store, run_dir, cfg, todo, device, in_memory, shuffle, sche
                                  key=f"ddpmseg-fit-member-{k}-{os.getpid()}-{time.time_ns()}")
                    for k in todo]
         bar = None
-        if progress:
-            from tqdm import tqdm
+        if wanted(progress):
             bar = tqdm(total=len(todo), file=sys.stderr, desc="members", unit="member")
         try:
             for fut in as_completed(futures):
                 state, meta, records = fut.result()
                 k = meta["member"]
-                save_member(run_dir, k, state, meta)
+                R.write_member(run_dir, k, state, meta)
                 for r in records:
                     logger(r)
                 logger(_done_record(meta))

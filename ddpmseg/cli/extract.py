@@ -4,36 +4,46 @@ from __future__ import annotations
 
 import click
 
-from .common import config_option, device_option, parse_ints, resolve_config
-
-_DTYPES = ("float16", "bfloat16", "float32")
-_PRECISIONS = ("fp32", "bf16", "fp16")
+from ..featcache import extract
+from ..featcache.spec import PRECISIONS, STORE_DTYPES
+from ..featcache.store import codec_name
+from .common import (bundled_default, config_option, device_option, ignore_label_option,
+                     num_classes_option, parse_blocks, parse_ints, preset_features,
+                     resolve_config, show_progress, threads_option)
 
 
 @click.command("extract")
-@click.argument("data_dir", metavar="DATA_DIR")
-@click.argument("store", metavar="STORE")
+@click.argument("paths", nargs=-1, required=True, metavar="[DATA_DIR] STORE")
 @config_option
 @click.option("--checkpoint", default=None, metavar="PATH",
-              help="The guided-diffusion checkpoint (.pt). [default: model.checkpoint of the "
-                   "config]")
+              help="The backbone: a guided-diffusion checkpoint (.pt, with --preset), or a "
+                   "diffusers model folder (DDPM UNet2DModel or Stable Diffusion). "
+                   "[default: model.checkpoint of the config]")
 @click.option("--preset", default=None, metavar="NAME|JSON",
               help="Model flags: a preset (lsun_256, faces_64, ...) or a flags JSON file. "
                    "[default: model.preset of the config]")
+@click.option("--prompt", default=None, metavar="TEXT",
+              help="Stable Diffusion only: the text the UNet is conditioned on. "
+                   "[default: config, the empty prompt]")
 @click.option("--steps", default=None, metavar="T,T,...",
               help="Diffusion steps to noise each image to. [default: config, 50,150,250]")
 @click.option("--blocks", default=None, metavar="B,B,...",
-              help="Decoder blocks whose outputs are kept. [default: config, 5,6,7,8,12]")
-@click.option("--dtype", type=click.Choice(_DTYPES), default=None,
+              help="Decoder blocks whose outputs are kept: indices (of up_blocks for a "
+                   "diffusers folder, which also takes names like up2.res1, up2.attn0). "
+                   "[default: config, 5,6,7,8,12]")
+@num_classes_option
+@ignore_label_option
+@click.option("--dtype", type=click.Choice(STORE_DTYPES), default=None,
               help="Storage dtype of the activations. [default: config, float16]")
 @click.option("--codec", default=None, metavar="lossless|bitroundK",
               help="lossless, or bitroundK: keep K mantissa bits of each stored value (lossy, "
                    "relative error <= 2^-(K+1)); bitround3 halves a float16 store: 1/108 of "
                    "dense float32 for the 256px models (README). [default: config, lossless]")
 @device_option
+@threads_option()
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Images per forward pass. [default: config, 1]")
-@click.option("--precision", type=click.Choice(_PRECISIONS), default=None,
+              help="Images per forward pass (features.batch_size). [default: config, 1]")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="Compute precision of the model (fp16 on CUDA only). [default: config, fp32]")
 @click.option("--seed", type=int, default=None, help="Noise seed. [default: config, 0]")
 @click.option("--resize", is_flag=True,
@@ -43,17 +53,18 @@ _PRECISIONS = ("fp32", "bf16", "fp16")
 @click.option("--scheduler", default=None, metavar="local|local:N|tcp://HOST:PORT",
               help="Run as dask.distributed tasks: a local cluster of N worker processes, or "
                    "an existing scheduler whose workers see the same files.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context
-def command(ctx, data_dir, store, config_path, checkpoint, preset, steps, blocks, dtype, codec,
-            device, batch_size, precision, seed, resize, overwrite, scheduler, no_progress):
+def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, num_classes,
+            ignore_label, dtype, codec, device, batch_size, precision, seed, resize, overwrite,
+            scheduler):
     """Extract diffusion features of every image in DATA_DIR into the store STORE.
 
-    DATA_DIR holds images (png/jpg) with masks of the same stem (<id>.npy or <id>_mask.png)
+    DATA_DIR holds images (png/jpg/webp/bmp/tif) with masks of the same stem (<id>.npy or <id>_mask.png)
     for training and evaluation, or images only for prediction. Every mask is checked before
     anything is written. Rerunning the same command resumes an interrupted extraction;
     a store made with other settings is refused unless --overwrite. Each option overrides
-    its key of the config.
+    its key of the config. Without DATA_DIR, the config's data.train_dir is used (a
+    reference ddpm.json's training_path).
 
     \b
     Examples:
@@ -61,22 +72,38 @@ def command(ctx, data_dir, store, config_path, checkpoint, preset, steps, blocks
           --config ffhq_34 --checkpoint checkpoints/ffhq.pt
       ddpmseg extract my_images/ stores/mine.zarr --preset faces_64 \\
           --checkpoint adm_faces64.pt --steps 50,150,250 --blocks 2,4,5,7,8 --resize
+      ddpmseg extract stores/train.zarr --config experiments/ffhq_34/ddpm.json
+      ddpmseg extract my_images/ stores/sd.zarr --checkpoint models/stable-diffusion-v1-5 \\
+          --steps 50,150,250 --blocks 1,2,3 --resize --config ffhq_34
     """
-    from ..featcache import extract
-    from ..featcache.store import codec_name
-
+    preset, usual = preset_features(preset, checkpoint)
+    steps, blocks = parse_ints(steps, "--steps"), parse_blocks(blocks)
     cfg = resolve_config(config_path,
-                         model={"preset": preset, "checkpoint": checkpoint},
-                         features={"steps": parse_ints(steps, "--steps"),
-                                   "blocks": parse_ints(blocks, "--blocks"),
+                         model={"preset": preset, "checkpoint": checkpoint, "prompt": prompt},
+                         features={"steps": steps or usual.get("steps"),
+                                   "blocks": blocks or usual.get("blocks"),
                                    "dtype": dtype, "codec": codec, "seed": seed,
-                                   "precision": precision, "batch_size": batch_size})
-    quiet = bool(ctx.find_root().params.get("quiet"))
+                                   "precision": precision,
+                                   "batch_size": batch_size},
+                         data={"num_classes": num_classes, "ignore_label": ignore_label})
+    cfg = bundled_default(cfg)
+    data_dir, store = _data_and_store(paths, cfg.data.train_dir)
     result = extract(data_dir, store, cfg, device=device, resize=resize, overwrite=overwrite,
-                     scheduler=scheduler, progress=not (no_progress or quiet))
+                     scheduler=scheduler, progress=show_progress(ctx))
     info = result.info
     lossless = info.codec.get("keepbits") is None
     click.echo(f"{store}: {len(result)} images, {info.feature_dim} dims per pixel "
                f"({len(info.steps)} steps x {len(info.blocks)} blocks), {info.dtype}"
                + ("" if lossless else f" {codec_name(info.codec)}") + ", "
                f"{'with' if info.has_labels else 'without'} labels")
+
+
+def _data_and_store(paths: tuple[str, ...], default_dir: str) -> tuple[str, str]:
+    if len(paths) == 2:
+        return paths[0], paths[1]
+    if len(paths) == 1 and default_dir:
+        return default_dir, paths[0]
+    if len(paths) == 1:
+        raise click.UsageError("give DATA_DIR STORE, or a config with a training folder "
+                               "(data.train_dir, or training_path in a ddpm.json)")
+    raise click.UsageError(f"expected [DATA_DIR] STORE, got {len(paths)} paths")

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import click
 
-from .common import device_option
+from ..predict import predict
+from ..voting import VOTES
+from .common import count, device_option, show_progress, threads_option
 
 
 @click.command("predict")
 @click.argument("run", metavar="RUN")
 @click.argument("input_path", metavar="INPUT")
 @click.argument("out_dir", metavar="OUT")
-@click.option("--vote", type=click.Choice(["soft", "log", "hard"]), default=None,
+@click.option("--vote", type=click.Choice(VOTES), default=None,
               help="How members are combined: soft = mean of probabilities, log = mean of "
                    "log-probabilities (the seed's), hard = majority. [default: the run's "
                    "config, soft]")
@@ -31,9 +33,10 @@ from .common import device_option
 @click.option("--report", "with_report", is_flag=True,
               help="Also write OUT/report/index.html (see `ddpmseg report`) and print its path.")
 @device_option
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-def command(run, input_path, out_dir, vote, uncertainty, tile_rows, images_dir, resize,
-            checkpoint, with_report, device, no_progress):
+@threads_option()
+@click.pass_context
+def command(ctx, run, input_path, out_dir, vote, uncertainty, tile_rows, images_dir, resize,
+            checkpoint, with_report, device):
     """Predict segmentation masks with the ensemble of RUN for every image of INPUT.
 
     INPUT is a feature store (from `ddpmseg extract`) or a folder of images; from images,
@@ -47,13 +50,12 @@ def command(run, input_path, out_dir, vote, uncertainty, tile_rows, images_dir, 
       ddpmseg predict runs/ffhq34 data/ffhq_34/real/test preds/ffhq34 --uncertainty --report
       ddpmseg predict runs/ffhq34 stores/test.zarr preds --images data/test --vote hard
     """
-    from ..predict import predict
-
     summary = predict(run, input_path, out_dir, vote=vote, uncertainty=uncertainty,
                       device=device, tile_rows=tile_rows, resize=resize, checkpoint=checkpoint,
-                      images=images_dir, progress=not no_progress)
-    click.echo(f"predicted {summary['num_images']} image(s) ({summary['input_kind']}, vote "
-               f"{summary['vote']}, {summary['num_members']} members) into {summary['out_dir']}")
+                      images=images_dir, progress=show_progress(ctx))
+    click.echo(f"predicted {count(summary['num_images'], 'image')} ({summary['input_kind']}, "
+               f"vote {summary['vote']}, {count(summary['num_members'], 'member')}) into "
+               f"{summary['out_dir']}")
     if with_report:
         from ..report import report
 

@@ -24,19 +24,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from distributed import as_completed
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from .. import data as D
+from ..backbone import Backbone, BackboneId, ModelFlags, describe_backbone, load_backbone
+from ..backbone.base import block_id
+from ..bundled import BUNDLED_CHECKPOINTS, resolve_checkpoint
 from ..config import Config
-from ..bundled import resolve_checkpoint
-from ..scaleout import connect
-from ..errors import (BadInputError, ConfigError, DdpmsegError, StoreError,
-                      StoreMismatchError)
-from .store import STORE_DTYPES, FeatureStore, StoreInfo, parse_codec
+from ..errors import BadInputError, ConfigError, StoreError, StoreMismatchError
+from ..scaleout import check_scheduler, connect
+from ..progress import wanted
+from .spec import PRECISIONS, STORE_DTYPES, FeatureSpec
+from .store import FeatureStore, StoreInfo, encode_image, parse_codec
 
 log = logging.getLogger("ddpmseg")
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 # Threads that cast, compress and write finished images while the model runs.
 WRITER_THREADS = max(1, min(4, os.cpu_count() or 1))
 
@@ -54,10 +58,7 @@ class _Job:
 
     store_path: str
     image_paths: tuple[str, ...]
-    steps: tuple[int, ...]
-    blocks: tuple[int, ...]
-    seed: int
-    precision: str
+    spec: FeatureSpec
     batch_size: int
     resize: bool
     # torch's intra-op threads of the client. Some CPU kernels (1x1 convolutions among them)
@@ -90,20 +91,21 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     LocalCluster of N single-threaded worker processes) or "tcp://host:port" (a running dask
     scheduler whose workers see the same files). Returns the store, opened for reading.
     """
-    from ..backbone import Backbone, ModelFlags
-
     config = config or Config()
     fc, dc = config.features, config.data
-    steps, blocks = tuple(int(t) for t in fc.steps), tuple(int(b) for b in fc.blocks)
+    steps, blocks = tuple(int(t) for t in fc.steps), tuple(block_id(b) for b in fc.blocks)
     dtype, seed = fc.dtype, int(fc.seed)
     precision = precision or fc.precision
     batch_size = int(batch_size or fc.batch_size)
     _check_settings(steps, blocks, dtype, precision, batch_size, dc)
     codec = parse_codec(fc.codec, dtype)
+    check_scheduler(scheduler)  # before anything is written
     checkpoint = checkpoint if checkpoint not in (None, "") else (config.model.checkpoint or None)
+    # A bundled name is recorded as given: the package's own path differs per install.
+    recorded = str(checkpoint) if str(checkpoint) in BUNDLED_CHECKPOINTS else None
     checkpoint = resolve_checkpoint(checkpoint) if checkpoint else None
 
-    flags = backbone.flags if backbone is not None else ModelFlags.resolve(config.model.preset)
+    flags = describe_backbone(backbone or checkpoint, config.model.preset)
     for t in steps:
         if not 0 <= t < flags.diffusion_steps:
             raise ConfigError(f"step {t} is out of range 0..{flags.diffusion_steps - 1}",
@@ -118,20 +120,19 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
         if checkpoint is None:
             raise ConfigError("no checkpoint given",
                               "pass --checkpoint PATH or set model.checkpoint in the config")
-        backbone = Backbone.from_checkpoint(checkpoint, flags, device=device)
+        backbone = load_backbone(checkpoint, flags, device=device, prompt=config.model.prompt)
     shapes_by_block = backbone.block_shapes(blocks)
-    info = StoreInfo(
-        steps=steps, blocks=blocks,
-        shapes=tuple(tuple(shapes_by_block[b]) for _ in steps for b in blocks),
-        image_size=size, num_images=len(inputs.samples),
-        names=tuple(s.name for s in inputs.samples),
-        num_classes=dc.num_classes, ignore_label=dc.ignore_label,
-        class_names=tuple(dc.class_names), has_labels=inputs.has_labels, dtype=dtype,
-        codec=codec,
-        seed=seed, fingerprint=backbone.fingerprint(), precision=precision,
-        min_class_pixels=dc.min_class_pixels)
+    spec = FeatureSpec(steps=steps, blocks=blocks,
+                       shapes=tuple(tuple(shapes_by_block[b]) for _ in steps for b in blocks),
+                       image_size=size, backbone=BackboneId.of(backbone), seed=seed,
+                       dtype=dtype, precision=precision)
+    info = StoreInfo(spec=spec, num_images=len(inputs.samples),
+                     names=tuple(s.name for s in inputs.samples),
+                     num_classes=dc.num_classes, ignore_label=dc.ignore_label,
+                     class_names=tuple(dc.class_names), has_labels=inputs.has_labels,
+                     min_class_pixels=dc.min_class_pixels, codec=codec)
     resolved = config.with_overrides(
-        model={"checkpoint": str(checkpoint) if checkpoint else ""},
+        model={"checkpoint": recorded or (str(checkpoint) if checkpoint else "")},
         features={"precision": precision, "batch_size": batch_size})
 
     # 3. Create the store, or reopen it and check that it was made the same way.
@@ -151,8 +152,8 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
                  len(done) - len(todo), len(done), len(todo))
 
     # 4. Extract what is left.
-    job = _Job(str(store_path), tuple(str(s.image) for s in inputs.samples), steps, blocks,
-               seed, precision, batch_size, bool(resize), torch.get_num_threads())
+    job = _Job(str(store_path), tuple(str(s.image) for s in inputs.samples), spec, batch_size,
+               bool(resize), torch.get_num_threads())
     if todo:
         start = time.perf_counter()
         with _progress_bar(len(done), len(done) - len(todo), progress) as bar:
@@ -181,7 +182,7 @@ def _check_settings(steps, blocks, dtype, precision, batch_size, dc) -> None:
             raise ConfigError(f"no {name} given", f"set features.{name} or --{name}")
         if len(set(values)) != len(values):
             raise ConfigError(f"{name} repeat a value: {list(values)}", "list each once")
-        if min(values) < 0:
+        if any(isinstance(v, int) and v < 0 for v in values):
             raise ConfigError(f"{name} must be non-negative, got {list(values)}")
     if not 1 <= dc.num_classes <= 256:
         raise ConfigError(f"data.num_classes must be 1..256, got {dc.num_classes}")
@@ -190,9 +191,11 @@ def _check_settings(steps, blocks, dtype, precision, batch_size, dc) -> None:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    """(H, W) from the file header, without decoding the pixels."""
+    """(H, W) of an image, decoded in full: a truncated file must fail here, before the
+    store is created, not halfway through writing it."""
     try:
         with Image.open(path) as im:
+            im.load()
             return im.size[1], im.size[0]
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise BadInputError(f"cannot read image {path} ({exc})",
@@ -281,6 +284,24 @@ def _open_or_create(path: str, info: StoreInfo, overwrite: bool, config: dict) -
 
 # -- one process --------------------------------------------------------------------------------
 
+def image_maps(backbone, x0: torch.Tensor, spec: FeatureSpec) -> list[list[torch.Tensor]]:
+    """Run the backbone on an image batch (B, 3, H, W) in [-1, 1]: per image, its raw maps
+    (C, h, w) in feature order, as the spec asks (steps, blocks, seed, precision)."""
+    acts = backbone.activations(x0, spec.steps, spec.blocks, seed=spec.seed,
+                                precision=spec.precision)
+    return [[acts[key][j] for key in spec.keys] for j in range(x0.shape[0])]
+
+
+def encoded_maps(backbone, x0: torch.Tensor, spec: FeatureSpec, names: Sequence[str],
+                 keepbits: int | None = None) -> list[list[np.ndarray]]:
+    """An image batch -> per image, its maps exactly as a store of ``spec`` holds them (cast
+    to the store dtype, shapes and float16 overflow checked: ``FeatureOverflowError`` names
+    the image; ``keepbits``: a lossy store's rounding). ``extract`` runs these two steps with the encoding in writer threads;
+    prediction from a folder of images runs them here."""
+    return [encode_image(maps, spec, f"image {name}", keepbits)
+            for maps, name in zip(image_maps(backbone, x0, spec), names)]
+
+
 def _load_batch(paths: Sequence[str], size: tuple[int, int], resize: bool) -> torch.Tensor:
     return torch.stack([D.image_tensor(D.load_image(Path(p), size, resize)) for p in paths])
 
@@ -300,7 +321,6 @@ def run_images(store: FeatureStore, backbone, job: _Job, indices: Sequence[int],
     images wait to be written, which bounds memory.
     """
     size = tuple(store.info.image_size)
-    keys = store.info.keys
     batches = [list(indices[k:k + job.batch_size]) for k in range(0, len(indices), job.batch_size)]
     if not batches:
         return
@@ -330,15 +350,12 @@ def run_images(store: FeatureStore, backbone, job: _Job, indices: Sequence[int],
                 x0 = next_x.result()
                 if k + 1 < len(batches):
                     next_x = load(batches[k + 1])
-                acts = backbone.activations(x0, job.steps, job.blocks, seed=job.seed,
-                                            precision=job.precision)
-                for j, i in enumerate(batch):
-                    maps = [acts[key][j] for key in keys]
+                for i, maps in zip(batch, image_maps(backbone, x0, job.spec)):
                     fut = pool.submit(_write_one, store, i, maps,
                                       labels[i] if store.info.has_labels else None)
                     fut.add_done_callback(report(i))
                     pending.append((i, fut))
-                del acts
+                del maps
                 finish(block=False)
             finish(block=True)
         except BaseException:
@@ -359,10 +376,8 @@ class _NullBar:
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
-    if not enabled:
+    if not wanted(enabled):
         return _NullBar()
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=initial, unit="img", desc="extract", file=sys.stderr,
                 dynamic_ncols=True, smoothing=0.1)
 
@@ -374,15 +389,12 @@ _WORKER_BACKBONES: dict = {}
 
 def _worker_backbone(source: dict):
     """The backbone of a worker process, loaded once and kept for its later tasks."""
-    from ..backbone import Backbone
-
     key = repr(sorted((k, repr(v)) for k, v in source.items()))
     bb = _WORKER_BACKBONES.get(key)
     if bb is None:
         _WORKER_BACKBONES.clear()
         if source.get("checkpoint"):
-            bb = Backbone.from_checkpoint(source["checkpoint"], source["flags"],
-                                          device=source["device"])
+            bb = load_backbone(source["checkpoint"], source["flags"], device=source["device"])
         else:
             bb = Backbone.random(source["flags"], seed=source["random_seed"],
                                  device=source["device"])
@@ -391,27 +403,25 @@ def _worker_backbone(source: dict):
 
 
 def _dask_task(job: _Job, source: dict, indices: list[int], labels: list):
-    """One dask task: extract images ``indices``. Our errors come back as data, hint included."""
+    """One dask task: extract images ``indices`` (errors pickle with their hint)."""
     previous = torch.get_num_threads()
     try:
         if job.threads:
             torch.set_num_threads(job.threads)
         bb = _worker_backbone(source)
         store = FeatureStore.open(job.store_path, mode="r+")
-        if bb.fingerprint() != store.info.fingerprint:
+        if BackboneId.of(bb) != store.info.spec.backbone:
             raise StoreMismatchError(
                 f"worker backbone ({source.get('checkpoint') or 'random'}) differs from the one "
                 f"the store {job.store_path} was created with",
                 "workers must see the same checkpoint file as the client")
         # The client sends only images not flagged complete: no need to read every flag here.
-        store._complete = np.zeros(len(store), dtype=bool)
+        store.assume_incomplete()
         full = [None] * len(store)
         for i, lab in zip(indices, labels):
             full[i] = lab
         run_images(store, bb, job, indices, full, writers=1)
-        return {"done": list(indices)}
-    except DdpmsegError as exc:
-        return {"error": type(exc).__name__, "message": exc.message, "hint": exc.hint}
+        return list(indices)
     finally:
         torch.set_num_threads(previous)
 
@@ -423,19 +433,15 @@ def _parse_scheduler(scheduler: str, threads: int):
 
 def _run_distributed(scheduler: str, job: _Job, todo: list[int], labels: list, backbone,
                      checkpoint, device, update: Callable[[int], None]) -> None:
-    from distributed import as_completed
-
-    from .. import errors
-
-    sha = getattr(backbone, "sha256", "")
+    random_seed = BackboneId.of(backbone).random_seed
     if checkpoint:
         source = {"checkpoint": str(Path(checkpoint).expanduser().resolve())}
-    elif isinstance(sha, str) and sha.startswith("random-"):
-        source = {"checkpoint": "", "random_seed": int(sha.split("-", 1)[1])}
+    elif random_seed is not None:
+        source = {"checkpoint": "", "random_seed": random_seed}
     else:
         raise ConfigError("a scheduler needs the checkpoint path: each worker loads the model "
                           "itself", "pass checkpoint= / --checkpoint")
-    source.update(flags=backbone.flags.to_dict(), device=str(device))
+    source.update(flags=backbone.fingerprint().get("flags"), device=str(device))
     # Tasks of whole batches (a batch never spans two tasks, so the images are computed in the
     # same groups as in one process).
     groups = [todo[k:k + job.batch_size] for k in range(0, len(todo), job.batch_size)]
@@ -444,14 +450,13 @@ def _run_distributed(scheduler: str, job: _Job, todo: list[int], labels: list, b
         futures = [client.submit(_dask_task, job, source, g, [labels[i] for i in g],
                                  pure=False, key=f"ddpmseg-extract-{g[0]}-{os.getpid()}")
                    for g in groups]
-        for fut in as_completed(futures):
-            result = fut.result()
-            if "error" in result:
-                for other in futures:
-                    other.cancel()
-                kind = getattr(errors, result["error"], errors.DdpmsegError)
-                raise kind(result["message"], result["hint"])
-            update(len(result["done"]))
+        try:
+            for fut in as_completed(futures):
+                update(len(fut.result()))
+        except BaseException:
+            for other in futures:
+                other.cancel()
+            raise
     finally:
         client.close()
         if cluster is not None:

@@ -4,6 +4,13 @@ The reference upsamples every (step, block) map to the label size with
 ``F.interpolate(mode="bilinear", align_corners=False)`` and concatenates them step-major, then
 block. Bilinear upsampling is separable and each output pixel reads at most a 2x2 neighbourhood,
 so any pixel's feature can be computed from the small native maps without the dense tensor.
+
+Three kernels, one definition of the taps (``source_coords``):
+
+* ``pixel_features``: sparse, per image (any pixels of one image's maps);
+* ``TileFeatures`` / ``dense_rows``: dense, separable, for row tiles (prediction);
+* ``MapLayout``: a pool of many images' maps, channels-last and grouped by resolution, and the
+  batched gather over it (training minibatches: any pixels of any pooled images).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def source_coords(out_size: int, in_size: int, idx: torch.Tensor):
@@ -118,3 +126,104 @@ def _native_map(m, device: torch.device | None) -> torch.Tensor:
 
 def feature_dim(shapes: Sequence[tuple[int, int, int]]) -> int:
     return sum(s[0] for s in shapes)
+
+
+class MapLayout:
+    """Where each stored map lives in a pool of images' maps, and the gather over that pool.
+
+    The pool keeps the maps as float32, channels-last and grouped by resolution ((S, h, w, C_g)
+    per distinct (h, w), S image slots), so the features of any pixels of any pooled images
+    take one fused gather per resolution: ``embedding_bag`` sums each pixel's four bilinear
+    taps (rows of C_g channels) with their weights in a single pass. float32 because that
+    kernel needs the weights' dtype (a float16 pool would round every feature to float16);
+    upcasting float16 taps per minibatch instead costs three extra passes, 2-6x slower in
+    bench/fit_speed.py. The output is in the reference's order (step-major, then block): each
+    group's columns are copied straight into its maps' feature columns, so no caller ever
+    reorders features or weights.
+    """
+
+    dtype = torch.float32
+
+    def __init__(self, info, device: torch.device):
+        self.size = tuple(info.image_size)
+        self.dim = sum(s[0] for s in info.shapes)
+        self.device = device
+        groups: dict[tuple[int, int], list] = {}
+        col = 0
+        for j, (c, h, w) in enumerate(info.shapes):
+            groups.setdefault((h, w), []).append((j, c, col))
+            col += c
+        self.groups = []          # (h, w, channels, [(pool c0, pool c1, feature column)])
+        self.map_slot = {}        # map j -> (group index, pool c0, pool c1)
+        for g, ((h, w), members) in enumerate(groups.items()):
+            c0, segments = 0, []
+            for j, c, fcol in members:
+                self.map_slot[j] = (g, c0, c0 + c)
+                prev = segments[-1] if segments else None
+                if prev is not None and prev[1] == c0 and prev[2] + (prev[1] - prev[0]) == fcol:
+                    # Adjacent in the pool and in the feature: one copy covers both maps.
+                    segments[-1] = (prev[0], c0 + c, prev[2])
+                else:
+                    segments.append((c0, c0 + c, fcol))
+                c0 += c
+            self.groups.append((h, w, c0, segments))
+        self._table = None
+
+    def image_bytes(self) -> int:
+        """Bytes of one image's maps in the pool."""
+        return sum(h * w * c for h, w, c, _ in self.groups) * 4
+
+    def allocate(self, slots: int) -> list[torch.Tensor]:
+        return [torch.empty((slots, h, w, c), dtype=self.dtype, device=self.device)
+                for h, w, c, _ in self.groups]
+
+    def put(self, bufs: list[torch.Tensor], slot: int, maps: Sequence) -> None:
+        """Copy one image's (C, h, w) maps (any float dtype) into ``slot`` of the pool."""
+        for j, m in enumerate(maps):
+            g, c0, c1 = self.map_slot[j]
+            t = m if isinstance(m, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(m))
+            bufs[g][slot, :, :, c0:c1].copy_(t.permute(1, 2, 0))
+
+    def _tables(self):
+        """Per image pixel, for every group: its 4 bilinear taps (flat offsets in the group's
+        map, order (y0,x0) (y0,x1) (y1,x0) (y1,x1)) and their weights, from ``source_coords``.
+        Built once: (G, H*W, 4) int64 and float32."""
+        if self._table is None:
+            height, width = self.size
+            flat = torch.arange(height * width)
+            ys, xs = flat // width, flat % width
+            taps, weights, sizes = [], [], []
+            for h, w, *_ in self.groups:
+                y0, y1, ly = source_coords(height, h, ys)
+                x0, x1, lx = source_coords(width, w, xs)
+                taps.append(torch.stack([y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1], 1))
+                weights.append(torch.stack([(1 - lx) * (1 - ly), lx * (1 - ly),
+                                            (1 - lx) * ly, lx * ly], 1))
+                sizes.append(h * w)
+            self._table = (torch.stack(taps).to(self.device),
+                           torch.stack(weights).to(self.device),
+                           torch.tensor(sizes, device=self.device)[:, None, None])
+        return self._table
+
+    def features(self, bufs: list[torch.Tensor], slots: torch.Tensor,
+                 flat: torch.Tensor) -> torch.Tensor:
+        """float32 (n, D) features of pixels ``flat`` (y * W + x) of the images in ``slots``
+        (pool slot per pixel), in the reference's feature order.
+
+        Same taps and weights as ``pixel_features`` (the weighted sum of the four taps instead
+        of two nested blends: equal within a float32 rounding). Row k depends on pixel k only,
+        so any run of pixels gives the same rows however it is cut.
+        """
+        n = flat.shape[0]
+        taps, weights, sizes = self._tables()
+        rows_all = taps[:, flat] + slots[None, :, None] * sizes   # (G, n, 4) pool rows
+        w_all = weights[:, flat]                                  # (G, n, 4)
+        out = torch.empty((n, self.dim), dtype=torch.float32, device=flat.device)
+        for g, ((h, w, c, segments), buf) in enumerate(zip(self.groups, bufs)):
+            got = F.embedding_bag(rows_all[g], buf.view(-1, c), mode="sum",
+                                  per_sample_weights=w_all[g])
+            if len(segments) == 1 and segments[0][1] - segments[0][0] == self.dim:
+                return got
+            for c0, c1, fcol in segments:
+                out[:, fcol:fcol + c1 - c0] = got[:, c0:c1]
+        return out

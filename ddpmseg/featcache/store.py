@@ -17,25 +17,28 @@ image.
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import dask.array as da
 import numpy as np
 import torch
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
-from zarr.core.sync import sync
 
 from ..errors import ConfigError, FeatureOverflowError, StoreError, StoreMismatchError
 from . import pixels
+from . import zarr_adapter as ZA
+from .spec import STORE_DTYPES
+from .spec import FeatureSpec, short
 
-FORMAT_VERSION = 1
-STORE_DTYPES = ("float16", "bfloat16", "float32")
+# 2: dimension names carry their size (channel_1024, y_32, x_32), so xarray opens the store as
+# one Dataset; 1 named every activation's axes channel/y/x. Both read alike.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 # zarr has no bfloat16 dtype: bfloat16 values are stored as their uint16 bit patterns (the upper
 # half of the float32 word) and readers widen them back to float32.
 _ZARR_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
@@ -56,104 +59,97 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)
 # beside the model. (bfloat16 activations compress to 1.50 with the same codec.)
 DEFAULT_CODEC = {"cname": "zstd", "clevel": 1, "shuffle": "bitshuffle"}
 
-_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 
 @dataclass(frozen=True)
 class StoreInfo:
-    """Everything a reader needs to interpret the arrays; saved as the group's attributes."""
+    """Everything a reader needs to interpret the arrays; saved as the group's attributes.
 
-    steps: tuple[int, ...]
-    blocks: tuple[int, ...]
-    shapes: tuple[tuple[int, int, int], ...]  # (C, h, w) per (step, block), feature order
-    image_size: tuple[int, int]               # (H, W) of images and labels
+    ``spec`` says which features the maps are (model, steps, blocks, shapes, seed, dtype...);
+    the rest says which images and labels the store holds and how it is encoded. The spec's
+    fields read as attributes of the info too (``info.steps``, ``info.fingerprint``...).
+    """
+
+    spec: FeatureSpec
     num_images: int
     names: tuple[str, ...]
     num_classes: int
     ignore_label: int
     class_names: tuple[str, ...] = ()
     has_labels: bool = True
-    dtype: str = "float16"
-    seed: int = 0
-    fingerprint: dict = field(default_factory=dict)
     codec: dict = field(default_factory=lambda: dict(DEFAULT_CODEC))
     format_version: int = FORMAT_VERSION
-    precision: str = "fp32"      # the model's compute precision when the features were made
     min_class_pixels: int = 20   # the rare-class rule applied to the stored labels
 
-    @property
-    def keys(self) -> list[tuple[int, int]]:
-        return [(t, b) for t in self.steps for b in self.blocks]
+    steps = property(lambda self: self.spec.steps)
+    blocks = property(lambda self: self.spec.blocks)
+    shapes = property(lambda self: self.spec.shapes)
+    image_size = property(lambda self: self.spec.image_size)
+    dtype = property(lambda self: self.spec.dtype)
+    seed = property(lambda self: self.spec.seed)
+    precision = property(lambda self: self.spec.precision)
+    keys = property(lambda self: self.spec.keys)
+    feature_dim = property(lambda self: self.spec.feature_dim)
 
     @property
-    def feature_dim(self) -> int:
-        return pixels.feature_dim(self.shapes)
+    def fingerprint(self) -> dict:
+        return self.spec.backbone.to_json()
 
     def to_json(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """The flat attribute object of format 1 (the keys in their historical order)."""
+        spec = self.spec.to_json()
+        raw = {k: spec[k] for k in ("steps", "blocks", "shapes", "image_size")}
+        raw.update(num_images=self.num_images, names=list(self.names),
+                   num_classes=self.num_classes, ignore_label=self.ignore_label,
+                   class_names=list(self.class_names), has_labels=self.has_labels,
+                   dtype=spec["dtype"], seed=spec["seed"], fingerprint=spec["fingerprint"],
+                   codec=dict(self.codec), format_version=self.format_version,
+                   precision=spec["precision"], min_class_pixels=self.min_class_pixels)
+        return json.loads(json.dumps(raw))
 
     @classmethod
     def from_json(cls, raw: dict) -> "StoreInfo":
-        known = {f.name for f in dataclasses.fields(cls)}
-        raw = {k: v for k, v in raw.items() if k in known}
-        for key in ("steps", "blocks", "image_size", "names", "class_names"):
-            raw[key] = tuple(raw[key])
-        raw["shapes"] = tuple(tuple(s) for s in raw["shapes"])
-        return cls(**raw)
+        return cls(spec=FeatureSpec.from_json(raw), num_images=raw["num_images"],
+                   names=tuple(raw["names"]), num_classes=raw["num_classes"],
+                   ignore_label=raw["ignore_label"],
+                   class_names=tuple(raw.get("class_names", ())),
+                   has_labels=raw.get("has_labels", True),
+                   codec=raw.get("codec", dict(DEFAULT_CODEC)),
+                   format_version=raw.get("format_version", 1),
+                   min_class_pixels=raw.get("min_class_pixels", 20))
 
-    def differences(self, other: "StoreInfo") -> list[str]:
-        """Human-readable list of what differs between ``self`` (asked) and ``other`` (stored)."""
-        out = []
-        mine, theirs = self.to_json(), other.to_json()
-        for key in mine:
-            a, b = mine[key], theirs.get(key)
-            if a == b:
-                continue
-            if key == "fingerprint":
-                out.extend(_fingerprint_differences(a, b or {}))
-            elif key == "names":
-                extra = sorted(set(a) - set(b or ()))
-                gone = sorted(set(b or ()) - set(a))
-                detail = f"{len(a)} images here, {len(b or ())} in the store"
-                if extra:
-                    detail += f"; new: {_short(extra)}"
-                if gone:
-                    detail += f"; not in the data folder: {_short(gone)}"
-                if not extra and not gone:
-                    detail += "; same names, other order"
-                out.append(f"names ({detail})")
-            elif key in ("shapes", "num_images"):
-                continue  # follow from the fingerprint, blocks or names, reported there
-            else:
-                out.append(f"{key} ({_short(a)} here, {_short(b)} in the store)")
-        if not out and mine != theirs:
-            out.append("shapes")
+    def differences(self, other: "StoreInfo", here: str = "here",
+                    there: str = "in the store", ignore: Sequence[str] = ()) -> list[str]:
+        """Readable list of what differs between ``self`` (asked) and ``other`` (stored): the
+        spec's differences, then the image list, classes and encoding."""
+        out = self.spec.differences(other.spec, here, there, ignore=ignore)
+        if self.names != other.names:
+            extra = sorted(set(self.names) - set(other.names))
+            gone = sorted(set(other.names) - set(self.names))
+            detail = f"{len(self.names)} images {here}, {len(other.names)} {there}"
+            if extra:
+                detail += f"; new: {short(extra)}"
+            if gone:
+                detail += f"; not in the data folder: {short(gone)}"
+            if not extra and not gone:
+                detail += "; same names, other order"
+            out.append(f"names ({detail})")
+        for key in ("num_classes", "ignore_label", "class_names", "has_labels", "codec",
+                    "format_version", "min_class_pixels"):
+            a, b = getattr(self, key), getattr(other, key)
+            if key not in ignore and a != b:
+                out.append(f"{key} ({short(a)} {here}, {short(b)} {there})")
         return out
 
 
-def _fingerprint_differences(a: dict, b: dict) -> list[str]:
-    out = []
-    if a.get("sha256") != b.get("sha256"):
-        out.append(f"checkpoint sha256 ({str(a.get('sha256'))[:12]}... here, "
-                   f"{str(b.get('sha256'))[:12]}... in the store)")
-    fa, fb = a.get("flags") or {}, b.get("flags") or {}
-    flags = sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
-    if flags:
-        out.append("model flags " + ", ".join(
-            f"{k} ({fa.get(k)!r} here, {fb.get(k)!r} in the store)" for k in flags[:6]))
-    rest = sorted(k for k in set(a) | set(b)
-                  if k not in ("sha256", "flags") and a.get(k) != b.get(k))
-    out.extend(f"fingerprint {k} ({_short(a.get(k))} here, {_short(b.get(k))} in the store)"
-               for k in rest)
-    return out
+def map_dims(c: int, h: int, w: int) -> tuple[str, ...]:
+    """An activation array's dimension names: one name per distinct size, so arrays of other
+    sizes never share a dimension name (xarray requires one size per name)."""
+    return ("image", f"channel_{c}", f"y_{h}", f"x_{w}")
 
 
-def _short(value, limit: int = 60) -> str:
-    if isinstance(value, list):
-        text = ",".join(str(v) for v in value[:8]) + (",..." if len(value) > 8 else "")
-    else:
-        text = str(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+def label_dims(height: int, width: int) -> tuple[str, ...]:
+    return ("image", f"y_{height}", f"x_{width}")
 
 
 def array_name(t: int, b: int) -> str:
@@ -264,15 +260,28 @@ def _raise_not_finite(t: torch.Tensor, what: str, dtype: str):
         "extract with --dtype bfloat16 (same range as float32, half the bytes) or --dtype float32")
 
 
+def encode_image(maps: Sequence, spec: FeatureSpec, image: str,
+                 keepbits: int | None = None) -> list[np.ndarray]:
+    """One image's maps (feature order) as a store of ``spec`` holds them; ``image`` names it
+    in errors (a wrong count or shape is a StoreError, an overflow a FeatureOverflowError).
+    ``keepbits``: the lossy codec's mantissa rounding (``StoreInfo.codec``), if any."""
+    if len(maps) != len(spec.keys):
+        raise StoreError(f"{image}: {len(maps)} maps given, the features have "
+                         f"{len(spec.keys)} (steps x blocks)")
+    out = []
+    for (t, b), shape, m in zip(spec.keys, spec.shapes, maps):
+        if tuple(m.shape) != tuple(shape):
+            raise StoreError(f"{image}: map t={t} b={b} has shape {tuple(m.shape)}, the "
+                             f"features have {tuple(shape)}")
+        out.append(encode_map(m, spec.dtype, f"{image} activation t={t} block={b}", keepbits))
+    return out
+
+
 def decode_map(a: np.ndarray, dtype: str) -> np.ndarray:
     """A stored chunk as readers see it: bfloat16 bit patterns widen to float32."""
     if dtype == "bfloat16":
         return (np.asarray(a).astype(np.uint32) << 16).view(np.float32)
     return np.asarray(a)
-
-
-class _Missing:
-    pass
 
 
 def _exists(path) -> bool:
@@ -341,14 +350,14 @@ class FeatureStore:
                 continue
             group.create_array(array_name(t, b), shape=(n, c, h, w), chunks=(1, c, h, w),
                                dtype=_ZARR_DTYPES[info.dtype], compressors=codecs, fill_value=0,
-                               config=cfg, dimension_names=("image", "channel", "y", "x"),
+                               config=cfg, dimension_names=map_dims(c, h, w),
                                attributes={**act_attrs, "step": t, "block": b})
             made.append(array_name(t, b))
         if info.has_labels and "labels" not in existing:
             height, width = info.image_size
             group.create_array("labels", shape=(n, height, width), chunks=(1, height, width),
                                dtype=np.uint8, compressors=codecs, fill_value=info.ignore_label,
-                               config=cfg, dimension_names=("image", "y", "x"))
+                               config=cfg, dimension_names=label_dims(height, width))
             made.append("labels")
         # Last: a store whose "complete" array exists has all its arrays.
         if "complete" not in existing:
@@ -360,17 +369,8 @@ class FeatureStore:
 
     def encode(self, i: int, maps: Sequence) -> list[np.ndarray]:
         """Image i's maps cast to the store dtype (raises FeatureOverflowError naming it)."""
-        if len(maps) != len(self.info.keys):
-            raise StoreError(f"image {i}: {len(maps)} maps given, the store has "
-                             f"{len(self.info.keys)} (steps x blocks)")
-        out = []
-        for (t, b), shape, m in zip(self.info.keys, self.info.shapes, maps):
-            if tuple(m.shape) != tuple(shape):
-                raise StoreError(f"image {i}: map t={t} b={b} has shape {tuple(m.shape)}, the "
-                                 f"store expects {tuple(shape)}")
-            what = f"image {i} ({self.info.names[i]}) activation t={t} block={b}"
-            out.append(encode_map(m, self.info.dtype, what, self.info.codec.get("keepbits")))
-        return out
+        return encode_image(maps, self.info.spec, f"image {i} ({self.info.names[i]})",
+                            self.info.codec.get("keepbits"))
 
     def write_image(self, i: int, maps: Sequence, labels: np.ndarray | None = None, *,
                     encoded: bool = False) -> None:
@@ -397,14 +397,15 @@ class FeatureStore:
         targets = [(self._arr(array_name(t, b)), m) for (t, b), m in zip(self.info.keys, maps)]
         if self.info.has_labels:
             targets.append((self._arr("labels"), labels))
-
-        async def write_all():
-            await asyncio.gather(*(a.async_array.setitem(i, v) for a, v in targets))
-
-        sync(write_all())
+        ZA.write_images(targets, i)
         complete[i] = 1
         if self._complete is not None:
             self._complete[i] = True
+
+    def assume_incomplete(self) -> None:
+        """Take every image as not yet written, without reading the flags (for a writer that
+        was handed only images known to be incomplete)."""
+        self._complete = np.zeros(self.info.num_images, dtype=bool)
 
     def mark_incomplete(self, i: int) -> None:
         self._arr("complete")[self._index(i)] = 0
@@ -413,15 +414,7 @@ class FeatureStore:
 
     def remove_partial_files(self) -> int:
         """Delete the temporary files a killed writer of a local store leaves behind."""
-        root = Path(self.path)
-        if not root.is_dir():
-            return 0
-        count = 0
-        for p in root.rglob("*.partial"):
-            if _PARTIAL.search(p.name) and p.is_file():
-                p.unlink(missing_ok=True)
-                count += 1
-        return count
+        return ZA.remove_partial_files(self.path)
 
     # -- reading --------------------------------------------------------------------------
     @classmethod
@@ -434,9 +427,10 @@ class FeatureStore:
             what = "is not a ddpmseg feature store" if _exists(path) else "does not exist"
             raise StoreError(f"{path} {what}",
                              "run `ddpmseg extract` to make one") from exc
-        if info.format_version != FORMAT_VERSION:
+        if info.format_version not in READABLE_VERSIONS:
             raise StoreMismatchError(f"{path} has store format {info.format_version}, this "
-                                     f"ddpmseg reads {FORMAT_VERSION}", "re-extract the store")
+                                     f"ddpmseg reads {', '.join(map(str, READABLE_VERSIONS))}",
+                                     "re-extract the store, or upgrade ddpmseg")
         return cls(group, info, str(path))
 
     @property
@@ -495,20 +489,12 @@ class FeatureStore:
                                  "extraction was interrupted; rerun the same `ddpmseg extract` "
                                  "command to finish it")
 
-    def _chunk_path(self, arr: zarr.Array, i: int):
-        coords = (i,) + (0,) * (arr.ndim - 1)
-        return arr.store_path / arr.metadata.encode_chunk_key(coords)
-
     def missing_chunks(self, i: int) -> list[str]:
         """Names of the arrays whose chunk of image i is absent from storage."""
         i = self._index(i)
         names = self._array_names()
-        arrays = [self._arr(n) for n in names]
-
-        async def check():
-            return await asyncio.gather(*(self._chunk_path(a, i).exists() for a in arrays))
-
-        return [n for n, ok in zip(names, sync(check())) if not ok]
+        present = ZA.chunks_exist([self._arr(n) for n in names], i)
+        return [n for n, ok in zip(names, present) if not ok]
 
     def _array_names(self) -> list[str]:
         names = [array_name(t, b) for t, b in self.info.keys]
@@ -518,23 +504,13 @@ class FeatureStore:
         """Image i's chunks of ``names``, read concurrently; damage is a StoreError naming it."""
         i = self._index(i)
         self._require_complete(i)
-        arrays = [self._arr(n) for n in names]
-
-        async def one(arr):
-            if not await self._chunk_path(arr, i).exists():
-                return _Missing
-            return await arr.async_array.getitem(i)
-
-        async def read_all():
-            return await asyncio.gather(*(one(a) for a in arrays), return_exceptions=True)
-
-        results = sync(read_all())
+        results = ZA.read_images([self._arr(n) for n in names], i)
         label = f"image {i} ({self.names[i]})"
         hint = ("the store is damaged; re-extract it (`ddpmseg extract ... --overwrite`), or "
                 "rerun extract after FeatureStore.open(path, 'r+').mark_incomplete(i)")
         out = []
         for name, r in zip(names, results):
-            if r is _Missing:
+            if r is ZA.Missing:
                 raise StoreError(f"{self.path}: {label} is flagged complete but its chunk of "
                                  f"{name} is missing", hint)
             if isinstance(r, BaseException):
@@ -571,8 +547,6 @@ class FeatureStore:
         Lazy: nothing is read until computed. bfloat16 stores come out as float32. No
         completeness check: read ``complete()`` first when the store may be unfinished.
         """
-        import dask.array as da
-
         if (t, b) not in self.info.keys:
             raise KeyError(f"the store has no activation for step {t}, block {b}; it has "
                            f"steps {self.info.steps}, blocks {self.info.blocks}")
@@ -583,8 +557,6 @@ class FeatureStore:
 
     def dask_labels(self):
         """(N, H, W) uint8 dask array over the labels."""
-        import dask.array as da
-
         if not self.info.has_labels:
             raise StoreError(f"{self.path} holds no labels", "extract a folder with masks")
         return da.from_zarr(self._arr("labels"))

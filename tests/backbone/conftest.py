@@ -9,29 +9,10 @@ from PIL import Image
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
-
-
-def find_shared_dir() -> Path | None:
-    """The shared folder (fixtures, backbones), or None where this checkout has none beside it."""
-    path = SHARED.resolve()
-    return path if path.is_dir() else None
-
-
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    path = find_shared_dir()
-    if path is None:
-        pytest.skip(f"shared fixtures folder not found at {SHARED} (it sits beside the repo root)")
-    return path
-
-
-@pytest.fixture(scope="session")
-def adm_dir(shared_dir: Path) -> Path:
-    path = shared_dir / "fixtures" / "adm"
-    if not path.is_dir():
-        pytest.skip(f"ADM parity fixtures not found at {path}")
-    return path
+def adm_dir(fixtures_dir: Path) -> Path:
+    """The ADM parity fixtures (tests/conftest.py's fixtures_dir)."""
+    return fixtures_dir
 
 
 @pytest.fixture(scope="module")

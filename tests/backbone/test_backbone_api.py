@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from ddpmseg.backbone import Backbone, ModelFlags, UNetModel
+from ddpmseg.bundled import DEMO_DATA
+from ddpmseg.data import image_tensor, load_image
 from ddpmseg.errors import BadInputError, ConfigError
 
 SMALL = ModelFlags(image_size=32, num_channels=32, channel_mult=(1, 2), num_res_blocks=1,
@@ -88,11 +90,21 @@ def test_rescale_timesteps_is_honoured(images):
     assert not torch.allclose(acts[(100, 2)], unscaled)
 
 
+def test_bf16_error_is_what_the_readme_says():
+    """README: on the bundled faces64 model and the demo test images, bf16 activations differ
+    from float32 by 0.55% (relative L2, worst (step, block)). Held to 0.6% here."""
+    faces = Backbone.from_checkpoint("bundled:faces_64", "faces_64")
+    x0 = torch.stack([image_tensor(load_image(p))
+                      for p in sorted((DEMO_DATA / "test").glob("*.png"))])
+    steps, blocks = (50, 150, 250), (2, 4, 5, 7, 8)
+    ref = faces.activations(x0, steps, blocks)
+    low = faces.activations(x0, steps, blocks, precision="bf16")
+    assert all(a.dtype == torch.float32 for a in low.values())
+    rel = [float((low[k] - ref[k]).norm() / ref[k].norm()) for k in ref]
+    assert 0.001 < max(rel) <= 0.006, rel  # bf16 really ran, and costs what is claimed
+
+
 def test_precision(bb, images):
-    ref = bb.activations(images, [10], [2])[(10, 2)]
-    low = bb.activations(images, [10], [2], precision="bf16")[(10, 2)]
-    assert low.dtype == torch.float32
-    assert (low - ref).abs().max() < 0.1 * ref.abs().max()
     if bb.device.type == "cpu":
         with pytest.raises(ConfigError, match="fp16"):
             bb.activations(images, [10], [2], precision="fp16")

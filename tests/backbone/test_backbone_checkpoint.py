@@ -10,14 +10,17 @@ import pytest
 import torch
 
 from ddpmseg.backbone import Backbone, ModelFlags, load_state_dict, sha256_file
+from ddpmseg.bundled import resolve_checkpoint
 from ddpmseg.errors import CheckpointError, InputNotFoundError
 
 FACES_SHA = "72d3f7bf7a9827b0525409e074d2259d8dce17db61f8c68ab62e5e02ad50d4f8"
 
 
 @pytest.fixture(scope="module")
-def tiny64(adm_dir):
-    return torch.load(adm_dir / "adm_tiny64_cosine.pt", map_location="cpu", weights_only=True)
+def faces64():
+    """The bundled face backbone's state dict (a plain fp16 state dict)."""
+    return torch.load(resolve_checkpoint("bundled:faces_64"), map_location="cpu",
+                      weights_only=True)
 
 
 def _save(obj, path: Path) -> Path:
@@ -26,27 +29,38 @@ def _save(obj, path: Path) -> Path:
 
 
 @pytest.mark.parametrize("wrap", ["state_dict", "model", "ema", None])
-def test_wrapped_prefixed_fp16_copy_loads(tmp_path, tiny64, wrap):
-    half = {f"module.{k}": v.half() for k, v in tiny64.items()}
+def test_wrapped_prefixed_fp16_copy_loads(tmp_path, faces64, wrap):
+    half = {f"module.{k}": v.half() for k, v in faces64.items()}
     obj = {wrap: half, "step": torch.tensor(7)} if wrap else half
     path = _save(obj, tmp_path / "copy.pt")
-    bb = Backbone.from_checkpoint(path, "tiny64_cosine")
+    bb = Backbone.from_checkpoint(path, "faces_64")
     loaded = bb.model.state_dict()
-    assert list(loaded) == list(tiny64)
-    for k, v in tiny64.items():
+    assert list(loaded) == list(faces64)
+    for k, v in faces64.items():
         assert loaded[k].dtype == torch.float32
         assert torch.equal(loaded[k], v.half().float())
     assert bb.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_plain_copy_loads_exactly(adm_dir, tiny64):
-    sd = load_state_dict(adm_dir / "adm_tiny64_cosine.pt")
-    assert list(sd) == list(tiny64) and all(torch.equal(sd[k], tiny64[k]) for k in sd)
+def test_plain_copy_loads_exactly(faces64):
+    sd = load_state_dict(resolve_checkpoint("bundled:faces_64"))
+    assert list(sd) == list(faces64) and all(torch.equal(sd[k], faces64[k]) for k in sd)
+
+
+def test_wrong_preset_names_the_preset_that_fits(adm_dir):
+    with pytest.raises(CheckpointError) as info:
+        Backbone.from_checkpoint(adm_dir / "adm_tiny64_cosine.pt", "tiny_256")
+    assert info.value.message.endswith("does not fit preset tiny_256 (256 missing keys, "
+                                       "28 unexpected keys, 186 shape mismatches)")
+    assert info.value.hint == "it loads as preset tiny64_cosine: pass --preset tiny64_cosine"
+    assert len(str(info.value)) < 300
 
 
 def test_wrong_flags_name_keys_and_flags(adm_dir):
     with pytest.raises(CheckpointError) as info:
-        Backbone.from_checkpoint(adm_dir / "adm_tiny64_cosine.pt", "tiny_256")
+        # The tiny_256 preset's flags as a dict: hand-written flags get the full diagnosis.
+        Backbone.from_checkpoint(adm_dir / "adm_tiny64_cosine.pt",
+                                 ModelFlags.resolve("tiny_256").to_dict())
     msg = str(info.value)
     assert "missing keys" in msg and "unexpected keys" in msg and "shape mismatches" in msg
     assert "input_blocks.3.0.op.weight" in msg          # an unexpected key, by name
@@ -105,14 +119,14 @@ def test_sha256_file_streams_the_whole_file(tmp_path):
     data = bytes(range(256)) * 9000  # several read chunks
     path = tmp_path / "blob"
     path.write_bytes(data)
-    assert sha256_file(path, chunk_size=4096) == hashlib.sha256(data).hexdigest()
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
 
 
-def test_faces64_loads_strictly_with_its_preset(shared_dir):
+def test_faces64_loads_strictly_with_its_preset(shared_dir, missing_shared):
     folder = shared_dir / "backbones" / "adm_faces64"
     path = folder / "adm_faces64.pt"
     if not path.is_file():
-        pytest.skip(f"{path} not present")
+        missing_shared(f"{path} not present")
     bb = Backbone.from_checkpoint(path, "faces_64")
     sd = bb.model.state_dict()
     assert len(sd) == 386 and sum(v.numel() for v in sd.values()) == 6_295_043

@@ -56,3 +56,26 @@ def test_schedule_errors():
         get_schedule("linear", 0)
     with pytest.raises(ConfigError, match="out of range"):
         q_sample(torch.zeros(1, 3, 4, 4), 1000, torch.zeros(1, 3, 4, 4))
+
+
+def test_respaced_schedule_keeps_the_kept_steps_products_and_maps_timesteps():
+    s = get_schedule("linear", 100, rescale_timesteps=True)
+    r = s.respaced(4)
+    assert r.timestep_map.tolist() == [0, 33, 66, 99]
+    np.testing.assert_allclose(r.alphas_cumprod, s.alphas_cumprod[[0, 33, 66, 99]], rtol=1e-12)
+    # The UNet sees the original step, rescaled to 0..1000 (the flag), never the strided index.
+    assert r.model_timesteps(torch.tensor([1, 3])).tolist() == [330.0, 990.0]
+    assert get_schedule("linear", 100).model_timesteps(torch.tensor([7])).tolist() == [7]
+
+
+def test_posterior_coefficients_are_guided_diffusions():
+    s = get_schedule("linear", 1000)
+    t = 500
+    acp, acp_prev = s.alphas_cumprod[t], s.alphas_cumprod[t - 1]
+    var = s.betas[t] * (1 - acp_prev) / (1 - acp)
+    assert s.posterior_variance[t] == pytest.approx(var, rel=1e-12)
+    assert s.posterior_log_variance_clipped[0] == s.posterior_log_variance_clipped[1]
+    assert s.posterior_mean_coef1[t] == pytest.approx(s.betas[t] * math.sqrt(acp_prev) / (1 - acp))
+    # Every coefficient is the float64 value cast once to float32, on any path.
+    assert s.coef("posterior_mean_coef2", torch.tensor([t])).item() == \
+        np.float32(s.posterior_mean_coef2[t])

@@ -11,8 +11,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ddpmseg.backbone import Backbone, ModelFlags
-from ddpmseg.backbone.sampling import DiffusionTerms, sample, training_losses
-from ddpmseg.backbone.train import Trainer, center_crop, load_images, train_backbone
+from ddpmseg.backbone.diffusion import Schedule
+from ddpmseg.backbone.sampling import sample
+from ddpmseg.backbone.train import (Trainer, center_crop, load_images, train_backbone,
+                                    training_losses)
 from ddpmseg.errors import BadInputError, ConfigError, InputNotFoundError, RunError
 
 # 16 px, two levels of 32 and 64 channels, attention at 8 px, dropout on (so resume has to
@@ -49,7 +51,7 @@ def test_training_lowers_the_loss_on_a_fixed_batch(images_dir):
     def fixed_loss():
         tr.model.eval()  # no dropout: the same batch gives the same loss
         with torch.no_grad():
-            res = training_losses(tr.model, tr.terms, x0, t, noise, True)
+            res = training_losses(tr.model, tr.schedule, x0, t, noise, True)
         tr.model.train()
         return {k: float(v.mean()) for k, v in res.items()}
 
@@ -71,15 +73,15 @@ def test_fixed_variance_loss_and_sampling_shape():
     from ddpmseg.backbone import UNetModel
     torch.manual_seed(0)
     model = UNetModel.from_flags(flags)
-    terms = DiffusionTerms.from_flags(flags)
+    schedule = Schedule.from_flags(flags)
     x0 = torch.rand(2, 3, 16, 16) * 2 - 1
-    res = training_losses(model, terms, x0, torch.tensor([0, 99]), torch.randn_like(x0), False)
+    res = training_losses(model, schedule, x0, torch.tensor([0, 99]), torch.randn_like(x0), False)
     assert set(res) == {"mse", "loss"} and res["loss"].shape == (2,)
     g = torch.Generator().manual_seed(0)
     imgs = sample(model, flags, 3, steps=4, generator=g)
     assert imgs.shape == (3, 3, 16, 16) and imgs.abs().max() <= 1
     # Respacing keeps the first and last steps and the cumulative products of the kept ones.
-    r = DiffusionTerms.respaced(flags, 4)
+    r = schedule.respaced(4)
     assert r.timestep_map.tolist() == [0, 33, 66, 99]
 
 
@@ -178,20 +180,20 @@ def test_cli(images_dir, tmp_path):
     flags = tmp_path / "flags.json"
     flags.write_text(json.dumps(TINY))
     out = tmp_path / "run"
-    args = ["train-backbone", str(images_dir), str(out), "--flags", str(flags),
+    args = ["train-backbone", str(images_dir), str(out), "--preset", str(flags),
             "--batch-size", "2", "--samples", "0", "--no-progress", "--device", "cpu"]
-    res = CliRunner().invoke(cli, args + ["--steps", "1"])
+    res = CliRunner().invoke(cli, args + ["--iterations", "1"])
     assert res.exit_code == 0, res.output
     assert (out / "ema.pt").is_file()
     res = CliRunner().invoke(cli, ["train-backbone", str(images_dir), str(out), "--resume",
-                                   "--steps", "2", "--samples", "0", "--batch-size", "2",
+                                   "--iterations", "2", "--samples", "0", "--batch-size", "2",
                                    "--no-progress"])
     assert res.exit_code == 0, res.output
     assert torch.load(out / "state.pt", weights_only=False)["step"] == 2
-    res = CliRunner().invoke(cli, args + ["--steps", "3"])
+    res = CliRunner().invoke(cli, args + ["--iterations", "3"])
     assert res.exit_code == 1 and "error:" in res.output and "--resume" in res.output
     res = CliRunner().invoke(cli, ["train-backbone", str(images_dir), str(tmp_path / "x"),
-                                   "--steps", "1"])
+                                   "--iterations", "1"])
     assert res.exit_code == 2 and "--preset" in res.output
     res = CliRunner().invoke(cli, ["train-backbone", "--help"])
     assert res.exit_code == 0 and "ddpmseg train-backbone" in res.output

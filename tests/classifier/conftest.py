@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ddpmseg.config import ClassifierConfig, Config
+from ddpmseg.featcache.spec import FeatureSpec
 from ddpmseg.featcache.store import FeatureStore, StoreInfo
 
 
@@ -24,13 +25,13 @@ def make_store(path, n_images: int = 4, size: int = 32, num_classes: int = 3, se
     shapes = []
     for _ in steps:
         shapes += [(4, 8, 8), (num_classes + 2, cells, cells)]
-    info = StoreInfo(steps=tuple(steps), blocks=(5, 8), shapes=tuple(shapes),
-                     image_size=(size, size), num_images=n_images,
+    spec = FeatureSpec(steps=steps, blocks=(5, 8), shapes=shapes, image_size=(size, size),
+                       backbone=fingerprint if fingerprint is not None else {"sha256": "f" * 64})
+    info = StoreInfo(spec=spec, num_images=n_images,
                      names=tuple(f"img{i:03d}" for i in range(n_images)),
                      num_classes=num_classes, ignore_label=ignore_label,
                      class_names=tuple(f"c{i}" for i in range(num_classes)),
-                     has_labels=labels, seed=0,
-                     fingerprint=fingerprint if fingerprint is not None else {"sha256": "f" * 64})
+                     has_labels=labels)
     store = FeatureStore.create(path, info)
     for i in range(n_images if complete else n_images - 1):
         cls = rng.integers(0, num_classes, size=(cells, cells))

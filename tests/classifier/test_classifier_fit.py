@@ -133,7 +133,8 @@ def test_refuses_a_run_dir_of_another_store(store_path, small_config, make_store
     with pytest.raises(RunError) as err:
         fit(other, run, cfg, device="cpu", progress=False)
     msg = str(err.value)
-    assert "another store" in msg and "steps" in msg and "fingerprint" in msg
+    assert "another store" in msg and "steps (10,30 now, 10,20 in the run" in msg
+    assert "checkpoint sha256 (000000000000... now, ffffffffffff... in the run" in msg
     assert "--overwrite" in msg and "new run dir" in msg
     # Other classifier settings on top of trained members are refused too...
     with pytest.raises(RunError, match="lr"):
@@ -142,6 +143,26 @@ def test_refuses_a_run_dir_of_another_store(store_path, small_config, make_store
     # ...and --overwrite (resume=False) starts over.
     fit(other, run, cfg, device="cpu", resume=False, progress=False)
     assert load_ensemble(run, "cpu").info.steps == (10, 30)
+
+
+def test_the_run_records_the_feature_spec_once_and_reads_older_runs(store_path, small_config,
+                                                                   tmp_path):
+    cfg = small_config(ensemble=2, max_epochs=1)
+    run = fit(store_path, tmp_path / "run", cfg.with_overrides(classifier={"ensemble": 1}),
+              device="cpu", progress=False)
+    store = FeatureStore.open(store_path)
+    written = json.loads((run / "config.json").read_text())
+    assert "features" not in written  # the spec is store.json's, once
+    assert load_ensemble(run, "cpu").config.features.steps == store.info.steps
+    # A run written before carried the features in config.json too (other values here, to
+    # show they are not read): it loads, and resumes with the next member.
+    written["features"] = {"steps": [1], "blocks": [2], "seed": 9, "dtype": "float32",
+                           "precision": "fp32", "batch_size": 1}
+    (run / "config.json").write_text(json.dumps(written))
+    ens = load_ensemble(run, "cpu")
+    assert ens.config.features.steps == store.info.steps and ens.config.features.seed == 0
+    fit(store_path, run, cfg, device="cpu", progress=False)
+    assert len(load_ensemble(run, "cpu")) == 2
 
 
 def test_refuses_stores_without_labels_or_unfinished(make_store, small_config, tmp_path):
@@ -165,7 +186,6 @@ def test_load_ensemble_of_an_unfinished_run(store_path, small_config, tmp_path):
 
 
 def test_dask_members_equal_sequential(store_path, small_config, tmp_path):
-    pytest.importorskip("distributed")
     cfg = small_config(ensemble=2, max_epochs=2)
     seq = fit(store_path, tmp_path / "seq", cfg, device="cpu", progress=False)
     par = fit(store_path, tmp_path / "par", cfg, device="cpu", progress=False,

@@ -3,36 +3,6 @@ import pytest
 import torch
 
 from ddpmseg.classifier import sampler as S
-from ddpmseg.featcache import pixels
-from ddpmseg.featcache.store import FeatureStore, StoreInfo
-
-
-
-def test_pool_features_equal_pixel_features(tmp_path):
-    # Non-square image, maps at three resolutions, two of them sharing one.
-    shapes = ((3, 5, 7), (4, 10, 14), (2, 5, 7), (6, 20, 28))
-    info = StoreInfo(steps=(1, 2), blocks=(5, 8), shapes=shapes, image_size=(20, 28),
-                     num_images=3, names=("a", "b", "c"), num_classes=2, ignore_label=255)
-    rng = np.random.default_rng(0)
-    store = FeatureStore.create(tmp_path / "s.zarr", info)
-    for i in range(3):
-        store.write_image(i, [rng.normal(size=s).astype(np.float32) for s in shapes],
-                          np.zeros((20, 28), np.uint8))
-    layout = S.MapLayout(info, torch.device("cpu"))
-    bufs = layout.allocate(3)
-    for slot, i in enumerate((2, 0, 1)):
-        layout.put(bufs, slot, store.maps(i))
-    ys = torch.from_numpy(rng.integers(0, 20, 50))
-    xs = torch.from_numpy(rng.integers(0, 28, 50))
-    slots = torch.from_numpy(rng.integers(0, 3, 50))
-    got = layout.to_feature_order(layout.features(bufs, slots, ys * 28 + xs))
-    assert not layout.identity
-    image_of_slot = [2, 0, 1]
-    for k in range(50):
-        want = pixels.pixel_features(store.maps(image_of_slot[int(slots[k])]), (20, 28),
-                                     ys[k:k + 1], xs[k:k + 1])
-        # Same taps and weights; torch.lerp blends within a float32 rounding of the reference.
-        torch.testing.assert_close(got[k:k + 1], want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +10,10 @@ def store(tmp_path_factory, make_store):
     return make_store(tmp_path_factory.mktemp("sampler") / "s.zarr", n_images=5)
 
 
-def _epoch(plan, source, epoch):
+def _epoch(plan, source, epoch, dim=1):
     with source.session(plan) as session:
         return [(x.clone(), y.clone()) for x, y in S.batches(plan, session, epoch,
-                                                             torch.device("cpu"))]
+                                                             torch.device("cpu"), dim)]
 
 
 def test_plan_visits_every_labelled_pixel_once(store):
@@ -69,24 +39,57 @@ def test_a_last_batch_of_one_pixel_joins_the_previous_one(store):
     assert plan.batch_sizes == [index.total - 2, 2]
 
 
-def test_streaming_and_in_memory_give_identical_minibatches(store):
+def numpy_bilinear(m: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(C, h, w) -> (C, height, width) in float64: bilinear, align_corners=False, written from
+    its definition (src = (dst + 0.5) * in / out - 0.5, clamped at 0; the upper tap clamped at
+    the last row/column), independently of ddpmseg and torch."""
+    def taps(out, n):
+        src = np.maximum((np.arange(out) + 0.5) * (n / out) - 0.5, 0.0)
+        lo = np.floor(src).astype(np.int64)
+        return lo, np.minimum(lo + 1, n - 1), src - lo
+    y0, y1, ly = taps(height, m.shape[1])
+    x0, x1, lx = taps(width, m.shape[2])
+    m = m.astype(np.float64)
+    rows = m[:, y0, :] * (1 - ly)[None, :, None] + m[:, y1, :] * ly[None, :, None]
+    return rows[:, :, x0] * (1 - lx) + rows[:, :, x1] * lx
+
+
+def reference_features(store, i: int) -> np.ndarray:
+    """(H*W, D): image i's dense features, the maps upsampled and concatenated in store order
+    (step-major, then block), as the reference builds them."""
+    height, width = store.info.image_size
+    dense = np.concatenate([numpy_bilinear(np.asarray(m), height, width)
+                            for m in store.maps(i)])
+    return dense.reshape(dense.shape[0], -1).T
+
+
+# Runs of whole chunks, and runs of two minibatches (so runs end inside chunks and minibatches
+# straddle chunk ends).
+@pytest.mark.parametrize("run_dim", [1, S.RUN_BYTES // (4 * 50 * 2)])
+def test_minibatch_features_are_the_reference_bilinear_features(store, run_dim):
     index = S.PixelIndex.from_store(store)
     cpu = torch.device("cpu")
+    ref = {int(i): reference_features(store, int(i)) for i in index.images}
     in_memory = S.InMemorySource(store, index, cpu)
     for chunk in (5, 2):  # all images resident; then two-image chunks, double-buffered
         plan = S.EpochPlan(index, chunk, seed=3, batch_size=50)
         stream = S.StreamSource(store, index, cpu, chunk)
         assert stream.resident == (chunk == 5)
         for epoch in (0, 1):
-            a, b = _epoch(plan, stream, epoch), _epoch(plan, in_memory, epoch)
-            assert len(a) == len(b) == len(plan.batch_sizes)
+            a, b = _epoch(plan, stream, epoch, run_dim), _epoch(plan, in_memory, epoch, run_dim)
+            assert [len(y) for _, y in a] == plan.batch_sizes
+            # The pixels in visiting order, from the plan; their features from numpy.
+            order = [plan.chunk_rows(epoch, c, imgs)
+                     for c, imgs in enumerate(plan.image_chunks(epoch))]
+            img = np.concatenate([o[0] for o in order])
+            rows = np.concatenate([o[1] for o in order])
+            want = np.stack([ref[int(i)][index.flat[r]] for i, r in zip(img, rows)])
+            x = torch.cat([x for x, _ in a]).numpy()
+            np.testing.assert_allclose(x, want, rtol=1e-5, atol=1e-5)
+            assert np.array_equal(torch.cat([y for _, y in a]).numpy(), index.labels[rows])
+            # In memory: the same minibatches bit for bit (so the same members).
             for (xa, ya), (xb, yb) in zip(a, b):
                 assert torch.equal(xa, xb) and torch.equal(ya, yb)
-            # The epoch's pixels are exactly the labelled pixels (as multisets of features).
-            x = torch.cat([x for x, _ in a])
-            assert x.shape[0] == index.total
-            y = torch.cat([y for _, y in a]).numpy()
-            assert np.array_equal(np.bincount(y, minlength=3), np.bincount(index.labels, minlength=3))
         stream.close()
 
 
@@ -96,9 +99,9 @@ def test_in_memory_rows_are_the_reference_dense_features(store):
     i = 3
     lab = store.labels(i)
     ys, xs = np.nonzero(lab != 255)
-    want = store.pixel_features(i, ys, xs)
+    want = reference_features(store, i)[ys * lab.shape[1] + xs]
     a, b = index.offsets[i], index.offsets[i + 1]
-    torch.testing.assert_close(src.layout.to_feature_order(src.x[a:b]), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(src.x[a:b].numpy(), want, rtol=1e-5, atol=1e-5)
     assert np.array_equal(index.labels[a:b], lab[ys, xs])
 
 
@@ -107,7 +110,7 @@ def test_stopping_mid_epoch_stops_the_loader(store):
     plan = S.EpochPlan(index, 1, seed=0, batch_size=16)
     stream = S.StreamSource(store, index, torch.device("cpu"), 1)
     session = stream.session(plan)
-    it = S.batches(plan, session, 0, torch.device("cpu"))
+    it = S.batches(plan, session, 0, torch.device("cpu"), 1)
     next(it)
     it.close()
     session.close()

@@ -1,4 +1,4 @@
-"""``ddpmseg extract`` through click's CliRunner, with the tiny64 fixture model."""
+"""``ddpmseg extract`` through click's CliRunner, with the bundled face backbone and images."""
 
 
 import numpy as np
@@ -6,38 +6,35 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from ddpmseg.bundled import DEMO_DATA
 from ddpmseg.cli.main import cli
 from ddpmseg.featcache import FeatureStore
 
 
 @pytest.fixture
-def data_dir(tmp_path, shared_dir):
-    """Three real ffhq_34 images and masks downscaled to 64x64."""
-    src = sorted((shared_dir / "data" / "ffhq_34" / "real" / "train").glob("*.png"))[:3]
-    if len(src) < 3:
-        pytest.skip("ffhq_34 train images are absent")
+def data_dir(tmp_path):
+    """Three real ffhq_34 images (the bundled demo set, 64x64) with grey PNG masks."""
+    src = sorted((DEMO_DATA / "train").glob("*.png"))[:3]
     out = tmp_path / "data"
     out.mkdir()
     for p in src:
-        with Image.open(p) as im:
-            im.convert("RGB").resize((64, 64), Image.BILINEAR).save(out / p.name)
-        mask = Image.fromarray(np.load(p.with_suffix(".npy"))).resize((64, 64), Image.NEAREST)
-        mask.save(out / f"{p.stem}_mask.png")
+        (out / p.name).write_bytes(p.read_bytes())
+        Image.fromarray(np.load(p.with_suffix(".npy"))).save(out / f"{p.stem}_mask.png")
     return out
 
 
 @pytest.fixture
-def config_toml(tmp_path, fixtures_dir):
+def config_toml(tmp_path):
     path = tmp_path / "tiny.toml"
-    path.write_text(f"""
+    path.write_text("""
 [data]
 name = "faces"
 num_classes = 34
 ignore_label = 255
 
 [model]
-preset = "tiny64_cosine"
-checkpoint = "{fixtures_dir / 'adm_tiny64_cosine.pt'}"
+preset = "faces_64"
+checkpoint = "bundled:faces_64"
 
 [features]
 steps = [10, 400]
@@ -56,7 +53,7 @@ def test_extract_command(tmp_path, data_dir, config_toml):
     assert store.complete().all() and store.info.has_labels
     assert store.info.steps == (10, 400) and store.info.dtype == "float16"
     assert store.config["data"]["name"] == "faces"
-    assert store.config["model"]["preset"] == "tiny64_cosine"
+    assert store.config["model"]["preset"] == "faces_64"
     assert store.labels(0).shape == (64, 64)
 
 

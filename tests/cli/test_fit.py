@@ -1,5 +1,6 @@
 """``ddpmseg fit`` through click's CliRunner on a tiny synthetic store."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -7,14 +8,16 @@ import pytest
 from click.testing import CliRunner
 
 from ddpmseg.cli.main import cli
+from ddpmseg.featcache.spec import FeatureSpec
 from ddpmseg.featcache.store import FeatureStore, StoreInfo
 
 
 @pytest.fixture
 def tiny_store(tmp_path):
     rng = np.random.default_rng(0)
-    info = StoreInfo(steps=(5,), blocks=(1, 2), shapes=((3, 4, 4), (2, 8, 8)),
-                     image_size=(8, 8), num_images=2, names=("a", "b"), num_classes=2,
+    spec = FeatureSpec(steps=(5,), blocks=(1, 2), shapes=((3, 4, 4), (2, 8, 8)),
+                       image_size=(8, 8))
+    info = StoreInfo(spec, num_images=2, names=("a", "b"), num_classes=2,
                      ignore_label=255, class_names=("bg", "fg"))
     store = FeatureStore.create(tmp_path / "tiny.zarr", info)
     for i in range(2):
@@ -27,7 +30,7 @@ def tiny_store(tmp_path):
 def test_fit_command(tiny_store, tmp_path):
     run = tmp_path / "run"
     res = CliRunner().invoke(cli, ["fit", str(tiny_store), str(run), "--ensemble", "2",
-                                   "--epochs", "2", "--batch-size", "16", "--etf", "none",
+                                   "--max-epochs", "2", "--batch-size", "16", "--etf", "none",
                                    "--seed", "3", "--device", "cpu", "--no-progress"])
     assert res.exit_code == 0, res.output
     assert {"config.json", "store.json", "member_00.pt", "member_01.pt",
@@ -50,11 +53,11 @@ def test_fit_rejects_a_bad_option(tiny_store, tmp_path):
 
 def test_fit_refuses_another_store_in_one_line(tiny_store, tmp_path):
     run = tmp_path / "run"
-    args = ["--ensemble", "1", "--epochs", "1", "--device", "cpu", "--no-progress"]
+    args = ["--ensemble", "1", "--max-epochs", "1", "--device", "cpu", "--no-progress"]
     assert CliRunner().invoke(cli, ["fit", str(tiny_store), str(run), *args]).exit_code == 0
     info = FeatureStore.open(tiny_store).info
-    other = FeatureStore.create(tmp_path / "other.zarr", StoreInfo(**{
-        **info.__dict__, "steps": (7,)}))
+    other = FeatureStore.create(tmp_path / "other.zarr", dataclasses.replace(
+        info, spec=dataclasses.replace(info.spec, steps=(7,))))
     rng = np.random.default_rng(1)
     for i in range(2):
         other.write_image(i, [rng.normal(size=s).astype(np.float32) for s in info.shapes],
@@ -70,3 +73,24 @@ def test_fit_refuses_another_store_in_one_line(tiny_store, tmp_path):
 def test_fit_help_has_an_example():
     res = CliRunner().invoke(cli, ["fit", "--help"])
     assert res.exit_code == 0 and "ddpmseg fit stores/" in res.output
+
+
+def test_fit_threads_are_set_and_recorded(tiny_store, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    run = tmp_path / "run"
+    try:
+        res = CliRunner().invoke(cli, ["fit", str(tiny_store), str(run), "--ensemble", "1",
+                                       "--max-epochs", "1", "--batch-size", "16", "--threads", "2",
+                                       "--device", "cpu", "--no-progress"])
+        assert res.exit_code == 0, res.output
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    meta = torch.load(run / "member_00.pt", weights_only=True)["meta"]
+    assert meta["threads"] == 2
+    log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["threads"] == 2 for r in log if "epoch" in r and "done" not in r)
+    res = CliRunner().invoke(cli, ["fit", str(tiny_store), str(run), "--threads", "0"])
+    assert res.exit_code == 2 and "--threads" in res.output

@@ -4,10 +4,11 @@ import pytest
 from click.testing import CliRunner
 
 from ddpmseg import __version__
+from ddpmseg.bundled import resolve_checkpoint
 from ddpmseg.cli.main import cli
 
 COMMANDS = ["extract", "fit", "predict", "evaluate", "report", "demo", "check-checkpoint",
-            "train-backbone"]
+            "train-backbone", "import-run", "export-run"]
 
 
 def test_version():
@@ -35,11 +36,11 @@ def test_unknown_config_is_a_usage_error(tmp_path):
     assert result.exit_code == 2 and "nope" in result.output
 
 
-def test_check_checkpoint(shared_dir):
-    path = shared_dir / "backbones" / "adm_faces64" / "adm_faces64.pt"
+def test_check_checkpoint():
+    path = resolve_checkpoint("bundled:faces_64")
     result = CliRunner().invoke(cli, ["check-checkpoint", str(path), "--preset", "faces_64"])
     assert result.exit_code == 0, result.output
-    assert "72d3f7bf7a9827b0525409e074d2259d8dce17db61f8c68ab62e5e02ad50d4f8" in result.output
+    assert "c668b8e5e14bdfdd8726817be16ec9ad5d3647e94bcc10bf5775f816cb704edc" in result.output
     wrong = CliRunner().invoke(cli, ["check-checkpoint", str(path), "--preset", "tiny64_cosine"])
     assert wrong.exit_code == 1 and wrong.output.startswith("error: ")
 

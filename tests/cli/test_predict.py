@@ -11,6 +11,8 @@ from torch import nn
 
 from ddpmseg.cli.main import cli
 from ddpmseg.config import Config
+from ddpmseg.classifier import Ensemble
+from ddpmseg.featcache.spec import FeatureSpec
 from ddpmseg.featcache.store import FeatureStore, StoreInfo
 
 predict_module = importlib.import_module("ddpmseg.predict")
@@ -19,9 +21,10 @@ predict_module = importlib.import_module("ddpmseg.predict")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHAPES = ((4, 4, 5), (3, 8, 10))
-INFO = StoreInfo(steps=(10,), blocks=(1, 2), shapes=SHAPES, image_size=(8, 10), num_images=2,
-                 names=("u", "v"), num_classes=3, ignore_label=255, has_labels=False,
-                 dtype="float16", fingerprint={"sha256": "s", "flags": {}})
+SPEC = FeatureSpec(steps=(10,), blocks=(1, 2), shapes=SHAPES, image_size=(8, 10),
+                   dtype="float16", backbone={"sha256": "s", "flags": {}})
+INFO = StoreInfo(SPEC, num_images=2, names=("u", "v"), num_classes=3, ignore_label=255,
+                 has_labels=False)
 
 
 @pytest.fixture
@@ -41,7 +44,7 @@ def fake_run(tmp_path, monkeypatch):
     run_dir.mkdir()
     torch.manual_seed(0)
     members = [nn.Linear(7, 3).eval() for _ in range(2)]
-    loaded = predict_module.RunModel(members, INFO, Config(), str(run_dir))
+    loaded = Ensemble(members, INFO, Config(), run_dir)
     monkeypatch.setattr(predict_module, "load_run", lambda run, device: loaded)
     return run_dir
 
@@ -52,7 +55,7 @@ def test_predict_cli_writes_outputs(tmp_path, store, fake_run):
                                    "hard", "--tile-rows", "3", "--uncertainty", "--device", "cpu",
                                    "--no-progress"])
     assert res.exit_code == 0, res.output
-    assert "predicted 2 image(s)" in res.output
+    assert "predicted 2 images" in res.output
     settings = json.loads((out / "predict.json").read_text())
     assert settings["vote"] == "hard" and settings["tile_rows"] == 3 and settings["uncertainty"]
     for name in ("u", "v"):

@@ -1,4 +1,5 @@
-"""Fixtures of the feature-store tests: small real data, the tiny64 fixture model, a fake model."""
+"""Fixtures of the feature-store tests: the bundled demo faces and face backbone (no ../shared
+needed), and a fake model."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+from ddpmseg.backbone import Backbone, ModelFlags
+from ddpmseg.bundled import DEMO_DATA, resolve_checkpoint
 from ddpmseg.config import Config
 
-TINY64_STEPS = (10, 400)
-TINY64_BLOCKS = (2, 5, 8, 11)
+FACES64_STEPS = (10, 400)
+FACES64_BLOCKS = (2, 5, 8, 11)
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -34,31 +37,25 @@ def make_folder(dest: Path, images: list[np.ndarray], masks: list[np.ndarray | N
 
 
 @pytest.fixture(scope="session")
-def tiny64_ckpt(fixtures_dir) -> Path:
-    return fixtures_dir / "adm_tiny64_cosine.pt"
+def faces64_ckpt() -> Path:
+    """The small face backbone that ships in the package."""
+    return resolve_checkpoint("bundled:faces_64")
 
 
 @pytest.fixture(scope="session")
-def tiny64(tiny64_ckpt):
-    from ddpmseg.backbone import Backbone
-
-    return Backbone.from_checkpoint(tiny64_ckpt, "tiny64_cosine", device="cpu")
+def faces64(faces64_ckpt):
+    return Backbone.from_checkpoint(faces64_ckpt, "faces_64", device="cpu")
 
 
 @pytest.fixture(scope="session")
-def faces(shared_dir) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """Six real ffhq_34 training images and masks at 64x64 (bilinear / nearest)."""
-    folder = shared_dir / "data" / "ffhq_34" / "real" / "train"
-    paths = sorted(folder.glob("*.png"))[:6]
-    if len(paths) < 6:
-        pytest.skip(f"{folder} has fewer than 6 images")
+def faces() -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Six real ffhq_34 training images and masks at 64x64: the bundled demo set."""
     out = []
-    for p in paths:
+    for p in sorted((DEMO_DATA / "train").glob("*.png"))[:6]:
         with Image.open(p) as im:
-            image = np.asarray(im.convert("RGB").resize((64, 64), Image.BILINEAR)).copy()
-        mask = np.load(p.with_suffix(".npy"))
-        mask = np.asarray(Image.fromarray(mask).resize((64, 64), Image.NEAREST)).copy()
-        out.append((p.stem, image, mask))
+            image = np.asarray(im.convert("RGB")).copy()
+        out.append((p.stem, image, np.load(p.with_suffix(".npy"))))
+    assert len(out) == 6, "the bundled demo set has at least six training images"
     return out
 
 
@@ -71,11 +68,11 @@ def faces_dir(tmp_path, faces) -> Path:
 
 
 @pytest.fixture
-def tiny_config(tiny64_ckpt) -> Config:
+def faces_config(faces64_ckpt) -> Config:
     return Config().with_overrides(
         data={"num_classes": 34, "ignore_label": 255},
-        model={"preset": "tiny64_cosine", "checkpoint": str(tiny64_ckpt)},
-        features={"steps": TINY64_STEPS, "blocks": TINY64_BLOCKS})
+        model={"preset": "faces_64", "checkpoint": str(faces64_ckpt)},
+        features={"steps": FACES64_STEPS, "blocks": FACES64_BLOCKS})
 
 
 class FakeBackbone:
@@ -83,8 +80,6 @@ class FakeBackbone:
     smooth functions of the image, times ``scale``; for overflow and store-only tests."""
 
     def __init__(self, scale: float = 1.0, image_size: int = 32, tag: str = "fake"):
-        from ddpmseg.backbone import ModelFlags
-
         base = ModelFlags.resolve("tiny64_cosine").to_dict()
         self.flags = ModelFlags.from_dict({**base, "image_size": image_size,
                                            "channel_mult": "1,2,2"})

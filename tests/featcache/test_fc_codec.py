@@ -7,9 +7,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from ddpmseg.backbone import BackboneId
 from ddpmseg.cli.main import cli as cli_main
 from ddpmseg.errors import ConfigError, FeatureOverflowError
 from ddpmseg.featcache import FeatureStore, StoreInfo
+from ddpmseg.featcache.spec import FeatureSpec
 from ddpmseg.featcache.store import (DEFAULT_CODEC, MANTISSA_BITS, codec_name, parse_codec,
                                      round_mantissa)
 
@@ -19,10 +21,10 @@ TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.
 
 
 def make_info(dtype, codec, n=2):
-    return StoreInfo(steps=(10, 20), blocks=(1, 2), shapes=SHAPES, image_size=(16, 16),
-                     num_images=n, names=tuple(f"im{k}" for k in range(n)), num_classes=3,
-                     ignore_label=255, dtype=dtype, codec=parse_codec(codec, dtype),
-                     fingerprint={"sha256": "ab" * 32, "flags": {"image_size": 16}})
+    spec = FeatureSpec(steps=(10, 20), blocks=(1, 2), shapes=SHAPES, image_size=(16, 16),
+                       dtype=dtype, backbone=BackboneId("ab" * 32, {"image_size": 16}))
+    return StoreInfo(spec, num_images=n, names=tuple(f"im{k}" for k in range(n)), num_classes=3,
+                     ignore_label=255, codec=parse_codec(codec, dtype))
 
 
 def test_parse_codec_names_and_errors():
@@ -101,14 +103,14 @@ def test_rounding_up_past_float16_max_is_an_overflow_error(tmp_path):
     assert not FeatureStore.open(tmp_path / "s.zarr").complete()[0]
 
 
-def test_extract_cli_codec_option(tmp_path, tiny64_ckpt):
+def test_extract_cli_codec_option(tmp_path, faces64_ckpt):
     from .conftest import make_folder
 
     rng = np.random.default_rng(0)
     data = make_folder(tmp_path / "data", [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)],
                        [rng.integers(0, 2, (64, 64)).astype(np.uint8)])
-    args = ["extract", str(data), str(tmp_path / "s.zarr"), "--preset", "tiny64_cosine",
-            "--checkpoint", str(tiny64_ckpt), "--steps", "10", "--blocks", "2", "--no-progress"]
+    args = ["extract", str(data), str(tmp_path / "s.zarr"), "--preset", "faces_64",
+            "--checkpoint", str(faces64_ckpt), "--steps", "10", "--blocks", "2", "--no-progress"]
     res = CliRunner().invoke(cli_main, args + ["--codec", "bitround4"])
     assert res.exit_code == 0, res.output
     assert "float16 bitround4" in res.output

@@ -6,10 +6,10 @@ from ddpmseg.errors import ConfigError
 from ddpmseg.featcache import FeatureStore, extract
 
 
-def test_local_cluster_store_equals_single_process(tmp_path, faces_dir, tiny_config, helpers):
-    single = extract(faces_dir, tmp_path / "single.zarr", tiny_config, device="cpu",
+def test_local_cluster_store_equals_single_process(tmp_path, faces_dir, faces_config, helpers):
+    single = extract(faces_dir, tmp_path / "single.zarr", faces_config, device="cpu",
                      progress=False)
-    dist = extract(faces_dir, tmp_path / "dist.zarr", tiny_config, device="cpu",
+    dist = extract(faces_dir, tmp_path / "dist.zarr", faces_config, device="cpu",
                    scheduler="local:2", progress=False)
     assert dist.complete().all() and len(dist) == len(single) == 4
     a, b = helpers.tree_bytes(tmp_path / "single.zarr"), helpers.tree_bytes(tmp_path / "dist.zarr")

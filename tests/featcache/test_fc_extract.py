@@ -1,6 +1,7 @@
-"""extract(): real images, the tiny64 fixture model, masks checked before anything is written."""
+"""extract(): real images and the face backbone bundled in the package, masks checked before anything is written."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -8,30 +9,31 @@ import torch
 from PIL import Image
 
 from ddpmseg import data as D
+from ddpmseg.backbone import Backbone
 from ddpmseg.errors import (BadInputError, ConfigError, FeatureOverflowError, StoreError,
                             StoreMismatchError)
 from ddpmseg.featcache import FeatureStore, extract
 
-TINY64_STEPS = (10, 400)      # as tests/featcache/conftest.py's tiny_config
-TINY64_BLOCKS = (2, 5, 8, 11)
+FACES64_STEPS = (10, 400)      # as tests/featcache/conftest.py's faces_config
+FACES64_BLOCKS = (2, 5, 8, 11)
 
 
-def test_extract_writes_the_model_features_and_labels(tmp_path, faces_dir, faces, tiny64,
-                                                      tiny_config, tiny64_ckpt):
-    store = extract(faces_dir, tmp_path / "s.zarr", tiny_config, progress=False)
+def test_extract_writes_the_model_features_and_labels(tmp_path, faces_dir, faces, faces64,
+                                                      faces_config, faces64_ckpt):
+    store = extract(faces_dir, tmp_path / "s.zarr", faces_config, progress=False)
     info = store.info
     assert len(store) == 4 and store.names == tuple(f[0] for f in faces[:4])
-    assert info.steps == TINY64_STEPS and info.blocks == TINY64_BLOCKS
+    assert info.steps == FACES64_STEPS and info.blocks == FACES64_BLOCKS
     assert info.image_size == (64, 64) and info.num_classes == 34 and info.has_labels
-    assert info.fingerprint == tiny64.fingerprint()
-    assert info.shapes == tuple(tiny64.block_shapes(TINY64_BLOCKS)[b]
-                                for _ in TINY64_STEPS for b in TINY64_BLOCKS)
+    assert info.fingerprint == faces64.fingerprint()
+    assert info.shapes == tuple(faces64.block_shapes(FACES64_BLOCKS)[b]
+                                for _ in FACES64_STEPS for b in FACES64_BLOCKS)
     assert store.complete().all()
-    assert store.config["model"]["checkpoint"] == str(tiny64_ckpt)
-    assert store.config["features"]["steps"] == list(TINY64_STEPS)
+    assert store.config["model"]["checkpoint"] == str(faces64_ckpt)
+    assert store.config["features"]["steps"] == list(FACES64_STEPS)
     for i, (name, image, mask) in list(enumerate(faces[:4]))[::3]:  # images 0 and 3
         x0 = D.image_tensor(D.load_image(faces_dir / f"{name}.png"))[None]
-        acts = tiny64.activations(x0, TINY64_STEPS, TINY64_BLOCKS)
+        acts = faces64.activations(x0, FACES64_STEPS, FACES64_BLOCKS)
         for got, key in zip(store.maps(i), info.keys):
             assert got.dtype == np.float16
             np.testing.assert_array_equal(got, acts[key][0].half().numpy())
@@ -40,105 +42,101 @@ def test_extract_writes_the_model_features_and_labels(tmp_path, faces_dir, faces
     assert (store.labels(0) == 255).sum() >= (faces[0][2] == 255).sum()
 
 
-def test_rerun_is_a_no_op_and_overwrite_replaces(tmp_path, faces_dir, tiny64, tiny_config,
+def test_rerun_is_a_no_op_and_overwrite_replaces(tmp_path, faces_dir, faces64, faces_config,
                                                  helpers):
     path = tmp_path / "s.zarr"
-    extract(faces_dir, path, tiny_config, backbone=tiny64, progress=False)
+    extract(faces_dir, path, faces_config, backbone=faces64, progress=False)
     before = helpers.tree_bytes(path)
     mtimes = {p: p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()}
-    extract(faces_dir, path, tiny_config, backbone=tiny64, progress=False)
+    extract(faces_dir, path, faces_config, backbone=faces64, progress=False)
     assert helpers.tree_bytes(path) == before
     assert {p: p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()} == mtimes
-    other = tiny_config.with_overrides(features={"steps": (10,)})
-    store = extract(faces_dir, path, other, backbone=tiny64, progress=False, overwrite=True)
+    other = faces_config.with_overrides(features={"steps": (10,)})
+    store = extract(faces_dir, path, other, backbone=faces64, progress=False, overwrite=True)
     assert store.info.steps == (10,) and store.complete().all()
     assert not (path / "act_t400_b2").exists()
 
 
-def test_other_steps_or_checkpoint_are_refused(tmp_path, faces_dir, tiny64, tiny_config,
-                                               shared_dir):
-    from ddpmseg.backbone import Backbone
-
+def test_other_steps_or_checkpoint_are_refused(tmp_path, faces_dir, faces64, faces_config):
     path = tmp_path / "s.zarr"
-    extract(faces_dir, path, tiny_config, backbone=tiny64, progress=False)
+    extract(faces_dir, path, faces_config, backbone=faces64, progress=False)
     before = sorted(p for p in path.rglob("*"))
     with pytest.raises(StoreMismatchError) as err:
-        extract(faces_dir, path, tiny_config.with_overrides(features={"steps": (10, 300)}),
-                backbone=tiny64, progress=False)
+        extract(faces_dir, path, faces_config.with_overrides(features={"steps": (10, 300)}),
+                backbone=faces64, progress=False)
     msg = str(err.value)
     assert "steps (10,300 here, 10,400 in the store)" in msg and "--overwrite" in msg
-    faces64 = shared_dir / "backbones" / "adm_faces64" / "adm_faces64.pt"
-    cfg = tiny_config.with_overrides(model={"preset": "faces_64", "checkpoint": str(faces64)},
-                                     features={"blocks": (2, 5, 8)})
+    cfg = faces_config.with_overrides(model={"preset": "tiny64_cosine"},
+                                      features={"blocks": (2, 5, 8)})
     with pytest.raises(StoreMismatchError) as err:
-        extract(faces_dir, path, cfg, progress=False)
+        extract(faces_dir, path, cfg, backbone=Backbone.random("tiny64_cosine"), progress=False)
     msg = str(err.value)
     assert "checkpoint sha256" in msg and "noise_schedule" in msg and "blocks" in msg
     with pytest.raises(StoreMismatchError, match=r"seed \(1 here, 0 in the store\)"):
-        extract(faces_dir, path, tiny_config.with_overrides(features={"seed": 1}),
-                backbone=tiny64, progress=False)
+        extract(faces_dir, path, faces_config.with_overrides(features={"seed": 1}),
+                backbone=faces64, progress=False)
     with pytest.raises(StoreMismatchError, match="dtype"):
-        extract(faces_dir, path, tiny_config.with_overrides(features={"dtype": "float32"}),
-                backbone=tiny64, progress=False)
+        extract(faces_dir, path, faces_config.with_overrides(features={"dtype": "float32"}),
+                backbone=faces64, progress=False)
     # A random backbone of the same flags is another model too.
     with pytest.raises(StoreMismatchError, match="checkpoint sha256"):
-        extract(faces_dir, path, tiny_config, backbone=Backbone.random("tiny64_cosine"),
+        extract(faces_dir, path, faces_config, backbone=Backbone.random("faces_64"),
                 progress=False)
     assert sorted(p for p in path.rglob("*")) == before
 
 
 def test_bad_label_is_an_error_naming_the_mask_and_nothing_is_written(tmp_path, faces,
-                                                                      tiny_config, helpers):
+                                                                      faces_config, helpers):
     masks = [f[2].copy() for f in faces[:3]]
     masks[2][5, 5] = 40  # >= 34 classes and not the ignore label
     folder = helpers.make_folder(tmp_path / "d", [f[1] for f in faces[:3]], masks)
     with pytest.raises(BadInputError) as err:
-        extract(folder, tmp_path / "s.zarr", tiny_config, progress=False)
+        extract(folder, tmp_path / "s.zarr", faces_config, progress=False)
     assert "img002.npy" in str(err.value) and "[40]" in str(err.value)
     assert not (tmp_path / "s.zarr").exists()
 
 
-def test_wrong_size_mask_is_an_error_naming_it(tmp_path, faces, tiny_config, helpers):
+def test_wrong_size_mask_is_an_error_naming_it(tmp_path, faces, faces_config, helpers):
     masks = [f[2] for f in faces[:3]]
     masks[1] = masks[1][:60]
     folder = helpers.make_folder(tmp_path / "d", [f[1] for f in faces[:3]], masks)
     with pytest.raises(BadInputError, match=r"img001\.npy is 60x64"):
-        extract(folder, tmp_path / "s.zarr", tiny_config, progress=False)
+        extract(folder, tmp_path / "s.zarr", faces_config, progress=False)
     assert not (tmp_path / "s.zarr").exists()
 
 
-def test_image_size_must_match_unless_resize(tmp_path, faces, tiny_config, tiny64, helpers):
+def test_image_size_must_match_unless_resize(tmp_path, faces, faces_config, faces64, helpers):
     big = [np.asarray(Image.fromarray(f[1]).resize((96, 80))) for f in faces[:2]]
     masks = [np.asarray(Image.fromarray(f[2]).resize((96, 80), Image.NEAREST)) for f in faces[:2]]
     folder = helpers.make_folder(tmp_path / "d", big, masks)
     with pytest.raises(BadInputError, match=r"img000\.png is 80x96.*--resize"):
-        extract(folder, tmp_path / "s.zarr", tiny_config, backbone=tiny64, progress=False)
+        extract(folder, tmp_path / "s.zarr", faces_config, backbone=faces64, progress=False)
     assert not (tmp_path / "s.zarr").exists()
-    store = extract(folder, tmp_path / "s.zarr", tiny_config, backbone=tiny64, resize=True,
+    store = extract(folder, tmp_path / "s.zarr", faces_config, backbone=faces64, resize=True,
                     progress=False)
     assert store.info.image_size == (64, 64)
     want = np.asarray(Image.fromarray(masks[1]).resize((64, 64), Image.NEAREST))
     np.testing.assert_array_equal(store.labels(1), D.drop_rare_classes(want, 34, 255, 20))
     x0 = D.image_tensor(D.load_image(folder / "img001.png", (64, 64), resize=True))[None]
-    acts = tiny64.activations(x0, TINY64_STEPS, TINY64_BLOCKS)
+    acts = faces64.activations(x0, FACES64_STEPS, FACES64_BLOCKS)
     np.testing.assert_array_equal(store.maps(1)[0], acts[store.info.keys[0]][0].half().numpy())
 
 
-def test_images_without_masks_make_a_prediction_only_store(tmp_path, faces, tiny_config,
-                                                           tiny64, helpers):
+def test_images_without_masks_make_a_prediction_only_store(tmp_path, faces, faces_config,
+                                                           faces64, helpers):
     folder = helpers.make_folder(tmp_path / "d", [f[1] for f in faces[:2]], [None, None])
-    store = extract(folder, tmp_path / "s.zarr", tiny_config, backbone=tiny64, progress=False)
+    store = extract(folder, tmp_path / "s.zarr", faces_config, backbone=faces64, progress=False)
     assert not store.info.has_labels and store.complete().all()
     with pytest.raises(StoreError, match="no labels"):
         store.labels(0)
 
 
-def test_some_masks_missing_is_an_error_naming_the_image(tmp_path, faces, tiny_config, tiny64,
+def test_some_masks_missing_is_an_error_naming_the_image(tmp_path, faces, faces_config, faces64,
                                                          helpers):
     folder = helpers.make_folder(tmp_path / "d", [f[1] for f in faces[:3]],
                                  [faces[0][2], None, faces[2][2]])
     with pytest.raises(BadInputError, match=r"img001\.png has no mask"):
-        extract(folder, tmp_path / "s.zarr", tiny_config, backbone=tiny64, progress=False)
+        extract(folder, tmp_path / "s.zarr", faces_config, backbone=faces64, progress=False)
     assert not (tmp_path / "s.zarr").exists()
 
 
@@ -156,7 +154,12 @@ def test_float16_overflow_is_an_error_suggesting_bfloat16(tmp_path, synthetic_di
     assert np.abs(store.maps(0)[0]).max() > 65504
 
 
-def test_batches_and_progress(tmp_path, synthetic_dir, fake_config, fake_backbone, capsys):
+def test_batches_and_progress(tmp_path, synthetic_dir, fake_config, fake_backbone, capsys,
+                              monkeypatch):
+    extract(synthetic_dir, tmp_path / "log.zarr", fake_config, backbone=fake_backbone(),
+            progress=True)
+    assert "img/s" not in capsys.readouterr().err  # stderr is no terminal: no bar
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     bb = fake_backbone()
     store = extract(synthetic_dir, tmp_path / "s.zarr", fake_config, backbone=bb, batch_size=3,
                     progress=True)

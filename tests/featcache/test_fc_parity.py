@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ddpmseg.featcache import FeatureStore, StoreInfo
+from ddpmseg.featcache.spec import FeatureSpec
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +32,11 @@ def tiny256(fixtures_dir):
 def test_store_pixel_features_match_the_reference(tmp_path, tiny256, dtype):
     bb, steps, blocks, acts, ref = tiny256
     shapes = bb.block_shapes(blocks)
-    info = StoreInfo(steps=steps, blocks=blocks,
-                     shapes=tuple(shapes[b] for _ in steps for b in blocks),
-                     image_size=(256, 256), num_images=1, names=("x0",), num_classes=2,
-                     ignore_label=255, has_labels=False, dtype=dtype,
-                     fingerprint=bb.fingerprint())
+    spec = FeatureSpec(steps=steps, blocks=blocks,
+                       shapes=tuple(shapes[b] for _ in steps for b in blocks),
+                       image_size=(256, 256), backbone=bb.ident, dtype=dtype)
+    info = StoreInfo(spec, num_images=1, names=("x0",), num_classes=2, ignore_label=255,
+                     has_labels=False)
     store = FeatureStore.create(tmp_path / "s.zarr", info)
     store.write_image(0, [acts[k][0] for k in info.keys])
 

@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent("""
     from ddpmseg.featcache import extract
 
     data, store, ckpt, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-    real = Backbone.from_checkpoint(ckpt, "tiny64_cosine")
+    real = Backbone.from_checkpoint(ckpt, "faces_64")
 
     class Slow:
         # The real backbone, slowed down so that the test can kill it part-way.
@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent("""
 
     cfg = Config().with_overrides(
         data={"num_classes": 34},
-        model={"preset": "tiny64_cosine", "checkpoint": ckpt},
+        model={"preset": "faces_64", "checkpoint": ckpt},
         features={"steps": (10, 400), "blocks": (2, 5, 8, 11)})
     extract(data, store, cfg, ckpt, backbone=Slow(), progress=False)
     print("done")
@@ -47,14 +47,14 @@ def count_complete(path) -> int:
         return 0
 
 
-def test_killed_extract_resumes_bit_identical(tmp_path, faces, tiny64_ckpt, helpers):
+def test_killed_extract_resumes_bit_identical(tmp_path, faces, faces64_ckpt, helpers):
     folder = helpers.make_folder(tmp_path / "data", [f[1] for f in faces],
                                  [f[2] for f in faces], [f[0] for f in faces])
     script = tmp_path / "run_extract.py"
     script.write_text(SCRIPT)
     killed, full = tmp_path / "killed.zarr", tmp_path / "full.zarr"
 
-    proc = run(script, [folder, killed, tiny64_ckpt, 0.6])
+    proc = run(script, [folder, killed, faces64_ckpt, 0.6])
     try:
         deadline = time.monotonic() + 120
         while count_complete(killed) < 2:
@@ -72,7 +72,7 @@ def test_killed_extract_resumes_bit_identical(tmp_path, faces, tiny64_ckpt, help
     assert 2 <= done_at_kill < len(faces), "the kill came too late to test resumption"
 
     for path in (killed, full):  # resume the killed run; one uninterrupted run
-        proc = run(script, [folder, path, tiny64_ckpt, 0])
+        proc = run(script, [folder, path, faces64_ckpt, 0])
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err.decode()
 

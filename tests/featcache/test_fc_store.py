@@ -1,5 +1,6 @@
 """The store on its own: dtypes, checksums, completeness, lazy reading (synthetic arrays)."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,16 +10,22 @@ import torch
 
 from ddpmseg.errors import FeatureOverflowError, StoreError, StoreMismatchError
 from ddpmseg.featcache import FeatureStore, StoreInfo
+from ddpmseg.backbone.ident import BackboneId
+from ddpmseg.featcache.spec import FeatureSpec
 from ddpmseg.featcache.store import DEFAULT_CODEC, array_name, decode_map, encode_map
 
 SHAPES = ((6, 4, 4), (3, 8, 8), (6, 4, 4), (3, 8, 8))
 
 
+def make_spec(dtype="float16", **kw):
+    fields = dict(steps=(10, 20), blocks=(1, 2), shapes=SHAPES, image_size=(16, 16),
+                  dtype=dtype, backbone=BackboneId("ab" * 32, {"image_size": 16}))
+    return FeatureSpec(**{**fields, **kw})
+
+
 def make_info(dtype="float16", n=3, has_labels=True, **kw):
-    return StoreInfo(steps=(10, 20), blocks=(1, 2), shapes=SHAPES, image_size=(16, 16),
-                     num_images=n, names=tuple(f"im{k}" for k in range(n)), num_classes=3,
-                     ignore_label=255, has_labels=has_labels, dtype=dtype,
-                     fingerprint={"sha256": "ab" * 32, "flags": {"image_size": 16}}, **kw)
+    return StoreInfo(make_spec(dtype), num_images=n, names=tuple(f"im{k}" for k in range(n)),
+                     num_classes=3, ignore_label=255, has_labels=has_labels, **kw)
 
 
 def random_maps(seed, scale=1.0):
@@ -228,13 +235,48 @@ def test_pixel_features_of_a_float32_store_equal_its_maps(tmp_path):
 
 def test_differences_name_what_changed():
     a = make_info()
-    b = StoreInfo(**{**a.__dict__, "steps": (10, 30), "seed": 3, "names": ("im0", "im1", "x"),
-                     "fingerprint": {"sha256": "cd" * 32, "flags": {"image_size": 32}}})
+    spec = make_spec(steps=(10, 30), seed=3, backbone=BackboneId("cd" * 32, {"image_size": 32}))
+    b = dataclasses.replace(a, spec=spec, names=("im0", "im1", "x"))
     text = "; ".join(a.differences(b))
-    for part in ("steps", "seed", "names", "new: im2", "not in the data folder: x",
-                 "checkpoint sha256", "image_size"):
+    for part in ("steps (10,20 here, 10,30 in the store)", "seed (0 here, 3 in the store)",
+                 "names", "new: im2", "not in the data folder: x",
+                 "checkpoint sha256 (abababababab... here, cdcdcdcdcdcd... in the store)",
+                 "image_size (16 here, 32 in the store)"):
         assert part in text
     assert a.differences(a) == []
+    # The spec alone: fields can be left out or singled out (predict tolerates a seed).
+    assert a.spec.differences(spec, ignore=("steps", "seed", "backbone")) == []
+    assert a.spec.differences(spec, "in the run", "in the store", only=("seed",)) == [
+        "seed (0 in the run, 3 in the store)"]
+    # Shapes alone are named as such (they follow from the model and blocks otherwise).
+    other_shapes = make_spec(shapes=SHAPES[:3] + ((4, 8, 8),))
+    assert a.spec.differences(other_shapes) == [
+        "native shapes ((6, 4, 4),(3, 8, 8),(6, 4, 4),(3, 8, 8) here, "
+        "(6, 4, 4),(3, 8, 8),(6, 4, 4),(4, 8, 8) there)"]
+
+
+def test_format_1_attributes_read_and_write_back_unchanged():
+    """A store written before FeatureSpec existed: its flat attribute object is the spec's
+    and the info's fields, and writing the info gives the same object back, key order too."""
+    raw = {"steps": [50, 150], "blocks": [2, 4], "shapes": [[8, 16, 16], [8, 32, 32],
+                                                             [8, 16, 16], [8, 32, 32]],
+           "image_size": [64, 64], "num_images": 2, "names": ["a", "b"], "num_classes": 34,
+           "ignore_label": 255, "class_names": [], "has_labels": True, "dtype": "float16",
+           "seed": 0, "fingerprint": {"sha256": "ab" * 32, "flags": {"image_size": 64,
+                                                                      "channel_mult": [1, 2]}},
+           "codec": dict(DEFAULT_CODEC), "format_version": 1, "precision": "fp32",
+           "min_class_pixels": 20}
+    info = StoreInfo.from_json(raw)
+    assert info.spec.backbone == BackboneId("ab" * 32, {"image_size": 64, "channel_mult": (1, 2)})
+    assert info.steps == (50, 150) and info.shapes[1] == (8, 32, 32) and info.feature_dim == 32
+    assert json.dumps(info.to_json()) == json.dumps(raw)
+
+
+def test_backbone_id_names_random_models_once():
+    assert BackboneId.random(7).random_seed == 7
+    assert BackboneId("ab" * 32).random_seed is None
+    assert BackboneId.from_json(BackboneId.random(3, {"a": (1, 2)}).to_json()) == \
+        BackboneId("random-3", {"a": [1, 2]})
 
 
 def test_open_rejects_what_is_not_a_store(tmp_path):

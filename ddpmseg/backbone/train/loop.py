@@ -40,130 +40,25 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
-import numpy as np
 import torch
-from PIL import Image
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
-from ..data import list_samples, load_image
-from ..device import resolve_device
-from ..errors import BadInputError, ConfigError, DdpmsegError, RunError
-from .flags import ModelFlags
-from .sampling import DiffusionTerms, image_grid, sample, training_losses
-from .unet import UNetModel
+from ...device import resolve_device
+from ...errors import ConfigError, DdpmsegError, RunError
+from ...progress import wanted
+from ..diffusion import Schedule
+from ..flags import ModelFlags
+from ..sampling import image_grid, sample
+from ..unet import UNetModel
+from . import ddp, files
+from .data import DataOrder, load_images
+from .losses import training_losses
 
 log = logging.getLogger("ddpmseg")
 
-STATE_VERSION = 1
-
-
-# -- data ------------------------------------------------------------------------------------
-
-def center_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (H, W, 3) -> (size, size, 3): shorter side resized to ``size``, centre cropped."""
-    im = Image.fromarray(image)
-    w, h = im.size
-    # Halve with a box filter first while far larger, then bicubic: guided-diffusion's way.
-    while min(w, h) >= 2 * size:
-        im = im.resize((w // 2, h // 2), Image.BOX)
-        w, h = im.size
-    scale = size / min(w, h)
-    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    arr = np.asarray(im, dtype=np.uint8)
-    top = (arr.shape[0] - size) // 2
-    left = (arr.shape[1] - size) // 2
-    return arr[top:top + size, left:left + size].copy()
-
-
-def load_images(images_dir: str | Path, size: int, progress: bool = False) -> torch.Tensor:
-    """All images of ``images_dir`` as one uint8 tensor (N, 3, size, size), sorted by name."""
-    samples = list_samples(images_dir)
-    out = torch.empty((len(samples), 3, size, size), dtype=torch.uint8)
-    it = samples
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(samples, desc="loading images", unit="img", leave=False)
-    for i, s in enumerate(it):
-        arr = load_image(s.image)
-        if arr.ndim != 3 or arr.shape[2] != 3 or min(arr.shape[:2]) == 0:
-            raise BadInputError(f"cannot use image {s.image} (shape {arr.shape})",
-                                "replace or remove the file")
-        out[i] = torch.from_numpy(center_crop(arr, size)).permute(2, 0, 1)
-    return out
-
-
-class DataOrder:
-    """Epochs of random permutations from the run's generator, with a resumable position."""
-
-    def __init__(self, n: int, generator: torch.Generator):
-        self.n = n
-        self.gen = generator
-        self.perm = torch.randperm(n, generator=generator)
-        self.pos = 0
-        self.epoch = 0
-
-    def next(self, batch: int) -> torch.Tensor:
-        """The indices of the next ``batch`` images, running into the next epoch as needed."""
-        parts, need = [], batch
-        while need > 0:
-            if self.pos >= self.n:
-                self.perm = torch.randperm(self.n, generator=self.gen)
-                self.pos = 0
-                self.epoch += 1
-            take = min(need, self.n - self.pos)
-            parts.append(self.perm[self.pos:self.pos + take])
-            self.pos += take
-            need -= take
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def state(self) -> dict:
-        return {"perm": self.perm.clone(), "pos": self.pos, "epoch": self.epoch}
-
-    def load(self, st: Mapping) -> None:
-        if int(st["perm"].numel()) != self.n:
-            raise RunError(f"the run was trained on {int(st['perm'].numel())} images but the "
-                           f"folder now holds {self.n}",
-                           "resume with the same images, or start a new output folder")
-        self.perm = st["perm"].clone()
-        self.pos = int(st["pos"])
-        self.epoch = int(st["epoch"])
-
-
-# -- checkpoint files ------------------------------------------------------------------------
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-WEIGHT_FILES = ("model.pt", "ema.pt")
-
-
-def _roll_forward(out: Path, step: int) -> None:
-    """Put the weight files of committed ``step`` in place; drop those of uncommitted steps."""
-    for name in WEIGHT_FILES:
-        pending = out / f".{name}.step{step}"
-        if pending.is_file():
-            os.replace(pending, out / name)
-        for stale in out.glob(f".{name}.step*"):
-            stale.unlink(missing_ok=True)
-    for tmp in out.glob(".*.tmp*"):
-        tmp.unlink(missing_ok=True)
-
-
-def _cpu_state(sd: Mapping[str, torch.Tensor]) -> dict:
-    return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
-
-
-# -- the loop --------------------------------------------------------------------------------
 
 class Trainer:
     """One training run: model, EMA, optimizer, data and RNG, saved to and resumed from ``out``.
@@ -212,7 +107,6 @@ class Trainer:
         # broadcasts rank 0's initial weights); ``model`` stays the bare module for saving.
         self.net: torch.nn.Module = self.model
         if world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
             ids = [self.device] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
             # Each rank its own dropout stream (the model init above used ``seed`` everywhere).
@@ -220,7 +114,7 @@ class Trainer:
         # Fused AdamW (CPU and CUDA): one kernel over all parameters, ~3x faster than the
         # default per-tensor loop on CPU; deterministic, so resume stays exact.
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, fused=True)
-        self.terms = DiffusionTerms.from_flags(flags, self.device)
+        self.schedule = Schedule.from_flags(flags)
         self.order = DataOrder(len(images), self.gen)
         self.step = 0
 
@@ -247,7 +141,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         x0, t, noise = self.next_batch()
-        losses = training_losses(self.net, self.terms, x0, t, noise, self.flags.learn_sigma)
+        losses = training_losses(self.net, self.schedule, x0, t, noise, self.flags.learn_sigma)
         loss = losses["loss"].mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -260,76 +154,48 @@ class Trainer:
     # -- save / load --
 
     def save(self, samples: int = 0, sample_steps: int = 50) -> None:
-        """Write the checkpoint files so that a kill at any moment leaves a resumable set.
-
-        The weights go to ``.model.pt.step<N>`` / ``.ema.pt.step<N>`` first; replacing state.pt
-        (step N) is the commit; the weight files are renamed into place after it, and a resume
-        that finds them still pending for its step finishes the renames (``_roll_forward``).
-        Under DDP every rank must call it: the ranks' RNG states are gathered, rank 0 writes,
-        and all wait for it at a barrier.
+        """Write the checkpoint files (see ``files``) so that a kill at any moment leaves a
+        resumable set. Under DDP every rank must call it: the ranks' RNG states are gathered,
+        rank 0 writes, and all wait for it at a barrier.
         """
         rank_rng = None
         if self.world_size > 1:
-            import torch.distributed as dist
-            mine = (torch.get_rng_state(),
-                    torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
-            rank_rng = [None] * self.world_size
-            dist.all_gather_object(rank_rng, mine)
+            rank_rng = ddp.gather_rng_states(self.world_size, self.device)
             if self.rank != 0:
-                dist.barrier()
+                ddp.barrier(self.world_size)
                 return
         try:
             self._write(samples, sample_steps, rank_rng)
         finally:
-            if self.world_size > 1:
-                import torch.distributed as dist
-                dist.barrier()
+            ddp.barrier(self.world_size)
 
     def _write(self, samples: int, sample_steps: int, rank_rng: list | None) -> None:
-        out = self.out
-        out.mkdir(parents=True, exist_ok=True)
-        pending = {name: out / f".{name}.step{self.step}" for name in WEIGHT_FILES}
-        torch.save(_cpu_state(self.model.state_dict()), pending["model.pt"])
-        torch.save(_cpu_state(self.ema_model.state_dict()), pending["ema.pt"])
-        _atomic_write(out / "flags.json",
-                      (json.dumps({"model_flags": self.flags.to_dict()}, indent=2) + "\n").encode())
         state = {
-            "version": STATE_VERSION,
-            "step": self.step,
             "optimizer": self.opt.state_dict(),
             "generator": self.gen.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "order": self.order.state(),
             "hparams": {"batch_size": self.batch_size, "lr": self.lr, "ema": self.ema_rate,
-                        "seed": self.seed},
+                        "seed": self.seed, "threads": torch.get_num_threads()},
         }
         if rank_rng is not None:
             state["world_size"] = self.world_size
             state["rank_rng"] = [{"torch_rng": c, "cuda_rng": g} for c, g in rank_rng]
-        _atomic_torch_save(state, out / "state.pt")  # the commit point
-        _roll_forward(out, self.step)
+        files.write_checkpoint(self.out, self.step, self.model, self.ema_model,
+                               self.flags.to_dict(), state)
         if samples > 0:
             gen = torch.Generator().manual_seed(self.seed)
             imgs = sample(self.ema_model, self.flags, samples, sample_steps, gen, self.device)
-            buf = out / ".samples.png.tmp"
-            Image.fromarray(image_grid(imgs)).save(buf, format="PNG")
-            os.replace(buf, out / "samples.png")
+            files.write_samples(self.out, image_grid(imgs))
 
     def load(self) -> None:
         out = self.out
-        try:
-            state = torch.load(out / "state.pt", map_location="cpu", weights_only=True)
-            if self.rank == 0:
-                _roll_forward(out, int(state["step"]))
-            if self.world_size > 1:  # the others read the weights once rank 0 has rolled
-                import torch.distributed as dist
-                dist.barrier()
-            model_sd = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
-            ema_sd = torch.load(out / "ema.pt", map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError) as exc:
-            raise RunError(f"cannot resume from {out}: {exc}",
-                           "start a new output folder (the files are incomplete)") from exc
+        state = files.read_state(out)
+        if self.rank == 0:
+            files.roll_forward(out, int(state["step"]))
+        ddp.barrier(self.world_size)  # the others read the weights once rank 0 has rolled
+        model_sd, ema_sd = files.read_weights(out)
         try:
             self.model.load_state_dict(model_sd)
             self.ema_model.load_state_dict(ema_sd)
@@ -366,20 +232,6 @@ def _check_positive(name: str, value, *, allow_none: bool = False, integer: bool
                           f"got {value!r}")
 
 
-def _trim_log(path: Path, step: int) -> None:
-    """Drop log lines past ``step`` (written after the last save of a run that was killed)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if int(json.loads(line)["step"]) <= step:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue
-    _atomic_write(path, ("\n".join(keep) + "\n" if keep else "").encode())
-
-
 def train_backbone(images_dir: str | Path, out_dir: str | Path,
                    flags: ModelFlags | Mapping | str | Path | None = None, *,
                    steps: int | None = None, minutes: float | None = None,
@@ -404,55 +256,11 @@ def train_backbone(images_dir: str | Path, out_dir: str | Path,
     kw = dict(steps=steps, minutes=minutes, batch_size=batch_size, lr=lr, ema=ema,
               resume=resume, save_every=save_every, seed=seed, samples=samples,
               sample_steps=sample_steps, log_every=log_every, progress=progress)
-    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world_size <= 1:
+    if ddp.world_size_from_env() <= 1:
         return _train(images_dir, out_dir, flags, device=device, rank=0, world_size=1, **kw)
-
-    import torch.distributed as dist
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-    own_group = not dist.is_initialized()
-    if own_group:
-        if dev.type == "cuda":
-            dist.init_process_group("nccl", device_id=dev)
-        else:
-            dist.init_process_group("gloo")
-    try:
-        if dist.get_world_size() != world_size or dist.get_rank() != rank:
-            raise RunError("the process group does not match WORLD_SIZE / RANK",
-                           "launch with torchrun")
+    with ddp.process_group(device) as (rank, world_size, dev):
         return _train(images_dir, out_dir, flags, device=dev, rank=rank,
                       world_size=world_size, **kw)
-    finally:
-        if own_group:
-            dist.destroy_process_group()
-
-
-def _agree(value: bool, world_size: int, device: torch.device) -> bool:
-    """Rank 0's ``value`` on every rank (one process: ``value``); keeps the ranks in step."""
-    if world_size == 1:
-        return value
-    import torch.distributed as dist
-    flag = torch.tensor([1 if value else 0], dtype=torch.int32,
-                        device=device if device.type == "cuda" else "cpu")
-    dist.broadcast(flag, 0)
-    return bool(flag.item())
-
-
-def _mean_over_ranks(acc: dict[str, torch.Tensor], world_size: int) -> dict[str, torch.Tensor]:
-    """The accumulated losses averaged over the ranks (one process: as they are)."""
-    if world_size == 1 or not acc:
-        return acc
-    import torch.distributed as dist
-    keys = sorted(acc)
-    vals = torch.stack([torch.as_tensor(acc[k], dtype=torch.float32) for k in keys])
-    dist.all_reduce(vals)
-    vals = vals / world_size
-    return {k: vals[i] for i, k in enumerate(keys)}
 
 
 def _train(images_dir, out_dir, flags, *, steps, minutes, batch_size, lr, ema, device, resume,
@@ -498,7 +306,7 @@ def _train(images_dir, out_dir, flags, *, steps, minutes, batch_size, lr, ema, d
     if resume and has_run:
         trainer.load()
         if main:
-            _trim_log(out / "train_log.jsonl", trainer.step)
+            files.trim_log(out / "train_log.jsonl", trainer.step)
             log.info("resuming %s at step %d", out, trainer.step)
     elif main and world_size > 1:
         log.info("training on %d processes, %d images per process and step", world_size,
@@ -511,15 +319,14 @@ def _train(images_dir, out_dir, flags, *, steps, minutes, batch_size, lr, ema, d
     deadline = start + minutes * 60 if minutes is not None else math.inf
     total = int(steps) if steps is not None else None
     bar = None
-    if progress:
-        from tqdm import tqdm
+    if wanted(progress):
         bar = tqdm(total=total, initial=trainer.step, unit="step", desc="train", dynamic_ncols=True)
     acc: dict[str, torch.Tensor] = {}
     acc_n, acc_t = 0, time.monotonic()
     saved_step = trainer.step if has_run and resume else -1
     with open(out / "train_log.jsonl", "a") if main else open(os.devnull, "w") as logf:
         while ((total is None or trainer.step < total)
-               and not _agree(time.monotonic() >= deadline, world_size, dev)):
+               and not ddp.agree(time.monotonic() >= deadline, world_size, dev)):
             losses = trainer.train_step()
             for k, v in losses.items():
                 acc[k] = acc.get(k, 0) + v
@@ -527,17 +334,18 @@ def _train(images_dir, out_dir, flags, *, steps, minutes, batch_size, lr, ema, d
             if bar is not None:
                 bar.update(1)
             if trainer.step % log_every == 0 or trainer.step == total:
-                acc = _mean_over_ranks(acc, world_size)
+                acc = ddp.mean_over_ranks(acc, world_size)
                 now = time.monotonic()
                 rec = {"step": trainer.step, "epoch": trainer.order.epoch}
                 rec.update({k: round(float(v) / acc_n, 6) for k, v in acc.items()})
                 rec["images_per_s"] = round(acc_n * trainer.batch_size / max(now - acc_t, 1e-9), 2)
+                rec["threads"] = torch.get_num_threads()
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
                 if bar is not None:
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.1f}")
                 acc, acc_n, acc_t = {}, 0, now
-            if _agree(time.monotonic() - last_save >= save_every * 60, world_size, dev):
+            if ddp.agree(time.monotonic() - last_save >= save_every * 60, world_size, dev):
                 trainer.save(samples, sample_steps)
                 saved_step = trainer.step
                 last_save = time.monotonic()
@@ -548,4 +356,4 @@ def _train(images_dir, out_dir, flags, *, steps, minutes, batch_size, lr, ema, d
     return out
 
 
-__all__ = ["train_backbone", "Trainer", "load_images", "center_crop", "DataOrder"]
+__all__ = ["train_backbone", "Trainer"]

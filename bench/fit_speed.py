@@ -1,0 +1,289 @@
+"""Fit throughput: ddpmseg streaming vs ddpmseg in memory vs a reference-style trainer.
+
+One process, one torch thread count, the same labelled pixels, three trainers:
+
+- stream:    ddpmseg's fit from the feature store, pixel features gathered from the pooled
+             native maps as the minibatches go (``train_member`` on a ``StreamSource``);
+- in_memory: the same training from the dense float32 features of every labelled pixel held in
+             RAM (``--in-memory``, an ``InMemorySource``);
+- reference: the reference's way, written here from its description: a ``TensorDataset`` over
+             the same dense float32 features, a shuffling ``DataLoader`` (batch 64), the
+             reference's MLP (Linear-ReLU-BatchNorm1d x2, Linear; N(0, 0.02) init), Adam 1e-3,
+             cross-entropy, ``loss.item()`` per step. (The reference also computes a batch
+             accuracy each step; that is left out, which can only flatter the reference.)
+
+Ours train with the default config (ETF regulariser "shared", weight 0.4), as a user's fit does.
+
+Two sizes:
+
+- faces64: the faces64 layout at 64 px on real images: ffhq_34's training images (resized to
+  64 px) through the bundled faces_64 backbone, steps 50,150,250 x blocks 2,4,5,7,8 (1344 dims,
+  34 classes); the store is extracted once under --work and reused.
+- lsun256: the LSUN-256 layout (bench/lsun_layout.py, 8448 dims, 256x256 labels, 28 classes),
+  random float16 maps, one labelled 16x16 cell in four (a few dense images' worth of pixels).
+
+The machine is shared, so timings drift: each round runs every trainer for --steps minibatches,
+in a rotating order, and the figures are per-trainer medians (and bests) over --rounds rounds;
+the ratios are medians of the per-round ratios. Also checked: the members trained streaming and
+in memory for the same steps are bit-identical.
+
+    python bench/fit_speed.py [--sizes faces64,lsun256] [--threads 1] [--steps 300] [--rounds 5]
+
+Prints a table per size and writes bench/results/fit_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DATA = REPO.parent / "shared" / "data" / "ffhq_34" / "real" / "train"
+GIB = 1024 ** 3
+
+
+# -- stores ----------------------------------------------------------------------------------
+def faces64_store(work: Path, data: Path, threads: int):
+    """ffhq_34's training images at 64 px through the bundled faces_64 backbone (once)."""
+    from ddpmseg.config import load_config
+    from ddpmseg.featcache import extract
+
+    cfg = load_config("faces64_ffhq_34")
+    return extract(data, work / "faces64_ffhq_34_train.zarr", cfg, device="cpu", resize=True,
+                   progress=False)
+
+
+def lsun256_store(work: Path, images: int):
+    """Random float16 maps in the LSUN-256 layout; one 16x16 cell in four labelled (once)."""
+    sys.path.insert(0, str(HERE))
+    from lsun_layout import BLOCKS, PER_STEP, SIZE, STEPS
+
+    from ddpmseg.errors import StoreError
+    from ddpmseg.backbone import BackboneId
+    from ddpmseg.featcache.spec import FeatureSpec
+    from ddpmseg.featcache.store import FeatureStore, StoreInfo
+
+    path = work / f"lsun256_random_{images}.zarr"
+    classes = 28
+    spec = FeatureSpec(steps=STEPS, blocks=BLOCKS, shapes=PER_STEP * len(STEPS), image_size=SIZE,
+                       backbone=BackboneId.random(0))
+    info = StoreInfo(spec, num_images=images, names=tuple(f"random_{i:03d}" for i in range(images)),
+                     num_classes=classes, ignore_label=255,
+                     class_names=tuple(f"class_{c}" for c in range(classes)))
+    try:
+        store = FeatureStore.open(path)
+        if store.complete().all() and store.info.shapes == info.shapes:
+            return store
+    except StoreError:
+        pass
+    store = FeatureStore.create(path, info, overwrite=True)
+    rng = np.random.default_rng(0)
+    for i in range(images):
+        maps = [rng.standard_normal(s, dtype=np.float32).astype(np.float16) for s in info.shapes]
+        cells = rng.integers(0, classes, (16, 16)).astype(np.uint8)
+        cells[rng.random((16, 16)) < 0.75] = 255
+        store.write_image(i, maps, np.kron(cells, np.ones((16, 16), np.uint8)))
+    return store
+
+
+# -- the reference-style trainer -------------------------------------------------------------
+def reference_mlp(dim: int, num_classes: int):
+    import torch
+    from torch import nn
+
+    w1, w2 = (128, 32) if num_classes < 30 else (256, 128)
+    model = nn.Sequential(nn.Linear(dim, w1), nn.ReLU(), nn.BatchNorm1d(w1),
+                          nn.Linear(w1, w2), nn.ReLU(), nn.BatchNorm1d(w2),
+                          nn.Linear(w2, num_classes))
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            torch.nn.init.normal_(m.weight, 0.0, 0.02)
+            torch.nn.init.constant_(m.bias, 0.0)
+    return model
+
+
+def reference_run(x, y, num_classes: int, steps: int, seed: int) -> float:
+    """pixels/s of ``steps`` minibatches of the reference's loop over dense (x, y)."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(seed)
+    model = reference_mlp(x.shape[1], num_classes).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    done = pixels = 0
+    t0 = time.perf_counter()
+    while done < steps:
+        for xb, yb in loader:
+            opt.zero_grad()
+            loss = loss_fn(model(xb), yb.long())
+            loss.backward()
+            opt.step()
+            loss.item()
+            pixels += xb.shape[0]
+            done += 1
+            if done >= steps:
+                break
+    return pixels / (time.perf_counter() - t0)
+
+
+# -- one size --------------------------------------------------------------------------------
+def measure(name: str, store, steps: int, rounds: int) -> dict:
+    import torch
+
+    from ddpmseg.classifier import sampler as S
+    from ddpmseg.classifier.train import GIB as _GIB, train_member
+    from ddpmseg.config import ClassifierConfig, Config
+
+    info = store.info
+    cfg = Config(classifier=ClassifierConfig(ensemble=1))
+    dev = torch.device("cpu")
+    index = S.PixelIndex.from_store(store)
+    shuffle = S.shuffle_images(len(index.images), S.image_bytes(info),
+                               cfg.classifier.ram_budget_gb * _GIB)
+    t0 = time.perf_counter()
+    sources = {"stream": S.StreamSource(store, index, dev, shuffle)}
+    t1 = time.perf_counter()
+    sources["in_memory"] = S.InMemorySource(store, index, dev)
+    t2 = time.perf_counter()
+    # The reference's dataset: the very same dense features and labels.
+    x = sources["in_memory"].x
+    y = torch.from_numpy(index.labels.astype(np.int64))
+    print(f"{name}: {index.total:,} labelled pixels in {len(index.images)} images, "
+          f"{info.feature_dim} dims; dense float32 {x.numel() * 4 / GIB:.2f} GB", file=sys.stderr,
+          flush=True)
+
+    # Where the time goes: seconds inside the feature gather (streaming) or row copy (in memory).
+    gather = {"stream": 0.0, "in_memory": 0.0}
+    for kind, attr in (("stream", "_features"), ("in_memory", "_featurize")):
+        def timed(*a, _f=getattr(sources[kind], attr), _k=kind):
+            t = time.perf_counter()
+            r = _f(*a)
+            gather[_k] += time.perf_counter() - t
+            return r
+        setattr(sources[kind], attr, timed)
+    gather_ms = {"stream": [], "in_memory": []}
+    states = {}
+
+    def ours(kind: str) -> float:
+        gather[kind] = 0.0
+        records = []
+        state, _ = train_member(0, sources[kind], index, cfg, info.feature_dim,
+                                info.num_classes, shuffle, dev, progress=False,
+                                on_epoch=records.append, max_steps=steps)
+        states.setdefault(kind, state)
+        gather_ms[kind].append(1e3 * gather[kind] / sum(r["steps"] for r in records))
+        return sum(r["pixels"] for r in records) / sum(r["seconds"] for r in records)
+
+    runners = {"stream": lambda: ours("stream"), "in_memory": lambda: ours("in_memory"),
+               "reference": lambda: reference_run(x, y, info.num_classes, steps, 0)}
+    names = list(runners)
+    rates = {k: [] for k in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for k in order:
+            rates[k].append(runners[k]())
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {rates[k][-1]:,.0f}"
+                                                       for k in names) + " pixels/s",
+              file=sys.stderr, flush=True)
+    for s in sources.values():
+        s.close()
+    a, b = states["stream"], states["in_memory"]
+    identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def ratios(num, den):
+        return [p / q for p, q in zip(rates[num], rates[den])]
+
+    out = {"feature_dim": info.feature_dim, "image_size": list(info.image_size),
+           "images": len(index.images), "labelled_pixels": index.total,
+           "num_classes": info.num_classes, "steps_per_round": steps, "rounds": rounds,
+           "setup_seconds": {"stream": round(t1 - t0, 2), "in_memory": round(t2 - t1, 2)},
+           "pixels_per_s": rates,
+           "median_pixels_per_s": {k: statistics.median(v) for k, v in rates.items()},
+           "best_pixels_per_s": {k: max(v) for k, v in rates.items()},
+           "stream_over_in_memory": statistics.median(ratios("stream", "in_memory")),
+           "stream_over_reference": statistics.median(ratios("stream", "reference")),
+           "in_memory_over_reference": statistics.median(ratios("in_memory", "reference")),
+           "gather_ms_per_step": {k: statistics.median(v) for k, v in gather_ms.items()},
+           "step_ms": {k: 64e3 / v for k, v in
+                       {k: statistics.median(rates[k]) for k in rates}.items()},
+           "members_bit_identical": bool(identical)}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="faces64,lsun256")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: ddpmseg's default, see ddpmseg.device)")
+    ap.add_argument("--steps", type=int, default=300, help="minibatches per trainer and round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--lsun-images", type=int, default=2)
+    ap.add_argument("--data", default=str(DATA), help="ffhq_34 training images (faces64)")
+    ap.add_argument("--work", default="/tmp/ddpmseg_bench/fit_speed")
+    ap.add_argument("--out", default=str(HERE / "results" / "fit_speed.json"))
+    args = ap.parse_args()
+
+    import torch
+
+    from ddpmseg.device import set_threads
+
+    threads = set_threads(args.threads)
+    import logging
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for size in args.sizes.split(","):
+        if size == "faces64":
+            store = faces64_store(work, Path(args.data), threads)
+        elif size == "lsun256":
+            store = lsun256_store(work, args.lsun_images)
+        else:
+            raise SystemExit(f"error: unknown size {size!r}; use faces64 and/or lsun256")
+        results[size] = measure(size, store, args.steps, args.rounds)
+
+    machine = {"platform": platform.platform(), "processor": platform.processor(),
+               "cpu_count": os.cpu_count(), "torch": torch.__version__,
+               "torch_threads": torch.get_num_threads(),
+               "note": "shared machine: rounds alternate the trainers; medians and bests"}
+    print(f"\nfit throughput, one member, {args.steps} minibatches of 64 per trainer and round, "
+          f"{args.rounds} rounds in rotating order, {threads} torch thread(s), "
+          f"{os.cpu_count()} CPUs (shared)")
+    for size, r in results.items():
+        med, best = r["median_pixels_per_s"], r["best_pixels_per_s"]
+        print(f"\n{size}: {r['feature_dim']} dims, {r['labelled_pixels']:,} labelled pixels "
+              f"in {r['images']} images")
+        print(f"  {'trainer':<10} {'median px/s':>12} {'best px/s':>12}")
+        for k in med:
+            print(f"  {k:<10} {med[k]:>12,.0f} {best[k]:>12,.0f}")
+        print(f"  streaming / in-memory = {r['stream_over_in_memory']:.3f} (goal >= 0.95), "
+              f"streaming / reference = {r['stream_over_reference']:.2f}, "
+              f"in-memory / reference = {r['in_memory_over_reference']:.2f} "
+              f"(medians of per-round ratios)")
+        g, st = r["gather_ms_per_step"], r["step_ms"]
+        print(f"  profile, ms per minibatch (medians): stream {st['stream']:.2f} of which "
+              f"feature gather {g['stream']:.2f}; in_memory {st['in_memory']:.2f} of which row "
+              f"copy {g['in_memory']:.2f}; reference {st['reference']:.2f}")
+        print(f"  members streaming vs in memory bit-identical: {r['members_bit_identical']}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine, "threads": threads, "results": results},
+                              indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""``FeatureSpec``: the contract between the features and everything that consumes them.
+
+Two sets of features are interchangeable exactly when their specs are equal: the same model
+(``BackboneId``: checkpoint sha256 and flags), noise steps, decoder blocks, native map shapes,
+image size, noise seed, stored dtype and compute precision. A store records the spec it was
+written with (inside ``StoreInfo``), a run records the spec it was trained on, and every check
+(extract resuming a store, fit resuming a run, predict reading a store or a folder of images)
+compares two specs with ``FeatureSpec.differences``, the one place that says what differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+
+from ..backbone.base import PRECISIONS as _MODEL_PRECISIONS
+from ..backbone.base import block_id
+from ..backbone.ident import BackboneId
+from . import pixels
+
+STORE_DTYPES = ("float16", "bfloat16", "float32")
+PRECISIONS = tuple(_MODEL_PRECISIONS)  # "fp32", "bf16", "fp16": what Backbone runs in
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    steps: tuple[int, ...]
+    blocks: tuple[int | str, ...]             # decoder indices, or names (diffusers)
+    shapes: tuple[tuple[int, int, int], ...]  # (C, h, w) per (step, block), feature order
+    image_size: tuple[int, int]               # (H, W) of the images the maps were made from
+    backbone: BackboneId = field(default_factory=BackboneId)
+    seed: int = 0                             # the shared noise's seed
+    dtype: str = "float16"                    # as stored: one of STORE_DTYPES
+    precision: str = "fp32"                   # the model's compute precision: one of PRECISIONS
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        set_(self, "steps", tuple(int(t) for t in self.steps))
+        set_(self, "blocks", tuple(block_id(b) for b in self.blocks))
+        set_(self, "shapes", tuple(tuple(int(v) for v in s) for s in self.shapes))
+        set_(self, "image_size", tuple(int(v) for v in self.image_size))
+        set_(self, "seed", int(self.seed))
+        if isinstance(self.backbone, Mapping):
+            set_(self, "backbone", BackboneId.from_json(self.backbone))
+
+    @property
+    def keys(self) -> list[tuple[int, int]]:
+        """(step, block) of each map, in feature order (step-major)."""
+        return [(t, b) for t in self.steps for b in self.blocks]
+
+    @property
+    def feature_dim(self) -> int:
+        return pixels.feature_dim(self.shapes)
+
+    # -- JSON: the flat keys format-1 stores and runs have always used ------------------------
+    def to_json(self) -> dict:
+        return {"steps": list(self.steps), "blocks": list(self.blocks),
+                "shapes": [list(s) for s in self.shapes], "image_size": list(self.image_size),
+                "dtype": self.dtype, "seed": self.seed, "fingerprint": self.backbone.to_json(),
+                "precision": self.precision}
+
+    @classmethod
+    def from_json(cls, raw: Mapping) -> "FeatureSpec":
+        return cls(steps=raw["steps"], blocks=raw["blocks"], shapes=raw["shapes"],
+                   image_size=raw["image_size"],
+                   backbone=BackboneId.from_json(raw.get("fingerprint")),
+                   seed=raw.get("seed", 0), dtype=raw.get("dtype", "float16"),
+                   precision=raw.get("precision", "fp32"))
+
+    # -- comparing ---------------------------------------------------------------------------
+    def differences(self, other: "FeatureSpec", here: str = "here", there: str = "there",
+                    only: Iterable[str] | None = None,
+                    ignore: Iterable[str] = ()) -> list[str]:
+        """What differs between ``self`` (described as ``here``) and ``other`` (``there``), one
+        readable phrase per field; empty when the features are interchangeable. ``only`` /
+        ``ignore`` restrict the comparison to / away from some field names."""
+        names = [f.name for f in fields(self)]
+        names = [n for n in names if (only is None or n in set(only)) and n not in set(ignore)]
+        out = []
+        for name in names:
+            a, b = getattr(self, name), getattr(other, name)
+            if a == b:
+                continue
+            if name == "backbone":
+                out.extend(a.differences(b, here, there))
+            elif name == "shapes":
+                continue  # follows from the model and blocks, said below only if alone
+            else:
+                out.append(f"{name} ({short(a)} {here}, {short(b)} {there})")
+        if not out and "shapes" in names and self.shapes != other.shapes:
+            out.append(f"native shapes ({short(self.shapes)} {here}, {short(other.shapes)} "
+                       f"{there})")
+        return out
+
+
+def short(value, limit: int = 60) -> str:
+    """A value for a message: lists cut after 8 items, text after ``limit`` characters."""
+    if isinstance(value, (list, tuple)):
+        text = ",".join(str(v) for v in value[:8]) + (",..." if len(value) > 8 else "")
+    else:
+        text = str(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -1,0 +1,79 @@
+"""The parts of zarr (3.x) that ddpmseg uses beyond its documented public API, in one place.
+
+Each is pinned by tests/featcache/test_zarr_adapter.py, so a zarr release that changes one
+fails there, by name, rather than somewhere in the store:
+
+1. ``zarr.core.sync.sync`` runs a coroutine on zarr's own event-loop thread. The store reads
+   and writes one image's chunk of every array concurrently (``asyncio.gather`` over
+   ``Array.async_array``), which the public synchronous API does one array at a time.
+2. ``Array.store_path / Array.metadata.encode_chunk_key(coords)`` is where a chunk lives: the
+   store asks whether a chunk exists without decoding it (a missing chunk of an image flagged
+   complete is damage, not the fill value).
+3. zarr's ``LocalStore`` writes each file to ``<path without suffix>.<uuid4 hex>.partial`` and
+   renames it into place; a writer killed between the two leaves that file behind, and a
+   resumed extraction deletes it (``remove_partial_files``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+
+PARTIAL_FILE = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+class Missing:
+    """Stands for a chunk that is absent from storage."""
+
+
+def _chunk_path(arr: zarr.Array, i: int):
+    return arr.store_path / arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
+
+
+def chunks_exist(arrays: Sequence[zarr.Array], i: int) -> list[bool]:
+    """Whether each array's chunk of image ``i`` (its first-axis chunk) is in storage."""
+    async def check():
+        return await asyncio.gather(*(_chunk_path(a, i).exists() for a in arrays))
+
+    return list(sync(check()))
+
+
+def read_images(arrays: Sequence[zarr.Array], i: int) -> list:
+    """``arr[i]`` of every array, read concurrently: an ndarray, ``Missing`` for an absent
+    chunk, or the exception its decoding raised (a failed checksum)."""
+    async def one(arr):
+        if not await _chunk_path(arr, i).exists():
+            return Missing
+        return await arr.async_array.getitem(i)
+
+    async def read_all():
+        return await asyncio.gather(*(one(a) for a in arrays), return_exceptions=True)
+
+    return sync(read_all())
+
+
+def write_images(targets: Sequence[tuple[zarr.Array, np.ndarray]], i: int) -> None:
+    """``arr[i] = value`` for every (array, value), written concurrently."""
+    async def write_all():
+        await asyncio.gather(*(a.async_array.setitem(i, v) for a, v in targets))
+
+    sync(write_all())
+
+
+def remove_partial_files(root: str | Path) -> int:
+    """Delete the temporary files a killed writer of a local store left; returns how many."""
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    count = 0
+    for p in root.rglob("*.partial"):
+        if PARTIAL_FILE.search(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+            count += 1
+    return count

@@ -1,0 +1,44 @@
+"""Writing files so that a crash never leaves half of one, and hashing them.
+
+Every JSON file ddpmseg writes (run files, predict.json, metrics.json, palette.json, resolved
+configs) goes through ``write_json``; binary files through ``atomic_write``. The file appears
+whole under its name or not at all: it is written beside its destination under a hidden
+temporary name and renamed over it (``os.replace`` is atomic on one filesystem).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import InputNotFoundError
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` for a temporary path beside ``path``, then rename it to ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json(path: str | Path, obj, **dumps) -> Path:
+    """``obj`` as indented JSON (plus a final newline), written atomically."""
+    text = json.dumps(obj, indent=2, **dumps) + "\n"
+    return atomic_write(path, lambda p: p.write_text(text))
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, streamed (multi-GB checkpoints never sit in memory)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"file {path} does not exist", "check the path")
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()

@@ -1,0 +1,47 @@
+"""What ddpmseg relies on in zarr beyond its public API (featcache/zarr_adapter.py), pinned."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from ddpmseg.featcache import zarr_adapter as ZA
+
+
+class Killed(BaseException):
+    """Not an Exception: zarr's own clean-up does not catch it, as with a killed process."""
+
+
+def test_a_killed_local_store_write_leaves_a_partial_file_the_adapter_removes(tmp_path,
+                                                                               monkeypatch):
+    arr = zarr.create_array(str(tmp_path / "a.zarr"), shape=(2, 4), chunks=(1, 4), dtype="u1")
+
+    def killed(self, target):
+        raise Killed
+
+    monkeypatch.setattr(Path, "replace", killed)
+    with pytest.raises(Killed):
+        arr[0] = 7
+    monkeypatch.undo()
+    left = [p for p in tmp_path.rglob("*") if p.is_file() and p.name.endswith(".partial")]
+    assert len(left) == 1 and ZA.PARTIAL_FILE.search(left[0].name)
+    assert not ZA.PARTIAL_FILE.search("0.partial")  # a user's own file is not ours to delete
+    assert ZA.remove_partial_files(tmp_path / "a.zarr") == 1
+    assert not left[0].exists()
+    assert ZA.remove_partial_files(tmp_path / "nothing") == 0
+
+
+def test_concurrent_reads_and_writes_and_chunk_existence(tmp_path):
+    a = zarr.create_array(str(tmp_path / "a.zarr"), shape=(3, 2, 2), chunks=(1, 2, 2),
+                          dtype="f4", fill_value=0)
+    b = zarr.create_array(str(tmp_path / "b.zarr"), shape=(3, 5), chunks=(1, 5), dtype="u1",
+                          fill_value=0, config={"write_empty_chunks": True})
+    assert ZA.chunks_exist([a, b], 1) == [False, False]
+    va, vb = np.arange(4, dtype="f4").reshape(2, 2) + 1, np.zeros(5, "u1")
+    ZA.write_images([(a, va), (b, vb)], 1)
+    assert ZA.chunks_exist([a, b], 1) == [True, True]  # an all-fill chunk is written too
+    assert ZA.chunks_exist([a, b], 2) == [False, False]
+    got = ZA.read_images([a, b], 1)
+    assert np.array_equal(got[0], va) and np.array_equal(got[1], vb)
+    assert ZA.read_images([a, b], 0) == [ZA.Missing, ZA.Missing]
