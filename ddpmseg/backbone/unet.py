@@ -121,6 +121,8 @@ class ResBlock(TimestepBlock):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """x: (N, C, H, W), emb: (N, E) -> (N, C_out, H', W') (H' = 2H up, H/2 down)."""
+        if torch.is_inference_mode_enabled():
+            return self._forward_inplace(x, emb)
         if self.updown:
             # Resample between the activation and the conv: the conv then runs at the new size.
             norm_act, conv = self.in_layers[:-1], self.in_layers[-1]
@@ -136,6 +138,27 @@ class ResBlock(TimestepBlock):
         else:
             h = self.out_layers(h + emb_out)
         return self.skip_connection(x) + h
+
+    def _forward_inplace(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """``forward`` under inference_mode: the same operations in the same order (so the
+        same values, bit for bit), but every temporary that only this block holds is updated
+        in place. Each large activation is then allocated once instead of up to nine times;
+        on the CPU every fresh allocation of a large tensor is page-faulted in anew, which
+        cost about a third of a 256px block's time."""
+        h = F.silu(self.in_layers[0](x), inplace=True)   # GroupNorm32 returns a new tensor
+        if self.updown:
+            h, x = self.h_upd(h), self.x_upd(x)
+        h = self.in_layers[2](h)
+        emb_out = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        if self.use_scale_shift_norm:
+            scale, shift = torch.chunk(emb_out, 2, dim=1)
+            h = self.out_layers[0](h).mul_(1 + scale).add_(shift)
+        else:
+            h = self.out_layers[0](h.add_(emb_out))
+        h = self.out_layers[3](self.out_layers[2](F.silu(h, inplace=True)))
+        skip = self.skip_connection(x)
+        # Addition commutes exactly; only a dtype promotion (mixed precision) needs a new tensor.
+        return h.add_(skip) if torch.result_type(h, skip) == h.dtype else skip + h
 
 
 class QKVAttention(nn.Module):
@@ -186,7 +209,10 @@ class AttentionBlock(nn.Module):
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
         h = self.proj_out(self.attention(self.qkv(self.norm(x))))
-        return (x + h).reshape(b, c, *spatial)
+        # Under inference_mode h is this block's own temporary: add in place (same value).
+        in_place = torch.is_inference_mode_enabled() and torch.result_type(h, x) == h.dtype
+        h = h.add_(x) if in_place else x + h
+        return h.reshape(b, c, *spatial)
 
 
 class UNetModel(nn.Module):

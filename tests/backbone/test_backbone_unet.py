@@ -72,6 +72,33 @@ def test_early_exit_is_bit_identical_and_skips_later_blocks():
         assert torch.equal(early[b], seen[b])
 
 
+@pytest.mark.parametrize("preset", ["tiny64_cosine", "faces_64"])
+@pytest.mark.parametrize("precision", [None, torch.bfloat16])
+def test_in_place_inference_path_is_bit_identical(preset, precision):
+    # Under inference_mode the blocks update their own temporaries in place; under no_grad
+    # (and with autograd) they do not. Both must give the same bits, in float32 and bf16.
+    flags = PRESETS[preset]
+    torch.manual_seed(0)
+    model = UNetModel.from_flags(flags).eval()
+    size = flags.image_size
+    x = torch.randn(2, 3, size, size)
+    t = torch.tensor([10, 400])
+    autocast = torch.autocast("cpu", dtype=precision, enabled=precision is not None)
+    with torch.no_grad(), autocast:
+        want_out = model(x, t)
+        want = model.decoder_features(x, t, range(len(model.output_blocks)))
+    with torch.inference_mode(), autocast:
+        got_out = model(x, t)
+        got = model.decoder_features(x, t, range(len(model.output_blocks)))
+    assert torch.equal(got_out, want_out) and got_out.dtype == want_out.dtype
+    for b in want:
+        assert torch.equal(got[b], want[b]) and got[b].dtype == want[b].dtype
+    # and a training step still works (the in-place path is never taken with autograd)
+    model.train()
+    model(x, t).square().mean().backward()
+    assert model.input_blocks[1][0].in_layers[2].weight.grad is not None
+
+
 def test_new_attention_order_is_a_permutation_of_the_legacy_one():
     flags = SMALL
     torch.manual_seed(0)
