@@ -6,8 +6,8 @@ import click
 
 from ..featcache import extract
 from ..featcache.spec import PRECISIONS, STORE_DTYPES
-from .common import (config_option, device_option, parse_blocks, parse_ints, resolve_config,
-                     threads_option)
+from .common import (config_option, device_option, max_pixels_option, parse_blocks, parse_ints,
+                     resolve_config, threads_option)
 
 
 @click.command("extract")
@@ -42,13 +42,18 @@ from .common import (config_option, device_option, parse_blocks, parse_ints, res
               help="Resize images of another size to the model's (masks with nearest).")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing store made with other settings.")
+@click.option("--repair", is_flag=True,
+              help="Read every chunk of the images already extracted and re-extract exactly "
+                   "the damaged ones (those `ddpmseg verify STORE` lists).")
+@max_pixels_option
 @click.option("--scheduler", default=None, metavar="local|local:N|tcp://HOST:PORT",
               help="Run as dask.distributed tasks: a local cluster of N worker processes, or "
                    "an existing scheduler whose workers see the same files.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context
 def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, dtype,
-            device, batch_size, precision, seed, resize, overwrite, scheduler, no_progress):
+            device, batch_size, precision, seed, resize, overwrite, repair, scheduler,
+            no_progress):
     """Extract diffusion features of every image in DATA_DIR into the store STORE.
 
     DATA_DIR holds images (png/jpg) with masks of the same stem (<id>.npy or <id>_mask.png)
@@ -65,6 +70,8 @@ def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, 
       ddpmseg extract my_images/ stores/mine.zarr --preset faces_64 \\
           --checkpoint adm_faces64.pt --steps 50,150,250 --blocks 2,4,5,7,8 --resize
       ddpmseg extract stores/train.zarr --config experiments/ffhq_34/ddpm.json
+      ddpmseg extract data/ffhq_34/real/train stores/ffhq34_train.zarr \\
+          --config ffhq_34 --checkpoint checkpoints/ffhq.pt --repair
       ddpmseg extract my_images/ stores/sd.zarr --checkpoint models/stable-diffusion-v1-5 \\
           --steps 50,150,250 --blocks 1,2,3 --resize --config ffhq_34
     """
@@ -77,7 +84,7 @@ def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, 
     data_dir, store = _data_and_store(paths, cfg.data.train_dir)
     quiet = bool(ctx.find_root().params.get("quiet"))
     result = extract(data_dir, store, cfg, device=device, resize=resize, overwrite=overwrite,
-                     scheduler=scheduler, progress=not (no_progress or quiet))
+                     scheduler=scheduler, progress=not (no_progress or quiet), repair=repair)
     info = result.info
     click.echo(f"{store}: {len(result)} images, {info.feature_dim} dims per pixel "
                f"({len(info.steps)} steps x {len(info.blocks)} blocks), {info.dtype}, "
