@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-rom .fileio import write_json
+from .fileio import write_json
 
 IGNORE_RGB = (0, 0, 0)
 GREY_RGB = (128, 128, 128)
