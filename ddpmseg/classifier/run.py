@@ -172,13 +172,14 @@ def trained_members(run_dir: Path, count: int) -> list[int]:
 _TMP_FILE = re.compile(r"^\..+\.\d+\.tmp$")
 
 
-def remove_leftovers(run_dir: Path) -> None:
-    """Delete what a killed fit left: temporary files, and member files the manifest does
-    not list (killed between writing the member and recording it: it is retrained)."""
+def remove_leftovers(run_dir: Path, unrecorded: bool = True) -> None:
+    """Delete what a killed fit left: temporary files, and (``unrecorded``) member files the
+    manifest does not list (killed between writing the member and recording it: it is
+    retrained)."""
     for p in run_dir.iterdir():
         if p.is_file() and _TMP_FILE.match(p.name):
             p.unlink(missing_ok=True)
-    manifest = read_manifest(run_dir)
+    manifest = read_manifest(run_dir) if unrecorded else None
     if manifest is not None:
         for p in run_dir.glob(MEMBER_GLOB):
             if p.name not in manifest:
@@ -196,13 +197,13 @@ def prepare(run_dir: Path, cfg: Config, info: StoreInfo, resume: bool, shuffle: 
     if run_dir.exists() and not run_dir.is_dir():
         raise RunError(f"run dir {run_dir} is a file", "choose another path")
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(run_dir, unrecorded=resume)
     if not resume:
         for p in list(run_dir.glob(MEMBER_GLOB)) + [run_dir / LOG_FILE, run_dir / CONFIG_FILE,
                                                      run_dir / STORE_FILE,
                                                      run_dir / MANIFEST_FILE]:
             p.unlink(missing_ok=True)
         return
-    remove_leftovers(run_dir)
     members = sorted(run_dir.glob(MEMBER_GLOB))
     if not members:
         # Nothing trained yet: a header left by a killed fit (even a damaged one) is rewritten.
