@@ -31,3 +31,25 @@ def test_fault_harness_subset(tmp_path):
     # line and then repaired to the original (a chunk flip could only pass if the crc32c did).
     for kind in ("chunk_flip", "flag_flip", "member_flip"):
         assert table[kind]["refused"] == faults.QUICK[kind], (kind, table[kind])
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line():
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+
+    script = Path(sys.executable).with_name("ddpmseg")
+    if not script.is_file():
+        pytest.skip("the ddpmseg console script is not installed beside this interpreter")
+    env = {**os.environ, "PYTHONPATH": str(HARNESS.parents[1])}
+    proc = subprocess.Popen([str(script), "--help"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # importing torch takes seconds: the interrupt lands during the imports
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGINT, err
+    assert err == "error: interrupted while starting; nothing was written\n"
