@@ -141,6 +141,16 @@ def array_name(t: int, b: int) -> str:
     return f"act_t{t}_b{b}"
 
 
+def store_attributes(info: StoreInfo, config: dict | None = None) -> dict:
+    """The group attributes of a store of ``info``, with their digest: whatever writes or
+    rewrites them (creation, a store that grows) writes this whole object."""
+    attrs = {"ddpmseg": info.to_json()}
+    if config is not None:
+        attrs["config"] = json.loads(json.dumps(config))
+    attrs[IG.DIGEST_KEY] = IG.attrs_digest(attrs)
+    return attrs
+
+
 def array_specs(info: StoreInfo) -> list[tuple[str, dict]]:
     """(name, ``create_array`` arguments) of every array a store of ``info`` has, in creation
     order ("complete" last: a store whose "complete" array exists has all its arrays). The
@@ -292,10 +302,7 @@ class FeatureStore:
         """Make the group, its attributes and every (empty) array; write no chunk."""
         if info.dtype not in STORE_DTYPES:
             raise StoreError(f"unknown store dtype {info.dtype!r}", f"use one of {STORE_DTYPES}")
-        attrs = {"ddpmseg": info.to_json()}
-        if config is not None:
-            attrs["config"] = json.loads(json.dumps(config))
-        attrs[IG.DIGEST_KEY] = IG.attrs_digest(attrs)
+        attrs = store_attributes(info, config)
         try:
             group = zarr.create_group(store=str(path), overwrite=overwrite, zarr_format=3,
                                       attributes=attrs)
