@@ -31,10 +31,11 @@ from tqdm import tqdm
 from .. import data as D
 from ..backbone import Backbone, BackboneId, ModelFlags, describe_backbone, load_backbone
 from ..backbone.base import block_id
-from ..bundled import resolve_checkpoint
+from ..bundled import BUNDLED_CHECKPOINTS, resolve_checkpoint
 from ..config import Config
 from ..errors import BadInputError, ConfigError, StoreError, StoreMismatchError
-from ..scaleout import connect
+from ..scaleout import check_scheduler, connect
+from ..progress import wanted
 from .spec import PRECISIONS, STORE_DTYPES, FeatureSpec
 from .store import FeatureStore, StoreInfo, encode_image, parse_codec
 
@@ -98,7 +99,10 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     batch_size = int(batch_size or fc.batch_size)
     _check_settings(steps, blocks, dtype, precision, batch_size, dc)
     codec = parse_codec(fc.codec, dtype)
+    check_scheduler(scheduler)  # before anything is written
     checkpoint = checkpoint if checkpoint not in (None, "") else (config.model.checkpoint or None)
+    # A bundled name is recorded as given: the package's own path differs per install.
+    recorded = str(checkpoint) if str(checkpoint) in BUNDLED_CHECKPOINTS else None
     checkpoint = resolve_checkpoint(checkpoint) if checkpoint else None
 
     flags = describe_backbone(backbone or checkpoint, config.model.preset)
@@ -128,7 +132,7 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
                      class_names=tuple(dc.class_names), has_labels=inputs.has_labels,
                      min_class_pixels=dc.min_class_pixels, codec=codec)
     resolved = config.with_overrides(
-        model={"checkpoint": str(checkpoint) if checkpoint else ""},
+        model={"checkpoint": recorded or (str(checkpoint) if checkpoint else "")},
         features={"precision": precision, "batch_size": batch_size})
 
     # 3. Create the store, or reopen it and check that it was made the same way.
@@ -187,9 +191,11 @@ def _check_settings(steps, blocks, dtype, precision, batch_size, dc) -> None:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    """(H, W) from the file header, without decoding the pixels."""
+    """(H, W) of an image, decoded in full: a truncated file must fail here, before the
+    store is created, not halfway through writing it."""
     try:
         with Image.open(path) as im:
+            im.load()
             return im.size[1], im.size[0]
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise BadInputError(f"cannot read image {path} ({exc})",
@@ -370,7 +376,7 @@ class _NullBar:
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
-    if not enabled:
+    if not wanted(enabled):
         return _NullBar()
     return tqdm(total=total, initial=initial, unit="img", desc="extract", file=sys.stderr,
                 dynamic_ncols=True, smoothing=0.1)

@@ -35,7 +35,10 @@ from . import zarr_adapter as ZA
 from .spec import STORE_DTYPES
 from .spec import FeatureSpec, short
 
-FORMAT_VERSION = 1
+# 2: dimension names carry their size (channel_1024, y_32, x_32), so xarray opens the store as
+# one Dataset; 1 named every activation's axes channel/y/x. Both read alike.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 # zarr has no bfloat16 dtype: bfloat16 values are stored as their uint16 bit patterns (the upper
 # half of the float32 word) and readers widen them back to float32.
 _ZARR_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
@@ -112,7 +115,7 @@ class StoreInfo:
                    class_names=tuple(raw.get("class_names", ())),
                    has_labels=raw.get("has_labels", True),
                    codec=raw.get("codec", dict(DEFAULT_CODEC)),
-                   format_version=raw.get("format_version", FORMAT_VERSION),
+                   format_version=raw.get("format_version", 1),
                    min_class_pixels=raw.get("min_class_pixels", 20))
 
     def differences(self, other: "StoreInfo", here: str = "here",
@@ -137,6 +140,16 @@ class StoreInfo:
             if key not in ignore and a != b:
                 out.append(f"{key} ({short(a)} {here}, {short(b)} {there})")
         return out
+
+
+def map_dims(c: int, h: int, w: int) -> tuple[str, ...]:
+    """An activation array's dimension names: one name per distinct size, so arrays of other
+    sizes never share a dimension name (xarray requires one size per name)."""
+    return ("image", f"channel_{c}", f"y_{h}", f"x_{w}")
+
+
+def label_dims(height: int, width: int) -> tuple[str, ...]:
+    return ("image", f"y_{height}", f"x_{width}")
 
 
 def array_name(t: int, b: int) -> str:
@@ -337,14 +350,14 @@ class FeatureStore:
                 continue
             group.create_array(array_name(t, b), shape=(n, c, h, w), chunks=(1, c, h, w),
                                dtype=_ZARR_DTYPES[info.dtype], compressors=codecs, fill_value=0,
-                               config=cfg, dimension_names=("image", "channel", "y", "x"),
+                               config=cfg, dimension_names=map_dims(c, h, w),
                                attributes={**act_attrs, "step": t, "block": b})
             made.append(array_name(t, b))
         if info.has_labels and "labels" not in existing:
             height, width = info.image_size
             group.create_array("labels", shape=(n, height, width), chunks=(1, height, width),
                                dtype=np.uint8, compressors=codecs, fill_value=info.ignore_label,
-                               config=cfg, dimension_names=("image", "y", "x"))
+                               config=cfg, dimension_names=label_dims(height, width))
             made.append("labels")
         # Last: a store whose "complete" array exists has all its arrays.
         if "complete" not in existing:
@@ -414,9 +427,10 @@ class FeatureStore:
             what = "is not a ddpmseg feature store" if _exists(path) else "does not exist"
             raise StoreError(f"{path} {what}",
                              "run `ddpmseg extract` to make one") from exc
-        if info.format_version != FORMAT_VERSION:
+        if info.format_version not in READABLE_VERSIONS:
             raise StoreMismatchError(f"{path} has store format {info.format_version}, this "
-                                     f"ddpmseg reads {FORMAT_VERSION}", "re-extract the store")
+                                     f"ddpmseg reads {', '.join(map(str, READABLE_VERSIONS))}",
+                                     "re-extract the store, or upgrade ddpmseg")
         return cls(group, info, str(path))
 
     @property
