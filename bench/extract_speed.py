@@ -1,27 +1,44 @@
-"""Feature extraction speed: ddpmseg's Backbone against the reference extractor's way.
+"""Feature extraction speed: ddpmseg's Backbone against the original code's way, interleaved.
 
-The reference (ddpm-segmentation) runs one full UNet forward per step -- every decoder block and
-the ``out`` head -- with hooks on the chosen blocks, then upsamples each block's map to the image
-size (bilinear, align_corners=False) and concatenates them in float32. Ours runs an image's steps
-as one batch and stops after the deepest requested block. Both use the same randomly initialised
-LSUN-256 architecture (553M parameters) in the same process, the same images and noise.
+The baseline does what the original does (yandex-research/ddpm-segmentation's
+``FeatureExtractorDDPM`` over openai/guided-diffusion's ``UNetModel``) and nothing more, written
+here from reading it: under ``torch.no_grad()``, for each step t one full UNet forward (every
+decoder block and the ``out`` head) of the image noised to t, forward hooks on the chosen
+``output_blocks`` keeping their outputs; then ``collect_features``: each map bilinearly
+upsampled to the image size (align_corners=False), one ``torch.cat``. Ours is
+``Backbone.activations``: the steps of ``--batch-images`` images as one batch under
+``inference_mode``, stopping after the deepest requested block, native maps (what the store
+keeps; nothing is upsampled).
 
-Reported per device: seconds per image for the reference, for ours (activations, as our pipeline
-consumes them), for ours plus the same upsampling (dense features, like for like), the speed-up,
-and the max abs difference between the dense features of both.
+Both run on the same model object in the same process, on the same images and noise. The
+machine is shared, so the contenders alternate group by group (a group is --batch-images
+images; the order flips every group) and the figure is the **median of the per-group ratios**
+(baseline seconds / ours), each group's images timed back to back; the same with process CPU
+seconds (all threads), which other jobs on the machine disturb less. Features: ours upsampled
+the same way against the baseline's, max |difference| and that relative to max |feature|.
 
-    python bench/extract_speed.py [--images 2] [--devices cpu,cuda] [--out PATH]
+Models: ``lsun_256`` (the published 256px architecture, 553M parameters, random weights; real
+bedroom_28 images when ../shared is there) and ``faces_64`` (the bundled trained checkpoint on
+ffhq_34 images resized to 64 px).
+
+    python bench/extract_speed.py [--models lsun_256,faces_64] [--groups 4] [--batch-images 1]
+                                  [--threads 2] [--device cpu]
+
+Prints one table and writes bench/results/extract_speed.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -30,105 +47,140 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from ddpmseg.backbone import Backbone  # noqa: E402
 from ddpmseg.device import resolve_device  # noqa: E402
 
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+MODELS = {
+    # name: (preset, checkpoint or None for random weights, image folder, steps, blocks)
+    "lsun_256": ("lsun_256", None, SHARED / "bedroom_28" / "real" / "train",
+                 (50, 150, 250), (5, 6, 7, 8, 12)),
+    "faces_64": ("faces_64", "bundled:faces_64", SHARED / "ffhq_34" / "real" / "train",
+                 (50, 150, 250), (2, 4, 5, 7, 8)),
+}
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def dense(maps: list[torch.Tensor], size: int) -> torch.Tensor:
-    """(1, sum C, size, size): each (1, C, h, w) map upsampled and concatenated, as reference."""
-    return torch.cat([F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)
-                      for m in maps], dim=1)
+def load_images(folder: Path, n: int, size: int, seed: int) -> tuple[torch.Tensor, str]:
+    """(n, 3, size, size) in [-1, 1]: the folder's first n PNGs resized (bilinear), or noise."""
+    from PIL import Image
+
+    paths = sorted(folder.glob("*.png"))[:n] if folder.is_dir() else []
+    if len(paths) == n:
+        arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size),
+                                                                 Image.Resampling.BILINEAR))
+                  for p in paths]
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return x, f"{n} images of {folder.parent.parent.name}"
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=gen) * 2 - 1, f"{n} random images"
 
 
-def reference_features(bb: Backbone, x0: torch.Tensor, steps, blocks, noise) -> torch.Tensor:
-    """One image (1, 3, H, W) -> (1, D, H, W), the reference extractor's way."""
+def upsample_concat(maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """collect_features: each (1, C, h, w) map to ``size`` (bilinear, align_corners False),
+    concatenated along channels -> (D, H, W)."""
+    return torch.cat([F.interpolate(m, size=size, mode="bilinear")[0] for m in maps], dim=0)
+
+
+def original_features(bb: Backbone, x0: torch.Tensor, steps, blocks, noise) -> torch.Tensor:
+    """One image (1, 3, H, W) -> (D, H, W), the original extractor's way."""
     model, captured = bb.model, {}
     hooks = [model.output_blocks[b].register_forward_hook(
-        lambda mod, args, out, b=b: captured.__setitem__(b, out)) for b in blocks]
+        lambda mod, args, out, b=b: captured.__setitem__(b, out.detach().float()))
+        for b in blocks]
     maps = []
     try:
-        with torch.inference_mode():
+        with torch.no_grad():
             for t in steps:
-                tt = torch.tensor([t], device=bb.device)
+                tt = torch.tensor([t]).to(x0.device)
                 x_t = bb.schedule.q_sample(x0, tt, noise)
                 model(x_t, tt)  # full forward, `out` included; its output is discarded
-                maps.extend(captured[b] for b in blocks)
-                captured.clear()
-            return dense(maps, x0.shape[-1])
+                maps.extend(captured.pop(b) for b in blocks)
+            return upsample_concat(maps, tuple(x0.shape[-2:]))
     finally:
         for h in hooks:
             h.remove()
 
 
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor, chunk: int = 256) -> float:
-    """max |a - b| over channels in chunks, so two 2 GB tensors need no third one."""
-    return max(float((a[:, i:i + chunk] - b[:, i:i + chunk]).abs().max())
-               for i in range(0, a.shape[1], chunk))
+def ours(bb: Backbone, x0: torch.Tensor, steps, blocks, noise) -> dict:
+    return bb.activations(x0, steps, blocks, noise=noise)
 
 
-def bench_device(device: torch.device, args) -> dict:
-    steps, blocks = args.steps, args.blocks
+def diffs(acts: dict, refs: list[torch.Tensor], steps, blocks) -> tuple[float, float]:
+    """(max |ours upsampled - original|, that / max |original|) over a group's images."""
+    worst = scale = 0.0
+    for i, ref in enumerate(refs):
+        mine = upsample_concat([acts[(t, b)][i:i + 1] for t in steps for b in blocks],
+                               tuple(ref.shape[-2:]))
+        worst = max(worst, float((mine - ref).abs().max()))
+        scale = max(scale, float(ref.abs().max()))
+        del mine
+    return worst, worst / scale
+
+
+def bench_model(name: str, device: torch.device, args) -> dict:
+    preset, checkpoint, folder, steps, blocks = MODELS[name]
     t0 = time.perf_counter()
-    bb = Backbone.random(args.preset, seed=args.seed, device=device)
+    bb = (Backbone.from_checkpoint(checkpoint, preset, device=device) if checkpoint
+          else Backbone.random(preset, seed=0, device=device))
     build_s = time.perf_counter() - t0
     size = bb.flags.image_size
-    gen = torch.Generator().manual_seed(args.seed)
-    images = (torch.rand(args.images, 3, size, size, generator=gen) * 2 - 1).to(device)
+    B = args.batch_images
+    images, source = load_images(folder, args.groups * B + 1, size, args.seed)
+    images = images.to(device)
     noise = bb.default_noise(size, size, seed=0)
 
-    # First calls per input shape pick kernels (oneDNN primitives, cuDNN algorithms): not
-    # what we measure, and they would favour whichever path runs second.
-    for _ in range(args.warmup):
-        bb.activations(images[:1], steps, blocks, noise=noise)
-        reference_features(bb, images[:1], steps, blocks, noise)
+    # Untimed warm-up on an image of its own: first calls per shape pick kernels.
+    warm = images[-1:]
+    ours(bb, warm.expand(B, -1, -1, -1).contiguous(), steps, blocks, noise)
+    original_features(bb, warm, steps, blocks, noise)
     _sync(device)
 
-    ref_s = ours_s = ours_up_s = 0.0
-    diff = diff_unbatched = 0.0
-    for i in range(args.images):
-        x0 = images[i:i + 1]
-        _sync(device)
-        t0 = time.perf_counter()
-        ref = reference_features(bb, x0, steps, blocks, noise)
-        _sync(device)
-        ref_s += time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        acts = bb.activations(x0, steps, blocks, noise=noise)
-        _sync(device)
-        ours_s += time.perf_counter() - t0
-        ours = dense([acts[(t, b)] for t in steps for b in blocks], size)
-        _sync(device)
-        ours_up_s += time.perf_counter() - t0
-        diff = max(diff, max_abs_diff(ours, ref))
-        del ours, acts
-        if i == 0 and args.check_unbatched:
-            # One step per forward: what batching alone changes (matmul/conv blocking).
-            acts = bb.activations(x0, steps, blocks, noise=noise, max_batch=1)
-            ours = dense([acts[(t, b)] for t in steps for b in blocks], size)
-            diff_unbatched = max_abs_diff(ours, ref)
-            del ours, acts
-        dim = ref.shape[1]
-        del ref
-
-    n = args.images
+    groups = []
+    max_abs = max_rel = 0.0
+    for g in range(args.groups):
+        x = images[g * B:(g + 1) * B]
+        timing, cpu, out = {}, {}, {}
+        order = ("original", "ours") if g % 2 == 0 else ("ours", "original")
+        for who in order:
+            _sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            if who == "ours":
+                out[who] = ours(bb, x, steps, blocks, noise)
+            else:
+                out[who] = [original_features(bb, x[i:i + 1], steps, blocks, noise)
+                            for i in range(B)]
+            _sync(device)
+            timing[who] = (time.perf_counter() - t0) / B
+            cpu[who] = (time.process_time() - c0) / B
+        if g < args.check_groups:
+            a, r = diffs(out["ours"], out["original"], steps, blocks)
+            max_abs, max_rel = max(max_abs, a), max(max_rel, r)
+        del out
+        groups.append({"order": list(order), "original_s_per_image": timing["original"],
+                       "ours_s_per_image": timing["ours"],
+                       "ratio": timing["original"] / timing["ours"],
+                       "original_cpu_s_per_image": cpu["original"],
+                       "ours_cpu_s_per_image": cpu["ours"],
+                       "cpu_ratio": cpu["original"] / cpu["ours"]})
+        print(f"  {name} group {g} ({' then '.join(order)}): original "
+              f"{timing['original']:.2f} s/image, ours {timing['ours']:.2f} s/image, "
+              f"{groups[-1]['ratio']:.2f}x (CPU time {groups[-1]['cpu_ratio']:.2f}x)",
+              file=sys.stderr, flush=True)
+    dim = sum(bb.block_shapes(blocks)[b][0] for b in blocks) * len(steps)
     result = {
-        "device": str(device),
-        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or platform.machine()),
-        "threads": torch.get_num_threads(),
-        "images": n, "steps": steps, "blocks": blocks, "feature_dim": dim,
+        "model": name, "preset": preset, "weights": checkpoint or "random (seed 0)",
         "parameters": sum(p.numel() for p in bb.model.parameters()),
-        "build_s": round(build_s, 2),
-        "reference_s_per_image": ref_s / n,
-        "ours_s_per_image": ours_s / n,
-        "ours_with_upsample_s_per_image": ours_up_s / n,
-        "speedup": ref_s / ours_s,
-        "speedup_with_upsample": ref_s / ours_up_s,
-        "max_abs_diff": diff,
-        "max_abs_diff_unbatched": diff_unbatched if args.check_unbatched else None,
+        "images": source, "image_size": size, "steps": list(steps), "blocks": list(blocks),
+        "feature_dim": dim, "batch_images": B, "groups": groups, "build_s": round(build_s, 2),
+        "median_ratio": statistics.median(g["ratio"] for g in groups),
+        "original_s_per_image_median": statistics.median(
+            g["original_s_per_image"] for g in groups),
+        "ours_s_per_image_median": statistics.median(g["ours_s_per_image"] for g in groups),
+        # Process CPU seconds (all threads): less sensitive to other jobs than wall time.
+        "median_cpu_ratio": statistics.median(g["cpu_ratio"] for g in groups),
+        "max_abs_diff": max_abs, "max_rel_diff": max_rel,
     }
     del bb
     if device.type == "cuda":
@@ -138,47 +190,45 @@ def bench_device(device: torch.device, args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=2)
-    p.add_argument("--steps", default="50,150,250")
-    p.add_argument("--blocks", default="5,6,7,8,12")
-    p.add_argument("--preset", default="lsun_256")
-    p.add_argument("--devices", default=None,
-                   help="comma-separated; default cpu, plus cuda when present")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds on the first image")
-    p.add_argument("--no-check-unbatched", dest="check_unbatched", action="store_false",
-                   help="skip the one-step-per-forward exactness check")
+    p.add_argument("--models", default="lsun_256,faces_64",
+                   help=f"comma-separated, of {', '.join(MODELS)}")
+    p.add_argument("--groups", type=int, default=4, help="interleaved groups per model")
+    p.add_argument("--batch-images", type=int, default=1,
+                   help="images per forward of ours (the original runs one at a time)")
+    p.add_argument("--check-groups", type=int, default=1,
+                   help="groups whose features are compared (after timing)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--seed", type=int, default=0, help="seed of random images without ../shared")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"
                                         / "extract_speed.json"))
     args = p.parse_args(argv)
-    args.steps = [int(s) for s in args.steps.split(",")]
-    args.blocks = [int(b) for b in args.blocks.split(",")]
-    names = args.devices.split(",") if args.devices else (
-        ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    for n in names:
+        if n not in MODELS:
+            p.error(f"unknown model {n!r}; use {', '.join(MODELS)}")
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+               f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+    results = [bench_model(n, device, args) for n in names]
 
-    results = []
-    for name in names:
-        device = resolve_device(name.strip())
-        r = bench_device(device, args)
-        results.append(r)
-        print(f"[{r['device']}: {r['device_name']}, {r['threads']} threads] "
-              f"{args.preset}, {r['images']} images, steps {args.steps}, blocks {args.blocks} "
-              f"({r['feature_dim']} dims)")
-        print(f"  reference (full forward per step + upsample): "
-              f"{r['reference_s_per_image']:.2f} s/image")
-        print(f"  ours (batched steps, early exit):             "
-              f"{r['ours_s_per_image']:.2f} s/image  -> {r['speedup']:.2f}x")
-        print(f"  ours + the same upsampling:                   "
-              f"{r['ours_with_upsample_s_per_image']:.2f} s/image  -> "
-              f"{r['speedup_with_upsample']:.2f}x")
-        print(f"  max |ours - reference| over dense features: {r['max_abs_diff']:.3g}"
-              + ("" if r["max_abs_diff_unbatched"] is None else
-                 f" (one step per forward: {r['max_abs_diff_unbatched']:.3g})"))
-
+    print(f"[{device}: {machine}; {torch.get_num_threads()} threads; shared machine: "
+          f"contenders interleaved, median of per-group ratios]")
+    print("| model | dims | original s/image | ours s/image | ratio (median) | CPU-time ratio | "
+          "groups | max abs diff | max rel diff |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['model']} | {r['feature_dim']} | {r['original_s_per_image_median']:.2f} | "
+              f"{r['ours_s_per_image_median']:.2f} | **{r['median_ratio']:.2f}x** | "
+              f"{r['median_cpu_ratio']:.2f}x | "
+              f"{len(r['groups'])} x {r['batch_images']} | {r['max_abs_diff']:.3g} | "
+              f"{r['max_rel_diff']:.3g} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "extract_speed", "preset": args.preset,
-                               "torch": torch.__version__, "results": results}, indent=1))
+    out.write_text(json.dumps({"benchmark": "extract_speed", "device": str(device),
+                               "machine": machine, "threads": torch.get_num_threads(),
+                               "torch": torch.__version__, "results": results}, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -79,7 +79,7 @@ class Harness:
                 "--device", "cpu", "--no-progress", *extra]
 
     def fit_args(self, store, run, seed=0, *extra):
-        return ["fit", str(store), str(run), "--ensemble", "2", "--epochs", "1", "--seed",
+        return ["fit", str(store), str(run), "--ensemble", "2", "--max-epochs", "1", "--seed",
                 str(seed), "--threads", "1", "--device", "cpu", "--no-progress", *extra]
 
     def inproc(self, args) -> tuple[int, str]:

@@ -22,6 +22,7 @@ up_blocks maps of 64x64 latents against 6720 x 512 x 512 dense float32 values (7
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -88,6 +89,8 @@ def main() -> None:
     ap.add_argument("--blocks", default="5,6,7,8,12")
     ap.add_argument("--model", choices=("lsun_256", "sd15"), default="lsun_256",
                     help="ADM 256px, or Stable Diffusion 1.x at 512px (random weights)")
+    ap.add_argument("--codecs", default="bitround2,bitround3,bitround4",
+                    help="lossy codecs also measured, on the same images' maps")
     ap.add_argument("--out", default=None,
                     help="[default: bench/results/store_size.json, store_size_sd15.json]")
     args = ap.parse_args()
@@ -98,7 +101,7 @@ def main() -> None:
     from ddpmseg.config import load_config
     from ddpmseg.featcache import FeatureStore, extract
     from ddpmseg.featcache.extraction import WRITER_THREADS
-    from ddpmseg.featcache.store import array_name
+    from ddpmseg.featcache.store import array_name, parse_codec
 
     steps = tuple(int(v) for v in args.steps.split(","))
     blocks = tuple(int(v) for v in args.blocks.split(","))
@@ -149,6 +152,18 @@ def main() -> None:
             store.maps(i)
         read_s = time.perf_counter() - read_start
 
+        # Lossy codecs: the same maps written again with each (what extract --codec writes:
+        # rounding the stored dtype's values, so re-encoding the store's values is the same).
+        lossy = {}
+        for name in [c for c in args.codecs.split(",") if c]:
+            linfo = dataclasses.replace(info, codec=parse_codec(name, info.dtype))
+            target = FeatureStore.create(tmp / f"{name}.zarr", linfo)
+            for i in range(n):
+                target.write_image(i, store.maps(i), store.labels(i))
+            b = sum(file_bytes(tmp / f"{name}.zarr", array_name(t, bl)) for t, bl in info.keys)
+            lossy[name] = {"activation_chunk_bytes": b, "dense_over_store": dense / b,
+                           "vs_lossless": b / acts}
+
     per_image_mb = native_f32 / n / 1e6
     result = {
         "architecture": f"{args.model} (random weights)", "images": source, "num_images": n,
@@ -164,6 +179,7 @@ def main() -> None:
         "write_raw_float32_MBps": {str(k): native_f32 / v / 1e6 for k, v in writes.items()},
         "write_images_per_s": {str(k): n / v for k, v in writes.items()},
         "read_raw_MBps": native_dtype / read_s / 1e6,
+        "lossy_codecs": lossy,
     }
     print(f"\n{args.model} architecture, {source}, steps {steps}, blocks {blocks}: {dim} dims, "
           f"{args.dtype}, codec {info.codec}, device {bb.device}")
@@ -180,6 +196,10 @@ def main() -> None:
         print(f"  writer, {k} thread{'s' if k > 1 else ''}: {native_f32 / v / 1e6:7.0f} MB/s of "
               f"raw float32 activations ({per_image_mb:.0f} MB per image), {n / v:.2f} images/s")
     print(f"  reading maps back: {native_dtype / read_s / 1e6:.0f} MB/s")
+    for name, r in lossy.items():
+        print(f"  {name}: activations {r['activation_chunk_bytes'] / n / 1e6:.1f} MB per image, "
+              f"1/{r['dense_over_store']:.0f} of dense float32 ({r['vs_lossless']:.2f} of "
+              f"lossless)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -8,6 +8,8 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_DATA = ASSETS / "demo"
 # Checkpoint names a config may give instead of a path.
 BUNDLED_CHECKPOINTS = {"bundled:faces_64": ASSETS / "adm_faces64_fp16.pt"}
+# The model preset each bundled checkpoint is built with.
+BUNDLED_PRESETS = {"bundled:faces_64": "faces_64"}
 
 
 def resolve_checkpoint(value: str | Path) -> Path:

@@ -51,6 +51,7 @@ class FeatureConfig:
     blocks: tuple[int | str, ...] = (5, 6, 7, 8, 12)
     seed: int = 0
     dtype: str = "float16"
+    codec: str = "lossless"   # or "bitroundK": keep K mantissa bits (lossy, smaller store)
     precision: str = "fp32"
     batch_size: int = 1
 

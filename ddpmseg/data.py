@@ -1,4 +1,5 @@
-"""Reading a user's data folder: images (png/jpg) with optional masks of the same stem.
+"""Reading a user's data folder: images (png/jpg/webp/bmp/tif) with optional masks of the
+same stem.
 
 Masks are ``.npy`` class-index arrays or single-channel (grey or palette) PNGs. Every problem
 is reported as our own error naming the file, before anything is written.
@@ -18,7 +19,7 @@ from .errors import BadInputError, InputNotFoundError
 
 log = logging.getLogger("ddpmseg")
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MASK_SUFFIXES = (".npy", ".png")
 # A PNG holds class indices when it has one channel: 1-bit, grey, palette or 16/32-bit grey.
 MASK_PNG_MODES = ("1", "L", "P", "I", "I;16")
@@ -57,8 +58,13 @@ def list_samples(folder: str | Path, require_masks: bool = False) -> list[Sample
         raise InputNotFoundError(f"data folder {folder} does not exist", "check the path")
     files = {p.name: p for p in folder.iterdir() if p.is_file()}
     samples = []
+    skipped = []
     for path in sorted(files.values()):
-        if path.suffix.lower() not in IMAGE_SUFFIXES or path.stem.endswith("_mask"):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            if path.suffix.lower() != ".npy" and not path.name.startswith("."):
+                skipped.append(path.name)
+            continue
+        if path.stem.endswith("_mask"):
             continue
         if path.suffix.lower() == ".png" and _is_mask_png(path, files):
             continue
@@ -67,8 +73,13 @@ def list_samples(folder: str | Path, require_masks: bool = False) -> list[Sample
             raise BadInputError(f"image {path} has no mask ({path.stem}.npy or {path.stem}_mask.png)",
                                 "add its mask or move the image out of the training folder")
         samples.append(Sample(path.stem, path, mask))
+    if skipped:  # never silently: a user's .gif or .heic would otherwise just vanish
+        log.warning("note: %d file(s) in %s are not images (%s) and were skipped: %s",
+                    len(skipped), folder, "/".join(s[1:] for s in IMAGE_SUFFIXES),
+                    ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else ""))
     if not samples:
-        raise InputNotFoundError(f"no images (png/jpg) in {folder}", "point to a folder of images")
+        raise InputNotFoundError(f"no images ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)}) in "
+                                 f"{folder}", "point to a folder of images")
     return samples
 
 
@@ -82,15 +93,18 @@ def find_image(folder: Path, name: str) -> Path | None:
 
 
 def _is_mask_png(path: Path, files: dict) -> bool:
-    # <stem>.png is a mask only when a JPEG image of the same stem sits beside it.
-    return any(f"{path.stem}{s}" in files for s in (".jpg", ".jpeg", ".JPG", ".JPEG"))
+    # <stem>.png is a mask only when a non-PNG image (JPEG, WebP, ...) of that stem sits beside it.
+    return any(f"{path.stem}{s}" in files for s in _NOT_PNG + tuple(x.upper() for x in _NOT_PNG))
+
+
+_NOT_PNG = tuple(s for s in IMAGE_SUFFIXES if s != ".png")
 
 
 def _find_mask(image: Path, files: dict) -> Path | None:
     for name in mask_names(image.stem):
         if name in files:
             return files[name]
-    if image.suffix.lower() in (".jpg", ".jpeg") and f"{image.stem}.png" in files:
+    if image.suffix.lower() in _NOT_PNG and f"{image.stem}.png" in files:
         return files[f"{image.stem}.png"]
     return None
 
@@ -109,6 +123,10 @@ def load_image(path: Path, size: tuple[int, int] | None = None, resize: bool = F
                     raise BadInputError(
                         f"image {path} is {im.size[1]}x{im.size[0]} but the model takes "
                         f"{size[0]}x{size[1]}", "pass --resize to resize images (and masks)")
+                if abs(im.size[0] * size[0] - im.size[1] * size[1]) > max(size) * max(im.size) // 100:
+                    log.warning("note: %s is %dx%d; --resize stretches it to %dx%d (aspect ratio "
+                                "not kept; crop or pad it first to avoid that)", path,
+                                im.size[1], im.size[0], size[0], size[1])
                 im = im.resize((size[1], size[0]), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8).copy()
     except Image.DecompressionBombError as exc:
@@ -195,7 +213,7 @@ def check_labels(mask: np.ndarray, num_classes: int, ignore_label: int, path: Pa
     bad = np.setdiff1d(np.unique(mask), [*range(num_classes), ignore_label])
     if bad.size:
         raise BadInputError(f"mask {path} has labels {bad.tolist()} outside 0..{num_classes - 1} "
-                            f"(ignore label {ignore_label})", "check --config / num_classes")
+                            f"(ignore label {ignore_label})", "pass --num-classes N (data.num_classes) or a --config with the right class count")
 
 
 def drop_rare_classes(mask: np.ndarray, num_classes: int, ignore_label: int,

@@ -9,7 +9,7 @@ from pathlib import Path
 from .bundled import DEMO_DATA
 from .classifier import fit
 from .config import Config, load_config
-from .evaluate import evaluate, format_table
+from .evaluate import evaluate
 from .featcache import extract
 from .predict import predict
 from .report import report
@@ -20,7 +20,8 @@ log = logging.getLogger("ddpmseg")
 def demo(out_dir: str | Path = "ddpmseg-demo", *, config: Config | None = None,
          device: str = "auto", progress: bool = True) -> dict:
     """extract -> fit -> predict -> evaluate -> report on the bundled demo set; returns
-    evaluate's result, with the path of the report's index.html under "report".
+    evaluate's result (``evaluate.format_table`` prints it), with the path of the report's
+    index.html under "report".
 
     Rerunning resumes: complete stores and finished members are reused.
     """
@@ -45,7 +46,6 @@ def demo(out_dir: str | Path = "ddpmseg-demo", *, config: Config | None = None,
         step()
     result = evaluate(out / "pred", DEMO_DATA / "test", num_classes=cfg.data.num_classes,
                       ignore_label=cfg.data.ignore_label, class_names=cfg.data.class_names)
-    log.info("%s", format_table(result))
     result["report"] = report(out / "pred", DEMO_DATA / "test")
     log.info("demo finished in %.0f s; overlays and summary.png in %s, report in %s",
              time.perf_counter() - started, out / "pred", result["report"])

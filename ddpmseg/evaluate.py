@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from . import render
 from .data import check_labels, is_mask_png, mask_names, read_mask
@@ -60,6 +61,41 @@ def find_ground_truth(gt_dir: Path, name: str) -> Path:
     raise BadInputError(f"no ground truth for prediction {name!r}: {gt_dir / (name + '.npy')} "
                         f"(or {name}_mask.png) does not exist",
                         "give the folder holding the test masks, or remove the prediction")
+
+
+class _StoreLabels:
+    """Ground truth read from a feature store's labels (the masks `extract` stored, at the
+    store's image size), looked up by image name."""
+
+    def __init__(self, path: Path):
+        from .featcache.store import FeatureStore
+
+        self.store = FeatureStore.open(path)
+        if not self.store.info.has_labels:
+            raise InputNotFoundError(f"store {path} holds no labels",
+                                     "give a store extracted from images with masks, or a "
+                                     "folder of masks")
+        self.index = {name: i for i, name in enumerate(self.store.names)}
+        self.path = path
+
+    def find(self, name: str) -> str:
+        if name not in self.index:
+            raise BadInputError(f"no ground truth for prediction {name!r}: store {self.path} "
+                                f"has no image of that name", "give the store of the test images")
+        return f"{self.path}[{name}]"
+
+    def read(self, name: str) -> np.ndarray:
+        return self.store.labels(self.index[name])
+
+
+def _is_store(path: Path) -> bool:
+    return (path / "zarr.json").is_file()
+
+
+def _resized_mask(gt: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    # Nearest neighbour, as `extract --resize` resizes masks: labels are never blended.
+    return np.asarray(Image.fromarray(gt).resize((shape[1], shape[0]), Image.NEAREST),
+                      dtype=np.uint8)
 
 
 def confusion_matrix(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
@@ -111,14 +147,17 @@ def _load_predictions_meta(pred_dir: Path) -> dict:
 def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
              ignore_label: int | None = None, class_names: Sequence[str] = (),
              mask_ignore: bool = False, confusion: bool = False, out=None,
-             write: bool = True) -> dict:
+             write: bool = True, resize: bool = False) -> dict:
     """The reference's mIoU of the predictions in PRED_DIR against the masks in GT_DIR.
 
     Predictions are ``<name>.npy`` (or label PNGs) matched by name with ``<name>.npy`` or
     grey/palette PNG masks in GT_DIR. ``num_classes``, ``ignore_label`` and ``class_names``
     default to those in PRED_DIR/predict.json when predict wrote it (ignore label 255
-    otherwise). Writes ``metrics.json`` (with ``confusion``: ``confusion.csv`` and
-    ``confusion.png`` too) into ``out`` (default PRED_DIR) unless ``write`` is False.
+    otherwise). GT_DIR may also be a feature store with labels: the masks as `extract` stored
+    them (at the store's size, after the rare-class rule). ``resize``: a mask of another size
+    than its prediction is resized to it (nearest neighbour, as `extract --resize` does), e.g.
+    256px masks for a 64px model. Writes ``metrics.json`` (with ``confusion``:
+    ``confusion.csv`` and ``confusion.png`` too) into ``out`` (default PRED_DIR) unless ``write`` is False.
     Returns {"miou", "classes": [{index, name, iou, gt_pixels, pred_pixels, intersection,
     union}], "per_image": {name: image_iou}, ...}.
     """
@@ -128,7 +167,9 @@ def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
                                  "give the folder `ddpmseg predict` wrote")
     if not gt_dir.is_dir():
         raise InputNotFoundError(f"ground-truth folder {gt_dir} does not exist",
-                                 "give the folder of test masks (<name>.npy or PNG)")
+                                 "give the folder of test masks (<name>.npy or PNG), or a "
+                                 "store with labels")
+    store_gt = _StoreLabels(gt_dir) if _is_store(gt_dir) else None
     meta = _load_predictions_meta(pred_dir)
     if num_classes is None:
         num_classes = meta.get("num_classes")
@@ -148,17 +189,20 @@ def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
         raise InputNotFoundError(f"no predictions (<name>.npy or label PNGs) in {pred_dir}",
                                  "run `ddpmseg predict` first")
     # Match every prediction before reading any: a missing mask is reported up front.
-    pairs = [(name, path, find_ground_truth(gt_dir, name)) for name, path in predictions.items()]
+    pairs = [(name, path, store_gt.find(name) if store_gt else find_ground_truth(gt_dir, name))
+             for name, path in predictions.items()]
 
     conf = np.zeros((256, 256), dtype=np.int64)
     per_image = {}
     for name, pred_path, gt_path in pairs:
         pred = read_mask(pred_path)
-        gt = read_mask(gt_path)
+        gt = store_gt.read(name) if store_gt else read_mask(gt_path)
+        if pred.shape != gt.shape and resize:
+            gt = _resized_mask(gt, pred.shape)
         if pred.shape != gt.shape:
             raise BadInputError(f"prediction {pred_path} is {pred.shape[0]}x{pred.shape[1]} but "
                                 f"its ground truth {gt_path} is {gt.shape[0]}x{gt.shape[1]}",
-                                "predict at the masks' size (or resize the masks)")
+                                "pass --resize to resize the masks to the predictions")
         check_labels(gt, num_classes, ignore_label, gt_path)
         bad = np.setdiff1d(np.unique(pred), [*range(num_classes), ignore_label])
         if bad.size:
@@ -186,6 +230,7 @@ def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
         "total_pixels": int(conf.sum()),
         "pred_dir": str(pred_dir),
         "gt_dir": str(gt_dir),
+        "resize": resize,
         "names": [name for name, _, _ in pairs],
         "per_image": per_image,
         "classes": rows,

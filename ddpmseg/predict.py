@@ -30,6 +30,7 @@ from . import __version__, render, voting
 from .backbone import load_backbone as factory_load_backbone
 from .classifier import Ensemble, load_ensemble
 from .data import find_image, image_tensor, list_samples, load_image
+from .bundled import resolve_checkpoint
 from .device import resolve_device
 from .errors import (BadInputError, ConfigError, InputNotFoundError, RunError, StoreError,
                      StoreMismatchError)
@@ -37,7 +38,9 @@ from .featcache import pixels
 from .featcache.extraction import encoded_maps
 from .featcache.spec import FeatureSpec
 from .featcache.store import FeatureStore, decode_map
-from .fileio import sha256_file, write_json
+from .fileio import atomic_write, sha256_file, write_json
+from .predict_outputs import check_free, clear_previous, image_files, remove_written
+from .progress import wanted
 
 log = logging.getLogger("ddpmseg")
 
@@ -183,6 +186,7 @@ class _ImageSource:
                  checkpoint: str | None, resize: bool):
         self.samples = list_samples(path)
         self.spec = model.info.spec
+        self.keepbits = model.info.codec.get("keepbits")  # as the run's store rounded them
         self.size = self.spec.image_size
         self.resize = resize
         self.device = device
@@ -212,7 +216,8 @@ class _ImageSource:
             x0 = image_tensor(image)[None].to(self.device)
             with torch.no_grad():
                 # The path `extract` takes: the maps equal those a store of the images holds.
-                (encoded,) = encoded_maps(self.backbone, x0, self.spec, [sample.name])
+                (encoded,) = encoded_maps(self.backbone, x0, self.spec, [sample.name],
+                                          self.keepbits)
             yield _Item(sample.name, image, [decode_map(m, self.spec.dtype) for m in encoded])
 
 
@@ -226,7 +231,8 @@ def _resolve_checkpoint(checkpoint: str | None, model: Ensemble) -> Path:
     if not given:
         raise RunError("the run records no backbone checkpoint to extract features with",
                        "pass --checkpoint PATH (the checkpoint of the run's training store)")
-    path = Path(given).expanduser()
+    # bundled:faces_64 names the checkpoint that ships inside the package.
+    path = Path(resolve_checkpoint(given)).expanduser()
     if not path.exists() and not path.is_absolute() and model.run_dir:
         beside = Path(model.run_dir) / path
         if beside.exists():
@@ -238,12 +244,15 @@ def _resolve_checkpoint(checkpoint: str | None, model: Ensemble) -> Path:
 
 
 # -- outputs --------------------------------------------------------------------------------
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as fh:  # np.save(path) would append ".npy" to a temporary name
+        np.save(fh, array)
+
+
 def _write_image_outputs(out: Path, item: _Item, pred: ImagePrediction, palette: np.ndarray,
                          model: Ensemble, names: tuple, uncertainty: bool) -> tuple[dict, tuple]:
     info = model.info
     files = {}
-    files["npy"] = out / f"{item.name}.npy"
-    np.save(files["npy"], pred.labels)
     files["png"] = out / f"{item.name}.png"
     render.save_label_png(files["png"], pred.labels, palette)
     over = render.overlay(item.image, pred.labels, palette, names, info.num_classes,
@@ -258,6 +267,9 @@ def _write_image_outputs(out: Path, item: _Item, pred: ImagePrediction, palette:
         files["uncertainty"] = out / f"{item.name}_uncertainty.png"
         render.uncertainty_image(pred.entropy, pred.jsd, info.num_classes,
                                  len(model.members)).save(files["uncertainty"])
+    # The label map last and atomically: a <name>.npy in OUT means its image is complete.
+    files["npy"] = out / f"{item.name}.npy"
+    atomic_write(files["npy"], lambda p: _save_npy(p, pred.labels))
     row = (item.name, item.image, pred.labels)
     return {k: str(v) for k, v in files.items()}, row
 
@@ -308,7 +320,22 @@ def predict(run, input, out_dir, *, vote: str | None = None, uncertainty: bool =
                             "images", "give a store made by `ddpmseg extract` or an image folder")
 
     out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    clear_previous(out)
+    check_free(out, source.names)  # e.g. OUT = the data folder: its images are not ours
+    written: list[Path] = [out / "palette.json"]
+    try:
+        return _predict_into(out, source, source_path, model, dev, vote, tile_rows,
+                             uncertainty, resize, images_dir, started, written, progress)
+    except BaseException:
+        remove_written(written, out if created else None)  # no partial prediction is left
+        raise
+
+
+def _predict_into(out, source, source_path, model, dev, vote, tile_rows, uncertainty, resize,
+                  images_dir, started, written, progress) -> dict:
+    info, cfg = model.info, model.config
     class_names = tuple(info.class_names) or tuple(cfg.data.class_names)
     palette = render.make_palette(info.num_classes, info.ignore_label)
     write_json(out / "palette.json", render.palette_json(palette, info.num_classes,
@@ -317,11 +344,12 @@ def predict(run, input, out_dir, *, vote: str | None = None, uncertainty: bool =
     outputs: dict[str, dict] = {}
     sheet_rows = []
     bar = tqdm(source.items(), total=len(source), desc="predict", unit="img",
-               disable=not progress, leave=False)
+               disable=not wanted(progress), leave=False)
     for item in bar:
         pred = predict_maps(model.members, item.maps, source.size, vote=vote,
                             tile_rows=tile_rows, uncertainty=uncertainty, device=dev)
         item.maps = None
+        written.extend(image_files(out, item.name))
         files, row = _write_image_outputs(out, item, pred, palette, model, class_names,
                                           uncertainty)
         outputs[item.name] = files
@@ -329,6 +357,7 @@ def predict(run, input, out_dir, *, vote: str | None = None, uncertainty: bool =
             sheet_rows.append(row)
     bar.close()
     summary_path = out / "summary.png"
+    written.append(summary_path)
     if sheet_rows:
         render.contact_sheet(sheet_rows, palette, class_names, info.num_classes).save(
             summary_path)

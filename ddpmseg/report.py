@@ -92,7 +92,8 @@ def _original(folders: list[Path], name: str) -> np.ndarray | None:
     return None
 
 
-def report(pred_dir, gt=None, out=None, *, label_next: int = LABEL_NEXT) -> Path:
+def report(pred_dir, gt=None, out=None, *, label_next: int = LABEL_NEXT,
+           resize: bool = False) -> Path:
     """Write the HTML report of the predictions in ``pred_dir`` (a ``ddpmseg predict`` folder)
     into ``out`` (default ``pred_dir/report``); with ``gt``, a folder of ground-truth masks,
     it shows the mIoU, per-class IoU, confusion matrix and per-image IoU too. Everything is
@@ -109,7 +110,9 @@ def report(pred_dir, gt=None, out=None, *, label_next: int = LABEL_NEXT) -> Path
                                  "run `ddpmseg predict` first")
     gt_dir = Path(gt) if gt is not None else None
     # evaluate validates every mask (presence, size, labels) before anything is written.
-    metrics = evaluate(pred_dir, gt_dir, confusion=True, write=False) if gt_dir else None
+    # ``resize``: as `evaluate --resize`, masks of another size are resized to the predictions.
+    metrics = evaluate(pred_dir, gt_dir, confusion=True, write=False, resize=resize) \
+        if gt_dir else None
     out_dir = Path(out) if out is not None else pred_dir / REPORT_DIR
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir} exists and is not a folder", "choose another --out")

@@ -352,7 +352,7 @@ def test_end_to_end_ffhq34_with_a_unet2d_folder(ffhq, tmp_path):
         assert "3 images" in r.output if split == "train" else "2 images" in r.output
         assert "96 dims per pixel" in r.output   # (16 + 32) channels x 2 steps
     r = run(cli, ["fit", str(tmp_path / "train.zarr"), str(tmp_path / "run"), "--ensemble", "2",
-                  "--epochs", "1", *common])
+                  "--max-epochs", "1", *common])
     assert r.exit_code == 0, r.output
     r = run(cli, ["predict", str(tmp_path / "run"), str(tmp_path / "test.zarr"),
                   str(tmp_path / "pred"), "--device", "cpu", "--no-progress"])

@@ -147,7 +147,7 @@ def pipeline(ffhq, tmp_path_factory):
         r["extract_train"] = invoke("extract", train, root / "train.zarr", *COMMON, "--resize")
         r["extract_test"] = invoke("extract", test, root / "test.zarr", *COMMON, "--resize")
         r["fit"] = invoke("fit", root / "train.zarr", root / "run", *COMMON, "--ensemble", "2",
-                          "--epochs", "3")
+                          "--max-epochs", "3")
         r["predict"] = invoke("predict", root / "run", root / "test.zarr", root / "preds",
                               "--images", test, "--device", "cpu", "--no-progress")
         r["evaluate"] = invoke("evaluate", root / "preds", gt, "--config", CONFIG)

@@ -71,12 +71,36 @@ def load_state_dict(source: str | Path | Mapping) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile,
                 ValueError) as exc:
-            raise CheckpointError(f"cannot read checkpoint {path}: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+            raise CheckpointError(f"cannot read checkpoint {path}: {_unreadable(path, exc)}",
                                   "it must be a torch.save'd state dict of tensors only") from exc
     sd = _strip_prefixes(_unwrap(obj, name))
     # Half-precision copies are cast up: features are computed in float32 regardless.
     return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    """Why torch.load failed, in our words: torch's own text for a refused unpickle is a
+    paragraph about weights_only that suggests turning the safety off."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    # torch.save writes a zip archive (PK) or, in the legacy format, a pickle (0x80 protocol).
+    if not (head == b"PK" or head[:1] == b"\x80"):
+        return "not a PyTorch file (neither a zip archive nor a pickle)"
+    if "weights_only" in str(exc).lower() or "Weights only" in str(exc):
+        return "it holds Python objects other than tensors, which ddpmseg never unpickles"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def checkpoint_dtypes(path: str | Path) -> list[str]:
+    """The floating dtypes of a checkpoint file's tensors as stored (e.g. ['float16']),
+    memory-mapped where the file allows, so a large file is not read twice."""
+    try:
+        obj = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
+        obj = torch.load(Path(path), map_location="cpu", weights_only=True)
+    sd = _unwrap(obj, str(path))
+    return sorted({str(v.dtype).removeprefix("torch.") for v in sd.values()
+                   if torch.is_tensor(v) and v.is_floating_point()})
 
 
 def _block_count(keys, prefix: str) -> int:

@@ -7,6 +7,7 @@ steps t, run the UNet, and read what some decoder blocks output.
 from __future__ import annotations
 
 import numbers
+import re
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -15,14 +16,14 @@ import torch
 
 from ..device import resolve_device
 from ..bundled import resolve_checkpoint
-from ..errors import BadInputError, ConfigError, InputNotFoundError
+from ..errors import BadInputError, CheckpointError, ConfigError, InputNotFoundError
 from ..fileio import sha256_file
 from .base import (FeatureBackbone, check_image, check_noise, precision_context,
                    seeded_noise)
-from .checkpoint import load_checkpoint
+from .checkpoint import check_state_dict, load_checkpoint, load_state_dict
 from .diffusion import Schedule
 from .ident import BackboneId
-from .flags import ModelFlags
+from .flags import PRESETS, USUAL_FEATURES, ModelFlags
 from .unet import UNetModel
 
 # The paper's choice for the 256px LSUN/FFHQ models (8448 dims per pixel).
@@ -40,13 +41,41 @@ def _int_list(name: str, values: Iterable, upper: int) -> list[int]:
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise ConfigError(f"{name} must be integers, got {v!r}")
         if not 0 <= int(v) < upper:
-            raise ConfigError(f"{name[:-1]} {v} is out of range 0..{upper - 1}")
+            raise ConfigError(f"{name[:-1]} {v} is out of range: this model's {name} are "
+                              f"0..{upper - 1}", _range_hint(name, upper))
         out.append(int(v))
     if not out:
         raise ConfigError(f"no {name} given")
     if len(set(out)) != len(out):
         raise ConfigError(f"{name} repeat a value: {out}")
     return out
+
+
+def presets_that_fit(path: str | Path, skip: ModelFlags | None = None) -> list[str]:
+    """The preset names whose architecture loads ``path`` strictly (keys and shapes)."""
+    sd = load_state_dict(path)
+    fits = []
+    for name, flags in PRESETS.items():
+        if flags == skip:
+            continue
+        with torch.device("meta"):
+            model = UNetModel.from_flags(flags)
+        try:
+            check_state_dict(model, sd)
+        except CheckpointError:
+            continue
+        fits.append(name)
+    return fits
+
+
+def _range_hint(name: str, upper: int) -> str:
+    if name != "blocks":
+        return f"pass --{name} with values in 0..{upper - 1}"
+    # Name the presets whose usual blocks fit, so a user need not guess.
+    fitting = [f"{p}: {','.join(map(str, f['blocks']))}" for p, f in USUAL_FEATURES.items()
+               if max(f["blocks"]) < upper]
+    usual = f" (usual choices: {'; '.join(fitting)})" if fitting else ""
+    return f"pass --blocks with values in 0..{upper - 1}{usual}"
 
 
 class Backbone(FeatureBackbone):
@@ -80,6 +109,7 @@ class Backbone(FeatureBackbone):
         Raises InputNotFoundError for a missing file and CheckpointError when keys or shapes
         do not match (naming them and the flags most likely wrong).
         """
+        preset = flags if isinstance(flags, str) and flags in PRESETS else None
         flags = ModelFlags.resolve(flags)
         device = resolve_device(device)
         path = resolve_checkpoint(path).expanduser()
@@ -91,7 +121,20 @@ class Backbone(FeatureBackbone):
         # or memory goes into random weights that would be overwritten at once.
         with torch.device("meta"):
             model = UNetModel.from_flags(flags)
-        load_checkpoint(model, path)
+        try:
+            load_checkpoint(model, path)
+        except CheckpointError as exc:
+            # A wrong preset name: the key-by-key diagnosis helps nobody when another preset
+            # simply fits (hand-written flags keep it: it says which flag is off).
+            fits = presets_that_fit(path, skip=flags) if preset else []
+            if not fits:
+                raise
+            counts = re.findall(r"(\d+ (?:missing keys|unexpected keys|shape mismatches))",
+                                exc.message)
+            raise CheckpointError(f"{path} does not fit preset {preset} "
+                                  f"({', '.join(counts)})",
+                                  f"it loads as preset {' / '.join(fits)}: pass --preset "
+                                  f"{fits[0]}") from exc
         return cls(model, flags, sha256=digest, device=device)
 
     @classmethod

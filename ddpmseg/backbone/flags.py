@@ -280,3 +280,13 @@ PRESETS: dict[str, ModelFlags] = {
         resblock_updown=False, learn_sigma=True, noise_schedule="cosine",
     ),
 }
+
+# The steps and blocks each preset is normally used with: a preset given alone on the command
+# line brings these, so `--preset faces_64` works without --steps/--blocks. lsun_256's are the
+# paper's (8448 dims); faces_64's are the demo's (its decoder has blocks 0..11, 1344 dims).
+USUAL_FEATURES: dict[str, dict[str, tuple[int, ...]]] = {
+    "lsun_256": {"steps": (50, 150, 250), "blocks": (5, 6, 7, 8, 12)},
+    "tiny_256": {"steps": (50, 150, 250), "blocks": (5, 6, 7, 8, 12)},
+    "faces_64": {"steps": (50, 150, 250), "blocks": (2, 4, 5, 7, 8)},
+    "tiny64_cosine": {"steps": (50, 150, 250), "blocks": (2, 4, 5, 7, 8)},
+}

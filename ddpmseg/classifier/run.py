@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,9 +60,16 @@ class RunHeader:
     store_path: str
 
 
-def resolved_config(config: Config, info: StoreInfo) -> Config:
-    """The run's config: data and feature settings are the store's, not the config file's."""
+def resolved_config(config: Config, info: StoreInfo, store_model: dict | None = None) -> Config:
+    """The run's config: data and feature settings are the store's, not the config file's.
+
+    ``store_model``: the store's [model] section; when the config names no checkpoint, the
+    run records the store's (and its preset), so predicting from images finds the backbone.
+    """
     spec = info.spec
+    if store_model and not config.model.checkpoint and store_model.get("checkpoint"):
+        config = config.with_overrides(model={k: store_model.get(k) for k in
+                                              ("checkpoint", "preset", "prompt")})
     data = dataclasses.replace(config.data, num_classes=info.num_classes,
                                ignore_label=info.ignore_label,
                                class_names=tuple(info.class_names),
@@ -223,6 +231,12 @@ def prepare(run_dir: Path, cfg: Config, info: StoreInfo, resume: bool, shuffle: 
                 raise RunError(f"run dir {run_dir} was trained with other classifier "
                                "settings: " + "; ".join(diffs),
                                f"rerun with the same options to resume, or {hint}")
+            if old_c.ram_budget_gb != new_c.ram_budget_gb:
+                # Allowed when it shuffles as many images together (checked below): say so.
+                logging.getLogger("ddpmseg").warning(
+                    "note: ram_budget_gb is %s now, %s when the run started; resuming, since it "
+                    "shuffles %s images together either way", new_c.ram_budget_gb,
+                    old_c.ram_budget_gb, shuffle)
     elif members:
         raise RunError(f"run dir {run_dir} holds member files but no {STORE_FILE}", hint)
     if members and read_manifest(run_dir) is None:
@@ -235,4 +249,4 @@ def prepare(run_dir: Path, cfg: Config, info: StoreInfo, resume: bool, shuffle: 
                 f"{p.name} was trained shuffling {meta.get('shuffle_images')} images at a time; "
                 f"with this RAM budget it would be {shuffle}, and the remaining members would "
                 "not match an uninterrupted run",
-                f"rerun with the --ram-budget of the first run, or {hint}")
+                f"rerun with the --ram-budget-gb of the first run, or {hint}")

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from ..config import Config
 from ..device import resolve_device
-from ..scaleout import connect
+from ..scaleout import check_scheduler, connect
+from ..progress import wanted
 from ..errors import ConfigError, RunError, StoreError
 from ..featcache.store import FeatureStore
 from ..fileio import no_space_error
@@ -121,7 +122,7 @@ def train_member(k: int, source, index: S.PixelIndex, cfg: Config, dim: int,
     stopper = EarlyStopping(c.min_epochs, c.patience)
     steps_total, stop_epoch, early = 0, c.max_epochs - 1, False
     bar = None
-    if progress:
+    if wanted(progress):
         bar = tqdm(total=len(plan.batch_sizes), file=sys.stderr, leave=False, unit="step",
                    dynamic_ncols=True)
     t_start = time.perf_counter()
@@ -239,10 +240,11 @@ def fit(store, run_dir, config: Config | None = None, *, device="auto", in_memor
     """
     config = config or Config()
     check_classifier_config(config.classifier)
+    check_scheduler(scheduler)  # before the run dir is made
     store = _open_store(store)
     check_trainable(store)
     info = store.info
-    cfg = R.resolved_config(config, info)
+    cfg = R.resolved_config(config, info, store.config.get("model"))
     c = cfg.classifier
     run_dir = Path(run_dir)
     dev = resolve_device(device)
@@ -312,9 +314,11 @@ def _fit_locked(store, run_dir, cfg, index, info, dev, device, in_memory, resume
                                        info.num_classes, shuffle, dev, progress, logger)
             R.write_member(run_dir, k, state, meta)
             logger(_done_record(meta))
-            log.info("member %d/%d: stopped at epoch %d (%s), %d steps, %.1f s", k + 1,
-                     c.ensemble, meta["stop_epoch"], "early" if meta["early_stop"] else "max",
-                     meta["steps"], meta["seconds"])
+            # stop_epoch is stored 0-based; people count epochs from 1.
+            log.info("member %d/%d: stopped after epoch %d of at most %d (%s), %d steps, %.1f s",
+                     k + 1, c.ensemble, meta["stop_epoch"] + 1, c.max_epochs,
+                     "early stop" if meta["early_stop"] else "max epochs", meta["steps"],
+                     meta["seconds"])
     finally:
         source.close()
     return run_dir
@@ -357,7 +361,7 @@ def _fit_distributed(store, run_dir, cfg, todo, device, in_memory, shuffle, sche
                                  key=f"ddpmseg-fit-member-{k}-{os.getpid()}-{time.time_ns()}")
                    for k in todo]
         bar = None
-        if progress:
+        if wanted(progress):
             bar = tqdm(total=len(todo), file=sys.stderr, desc="members", unit="member")
         try:
             for fut in as_completed(futures):

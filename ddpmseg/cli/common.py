@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+import sys
+
 import click
+from tqdm import tqdm
 
 from ..config import Config, load_config
 from ..data import set_max_image_pixels
@@ -51,6 +56,14 @@ config_option = click.option(
     help="A config file, the name of a bundled one (ffhq_34, bedroom_28, ...), or a "
          "reference ddpm.json.")
 
+# data.num_classes / data.ignore_label, spelled alike in every command that takes them.
+num_classes_option = click.option(
+    "--num-classes", type=click.IntRange(1, 256), default=None, metavar="N",
+    help="Number of classes (data.num_classes). [default: config]")
+ignore_label_option = click.option(
+    "--ignore-label", type=click.IntRange(0, 255), default=None, metavar="L",
+    help="The label that marks unlabelled pixels (data.ignore_label). [default: config, 255]")
+
 
 def resolve_config(config_path: str | None, **sections: dict) -> Config:
     """Load the config and apply the command-line overrides (None means 'not given')."""
@@ -58,6 +71,41 @@ def resolve_config(config_path: str | None, **sections: dict) -> Config:
         return load_config(config_path).with_overrides(**sections)
     except DdpmsegError as exc:
         raise click.BadParameter(str(exc), param_hint="--config") from exc
+
+
+def preset_features(preset: str | None, checkpoint: str | None) -> tuple[str | None, dict]:
+    """The preset a command line names, and the steps and blocks it brings.
+
+    ``--preset NAME`` (or a bundled ``--checkpoint``, whose preset is known) given without
+    --steps/--blocks means that model's usual steps and blocks, not the config's: the config's
+    defaults are the 256px model's, whose blocks a small model does not have.
+    """
+    from ..backbone.flags import USUAL_FEATURES
+    from ..bundled import BUNDLED_PRESETS
+
+    if preset is None and checkpoint is not None:
+        preset = BUNDLED_PRESETS.get(checkpoint)
+    return preset, dict(USUAL_FEATURES.get(preset or "", {}))
+
+
+def bundled_default(cfg: Config) -> Config:
+    """A preset with a checkpoint bundled in ddpmseg (faces_64) and no checkpoint given: that
+    one, with a note, so `--preset faces_64` alone runs."""
+    from ..bundled import BUNDLED_PRESETS
+
+    if cfg.model.checkpoint:
+        return cfg
+    name = next((k for k, v in BUNDLED_PRESETS.items() if v == cfg.model.preset), None)
+    if name is None:
+        return cfg
+    logging.getLogger("ddpmseg").warning("note: no --checkpoint given; using the one bundled "
+                                         "with preset %s (%s)", cfg.model.preset, name)
+    return cfg.with_overrides(model={"checkpoint": name})
+
+
+def count(n: int, noun: str) -> str:
+    """'1 member', '3 members'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def parse_blocks(value: str | None, name: str = "--blocks") -> tuple[int | str, ...] | None:
@@ -77,3 +125,69 @@ def parse_ints(value: str | None, name: str) -> tuple[int, ...] | None:
     except ValueError as exc:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of integers",
                                  param_hint=name) from exc
+
+
+def renamed_option(old: str, new: str, dest: str, **kwargs):
+    """Keep an old option spelling working for one release: ``old`` fills ``dest`` (the new
+    option's parameter) when the new one is not given, and prints a deprecation note."""
+    hidden = f"deprecated_{dest}"
+
+    def decorate(f):
+        @functools.wraps(f)
+        def wrapper(*args, **params):
+            value = params.pop(hidden)
+            if value is not None:
+                click.echo(f"warning: {old} is deprecated and will be removed in the next "
+                           f"release; use {new}", err=True)
+                if params.get(dest) is None:
+                    params[dest] = value
+            return f(*args, **params)
+        return click.option(old, hidden, default=None, hidden=True, **kwargs)(wrapper)
+    return decorate
+
+
+# -- options every command takes, before or after its name ------------------------------------
+
+class _TqdmHandler(logging.StreamHandler):
+    """Log lines printed through tqdm, so a note never lands on a progress bar's line."""
+
+    def emit(self, record):
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging must never raise into the command
+            self.handleError(record)
+
+
+def configure_logging(quiet: bool) -> None:
+    handler = _TqdmHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        handlers=[handler], force=True)
+
+
+def _set_global(ctx, param, value):
+    # `ddpmseg fit -q ...` means what `ddpmseg -q fit ...` means: both land on the root context.
+    if value:
+        ctx.find_root().params[param.name] = True
+        if param.name == "quiet":
+            configure_logging(quiet=True)
+    return value
+
+
+def global_options() -> list[click.Option]:
+    """Fresh -q/--quiet, --debug and --no-progress options (a command's params own them)."""
+    return [
+        click.Option(["--debug"], is_flag=True, expose_value=False, callback=_set_global,
+                     is_eager=True, help="Show full tracebacks on errors."),
+        click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=_set_global,
+                     is_eager=True, help="Only warnings and errors; no progress bars."),
+        click.Option(["--no-progress"], is_flag=True, expose_value=False, callback=_set_global,
+                     is_eager=True, help="No progress bars (there are none unless stderr is a "
+                                         "terminal)."),
+    ]
+
+
+def show_progress(ctx: click.Context) -> bool:
+    """Progress bars only on a terminal, and neither under -q nor --no-progress."""
+    root = ctx.find_root().params
+    return not (root.get("quiet") or root.get("no_progress")) and sys.stderr.isatty()

@@ -5,28 +5,30 @@ from __future__ import annotations
 import click
 
 from ..evaluate import evaluate, format_table
-from .common import config_option, resolve_config
+from .common import config_option, ignore_label_option, num_classes_option, resolve_config
 
 
 @click.command("evaluate")
 @click.argument("pred_dir", metavar="PRED_DIR")
 @click.argument("gt_dir", metavar="[GT_DIR]", required=False)
 @config_option
-@click.option("--num-classes", type=click.IntRange(1, 256), default=None, metavar="N",
-              help="Number of classes (overrides the config).")
-@click.option("--ignore-label", type=click.IntRange(0, 255), default=None, metavar="L",
-              help="The ignore label, left out of the mean (overrides the config).")
+@num_classes_option
+@ignore_label_option
 @click.option("--mask-ignore", is_flag=True,
               help="Drop ground-truth ignore pixels before counting (stricter than the "
                    "reference, which counts predictions there in the class's union).")
+@click.option("--resize", is_flag=True,
+              help="Resize masks of another size to their prediction's (nearest neighbour, as "
+                   "extract --resize does): 256px masks for a model run at 64px.")
 @click.option("--confusion", is_flag=True, help="Also write confusion.csv and confusion.png.")
 @click.option("--out", "out_dir", default=None, metavar="DIR",
               help="Where metrics.json goes. [default: PRED_DIR]")
-def command(pred_dir, gt_dir, config_path, num_classes, ignore_label, mask_ignore, confusion,
-            out_dir):
+def command(pred_dir, gt_dir, config_path, num_classes, ignore_label, mask_ignore, resize,
+            confusion, out_dir):
     """Per-class IoU and mIoU of the predictions in PRED_DIR against the masks in GT_DIR.
 
-    Predictions <name>.npy are matched by name with <name>.npy (or grey/palette PNG) masks.
+    Predictions <name>.npy are matched by name with <name>.npy (or grey/palette PNG) masks;
+    GT_DIR may also be a feature store, whose labels are then the ground truth.
     The mIoU is the reference's: summed over the whole test set, ignore label left out of the
     mean but its pixels not masked. Classes come from --config, else from PRED_DIR/predict.json;
     --num-classes and --ignore-label override both. Without GT_DIR, the config's data.test_dir
@@ -36,6 +38,8 @@ def command(pred_dir, gt_dir, config_path, num_classes, ignore_label, mask_ignor
     Examples:
       ddpmseg evaluate preds/ffhq34 data/ffhq_34/real/test --config ffhq_34
       ddpmseg evaluate preds/mine masks/ --num-classes 5 --ignore-label 255 --confusion
+      ddpmseg evaluate preds/horse data/test --config horse_21 --resize
+      ddpmseg evaluate preds/horse stores/test.zarr
     """
     class_names = ()
     if config_path is not None:
@@ -49,6 +53,6 @@ def command(pred_dir, gt_dir, config_path, num_classes, ignore_label, mask_ignor
                                "testing_path in a ddpm.json)")
     result = evaluate(pred_dir, gt_dir, num_classes=num_classes, ignore_label=ignore_label,
                       class_names=class_names, mask_ignore=mask_ignore, confusion=confusion,
-                      out=out_dir)
+                      out=out_dir, resize=resize)
     click.echo(format_table(result))
     click.echo(f"wrote {result['metrics_path']}")

@@ -6,8 +6,10 @@ import click
 
 from ..featcache import extract
 from ..featcache.spec import PRECISIONS, STORE_DTYPES
-from .common import (config_option, device_option, max_pixels_option, parse_blocks, parse_ints,
-                     resolve_config, threads_option)
+from ..featcache.store import codec_name
+from .common import (bundled_default, config_option, device_option, ignore_label_option,
+                     max_pixels_option, num_classes_option, parse_blocks, parse_ints,
+                     preset_features, resolve_config, show_progress, threads_option)
 
 
 @click.command("extract")
@@ -29,12 +31,18 @@ from .common import (config_option, device_option, max_pixels_option, parse_bloc
               help="Decoder blocks whose outputs are kept: indices (of up_blocks for a "
                    "diffusers folder, which also takes names like up2.res1, up2.attn0). "
                    "[default: config, 5,6,7,8,12]")
+@num_classes_option
+@ignore_label_option
 @click.option("--dtype", type=click.Choice(STORE_DTYPES), default=None,
               help="Storage dtype of the activations. [default: config, float16]")
+@click.option("--codec", default=None, metavar="lossless|bitroundK",
+              help="lossless, or bitroundK: keep K mantissa bits of each stored value (lossy, "
+                   "relative error <= 2^-(K+1)); bitround3 on float16 reaches 1/100 of dense "
+                   "float32 (README, store size). [default: config, lossless]")
 @device_option
 @threads_option()
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Images per forward pass. [default: config, 1]")
+              help="Images per forward pass (features.batch_size). [default: config, 1]")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="Compute precision of the model (fp16 on CUDA only). [default: config, fp32]")
 @click.option("--seed", type=int, default=None, help="Noise seed. [default: config, 0]")
@@ -49,14 +57,13 @@ from .common import (config_option, device_option, max_pixels_option, parse_bloc
 @click.option("--scheduler", default=None, metavar="local|local:N|tcp://HOST:PORT",
               help="Run as dask.distributed tasks: a local cluster of N worker processes, or "
                    "an existing scheduler whose workers see the same files.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context
-def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, dtype,
-            device, batch_size, precision, seed, resize, overwrite, repair, scheduler,
-            no_progress):
+def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, num_classes,
+            ignore_label, dtype, codec, device, batch_size, precision, seed, resize, overwrite,
+            repair, scheduler):
     """Extract diffusion features of every image in DATA_DIR into the store STORE.
 
-    DATA_DIR holds images (png/jpg) with masks of the same stem (<id>.npy or <id>_mask.png)
+    DATA_DIR holds images (png/jpg/webp/bmp/tif) with masks of the same stem (<id>.npy or <id>_mask.png)
     for training and evaluation, or images only for prediction. Every mask is checked before
     anything is written. Rerunning the same command resumes an interrupted extraction;
     a store made with other settings is refused unless --overwrite. Each option overrides
@@ -75,19 +82,25 @@ def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, 
       ddpmseg extract my_images/ stores/sd.zarr --checkpoint models/stable-diffusion-v1-5 \\
           --steps 50,150,250 --blocks 1,2,3 --resize --config ffhq_34
     """
+    preset, usual = preset_features(preset, checkpoint)
+    steps, blocks = parse_ints(steps, "--steps"), parse_blocks(blocks)
     cfg = resolve_config(config_path,
                          model={"preset": preset, "checkpoint": checkpoint, "prompt": prompt},
-                         features={"steps": parse_ints(steps, "--steps"),
-                                   "blocks": parse_blocks(blocks),
-                                   "dtype": dtype, "seed": seed, "precision": precision,
-                                   "batch_size": batch_size})
+                         features={"steps": steps or usual.get("steps"),
+                                   "blocks": blocks or usual.get("blocks"),
+                                   "dtype": dtype, "codec": codec, "seed": seed,
+                                   "precision": precision,
+                                   "batch_size": batch_size},
+                         data={"num_classes": num_classes, "ignore_label": ignore_label})
+    cfg = bundled_default(cfg)
     data_dir, store = _data_and_store(paths, cfg.data.train_dir)
-    quiet = bool(ctx.find_root().params.get("quiet"))
     result = extract(data_dir, store, cfg, device=device, resize=resize, overwrite=overwrite,
-                     scheduler=scheduler, progress=not (no_progress or quiet), repair=repair)
+                     scheduler=scheduler, progress=show_progress(ctx), repair=repair)
     info = result.info
+    lossless = info.codec.get("keepbits") is None
     click.echo(f"{store}: {len(result)} images, {info.feature_dim} dims per pixel "
-               f"({len(info.steps)} steps x {len(info.blocks)} blocks), {info.dtype}, "
+               f"({len(info.steps)} steps x {len(info.blocks)} blocks), {info.dtype}"
+               + ("" if lossless else f" {codec_name(info.codec)}") + ", "
                f"{'with' if info.has_labels else 'without'} labels")
 
 

@@ -6,7 +6,8 @@ import click
 
 from ..classifier import fit, load_ensemble
 from ..classifier.train import ETF_MODES
-from .common import config_option, device_option, resolve_config, threads_option
+from .common import (config_option, count, device_option, renamed_option, resolve_config, show_progress,
+                     threads_option)
 
 
 @click.command("fit")
@@ -21,20 +22,24 @@ from .common import config_option, device_option, resolve_config, threads_option
                    "(none, the original method). [default: config, shared]")
 @click.option("--etf-weight", type=click.FloatRange(min=0), default=None, metavar="W",
               help="Weight of the ETF loss. [default: config, 0.4]")
-@click.option("--epochs", "max_epochs", type=click.IntRange(min=1), default=None, metavar="MAX",
-              help="Maximum epochs per member (early stopping usually ends sooner). "
-                   "[default: config, 100]")
+@click.option("--max-epochs", "max_epochs", type=click.IntRange(min=1), default=None,
+              metavar="N", help="Maximum epochs per member (early stopping usually ends "
+                                "sooner). [default: config, 100]")
+@renamed_option("--epochs", "--max-epochs", "max_epochs", type=click.IntRange(min=1))
 @click.option("--batch-size", type=click.IntRange(min=2), default=None, metavar="N",
-              help="Pixels per minibatch. [default: config, 64]")
+              help="Pixels per minibatch (classifier.batch_size). [default: config, 64]")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Adam learning rate. [default: config, 0.001]")
 @click.option("--seed", type=int, default=None,
               help="Member k is seeded with SEED + k. [default: config, 0]")
-@click.option("--ram-budget", "ram_budget_gb", type=click.FloatRange(min=0, min_open=True),
+@click.option("--ram-budget-gb", "ram_budget_gb", type=click.FloatRange(min=0, min_open=True),
               default=None, metavar="GB",
               help="Memory for the pool of stored maps that minibatches are computed from "
                    "(GPU memory when training on CUDA). It also sets how many images are "
-                   "shuffled together, so use the same value to resume. [default: config, 2]")
+                   "shuffled together: resuming with a value that shuffles another number is "
+                   "refused. [default: config, 2]")
+@renamed_option("--ram-budget", "--ram-budget-gb", "ram_budget_gb",
+                type=click.FloatRange(min=0, min_open=True))
 @click.option("--in-memory", is_flag=True,
               help="Hold the dense features of all labelled pixels in RAM, as the reference "
                    "does (~2.2 GB per 256px image at 8448 dims); same result as streaming.")
@@ -45,10 +50,9 @@ from .common import config_option, device_option, resolve_config, threads_option
                    "of N worker processes, or an existing scheduler whose workers see STORE).")
 @click.option("--overwrite", is_flag=True,
               help="Start over in a RUN_DIR that holds another run.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context
 def command(ctx, store, run_dir, config_path, ensemble, etf, etf_weight, max_epochs, batch_size,
-            lr, seed, ram_budget_gb, in_memory, device, scheduler, overwrite, no_progress):
+            lr, seed, ram_budget_gb, in_memory, device, scheduler, overwrite):
     """Train an ensemble of pixel classifiers on the labelled pixels of STORE into RUN_DIR.
 
     Minibatches are computed on the fly from the stored native-resolution maps, in a RAM
@@ -59,15 +63,16 @@ def command(ctx, store, run_dir, config_path, ensemble, etf, etf_weight, max_epo
     \b
     Examples:
       ddpmseg fit stores/ffhq34_train.zarr runs/ffhq34 --config ffhq_34
-      ddpmseg fit stores/mine.zarr runs/mine --ensemble 3 --etf none --ram-budget 4
+      ddpmseg fit stores/mine.zarr runs/mine --ensemble 3 --etf none --ram-budget-gb 4
     """
     cfg = resolve_config(config_path, classifier={
         "ensemble": ensemble, "etf": etf, "etf_weight": etf_weight, "max_epochs": max_epochs,
         "batch_size": batch_size, "lr": lr, "seed": seed, "ram_budget_gb": ram_budget_gb})
-    quiet = bool(ctx.find_root().params.get("quiet"))
     out = fit(store, run_dir, cfg, device=device, in_memory=in_memory, resume=not overwrite,
-              scheduler=scheduler, progress=not (no_progress or quiet))
+              scheduler=scheduler, progress=show_progress(ctx))
     ens = load_ensemble(out, "cpu")
-    stops = ", ".join(str(m.get("stop_epoch")) for m in ens.metas)
-    click.echo(f"{out}: {len(ens)} members, {ens.num_classes} classes, {ens.feature_dim} dims "
-               f"(stop epochs {stops})")
+    # Epochs trained per member (stop_epoch is stored 0-based).
+    epochs = ", ".join(str(m["stop_epoch"] + 1) if m.get("stop_epoch") is not None else "?"
+                       for m in ens.metas)
+    click.echo(f"{out}: {count(len(ens), 'member')}, {ens.num_classes} classes, "
+               f"{ens.feature_dim} dims (epochs trained: {epochs})")

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import errno
 import importlib
-import logging
-import sys
 
 import click
 
 from .. import __version__
 from ..errors import DdpmsegError
+from .common import configure_logging, global_options
 
 # Each command lives in its own module of this package, named like the command.
 COMMANDS = ("extract", "fit", "predict", "evaluate", "report", "demo", "check_checkpoint",
@@ -30,6 +29,11 @@ class Group(click.Group):
                 raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except OSError as exc:  # permission, no space, a file where a folder goes, ...
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"error: {os_error_line(exc)}", err=True)
+            ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("error: interrupted; rerun the same command to resume", err=True)
             ctx.exit(130)
@@ -50,11 +54,35 @@ def os_error_line(exc: OSError) -> str:
     return f"{exc.strerror or exc}{where}; check the path, its permissions and free space"
 
 
+_OS_HINTS = {
+    errno.EACCES: "check its permissions, or choose another path",
+    errno.EPERM: "check its permissions, or choose another path",
+    errno.EROFS: "the file system is read-only; choose another path",
+    errno.ENOSPC: "free some space, or choose a folder on another disk",
+    errno.EDQUOT: "free some space, or choose a folder on another disk",
+    errno.ENOTDIR: "a file stands where a folder is needed; remove it or choose another path",
+    errno.EEXIST: "a file stands where a folder is needed; remove it or choose another path",
+    errno.EISDIR: "a folder stands where a file is needed; choose another path",
+    errno.ENOENT: "check the path",
+}
+
+
+def os_error_line(exc: OSError) -> str:
+    """``what: path; how to fix`` for an OS error, naming the path(s) it concerns."""
+    what = exc.strerror or str(exc)
+    paths = [p for p in (exc.filename, exc.filename2) if p is not None]
+    where = f": {' -> '.join(map(str, paths))}" if paths else ""
+    hint = _OS_HINTS.get(exc.errno, "check the path and try again")
+    return f"{what}{where}; {hint}"
+
+
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ddpmseg")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
-def cli(debug: bool, quiet: bool) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (there are none unless "
+                                                 "stderr is a terminal).")
+def cli(debug: bool, quiet: bool, no_progress: bool) -> None:
     """Label-efficient semantic segmentation from diffusion-model features.
 
     \b
@@ -67,13 +95,16 @@ def cli(debug: bool, quiet: bool) -> None:
     ddpmseg train-backbone  train an ADM diffusion model on your own unlabelled images
     ddpmseg import-run / export-run  move runs from / to ddpm-segmentation's format
     ddpmseg verify    read every chunk of a store, or every member of a run: report damage
+
+    -q, --debug and --no-progress may also follow the command's name.
     """
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
-                        format="%(message)s", stream=sys.stderr, force=True)
+    configure_logging(quiet)
 
 
 for _name in COMMANDS:
-    cli.add_command(importlib.import_module(f".{_name}", __package__).command)
+    _command = importlib.import_module(f".{_name}", __package__).command
+    _command.params.extend(global_options())
+    cli.add_command(_command)
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import click
 
 from ..predict import predict
 from ..voting import VOTES
-from .common import device_option, max_pixels_option, threads_option
+from .common import count, device_option, max_pixels_option, show_progress, threads_option
 
 
 @click.command("predict")
@@ -35,9 +35,9 @@ from .common import device_option, max_pixels_option, threads_option
               help="Also write OUT/report/index.html (see `ddpmseg report`) and print its path.")
 @device_option
 @threads_option()
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-def command(run, input_path, out_dir, vote, uncertainty, tile_rows, images_dir, resize,
-            checkpoint, with_report, device, no_progress):
+@click.pass_context
+def command(ctx, run, input_path, out_dir, vote, uncertainty, tile_rows, images_dir, resize,
+            checkpoint, with_report, device):
     """Predict segmentation masks with the ensemble of RUN for every image of INPUT.
 
     INPUT is a feature store (from `ddpmseg extract`) or a folder of images; from images,
@@ -53,9 +53,10 @@ def command(run, input_path, out_dir, vote, uncertainty, tile_rows, images_dir, 
     """
     summary = predict(run, input_path, out_dir, vote=vote, uncertainty=uncertainty,
                       device=device, tile_rows=tile_rows, resize=resize, checkpoint=checkpoint,
-                      images=images_dir, progress=not no_progress)
-    click.echo(f"predicted {summary['num_images']} image(s) ({summary['input_kind']}, vote "
-               f"{summary['vote']}, {summary['num_members']} members) into {summary['out_dir']}")
+                      images=images_dir, progress=show_progress(ctx))
+    click.echo(f"predicted {count(summary['num_images'], 'image')} ({summary['input_kind']}, "
+               f"vote {summary['vote']}, {count(summary['num_members'], 'member')}) into "
+               f"{summary['out_dir']}")
     if with_report:
         from ..report import report
 

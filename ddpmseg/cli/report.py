@@ -8,11 +8,14 @@ import click
 @click.command("report")
 @click.argument("pred_dir", metavar="PRED_DIR")
 @click.option("--gt", "gt_dir", default=None, metavar="GT_DIR",
-              help="Folder of ground-truth masks: adds mIoU, per-class and per-image IoU and "
-                   "the confusion matrix.")
+              help="Folder of ground-truth masks (or a store with labels): adds mIoU, "
+                   "per-class and per-image IoU and the confusion matrix.")
+@click.option("--resize", is_flag=True,
+              help="Resize masks of another size to the predictions' (nearest), as "
+                   "`evaluate --resize`.")
 @click.option("--out", "out_dir", default=None, metavar="DIR",
               help="Where index.html and its pictures go. [default: PRED_DIR/report]")
-def command(pred_dir, gt_dir, out_dir):
+def command(pred_dir, gt_dir, resize, out_dir):
     """Write a self-contained HTML report of the predictions in PRED_DIR and print the path of
     its index.html. It opens from file:// without a server and copies as a folder.
 
@@ -20,7 +23,8 @@ def command(pred_dir, gt_dir, out_dir):
     Examples:
       ddpmseg report preds/ffhq34 --gt data/ffhq_34/real/test
       ddpmseg report preds/mine --out report-mine
+      ddpmseg report preds/horse64 --gt data/test --resize
     """
     from ..report import report
 
-    click.echo(report(pred_dir, gt_dir, out_dir))
+    click.echo(report(pred_dir, gt_dir, out_dir, resize=resize))

@@ -6,21 +6,23 @@ import os
 
 import click
 
-from .common import device_option, threads_option
+from .common import device_option, renamed_option, show_progress, threads_option
 
 
 @click.command("train-backbone")
 @click.argument("images_dir", metavar="IMAGES_DIR")
 @click.argument("out_dir", metavar="OUT")
-@click.option("--preset", default=None, metavar="NAME",
-              help="Model flags preset: lsun_256, faces_64, tiny_256, tiny64_cosine.")
-@click.option("--flags", "flags_path", default=None, metavar="FILE",
-              help="A JSON file of guided-diffusion model flags (or {\"model_flags\": {...}}).")
-@click.option("--steps", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Train until the run has made N steps in all (a resumed run counts its "
-                   "earlier steps).")
+@click.option("--preset", default=None, metavar="NAME|JSON",
+              help="Model flags: a preset (lsun_256, faces_64, tiny_256, tiny64_cosine) or a "
+                   "JSON file of guided-diffusion flags (or {\"model_flags\": {...}}), as in "
+                   "extract.")
+@renamed_option("--flags", "--preset FILE", "preset")
+@click.option("--iterations", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Train until the run has made N optimiser steps in all (a resumed run "
+                   "counts its earlier ones).")
+@renamed_option("--steps", "--iterations", "iterations", type=click.IntRange(min=1))
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None,
-              metavar="M", help="Train for M minutes of this call (with --steps: whichever "
+              metavar="M", help="Train for M minutes of this call (with --iterations: whichever "
                                 "comes first).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Images per step in all: under torchrun the global batch, split evenly "
@@ -42,10 +44,9 @@ from .common import device_option, threads_option
 @click.option("--sample-steps", type=click.IntRange(min=1), default=50, show_default=True,
               help="Strided ancestral sampling steps for samples.png.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context
-def command(ctx, images_dir, out_dir, preset, flags_path, steps, minutes, batch_size, lr, ema,
-            device, resume, save_every, samples, sample_steps, seed, no_progress):
+def command(ctx, images_dir, out_dir, preset, iterations, minutes, batch_size, lr, ema,
+            device, resume, save_every, samples, sample_steps, seed):
     """Train an ADM diffusion UNet on the images in IMAGES_DIR, writing checkpoints to OUT.
 
     The objective is guided-diffusion's: epsilon MSE at uniform steps, plus the variational
@@ -64,23 +65,19 @@ def command(ctx, images_dir, out_dir, preset, flags_path, steps, minutes, batch_
     \b
     Examples:
       ddpmseg train-backbone faces/ runs/faces64 --preset faces_64 --minutes 60
-      ddpmseg train-backbone faces/ runs/faces64 --resume --steps 20000
+      ddpmseg train-backbone faces/ runs/faces64 --resume --iterations 20000
       torchrun --nproc_per_node 4 $(which ddpmseg) train-backbone faces/ runs/f64 \\
           --preset faces_64 --batch-size 64 --minutes 60
     """
     from ..backbone.train import train_backbone
 
-    if preset is not None and flags_path is not None:
-        raise click.UsageError("give --preset or --flags, not both")
-    flags = preset if preset is not None else flags_path
-    if flags is None and not resume:
-        raise click.UsageError("give the model flags: --preset NAME or --flags FILE")
-    if steps is None and minutes is None:
-        raise click.UsageError("say how long to train: --steps N or --minutes M")
-    quiet = bool(ctx.find_root().params.get("quiet"))
-    out = train_backbone(images_dir, out_dir, flags, steps=steps, minutes=minutes,
+    if preset is None and not resume:
+        raise click.UsageError("give the model flags: --preset NAME|JSON")
+    if iterations is None and minutes is None:
+        raise click.UsageError("say how long to train: --iterations N or --minutes M")
+    out = train_backbone(images_dir, out_dir, preset, steps=iterations, minutes=minutes,
                          batch_size=batch_size, lr=lr, ema=ema, device=device, resume=resume,
                          save_every=save_every, seed=seed, samples=samples,
-                         sample_steps=sample_steps, progress=not (no_progress or quiet))
+                         sample_steps=sample_steps, progress=show_progress(ctx))
     if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun: the first process only
         click.echo(f"{out}: ema.pt, model.pt, state.pt, flags.json")

@@ -33,15 +33,16 @@ from tqdm import tqdm
 from .. import data as D
 from ..backbone import Backbone, BackboneId, ModelFlags, describe_backbone, load_backbone
 from ..backbone.base import block_id
-from ..bundled import resolve_checkpoint
+from ..bundled import BUNDLED_CHECKPOINTS, resolve_checkpoint
 from ..config import Config
 from ..errors import BadInputError, ConfigError, StoreError, StoreMismatchError
 from ..fileio import no_space_error
 from ..locking import writer_lock
-from ..scaleout import connect
+from ..progress import wanted
+from ..scaleout import check_scheduler, connect
 from . import integrity as IG
 from .spec import PRECISIONS, STORE_DTYPES, FeatureSpec
-from .store import FeatureStore, StoreInfo, encode_image
+from .store import FeatureStore, StoreInfo, encode_image, parse_codec
 
 log = logging.getLogger("ddpmseg")
 
@@ -105,7 +106,11 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     precision = precision or fc.precision
     batch_size = int(batch_size or fc.batch_size)
     _check_settings(steps, blocks, dtype, precision, batch_size, dc)
+    codec = parse_codec(fc.codec, dtype)
+    check_scheduler(scheduler)  # before anything is written
     checkpoint = checkpoint if checkpoint not in (None, "") else (config.model.checkpoint or None)
+    # A bundled name is recorded as given: the package's own path differs per install.
+    recorded = str(checkpoint) if str(checkpoint) in BUNDLED_CHECKPOINTS else None
     checkpoint = resolve_checkpoint(checkpoint) if checkpoint else None
 
     flags = describe_backbone(backbone or checkpoint, config.model.preset)
@@ -133,9 +138,9 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
                      names=tuple(s.name for s in inputs.samples),
                      num_classes=dc.num_classes, ignore_label=dc.ignore_label,
                      class_names=tuple(dc.class_names), has_labels=inputs.has_labels,
-                     min_class_pixels=dc.min_class_pixels)
+                     min_class_pixels=dc.min_class_pixels, codec=codec)
     resolved = config.with_overrides(
-        model={"checkpoint": str(checkpoint) if checkpoint else ""},
+        model={"checkpoint": recorded or (str(checkpoint) if checkpoint else "")},
         features={"precision": precision, "batch_size": batch_size})
 
     # 3.-4. Under the store's writer lock: create the store, or reopen it and check that it
@@ -218,9 +223,11 @@ def _check_settings(steps, blocks, dtype, precision, batch_size, dc) -> None:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    """(H, W) from the file header, without decoding the pixels."""
+    """(H, W) of an image, decoded in full: a truncated file must fail here, before the
+    store is created, not halfway through writing it."""
     try:
         with Image.open(path) as im:
+            im.load()
             return im.size[1], im.size[0]
     except Image.DecompressionBombError as exc:
         raise D.too_many_pixels(path) from exc
@@ -335,13 +342,13 @@ def image_maps(backbone, x0: torch.Tensor, spec: FeatureSpec) -> list[list[torch
     return [[acts[key][j] for key in spec.keys] for j in range(x0.shape[0])]
 
 
-def encoded_maps(backbone, x0: torch.Tensor, spec: FeatureSpec,
-                 names: Sequence[str]) -> list[list[np.ndarray]]:
+def encoded_maps(backbone, x0: torch.Tensor, spec: FeatureSpec, names: Sequence[str],
+                 keepbits: int | None = None) -> list[list[np.ndarray]]:
     """An image batch -> per image, its maps exactly as a store of ``spec`` holds them (cast
     to the store dtype, shapes and float16 overflow checked: ``FeatureOverflowError`` names
-    the image). ``extract`` runs these two steps with the encoding in writer threads;
+    the image; ``keepbits``: a lossy store's rounding). ``extract`` runs these two steps with the encoding in writer threads;
     prediction from a folder of images runs them here."""
-    return [encode_image(maps, spec, f"image {name}")
+    return [encode_image(maps, spec, f"image {name}", keepbits)
             for maps, name in zip(image_maps(backbone, x0, spec), names)]
 
 
@@ -419,7 +426,7 @@ class _NullBar:
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
-    if not enabled:
+    if not wanted(enabled):
         return _NullBar()
     return tqdm(total=total, initial=initial, unit="img", desc="extract", file=sys.stderr,
                 dynamic_ncols=True, smoothing=0.1)

@@ -18,6 +18,7 @@ image.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,17 +29,22 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
-from ..errors import FeatureOverflowError, StoreError, StoreMismatchError
+from ..errors import ConfigError, FeatureOverflowError, StoreError, StoreMismatchError
 from . import integrity as IG
 from . import pixels
 from . import zarr_adapter as ZA
 from .spec import STORE_DTYPES
 from .spec import FeatureSpec, short
 
-FORMAT_VERSION = 1
+# 2: dimension names carry their size (channel_1024, y_32, x_32), so xarray opens the store as
+# one Dataset; 1 named every activation's axes channel/y/x. Both read alike.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 # zarr has no bfloat16 dtype: bfloat16 values are stored as their uint16 bit patterns (the upper
 # half of the float32 word) and readers widen them back to float32.
 _ZARR_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
+_TORCH_STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32,
+                       "bfloat16": torch.bfloat16}
 BFLOAT16_ENCODING = "bfloat16 stored as uint16 bit patterns; float32 = (uint32(v) << 16)"
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -110,7 +116,7 @@ class StoreInfo:
                    class_names=tuple(raw.get("class_names", ())),
                    has_labels=raw.get("has_labels", True),
                    codec=raw.get("codec", dict(DEFAULT_CODEC)),
-                   format_version=raw.get("format_version", FORMAT_VERSION),
+                   format_version=raw.get("format_version", 1),
                    min_class_pixels=raw.get("min_class_pixels", 20))
 
     def differences(self, other: "StoreInfo", here: str = "here",
@@ -135,6 +141,16 @@ class StoreInfo:
             if key not in ignore and a != b:
                 out.append(f"{key} ({short(a)} {here}, {short(b)} {there})")
         return out
+
+
+def map_dims(c: int, h: int, w: int) -> tuple[str, ...]:
+    """An activation array's dimension names: one name per distinct size, so arrays of other
+    sizes never share a dimension name (xarray requires one size per name)."""
+    return ("image", f"channel_{c}", f"y_{h}", f"x_{w}")
+
+
+def label_dims(height: int, width: int) -> tuple[str, ...]:
+    return ("image", f"y_{height}", f"x_{width}")
 
 
 def array_name(t: int, b: int) -> str:
@@ -162,21 +178,25 @@ def array_specs(info: StoreInfo) -> list[tuple[str, dict]]:
     # but a chunk is missing" always means damage, never an all-zero map.
     cfg = {"write_empty_chunks": True}
     act_attrs = {"dtype": info.dtype}
+    if info.codec.get("keepbits") is not None:
+        act_attrs["keepbits"] = info.codec["keepbits"]   # lossy: mantissa bits kept
     if info.dtype == "bfloat16":
         act_attrs["encoding"] = BFLOAT16_ENCODING
+    # Format 1 named the dimensions alike for every size; format 2 names them by size.
+    old_dims = info.format_version == 1
     out = []
     for (t, b), (c, h, w) in zip(info.keys, info.shapes):
         out.append((array_name(t, b), dict(
             shape=(n, c, h, w), chunks=(1, c, h, w), dtype=_ZARR_DTYPES[info.dtype],
             compressors=codecs, fill_value=0, config=cfg,
-            dimension_names=("image", "channel", "y", "x"),
+            dimension_names=("image", "channel", "y", "x") if old_dims else map_dims(c, h, w),
             attributes={**act_attrs, "step": t, "block": b})))
     if info.has_labels:
         height, width = info.image_size
         out.append(("labels", dict(
             shape=(n, height, width), chunks=(1, height, width), dtype=np.uint8,
             compressors=codecs, fill_value=info.ignore_label, config=cfg,
-            dimension_names=("image", "y", "x"))))
+            dimension_names=("image", "y", "x") if old_dims else label_dims(height, width))))
     out.append(("complete", dict(
         shape=(n,), chunks=(1,), dtype=np.uint8, compressors=[Crc32cCodec()], fill_value=0,
         config=cfg, dimension_names=("image",))))
@@ -193,13 +213,70 @@ def _codecs(codec: dict) -> list:
     return [blosc, Crc32cCodec()]
 
 
-def encode_map(m, dtype: str, what: str = "activation") -> np.ndarray:
+# Mantissa bits of each store dtype: the most that keepbits (lossy rounding) can keep.
+MANTISSA_BITS = {"float16": 10, "bfloat16": 7, "float32": 23}
+_INT_OF = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+_MANTISSA_OF = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}
+
+
+def parse_codec(name: str | None, dtype: str = "float16") -> dict:
+    """The codec setting a ``--codec`` name stands for, as ``StoreInfo.codec`` holds it.
+
+    "lossless" (or None): the default Blosc setting. "bitroundK": the same, after rounding each
+    value to K mantissa bits (round to nearest, ties to even), 1 <= K < the dtype's mantissa
+    bits; relative error <= 2**-(K+1). Zeroed low bits compress well under bit shuffle, and a
+    reader needs nothing to undo: the values are ordinary numbers of the store dtype.
+    """
+    codec = dict(DEFAULT_CODEC)
+    if name in (None, "", "lossless"):
+        return codec
+    m = re.fullmatch(r"bitround(\d+)", str(name))
+    top = MANTISSA_BITS.get(dtype, 0)
+    if m is None or not 1 <= int(m.group(1)) < top:
+        raise ConfigError(f"unknown codec {name!r} for dtype {dtype}",
+                          f"use lossless or bitroundK with K in 1..{top - 1} (mantissa bits "
+                          f"kept; see the store-size table in the README)")
+    codec["keepbits"] = int(m.group(1))
+    return codec
+
+
+def codec_name(codec: dict) -> str:
+    """The ``--codec`` name of a ``StoreInfo.codec`` setting (inverse of ``parse_codec``)."""
+    return f"bitround{codec['keepbits']}" if codec.get("keepbits") is not None else "lossless"
+
+
+def round_mantissa(t: torch.Tensor, keepbits: int) -> torch.Tensor:
+    """``t`` (float16, bfloat16 or float32) with its mantissa rounded to ``keepbits`` bits.
+
+    Round to nearest, ties to even, on the bit pattern: adding half a quantum (minus one, plus
+    the kept LSB) then masking carries into the exponent when the mantissa overflows, so the
+    result is the nearest value with ``keepbits`` bits (inf when that is beyond the dtype's
+    largest finite value, which the caller's finiteness check turns into an error). NaN and
+    inf are left as they are, for the same check.
+    """
+    drop = _MANTISSA_OF[t.dtype] - int(keepbits)
+    if drop <= 0:
+        return t
+    width = 8 * t.element_size()
+    # int64 arithmetic on the unsigned pattern: no wrap-around for any width.
+    bits = t.contiguous().view(_INT_OF[t.dtype]).to(torch.int64) & ((1 << width) - 1)
+    bits = (bits + ((1 << (drop - 1)) - 1) + ((bits >> drop) & 1)) & ~((1 << drop) - 1)
+    bits = torch.where(bits >= 1 << (width - 1), bits - (1 << width), bits)
+    rounded = bits.to(_INT_OF[t.dtype]).view(t.dtype)
+    return torch.where(torch.isfinite(t), rounded, t)
+
+
+def encode_map(m, dtype: str, what: str = "activation", keepbits: int | None = None
+               ) -> np.ndarray:
     """One activation (tensor or array, any float dtype) as the store holds it.
 
     float16 values beyond +-65504 raise ``FeatureOverflowError`` (never a silent inf), and so
     does a map that is not finite to begin with. bfloat16 comes back as uint16 bit patterns.
+    ``keepbits``: round the stored values to that many mantissa bits (lossy; ``parse_codec``).
     """
     t = m.detach() if isinstance(m, torch.Tensor) else torch.from_numpy(np.asarray(m))
+    if dtype in _TORCH_STORE_DTYPES and keepbits is not None:
+        t = round_mantissa(t.to(_TORCH_STORE_DTYPES[dtype]), keepbits)
     if dtype == "float16":
         out = t.to(torch.float16)
         if not bool(torch.isfinite(out).all()):
@@ -230,9 +307,11 @@ def _raise_not_finite(t: torch.Tensor, what: str, dtype: str):
         "extract with --dtype bfloat16 (same range as float32, half the bytes) or --dtype float32")
 
 
-def encode_image(maps: Sequence, spec: FeatureSpec, image: str) -> list[np.ndarray]:
+def encode_image(maps: Sequence, spec: FeatureSpec, image: str,
+                 keepbits: int | None = None) -> list[np.ndarray]:
     """One image's maps (feature order) as a store of ``spec`` holds them; ``image`` names it
-    in errors (a wrong count or shape is a StoreError, an overflow a FeatureOverflowError)."""
+    in errors (a wrong count or shape is a StoreError, an overflow a FeatureOverflowError).
+    ``keepbits``: the lossy codec's mantissa rounding (``StoreInfo.codec``), if any."""
     if len(maps) != len(spec.keys):
         raise StoreError(f"{image}: {len(maps)} maps given, the features have "
                          f"{len(spec.keys)} (steps x blocks)")
@@ -241,7 +320,7 @@ def encode_image(maps: Sequence, spec: FeatureSpec, image: str) -> list[np.ndarr
         if tuple(m.shape) != tuple(shape):
             raise StoreError(f"{image}: map t={t} b={b} has shape {tuple(m.shape)}, the "
                              f"features have {tuple(shape)}")
-        out.append(encode_map(m, spec.dtype, f"{image} activation t={t} block={b}"))
+        out.append(encode_map(m, spec.dtype, f"{image} activation t={t} block={b}", keepbits))
     return out
 
 
@@ -330,7 +409,8 @@ class FeatureStore:
 
     def encode(self, i: int, maps: Sequence) -> list[np.ndarray]:
         """Image i's maps cast to the store dtype (raises FeatureOverflowError naming it)."""
-        return encode_image(maps, self.info.spec, f"image {i} ({self.info.names[i]})")
+        return encode_image(maps, self.info.spec, f"image {i} ({self.info.names[i]})",
+                            self.info.codec.get("keepbits"))
 
     def write_image(self, i: int, maps: Sequence, labels: np.ndarray | None = None, *,
                     encoded: bool = False) -> None:
@@ -404,9 +484,10 @@ class FeatureStore:
             raise StoreError(f"{path} is not a ddpmseg feature store (its attributes do not "
                              f"describe one: {type(exc).__name__}: {exc})",
                              "run `ddpmseg extract` to make one") from exc
-        if info.format_version != FORMAT_VERSION:
+        if info.format_version not in READABLE_VERSIONS:
             raise StoreMismatchError(f"{path} has store format {info.format_version}, this "
-                                     f"ddpmseg reads {FORMAT_VERSION}", "re-extract the store")
+                                     f"ddpmseg reads {', '.join(map(str, READABLE_VERSIONS))}",
+                                     "re-extract the store, or upgrade ddpmseg")
         store = cls(group, info, str(path))
         arrays = IG.check_arrays(group, array_specs(info), str(path))
         # write_empty_chunks is runtime configuration, not metadata (see _arr).

@@ -47,9 +47,20 @@ def test_plain_copy_loads_exactly(faces64):
     assert list(sd) == list(faces64) and all(torch.equal(sd[k], faces64[k]) for k in sd)
 
 
-def test_wrong_flags_name_keys_and_flags(adm_dir):
+def test_wrong_preset_names_the_preset_that_fits(adm_dir):
     with pytest.raises(CheckpointError) as info:
         Backbone.from_checkpoint(adm_dir / "adm_tiny64_cosine.pt", "tiny_256")
+    assert info.value.message.endswith("does not fit preset tiny_256 (256 missing keys, "
+                                       "28 unexpected keys, 186 shape mismatches)")
+    assert info.value.hint == "it loads as preset tiny64_cosine: pass --preset tiny64_cosine"
+    assert len(str(info.value)) < 300
+
+
+def test_wrong_flags_name_keys_and_flags(adm_dir):
+    with pytest.raises(CheckpointError) as info:
+        # The tiny_256 preset's flags as a dict: hand-written flags get the full diagnosis.
+        Backbone.from_checkpoint(adm_dir / "adm_tiny64_cosine.pt",
+                                 ModelFlags.resolve("tiny_256").to_dict())
     msg = str(info.value)
     assert "missing keys" in msg and "unexpected keys" in msg and "shape mismatches" in msg
     assert "input_blocks.3.0.op.weight" in msg          # an unexpected key, by name

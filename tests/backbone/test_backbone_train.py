@@ -180,20 +180,20 @@ def test_cli(images_dir, tmp_path):
     flags = tmp_path / "flags.json"
     flags.write_text(json.dumps(TINY))
     out = tmp_path / "run"
-    args = ["train-backbone", str(images_dir), str(out), "--flags", str(flags),
+    args = ["train-backbone", str(images_dir), str(out), "--preset", str(flags),
             "--batch-size", "2", "--samples", "0", "--no-progress", "--device", "cpu"]
-    res = CliRunner().invoke(cli, args + ["--steps", "1"])
+    res = CliRunner().invoke(cli, args + ["--iterations", "1"])
     assert res.exit_code == 0, res.output
     assert (out / "ema.pt").is_file()
     res = CliRunner().invoke(cli, ["train-backbone", str(images_dir), str(out), "--resume",
-                                   "--steps", "2", "--samples", "0", "--batch-size", "2",
+                                   "--iterations", "2", "--samples", "0", "--batch-size", "2",
                                    "--no-progress"])
     assert res.exit_code == 0, res.output
     assert torch.load(out / "state.pt", weights_only=False)["step"] == 2
-    res = CliRunner().invoke(cli, args + ["--steps", "3"])
+    res = CliRunner().invoke(cli, args + ["--iterations", "3"])
     assert res.exit_code == 1 and "error:" in res.output and "--resume" in res.output
     res = CliRunner().invoke(cli, ["train-backbone", str(images_dir), str(tmp_path / "x"),
-                                   "--steps", "1"])
+                                   "--iterations", "1"])
     assert res.exit_code == 2 and "--preset" in res.output
     res = CliRunner().invoke(cli, ["train-backbone", "--help"])
     assert res.exit_code == 0 and "ddpmseg train-backbone" in res.output

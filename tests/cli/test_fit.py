@@ -30,7 +30,7 @@ def tiny_store(tmp_path):
 def test_fit_command(tiny_store, tmp_path):
     run = tmp_path / "run"
     res = CliRunner().invoke(cli, ["fit", str(tiny_store), str(run), "--ensemble", "2",
-                                   "--epochs", "2", "--batch-size", "16", "--etf", "none",
+                                   "--max-epochs", "2", "--batch-size", "16", "--etf", "none",
                                    "--seed", "3", "--device", "cpu", "--no-progress"])
     assert res.exit_code == 0, res.output
     assert {"config.json", "store.json", "member_00.pt", "member_01.pt",
@@ -53,7 +53,7 @@ def test_fit_rejects_a_bad_option(tiny_store, tmp_path):
 
 def test_fit_refuses_another_store_in_one_line(tiny_store, tmp_path):
     run = tmp_path / "run"
-    args = ["--ensemble", "1", "--epochs", "1", "--device", "cpu", "--no-progress"]
+    args = ["--ensemble", "1", "--max-epochs", "1", "--device", "cpu", "--no-progress"]
     assert CliRunner().invoke(cli, ["fit", str(tiny_store), str(run), *args]).exit_code == 0
     info = FeatureStore.open(tiny_store).info
     other = FeatureStore.create(tmp_path / "other.zarr", dataclasses.replace(
@@ -82,7 +82,7 @@ def test_fit_threads_are_set_and_recorded(tiny_store, tmp_path):
     run = tmp_path / "run"
     try:
         res = CliRunner().invoke(cli, ["fit", str(tiny_store), str(run), "--ensemble", "1",
-                                       "--epochs", "1", "--batch-size", "16", "--threads", "2",
+                                       "--max-epochs", "1", "--batch-size", "16", "--threads", "2",
                                        "--device", "cpu", "--no-progress"])
         assert res.exit_code == 0, res.output
         assert torch.get_num_threads() == 2

@@ -55,7 +55,7 @@ def test_predict_cli_writes_outputs(tmp_path, store, fake_run):
                                    "hard", "--tile-rows", "3", "--uncertainty", "--device", "cpu",
                                    "--no-progress"])
     assert res.exit_code == 0, res.output
-    assert "predicted 2 image(s)" in res.output
+    assert "predicted 2 images" in res.output
     settings = json.loads((out / "predict.json").read_text())
     assert settings["vote"] == "hard" and settings["tile_rows"] == 3 and settings["uncertainty"]
     for name in ("u", "v"):

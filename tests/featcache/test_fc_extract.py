@@ -1,6 +1,7 @@
 """extract(): real images and the face backbone bundled in the package, masks checked before anything is written."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -153,7 +154,12 @@ def test_float16_overflow_is_an_error_suggesting_bfloat16(tmp_path, synthetic_di
     assert np.abs(store.maps(0)[0]).max() > 65504
 
 
-def test_batches_and_progress(tmp_path, synthetic_dir, fake_config, fake_backbone, capsys):
+def test_batches_and_progress(tmp_path, synthetic_dir, fake_config, fake_backbone, capsys,
+                              monkeypatch):
+    extract(synthetic_dir, tmp_path / "log.zarr", fake_config, backbone=fake_backbone(),
+            progress=True)
+    assert "img/s" not in capsys.readouterr().err  # stderr is no terminal: no bar
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     bb = fake_backbone()
     store = extract(synthetic_dir, tmp_path / "s.zarr", fake_config, backbone=bb, batch_size=3,
                     progress=True)

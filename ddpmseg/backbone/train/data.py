@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from ...data import list_samples, load_image
 from ...errors import BadInputError, RunError
+from ...progress import wanted
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:
@@ -35,7 +36,7 @@ def load_images(images_dir: str | Path, size: int, progress: bool = False) -> to
     samples = list_samples(images_dir)
     out = torch.empty((len(samples), 3, size, size), dtype=torch.uint8)
     it = samples
-    if progress:
+    if wanted(progress):
         it = tqdm(samples, desc="loading images", unit="img", leave=False)
     for i, s in enumerate(it):
         arr = load_image(s.image)

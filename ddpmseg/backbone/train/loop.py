@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from ...device import resolve_device
 from ...errors import ConfigError, DdpmsegError, RunError
+from ...progress import wanted
 from ..diffusion import Schedule
 from ..flags import ModelFlags
 from ..sampling import image_grid, sample
@@ -318,7 +319,7 @@ def _train(images_dir, out_dir, flags, *, steps, minutes, batch_size, lr, ema, d
     deadline = start + minutes * 60 if minutes is not None else math.inf
     total = int(steps) if steps is not None else None
     bar = None
-    if progress:
+    if wanted(progress):
         bar = tqdm(total=total, initial=trainer.step, unit="step", desc="train", dynamic_ncols=True)
     acc: dict[str, torch.Tensor] = {}
     acc_n, acc_t = 0, time.monotonic()
