@@ -37,21 +37,6 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("error: interrupted; rerun the same command to resume", err=True)
             ctx.exit(130)
-        except OSError as exc:
-            # A disk error outside the paths that say more (a full disk while writing
-            # predictions, a permission denied): one line, never a traceback.
-            if ctx.params.get("debug") or exc.errno is None:
-                raise
-            click.echo(f"error: {os_error_line(exc)}", err=True)
-            ctx.exit(1)
-
-
-def os_error_line(exc: OSError) -> str:
-    where = f" ({exc.filename})" if exc.filename else ""
-    if exc.errno == errno.ENOSPC:
-        return (f"no space left on the device{where}; free some space and rerun the same "
-                "command: it resumes where it stopped")
-    return f"{exc.strerror or exc}{where}; check the path, its permissions and free space"
 
 
 _OS_HINTS = {
