@@ -113,7 +113,9 @@ def load_image(path: Path, size: tuple[int, int] | None = None, resize: bool = F
     """RGB uint8 (H, W, 3). ``size`` is (H, W); another size is an error unless ``resize``."""
     try:
         with Image.open(path) as im:
-            if im.mode != "RGB":
+            if im.mode in WIDE_MODES:
+                im = _wide_to_rgb(im)
+            elif im.mode != "RGB":
                 log.info("note: %s is %s, converted to RGB", path, im.mode)
                 im = im.convert("RGB")
             if size is not None and im.size != (size[1], size[0]):
@@ -127,8 +129,34 @@ def load_image(path: Path, size: tuple[int, int] | None = None, resize: bool = F
                                 im.size[1], im.size[0], size[0], size[1])
                 im = im.resize((size[1], size[0]), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8).copy()
+    except Image.DecompressionBombError as exc:
+        raise too_many_pixels(path) from exc
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise BadInputError(f"cannot read image {path} ({exc})", "replace or remove the file") from exc
+
+
+# Grey images of more than 8 bits: PIL's convert("RGB") clips them at 255 (a 16-bit image
+# becomes almost all white), so they are scaled from their full range instead.
+WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
+def _wide_to_rgb(im: Image.Image) -> Image.Image:
+    # Mode "I" is how PIL opens 16-bit PNGs (8-bit greys open as "L"): its range is 16 bits.
+    a = np.asarray(im).astype(np.float64)
+    grey = np.clip(np.rint(a * (255.0 / WIDE_MODES[im.mode])), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
+
+
+def set_max_image_pixels(pixels: int | None) -> None:
+    """Raise (or lower) PIL's decompression-bomb limit: images above it are refused."""
+    if pixels is not None:
+        Image.MAX_IMAGE_PIXELS = int(pixels)
+
+
+def too_many_pixels(path: Path) -> BadInputError:
+    return BadInputError(f"image {path} has more pixels than the limit of "
+                         f"{Image.MAX_IMAGE_PIXELS} (a guard against decompression bombs)",
+                         "if the file is trusted, raise the limit with --max-image-pixels N")
 
 
 def image_tensor(image: np.ndarray) -> torch.Tensor:
@@ -140,13 +168,15 @@ def image_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1).contiguous().float().div(127.5).sub(1.0)
 
 
-def load_mask(path: Path, size: tuple[int, int], resize: bool = False) -> np.ndarray:
-    """Class indices uint8 (H, W) from ``.npy`` or a grey/palette PNG, checked against ``size``."""
+def load_mask(path: Path, size: tuple[int, int], resize: bool = False,
+              hint: str = "fix the mask or pass --resize") -> np.ndarray:
+    """Class indices uint8 (H, W) from ``.npy`` or a grey/palette PNG, checked against ``size``
+    (``hint``: how to fix a size mismatch, for the command at hand)."""
     mask = read_mask(path)
     if mask.shape != tuple(size):
         if not resize:
             raise BadInputError(f"mask {path} is {mask.shape[0]}x{mask.shape[1]} but its image "
-                                f"is {size[0]}x{size[1]}", "fix the mask or pass --resize")
+                                f"is {size[0]}x{size[1]}", hint)
         im = Image.fromarray(mask).resize((size[1], size[0]), Image.NEAREST)
         mask = np.asarray(im, dtype=np.uint8).copy()
     return mask
@@ -167,7 +197,8 @@ def read_mask(path: Path) -> np.ndarray:
         raise
     except (OSError, ValueError, UnidentifiedImageError) as exc:
         raise BadInputError(f"cannot read mask {path} ({exc})", "replace or remove the file") from exc
-    mask = np.squeeze(mask)
+    if mask.ndim == 3 and mask.shape[-1] == 1:  # (H, W, 1); never squeeze 1xW or 1x1
+        mask = mask[..., 0]
     if mask.dtype == np.bool_:  # a binary mask (bool .npy or a 1-bit PNG): classes 0 and 1
         mask = mask.astype(np.uint8)
     if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):

@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import InputNotFoundError
+from .errors import InputNotFoundError, OutputError
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
@@ -42,3 +43,19 @@ def sha256_file(path: str | Path) -> str:
         raise InputNotFoundError(f"file {path} does not exist", "check the path")
     with path.open("rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def no_space_error(path: str | Path, needed: int, what: str, unit: str) -> OutputError:
+    """The one-line error for a disk that filled up while writing ``what`` at ``path``:
+    how much more it needs (``needed`` bytes, an upper bound for ``unit``) and what is free."""
+    where = Path(str(path)).expanduser().absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = f", {shutil.disk_usage(where).free / 2 ** 20:.0f} MB free"
+    except OSError:
+        free = ""
+    return OutputError(f"no space left on the device writing {what} {path}: about "
+                       f"{needed / 2 ** 20:.0f} MB more are needed for {unit}{free}",
+                       "free some space (or choose another path) and rerun the same command: "
+                       "it resumes where it stopped")

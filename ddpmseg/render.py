@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import colorsys
 import functools
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from .fileio import write_json
 
 IGNORE_RGB = (0, 0, 0)
 GREY_RGB = (128, 128, 128)
@@ -66,8 +67,7 @@ def palette_json(palette: np.ndarray, num_classes: int, ignore_label: int,
 
 def save_palette(path: str | Path, palette: np.ndarray, num_classes: int, ignore_label: int,
                  class_names: Sequence[str] = ()) -> None:
-    Path(path).write_text(json.dumps(palette_json(palette, num_classes, ignore_label,
-                                                  class_names), indent=1) + "\n")
+    write_json(path, palette_json(palette, num_classes, ignore_label, class_names))
 
 
 def class_name(class_names: Sequence[str], c: int) -> str:

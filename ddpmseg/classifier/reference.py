@@ -33,7 +33,7 @@ from ..fileio import atomic_write
 from ..reference_config import to_reference_json
 from .model import PixelMLP, hidden_widths
 from .ensemble import load_ensemble
-from .run import (CONFIG_FILE, LOG_FILE, MEMBER_GLOB, STORE_FILE, resolved_config, write_header,
+from .run import (CONFIG_FILE, LOG_FILE, MANIFEST_FILE, MEMBER_GLOB, STORE_FILE, resolved_config, write_header,
                   write_member)
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ def export_run(run_dir, out_dir, *, format: str = "reference", overwrite: bool =
 
 # -- the run directory (the only code here that knows its layout) -------------------------------
 # The files that make a folder a run (an import refuses to mix with them unless overwriting).
-_RUN_FILES = (CONFIG_FILE, STORE_FILE, MEMBER_GLOB, LOG_FILE)
+_RUN_FILES = (CONFIG_FILE, STORE_FILE, MEMBER_GLOB, LOG_FILE, MANIFEST_FILE)
 
 
 def _write_run(run_dir: Path, cfg: Config, info: StoreInfo, states: list[dict],

@@ -8,6 +8,13 @@
     member_{k:02d}.pt  {"state_dict": ..., "meta": {...}}, written atomically as each finishes
     train_log.jsonl    one line per epoch (member, epoch, loss, ce, steps, pixels/s) and one per
                        finished member (stop epoch, early stop)
+    manifest.json      {"format": 1, "files": {name: sha256}} of config.json, store.json and
+                       each member: checked on every load, so a flipped byte in a member or a
+                       header is an error, never a silently different ensemble. A member file
+                       the manifest does not list (a fit killed between writing the two) is
+                       retrained. Runs written before the manifest have none and load unchecked.
+
+A writer (``fit``) holds the run dir's lock (``ddpmseg.locking``) for its whole life.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +32,13 @@ from ..config import Config
 from ..errors import RunError
 from ..featcache.content import image_set_changes
 from ..featcache.store import StoreInfo
-from ..fileio import atomic_write, write_json
+from ..fileio import atomic_write, sha256_file, write_json
 
 CONFIG_FILE = "config.json"
 STORE_FILE = "store.json"
 LOG_FILE = "train_log.jsonl"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 1
 MEMBER_GLOB = "member_*.pt"
 MEMBER_FORMAT = 1
 # The classifier settings a resumed run must share with the members already trained.
@@ -81,6 +91,51 @@ def write_header(run_dir: Path, config: Config, store_path: str, info: StoreInfo
     if images is not None:
         store["images"] = images
     write_json(Path(run_dir) / STORE_FILE, store)
+    record_files(run_dir, [CONFIG_FILE, STORE_FILE])
+
+
+# -- the manifest -------------------------------------------------------------------------
+
+def read_manifest(run_dir: str | Path) -> dict[str, str] | None:
+    """{file name: sha256}, or None for a run written before manifests existed."""
+    path = Path(run_dir) / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        files = raw["files"]
+        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+            raise TypeError("files is not a {name: sha256} object")
+        return dict(files)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RunError(f"{path} is damaged ({type(exc).__name__}: {exc})",
+                       "retrain: `ddpmseg fit ... --overwrite`") from exc
+
+
+def record_files(run_dir: str | Path, names, forget=()) -> None:
+    """Put the sha256 of each of ``names`` (files in run_dir) into the manifest."""
+    run_dir = Path(run_dir)
+    files = read_manifest(run_dir) or {}
+    for name in forget:
+        files.pop(name, None)
+    for name in names:
+        files[name] = sha256_file(run_dir / name)
+    write_json(run_dir / MANIFEST_FILE, {"format": MANIFEST_FORMAT, "files": files})
+
+
+def check_file(path: Path, manifest: dict[str, str] | None) -> None:
+    """RunError unless ``path`` has the sha256 the manifest records (None: not checked)."""
+    if manifest is None:
+        return
+    want = manifest.get(path.name)
+    if want is None:
+        raise RunError(f"{path} is not recorded in {MANIFEST_FILE} (written by an interrupted "
+                       "fit, or copied in)", "rerun the same `ddpmseg fit` command to retrain it")
+    if sha256_file(path) != want:
+        raise RunError(f"{path} does not match its checksum in {MANIFEST_FILE}: it was "
+                       "damaged or changed after fit wrote it",
+                       "delete it and rerun the same `ddpmseg fit` command to retrain it"
+                       if path.suffix == ".pt" else "retrain: `ddpmseg fit ... --overwrite`")
 
 
 def read_header(run_dir: str | Path) -> RunHeader:
@@ -89,6 +144,9 @@ def read_header(run_dir: str | Path) -> RunHeader:
     if not cfg_path.is_file() or not store_path.is_file():
         raise RunError(f"{run_dir} is not a ddpmseg run directory (no {CONFIG_FILE}/"
                        f"{STORE_FILE})", "train one with `ddpmseg fit STORE RUN_DIR`")
+    manifest = read_manifest(run_dir)
+    for path in (cfg_path, store_path):
+        check_file(path, manifest)
     try:
         raw_cfg = json.loads(cfg_path.read_text())
         raw_store = json.loads(store_path.read_text())
@@ -101,7 +159,10 @@ def read_header(run_dir: str | Path) -> RunHeader:
                      raw_store.get("images"))
 
 
-def read_member(path: Path) -> dict:
+def read_member(path: Path, check: bool = True) -> dict:
+    """A member file's contents, after checking it against the run's manifest."""
+    if check:
+        check_file(path, read_manifest(path.parent))
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem
@@ -110,8 +171,35 @@ def read_member(path: Path) -> dict:
 
 
 def write_member(run_dir: Path, k: int, state: dict, meta: dict) -> Path:
-    return atomic_write(member_path(run_dir, k),
+    path = atomic_write(member_path(run_dir, k),
                         lambda p: torch.save({"state_dict": state, "meta": meta}, p))
+    record_files(run_dir, [path.name])
+    return path
+
+
+def trained_members(run_dir: Path, count: int) -> list[int]:
+    """Which of members 0..count-1 are trained: present and recorded in the manifest."""
+    manifest = read_manifest(run_dir)
+    return [k for k in range(count) if member_path(run_dir, k).is_file()
+            and (manifest is None or member_path(run_dir, k).name in manifest)]
+
+
+# atomic_write's temporary files: ".<name>.<pid>.tmp"
+_TMP_FILE = re.compile(r"^\..+\.\d+\.tmp$")
+
+
+def remove_leftovers(run_dir: Path, unrecorded: bool = True) -> None:
+    """Delete what a killed fit left: temporary files, and (``unrecorded``) member files the
+    manifest does not list (killed between writing the member and recording it: it is
+    retrained)."""
+    for p in run_dir.iterdir():
+        if p.is_file() and _TMP_FILE.match(p.name):
+            p.unlink(missing_ok=True)
+    manifest = read_manifest(run_dir) if unrecorded else None
+    if manifest is not None:
+        for p in run_dir.glob(MEMBER_GLOB):
+            if p.name not in manifest:
+                p.unlink(missing_ok=True)
 
 
 def append_log(run_dir: Path, record: dict) -> None:
@@ -127,12 +215,17 @@ def prepare(run_dir: Path, cfg: Config, info: StoreInfo, resume: bool, shuffle: 
     if run_dir.exists() and not run_dir.is_dir():
         raise RunError(f"run dir {run_dir} is a file", "choose another path")
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(run_dir, unrecorded=resume)
     if not resume:
         for p in list(run_dir.glob(MEMBER_GLOB)) + [run_dir / LOG_FILE, run_dir / CONFIG_FILE,
-                                                     run_dir / STORE_FILE]:
+                                                     run_dir / STORE_FILE,
+                                                     run_dir / MANIFEST_FILE]:
             p.unlink(missing_ok=True)
         return
     members = sorted(run_dir.glob(MEMBER_GLOB))
+    if not members:
+        # Nothing trained yet: a header left by a killed fit (even a damaged one) is rewritten.
+        return
     hint = f"use a new run dir, or --overwrite to replace {run_dir}"
     if (run_dir / STORE_FILE).is_file():
         old = read_header(run_dir)
@@ -163,6 +256,9 @@ def prepare(run_dir: Path, cfg: Config, info: StoreInfo, resume: bool, shuffle: 
                     old_c.ram_budget_gb, shuffle)
     elif members:
         raise RunError(f"run dir {run_dir} holds member files but no {STORE_FILE}", hint)
+    if members and read_manifest(run_dir) is None:
+        # A run written before manifests: its members (checked below) are adopted as they are.
+        record_files(run_dir, [p.name for p in members])
     for p in members:
         meta = read_member(p).get("meta", {})
         if meta.get("shuffle_images") != shuffle:

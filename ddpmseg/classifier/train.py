@@ -7,7 +7,9 @@ alone, after others, after a resume, or on a dask worker.
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import os
 import random
 import sys
@@ -27,6 +29,8 @@ from ..progress import wanted
 from ..errors import ConfigError, RunError, StoreError
 from ..featcache import content
 from ..featcache.store import FeatureStore
+from ..fileio import no_space_error
+from ..locking import writer_lock
 from . import run as R
 from . import sampler as S
 from .model import EarlyStopping, PixelMLP, init_normal, make_trunk, simplex_etf
@@ -155,6 +159,8 @@ def train_member(k: int, source, index: S.PixelIndex, cfg: Config, dim: int,
                     if opt_etf is not None:
                         opt_etf.step()
                     ce_value = ce.item()
+                    if not math.isfinite(ce_value):
+                        raise _not_finite_loss(k, epoch, ce_value)
                     ce_sum += ce_value
                     loss_sum += loss.detach()
                     if etf_loss is not None:
@@ -176,6 +182,8 @@ def train_member(k: int, source, index: S.PixelIndex, cfg: Config, dim: int,
                         break
                 seconds = time.perf_counter() - t0
                 steps_total += steps
+                if not bool(torch.isfinite(loss_sum)):
+                    raise _not_finite_loss(k, epoch, float(loss_sum))
                 record = {"member": k, "epoch": epoch, "loss": loss_sum.item() / max(steps, 1),
                           "ce": ce_sum / max(steps, 1), "steps": steps, "pixels": pixels,
                           "pixels_per_s": pixels / max(seconds, 1e-9), "seconds": seconds,
@@ -199,6 +207,12 @@ def train_member(k: int, source, index: S.PixelIndex, cfg: Config, dim: int,
             "threads": torch.get_num_threads()}
     state = {key: v.detach().cpu().clone() for key, v in model.state_dict().items()}
     return state, meta
+
+
+def _not_finite_loss(k: int, epoch: int, value: float) -> RunError:
+    return RunError(f"member {k}, epoch {epoch}: the training loss is {value} (not finite); "
+                    "nothing of this member was saved",
+                    "check the store with `ddpmseg verify STORE`, or lower --lr")
 
 
 # -- fit ------------------------------------------------------------------------------------
@@ -246,10 +260,31 @@ def fit(store, run_dir, config: Config | None = None, *, device="auto", in_memor
         log.warning("RAM budget %.2f GB is below two images' maps (%.0f MB each): the pool holds "
                     "2 images anyway", c.ram_budget_gb, per_image / 2 ** 20)
 
+    with writer_lock(run_dir, "run dir"):
+        try:
+            return _fit_locked(store, run_dir, cfg, index, info, dev, device, in_memory,
+                               resume, shuffle, scheduler, progress)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise no_space_error(run_dir, _member_bytes(info), "the run dir",
+                                 "one member") from exc
+
+
+def _member_bytes(info) -> int:
+    dim, c = info.feature_dim, info.num_classes
+    widths = (128, 32) if c < 30 else (256, 128)
+    return 4 * 3 * (dim * widths[0] + widths[0] * widths[1] + widths[1] * c) + 2 ** 16
+
+
+def _fit_locked(store, run_dir, cfg, index, info, dev, device, in_memory, resume, shuffle,
+                scheduler, progress) -> Path:
+    c = cfg.classifier
     images = content.image_set(store)
     R.prepare(run_dir, cfg, info, resume, shuffle, images)
     R.write_header(run_dir, cfg, store.path, info, images)
-    todo = [k for k in range(c.ensemble) if not R.member_path(run_dir, k).is_file()]
+    trained = set(R.trained_members(run_dir, c.ensemble))
+    todo = [k for k in range(c.ensemble) if k not in trained]
 
     def logger(record: dict) -> None:
         R.append_log(run_dir, record)

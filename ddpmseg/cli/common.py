@@ -10,6 +10,7 @@ import click
 from tqdm import tqdm
 
 from ..config import Config, load_config
+from ..data import set_max_image_pixels
 from ..device import DEFAULT_THREADS, set_threads
 from ..errors import DdpmsegError
 
@@ -38,6 +39,17 @@ def threads_option(work: str | None = None):
         callback=apply,
         help=f"Torch CPU threads. [default: OMP_NUM_THREADS, else {default}]")
 
+
+def _apply_max_pixels(ctx, param, value):
+    set_max_image_pixels(value)
+    return value
+
+
+max_pixels_option = click.option(
+    "--max-image-pixels", type=click.IntRange(min=1), default=None, metavar="N",
+    expose_value=False, callback=_apply_max_pixels,
+    help="Refuse images with more pixels than N (a guard against decompression bombs). "
+         "[default: PIL's, 89478485]")
 
 config_option = click.option(
     "--config", "config_path", default=None, metavar="TOML|NAME|JSON",

@@ -8,8 +8,8 @@ from ..featcache import extract
 from ..featcache.spec import PRECISIONS, STORE_DTYPES
 from ..featcache.store import codec_name
 from .common import (bundled_default, config_option, device_option, ignore_label_option,
-                     num_classes_option, parse_blocks, parse_ints, preset_features,
-                     resolve_config, show_progress, threads_option)
+                     max_pixels_option, num_classes_option, parse_blocks, parse_ints,
+                     preset_features, resolve_config, show_progress, threads_option)
 
 
 @click.command("extract")
@@ -55,13 +55,17 @@ from .common import (bundled_default, config_option, device_option, ignore_label
                    "on) instead of refusing.")
 @click.option("--compact", is_flag=True,
               help="Rewrite the store without its inactive images (implies --prune).")
+@click.option("--repair", is_flag=True,
+              help="Read every chunk of the images already extracted and re-extract exactly "
+                   "the damaged ones (those `ddpmseg verify STORE` lists).")
+@max_pixels_option
 @click.option("--scheduler", default=None, metavar="local|local:N|tcp://HOST:PORT",
               help="Run as dask.distributed tasks: a local cluster of N worker processes, or "
                    "an existing scheduler whose workers see the same files.")
 @click.pass_context
 def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, num_classes,
             ignore_label, dtype, codec, device, batch_size, precision, seed, resize, overwrite,
-            prune, compact, scheduler):
+            prune, compact, repair, scheduler):
     """Extract diffusion features of every image in DATA_DIR into the store STORE.
 
     DATA_DIR holds images (png/jpg/webp/bmp/tif) with masks of the same stem (<id>.npy or <id>_mask.png)
@@ -82,6 +86,8 @@ def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, 
       ddpmseg extract stores/train.zarr --config experiments/ffhq_34/ddpm.json
       ddpmseg extract data/ffhq_34/real/train stores/ffhq34_train.zarr \\
           --config ffhq_34 --checkpoint checkpoints/ffhq.pt --prune   # after labelling more
+      ddpmseg extract data/ffhq_34/real/train stores/ffhq34_train.zarr \\
+          --config ffhq_34 --checkpoint checkpoints/ffhq.pt --repair
       ddpmseg extract my_images/ stores/sd.zarr --checkpoint models/stable-diffusion-v1-5 \\
           --steps 50,150,250 --blocks 1,2,3 --resize --config ffhq_34
     """
@@ -99,7 +105,7 @@ def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, 
     data_dir, store = _data_and_store(paths, cfg.data.train_dir)
     result = extract(data_dir, store, cfg, device=device, resize=resize, overwrite=overwrite,
                      scheduler=scheduler, progress=show_progress(ctx), prune=prune,
-                     compact=compact)
+                     compact=compact, repair=repair)
     info = result.info
     lossless = info.codec.get("keepbits") is None
     click.echo(f"{store}: {len(result)} images, {info.feature_dim} dims per pixel "

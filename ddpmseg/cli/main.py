@@ -17,7 +17,7 @@ from .common import configure_logging, global_options
 
 # Each command lives in its own module of this package, named like the command.
 COMMANDS = ("extract", "fit", "predict", "evaluate", "report", "demo", "check_checkpoint",
-            "train_backbone", "import_run", "export_run", "suggest", "sweep")
+            "train_backbone", "import_run", "export_run", "suggest", "sweep", "verify")
 
 
 class Group(click.Group):
@@ -81,6 +81,7 @@ def cli(debug: bool, quiet: bool, no_progress: bool) -> None:
     ddpmseg demo      all four on bundled face images and a small bundled backbone
     ddpmseg train-backbone  train an ADM diffusion model on your own unlabelled images
     ddpmseg import-run / export-run  move runs from / to ddpm-segmentation's format
+    ddpmseg verify    read every chunk of a store, or every member of a run: report damage
 
     -q, --debug and --no-progress may also follow the command's name.
     """

@@ -6,7 +6,7 @@ import click
 
 from ..predict import predict
 from ..voting import VOTES
-from .common import count, device_option, show_progress, threads_option
+from .common import count, device_option, max_pixels_option, show_progress, threads_option
 
 
 @click.command("predict")
@@ -25,6 +25,7 @@ from .common import count, device_option, show_progress, threads_option
 @click.option("--images", "images_dir", default=None, metavar="DIR",
               help="With a store as INPUT: folder of the original images, for the overlays "
                    "(drawn on grey without it).")
+@max_pixels_option
 @click.option("--resize", is_flag=True,
               help="Resize images of another size to the run's image size.")
 @click.option("--checkpoint", default=None, metavar="PATH",

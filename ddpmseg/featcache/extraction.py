@@ -12,8 +12,10 @@ the wrong size, a store made with another model) is reported before anything is 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import sys
 import time
 from collections import deque
@@ -34,9 +36,12 @@ from ..backbone.base import block_id
 from ..bundled import BUNDLED_CHECKPOINTS, resolve_checkpoint
 from ..config import Config
 from ..errors import BadInputError, ConfigError, StoreError, StoreMismatchError
+from ..fileio import no_space_error
+from ..locking import writer_lock
 from ..progress import wanted
 from ..scaleout import check_scheduler, connect
 from . import content
+from . import integrity as IG
 from .spec import PRECISIONS, STORE_DTYPES, FeatureSpec
 from .store import FeatureStore, StoreInfo, encode_image, parse_codec
 
@@ -72,7 +77,7 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
             backbone=None, device="auto", batch_size: int | None = None,
             precision: str | None = None, overwrite: bool = False, resize: bool = False,
             scheduler: str | None = None, progress: bool = True, prune: bool = False,
-            compact: bool = False) -> FeatureStore:
+            compact: bool = False, repair: bool = False) -> FeatureStore:
     """Extract the features of every image of ``data_dir`` into the store at ``store_path``.
 
     ``config``: steps, blocks, seed and dtype from ``config.features``; classes, ignore label
@@ -92,7 +97,10 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     ``overwrite``. A store follows its folder (``featcache.content``): new images are
     appended, a changed mask rewrites its labels, a changed image is re-extracted; images
     that left the folder are refused unless ``prune`` (kept, inactive) or ``compact``
-    (rewritten without them). ``scheduler``: None (this process), "local" / "local:N" (a dask
+    (rewritten without them). ``repair`` reads every chunk of every complete image first and
+    re-extracts exactly the damaged ones (``ddpmseg verify`` lists them). The store is locked
+    against a second writer for the whole run (``ddpmseg.locking``). ``scheduler``: None
+    (this process), "local" / "local:N" (a dask
     LocalCluster of N single-threaded worker processes) or "tcp://host:port" (a running dask
     scheduler whose workers see the same files). Returns the store, opened for reading.
     """
@@ -140,47 +148,73 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
         model={"checkpoint": recorded or (str(checkpoint) if checkpoint else "")},
         features={"precision": precision, "batch_size": batch_size})
 
-    # 3. Create the store, or reopen it and check that it was made the same way; then make it
-    # follow the folder (appended, relabelled, re-extracted, pruned images).
-    store = _open_or_create(str(store_path), info, overwrite, resolved.to_dict())
-    folder_hashes = content.sample_hashes(inputs.samples)
-    labels_by_name = {s.name: lab for s, lab in zip(inputs.samples, inputs.labels)}
-    content.apply(store, content.plan(store, folder_hashes, prune or compact), labels_by_name)
-    if compact:
-        store = content.compact(store)
+    # 3.-4. Under the store's writer lock: create the store, or reopen it and check that it
+    # was made the same way; make it follow the folder (appended, relabelled, re-extracted,
+    # pruned images); then extract what is left.
+    with writer_lock(store_path, "store"):
+        store = _open_or_create(str(store_path), info, overwrite, resolved.to_dict())
+        folder_hashes = content.sample_hashes(inputs.samples)
+        labels_by_name = {s.name: lab for s, lab in zip(inputs.samples, inputs.labels)}
+        content.apply(store, content.plan(store, folder_hashes, prune or compact),
+                      labels_by_name)
+        if compact:
+            store = content.compact(store)
+        info = store.info
+        paths_by_name = {s.name: str(s.image) for s in inputs.samples}
+        labels = content.labels_in_store_order(info.names, labels_by_name)
+        todo, done = _images_to_do(store, repair, paths_by_name)
+        job = _Job(str(store_path), tuple(paths_by_name.get(n, "") for n in info.names), spec,
+                   batch_size, bool(resize), torch.get_num_threads())
+        if todo:
+            start = time.perf_counter()
+            try:
+                with _progress_bar(len(done), len(done) - len(todo), progress) as bar:
+                    if scheduler:
+                        _run_distributed(scheduler, job, todo, labels, backbone,
+                                         checkpoint, device, bar.update)
+                    else:
+                        run_images(store, backbone, job, todo, labels,
+                                   on_done=lambda i: bar.update(1))
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                left = int((~store.complete()).sum())
+                raise no_space_error(store_path, left * _image_bytes(info), "the store",
+                                     f"{left} image(s)") from exc
+            log.info("extracted %d images in %.1fs into %s (%d dims per pixel, %s)", len(todo),
+                     time.perf_counter() - start, store_path, info.feature_dim, dtype)
+    return FeatureStore.open(store_path)
+
+
+def _images_to_do(store: FeatureStore, repair: bool,
+                  paths_by_name: dict) -> tuple[list[int], np.ndarray]:
+    """(indices to extract, complete flags): the incomplete images, those flagged complete
+    with a chunk missing, and with ``repair`` those whose chunks are damaged. Pruned images
+    are not in the folder: one left unfinished stays so (never trained on)."""
     info = store.info
-    paths_by_name = {s.name: str(s.image) for s in inputs.samples}
-    labels = content.labels_in_store_order(info.names, labels_by_name)
     done = store.complete()
     for i in np.flatnonzero(done):
-        missing = store.missing_chunks(int(i))
-        if missing:
-            log.warning("image %d (%s) was flagged complete but %s missing: redoing it",
-                        i, info.names[i], ", ".join(missing[:3]) +
-                        (" are" if len(missing) > 1 else " is"))
+        if repair:
+            problems = [f"{name}: {what}" for name, what in store.damage(int(i))]
+        else:
+            problems = [f"{name} is missing" for name in store.missing_chunks(int(i))]
+        if problems:
+            log.warning("image %d (%s) is damaged (%s): redoing it", i, info.names[i],
+                        "; ".join(problems[:2]) + ("; ..." if len(problems) > 2 else ""))
             store.mark_incomplete(int(i))
             done[i] = False
-    # Pruned images are not in the folder: one left unfinished stays so (never trained on).
     todo = [int(i) for i in np.flatnonzero(~done) if info.names[i] in paths_by_name]
     if len(todo) < len(done):
-        log.info("%s: %d of %d images already extracted, %d to go", store_path,
+        log.info("%s: %d of %d images already extracted, %d to go", store.path,
                  len(done) - len(todo), len(done), len(todo))
+    return todo, done
 
-    # 4. Extract what is left.
-    job = _Job(str(store_path), tuple(paths_by_name.get(n, "") for n in info.names), spec,
-               batch_size, bool(resize), torch.get_num_threads())
-    if todo:
-        start = time.perf_counter()
-        with _progress_bar(len(done), len(done) - len(todo), progress) as bar:
-            if scheduler:
-                _run_distributed(scheduler, job, todo, labels, backbone, checkpoint,
-                                 device, bar.update)
-            else:
-                run_images(store, backbone, job, todo, labels,
-                           on_done=lambda i: bar.update(1))
-        log.info("extracted %d images in %.1fs into %s (%d dims per pixel, %s)", len(todo),
-                 time.perf_counter() - start, store_path, info.feature_dim, dtype)
-    return FeatureStore.open(store_path)
+
+def _image_bytes(info: StoreInfo) -> int:
+    """Upper bound of one image's bytes in the store (uncompressed maps and labels)."""
+    width = 4 if info.dtype == "float32" else 2
+    maps = sum(c * h * w for c, h, w in info.shapes) * width
+    return maps + info.image_size[0] * info.image_size[1] + 64
 
 
 # -- checking inputs ----------------------------------------------------------------------------
@@ -212,6 +246,8 @@ def _image_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as im:
             im.load()
             return im.size[1], im.size[0]
+    except Image.DecompressionBombError as exc:
+        raise D.too_many_pixels(path) from exc
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise BadInputError(f"cannot read image {path} ({exc})",
                             "replace or remove the file") from exc
@@ -237,7 +273,8 @@ def _read_inputs(data_dir, size: tuple[int, int], resize: bool, dc) -> _Inputs:
         if s.mask is None:
             labels.append(None)
             continue
-        mask = D.load_mask(s.mask, hw)  # must match its own image
+        # The mask must match its own image (--resize resizes both to the model's size).
+        mask = D.load_mask(s.mask, hw, hint="make the mask the size of its image")
         D.check_labels(mask, dc.num_classes, dc.ignore_label, s.mask)
         if hw != size:
             # Nearest neighbour: labels stay labels.
@@ -272,10 +309,23 @@ def _open_or_create(path: str, info: StoreInfo, overwrite: bool, config: dict) -
                     raise
                 existing = True  # an older format of ours: replaced below
             except StoreError:
-                existing = None
-        if existing is None and any(p.iterdir()):
-            raise StoreError(f"{path} exists and is not a ddpmseg feature store",
-                             "choose another store path (nothing there was changed)")
+                if not IG.looks_like_store(p):
+                    existing = None
+                elif overwrite:
+                    existing = True  # a damaged store of ours: replaced below
+                else:
+                    raise
+        if existing is None and IG.only_temporary_files(p):
+            # A writer killed while writing the store's first file: nothing to keep.
+            log.info("%s holds only temporary files of an interrupted run: starting over", path)
+            shutil.rmtree(p)
+        elif existing is None and any(p.iterdir()):
+            if overwrite and IG.looks_like_store(p):
+                log.info("replacing the partial store %s", path)
+                shutil.rmtree(p)
+            else:
+                raise StoreError(f"{path} exists and is not a ddpmseg feature store",
+                                 "choose another store path (nothing there was changed)")
     elif not _is_local(path):
         try:
             existing = FeatureStore.open(path, mode="r+")
@@ -283,6 +333,8 @@ def _open_or_create(path: str, info: StoreInfo, overwrite: bool, config: dict) -
             existing = None
     if existing is not None and overwrite:
         log.info("replacing the store %s", path)
+        if _is_local(path):
+            shutil.rmtree(path)  # zarr's own overwrite would parse a damaged zarr.json
         return FeatureStore.create(path, info, overwrite=True, config=config)
     if existing is None:
         return FeatureStore.create(path, info, overwrite=_is_local(path), config=config)

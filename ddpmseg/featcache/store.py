@@ -30,6 +30,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from ..errors import ConfigError, FeatureOverflowError, StoreError, StoreMismatchError
+from . import integrity as IG
 from . import pixels
 from . import zarr_adapter as ZA
 from .spec import STORE_DTYPES
@@ -154,6 +155,52 @@ def label_dims(height: int, width: int) -> tuple[str, ...]:
 
 def array_name(t: int, b: int) -> str:
     return f"act_t{t}_b{b}"
+
+
+def store_attributes(info: StoreInfo, config: dict | None = None) -> dict:
+    """The group attributes of a store of ``info``, with their digest: whatever writes or
+    rewrites them (creation, a store that grows) writes this whole object."""
+    attrs = {"ddpmseg": info.to_json()}
+    if config is not None:
+        attrs["config"] = json.loads(json.dumps(config))
+    attrs[IG.DIGEST_KEY] = IG.attrs_digest(attrs)
+    return attrs
+
+
+def array_specs(info: StoreInfo) -> list[tuple[str, dict]]:
+    """(name, ``create_array`` arguments) of every array a store of ``info`` has, in creation
+    order ("complete" last: a store whose "complete" array exists has all its arrays). The
+    one definition of the arrays' metadata: creation uses it, and opening checks each
+    array's stored metadata against it (integrity.check_arrays)."""
+    n = info.num_images
+    codecs = _codecs(info.codec)
+    # Every chunk is written, even one equal to the fill value, so that "flagged complete
+    # but a chunk is missing" always means damage, never an all-zero map.
+    cfg = {"write_empty_chunks": True}
+    act_attrs = {"dtype": info.dtype}
+    if info.codec.get("keepbits") is not None:
+        act_attrs["keepbits"] = info.codec["keepbits"]   # lossy: mantissa bits kept
+    if info.dtype == "bfloat16":
+        act_attrs["encoding"] = BFLOAT16_ENCODING
+    # Format 1 named the dimensions alike for every size; format 2 names them by size.
+    old_dims = info.format_version == 1
+    out = []
+    for (t, b), (c, h, w) in zip(info.keys, info.shapes):
+        out.append((array_name(t, b), dict(
+            shape=(n, c, h, w), chunks=(1, c, h, w), dtype=_ZARR_DTYPES[info.dtype],
+            compressors=codecs, fill_value=0, config=cfg,
+            dimension_names=("image", "channel", "y", "x") if old_dims else map_dims(c, h, w),
+            attributes={**act_attrs, "step": t, "block": b})))
+    if info.has_labels:
+        height, width = info.image_size
+        out.append(("labels", dict(
+            shape=(n, height, width), chunks=(1, height, width), dtype=np.uint8,
+            compressors=codecs, fill_value=info.ignore_label, config=cfg,
+            dimension_names=("image", "y", "x") if old_dims else label_dims(height, width))))
+    out.append(("complete", dict(
+        shape=(n,), chunks=(1,), dtype=np.uint8, compressors=[Crc32cCodec()], fill_value=0,
+        config=cfg, dimension_names=("image",))))
+    return out
 
 
 def _codecs(codec: dict) -> list:
@@ -284,6 +331,28 @@ def decode_map(a: np.ndarray, dtype: str) -> np.ndarray:
     return np.asarray(a)
 
 
+REPAIR_HINT = ("the store is damaged; rerun the same `ddpmseg extract` command with --repair "
+               "to re-extract the damaged images")
+
+
+def _chunk_problem(name: str, r) -> str:
+    """What is wrong with one read chunk (``zarr_adapter.read_images`` result), or ''."""
+    if r is ZA.Missing:
+        return f"flagged complete but its chunk of {name} is missing"
+    if isinstance(r, BaseException):
+        if isinstance(r, (KeyboardInterrupt, SystemExit)):
+            raise r
+        return f"the chunk of {name} is corrupt ({type(r).__name__}: {r})"
+    return ""
+
+
+def _not_finite(name: str, m: np.ndarray) -> str:
+    if np.isfinite(m).all():
+        return ""
+    bad = int(m.size - np.count_nonzero(np.isfinite(m)))
+    return f"the chunk of {name} holds {bad} NaN or infinite value(s)"
+
+
 def _exists(path) -> bool:
     # A URL (s3://, memory://) cannot be checked here; let zarr's own error stand for it.
     return "://" in str(path) or Path(path).exists()
@@ -312,9 +381,7 @@ class FeatureStore:
         """Make the group, its attributes and every (empty) array; write no chunk."""
         if info.dtype not in STORE_DTYPES:
             raise StoreError(f"unknown store dtype {info.dtype!r}", f"use one of {STORE_DTYPES}")
-        attrs = {"ddpmseg": info.to_json()}
-        if config is not None:
-            attrs["config"] = json.loads(json.dumps(config))
+        attrs = store_attributes(info, config)
         try:
             group = zarr.create_group(store=str(path), overwrite=overwrite, zarr_format=3,
                                       attributes=attrs)
@@ -332,39 +399,12 @@ class FeatureStore:
         ``create`` makes them all; a writer killed while creating them leaves some out, and a
         resumed extraction makes the rest, exactly as ``create`` would have.
         """
-        info, group = self.info, self.group
-        existing = set(group.array_keys())
+        existing = set(self.group.array_keys())
         made = []
-        n = info.num_images
-        codecs = _codecs(info.codec)
-        # Every chunk is written, even one equal to the fill value, so that "flagged complete
-        # but a chunk is missing" always means damage, never an all-zero map.
-        cfg = {"write_empty_chunks": True}
-        act_attrs = {"dtype": info.dtype}
-        if info.codec.get("keepbits") is not None:
-            act_attrs["keepbits"] = info.codec["keepbits"]   # lossy: mantissa bits kept
-        if info.dtype == "bfloat16":
-            act_attrs["encoding"] = BFLOAT16_ENCODING
-        for (t, b), (c, h, w) in zip(info.keys, info.shapes):
-            if array_name(t, b) in existing:
-                continue
-            group.create_array(array_name(t, b), shape=(n, c, h, w), chunks=(1, c, h, w),
-                               dtype=_ZARR_DTYPES[info.dtype], compressors=codecs, fill_value=0,
-                               config=cfg, dimension_names=map_dims(c, h, w),
-                               attributes={**act_attrs, "step": t, "block": b})
-            made.append(array_name(t, b))
-        if info.has_labels and "labels" not in existing:
-            height, width = info.image_size
-            group.create_array("labels", shape=(n, height, width), chunks=(1, height, width),
-                               dtype=np.uint8, compressors=codecs, fill_value=info.ignore_label,
-                               config=cfg, dimension_names=label_dims(height, width))
-            made.append("labels")
-        # Last: a store whose "complete" array exists has all its arrays.
-        if "complete" not in existing:
-            group.create_array("complete", shape=(n,), chunks=(1,), dtype=np.uint8,
-                               compressors=[Crc32cCodec()], fill_value=0, config=cfg,
-                               dimension_names=("image",))
-            made.append("complete")
+        for name, kwargs in array_specs(self.info):
+            if name not in existing:
+                self.group.create_array(name, **kwargs)
+                made.append(name)
         return made
 
     def encode(self, i: int, maps: Sequence) -> list[np.ndarray]:
@@ -441,19 +481,41 @@ class FeatureStore:
     # -- reading --------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> "FeatureStore":
+        """Open a store, checking its attributes against their digest and every array's
+        metadata against the attributes (``integrity``): damage is a StoreError naming the
+        file, before any chunk is read."""
         try:
             group = zarr.open_group(str(path), mode=mode, zarr_format=3)
-            raw = group.attrs["ddpmseg"]
-            info = StoreInfo.from_json(raw)
-        except (FileNotFoundError, KeyError, ValueError, TypeError) as exc:
+            attrs = group.attrs.asdict()
+            raw = attrs["ddpmseg"]
+        except (FileNotFoundError, KeyError) as exc:
             what = "is not a ddpmseg feature store" if _exists(path) else "does not exist"
             raise StoreError(f"{path} {what}",
+                             "run `ddpmseg extract` to make one") from exc
+        except Exception as exc:  # noqa: BLE001 - unparsable group metadata is damage
+            if not _exists(path):
+                raise StoreError(f"{path} does not exist",
+                                 "run `ddpmseg extract` to make one") from exc
+            raise StoreError(f"{str(path).rstrip('/')}/zarr.json is unreadable "
+                             f"({type(exc).__name__}: {IG._first_line(exc)})",
+                             "the store is damaged; re-extract it with --overwrite") from exc
+        IG.check_attrs(attrs, str(path))
+        try:
+            info = StoreInfo.from_json(raw)
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise StoreError(f"{path} is not a ddpmseg feature store (its attributes do not "
+                             f"describe one: {type(exc).__name__}: {exc})",
                              "run `ddpmseg extract` to make one") from exc
         if info.format_version not in READABLE_VERSIONS:
             raise StoreMismatchError(f"{path} has store format {info.format_version}, this "
                                      f"ddpmseg reads {', '.join(map(str, READABLE_VERSIONS))}",
                                      "re-extract the store, or upgrade ddpmseg")
-        return cls(group, info, str(path))
+        store = cls(group, info, str(path))
+        arrays = IG.check_arrays(group, array_specs(info), str(path))
+        # write_empty_chunks is runtime configuration, not metadata (see _arr).
+        store._arrays = {k: a.with_config({"write_empty_chunks": True})
+                         for k, a in arrays.items()}
+        return store
 
     @property
     def config(self) -> dict:
@@ -492,16 +554,29 @@ class FeatureStore:
         return i % n
 
     def complete(self) -> np.ndarray:
-        """(N,) bool: which images are fully written (read fresh from the store)."""
+        """(N,) bool: which images are fully written (read fresh from the store). A flag
+        whose chunk is damaged counts as incomplete (that image is redone), never as an
+        error for the whole store."""
+        arr = self._arr("complete")
         try:
             # [:N]: a grow killed after resizing the arrays, before recording the new names,
             # leaves them longer than the attributes say; the attributes are the truth.
-            flags = self._arr("complete")[:self.info.num_images]
-        except Exception as exc:  # noqa: BLE001 - any decode failure is damage
-            raise StoreError(f"{self.path}: the complete flags are unreadable ({exc})",
-                             "the store is damaged; re-extract it with --overwrite") from exc
-        self._complete = np.asarray(flags).astype(bool)
+            flags = np.asarray(arr[:len(self)]).astype(bool)
+        except Exception:  # noqa: BLE001 - find the damaged flags one by one
+            flags = np.zeros(len(self), dtype=bool)
+            for i, r in enumerate(ZA.read_each(arr, len(self))):
+                if isinstance(r, (KeyboardInterrupt, SystemExit)):
+                    raise r
+                flags[i] = (not isinstance(r, BaseException) and r is not ZA.Missing
+                            and bool(r))
+        self._complete = flags
         return self._complete.copy()
+
+    def damaged_flags(self) -> list[int]:
+        """Images whose complete flag cannot be read (their chunk fails its checksum)."""
+        arr = self._arr("complete")
+        return [i for i, r in enumerate(ZA.read_each(arr, len(self)))
+                if isinstance(r, Exception)]
 
     def _require_complete(self, i: int) -> None:
         if self._complete is None:
@@ -530,19 +605,28 @@ class FeatureStore:
         self._require_complete(i)
         results = ZA.read_images([self._arr(n) for n in names], i)
         label = f"image {i} ({self.names[i]})"
-        hint = ("the store is damaged; re-extract it (`ddpmseg extract ... --overwrite`), or "
-                "rerun extract after FeatureStore.open(path, 'r+').mark_incomplete(i)")
         out = []
         for name, r in zip(names, results):
-            if r is ZA.Missing:
-                raise StoreError(f"{self.path}: {label} is flagged complete but its chunk of "
-                                 f"{name} is missing", hint)
-            if isinstance(r, BaseException):
-                if isinstance(r, (KeyboardInterrupt, SystemExit)):
-                    raise r
-                raise StoreError(f"{self.path}: {label}: the chunk of {name} is corrupt "
-                                 f"({type(r).__name__}: {r})", hint) from r
+            problem = _chunk_problem(name, r)
+            if problem:
+                raise StoreError(f"{self.path}: {label}: {problem}", REPAIR_HINT) from (
+                    r if isinstance(r, BaseException) else None)
             out.append(np.asarray(r))
+        return out
+
+    def damage(self, i: int) -> list[tuple[str, str]]:
+        """(array, what is wrong) for each chunk of image i that is missing, fails its
+        checksum or holds non-finite values; [] for a sound image. ``verify`` and
+        ``extract --repair`` call it for every complete image."""
+        i = self._index(i)
+        names = self._array_names()
+        out = []
+        for name, r in zip(names, ZA.read_images([self._arr(n) for n in names], i)):
+            problem = _chunk_problem(name, r)
+            if not problem and name != "labels":
+                problem = _not_finite(name, decode_map(r, self.info.dtype))
+            if problem:
+                out.append((name, problem))
         return out
 
     def labels(self, i: int) -> np.ndarray:
@@ -555,14 +639,25 @@ class FeatureStore:
     def maps(self, i: int) -> list[np.ndarray]:
         """Image i's native maps (C, h, w) in feature order: float16 or float32 as stored
         (bfloat16 stores are widened to float32)."""
-        raw = self._read(i, [array_name(t, b) for t, b in self.info.keys])
-        return [decode_map(a, self.info.dtype) for a in raw]
+        names = [array_name(t, b) for t, b in self.info.keys]
+        maps = [decode_map(a, self.info.dtype) for a in self._read(i, names)]
+        # Checked once per image as it is loaded: a NaN never reaches training or a mask.
+        for name, m in zip(names, maps):
+            problem = _not_finite(name, m)
+            if problem:
+                raise StoreError(f"{self.path}: image {i} ({self.names[i]}): {problem}",
+                                 REPAIR_HINT)
+        return maps
 
     def map(self, i: int, t: int, b) -> np.ndarray:
         """Image i's native map of step t, block b alone (reads only that array's chunk)."""
         if (t, b) not in self.info.keys:
             raise KeyError(f"the store has no activation for step {t}, block {b}")
-        return decode_map(self._read(i, [array_name(t, b)])[0], self.info.dtype)
+        m = decode_map(self._read(i, [array_name(t, b)])[0], self.info.dtype)
+        problem = _not_finite(array_name(t, b), m)
+        if problem:
+            raise StoreError(f"{self.path}: image {i} ({self.names[i]}): {problem}", REPAIR_HINT)
+        return m
 
     def pixel_features(self, i: int, ys, xs) -> torch.Tensor:
         return pixels.pixel_features(self.maps(i), self.info.image_size, ys, xs)

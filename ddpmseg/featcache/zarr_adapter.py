@@ -77,3 +77,17 @@ def remove_partial_files(root: str | Path) -> int:
             p.unlink(missing_ok=True)
             count += 1
     return count
+
+
+def read_each(arr: zarr.Array, n: int) -> list:
+    """``arr[i]`` for i < n, one chunk at a time, concurrently: a value, ``Missing``, or the
+    exception its decoding raised (so one damaged chunk does not hide the others)."""
+    async def one(i):
+        if not await _chunk_path(arr, i).exists():
+            return Missing
+        return await arr.async_array.getitem(i)
+
+    async def read_all():
+        return await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
+
+    return sync(read_all())

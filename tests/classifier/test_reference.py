@@ -12,6 +12,7 @@ from click.testing import CliRunner
 import ddpmseg
 from ddpmseg.classifier import PixelMLP, load_ensemble
 from ddpmseg.classifier.reference import export_run, import_run, read_reference_member
+from ddpmseg.classifier.run import record_files
 from ddpmseg.cli.main import cli
 from ddpmseg.config import load_config
 from ddpmseg.errors import ConfigError, RunError
@@ -239,6 +240,7 @@ def test_export_of_an_etf_run_says_the_head_is_dropped(ref, imported, tmp_path):
     cfg = json.loads((run / "config.json").read_text())
     cfg["classifier"]["etf"] = "shared"
     (run / "config.json").write_text(json.dumps(cfg))
+    record_files(run, ["config.json"])  # an edit the run's manifest knows of
     result = CliRunner().invoke(cli, ["export-run", str(run), str(tmp_path / "out"),
                                       "--format", "reference"])
     assert result.exit_code == 0, result.output

@@ -8,7 +8,7 @@ from ddpmseg.bundled import resolve_checkpoint
 from ddpmseg.cli.main import cli
 
 COMMANDS = ["extract", "fit", "predict", "evaluate", "report", "demo", "check-checkpoint",
-            "train-backbone", "import-run", "export-run", "suggest", "sweep"]
+            "train-backbone", "import-run", "export-run", "suggest", "sweep", "verify"]
 
 
 def test_version():

@@ -241,7 +241,14 @@ def test_format_1_store_still_reads(trained, tmp_path):
     shutil.copytree(trained / "s.zarr", old)
     meta = json.loads((old / "zarr.json").read_text())
     meta["attributes"]["ddpmseg"]["format_version"] = 1
+    meta["attributes"].pop("ddpmseg_digest")  # format 1 was written before the digest
     (old / "zarr.json").write_text(json.dumps(meta))
+    # and named every array's dimensions alike, whatever their sizes
+    format_1_dims = {4: ["image", "channel", "y", "x"], 3: ["image", "y", "x"], 1: ["image"]}
+    for path in old.glob("*/zarr.json"):
+        arr = json.loads(path.read_text())
+        arr["dimension_names"] = format_1_dims[len(arr["dimension_names"])]
+        path.write_text(json.dumps(arr))
     store = FeatureStore.open(old)
     assert store.info.format_version == 1
     np.testing.assert_array_equal(store.labels(0), FeatureStore.open(trained / "s.zarr").labels(0))

@@ -11,6 +11,7 @@ import torch
 from ddpmseg.errors import FeatureOverflowError, StoreError, StoreMismatchError
 from ddpmseg.featcache import FeatureStore, StoreInfo
 from ddpmseg.backbone.ident import BackboneId
+from ddpmseg.featcache.integrity import attrs_digest
 from ddpmseg.featcache.spec import FeatureSpec
 from ddpmseg.featcache.store import DEFAULT_CODEC, array_name, decode_map, encode_map
 
@@ -300,6 +301,8 @@ def test_newer_format_is_refused(tmp_path):
     filled_store(path, n=1)
     meta = json.loads((path / "zarr.json").read_text())
     meta["attributes"]["ddpmseg"]["format_version"] = 99
+    # as a newer ddpmseg would write it: with the digest of its attributes
+    meta["attributes"]["ddpmseg_digest"] = attrs_digest(meta["attributes"])
     (path / "zarr.json").write_text(json.dumps(meta))
     with pytest.raises(StoreMismatchError, match="format 99"):
         FeatureStore.open(path)

@@ -1,0 +1,73 @@
+"""One writer at a time per store or run directory.
+
+A writer (``extract`` into a store, ``fit`` into a run dir) holds an exclusive lock for its whole
+life; a second writer fails at once with a one-line error naming the holder's pid. The lock is
+an OS file lock (``filelock``: ``flock`` on Linux), so the kernel drops it when its process
+dies: a stale lock file left by a killed writer never blocks the rerun. The lock file is a
+hidden sibling of the locked folder, ``.<name>.lock``, not a file inside it: replacing a store
+(``--overwrite``) deletes the folder, and a lock inside it would be deleted with it while held.
+dask workers write under their client's lock (each writes only its own images' chunks) and
+take none themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from .errors import OutputError
+
+
+class LockedError(OutputError):
+    """Another process is writing the same store or run directory."""
+
+
+def lock_path(target: str | Path) -> Path:
+    target = Path(target).expanduser().absolute()
+    return target.parent / f".{target.name}.lock"
+
+
+def holder_pid(target: str | Path) -> int | None:
+    """The pid the current (or last) holder wrote into the lock file, or None."""
+    try:
+        return int(lock_path(target).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@contextlib.contextmanager
+def writer_lock(target: str | Path, what: str = "store") -> Iterator[None]:
+    """Hold the exclusive writer lock of ``target`` (a local path; URLs are not locked)."""
+    if "://" in str(target):
+        yield
+        return
+    path = lock_path(target)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {path.parent} ({exc.strerror})",
+                          "check the path and its permissions") from exc
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        pid = holder_pid(target)
+        who = f"process {pid}" if pid else "another process"
+        raise LockedError(f"{what} {target} is being written by {who} (lock {path})",
+                          "wait for it to finish, or stop it; a killed writer's lock is "
+                          "released by the system") from None
+    try:
+        # Tell a refused second writer who holds the lock (the lock is the flock, not this).
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
+        yield
+    finally:
+        lock.release()

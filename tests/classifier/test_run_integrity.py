@@ -1,0 +1,107 @@
+"""Issue 17 on the run side: one writer per run dir, member and header checksums, non-finite
+loss, leftovers of a killed fit."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ddpmseg.classifier import fit, load_ensemble
+from ddpmseg.classifier import run as R
+from ddpmseg.classifier import train as T
+from ddpmseg.cli.main import cli
+from ddpmseg.errors import RunError
+from ddpmseg.locking import LockedError, writer_lock
+from ddpmseg.verify import verify_run
+
+
+def _states(run):
+    return [{k: v.clone() for k, v in m.state_dict().items()}
+            for m in load_ensemble(run, "cpu").members]
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def trained(store_path, small_config, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "run"
+    fit(store_path, run, small_config(ensemble=2, max_epochs=1), device="cpu", progress=False)
+    return run, _states(run)
+
+
+def test_a_flipped_member_is_refused_and_retrained_identically(trained, store_path,
+                                                              small_config, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    member = R.member_path(run, 1)
+    raw = bytearray(member.read_bytes())
+    raw[len(raw) - 300] ^= 0x40  # one flipped bit near the end of the file
+    member.write_bytes(bytes(raw))
+    with pytest.raises(RunError, match=r"member_01\.pt does not match its checksum in "
+                                       r"manifest\.json"):
+        load_ensemble(run, "cpu")
+    [damage] = verify_run(run)
+    assert damage.what == "member_01.pt"
+    out = CliRunner().invoke(cli, ["predict", str(run), str(store_path), str(tmp_path / "p")])
+    assert out.exit_code == 1 and out.stderr.count("\n") == 1
+    assert out.stderr.startswith("error: ") and "member_01.pt" in out.stderr
+    member.unlink()
+    fit(store_path, run, small_config(ensemble=2, max_epochs=1), device="cpu", progress=False)
+    assert _same(_states(run), trained[1])
+    assert verify_run(run) == []
+
+
+def test_a_changed_header_is_refused(trained, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    text = (run / "store.json").read_text().replace('"c1"', '"cX"')
+    (run / "store.json").write_text(text)
+    with pytest.raises(RunError, match=r"store\.json does not match its checksum"):
+        load_ensemble(run, "cpu")
+
+
+def test_a_second_fit_into_the_same_run_dir_is_refused(store_path, small_config, tmp_path):
+    run = tmp_path / "run"
+    with writer_lock(run, "run dir"):
+        with pytest.raises(LockedError, match=rf"run dir .*run is being written by process "
+                                              rf"{os.getpid()}"):
+            fit(store_path, run, small_config(ensemble=1, max_epochs=1), device="cpu",
+                progress=False)
+    assert not run.exists()  # refused before anything was written
+
+
+def test_leftovers_of_a_killed_fit_are_cleaned_and_retrained(trained, store_path, small_config,
+                                                            tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    # Killed while saving member 1: its temporary file; or between saving it and recording
+    # it in the manifest: a member file the manifest does not list.
+    (run / ".member_01.pt.4242.tmp").write_bytes(b"half")
+    R.record_files(run, [], forget=["member_01.pt"])
+    R.member_path(run, 1).write_bytes(R.member_path(run, 0).read_bytes())
+    fit(store_path, run, small_config(ensemble=2, max_epochs=1), device="cpu", progress=False)
+    assert not list(run.glob(".*.tmp"))
+    assert _same(_states(run), trained[1])
+
+
+def test_a_non_finite_loss_stops_fit_naming_member_and_epoch(store_path, small_config,
+                                                             tmp_path, monkeypatch):
+    real = T.F.cross_entropy
+
+    def nan_loss(*a, **kw):
+        return real(*a, **kw) * float("nan")
+    monkeypatch.setattr(T.F, "cross_entropy", nan_loss)
+    run = tmp_path / "run"
+    with pytest.raises(RunError, match=r"member 0, epoch 0: the training loss is nan"):
+        fit(store_path, run, small_config(ensemble=1, max_epochs=2), device="cpu",
+            progress=False)
+    assert not list(run.glob("member_*.pt"))
