@@ -17,7 +17,6 @@ from __future__ import annotations
 import html
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from . import render
 from .data import find_image, load_image, read_mask
 from .errors import BadInputError, InputNotFoundError, OutputError
 from .evaluate import confusion_axis, evaluate, list_predictions
+from .fileio import atomic_write
 from .suggest import read_suggestions
 
 log = logging.getLogger("ddpmseg")
@@ -194,9 +194,7 @@ def _write(pred_dir: Path, meta: dict, predictions: dict, gt_dir: Path | None,
 
     page = _page(pred_dir, meta, metrics, rows, palette, cards, label_next, limits)
     index = out_dir / "index.html"
-    tmp = out_dir / ".index.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, index)
+    atomic_write(index, lambda p: p.write_text(page, encoding="utf-8"))
     log.info("report of %d image(s) in %s", len(cards), index)
     return index
 

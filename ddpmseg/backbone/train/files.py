@@ -11,27 +11,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from PIL import Image
 
 from ...errors import RunError
+from ...fileio import atomic_write, write_json
 
 STATE_VERSION = 1
 WEIGHT_FILES = ("model.pt", "ema.pt")
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def roll_forward(out: Path, step: int) -> None:
@@ -56,9 +45,9 @@ def write_checkpoint(out: Path, step: int, model: torch.nn.Module, ema_model: to
     out.mkdir(parents=True, exist_ok=True)
     torch.save(_cpu_state(model.state_dict()), out / f".model.pt.step{step}")
     torch.save(_cpu_state(ema_model.state_dict()), out / f".ema.pt.step{step}")
-    _atomic_write(out / "flags.json",
-                  (json.dumps({"model_flags": flags_dict}, indent=2) + "\n").encode())
-    _atomic_torch_save({"version": STATE_VERSION, "step": step, **state}, out / "state.pt")
+    write_json(out / "flags.json", {"model_flags": flags_dict})
+    record = {"version": STATE_VERSION, "step": step, **state}
+    atomic_write(out / "state.pt", lambda p: torch.save(record, p))
     roll_forward(out, step)
 
 
@@ -83,9 +72,7 @@ def read_weights(out: Path) -> tuple[dict, dict]:
 
 def write_samples(out: Path, grid) -> None:
     """samples.png from a uint8 (H, W, 3) grid, atomically."""
-    buf = out / ".samples.png.tmp"
-    Image.fromarray(grid).save(buf, format="PNG")
-    os.replace(buf, out / "samples.png")
+    atomic_write(out / "samples.png", lambda p: Image.fromarray(grid).save(p, format="PNG"))
 
 
 def trim_log(path: Path, step: int) -> None:
@@ -99,4 +86,5 @@ def trim_log(path: Path, step: int) -> None:
                 keep.append(line)
         except (ValueError, KeyError, TypeError):
             continue
-    _atomic_write(path, ("\n".join(keep) + "\n" if keep else "").encode())
+    text = "\n".join(keep) + "\n" if keep else ""
+    atomic_write(path, lambda p: p.write_text(text))
