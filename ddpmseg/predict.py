@@ -52,9 +52,9 @@ __all__ = ["predict", "predict_maps", "ImagePrediction", "load_run", "check_comp
 SUMMARY_IMAGES = 8
 # Overlays of small images are enlarged so their legend can be read.
 OVERLAY_MIN_SIDE = 256
-# Features made with another seed, dtype or compute precision are close to the run's, not
-# equal: prediction goes ahead with a warning. Every other difference is refused.
-TOLERATED = ("seed", "dtype", "precision")
+# Features made with another seed, dtype, compute precision or lossy rounding are close to the
+# run's, not equal: prediction goes ahead with a warning. Every other difference is refused.
+TOLERATED = ("seed", "dtype", "precision", "keepbits")
 
 
 
@@ -116,8 +116,8 @@ def load_run(run, device: torch.device) -> Ensemble:
 def check_compatible(run_spec: FeatureSpec, store_spec: FeatureSpec,
                      store_path: str = "store") -> None:
     """The store must hold the features the run was trained on (same model, steps, blocks,
-    shapes, image size); else StoreMismatchError saying what differs. A seed, dtype or
-    precision of its own is only a warning."""
+    shapes, image size); else StoreMismatchError saying what differs. A seed, dtype,
+    precision or rounding (lossy codec) of its own is only a warning, one line per field."""
     diffs = run_spec.differences(store_spec, "in the run", "in the store", ignore=TOLERATED)
     if diffs:
         raise StoreMismatchError(
@@ -206,7 +206,6 @@ class _ImageSource:
                  checkpoint: str | None, resize: bool):
         self.samples = list_samples(path)
         self.spec = model.info.spec
-        self.keepbits = model.info.codec.get("keepbits")  # as the run's store rounded them
         self.size = self.spec.image_size
         self.resize = resize
         self.device = device
@@ -235,9 +234,9 @@ class _ImageSource:
             image = load_image(sample.image, self.size, self.resize)
             x0 = image_tensor(image)[None].to(self.device)
             with torch.no_grad():
-                # The path `extract` takes: the maps equal those a store of the images holds.
-                (encoded,) = encoded_maps(self.backbone, x0, self.spec, [sample.name],
-                                          self.keepbits)
+                # The path `extract` takes: the maps equal those a store of the images holds,
+                # rounded as the run's training store (the run's spec) rounded them.
+                (encoded,) = encoded_maps(self.backbone, x0, self.spec, [sample.name])
             yield _Item(sample.name, image, [decode_map(m, self.spec.dtype) for m in encoded])
 
 

@@ -4,6 +4,7 @@ prediction from an image folder against prediction from a store of the same imag
 import dataclasses
 import importlib
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -17,12 +18,13 @@ from ddpmseg.backbone import Backbone, BackboneId
 from ddpmseg.bundled import DEMO_DATA, resolve_checkpoint
 from ddpmseg.classifier import Ensemble
 from ddpmseg.config import Config, ModelConfig
+from ddpmseg.data import image_tensor
 from ddpmseg.errors import (BadInputError, ConfigError, FeatureOverflowError,
                             StoreMismatchError)
 from ddpmseg.featcache import extract, pixels
 from ddpmseg.featcache.pixels import TileFeatures
 from ddpmseg.featcache.spec import FeatureSpec
-from ddpmseg.featcache.store import FeatureStore, StoreInfo
+from ddpmseg.featcache.store import FeatureStore, StoreInfo, parse_codec, round_mantissa
 from ddpmseg.predict import check_compatible, predict, predict_maps
 from ddpmseg.voting import vote as vote_fn
 
@@ -240,6 +242,51 @@ def test_image_folder_path_with_a_substitute_backbone(tmp_path, monkeypatch):
     monkeypatch.setattr(FakeBackbone, "sha256", "zzz")
     with pytest.raises(StoreMismatchError, match="sha256"):
         predict(model, folder, tmp_path / "out2", resize=True, device="cpu", progress=False)
+
+
+def test_store_with_other_rounding_predicts_with_one_line_naming_both(tmp_path, caplog):
+    """A run trained on a bitround3 store, predicting from a lossless store: close features,
+    not equal ones, so it goes ahead and says so on stderr in one line."""
+    model = Ensemble(make_members(), make_info(codec=parse_codec("bitround3", "float32")),
+                     Config())
+    make_store(tmp_path / "s.zarr")
+    with caplog.at_level(logging.WARNING, logger="ddpmseg"):
+        res = predict(model, tmp_path / "s.zarr", tmp_path / "out", device="cpu",
+                      progress=False)
+    notes = [r.getMessage() for r in caplog.records if "rounding" in r.getMessage()]
+    assert notes == [f"note: {tmp_path / 's.zarr'} has other features than the run was "
+                     "trained on: rounding (bitround3 in the run, lossless in the store)"]
+    assert res["names"] == ["img0", "img1"]
+    caplog.clear()
+    same = Ensemble(make_members(), make_info(), Config())
+    predict(same, tmp_path / "s.zarr", tmp_path / "out2", device="cpu", progress=False)
+    assert not [r for r in caplog.records if "rounding" in r.getMessage()]
+
+
+def test_image_folder_rounds_features_as_the_runs_store(tmp_path, monkeypatch):
+    """Features extracted on the fly for a run trained on a bitround3 store are rounded to 3
+    mantissa bits, exactly as `extract --codec bitround3` stores them."""
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"weights")
+    monkeypatch.setattr(predict_module, "load_backbone", lambda *a: FakeBackbone())
+    seen = []
+    real = predict_module.predict_maps
+    monkeypatch.setattr(predict_module, "predict_maps",
+                        lambda members, maps, *a, **k: seen.append(maps) or real(members, maps,
+                                                                                   *a, **k))
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    image = np.random.default_rng(0).integers(0, 256, (*SIZE, 3)).astype(np.uint8)
+    Image.fromarray(image).save(folder / "p.png")
+    raw = FakeBackbone().activations(image_tensor(image)[None], STEPS, BLOCKS)
+    raw = [raw[key][0].float() for key in [(t, b) for t in STEPS for b in BLOCKS]]
+    for codec in ("bitround3", "lossless"):
+        info = make_info(codec=parse_codec(codec, "float32"))
+        model = Ensemble(make_members(), info, Config(model=ModelConfig(checkpoint=str(ckpt))))
+        predict(model, folder, tmp_path / codec, device="cpu", progress=False)
+        want = [round_mantissa(m, 3) if codec != "lossless" else m for m in raw]
+        assert all(np.array_equal(g, w.numpy()) for g, w in zip(seen[-1], want))
+    assert not all(np.array_equal(a, b) for a, b in zip(*seen))  # the rounding is not a no-op
 
 
 def test_image_folder_float16_overflow_raises_as_extract_does(tmp_path, monkeypatch):

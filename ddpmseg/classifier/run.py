@@ -45,7 +45,8 @@ MEMBER_FORMAT = 1
 # (ensemble may grow or shrink; ram_budget_gb only matters through the shuffle size.)
 TRAINING_KEYS = ("lr", "batch_size", "max_epochs", "min_epochs", "patience", "etf",
                  "etf_weight", "seed")
-# Store differences that do not change a single feature or label a member sees.
+# Store differences that do not change a single feature or label a member sees. (A lossy
+# codec's rounding does: it is the spec's keepbits, compared with the rest of the spec.)
 _IRRELEVANT = ("codec", "format_version")
 
 

@@ -362,13 +362,13 @@ def image_maps(backbone, x0: torch.Tensor, spec: FeatureSpec) -> list[list[torch
     return [[acts[key][j] for key in spec.keys] for j in range(x0.shape[0])]
 
 
-def encoded_maps(backbone, x0: torch.Tensor, spec: FeatureSpec, names: Sequence[str],
-                 keepbits: int | None = None) -> list[list[np.ndarray]]:
+def encoded_maps(backbone, x0: torch.Tensor, spec: FeatureSpec,
+                 names: Sequence[str]) -> list[list[np.ndarray]]:
     """An image batch -> per image, its maps exactly as a store of ``spec`` holds them (cast
-    to the store dtype, shapes and float16 overflow checked: ``FeatureOverflowError`` names
-    the image; ``keepbits``: a lossy store's rounding). ``extract`` runs these two steps with the encoding in writer threads;
-    prediction from a folder of images runs them here."""
-    return [encode_image(maps, spec, f"image {name}", keepbits)
+    to the store dtype and rounded to ``spec.keepbits``, shapes and float16 overflow checked:
+    ``FeatureOverflowError`` names the image). ``extract`` runs these two steps with the
+    encoding in writer threads; prediction from a folder of images runs them here."""
+    return [encode_image(maps, spec, f"image {name}")
             for maps, name in zip(image_maps(backbone, x0, spec), names)]
 
 

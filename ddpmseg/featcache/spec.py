@@ -2,7 +2,7 @@
 
 Two sets of features are interchangeable exactly when their specs are equal: the same model
 (``BackboneId``: checkpoint sha256 and flags), noise steps, decoder blocks, native map shapes,
-image size, noise seed, stored dtype and compute precision. A store records the spec it was
+image size, noise seed, stored dtype, compute precision and lossy rounding. A store records the spec it was
 written with (inside ``StoreInfo``), a run records the spec it was trained on, and every check
 (extract resuming a store, fit resuming a run, predict reading a store or a folder of images)
 compares two specs with ``FeatureSpec.differences``, the one place that says what differs.
@@ -32,6 +32,9 @@ class FeatureSpec:
     seed: int = 0                             # the shared noise's seed
     dtype: str = "float16"                    # as stored: one of STORE_DTYPES
     precision: str = "fp32"                   # the model's compute precision: one of PRECISIONS
+    # Mantissa bits a lossy store keeps (``--codec bitroundK``); None: lossless. Stores and
+    # runs written before it was part of the contract have none, and read as lossless.
+    keepbits: int | None = None
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -40,6 +43,8 @@ class FeatureSpec:
         set_(self, "shapes", tuple(tuple(int(v) for v in s) for s in self.shapes))
         set_(self, "image_size", tuple(int(v) for v in self.image_size))
         set_(self, "seed", int(self.seed))
+        if self.keepbits is not None:
+            set_(self, "keepbits", int(self.keepbits))
         if isinstance(self.backbone, Mapping):
             set_(self, "backbone", BackboneId.from_json(self.backbone))
 
@@ -57,7 +62,7 @@ class FeatureSpec:
         return {"steps": list(self.steps), "blocks": list(self.blocks),
                 "shapes": [list(s) for s in self.shapes], "image_size": list(self.image_size),
                 "dtype": self.dtype, "seed": self.seed, "fingerprint": self.backbone.to_json(),
-                "precision": self.precision}
+                "precision": self.precision, "keepbits": self.keepbits}
 
     @classmethod
     def from_json(cls, raw: Mapping) -> "FeatureSpec":
@@ -65,7 +70,7 @@ class FeatureSpec:
                    image_size=raw["image_size"],
                    backbone=BackboneId.from_json(raw.get("fingerprint")),
                    seed=raw.get("seed", 0), dtype=raw.get("dtype", "float16"),
-                   precision=raw.get("precision", "fp32"))
+                   precision=raw.get("precision", "fp32"), keepbits=raw.get("keepbits"))
 
     # -- comparing ---------------------------------------------------------------------------
     def differences(self, other: "FeatureSpec", here: str = "here", there: str = "there",
@@ -85,12 +90,19 @@ class FeatureSpec:
                 out.extend(a.differences(b, here, there))
             elif name == "shapes":
                 continue  # follows from the model and blocks, said below only if alone
+            elif name == "keepbits":
+                out.append(f"rounding ({rounding_name(a)} {here}, {rounding_name(b)} {there})")
             else:
                 out.append(f"{name} ({short(a)} {here}, {short(b)} {there})")
         if not out and "shapes" in names and self.shapes != other.shapes:
             out.append(f"native shapes ({short(self.shapes)} {here}, {short(other.shapes)} "
                        f"{there})")
         return out
+
+
+def rounding_name(keepbits: int | None) -> str:
+    """The ``--codec`` name of a rounding: "lossless" or "bitroundK"."""
+    return "lossless" if keepbits is None else f"bitround{keepbits}"
 
 
 def short(value, limit: int = 60) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import dask.array as da
@@ -34,7 +34,7 @@ from . import integrity as IG
 from . import pixels
 from . import zarr_adapter as ZA
 from .spec import STORE_DTYPES
-from .spec import FeatureSpec, short
+from .spec import FeatureSpec, rounding_name, short
 
 # 2: dimension names carry their size (channel_1024, y_32, x_32), so xarray opens the store as
 # one Dataset; 1 named every activation's axes channel/y/x. Both read alike.
@@ -92,6 +92,14 @@ class StoreInfo:
     keys = property(lambda self: self.spec.keys)
     feature_dim = property(lambda self: self.spec.feature_dim)
 
+    def __post_init__(self):
+        # The codec's keepbits (as stores have always recorded it) is the features' rounding:
+        # the codec sets it, and the spec carries it, so that every contract check
+        # (FeatureSpec.differences) sees it. A codec without keepbits is lossless.
+        keepbits = self.codec.get("keepbits")
+        if self.spec.keepbits != keepbits:
+            object.__setattr__(self, "spec", replace(self.spec, keepbits=keepbits))
+
     @property
     def fingerprint(self) -> dict:
         return self.spec.backbone.to_json()
@@ -138,6 +146,8 @@ class StoreInfo:
         for key in ("num_classes", "ignore_label", "class_names", "has_labels", "codec",
                     "format_version", "min_class_pixels"):
             a, b = getattr(self, key), getattr(other, key)
+            if key == "codec":  # its keepbits is the spec's rounding, compared above
+                a, b = ({k: v for k, v in c.items() if k != "keepbits"} for c in (a, b))
             if key not in ignore and a != b:
                 out.append(f"{key} ({short(a)} {here}, {short(b)} {there})")
         return out
@@ -242,7 +252,7 @@ def parse_codec(name: str | None, dtype: str = "float16") -> dict:
 
 def codec_name(codec: dict) -> str:
     """The ``--codec`` name of a ``StoreInfo.codec`` setting (inverse of ``parse_codec``)."""
-    return f"bitround{codec['keepbits']}" if codec.get("keepbits") is not None else "lossless"
+    return rounding_name(codec.get("keepbits"))
 
 
 def round_mantissa(t: torch.Tensor, keepbits: int) -> torch.Tensor:
@@ -307,11 +317,10 @@ def _raise_not_finite(t: torch.Tensor, what: str, dtype: str):
         "extract with --dtype bfloat16 (same range as float32, half the bytes) or --dtype float32")
 
 
-def encode_image(maps: Sequence, spec: FeatureSpec, image: str,
-                 keepbits: int | None = None) -> list[np.ndarray]:
-    """One image's maps (feature order) as a store of ``spec`` holds them; ``image`` names it
-    in errors (a wrong count or shape is a StoreError, an overflow a FeatureOverflowError).
-    ``keepbits``: the lossy codec's mantissa rounding (``StoreInfo.codec``), if any."""
+def encode_image(maps: Sequence, spec: FeatureSpec, image: str) -> list[np.ndarray]:
+    """One image's maps (feature order) as a store of ``spec`` holds them, rounded as the spec
+    says (``spec.keepbits``); ``image`` names it in errors (a wrong count or shape is a
+    StoreError, an overflow a FeatureOverflowError)."""
     if len(maps) != len(spec.keys):
         raise StoreError(f"{image}: {len(maps)} maps given, the features have "
                          f"{len(spec.keys)} (steps x blocks)")
@@ -320,7 +329,8 @@ def encode_image(maps: Sequence, spec: FeatureSpec, image: str,
         if tuple(m.shape) != tuple(shape):
             raise StoreError(f"{image}: map t={t} b={b} has shape {tuple(m.shape)}, the "
                              f"features have {tuple(shape)}")
-        out.append(encode_map(m, spec.dtype, f"{image} activation t={t} block={b}", keepbits))
+        out.append(encode_map(m, spec.dtype, f"{image} activation t={t} block={b}",
+                              spec.keepbits))
     return out
 
 
@@ -409,8 +419,7 @@ class FeatureStore:
 
     def encode(self, i: int, maps: Sequence) -> list[np.ndarray]:
         """Image i's maps cast to the store dtype (raises FeatureOverflowError naming it)."""
-        return encode_image(maps, self.info.spec, f"image {i} ({self.info.names[i]})",
-                            self.info.codec.get("keepbits"))
+        return encode_image(maps, self.info.spec, f"image {i} ({self.info.names[i]})")
 
     def write_image(self, i: int, maps: Sequence, labels: np.ndarray | None = None, *,
                     encoded: bool = False) -> None:

@@ -7,12 +7,13 @@ import pytest
 
 from ddpmseg.config import ClassifierConfig, Config
 from ddpmseg.featcache.spec import FeatureSpec
-from ddpmseg.featcache.store import FeatureStore, StoreInfo
+from ddpmseg.featcache.store import FeatureStore, StoreInfo, parse_codec
 
 
 def make_store(path, n_images: int = 4, size: int = 32, num_classes: int = 3, seed: int = 0,
                ignore_label: int = 255, fingerprint: dict | None = None,
-               steps=(10, 20), labels: bool = True, complete: bool = True) -> FeatureStore:
+               steps=(10, 20), labels: bool = True, complete: bool = True,
+               codec: str | None = None) -> FeatureStore:
     """Two steps x two blocks: an 8x8 distractor map and a 16x16 map carrying the class.
 
     Labels are constant on 2x2-pixel cells (one cell of the 16x16 map each) and the 16x16 map
@@ -31,7 +32,7 @@ def make_store(path, n_images: int = 4, size: int = 32, num_classes: int = 3, se
                      names=tuple(f"img{i:03d}" for i in range(n_images)),
                      num_classes=num_classes, ignore_label=ignore_label,
                      class_names=tuple(f"c{i}" for i in range(num_classes)),
-                     has_labels=labels)
+                     has_labels=labels, codec=parse_codec(codec))
     store = FeatureStore.create(path, info)
     for i in range(n_images if complete else n_images - 1):
         cls = rng.integers(0, num_classes, size=(cells, cells))

@@ -145,6 +145,26 @@ def test_refuses_a_run_dir_of_another_store(store_path, small_config, make_store
     assert load_ensemble(run, "cpu").info.steps == (10, 30)
 
 
+def test_a_run_records_its_rounding_and_resumes_only_with_it(store_path, small_config,
+                                                             make_store, tmp_path):
+    """A lossy codec's rounding is part of the features: resuming a run trained on a lossless
+    store from a bitround3 store (same images otherwise) is refused like any other contract
+    difference, and a run trained on the bitround3 store records its rounding."""
+    cfg = small_config(ensemble=1, max_epochs=1)
+    run = fit(store_path, tmp_path / "run", cfg, device="cpu", progress=False)
+    lossy = make_store(tmp_path / "lossy.zarr", codec="bitround3")
+    with pytest.raises(RunError) as err:
+        fit(lossy, run, small_config(ensemble=2, max_epochs=1), device="cpu", progress=False)
+    assert "differs in rounding (bitround3 now, lossless in the run's store)" in str(err.value)
+    assert len(load_ensemble(run, "cpu")) == 1 and not (run / "member_01.pt").exists()
+    assert load_ensemble(run, "cpu").info.spec.keepbits is None
+    lossy_run = fit(lossy, tmp_path / "lossy_run", cfg, device="cpu", progress=False)
+    assert load_ensemble(lossy_run, "cpu").info.spec.keepbits == 3
+    assert json.loads((lossy_run / "store.json").read_text())["info"]["codec"]["keepbits"] == 3
+    fit(lossy, lossy_run, small_config(ensemble=2, max_epochs=1), device="cpu", progress=False)
+    assert len(load_ensemble(lossy_run, "cpu")) == 2
+
+
 def test_the_run_records_the_feature_spec_once_and_reads_older_runs(store_path, small_config,
                                                                    tmp_path):
     cfg = small_config(ensemble=2, max_epochs=1)

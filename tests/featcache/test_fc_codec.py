@@ -119,3 +119,20 @@ def test_extract_cli_codec_option(tmp_path, faces64_ckpt):
                              + ["--codec", "bitround12"])
     assert res.exit_code == 2 and "bitroundK" in res.output
     assert not (tmp_path / "t.zarr").exists()
+
+
+def test_rounding_is_part_of_the_feature_spec_and_old_infos_read_as_lossless():
+    lossy, lossless = make_info("float16", "bitround3"), make_info("float16", "lossless")
+    assert lossy.spec.keepbits == 3 and lossless.spec.keepbits is None
+    assert StoreInfo.from_json(lossy.to_json()) == lossy
+    assert lossy.to_json()["codec"] == {**DEFAULT_CODEC, "keepbits": 3}  # format unchanged
+    # the spec's comparison says it, once, naming both roundings
+    assert lossy.spec.differences(lossless.spec, "in the run", "in the store") == [
+        "rounding (bitround3 in the run, lossless in the store)"]
+    assert lossy.differences(lossless) == ["rounding (bitround3 here, lossless in the store)"]
+    # a store or run written before the rounding was in the contract: lossless
+    old = lossless.to_json()
+    old["codec"] = {"cname": "zstd", "clevel": 1, "shuffle": "bitshuffle"}
+    assert StoreInfo.from_json(old).spec.keepbits is None
+    assert FeatureSpec.from_json({k: v for k, v in lossless.spec.to_json().items()
+                                  if k != "keepbits"}) == lossless.spec
