@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,8 +187,16 @@ class _StoreSource:
     def __len__(self) -> int:
         return len(self.names)
 
-    def items(self) -> Iterator[_Item]:
+    def image_content(self) -> dict[str, tuple[str | None, bool]]:
+        """{name: (image sha256 as extract recorded it, or None; has a mask)}."""
+        recorded = content.read_state(self.store).hashes
+        return {n: ((recorded.get(n) or [None])[0], self.store.info.has_labels)
+                for n in self.names}
+
+    def items(self, skip: Collection[str] = ()) -> Iterator[_Item]:
         for i, name in enumerate(self.names):
+            if name in skip:
+                continue
             original = _find_original(self.images_dir, name)
             image = None
             if original is not None:
@@ -229,8 +237,15 @@ class _ImageSource:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def items(self) -> Iterator[_Item]:
+    def image_content(self) -> dict[str, tuple[str | None, bool]]:
+        """{name: (image sha256, has a mask)}."""
+        return {s.name: (content.file_sha256(s.image), s.mask is not None)
+                for s in self.samples}
+
+    def items(self, skip: Collection[str] = ()) -> Iterator[_Item]:
         for sample in self.samples:
+            if sample.name in skip:
+                continue
             image = load_image(sample.image, self.size, self.resize)
             x0 = image_tensor(image)[None].to(self.device)
             with torch.no_grad():
@@ -252,7 +267,9 @@ def input_path(input) -> Path:
 def open_source(path: Path, model: Ensemble, device: torch.device, checkpoint: str | None,
                 resize: bool, images_dir: Path | None = None):
     """The images of a store or an image folder, as items (name, RGB image, native maps) the
-    run can predict: ``source.items()``, ``len(source)``, ``source.size``, ``source.kind``."""
+    run can predict: ``source.items(skip=names)``, ``len(source)``, ``source.size``,
+    ``source.kind``, ``source.names``; ``source.image_content()`` says per name its image
+    sha256 (None where a store recorded none) and whether it has a mask."""
     if _is_store(path):
         return _StoreSource(path, model, images_dir)
     if path.is_dir():

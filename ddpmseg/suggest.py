@@ -4,7 +4,9 @@ Each image of a store or a folder is predicted by the run's ensemble; its score 
 over pixels of the members' disagreement: the Jensen-Shannon divergence of their softmax
 outputs (``by="jsd"``, what the members disagree on) or the entropy of their mean (``by=
 "entropy"``, what the ensemble as a whole is unsure of). Images are ranked by score, highest
-first. With ``diverse``, the ranking is greedy: each next image maximises its score (scaled by
+first. Images that are labelled already are left out (``include_labelled`` ranks them too):
+those with a mask (an image folder's mask file, a store extracted with labels) and those the
+run was trained on (the same image bytes, by the sha256 the run's store recorded). With ``diverse``, the ranking is greedy: each next image maximises its score (scaled by
 the highest) minus ``penalty`` x its largest cosine similarity to an image already chosen,
 measured on the images' mean-pooled features (each stored map averaged over its pixels,
 centred on the mean over the images, so that what every image shares does not count), so
@@ -25,6 +27,7 @@ import numpy as np
 
 from . import render
 from .device import resolve_device
+from .classifier import run as R
 from .errors import ConfigError
 from .predict import input_path, load_run, open_source, predict_maps
 
@@ -46,6 +49,45 @@ class Scored:
     image: np.ndarray | None = field(repr=False, default=None)
     labels: np.ndarray | None = field(repr=False, default=None)
     similarity: float | None = None   # with diverse: largest cosine similarity to a pick before
+
+
+class Ranking(list):
+    """The ranked ``Scored`` images, best first; ``skipped``: {name: why} of the labelled
+    images left out."""
+
+    def __init__(self, ranked=(), skipped: dict[str, str] | None = None):
+        super().__init__(ranked)
+        self.skipped = dict(skipped or {})
+
+
+WITH_MASK = "with a mask"
+TRAINED_ON = "trained on by the run"
+
+
+def labelled_images(source, model) -> dict[str, str]:
+    """{name: why} of the images of ``source`` (``predict.open_source``) that are labelled
+    already: with a mask, or trained on by ``model`` (its run's recorded image set)."""
+    trained = set()
+    if model.run_dir is not None:
+        images = R.read_header(model.run_dir).images or {}
+        trained = {h[0] for h in images.values() if h and h[0]}
+    out = {}
+    for name, (sha, has_mask) in source.image_content().items():
+        if has_mask:
+            out[name] = WITH_MASK
+        elif sha is not None and sha in trained:
+            out[name] = TRAINED_ON
+    return out
+
+
+def skipped_line(skipped: dict[str, str]) -> str:
+    """One line saying how many labelled images were left out, and why."""
+    if not skipped:
+        return "skipped 0 labelled images"
+    why = [f"{sum(1 for v in skipped.values() if v == w)} {w}" for w in (WITH_MASK, TRAINED_ON)]
+    return (f"skipped {len(skipped)} labelled image(s) ("
+            + ", ".join(w for w in why if not w.startswith("0 "))
+            + "); --include-labelled ranks them too")
 
 
 def pooled_features(maps) -> np.ndarray:
@@ -79,11 +121,12 @@ def diverse_order(scores: np.ndarray, pooled: np.ndarray,
 
 def suggest(run, input, out_dir, *, top: int | None = None, by: str = "jsd",
             diverse: bool = False, device="auto", checkpoint: str | None = None,
-            resize: bool = False, images: str | None = None, tile_rows: int | None = None
-            ) -> list[Scored]:
-    """Rank the images of ``input`` (a store or an image folder) for labelling by the run's
-    ensemble disagreement; write suggest.csv and suggest.png into ``out_dir``. Returns the top
-    ``top`` (default all) in rank order."""
+            resize: bool = False, images: str | None = None, tile_rows: int | None = None,
+            include_labelled: bool = False) -> Ranking:
+    """Rank the unlabelled images of ``input`` (a store or an image folder) for labelling by
+    the run's ensemble disagreement; write suggest.csv and suggest.png into ``out_dir``.
+    Returns the top ``top`` (default all) in rank order, with ``.skipped`` the labelled images
+    left out (none with ``include_labelled``)."""
     if by not in SCORES:
         raise ConfigError(f"unknown score {by!r}", f"use one of {', '.join(SCORES)}")
     if top is not None and top < 1:
@@ -95,11 +138,12 @@ def suggest(run, input, out_dir, *, top: int | None = None, by: str = "jsd",
                           "use --by entropy, or fit an ensemble of 2 or more")
     source = open_source(input_path(input), model, dev, checkpoint, resize,
                          Path(images) if images else None)
+    skipped = {} if include_labelled else labelled_images(source, model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = int(tile_rows or model.config.predict.tile_rows)
     scored = []
-    for item in source.items():
+    for item in source.items(skip=skipped):
         pred = predict_maps(model.members, item.maps, source.size, vote="soft",
                             tile_rows=rows, uncertainty=True, device=dev)
         per_pixel = pred.jsd if by == "jsd" else pred.entropy
@@ -108,7 +152,12 @@ def suggest(run, input, out_dir, *, top: int | None = None, by: str = "jsd",
                              pooled_features(item.maps), item.image, pred.labels))
         item.maps = None
     if not scored:
-        return []
+        # No stale suggestions of an earlier run stay behind (a report would list them).
+        _write_csv(out / CSV_FILE, [], by, diverse, model)
+        (out / SHEET_FILE).unlink(missing_ok=True)
+        if skipped:
+            log.info("nothing to rank in %s: all %d image(s) are labelled", input, len(skipped))
+        return Ranking([], skipped)
     scores = np.array([s.score for s in scored])
     if diverse:
         order, sims = diverse_order(scores, np.stack([s.pooled for s in scored]))
@@ -121,7 +170,7 @@ def suggest(run, input, out_dir, *, top: int | None = None, by: str = "jsd",
     _write_sheet(out / SHEET_FILE, ranked[:SHEET_IMAGES], by, model)
     log.info("ranked %d image(s) by %s%s; wrote %s and %s", len(scored), by,
              " (diverse)" if diverse else "", out / CSV_FILE, out / SHEET_FILE)
-    return ranked
+    return Ranking(ranked, skipped)
 
 
 def _class_names(model) -> list[str]:
@@ -164,4 +213,5 @@ def read_suggestions(folder) -> list[tuple[str, str, float]] | None:
         return [(row[1], kind, float(row[2])) for row in reader if len(row) >= 3]
 
 
-__all__ = ["suggest", "diverse_order", "pooled_features", "read_suggestions", "SCORES"]
+__all__ = ["suggest", "diverse_order", "pooled_features", "read_suggestions", "SCORES",
+           "Ranking", "labelled_images"]

@@ -289,6 +289,26 @@ def test_image_folder_rounds_features_as_the_runs_store(tmp_path, monkeypatch):
     assert not all(np.array_equal(a, b) for a, b in zip(*seen))  # the rounding is not a no-op
 
 
+def test_suggest_on_an_image_folder_leaves_out_images_with_masks(tmp_path, monkeypatch):
+    from ddpmseg.suggest import suggest
+
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"weights")
+    model = Ensemble(make_members(), make_info(), Config(model=ModelConfig(checkpoint=str(ckpt))))
+    monkeypatch.setattr(predict_module, "load_backbone", lambda *a: FakeBackbone())
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("p", "q", "r"):
+        Image.fromarray(rng.integers(0, 256, (*SIZE, 3)).astype(np.uint8)).save(
+            folder / f"{name}.png")
+    np.save(folder / "q.npy", np.zeros(SIZE, np.uint8))   # q is labelled
+    ranked = suggest(model, folder, tmp_path / "s", device="cpu")
+    assert ranked.skipped == {"q": "with a mask"}
+    assert sorted(s.name for s in ranked) == ["p", "r"]
+    assert len(suggest(model, folder, tmp_path / "s", device="cpu", include_labelled=True)) == 3
+
+
 def test_image_folder_float16_overflow_raises_as_extract_does(tmp_path, monkeypatch):
     """Features made on the fly pass the store's encoding: a float16 overflow is an error
     naming the image, never silent inf features."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..suggest import CSV_FILE, SCORES, SHEET_FILE, suggest
+from ..suggest import CSV_FILE, SCORES, SHEET_FILE, skipped_line, suggest
 from .common import device_option, threads_option
 
 
@@ -22,6 +22,9 @@ from .common import device_option, threads_option
 @click.option("--diverse", is_flag=True,
               help="Skip near-duplicates: greedy picks penalised by the cosine similarity of "
                    "the images' mean-pooled features to the picks before.")
+@click.option("--include-labelled", is_flag=True,
+              help="Rank labelled images too (those with a mask, or trained on by RUN), "
+                   "which are left out by default.")
 @click.option("--images", "images_dir", default=None, metavar="DIR",
               help="With a store as INPUT: folder of the original images, for the sheet.")
 @click.option("--resize", is_flag=True,
@@ -31,10 +34,12 @@ from .common import device_option, threads_option
                    "elsewhere.")
 @device_option
 @threads_option()
-def command(run, input_path, out_dir, top, by, diverse, images_dir, resize, checkpoint,
-            device):
+def command(run, input_path, out_dir, top, by, diverse, include_labelled, images_dir, resize,
+            checkpoint, device):
     """Rank the images of INPUT (a feature store or a folder of unlabelled images) by how
     much the ensemble of RUN disagrees on them, most first: the images to label next.
+    Labelled images (with a mask, or trained on by RUN) are left out unless
+    --include-labelled; stderr says how many.
 
     Writes DIR/suggest.csv (rank, name, score, per-class predicted area) and
     DIR/suggest.png (contact sheet of the top 8); prints the ranking.
@@ -45,6 +50,8 @@ def command(run, input_path, out_dir, top, by, diverse, images_dir, resize, chec
       ddpmseg suggest runs/ffhq34 stores/pool.zarr --by entropy --diverse --out preds/ffhq34
     """
     ranked = suggest(run, input_path, out_dir, top=top, by=by, diverse=diverse, device=device,
-                     checkpoint=checkpoint, resize=resize, images=images_dir)
+                     checkpoint=checkpoint, resize=resize, images=images_dir,
+                     include_labelled=include_labelled)
     for k, s in enumerate(ranked, 1):
         click.echo(f"{k}\t{s.name}\t{s.score:.6f}")
+    click.echo(skipped_line(ranked.skipped), err=True)  # how many the ranking leaves out

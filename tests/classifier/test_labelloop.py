@@ -12,6 +12,7 @@ from PIL import Image
 from ddpmseg.classifier import fit
 from ddpmseg.cli.main import cli
 from ddpmseg.errors import ConfigError
+from ddpmseg.featcache import content
 from ddpmseg.predict import predict
 from ddpmseg.report import report
 from ddpmseg.suggest import diverse_order, read_suggestions, suggest
@@ -28,7 +29,8 @@ def run_dir(tmp_path_factory, store_path, small_config):
 def test_suggest_ranks_by_mean_jsd_and_writes_csv_and_sheet(run_dir, store_path, tmp_path):
     pred = predict(run_dir, store_path, tmp_path / "pred", uncertainty=True, device="cpu",
                    progress=False)
-    ranked = suggest(run_dir, store_path, tmp_path / "pred", device="cpu")
+    ranked = suggest(run_dir, store_path, tmp_path / "pred", device="cpu",
+                     include_labelled=True)
     means = {n: float(np.load(pred["outputs"][n]["jsd"]).mean()) for n in pred["names"]}
     assert [s.name for s in ranked] == sorted(means, key=lambda n: -means[n])
     for s in ranked:
@@ -50,14 +52,63 @@ def test_suggest_ranks_by_mean_jsd_and_writes_csv_and_sheet(run_dir, store_path,
 
 
 def test_suggest_top_entropy_and_cli(run_dir, store_path, tmp_path):
-    top = suggest(run_dir, store_path, tmp_path / "s", top=2, by="entropy", device="cpu")
+    top = suggest(run_dir, store_path, tmp_path / "s", top=2, by="entropy", device="cpu",
+                  include_labelled=True)
     assert len(top) == 2 and top[0].score >= top[1].score
     with pytest.raises(ConfigError, match="unknown score"):
         suggest(run_dir, store_path, tmp_path / "s", by="margin")
     result = CliRunner().invoke(cli, ["suggest", str(run_dir), str(store_path), "--out",
-                                      str(tmp_path / "c"), "--top", "3", "--device", "cpu"])
+                                      str(tmp_path / "c"), "--top", "3", "--device", "cpu",
+                                      "--include-labelled"])
     assert result.exit_code == 0, result.output
     assert [line.split("\t")[0] for line in result.stdout.strip().splitlines()] == ["1", "2", "3"]
+
+
+def test_suggest_leaves_out_labelled_images_and_says_how_many(make_store, small_config,
+                                                              tmp_path):
+    """Images with a mask, or whose bytes the run was trained on, are not suggested again."""
+    def record(store, hashes):
+        content.write_state(store, store.info, content.ImageState(hashes))
+
+    train, pool = tmp_path / "train.zarr", tmp_path / "pool.zarr"
+    train_store = make_store(train, n_images=3)
+    record(train_store, {f"img{i:03d}": [str(i) * 64, "m" * 64] for i in range(3)})
+    run = fit(train, tmp_path / "run", small_config(ensemble=2, max_epochs=1), device="cpu",
+              progress=False)
+    pool_store = make_store(pool, n_images=4, labels=False, seed=1)
+    # img002 of the pool is the run's training image "2" (the same bytes), img000 is new
+    record(pool_store, {"img000": ["9" * 64, None], "img002": ["2" * 64, None]})
+    ranked = suggest(run, pool, tmp_path / "s", device="cpu")
+    assert ranked.skipped == {"img002": "trained on by the run"}
+    assert sorted(s.name for s in ranked) == ["img000", "img001", "img003"]
+    with open(tmp_path / "s" / "suggest.csv", newline="") as fh:
+        assert [r[1] for r in list(csv.reader(fh))[1:]] == [s.name for s in ranked]
+    everything = suggest(run, pool, tmp_path / "all", device="cpu", include_labelled=True)
+    assert everything.skipped == {} and len(everything) == 4
+    # the CLI: the ranking on stdout, how many were left out on stderr
+    result = CliRunner().invoke(cli, ["suggest", str(run), str(pool), "--out",
+                                      str(tmp_path / "c"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert [line.split("\t")[1] for line in result.stdout.strip().splitlines()] == \
+        [s.name for s in ranked]
+    assert ("skipped 1 labelled image(s) (1 trained on by the run); --include-labelled ranks "
+            "them too") in result.stderr.splitlines()
+    # A store extracted with masks is all labelled: nothing is ranked, and stale suggestions
+    # of an earlier ranking in that folder are replaced by an empty list.
+    none = suggest(run, train, tmp_path / "s", device="cpu")
+    assert list(none) == [] and none.skipped == {f"img{i:03d}": "with a mask" for i in range(3)}
+    assert read_suggestions(tmp_path / "s") == []
+    assert not (tmp_path / "s" / "suggest.png").exists()
+    result = CliRunner().invoke(cli, ["suggest", str(run), str(train), "--out",
+                                      str(tmp_path / "c"), "--device", "cpu"])
+    assert result.exit_code == 0 and result.stdout == ""
+    assert ("skipped 3 labelled image(s) (3 with a mask); --include-labelled ranks them too"
+            in result.stderr.splitlines())
+    result = CliRunner().invoke(cli, ["suggest", str(run), str(train), "--out",
+                                      str(tmp_path / "c"), "--device", "cpu",
+                                      "--include-labelled"])
+    assert len(result.stdout.splitlines()) == 3
+    assert "skipped 0 labelled images" in result.stderr.splitlines()
 
 
 def test_diverse_order_skips_near_duplicates():
