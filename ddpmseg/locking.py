@@ -1,11 +1,13 @@
-"""One writer at a time per store or run directory.
+"""One writer at a time per store, run directory or prediction folder.
 
-A writer (``extract`` into a store, ``fit`` into a run dir) holds an exclusive lock for its whole
+A writer (``extract`` into a store, ``fit`` into a run dir, ``predict`` into OUT) holds an exclusive lock for its whole
 life; a second writer fails at once with a one-line error naming the holder's pid. The lock is
 an OS file lock (``filelock``: ``flock`` on Linux), so the kernel drops it when its process
 dies: a stale lock file left by a killed writer never blocks the rerun. The lock file is a
 hidden sibling of the locked folder, ``.<name>.lock``, not a file inside it: replacing a store
-(``--overwrite``) deletes the folder, and a lock inside it would be deleted with it while held.
+(``--overwrite``) deletes the folder, and a lock inside it would be deleted with it while held;
+and it is never among the files of the folder (a prediction folder's contents are what
+``evaluate`` and ``report`` read, and what ``predict`` checks for foreign files).
 dask workers write under their client's lock (each writes only its own images' chunks) and
 take none themselves.
 """

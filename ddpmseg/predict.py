@@ -40,6 +40,7 @@ from .featcache.extraction import encoded_maps
 from .featcache.spec import FeatureSpec
 from .featcache.store import FeatureStore, decode_map
 from .fileio import atomic_write, sha256_file, write_json
+from .locking import writer_lock
 from .predict_outputs import check_free, clear_previous, image_files, remove_written
 from .progress import wanted
 
@@ -368,17 +369,20 @@ def predict(run, input, out_dir, *, vote: str | None = None, uncertainty: bool =
     source = open_source(source_path, model, dev, checkpoint, resize, images_dir)
 
     out = Path(out_dir)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    clear_previous(out)
-    check_free(out, source.names)  # e.g. OUT = the data folder: its images are not ours
-    written: list[Path] = [out / "palette.json"]
-    try:
-        return _predict_into(out, source, source_path, model, dev, vote, tile_rows,
-                             uncertainty, resize, images_dir, started, written, progress)
-    except BaseException:
-        remove_written(written, out if created else None)  # no partial prediction is left
-        raise
+    # One predict at a time per OUT, from clearing the last prediction to predict.json: two
+    # would interleave (and clear each other's files). The lock file is OUT's hidden sibling.
+    with writer_lock(out, "prediction folder"):
+        created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        clear_previous(out)
+        check_free(out, source.names)  # e.g. OUT = the data folder: its images are not ours
+        written: list[Path] = [out / "palette.json"]
+        try:
+            return _predict_into(out, source, source_path, model, dev, vote, tile_rows,
+                                 uncertainty, resize, images_dir, started, written, progress)
+        except BaseException:
+            remove_written(written, out if created else None)  # no partial prediction left
+            raise
 
 
 def _predict_into(out, source, source_path, model, dev, vote, tile_rows, uncertainty, resize,

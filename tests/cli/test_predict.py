@@ -98,3 +98,59 @@ def test_predict_cli_report_prints_the_index_path(tmp_path, store, fake_run):
     assert page.count('class="card"') == 2 and "mean JSD" in page
     settings = json.loads((out / "predict.json").read_text())
     assert settings["config"]["classifier"]["etf"] == Config().classifier.etf
+
+
+def test_two_predicts_into_one_out_the_second_fails_at_once(tmp_path, store, fake_run,
+                                                            monkeypatch):
+    """A second predict into an OUT that a predict is writing fails with one error line naming
+    the holder's pid, writing nothing; the first one's outputs are complete and as a predict
+    alone writes them. The lock file is no file of OUT: evaluate, report and a rerun of predict
+    see only the prediction."""
+    import os
+
+    from ddpmseg.evaluate import evaluate
+    from ddpmseg.report import report
+
+    alone = predict_module.predict(fake_run, store, tmp_path / "alone", uncertainty=True,
+                                   device="cpu", progress=False)
+    out = tmp_path / "out"
+    second = []
+    real = predict_module._write_image_outputs
+
+    def write_then_start_a_second_predict(*args, **kwargs):
+        written = real(*args, **kwargs)
+        if not second:  # the first predict is half-way: one image written, one to go
+            second.append(CliRunner().invoke(cli, ["predict", str(fake_run), str(store),
+                                                   str(out), "--device", "cpu",
+                                                   "--no-progress"]))
+        return written
+
+    monkeypatch.setattr(predict_module, "_write_image_outputs",
+                        write_then_start_a_second_predict)
+    first = predict_module.predict(fake_run, store, out, uncertainty=True, device="cpu",
+                                   progress=False)
+    (refused,) = second
+    assert refused.exit_code == 1
+    lines = refused.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: prediction folder {out} is being written by process {os.getpid()} ")
+    assert first["names"] == ["u", "v"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in
+                                                           (tmp_path / "alone").iterdir())
+    for name in ("u", "v"):
+        for kind in ("npy", "entropy", "jsd"):
+            assert np.array_equal(np.load(first["outputs"][name][kind]),
+                                  np.load(alone["outputs"][name][kind]))
+    # The lock is OUT's hidden sibling; nothing reads it as a prediction or a foreign file.
+    assert (tmp_path / ".out.lock").is_file() and not list(out.glob("*.lock"))
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    for name in ("u", "v"):
+        np.save(gt / f"{name}.npy", np.load(out / f"{name}.npy"))
+    result = evaluate(out, gt)
+    assert result["names"] == ["u", "v"] and result["miou"] == pytest.approx(1.0)
+    assert report(out).read_text().count('class="card"') == 2
+    monkeypatch.setattr(predict_module, "_write_image_outputs", real)
+    again = CliRunner().invoke(cli, ["predict", str(fake_run), str(store), str(out),
+                                     "--device", "cpu", "--no-progress"])
+    assert again.exit_code == 0, again.output
