@@ -39,7 +39,6 @@ REPORT_DIR = "report"     # default folder, inside PRED_DIR
 LABEL_NEXT = 8            # images listed under "label these next"
 IMAGE_THUMB = 512         # originals larger than this are shrunk for the page
 _OWN_PICTURE = re.compile(r"^\d{4,}_(image|pred|overlay|entropy|jsd)\.png$")
-LEGEND_LINES = 12         # classes listed beside a card's overlay
 
 
 @dataclass
@@ -237,7 +236,7 @@ figure{margin:0}
 figcaption{font-size:12px;color:#555}
 .pics img{height:120px;width:auto;display:block}
 .pics img.labels{image-rendering:pixelated}
-ul.legend{list-style:none;margin:16px 0 0;padding:0;width:140px;height:120px;overflow:auto;
+ul.legend{list-style:none;margin:0;padding:0;width:140px;height:120px;overflow:auto;
  font-size:11.5px;line-height:1.25}
 ul.legend .sw{width:10px;height:10px}
 .bar{height:8px;width:120px;border:1px solid #555;margin-top:3px}
@@ -349,7 +348,8 @@ def _class_table(rows: list[dict], palette: np.ndarray, with_gt: bool) -> str:
 
 def _img(file: str, alt: str, pixelated: bool = False) -> str:
     cls = ' class="labels"' if pixelated else ""
-    return f'<img src="img/{file}"{cls} alt="{_esc(alt)}">'
+    # lazy: a card's pictures load as it nears the screen, so a 650-image report opens fast.
+    return f'<img src="img/{file}"{cls} loading="lazy" alt="{_esc(alt)}">'
 
 
 def _figure(caption: str, inner: str) -> str:
@@ -379,17 +379,18 @@ def _card(card: _Card, limits) -> str:
     if card.entropy is not None:
         facts.append(f"mean entropy {card.entropy:.3f}, mean JSD {card.jsd:.3f} nats")
     image = card.pictures.get("image")
-    legend = card.legend[:LEGEND_LINES]
+    # Every class present, largest first, in a box as tall as the pictures that scrolls when
+    # they do not fit (tabindex: keyboard users can scroll it too).
     items = "".join(f'<li><span class="sw" style="background:rgb({",".join(map(str, rgb))})">'
-                    f"</span> {_esc(label)}</li>" for label, rgb in legend)
-    if len(card.legend) > len(legend):
-        items += f"<li>+{len(card.legend) - len(legend)} more</li>"
+                    f"</span> {_esc(label)}</li>" for label, rgb in card.legend)
+    count = f"{len(card.legend)} class{'es' if len(card.legend) != 1 else ''}"
     pics = [
         _figure("image", _img(image, f"image {card.name}") if image else
                 _none("original not found (predict --images DIR)")),
         _figure("prediction", _img(card.pictures["pred"], f"prediction of {card.name}", True)),
         _figure("overlay", _img(card.pictures["overlay"], f"overlay of {card.name}")),
-        f'<ul class="legend" aria-label="classes in the prediction">{items}</ul>',
+        _figure(count, f'<ul class="legend" tabindex="0" aria-label="{count} in the '
+                       f'prediction">{items}</ul>'),
     ]
     if "entropy" in card.pictures:
         pics.append(_heat(card, "entropy", "uncertainty: entropy", limits[0]))
