@@ -369,11 +369,11 @@ def predict(run, input, out_dir, *, vote: str | None = None, uncertainty: bool =
     source = open_source(source_path, model, dev, checkpoint, resize, images_dir)
 
     out = Path(out_dir)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)  # (an OSError here names OUT, not its lock)
     # One predict at a time per OUT, from clearing the last prediction to predict.json: two
     # would interleave (and clear each other's files). The lock file is OUT's hidden sibling.
     with writer_lock(out, "prediction folder"):
-        created = not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
         clear_previous(out)
         check_free(out, source.names)  # e.g. OUT = the data folder: its images are not ours
         written: list[Path] = [out / "palette.json"]
