@@ -67,8 +67,8 @@ def test_ddpm_json_maps_to_config(ref):
     assert cfg.predict.vote == "hard"
     assert cfg.model.checkpoint == str((ref.parents[1] / "backbones/adm_faces64/adm_faces64.pt")
                                        .resolve())
-    assert cfg.data.train_dir == str(ref / "data" / "train")
-    assert cfg.data.test_dir == str(ref / "data" / "test")
+    assert cfg.data.train_dir == str((ref / "data" / "train").resolve())
+    assert cfg.data.test_dir == str((ref / "data" / "test").resolve())
 
 
 @pytest.mark.parametrize("key, value", [("share_noise", False), ("upsample_mode", "nearest"),
@@ -102,7 +102,7 @@ def test_model_path_relative_to_the_working_directory(ref, tmp_path, monkeypatch
     cfg = load_config(tmp_path / "ddpm.json")
     assert cfg.model.checkpoint == str((ref / "../../backbones/adm_faces64/adm_faces64.pt")
                                        .resolve())
-    assert cfg.data.test_dir == str(ref / "data" / "test")
+    assert cfg.data.test_dir == str((ref / "data" / "test").resolve())
 
 
 def test_a_published_style_256px_config_needs_no_flags_file(tmp_path, caplog):
