@@ -13,6 +13,7 @@ prediction) accumulated image by image, so memory does not grow with the test se
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -26,6 +27,7 @@ from . import render
 from .data import check_labels, is_mask_png, mask_names, read_mask
 from .errors import BadInputError, ConfigError, InputNotFoundError
 from .fileio import write_json
+from .locking import writer_lock
 
 log = logging.getLogger("ddpmseg")
 
@@ -147,7 +149,7 @@ def _load_predictions_meta(pred_dir: Path) -> dict:
 def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
              ignore_label: int | None = None, class_names: Sequence[str] = (),
              mask_ignore: bool = False, confusion: bool = False, out=None,
-             write: bool = True, resize: bool = False) -> dict:
+             write: bool = True, resize: bool = False, lock: bool = True) -> dict:
     """The reference's mIoU of the predictions in PRED_DIR against the masks in GT_DIR.
 
     Predictions are ``<name>.npy`` (or label PNGs) matched by name with ``<name>.npy`` or
@@ -158,6 +160,8 @@ def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
     than its prediction is resized to it (nearest neighbour, as `extract --resize` does), e.g.
     256px masks for a 64px model. Writes ``metrics.json`` (with ``confusion``:
     ``confusion.csv`` and ``confusion.png`` too) into ``out`` (default PRED_DIR) unless ``write`` is False.
+    PRED_DIR is read under its writer lock (a predict rewriting it makes this fail at once);
+    ``lock=False`` when the caller holds that lock already (``report``).
     Returns {"miou", "classes": [{index, name, iou, gt_pixels, pred_pixels, intersection,
     union}], "per_image": {name: image_iou}, ...}.
     """
@@ -169,6 +173,21 @@ def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
         raise InputNotFoundError(f"ground-truth folder {gt_dir} does not exist",
                                  "give the folder of test masks (<name>.npy or PNG), or a "
                                  "store with labels")
+    out_dir = Path(out) if out is not None else pred_dir
+    # The predictions are read under their folder's lock: never half a rewrite by a predict.
+    with contextlib.ExitStack() as locks:
+        if lock:
+            locks.enter_context(writer_lock(pred_dir, "prediction folder",
+                                            optional=not write))
+        if write and out_dir.absolute() != pred_dir.absolute():
+            locks.enter_context(writer_lock(out_dir, "metrics folder"))
+        return _evaluate(pred_dir, gt_dir, num_classes, ignore_label, class_names,
+                         mask_ignore, confusion, out_dir, write, resize)
+
+
+def _evaluate(pred_dir: Path, gt_dir: Path, num_classes, ignore_label, class_names,
+              mask_ignore: bool, confusion: bool, out_dir: Path, write: bool,
+              resize: bool) -> dict:
     store_gt = _StoreLabels(gt_dir) if _is_store(gt_dir) else None
     meta = _load_predictions_meta(pred_dir)
     if num_classes is None:
@@ -242,7 +261,6 @@ def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
     if confusion:
         result["confusion"] = {"labels": labels, "matrix": matrix.tolist()}
     if write:
-        out_dir = Path(out) if out is not None else pred_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / "metrics.json", result)
         result["metrics_path"] = str(out_dir / "metrics.json")

@@ -1,7 +1,9 @@
 """One writer at a time per store, run directory or prediction folder.
 
-A writer (``extract`` into a store, ``fit`` into a run dir, ``predict`` into OUT) holds an exclusive lock for its whole
-life; a second writer fails at once with a one-line error naming the holder's pid. The lock is
+A writer (``extract`` into a store, ``fit`` into a run dir, ``predict`` into OUT; ``evaluate``,
+``report`` and ``suggest`` into the folder they write) holds an exclusive lock for its whole
+life, and ``evaluate`` and ``report`` hold the prediction folder's lock while they read it, so
+they never see a half-rewritten prediction; a second writer fails at once with a one-line error naming the holder's pid. The lock is
 an OS file lock (``filelock``: ``flock`` on Linux), so the kernel drops it when its process
 dies: a stale lock file left by a killed writer never blocks the rerun. The lock file is a
 hidden sibling of the locked folder, ``.<name>.lock``, not a file inside it: replacing a store
@@ -42,17 +44,28 @@ def holder_pid(target: str | Path) -> int | None:
 
 
 @contextlib.contextmanager
-def writer_lock(target: str | Path, what: str = "store") -> Iterator[None]:
-    """Hold the exclusive writer lock of ``target`` (a local path; URLs are not locked)."""
+def writer_lock(target: str | Path, what: str = "store", *,
+                optional: bool = False) -> Iterator[None]:
+    """Hold the exclusive writer lock of ``target`` (a local path; URLs are not locked).
+
+    ``optional``: for a reader, go on unlocked when the lock file cannot be created (a
+    read-only location, where no writer of ours can be at work either).
+    """
     if "://" in str(target):
         yield
         return
     path = lock_path(target)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"cannot create {path.parent} ({exc.strerror})",
-                          "check the path and its permissions") from exc
+        if not optional:
+            raise OutputError(f"cannot create {path} ({exc.strerror})",
+                              "check the path and its permissions") from exc
+        path = None
+    if path is None:
+        yield
+        return
     lock = FileLock(str(path), timeout=0)
     try:
         lock.acquire()

@@ -14,6 +14,7 @@ named by position (``img/0003_overlay.png``), never by the image's name.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import logging
@@ -29,6 +30,7 @@ from .data import find_image, load_image, read_mask
 from .errors import BadInputError, InputNotFoundError, OutputError
 from .evaluate import confusion_axis, evaluate, list_predictions
 from .fileio import atomic_write
+from .locking import writer_lock
 from .suggest import read_suggestions
 
 log = logging.getLogger("ddpmseg")
@@ -103,6 +105,17 @@ def report(pred_dir, gt=None, out=None, *, label_next: int = LABEL_NEXT,
     if not pred_dir.is_dir():
         raise InputNotFoundError(f"predictions folder {pred_dir} does not exist",
                                  "give the folder `ddpmseg predict` wrote")
+    out_dir = Path(out) if out is not None else pred_dir / REPORT_DIR
+    # Read under the prediction folder's lock (never half a rewrite by a predict); the report
+    # folder needs its own lock only when it lies outside the prediction folder.
+    with contextlib.ExitStack() as locks:
+        locks.enter_context(writer_lock(pred_dir, "prediction folder"))
+        if pred_dir.absolute() not in out_dir.absolute().parents:
+            locks.enter_context(writer_lock(out_dir, "report folder"))
+        return _report(pred_dir, gt, out_dir, label_next, resize)
+
+
+def _report(pred_dir: Path, gt, out_dir: Path, label_next: int, resize: bool) -> Path:
     meta = _read_meta(pred_dir)
     predictions = list_predictions(pred_dir)
     if not predictions:
@@ -111,9 +124,9 @@ def report(pred_dir, gt=None, out=None, *, label_next: int = LABEL_NEXT,
     gt_dir = Path(gt) if gt is not None else None
     # evaluate validates every mask (presence, size, labels) before anything is written.
     # ``resize``: as `evaluate --resize`, masks of another size are resized to the predictions.
-    metrics = evaluate(pred_dir, gt_dir, confusion=True, write=False, resize=resize) \
+    metrics = evaluate(pred_dir, gt_dir, confusion=True, write=False, resize=resize,
+                       lock=False) \
         if gt_dir else None
-    out_dir = Path(out) if out is not None else pred_dir / REPORT_DIR
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir} exists and is not a folder", "choose another --out")
     try:

@@ -29,6 +29,7 @@ from . import render
 from .device import resolve_device
 from .classifier import run as R
 from .errors import ConfigError
+from .locking import writer_lock
 from .predict import input_path, load_run, open_source, predict_maps
 
 log = logging.getLogger("ddpmseg")
@@ -141,6 +142,12 @@ def suggest(run, input, out_dir, *, top: int | None = None, by: str = "jsd",
     skipped = {} if include_labelled else labelled_images(source, model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    with writer_lock(out, "suggestions folder"):
+        return _rank(model, source, input, out, skipped, top, by, diverse, dev, tile_rows)
+
+
+def _rank(model, source, input, out: Path, skipped: dict, top: int | None, by: str,
+          diverse: bool, dev, tile_rows: int | None) -> Ranking:
     rows = int(tile_rows or model.config.predict.tile_rows)
     scored = []
     for item in source.items(skip=skipped):

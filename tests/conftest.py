@@ -7,6 +7,8 @@ anywhere. Parity and real-data tests need ../shared: without it they skip, excep
 
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,38 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+_HOLD = """
+import sys
+from ddpmseg.locking import writer_lock
+with writer_lock(sys.argv[1], sys.argv[2]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def hold_lock():
+    """hold_lock(path, what) -> pid: another process holds ``path``'s writer lock until the
+    returned release() is called (or the test ends)."""
+    procs = []
+
+    def hold(target, what="prediction folder"):
+        proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(target), what],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+
+        def release():
+            if proc.stdin and not proc.stdin.closed:
+                proc.stdin.close()
+            assert proc.wait(timeout=30) == 0
+        hold.release = release
+        return proc.pid
+
+    yield hold
+    for proc in procs:
+        if proc.stdin and not proc.stdin.closed:
+            proc.stdin.close()
+        proc.wait(timeout=30)

@@ -64,6 +64,20 @@ def test_suggest_top_entropy_and_cli(run_dir, store_path, tmp_path):
     assert [line.split("\t")[0] for line in result.stdout.strip().splitlines()] == ["1", "2", "3"]
 
 
+def test_suggest_holds_its_out_folder_lock(run_dir, store_path, tmp_path, hold_lock):
+    out = tmp_path / "next"
+    pid = hold_lock(out, "suggestions folder")
+    result = CliRunner().invoke(cli, ["suggest", str(run_dir), str(store_path), "--out",
+                                      str(out), "--device", "cpu", "--include-labelled"])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"error: suggestions folder {out} is being written by "
+                                    f"process {pid} ")
+    assert not any(out.iterdir())
+    hold_lock.release()
+    assert len(suggest(run_dir, store_path, out, device="cpu", include_labelled=True)) > 0
+    assert (out / "suggest.csv").is_file()
+
+
 def test_suggest_leaves_out_labelled_images_and_says_how_many(make_store, small_config,
                                                               tmp_path):
     """Images with a mask, or whose bytes the run was trained on, are not suggested again."""
