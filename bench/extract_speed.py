@@ -22,7 +22,7 @@ bedroom_28 images when ../shared is there) and ``faces_64`` (the bundled trained
 ffhq_34 images resized to 64 px).
 
     python bench/extract_speed.py [--models lsun_256,faces_64] [--groups 4] [--batch-images 1]
-                                  [--threads 2] [--device cpu]
+                                  [--threads 1] [--device cpu]
 
 Prints one table and writes bench/results/extract_speed.json.
 """
@@ -198,7 +198,8 @@ def main(argv=None) -> int:
     p.add_argument("--check-groups", type=int, default=1,
                    help="groups whose features are compared (after timing)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: the fairest comparison on a shared machine)")
     p.add_argument("--seed", type=int, default=0, help="seed of random images without ../shared")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"
                                         / "extract_speed.json"))
