@@ -55,15 +55,7 @@ def writer_lock(target: str | Path, what: str = "store", *,
         yield
         return
     path = lock_path(target)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(exist_ok=True)
-    except OSError as exc:
-        if not optional:
-            raise OutputError(f"cannot create {path} ({exc.strerror})",
-                              "check the path and its permissions") from exc
-        path = None
-    if path is None:
+    if not _lock_file_made(path, optional):
         yield
         return
     lock = FileLock(str(path), timeout=0)
@@ -86,3 +78,16 @@ def writer_lock(target: str | Path, what: str = "store", *,
         yield
     finally:
         lock.release()
+
+
+def _lock_file_made(path: Path, optional: bool) -> bool:
+    """Create the lock file; False when it cannot be made and the lock is ``optional``."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(exist_ok=True)
+    except OSError as exc:
+        if optional:
+            return False
+        raise OutputError(f"cannot create {path} ({exc.strerror})",
+                          "check the path and its permissions") from exc
+    return True

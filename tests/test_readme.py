@@ -146,15 +146,23 @@ def test_bring_your_own_data_with_the_bundled_backbone(readme_dir):
     assert ds.sizes["image"] == 2
 
 
+def substituted(text: str, substitutions, name: str, capsys, note: str) -> str:
+    """``text`` with each (README spelling, stand-in) replaced; every spelling must still be in
+    the README, and the test says on the terminal what it stood in for."""
+    for old, new in substitutions:
+        assert old in text, f"README no longer has {old!r}: update {name}"
+        text = text.replace(old, new)
+    with capsys.disabled():
+        print(f"\n[test_readme] {note}")
+    return text
+
+
 def test_bring_your_own_data_with_a_published_checkpoint(readme_dir, capsys):
     block = bash_blocks(section(BYOD))[1]
     assert "--checkpoint lsun_horse.pt" in block
-    for old, new in SUBSTITUTIONS:
-        assert old in block, f"README no longer has {old!r}: update SUBSTITUTIONS"
-        block = block.replace(old, new)
-    with capsys.disabled():
-        print("\n[test_readme] published-checkpoint block run with the bundled faces_64 backbone "
-              "substituted for lsun_horse.pt (no download here)")
+    block = substituted(block, SUBSTITUTIONS, "SUBSTITUTIONS", capsys,
+                        "published-checkpoint block run with the bundled faces_64 backbone "
+                        "substituted for lsun_horse.pt (no download here)")
     out = [run(command) for command in commands(block)]
     assert len(out) == 7
     assert "loads strictly as faces_64" in out[0]
@@ -181,12 +189,9 @@ def test_labelling_loop_commands(readme_dir, capsys):
     images, label one more image, extract again (the store grows), fit again; then the sweep."""
     loop, sweep = bash_blocks(section(LOOP))[:2]
     text = loop + " ".join(sweep.replace("\\\n", " ").split()) + "\n"
-    for old, new in LOOP_SUBSTITUTIONS:
-        assert old in text, f"README no longer has {old!r}: update LOOP_SUBSTITUTIONS"
-        text = text.replace(old, new)
-    with capsys.disabled():
-        print("\n[test_readme] labelling-loop block run with the bundled faces_64 backbone "
-              "substituted for lsun_horse.pt")
+    text = substituted(text, LOOP_SUBSTITUTIONS, "LOOP_SUBSTITUTIONS", capsys,
+                       "labelling-loop block run with the bundled faces_64 backbone "
+                       "substituted for lsun_horse.pt")
     unlabelled = Path("data/unlabelled")
     unlabelled.mkdir()
     for png in sorted(Path("data/test").glob("*.png")):
