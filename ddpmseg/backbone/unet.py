@@ -2,9 +2,10 @@
 
 Module names and parameter shapes follow guided-diffusion's ``UNetModel`` one for one, so that
 its published state dicts load with ``strict=True``; that is the only reason for names such as
-``in_layers.2`` or ``out.2``. Only 2-D images are supported and nothing here trains: there is no
-gradient checkpointing, and no zero-initialisation (a randomly built model is used only for
-benchmarks, where all-zero residual branches would make features degenerate).
+``in_layers.2`` or ``out.2``. Only 2-D images are supported and there is no gradient
+checkpointing. A built model keeps PyTorch's default initialisation (a randomly built model is
+used for benchmarks, where all-zero residual branches would make features degenerate);
+``zero_init_`` gives guided-diffusion's initialisation for training from scratch.
 """
 
 from __future__ import annotations
@@ -395,3 +396,20 @@ class UNetModel(nn.Module):
             if i in wanted:
                 feats[i] = h
         return feats
+
+
+def zero_init_(model: UNetModel) -> UNetModel:
+    """guided-diffusion's initialisation for training from scratch, in place: the last conv of
+    every ResBlock, every attention ``proj_out`` and the output conv start at zero, so each
+    residual branch starts as the identity and a fresh model predicts exactly zero."""
+    zeroed = [model.out[-1]]
+    for module in model.modules():
+        if isinstance(module, ResBlock):
+            zeroed.append(module.out_layers[-1])
+        elif isinstance(module, AttentionBlock):
+            zeroed.append(module.proj_out)
+    with torch.no_grad():
+        for layer in zeroed:
+            for p in layer.parameters():
+                p.zero_()
+    return model

@@ -240,3 +240,27 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(images_dir, tmp_path):
         a, b = _weights(full / name), _weights(out / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
     assert not list(out.glob(".*"))
+
+
+def test_a_fresh_trainer_starts_from_guided_diffusions_zero_init(images_dir):
+    """ResBlocks' last convs, attention proj_out and the output conv start at zero (as
+    guided-diffusion's zero_module), so a fresh model predicts exactly zero."""
+    tr = Trainer(load_images(images_dir, 16), ModelFlags.resolve(TINY), None, batch_size=5,
+                 device="cpu", seed=0)
+    names = [n for n, _ in tr.model.named_parameters()]
+    zeroed = [n for n in names if n.startswith("out.2.") or ".out_layers.3." in n
+              or ".proj_out." in n]
+    # every ResBlock (2 in, 1 down, 2 middle, 3 out, 1 up ... ) and attention block is covered
+    assert len([n for n in zeroed if n.endswith("out_layers.3.weight")]) >= 8
+    assert any(".proj_out." in n for n in zeroed) and "out.2.weight" in zeroed
+    params = dict(tr.model.named_parameters())
+    for n in zeroed:
+        assert torch.count_nonzero(params[n]) == 0, n
+    # the rest is not zero, and the EMA copy starts equal
+    assert torch.count_nonzero(params["input_blocks.0.0.weight"]) > 0
+    assert torch.equal(dict(tr.ema_model.named_parameters())["out.2.weight"], params["out.2.weight"])
+    tr.model.eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = tr.model(x, torch.tensor([3, 70]))
+    assert out.shape == (2, 6, 16, 16) and torch.count_nonzero(out) == 0

@@ -52,7 +52,7 @@ from ...progress import wanted
 from ..diffusion import Schedule
 from ..flags import ModelFlags
 from ..sampling import image_grid, sample
-from ..unet import UNetModel
+from ..unet import UNetModel, zero_init_
 from . import ddp, files
 from .data import DataOrder, load_images
 from .losses import training_losses
@@ -91,7 +91,7 @@ class Trainer:
         torch.manual_seed(seed)
         self.gen = torch.Generator().manual_seed(seed)
         try:
-            self.model = UNetModel.from_flags(flags).to(self.device)
+            self.model = zero_init_(UNetModel.from_flags(flags)).to(self.device)
         except DdpmsegError:
             raise
         except (ValueError, RuntimeError, ZeroDivisionError, KeyError) as exc:
