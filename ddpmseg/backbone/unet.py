@@ -21,6 +21,12 @@ from .flags import ModelFlags
 from .nn import normalization, timestep_embedding
 
 
+def _no_autograd() -> bool:
+    """Whether the fast inference path may run: under no_grad and inference_mode alike (the
+    two must give the same numbers), never where autograd records (training)."""
+    return not torch.is_grad_enabled()
+
+
 class TimestepBlock(nn.Module):
     """A module whose forward takes the timestep embedding as a second argument."""
 
@@ -51,7 +57,7 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, C, H, W) -> (N, C_out, 2H, 2W)."""
-        if self.use_conv and torch.is_inference_mode_enabled():
+        if self.use_conv and _no_autograd():
             return upsample_conv(x, self.conv)
         x = F.interpolate(x, scale_factor=2, mode="nearest")
         return self.conv(x) if self.use_conv else x
@@ -151,7 +157,7 @@ class ResBlock(TimestepBlock):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """x: (N, C, H, W), emb: (N, E) -> (N, C_out, H', W') (H' = 2H up, H/2 down)."""
-        if torch.is_inference_mode_enabled():
+        if _no_autograd():
             return self._forward_inplace(x, emb)
         if self.updown:
             # Resample between the activation and the conv: the conv then runs at the new size.
@@ -170,7 +176,7 @@ class ResBlock(TimestepBlock):
         return self.skip_connection(x) + h
 
     def _forward_inplace(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """``forward`` under inference_mode: the same operations, but every temporary that
+        """``forward`` without autograd: the same operations, but every temporary that
         only this block holds is updated in place, and an upsampling block runs its first conv
         at the input's size (``upsample_conv``). Each large activation is then allocated once
         instead of up to nine times (on the CPU every fresh allocation of a large tensor is
@@ -242,8 +248,8 @@ class AttentionBlock(nn.Module):
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
         h = self.proj_out(self.attention(self.qkv(self.norm(x))))
-        # Under inference_mode h is this block's own temporary: add in place (same value).
-        in_place = torch.is_inference_mode_enabled() and torch.result_type(h, x) == h.dtype
+        # Without autograd h is this block's own temporary: add in place (same value).
+        in_place = _no_autograd() and torch.result_type(h, x) == h.dtype
         h = h.add_(x) if in_place else x + h
         return h.reshape(b, c, *spatial)
 

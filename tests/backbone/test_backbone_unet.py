@@ -76,23 +76,24 @@ def test_early_exit_is_bit_identical_and_skips_later_blocks():
 @pytest.mark.parametrize("preset", ["tiny64_cosine", "faces_64"])
 @pytest.mark.parametrize("precision", [None, torch.bfloat16])
 def test_fast_inference_path_matches_the_direct_one(preset, precision):
-    # Under inference_mode the blocks update their own temporaries in place and fold the 3x3
-    # conv after each nearest upsample into 2x2 convs at the low size; under no_grad (and with
-    # autograd) they run the original's way. Same values up to summation order: held to 2e-6
-    # of the largest activation in float32.
+    # Without autograd (no_grad or inference_mode) the blocks update their own temporaries in
+    # place and fold the 3x3 conv after each nearest upsample into 2x2 convs at the low size;
+    # with autograd (training) they run the original's way. Same values up to summation order:
+    # held to 2e-6 of the largest activation in float32.
     flags = PRESETS[preset]
     torch.manual_seed(0)
     model = UNetModel.from_flags(flags).eval()
     size = flags.image_size
     x = torch.randn(2, 3, size, size)
     t = torch.tensor([10, 400])
+    blocks = range(len(model.output_blocks))
     autocast = torch.autocast("cpu", dtype=precision, enabled=precision is not None)
-    with torch.no_grad(), autocast:
-        want_out = model(x, t)
-        want = model.decoder_features(x, t, range(len(model.output_blocks)))
+    with torch.enable_grad(), autocast:
+        want_out = model(x, t).detach()
+        want = {b: f.detach() for b, f in model.decoder_features(x, t, blocks).items()}
     with torch.inference_mode(), autocast:
         got_out = model(x, t)
-        got = model.decoder_features(x, t, range(len(model.output_blocks)))
+        got = model.decoder_features(x, t, blocks)
     rel = 2e-6 if precision is None else 2e-2
     pairs = [(got_out, want_out)] + [(got[b], want[b]) for b in want]
     for g, w in pairs:
@@ -100,6 +101,11 @@ def test_fast_inference_path_matches_the_direct_one(preset, precision):
         assert float((g.float() - w.float()).abs().max()) <= rel * float(w.abs().max())
     # The fast path really is another path (or this test would prove nothing) ...
     assert any(not torch.equal(g, w) for g, w in pairs)
+    # ... no_grad and inference_mode callers get the same numbers, bit for bit ...
+    with torch.no_grad(), autocast:
+        assert torch.equal(model(x, t), got_out)
+        same = model.decoder_features(x, t, blocks)
+    assert all(torch.equal(same[b], got[b]) for b in got)
     # ... and a training step still works (it is never taken with autograd).
     model.train()
     model(x, t).square().mean().backward()
