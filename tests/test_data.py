@@ -212,8 +212,9 @@ def test_out_of_range_labels_say_how_many_pixels_and_name_lossy_masks(tmp_path):
 
 
 def test_report_shows_the_picture_upright(tmp_path):
-    from ddpmseg import report
+    import importlib
 
+    report = importlib.import_module("ddpmseg.report")  # the package exports a function too
     stored = np.random.default_rng(1).integers(0, 256, (4, 6, 3), dtype=np.uint8)
     _sideways(tmp_path / "p.png", stored)
     np.testing.assert_array_equal(report._original([tmp_path], "p"), np.rot90(stored, -1))

@@ -212,14 +212,15 @@ def test_webp_images_are_read_and_other_files_named(data, tmp_path, caplog):
 
 
 def test_resize_says_when_it_stretches(tmp_path, caplog):
-    from ddpmseg.data import load_image
+    from ddpmseg.data import check_image_size, image_hw, load_image
 
     Image.new("RGB", (128, 64)).save(tmp_path / "wide.png")
     Image.new("RGB", (128, 128)).save(tmp_path / "square.png")
-    assert load_image(tmp_path / "square.png", (64, 64), resize=True).shape == (64, 64, 3)
+    check_image_size(tmp_path / "square.png", image_hw(tmp_path / "square.png"), (64, 64), True)
     assert "stretches" not in caplog.text
+    check_image_size(tmp_path / "wide.png", image_hw(tmp_path / "wide.png"), (64, 64), True)
+    assert "wide.png is 128x64; --resize stretches it to 64x64" in caplog.text
     assert load_image(tmp_path / "wide.png", (64, 64), resize=True).shape == (64, 64, 3)
-    assert "wide.png is 64x128; --resize stretches it to 64x64" in caplog.text
 
 
 def test_demo_prints_its_table_on_stdout(monkeypatch, tmp_path):
