@@ -46,11 +46,9 @@ MASK_LIKE_ENDINGS = ("_mask", "_masks", "_label", "_labels", "_lbl", "_gt", "_se
 
 
 def is_mask_png(path: Path) -> bool:
-    """Whether the PNG at ``path`` can be a mask (a single-channel image)."""
-    try:
-        return _image_mode(path) in MASK_PNG_MODES
-    except BadInputError:
-        return False
+    """Whether the PNG at ``path`` can be a mask (a single-channel image). A file that cannot
+    be read, or has too many pixels, is an error naming it: "no mask" would point elsewhere."""
+    return _image_mode(path) in MASK_PNG_MODES
 
 
 def _image_mode(path: Path) -> str:

@@ -114,10 +114,11 @@ def test_max_image_pixels_means_n(tmp_path, monkeypatch):
     data.set_max_image_pixels(1999)     # 2000 pixels: above N, below PIL's own 2N
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        for read in (data.load_image, data.read_mask, data.image_hw):
+        for read in (data.load_image, data.read_mask, data.image_hw, data.is_mask_png):
+            mask = read in (data.read_mask, data.is_mask_png)
             with pytest.raises(BadInputError, match=r"big(_mask)?\.png is 50x40 = 2000 pixels, "
                                                     r"above the limit of 1999 .*--max-image-pixels"):
-                read(tmp_path / ("big_mask.png" if read is data.read_mask else "big.png"))
+                read(tmp_path / ("big_mask.png" if mask else "big.png"))
     assert not seen  # one error, no Python warning besides it
     data.set_max_image_pixels(2000)     # exactly N is allowed
     assert data.load_image(tmp_path / "big.png").shape == (40, 50, 3)
