@@ -121,10 +121,9 @@ def _some(names: list[str]) -> str:
 
 
 def _is_accepted_mask(path: Path, files: dict) -> bool:
-    """Whether ``path`` has an accepted mask name (of any stem), so it is no image."""
-    if path.suffix.lower() == ".png" and path.stem.endswith("_mask"):
-        return True
-    return path.suffix.lower() == ".png" and _is_mask_png(path, files)
+    """Whether the image file ``path`` has an accepted mask name, so it is no image."""
+    return bool(_mask_owners(path.name)) or (path.suffix.lower() == ".png"
+                                             and _is_mask_png(path, files))
 
 
 def mask_like(path: Path, images: dict[str, Path]) -> bool:
@@ -152,7 +151,7 @@ def _prefixes(stem: str) -> list[str]:
 def _note_stray_masks(folder: Path, files: dict, names: set[str]) -> None:
     stray = []
     for path in sorted(files.values()):
-        owners = _mask_owners(path, files)
+        owners = _mask_owners(path.name)
         if owners and not any(o in names for o in owners):
             stray.append(path.name)
     if stray:
@@ -161,16 +160,11 @@ def _note_stray_masks(folder: Path, files: dict, names: set[str]) -> None:
                     ACCEPTED_MASKS)
 
 
-def _mask_owners(path: Path, files: dict) -> list[str]:
-    """The image stems whose mask ``path`` would be by its name (none: not a mask name)."""
-    if path.suffix.lower() == ".npy":
-        owners = [path.stem]
-        if path.stem.endswith("_mask"):
-            owners.append(path.stem[:-len("_mask")])
-        return owners
-    if path.suffix.lower() == ".png" and path.stem.endswith("_mask"):
-        return [path.stem[:-len("_mask")]]
-    return []
+def _mask_owners(name: str) -> list[str]:
+    """The image stems whose mask a file called ``name`` is by ``mask_names`` (none: not a
+    mask name): ``a_mask.npy`` -> ``a_mask``, ``a``."""
+    tails = [pattern[1:] for pattern in mask_names("\0")]  # ".npy", "_mask.png", ...
+    return [name[:-len(t)] for t in tails if name.endswith(t) and len(name) > len(t)]
 
 
 def find_image(folder: Path, name: str) -> Path | None:
