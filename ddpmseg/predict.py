@@ -190,7 +190,8 @@ class _StoreSource:
         return len(self.names)
 
     def image_content(self) -> dict[str, tuple[str | None, bool]]:
-        """{name: (image sha256 as extract recorded it, or None; has a mask)}."""
+        """{name: (image sha256 as extract recorded it, or None; has labels other than the
+        ignore label)}."""
         recorded = content.read_state(self.store).hashes
         info = self.store.info
         # A mask of only the ignore label labels nothing: its image counts as unlabelled.
@@ -245,7 +246,7 @@ class _ImageSource:
         return len(self.samples)
 
     def image_content(self) -> dict[str, tuple[str | None, bool]]:
-        """{name: (image sha256, has a mask)}."""
+        """{name: (image sha256, has a mask labelling at least one pixel)}."""
         return {s.name: (content.file_sha256(s.image), s.mask is not None
                          and labelled(read_mask(s.mask), self.ignore_label))
                 for s in self.samples}
@@ -277,7 +278,7 @@ def open_source(path: Path, model: Ensemble, device: torch.device, checkpoint: s
     """The images of a store or an image folder, as items (name, RGB image, native maps) the
     run can predict: ``source.items(skip=names)``, ``len(source)``, ``source.size``,
     ``source.kind``, ``source.names``; ``source.image_content()`` says per name its image
-    sha256 (None where a store recorded none) and whether it has a mask."""
+    sha256 (None where a store recorded none) and whether a mask labels a pixel of it."""
     if _is_store(path):
         return _StoreSource(path, model, images_dir)
     if path.is_dir():

@@ -423,3 +423,15 @@ def test_suggest_ranks_an_image_whose_mask_labels_nothing(tmp_path, monkeypatch)
     ranked = suggest(model, folder, tmp_path / "s", device="cpu")
     assert ranked.skipped == {"q": "with a mask"}
     assert sorted(s.name for s in ranked) == ["p", "r"]
+
+
+def test_a_store_image_whose_labels_are_all_ignore_counts_as_unlabelled(tmp_path):
+    info = make_info(2, has_labels=True)
+    store = FeatureStore.create(tmp_path / "s.zarr", info)
+    store.write_image(0, make_maps(100), np.zeros(SIZE, np.uint8))
+    store.write_image(1, make_maps(101), np.full(SIZE, 255, np.uint8))
+    source = predict_module.open_source(tmp_path / "s.zarr", Ensemble(make_members(), info,
+                                                                      Config()),
+                                        torch.device("cpu"), None, False)
+    assert {n: has for n, (_, has) in source.image_content().items()} == {"img0": True,
+                                                                          "img1": False}
