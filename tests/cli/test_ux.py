@@ -281,3 +281,18 @@ def test_resuming_fit_with_another_ram_budget_says_so(trained, tmp_path):
     res = invoke(*args, "--ram-budget-gb", "3")
     assert res.exit_code == 0, res.output
     assert "note: ram_budget_gb is 3.0 now, 2.0 when the run started; resuming" in res.stderr
+
+
+def test_max_image_pixels_means_n_in_every_reading_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
+    for name in ("pred", "gt"):
+        (tmp_path / name).mkdir()
+    np.save(tmp_path / "pred" / "a.npy", np.zeros((40, 50), np.uint8))
+    Image.fromarray(np.zeros((40, 50), np.uint8)).save(tmp_path / "gt" / "a.png")
+    res = invoke("evaluate", tmp_path / "pred", tmp_path / "gt", "--num-classes", 2,
+                 "--max-image-pixels", 1999)
+    line = one_error_line(res)
+    assert "a.png is 50x40 = 2000 pixels, above the limit of 1999" in line
+    assert not (tmp_path / "pred" / "metrics.json").exists()
+    for command in ("report", "suggest", "predict", "extract"):
+        assert "--max-image-pixels" in invoke(command, "--help").output
