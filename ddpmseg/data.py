@@ -1,19 +1,23 @@
 """Reading a user's data folder: images (png/jpg/webp/bmp/tif) with optional masks of the
 same stem.
 
-Masks are ``.npy`` class-index arrays or single-channel (grey or palette) PNGs. Every problem
-is reported as our own error naming the file, before anything is written.
+Masks are ``.npy`` class-index arrays or single-channel (grey or palette) PNGs, under the names
+of ``mask_names`` (quoted to users as ``ACCEPTED_MASKS``). Every image and PNG mask is read by
+``decode``: the pixel limit checked from the header, then its EXIF orientation applied, so
+that ddpmseg sees what a viewer shows. Every problem is reported as our own error naming the
+file, before anything is written.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import BadInputError, InputNotFoundError
 
@@ -31,13 +35,33 @@ def mask_names(stem: str) -> tuple[str, ...]:
     return (f"{stem}.npy", f"{stem}_mask.png", f"{stem}_mask.npy")
 
 
+# The accepted mask names as notes and errors quote them.
+ACCEPTED_MASKS = (", ".join(mask_names("<id>"))
+                  + ", or a grey/palette <id>.png beside a <id>.jpg")
+# Formats whose compression changes pixel values: a label at a class edge becomes another.
+LOSSY_SUFFIXES = (".jpg", ".jpeg", ".webp")
+# Name endings other tools give masks: such a file is a mask under another name, not an image.
+MASK_LIKE_ENDINGS = ("_mask", "_masks", "_label", "_labels", "_lbl", "_gt", "_seg",
+                     "_segmentation", "_annotation", "_annotations", "_anno")
+
+
 def is_mask_png(path: Path) -> bool:
-    """Whether the PNG at ``path`` can be a mask (a single-channel image)."""
-    try:
-        with Image.open(path) as im:
-            return im.mode in MASK_PNG_MODES
-    except (OSError, UnidentifiedImageError):
-        return False
+    """Whether the PNG at ``path`` can be a mask (a single-channel image). A file that cannot
+    be read, or has too many pixels, is an error naming it: "no mask" would point elsewhere."""
+    return _image_mode(path) in MASK_PNG_MODES
+
+
+def _image_mode(path: Path) -> str:
+    with _open(path) as im:  # the header only
+        return im.mode
+
+
+def lossy_mask_error(path: Path) -> BadInputError:
+    return BadInputError(
+        f"mask {path} is a lossy {path.suffix.lstrip('.').upper()} file: lossy compression "
+        "changes label values at the edges between classes",
+        f"save masks losslessly as {ACCEPTED_MASKS} (export them again from the labelling "
+        "tool rather than converting this file)")
 
 
 @dataclass(frozen=True)
@@ -51,36 +75,96 @@ def list_samples(folder: str | Path, require_masks: bool = False) -> list[Sample
     """Images of ``folder`` sorted by name, each with its mask when one exists.
 
     A ``<stem>.png`` next to a ``<stem>.npy`` is the image; a PNG mask needs the image to be a
-    JPEG or the mask to be named ``<stem>_mask.png``.
+    JPEG or the mask to be named ``<stem>_mask.png``. A file that looks like a mask under
+    another name (``mask_like``) is named in a note and left out, never read as an image; a
+    lossy one is an error. Masks without an image are named in a note.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise InputNotFoundError(f"data folder {folder} does not exist", "check the path")
     files = {p.name: p for p in folder.iterdir() if p.is_file()}
-    samples = []
-    skipped = []
-    for path in sorted(files.values()):
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            if path.suffix.lower() != ".npy" and not path.name.startswith("."):
-                skipped.append(path.name)
-            continue
-        if path.stem.endswith("_mask"):
-            continue
-        if path.suffix.lower() == ".png" and _is_mask_png(path, files):
+    candidates = [p for p in sorted(files.values()) if p.suffix.lower() in IMAGE_SUFFIXES
+                  and not _is_accepted_mask(p, files)]
+    images = {p.stem: p for p in candidates}
+    skipped = [p.name for p in sorted(files.values())
+               if p.suffix.lower() not in IMAGE_SUFFIXES + (".npy",)
+               and not p.name.startswith(".")]
+    samples, other_names = [], []
+    for path in candidates:
+        if mask_like(path, images):
+            if path.suffix.lower() in LOSSY_SUFFIXES:
+                raise lossy_mask_error(path)
+            other_names.append(path.name)
             continue
         mask = _find_mask(path, files)
         if require_masks and mask is None:
-            raise BadInputError(f"image {path} has no mask ({path.stem}.npy or {path.stem}_mask.png)",
+            raise BadInputError(f"image {path} has no mask ({ACCEPTED_MASKS})",
                                 "add its mask or move the image out of the training folder")
         samples.append(Sample(path.stem, path, mask))
     if skipped:  # never silently: a user's .gif or .heic would otherwise just vanish
         log.warning("note: %d file(s) in %s are not images (%s) and were skipped: %s",
                     len(skipped), folder, "/".join(s[1:] for s in IMAGE_SUFFIXES),
-                    ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else ""))
+                    _some(skipped))
+    if other_names:
+        log.warning("note: %d file(s) in %s look like masks under another name and were not "
+                    "used, as images or as masks: %s (accepted mask names: %s)",
+                    len(other_names), folder, _some(other_names), ACCEPTED_MASKS)
+    _note_stray_masks(folder, files, {s.name for s in samples})
     if not samples:
         raise InputNotFoundError(f"no images ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)}) in "
                                  f"{folder}", "point to a folder of images")
     return samples
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+
+
+def _is_accepted_mask(path: Path, files: dict) -> bool:
+    """Whether the image file ``path`` has an accepted mask name, so it is no image."""
+    return bool(_mask_owners(path.name)) or (path.suffix.lower() == ".png"
+                                             and _is_mask_png(path, files))
+
+
+def mask_like(path: Path, images: dict[str, Path]) -> bool:
+    """Whether the image file ``path`` looks like a mask under a name ddpmseg does not accept:
+    a mask-like ending (``MASK_LIKE_ENDINGS``) after another image's stem, or on a
+    single-channel file; or a single-channel file named after a colour image plus a suffix
+    (``img1_cls.png`` beside ``img1.jpg``). Grey images beside grey images stay images."""
+    stem = path.stem
+    ending = next((e for e in MASK_LIKE_ENDINGS if stem.lower().endswith(e)), None)
+    if ending is not None and stem[:-len(ending)] in images:
+        return True
+    bases = [images[b] for b in _prefixes(stem) if b in images]
+    if ending is None and not bases:
+        return False  # cheap exit: most images are named after no other image
+    if _image_mode(path) not in MASK_PNG_MODES:
+        return False
+    return ending is not None or any(_image_mode(b) not in MASK_PNG_MODES for b in bases)
+
+
+def _prefixes(stem: str) -> list[str]:
+    # "a_b-c" -> "a_b", "a": the stems it would extend with a separator and a suffix.
+    return [stem[:i] for i in range(len(stem) - 1, 0, -1) if stem[i] in "_-."]
+
+
+def _note_stray_masks(folder: Path, files: dict, names: set[str]) -> None:
+    stray = []
+    for path in sorted(files.values()):
+        owners = _mask_owners(path.name)
+        if owners and not any(o in names for o in owners):
+            stray.append(path.name)
+    if stray:
+        log.warning("note: %d mask file(s) in %s have no image of the same stem and were not "
+                    "used: %s (accepted mask names: %s)", len(stray), folder, _some(stray),
+                    ACCEPTED_MASKS)
+
+
+def _mask_owners(name: str) -> list[str]:
+    """The image stems whose mask a file called ``name`` is by ``mask_names`` (none: not a
+    mask name): ``a_mask.npy`` -> ``a_mask``, ``a``."""
+    tails = [pattern[1:] for pattern in mask_names("\0")]  # ".npy", "_mask.png", ...
+    return [name[:-len(t)] for t in tails if name.endswith(t) and len(name) > len(t)]
 
 
 def find_image(folder: Path, name: str) -> Path | None:
@@ -109,30 +193,78 @@ def _find_mask(image: Path, files: dict) -> Path | None:
     return None
 
 
-def load_image(path: Path, size: tuple[int, int] | None = None, resize: bool = False) -> np.ndarray:
-    """RGB uint8 (H, W, 3). ``size`` is (H, W); another size is an error unless ``resize``."""
+def size_text(hw: tuple[int, int]) -> str:
+    """An (H, W) size as users read sizes, width first: ``640x480``, as image tools write."""
+    return f"{hw[1]}x{hw[0]}"
+
+
+def _open(path: Path) -> Image.Image:
+    """The file opened lazily (its header read, no pixels decoded), refused when it has more
+    pixels than the limit (``set_max_image_pixels``); the one place ddpmseg opens images."""
     try:
-        with Image.open(path) as im:
-            if im.mode in WIDE_MODES:
-                im = _wide_to_rgb(im)
-            elif im.mode != "RGB":
-                log.info("note: %s is %s, converted to RGB", path, im.mode)
-                im = im.convert("RGB")
-            if size is not None and im.size != (size[1], size[0]):
-                if not resize:
-                    raise BadInputError(
-                        f"image {path} is {im.size[1]}x{im.size[0]} but the model takes "
-                        f"{size[0]}x{size[1]}", "pass --resize to resize images (and masks)")
-                if abs(im.size[0] * size[0] - im.size[1] * size[1]) > max(size) * max(im.size) // 100:
-                    log.warning("note: %s is %dx%d; --resize stretches it to %dx%d (aspect ratio "
-                                "not kept; crop or pad it first to avoid that)", path,
-                                im.size[1], im.size[0], size[0], size[1])
-                im = im.resize((size[1], size[0]), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8).copy()
-    except Image.DecompressionBombError as exc:
+        with warnings.catch_warnings():
+            # PIL warns between its limit and twice that: our own check below refuses those.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except Image.DecompressionBombError as exc:  # more than twice the limit
         raise too_many_pixels(path) from exc
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise BadInputError(f"cannot read image {path} ({exc})", "replace or remove the file") from exc
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and im.size[0] * im.size[1] > limit:
+        im.close()
+        raise too_many_pixels(path, (im.size[1], im.size[0]))
+    return im
+
+
+def decode(path: Path) -> Image.Image:
+    """The image or PNG mask at ``path``, decoded and turned as its EXIF orientation says
+    (``ImageOps.exif_transpose``): a phone photo stored sideways comes out as viewers show it.
+    Every image and PNG mask ddpmseg reads comes through here."""
+    with _open(path) as im:
+        try:
+            return ImageOps.exif_transpose(im)  # decodes; a copy that outlives the file
+        except (OSError, SyntaxError, ValueError) as exc:  # truncated or damaged data
+            raise BadInputError(f"cannot read image {path} ({exc})",
+                                "replace or remove the file") from exc
+
+
+def image_hw(path: Path) -> tuple[int, int]:
+    """(H, W) of an image as shown (EXIF orientation applied), decoded in full: a truncated
+    file fails here, before anything is written, not halfway through a run."""
+    return decode(path).size[::-1]
+
+
+def check_image_size(path: Path, hw: tuple[int, int], size: tuple[int, int],
+                     resize: bool) -> None:
+    """An image of (H, W) ``hw`` against the model's ``size``: another size is an error
+    unless ``resize``; a stretch that changes the aspect ratio gets a note (once: call this
+    where inputs are checked, not where they are loaded)."""
+    if tuple(hw) == tuple(size):
+        return
+    if not resize:
+        raise BadInputError(f"image {path} is {size_text(hw)} but the model takes "
+                            f"{size_text(size)}", "pass --resize to resize images (and masks)")
+    if abs(hw[1] * size[0] - hw[0] * size[1]) > max(size) * max(hw) // 100:
+        log.warning("note: %s is %s; --resize stretches it to %s (aspect ratio not kept; crop "
+                    "or pad it first to avoid that)", path, size_text(hw), size_text(size))
+
+
+def load_image(path: Path, size: tuple[int, int] | None = None, resize: bool = False) -> np.ndarray:
+    """RGB uint8 (H, W, 3) as shown. ``size`` is (H, W); another size is an error unless
+    ``resize`` (the stretch note is ``check_image_size``'s, given where inputs are checked)."""
+    im = decode(path)
+    if im.mode in WIDE_MODES:
+        im = _wide_to_rgb(im)
+    elif im.mode != "RGB":
+        log.info("note: %s is %s, converted to RGB", path, im.mode)
+        im = im.convert("RGB")
+    hw = (im.size[1], im.size[0])
+    if size is not None and hw != tuple(size):
+        if not resize:
+            check_image_size(path, hw, size, resize)  # raises
+        im = im.resize((size[1], size[0]), Image.BILINEAR)
+    return np.asarray(im, dtype=np.uint8).copy()
 
 
 # Grey images of more than 8 bits: PIL's convert("RGB") clips them at 255 (a 16-bit image
@@ -148,14 +280,20 @@ def _wide_to_rgb(im: Image.Image) -> Image.Image:
 
 
 def set_max_image_pixels(pixels: int | None) -> None:
-    """Raise (or lower) PIL's decompression-bomb limit: images above it are refused."""
+    """Set the decompression-bomb limit: an image of more than ``pixels`` pixels is refused
+    from its header, before it is decoded. It is PIL's own setting (PIL refuses only above
+    twice it, ``_open`` refuses above it), so one number holds for every read."""
     if pixels is not None:
         Image.MAX_IMAGE_PIXELS = int(pixels)
 
 
-def too_many_pixels(path: Path) -> BadInputError:
-    return BadInputError(f"image {path} has more pixels than the limit of "
-                         f"{Image.MAX_IMAGE_PIXELS} (a guard against decompression bombs)",
+def too_many_pixels(path: Path, hw: tuple[int, int] | None = None) -> BadInputError:
+    # Without hw PIL refused the file itself, above twice the limit, before telling its size.
+    limit = Image.MAX_IMAGE_PIXELS
+    what = (f"is {size_text(hw)} = {hw[0] * hw[1]} pixels" if hw is not None
+            else f"has more than {2 * limit} pixels")
+    return BadInputError(f"image {path} {what}, above the limit of {limit} pixels "
+                         "(--max-image-pixels, a guard against decompression bombs)",
                          "if the file is trusted, raise the limit with --max-image-pixels N")
 
 
@@ -175,8 +313,8 @@ def load_mask(path: Path, size: tuple[int, int], resize: bool = False,
     mask = read_mask(path)
     if mask.shape != tuple(size):
         if not resize:
-            raise BadInputError(f"mask {path} is {mask.shape[0]}x{mask.shape[1]} but its image "
-                                f"is {size[0]}x{size[1]}", hint)
+            raise BadInputError(f"mask {path} is {size_text(mask.shape)} but its image is "
+                                f"{size_text(size)}", hint)
         im = Image.fromarray(mask).resize((size[1], size[0]), Image.NEAREST)
         mask = np.asarray(im, dtype=np.uint8).copy()
     return mask
@@ -187,12 +325,14 @@ def read_mask(path: Path) -> np.ndarray:
     try:
         if path.suffix.lower() == ".npy":
             mask = np.load(path, allow_pickle=False)
+        elif path.suffix.lower() in LOSSY_SUFFIXES:
+            raise lossy_mask_error(path)
         else:
-            with Image.open(path) as im:
-                if im.mode not in MASK_PNG_MODES:
-                    raise BadInputError(f"mask {path} is a {im.mode} image",
-                                        "masks must be class indices: a grey or palette PNG or .npy")
-                mask = np.asarray(im)
+            im = decode(path)  # a mask turned as its image is, by its EXIF orientation
+            if im.mode not in MASK_PNG_MODES:
+                raise BadInputError(f"mask {path} is a {im.mode} image",
+                                    "masks must be class indices: a grey or palette PNG or .npy")
+            mask = np.asarray(im)
     except BadInputError:
         raise
     except (OSError, ValueError, UnidentifiedImageError) as exc:
@@ -210,10 +350,46 @@ def read_mask(path: Path) -> np.ndarray:
 
 
 def check_labels(mask: np.ndarray, num_classes: int, ignore_label: int, path: Path) -> None:
-    bad = np.setdiff1d(np.unique(mask), [*range(num_classes), ignore_label])
-    if bad.size:
-        raise BadInputError(f"mask {path} has labels {bad.tolist()} outside 0..{num_classes - 1} "
-                            f"(ignore label {ignore_label})", "pass --num-classes N (data.num_classes) or a --config with the right class count")
+    """Every label a class index or the ignore label; else an error saying how many pixels are
+    out of range, and blaming lossy compression when they are few and along class edges."""
+    allowed = np.zeros(256, bool)
+    allowed[:num_classes] = True
+    allowed[ignore_label] = True
+    bad = ~allowed[mask]
+    if not bad.any():
+        return
+    labels = np.unique(mask[bad]).tolist()
+    what = (f"mask {path} has labels {labels} outside 0..{num_classes - 1} (ignore label "
+            f"{ignore_label}) on {int(bad.sum())} of {mask.size} pixels")
+    count_hint = "pass --num-classes N (data.num_classes) or a --config with the right class count"
+    if _looks_lossy(mask, bad):
+        raise BadInputError(what, "they lie scattered along class edges, as lossy compression "
+                                  "(JPEG, WebP) leaves them: export the mask again losslessly "
+                                  f"({ACCEPTED_MASKS}); if they are real classes, {count_hint}")
+    raise BadInputError(what, count_hint)
+
+
+def _looks_lossy(mask: np.ndarray, bad: np.ndarray) -> bool:
+    # JPEG rings at class edges: a few stray values, most beside a pixel of another label. A
+    # real class beyond the count fills regions instead, whose pixels mostly have like
+    # neighbours.
+    if bad.sum() > 0.05 * mask.size:
+        return False
+    edge = np.zeros_like(bad)
+    for axis in (0, 1):
+        step = np.diff(mask, axis=axis) != 0
+        lo = [slice(None)] * 2
+        hi = [slice(None)] * 2
+        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+        edge[tuple(lo)] |= step
+        edge[tuple(hi)] |= step
+    return (edge & bad).sum() > 0.5 * bad.sum()
+
+
+def labelled(mask: np.ndarray, ignore_label: int) -> bool:
+    """Whether ``mask`` labels at least one pixel (a mask of only the ignore label does not:
+    its image counts as unlabelled)."""
+    return bool((mask != ignore_label).any())
 
 
 def drop_rare_classes(mask: np.ndarray, num_classes: int, ignore_label: int,

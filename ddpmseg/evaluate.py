@@ -24,7 +24,8 @@ import numpy as np
 from PIL import Image
 
 from . import render
-from .data import check_labels, is_mask_png, mask_names, read_mask
+from .data import (LOSSY_SUFFIXES, MASK_LIKE_ENDINGS, check_labels,
+                   is_mask_png, lossy_mask_error, mask_names, read_mask, size_text)
 from .errors import BadInputError, ConfigError, InputNotFoundError
 from .fileio import write_json
 from .locking import writer_lock
@@ -60,9 +61,18 @@ def find_ground_truth(gt_dir: Path, name: str) -> Path:
     png = gt_dir / f"{name}.png"
     if png.is_file() and is_mask_png(png):
         return png
-    raise BadInputError(f"no ground truth for prediction {name!r}: {gt_dir / (name + '.npy')} "
-                        f"(or {name}_mask.png) does not exist",
-                        "give the folder holding the test masks, or remove the prediction")
+    lossy = [gt_dir / f"{name}_mask{s}" for s in LOSSY_SUFFIXES]
+    for path in lossy:
+        if path.is_file():
+            raise lossy_mask_error(path)
+    others = sorted(p.name for p in gt_dir.iterdir()
+                    if p.stem.startswith(name) and p.stem[len(name):] in MASK_LIKE_ENDINGS)
+    raise BadInputError(f"no ground truth for prediction {name!r}: none of "
+                        f"{', '.join(mask_names(name))} or a grey/palette {name}.png is in "
+                        f"{gt_dir}" + (f"; {others[0]} is not one of these names"
+                                       if others else ""),
+                        "give the folder holding the test masks, rename the masks, or remove "
+                        "the prediction")
 
 
 class _StoreLabels:
@@ -219,8 +229,8 @@ def _evaluate(pred_dir: Path, gt_dir: Path, num_classes, ignore_label, class_nam
         if pred.shape != gt.shape and resize:
             gt = _resized_mask(gt, pred.shape)
         if pred.shape != gt.shape:
-            raise BadInputError(f"prediction {pred_path} is {pred.shape[0]}x{pred.shape[1]} but "
-                                f"its ground truth {gt_path} is {gt.shape[0]}x{gt.shape[1]}",
+            raise BadInputError(f"prediction {pred_path} is {size_text(pred.shape)} but "
+                                f"its ground truth {gt_path} is {size_text(gt.shape)}",
                                 "pass --resize to resize the masks to the predictions")
         check_labels(gt, num_classes, ignore_label, gt_path)
         bad = np.setdiff1d(np.unique(pred), [*range(num_classes), ignore_label])

@@ -30,7 +30,8 @@ from . import __version__, render, voting
 from .backbone import load_backbone as factory_load_backbone
 from .bundled import resolve_checkpoint
 from .classifier import Ensemble, load_ensemble
-from .data import find_image, image_tensor, list_samples, load_image
+from .data import (check_image_size, find_image, image_hw, image_tensor, labelled, list_samples,
+                   load_image, read_mask)
 from .device import resolve_device
 from .errors import (BadInputError, ConfigError, InputNotFoundError, RunError, StoreError,
                      StoreMismatchError)
@@ -189,10 +190,14 @@ class _StoreSource:
         return len(self.names)
 
     def image_content(self) -> dict[str, tuple[str | None, bool]]:
-        """{name: (image sha256 as extract recorded it, or None; has a mask)}."""
+        """{name: (image sha256 as extract recorded it, or None; has labels other than the
+        ignore label)}."""
         recorded = content.read_state(self.store).hashes
-        return {n: ((recorded.get(n) or [None])[0], self.store.info.has_labels)
-                for n in self.names}
+        info = self.store.info
+        # A mask of only the ignore label labels nothing: its image counts as unlabelled.
+        return {n: ((recorded.get(n) or [None])[0],
+                    info.has_labels and labelled(self.store.labels(i), info.ignore_label))
+                for i, n in enumerate(self.names)}
 
     def items(self, skip: Collection[str] = ()) -> Iterator[_Item]:
         for i, name in enumerate(self.names):
@@ -218,9 +223,11 @@ class _ImageSource:
         self.size = self.spec.image_size
         self.resize = resize
         self.device = device
-        # Check every image's size before the (slow) backbone load and before any output.
+        self.ignore_label = model.info.ignore_label
+        # Check every image's size before the (slow) backbone load and before any output
+        # (each stretch is noted here, once).
         for s in self.samples:
-            load_image(s.image, self.size, resize)  # raises BadInputError naming the file
+            check_image_size(s.image, image_hw(s.image), self.size, resize)
         self.checkpoint = _resolve_checkpoint(checkpoint, model)
         self.names = [s.name for s in self.samples]
         want = self.spec.backbone
@@ -239,8 +246,9 @@ class _ImageSource:
         return len(self.samples)
 
     def image_content(self) -> dict[str, tuple[str | None, bool]]:
-        """{name: (image sha256, has a mask)}."""
-        return {s.name: (content.file_sha256(s.image), s.mask is not None)
+        """{name: (image sha256, has a mask labelling at least one pixel)}."""
+        return {s.name: (content.file_sha256(s.image), s.mask is not None
+                         and labelled(read_mask(s.mask), self.ignore_label))
                 for s in self.samples}
 
     def items(self, skip: Collection[str] = ()) -> Iterator[_Item]:
@@ -270,7 +278,7 @@ def open_source(path: Path, model: Ensemble, device: torch.device, checkpoint: s
     """The images of a store or an image folder, as items (name, RGB image, native maps) the
     run can predict: ``source.items(skip=names)``, ``len(source)``, ``source.size``,
     ``source.kind``, ``source.names``; ``source.image_content()`` says per name its image
-    sha256 (None where a store recorded none) and whether it has a mask."""
+    sha256 (None where a store recorded none) and whether a mask labels a pixel of it."""
     if _is_store(path):
         return _StoreSource(path, model, images_dir)
     if path.is_dir():

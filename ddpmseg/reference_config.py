@@ -128,11 +128,12 @@ def check_dim(dim, flags_source: str, steps, blocks, where: str) -> None:
     import torch
 
     from .backbone import ModelFlags, UNetModel
+    from .data import size_text
 
     flags = ModelFlags.resolve(flags_source)
     height, width, feat = dim
     if (height, width) != (flags.image_size, flags.image_size):
-        raise ConfigError(f"{where}: dim {list(dim)} says {height}x{width} images, the backbone "
+        raise ConfigError(f"{where}: dim {list(dim)} says {size_text((height, width))} images, the backbone "
                           f"({flags_source}) takes {flags.image_size}x{flags.image_size}",
                           "fix dim or the model flags")
     with torch.device("meta"):
@@ -158,7 +159,8 @@ def _flags_source(raw: dict, path: Path, checkpoint: Path, preset: str | None, d
         return preset
     if list(dim[:2]) == [256, 256]:
         return _DEFAULT_256_PRESET
-    raise ConfigError(f"{path}: cannot tell the UNet's flags for {dim[0]}x{dim[1]} images",
+    from .data import size_text  # here: reading a config needs no torch
+    raise ConfigError(f"{path}: cannot tell the UNet's flags for {size_text(dim[:2])} images",
                       f"put them in {beside.name} beside the checkpoint (as "
                       "guided-diffusion's flag dict) or pass a preset")
 

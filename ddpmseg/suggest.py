@@ -5,7 +5,8 @@ over pixels of the members' disagreement: the Jensen-Shannon divergence of their
 outputs (``by="jsd"``, what the members disagree on) or the entropy of their mean (``by=
 "entropy"``, what the ensemble as a whole is unsure of). Images are ranked by score, highest
 first. Images that are labelled already are left out (``include_labelled`` ranks them too):
-those with a mask (an image folder's mask file, a store extracted with labels) and those the
+those with a mask that labels a pixel (an image folder's mask file, a store extracted with
+labels; a mask of only the ignore label labels nothing) and those the
 run was trained on (the same image bytes, by the sha256 the run's store recorded). With ``diverse``, the ranking is greedy: each next image maximises its score (scaled by
 the highest) minus ``penalty`` x its largest cosine similarity to an image already chosen,
 measured on the images' mean-pooled features (each stored map averaged over its pixels,

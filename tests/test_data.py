@@ -34,7 +34,7 @@ def test_image_size_and_modes(tmp_path):
     _image(tmp_path / "g.png", size=(6, 4), mode="L")
     img = data.load_image(tmp_path / "g.png")
     assert img.shape == (4, 6, 3) and img.dtype == np.uint8
-    with pytest.raises(BadInputError, match="g.png is 4x6"):
+    with pytest.raises(BadInputError, match="g.png is 6x4"):
         data.load_image(tmp_path / "g.png", size=(8, 8))
     assert data.load_image(tmp_path / "g.png", size=(8, 8), resize=True).shape == (8, 8, 3)
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
@@ -71,3 +71,151 @@ def test_rare_classes_become_ignore():
     # The ignore label itself is never relabelled, even when it is a class index (bedroom_28).
     mask[9, 9] = 0
     assert data.drop_rare_classes(mask, 3, 0, min_pixels=20)[0, 0] == 0
+
+
+# -- images as people have them (issue 22) -------------------------------------------------------
+
+ORIENTATION = 0x0112  # the EXIF tag
+
+
+def _sideways(path, stored, orientation=6, **kw):
+    """Save ``stored`` with an EXIF Orientation tag: a viewer shows it turned (6: 90 degrees
+    clockwise), as phone cameras write portrait photos."""
+    exif = Image.Exif()
+    exif[ORIENTATION] = orientation
+    Image.fromarray(stored).save(path, exif=exif.tobytes(), **kw)
+
+
+def test_exif_orientation_is_applied_to_images_and_masks(tmp_path):
+    rng = np.random.default_rng(0)
+    stored = rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)     # 6 wide, 4 high as stored
+    _sideways(tmp_path / "p.png", stored)
+    upright = np.rot90(stored, k=-1)                               # 4 wide, 6 high as shown
+    np.testing.assert_array_equal(data.load_image(tmp_path / "p.png"), upright)
+    assert data.image_hw(tmp_path / "p.png") == (6, 4)
+    # A phone JPEG: the displayed size, and the pixels of the displayed picture.
+    _sideways(tmp_path / "phone.jpg", np.repeat(stored, 8, axis=0).repeat(8, axis=1), quality=95)
+    assert data.load_image(tmp_path / "phone.jpg").shape == (48, 32, 3)
+    # A PNG mask with the tag is turned as its image is.
+    labels = rng.integers(0, 5, (4, 6), dtype=np.uint8)
+    _sideways(tmp_path / "p_mask.png", labels)
+    np.testing.assert_array_equal(data.read_mask(tmp_path / "p_mask.png"), np.rot90(labels, -1))
+    # Orientation 1 (or none) changes nothing.
+    _sideways(tmp_path / "q.png", stored, orientation=1)
+    np.testing.assert_array_equal(data.load_image(tmp_path / "q.png"), stored)
+
+
+def test_max_image_pixels_means_n(tmp_path, monkeypatch):
+    import warnings
+
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "big.png")
+    Image.fromarray(np.zeros((40, 50), np.uint8)).save(tmp_path / "big_mask.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
+    data.set_max_image_pixels(1999)     # 2000 pixels: above N, below PIL's own 2N
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for read in (data.load_image, data.read_mask, data.image_hw, data.is_mask_png):
+            mask = read in (data.read_mask, data.is_mask_png)
+            with pytest.raises(BadInputError, match=r"big(_mask)?\.png is 50x40 = 2000 pixels, "
+                                                    r"above the limit of 1999 .*--max-image-pixels"):
+                read(tmp_path / ("big_mask.png" if mask else "big.png"))
+    assert not seen  # one error, no Python warning besides it
+    data.set_max_image_pixels(2000)     # exactly N is allowed
+    assert data.load_image(tmp_path / "big.png").shape == (40, 50, 3)
+    data.set_max_image_pixels(500)      # above 2N: PIL's own error, the same one line
+    with pytest.raises(BadInputError, match=r"big\.png .*limit of 500 .*--max-image-pixels"):
+        data.load_image(tmp_path / "big.png")
+
+
+def test_sizes_are_written_width_x_height(tmp_path, caplog):
+    _image(tmp_path / "wide.png", size=(6, 4))     # PIL sizes are (width, height)
+    with pytest.raises(BadInputError, match=r"wide\.png is 6x4 but the model takes 8x8"):
+        data.check_image_size(tmp_path / "wide.png", (4, 6), (8, 8), resize=False)
+    np.save(tmp_path / "m.npy", np.zeros((4, 6), np.uint8))
+    with pytest.raises(BadInputError, match=r"m\.npy is 6x4 but its image is 10x8"):
+        data.load_mask(tmp_path / "m.npy", (8, 10))
+    data.check_image_size(tmp_path / "wide.png", (4, 6), (8, 8), resize=True)
+    assert "wide.png is 6x4; --resize stretches it to 8x8" in caplog.text
+
+
+def _names(samples):
+    return [(s.name, s.mask and s.mask.name) for s in samples]
+
+
+def test_masks_under_other_names_are_named_not_read_as_images(tmp_path, caplog):
+    for stem in ("a", "b", "c"):
+        _image(tmp_path / f"{stem}.png")
+    _image(tmp_path / "a_label.png", mode="L")       # another tool's mask name
+    _image(tmp_path / "b_gt.png", mode="P")
+    _image(tmp_path / "c_cls.png", mode="L")         # grey, named after a colour image
+    np.save(tmp_path / "c.npy", np.zeros((8, 8), np.uint8))
+    assert _names(data.list_samples(tmp_path)) == [("a", None), ("b", None), ("c", "c.npy")]
+    notes = [r.getMessage() for r in caplog.records if "accepted" in r.getMessage()]
+    assert len(notes) == 1
+    for name in ("a_label.png", "b_gt.png", "c_cls.png", data.ACCEPTED_MASKS):
+        assert name in notes[0]
+    assert "<id>_mask.png" in data.ACCEPTED_MASKS and "<id>.npy" in data.ACCEPTED_MASKS
+
+
+def test_grey_images_with_similar_names_stay_images(tmp_path, caplog):
+    _image(tmp_path / "g.png", mode="L")
+    _image(tmp_path / "g_2.png", mode="L")
+    assert _names(data.list_samples(tmp_path)) == [("g", None), ("g_2", None)]
+    assert "accepted" not in caplog.text
+
+
+@pytest.mark.parametrize("name", ["a_mask.jpg", "a_mask.jpeg", "a_mask.webp", "a_label.jpg"])
+def test_lossy_masks_are_refused(tmp_path, name):
+    _image(tmp_path / "a.png")
+    _image(tmp_path / name, mode="L")
+    with pytest.raises(BadInputError, match=rf"{name}.*lossy.*label values") as err:
+        data.list_samples(tmp_path)
+    assert "<id>_mask.png" in err.value.hint
+
+
+def test_stray_masks_get_a_note(tmp_path, caplog):
+    _image(tmp_path / "a.png")
+    np.save(tmp_path / "a.npy", np.zeros((8, 8), np.uint8))
+    np.save(tmp_path / "gone.npy", np.zeros((8, 8), np.uint8))
+    _image(tmp_path / "lost_mask.png", mode="L")
+    assert _names(data.list_samples(tmp_path)) == [("a", "a.npy")]
+    notes = [r.getMessage() for r in caplog.records if "no image" in r.getMessage()]
+    assert len(notes) == 1 and "gone.npy" in notes[0] and "lost_mask.png" in notes[0]
+    assert "a.npy" not in notes[0]
+
+
+def _jpeg_damaged(mask):
+    """``mask`` once saved as a JPEG and read back: values change along the class edges."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(mask).save(buf, format="JPEG", quality=75)
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())))
+
+
+def test_out_of_range_labels_say_how_many_pixels_and_name_lossy_masks(tmp_path):
+    mask = np.zeros((64, 64), np.uint8)
+    mask[13:47, 19:45] = 10    # edges off JPEG's 8-pixel blocks: ringing there
+    mask[30:, 30:] = 3
+    damaged = _jpeg_damaged(mask)
+    bad = int(((damaged > 10) & (damaged != 255)).sum())
+    assert 0 < bad < 200
+    with pytest.raises(BadInputError) as err:
+        data.check_labels(damaged, 11, 255, tmp_path / "m.png")
+    assert f"on {bad} of 4096 pixels" in str(err.value)
+    assert "lossy" in err.value.hint and "JPEG" in err.value.hint
+    # A real class beyond the count: a region, not scattered pixels: the class count is the fix.
+    mask[:20, :] = 12
+    with pytest.raises(BadInputError) as err:
+        data.check_labels(mask, 11, 255, tmp_path / "m.png")
+    assert "on 1280 of 4096 pixels" in str(err.value)
+    assert "lossy" not in err.value.hint and "--num-classes" in err.value.hint
+
+
+def test_report_shows_the_picture_upright(tmp_path):
+    import importlib
+
+    report = importlib.import_module("ddpmseg.report")  # the package exports a function too
+    stored = np.random.default_rng(1).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    _sideways(tmp_path / "p.png", stored)
+    np.testing.assert_array_equal(report._original([tmp_path], "p"), np.rot90(stored, -1))

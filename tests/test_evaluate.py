@@ -167,7 +167,7 @@ def test_missing_ground_truth_names_the_file(dirs):
 def test_size_mismatch_names_the_files(dirs):
     pred, gt = dirs
     np.save(pred / "a.npy", np.zeros((3, 4), np.uint8))
-    with pytest.raises(BadInputError, match=r"a\.npy.*3x4.*2x4"):
+    with pytest.raises(BadInputError, match=r"a\.npy is 4x3 .*a\.npy is 4x2"):
         evaluate(pred, gt, num_classes=4, ignore_label=255)
 
 
@@ -181,3 +181,16 @@ def test_bad_labels_and_missing_dirs(dirs, tmp_path):
         evaluate(pred, tmp_path / "nowhere", num_classes=4, ignore_label=255)
     with pytest.raises(ConfigError, match="num-classes"):
         evaluate(pred, gt)  # no predict.json, no num_classes
+
+
+def test_ground_truth_under_another_name_is_named_and_lossy_is_refused(tmp_path):
+    from ddpmseg.evaluate import find_ground_truth
+
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "p_label.png")
+    with pytest.raises(BadInputError) as err:
+        find_ground_truth(tmp_path, "p")
+    assert "none of p.npy, p_mask.png, p_mask.npy or a grey/palette p.png" in str(err.value)
+    assert "p_label.png is not one of these names" in str(err.value)
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "p_mask.jpg")
+    with pytest.raises(BadInputError, match=r"p_mask\.jpg is a lossy JPG file"):
+        find_ground_truth(tmp_path, "p")

@@ -369,3 +369,69 @@ def test_image_folder_equals_store_with_real_backbone(tmp_path):
         assert np.array_equal(np.load(tmp_path / "o1" / f"{name}_entropy.npy"),
                               np.load(tmp_path / "o2" / f"{name}_entropy.npy"))
     assert len(np.unique(np.load(tmp_path / "o1" / f"{names[0]}.npy"))) > 1
+
+
+def _substitute_model(tmp_path, monkeypatch):
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"weights")
+    monkeypatch.setattr(predict_module, "load_backbone", lambda *a: FakeBackbone())
+    return Ensemble(make_members(), make_info(), Config(model=ModelConfig(checkpoint=str(ckpt))))
+
+
+def test_image_folder_reads_a_sideways_photo_upright(tmp_path, monkeypatch):
+    """A photo stored sideways with EXIF Orientation=6 is predicted as it is shown: the same
+    masks as the upright pixels, at the displayed size (the model's 24x20 here)."""
+    model = _substitute_model(tmp_path, monkeypatch)
+    upright = np.random.default_rng(0).integers(0, 256, (*SIZE, 3)).astype(np.uint8)
+    for folder in ("phone", "plain"):
+        (tmp_path / folder).mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = np.ascontiguousarray(np.rot90(upright, 1))  # 20 wide, 24 high in the file
+    Image.fromarray(stored).save(tmp_path / "phone" / "p.png", exif=exif.tobytes())
+    Image.fromarray(upright).save(tmp_path / "plain" / "p.png")
+    for folder in ("phone", "plain"):
+        predict(model, tmp_path / folder, tmp_path / f"out-{folder}", device="cpu",
+                progress=False)
+    got = np.load(tmp_path / "out-phone" / "p.npy")
+    assert got.shape == SIZE
+    np.testing.assert_array_equal(got, np.load(tmp_path / "out-plain" / "p.npy"))
+
+
+def test_resize_notes_each_stretch_once_width_x_height(tmp_path, monkeypatch, caplog):
+    model = _substitute_model(tmp_path, monkeypatch)
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save(tmp_path / "imgs" / "q.png")
+    predict(model, tmp_path / "imgs", tmp_path / "out", resize=True, device="cpu",
+            progress=False)
+    notes = [r.getMessage() for r in caplog.records if "stretches" in r.getMessage()]
+    assert len(notes) == 1 and "q.png is 30x40; --resize stretches it to 24x20" in notes[0]
+
+
+def test_suggest_ranks_an_image_whose_mask_labels_nothing(tmp_path, monkeypatch):
+    from ddpmseg.suggest import suggest
+
+    model = _substitute_model(tmp_path, monkeypatch)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("p", "q", "r"):
+        Image.fromarray(rng.integers(0, 256, (*SIZE, 3)).astype(np.uint8)).save(
+            folder / f"{name}.png")
+    np.save(folder / "q.npy", np.zeros(SIZE, np.uint8))
+    np.save(folder / "r.npy", np.full(SIZE, 255, np.uint8))   # only the ignore label
+    ranked = suggest(model, folder, tmp_path / "s", device="cpu")
+    assert ranked.skipped == {"q": "with a mask"}
+    assert sorted(s.name for s in ranked) == ["p", "r"]
+
+
+def test_a_store_image_whose_labels_are_all_ignore_counts_as_unlabelled(tmp_path):
+    info = make_info(2, has_labels=True)
+    store = FeatureStore.create(tmp_path / "s.zarr", info)
+    store.write_image(0, make_maps(100), np.zeros(SIZE, np.uint8))
+    store.write_image(1, make_maps(101), np.full(SIZE, 255, np.uint8))
+    source = predict_module.open_source(tmp_path / "s.zarr", Ensemble(make_members(), info,
+                                                                      Config()),
+                                        torch.device("cpu"), None, False)
+    assert {n: has for n, (_, has) in source.image_content().items()} == {"img0": True,
+                                                                          "img1": False}

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
+from ..data import size_text
 from ..errors import ConfigError, InputNotFoundError, RunError
 from ..backbone import Backbone, BackboneId, ModelFlags
 from ..bundled import resolve_checkpoint
@@ -175,7 +176,7 @@ def export_run(run_dir, out_dir, *, format: str = "reference", overwrite: bool =
     cfg, info, states = _read_run(run_dir)
     _check_target(out_dir, overwrite, ("ddpm.json", f"{EXPORT_SUBDIR}/*/model_*.pth"), "output")
     if tuple(info.image_size)[0] != tuple(info.image_size)[1]:
-        raise RunError(f"{run_dir} was trained on {info.image_size[0]}x{info.image_size[1]} "
+        raise RunError(f"{run_dir} was trained on {size_text(info.image_size)} "
                        "images; the reference's models are square", "keep it in ddpmseg")
     checkpoint = _checkpoint_path(cfg)
     if cfg.classifier.etf != "none":

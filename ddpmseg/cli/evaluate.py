@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from ..evaluate import evaluate, format_table
-from .common import config_option, ignore_label_option, num_classes_option, resolve_config
+from .common import (config_option, ignore_label_option, max_pixels_option, num_classes_option,
+                     resolve_config)
 
 
 @click.command("evaluate")
@@ -14,6 +15,7 @@ from .common import config_option, ignore_label_option, num_classes_option, reso
 @config_option
 @num_classes_option
 @ignore_label_option
+@max_pixels_option
 @click.option("--mask-ignore", is_flag=True,
               help="Drop ground-truth ignore pixels before counting (stricter than the "
                    "reference, which counts predictions there in the class's union).")

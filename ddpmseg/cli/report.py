@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from .common import max_pixels_option
+
 
 @click.command("report")
 @click.argument("pred_dir", metavar="PRED_DIR")
@@ -15,6 +17,7 @@ import click
                    "`evaluate --resize`.")
 @click.option("--out", "out_dir", default=None, metavar="DIR",
               help="Where index.html and its pictures go. [default: PRED_DIR/report]")
+@max_pixels_option
 def command(pred_dir, gt_dir, resize, out_dir):
     """Write a self-contained HTML report of the predictions in PRED_DIR and print the path of
     its index.html. It opens from file:// without a server and copies as a folder.

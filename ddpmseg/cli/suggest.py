@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..suggest import CSV_FILE, SCORES, SHEET_FILE, skipped_line, suggest
-from .common import device_option, threads_option
+from .common import device_option, max_pixels_option, threads_option
 
 
 @click.command("suggest")
@@ -34,6 +34,7 @@ from .common import device_option, threads_option
                    "elsewhere.")
 @device_option
 @threads_option()
+@max_pixels_option
 def command(run, input_path, out_dir, top, by, diverse, include_labelled, images_dir, resize,
             checkpoint, device):
     """Rank the images of INPUT (a feature store or a folder of unlabelled images) by how

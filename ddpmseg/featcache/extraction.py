@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from distributed import as_completed
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from .. import data as D
@@ -239,49 +239,39 @@ def _check_settings(steps, blocks, dtype, precision, batch_size, dc) -> None:
         raise ConfigError(f"data.ignore_label must be 0..255, got {dc.ignore_label}")
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """(H, W) of an image, decoded in full: a truncated file must fail here, before the
-    store is created, not halfway through writing it."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.size[1], im.size[0]
-    except Image.DecompressionBombError as exc:
-        raise D.too_many_pixels(path) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise BadInputError(f"cannot read image {path} ({exc})",
-                            "replace or remove the file") from exc
-
-
 def _read_inputs(data_dir, size: tuple[int, int], resize: bool, dc) -> _Inputs:
     samples = D.list_samples(data_dir)
     with_mask = [s for s in samples if s.mask is not None]
     if with_mask and len(with_mask) < len(samples):
         lone = next(s for s in samples if s.mask is None)
         raise BadInputError(
-            f"image {lone.image} has no mask ({lone.name}.npy or {lone.name}_mask.png) while "
+            f"image {lone.image} has no mask ({D.ACCEPTED_MASKS}) while "
             f"{len(with_mask)} of the {len(samples)} images in {data_dir} have one",
             "add its mask, or move it to a folder of unlabelled images (a folder without any "
             "mask makes a prediction-only store)")
-    labels = []
+    labels, unlabelled = [], []
     for s in samples:
-        hw = _image_size(s.image)
-        if hw != size and not resize:
-            raise BadInputError(f"image {s.image} is {hw[0]}x{hw[1]} but the model takes "
-                                f"{size[0]}x{size[1]}",
-                                "pass --resize to resize images (and masks)")
+        hw = D.image_hw(s.image)
+        D.check_image_size(s.image, hw, size, resize)
         if s.mask is None:
             labels.append(None)
             continue
         # The mask must match its own image (--resize resizes both to the model's size).
         mask = D.load_mask(s.mask, hw, hint="make the mask the size of its image")
         D.check_labels(mask, dc.num_classes, dc.ignore_label, s.mask)
+        if not D.labelled(mask, dc.ignore_label):
+            unlabelled.append(s.mask.name)
         if hw != size:
             # Nearest neighbour: labels stay labels.
             mask = np.asarray(Image.fromarray(mask).resize((size[1], size[0]), Image.NEAREST),
                               dtype=np.uint8)
         labels.append(D.drop_rare_classes(mask, dc.num_classes, dc.ignore_label,
                                           dc.min_class_pixels))
+    if unlabelled:  # fit trains on none of their pixels: say so rather than count them
+        log.warning("note: %d mask(s) in %s hold only the ignore label %d, so their images are "
+                    "unlabelled (no pixel to train on or score): %s", len(unlabelled), data_dir,
+                    dc.ignore_label, ", ".join(unlabelled[:5])
+                    + (", ..." if len(unlabelled) > 5 else ""))
     return _Inputs(samples, labels, bool(with_mask))
 
 

@@ -212,14 +212,15 @@ def test_webp_images_are_read_and_other_files_named(data, tmp_path, caplog):
 
 
 def test_resize_says_when_it_stretches(tmp_path, caplog):
-    from ddpmseg.data import load_image
+    from ddpmseg.data import check_image_size, image_hw, load_image
 
     Image.new("RGB", (128, 64)).save(tmp_path / "wide.png")
     Image.new("RGB", (128, 128)).save(tmp_path / "square.png")
-    assert load_image(tmp_path / "square.png", (64, 64), resize=True).shape == (64, 64, 3)
+    check_image_size(tmp_path / "square.png", image_hw(tmp_path / "square.png"), (64, 64), True)
     assert "stretches" not in caplog.text
+    check_image_size(tmp_path / "wide.png", image_hw(tmp_path / "wide.png"), (64, 64), True)
+    assert "wide.png is 128x64; --resize stretches it to 64x64" in caplog.text
     assert load_image(tmp_path / "wide.png", (64, 64), resize=True).shape == (64, 64, 3)
-    assert "wide.png is 64x128; --resize stretches it to 64x64" in caplog.text
 
 
 def test_demo_prints_its_table_on_stdout(monkeypatch, tmp_path):
@@ -280,3 +281,18 @@ def test_resuming_fit_with_another_ram_budget_says_so(trained, tmp_path):
     res = invoke(*args, "--ram-budget-gb", "3")
     assert res.exit_code == 0, res.output
     assert "note: ram_budget_gb is 3.0 now, 2.0 when the run started; resuming" in res.stderr
+
+
+def test_max_image_pixels_means_n_in_every_reading_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
+    for name in ("pred", "gt"):
+        (tmp_path / name).mkdir()
+    np.save(tmp_path / "pred" / "a.npy", np.zeros((40, 50), np.uint8))
+    Image.fromarray(np.zeros((40, 50), np.uint8)).save(tmp_path / "gt" / "a.png")
+    res = invoke("evaluate", tmp_path / "pred", tmp_path / "gt", "--num-classes", 2,
+                 "--max-image-pixels", 1999)
+    line = one_error_line(res)
+    assert "a.png is 50x40 = 2000 pixels, above the limit of 1999" in line
+    assert not (tmp_path / "pred" / "metrics.json").exists()
+    for command in ("report", "suggest", "predict", "extract"):
+        assert "--max-image-pixels" in invoke(command, "--help").output

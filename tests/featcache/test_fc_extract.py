@@ -100,7 +100,7 @@ def test_wrong_size_mask_is_an_error_naming_it(tmp_path, faces, faces_config, he
     masks = [f[2] for f in faces[:3]]
     masks[1] = masks[1][:60]
     folder = helpers.make_folder(tmp_path / "d", [f[1] for f in faces[:3]], masks)
-    with pytest.raises(BadInputError, match=r"img001\.npy is 60x64"):
+    with pytest.raises(BadInputError, match=r"img001\.npy is 64x60 but its image is 64x64"):
         extract(folder, tmp_path / "s.zarr", faces_config, progress=False)
     assert not (tmp_path / "s.zarr").exists()
 
@@ -109,7 +109,7 @@ def test_image_size_must_match_unless_resize(tmp_path, faces, faces_config, face
     big = [np.asarray(Image.fromarray(f[1]).resize((96, 80))) for f in faces[:2]]
     masks = [np.asarray(Image.fromarray(f[2]).resize((96, 80), Image.NEAREST)) for f in faces[:2]]
     folder = helpers.make_folder(tmp_path / "d", big, masks)
-    with pytest.raises(BadInputError, match=r"img000\.png is 80x96.*--resize"):
+    with pytest.raises(BadInputError, match=r"img000\.png is 96x80 but the model takes 64x64.*--resize"):
         extract(folder, tmp_path / "s.zarr", faces_config, backbone=faces64, progress=False)
     assert not (tmp_path / "s.zarr").exists()
     store = extract(folder, tmp_path / "s.zarr", faces_config, backbone=faces64, resize=True,
