@@ -323,10 +323,10 @@ def test_sd_missing_component(sd_dir, tmp_path):
 # -- end to end on real images -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ffhq(shared_dir) -> Path:
+def ffhq(shared_dir, missing_shared) -> Path:
     root = shared_dir / "data" / "ffhq_34" / "real"
     if not (root / "train").is_dir():
-        pytest.skip(f"{root} is absent: the real ffhq_34 data lives there")
+        missing_shared(f"{root} is absent: the real ffhq_34 data lives there")
     return root
 
 
