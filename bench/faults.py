@@ -97,8 +97,11 @@ class Harness:
         # a user's would be), else the same entry point through -c.
         script = Path(sys.executable).with_name("ddpmseg")
         cmd = [str(script)] if script.is_file() else [sys.executable, "-c", CLI]
+        # SIGINT's disposition is set, not inherited: under a parent that ignores it (a
+        # background job) the Ctrl-C faults would land on nothing and count as recovered.
         return subprocess.Popen([*cmd, "-q", *args], env=self.env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def timed(self, args) -> float:
         t = time.perf_counter()

@@ -15,8 +15,10 @@ One command (under 5 minutes on one GPU), one table on stdout, one JSON file:
    10 members.
 
 ``--cpu`` runs every part on the CPU at CI size (part 1 on the 64 px fixture and faces64, one
-step, one image; a 32 px toy architecture for 2-4). The device then is the CPU, so part 1 only
-exercises the path: that form is what the test suite runs.
+step, one image; a 32 px toy architecture for 2-4): that form is what the test suite runs. The
+device then is the CPU, so part 1 compares it with independent results instead of itself: the
+fixture's activations recorded from the original guided-diffusion code, and for faces64 a
+float64 run of the same weights. The exit code is 1 when any float32 comparison fails.
 
     python bench/gpu_check.py            # on a CUDA machine
     python bench/gpu_check.py --cpu      # no GPU: path check, a few seconds
@@ -60,8 +62,9 @@ def _sync(device: torch.device) -> None:
 
 
 # -- 1. parity --------------------------------------------------------------------------------
-def parity_cases(cpu_mode: bool) -> list[tuple[str, Backbone, torch.Tensor, list, list]]:
-    """(name, CPU backbone, x0, steps, blocks) for each model the check compares."""
+def parity_cases(cpu_mode: bool) -> list[tuple[str, Backbone, torch.Tensor, list, list, dict]]:
+    """(name, CPU backbone, x0, steps, blocks, fixture) for each model the check compares;
+    fixture is the reference npz's arrays (None for faces64)."""
     from ddpmseg.data import load_image
 
     cases = []
@@ -72,33 +75,75 @@ def parity_cases(cpu_mode: bool) -> list[tuple[str, Backbone, torch.Tensor, list
             continue
         meta = json.loads(meta_path.read_text())
         with np.load(FIXTURES / f"{name}_reference.npz") as npz:
-            x0 = torch.from_numpy(npz["x0"])
+            fixture = {k: torch.from_numpy(npz[k]) for k in npz.files}
         bb = Backbone.from_checkpoint(FIXTURES / f"{name}.pt", meta["model_flags"], device="cpu")
-        cases.append((name, bb, x0, list(meta["steps"]), list(meta["blocks"])))
+        cases.append((name, bb, fixture["x0"], list(meta["steps"]), list(meta["blocks"]),
+                      fixture))
     bb = Backbone.from_checkpoint("bundled:faces_64", "faces_64", device="cpu")
     size = (bb.flags.image_size,) * 2
     paths = sorted(FACES.glob("*.png"))[:1 if cpu_mode else 4]
     x0 = torch.stack([torch.from_numpy(load_image(p, size, resize=True)).permute(2, 0, 1)
                       for p in paths]).float() / 127.5 - 1
-    cases.append(("faces_64", bb, x0, [50, 150, 250], [2, 4, 5, 7, 8]))
+    cases.append(("faces_64", bb, x0, [50, 150, 250], [2, 4, 5, 7, 8], None))
     return cases
+
+
+def float64_activations(bb: Backbone, x0: torch.Tensor, noise: torch.Tensor, steps: list,
+                        blocks: list) -> dict:
+    """{(t, b): float64 maps} of a float64 copy of bb's CPU model, noised and run step by step
+    without ``Backbone.activations``. GroupNorm keeps float32 weights: the model normalises
+    in float32 by definition (nn.GroupNorm32); every other layer casts its inputs up."""
+    import copy
+
+    def up(_module, args):
+        return tuple(a.double() if torch.is_tensor(a) and a.is_floating_point() else a
+                     for a in args)
+
+    model = copy.deepcopy(bb.model).to("cpu").double()
+    for m in model.modules():
+        m.register_forward_pre_hook(up)
+        if isinstance(m, torch.nn.GroupNorm):
+            m.float()
+    out = {}
+    with torch.inference_mode():
+        for s in steps:
+            t = torch.full((x0.shape[0],), s, dtype=torch.long)
+            x_t = bb.schedule.q_sample(x0.double(), t, noise.double())
+            feats = model.decoder_features(x_t, bb.schedule.model_timesteps(t), blocks)
+            out.update({(s, b): feats[b] for b in blocks})
+    return out
+
+
+def reference(bb_cpu: Backbone, x0, noise, steps, blocks, fixture, cpu_mode: bool):
+    """(label, {(t, b): maps}) the device's activations are judged against: on a GPU the
+    CPU's float32; with --cpu (the device is the CPU) something independent of it."""
+    if not cpu_mode:
+        return "cpu", bb_cpu.activations(x0, steps, blocks, noise=noise)
+    if fixture is not None:
+        return "guided-diffusion", {(t, b): fixture[f"act_t{t}_b{b}"]
+                                    for t in steps for b in blocks}
+    return "float64", float64_activations(bb_cpu, x0, noise, steps, blocks)
 
 
 def parity(device: torch.device, cpu_mode: bool) -> list[dict]:
     rows = []
     precisions = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
-    for name, bb_cpu, x0, steps, blocks in parity_cases(cpu_mode):
+    for name, bb_cpu, x0, steps, blocks, fixture in parity_cases(cpu_mode):
         steps = steps[:1] if cpu_mode else steps   # CI size: one step
-        ref = bb_cpu.activations(x0, steps, blocks)
+        noise = fixture["noise"] if fixture is not None else \
+            bb_cpu.default_noise(x0.shape[2], x0.shape[3], 0)
+        label, ref = reference(bb_cpu, x0, noise, steps, blocks, fixture, cpu_mode)
         bb = Backbone(bb_cpu.model, bb_cpu.flags, bb_cpu.sha256, device=device) \
             if device.type != "cpu" else bb_cpu
-        row = {"model": name, "images": x0.shape[0], "steps": steps, "blocks": blocks}
+        row = {"model": name, "reference": label, "images": x0.shape[0], "steps": steps,
+               "blocks": blocks}
         for prec in precisions:
-            acts = bb.activations(x0, steps, blocks, precision=prec)
+            acts = bb.activations(x0, steps, blocks, noise=noise, precision=prec)
             worst_abs = worst_rel_l2 = 0.0
             ok = True
             for key, r in ref.items():
-                a = acts[key].float().cpu()
+                a = acts[key].double().cpu()
+                r = r.double()
                 d = (a - r).abs()
                 worst_abs = max(worst_abs, float(d.max()))
                 worst_rel_l2 = max(worst_rel_l2, float((a - r).norm() / r.norm().clamp_min(1e-12)))
@@ -307,6 +352,11 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}", file=sys.stderr)
+    failed = [p["model"] for p in result["parity"] if not p["fp32"]["within_1e-4"]]
+    if failed:
+        print(f"error: float32 activations of {', '.join(failed)} differ from their reference "
+              f"by more than {TOL} (see the table)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -318,7 +368,8 @@ def render(r: dict) -> str:
              f"{r['total_s']:.0f} s", "", "| check | figure | baseline / bound |", "|---|---|---|"]
     for p in r["parity"]:
         f32 = p["fp32"]
-        lines.append(f"| activations {p['model']}, {r['device']} vs cpu, fp32 | max abs diff "
+        lines.append(f"| activations {p['model']}, {r['device']} vs {p['reference']}, fp32 | "
+                     f"max abs diff "
                      f"{f32['max_abs_diff']:.3g} ({'pass' if f32['within_1e-4'] else 'FAIL'}) | "
                      f"<= 1e-4 abs + rel |")
         for prec in ("bf16", "fp16"):

@@ -323,10 +323,13 @@ def test_sd_missing_component(sd_dir, tmp_path):
 # -- end to end on real images -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ffhq(shared_dir) -> Path:
+def ffhq(shared_dir, missing_shared) -> Path:
     root = shared_dir / "data" / "ffhq_34" / "real"
     if not (root / "train").is_dir():
-        pytest.skip(f"{root} is absent: the real ffhq_34 data lives there")
+        missing_shared(f"{root} is absent: the real ffhq_34 data lives there")
+    for split, n in (("train", 3), ("test", 2)):  # the most that copy_pairs is asked for
+        if len(list((root / split).glob("*.png"))) < n:
+            missing_shared(f"{root / split} holds fewer than {n} images")
     return root
 
 

@@ -46,8 +46,11 @@ def test_ctrl_c_while_the_command_starts_is_one_line():
     if not script.is_file():
         pytest.skip("the ddpmseg console script is not installed beside this interpreter")
     env = {**os.environ, "PYTHONPATH": str(HARNESS.parents[1])}
+    # The child's SIGINT disposition is set, not inherited: under a parent that ignores SIGINT
+    # (a shell's background job) Python would never install its handler.
     proc = subprocess.Popen([str(script), "--help"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(0.5)  # importing torch takes seconds: the interrupt lands during the imports
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate()

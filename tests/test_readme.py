@@ -83,8 +83,10 @@ def make_data(root: Path, n_train: int = 2, n_test: int = 2) -> None:
                 y, x = rng.integers(0, 192, 2)
                 mask[y:y + 64, x:x + 64] = c
                 img[y:y + 64, x:x + 64] = img[y:y + 64, x:x + 64] // 4 + 40 * c
-            Image.fromarray(img).save(dst / f"img{i}.png")
-            np.save(dst / f"img{i}.npy", mask)
+            # Names differ per split, as in a real data set: a test image moved into
+            # data/train must add an image, not replace one of the same name.
+            Image.fromarray(img).save(dst / f"{split}{i}.png")
+            np.save(dst / f"{split}{i}.npy", mask)
 
 
 @pytest.fixture

@@ -48,15 +48,21 @@ def ffhq(shared_dir, missing_shared) -> Path:
     root = shared_dir / "data" / "ffhq_34" / "real"
     if not (root / "train").is_dir() or not (root / "test").is_dir():
         missing_shared(f"{root}/train and test are absent: the real ffhq_34 benchmark data lives there")
+    for split, n in (("train", 4), ("test", 2)):  # the most that copy_pairs is asked for
+        if len(pairs(root / split)) < n:
+            missing_shared(f"{root / split} holds fewer than {n} images with masks")
     return root
+
+
+def pairs(src: Path) -> list[str]:
+    return [p.stem for p in sorted(src.glob("*.png")) if p.with_suffix(".npy").is_file()]
 
 
 def copy_pairs(src: Path, dst: Path, n: int) -> list[str]:
     """The first n <id>.png + <id>.npy pairs of src, copied into dst; returns the ids."""
     dst.mkdir(parents=True, exist_ok=True)
-    names = [p.stem for p in sorted(src.glob("*.png")) if p.with_suffix(".npy").is_file()][:n]
-    if len(names) < n:
-        pytest.skip(f"{src} holds fewer than {n} images with masks")
+    names = pairs(src)[:n]
+    assert len(names) == n, f"{src}: the ffhq fixture checked for {n} pairs"
     for name in names:
         shutil.copy2(src / f"{name}.png", dst / f"{name}.png")
         shutil.copy2(src / f"{name}.npy", dst / f"{name}.npy")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from ddpmseg.config import ClassifierConfig, Config
 from ddpmseg.featcache.spec import FeatureSpec
@@ -49,6 +50,31 @@ def make_store(path, n_images: int = 4, size: int = 32, num_classes: int = 3, se
             lab = np.kron(cell_lab, np.ones((2, 2), dtype=np.uint8))
         store.write_image(i, maps, lab)
     return store
+
+
+def hand_etf(dim: int, num_classes: int, seed: int) -> np.ndarray:
+    """The simplex ETF from its definition, in numpy float64: M = sqrt(C/(C-1)) U (I - 11^T/C),
+    U the orthonormal columns of the QR of a (dim, C) Gaussian drawn by torch.Generator(seed)."""
+    c = num_classes
+    g = torch.randn(dim, c, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    u, _ = np.linalg.qr(g.numpy())
+    return np.sqrt(c / (c - 1)) * u @ (np.eye(c) - np.ones((c, c)) / c)
+
+
+def hand_ce(logits: np.ndarray, y: np.ndarray) -> float:
+    """Mean cross-entropy from its definition: log-sum-exp of the logits minus the true one."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), y]))
+
+
+@pytest.fixture(scope="session", name="hand_etf")
+def hand_etf_fixture():
+    return hand_etf
+
+
+@pytest.fixture(scope="session", name="hand_ce")
+def hand_ce_fixture():
+    return hand_ce
 
 
 def small_config(**classifier) -> Config:

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from ddpmseg.classifier import fit, load_ensemble
+from ddpmseg.classifier import sampler as S
+from ddpmseg.classifier.model import PixelMLP, init_normal, make_trunk
 from ddpmseg.errors import RunError, StoreError
 from ddpmseg.featcache.store import FeatureStore
 
@@ -64,7 +66,7 @@ def test_fit_separates_classes_and_writes_a_run(store_path, small_config, tmp_pa
     assert (run / "member_00.pt").stat().st_mtime_ns == mtime
 
 
-def test_etf_modes(store_path, small_config, tmp_path):
+def test_etf_modes(store_path, small_config, tmp_path, one_thread):
     runs = {mode: fit(store_path, tmp_path / mode, small_config(ensemble=1, etf=mode),
                       device="cpu", progress=False) for mode in ("none", "shared", "separate")}
     w = {mode: _weights(run)[0] for mode, run in runs.items()}
@@ -76,6 +78,54 @@ def test_etf_modes(store_path, small_config, tmp_path):
     a = load_ensemble(runs["separate"], "cpu").logits(x)[0]
     b = load_ensemble(runs["none"], "cpu").logits(x)[0]
     assert torch.equal(a, b)
+
+
+def _epoch_records(run):
+    lines = [json.loads(l) for l in (run / "train_log.jsonl").read_text().splitlines()]
+    return [r for r in lines if "epoch" in r]
+
+
+@pytest.mark.parametrize("mode", ["shared", "separate"])
+def test_the_loss_is_ce_plus_weight_times_the_etf_ce(store_path, small_config, tmp_path, mode,
+                                                     hand_etf, hand_ce, one_thread):
+    """One step over every labelled pixel, at member 0's initial weights (seed 0): the logged
+    losses are the hand computation's. loss = CE(logits, y) + w CE(h M, y), h the penultimate
+    features (shared) or the separate trunk's (separate), M the seed's simplex ETF."""
+    store = FeatureStore.open(store_path)
+    index = S.PixelIndex.from_store(store)
+    x = S.InMemorySource(store, index, torch.device("cpu")).x
+    y = index.labels.astype(np.int64)
+    weight = 0.7  # neither the default 0.4 nor 1
+    cfg = small_config(ensemble=1, max_epochs=1, batch_size=len(y), etf=mode, etf_weight=weight)
+    (rec,) = _epoch_records(fit(store_path, tmp_path / "run", cfg, device="cpu", progress=False))
+    assert rec["steps"] == 1 and rec["pixels"] == len(y)
+    torch.manual_seed(0)  # member 0's draws: the classifier, then the separate trunk
+    model = PixelMLP(x.shape[1], 3).train()
+    trunk = make_trunk(x.shape[1], model.widths).train()
+    init_normal(trunk)
+    with torch.no_grad():
+        logits, h = model(x, return_features=True)
+        if mode == "separate":
+            h = trunk(x)
+    ce = hand_ce(logits.double().numpy(), y)
+    etf = hand_ce(h.double().numpy() @ hand_etf(model.widths[1], 3, 0), y)
+    assert rec["ce"] == pytest.approx(ce, rel=1e-5)
+    assert rec["etf_loss"] == pytest.approx(etf, rel=1e-5)
+    assert rec["loss"] == pytest.approx(ce + weight * etf, rel=1e-5)
+    assert etf > 0.1 and abs(etf - ce) > 1e-3  # the two terms are told apart
+
+
+@pytest.mark.parametrize("mode", ["shared", "separate"])
+def test_etf_weight_zero_trains_what_none_trains(store_path, small_config, tmp_path, mode,
+                                                 one_thread):
+    # A dozen steps of 512 pixels: enough for any ETF gradient to move the weights.
+    runs = [fit(store_path, tmp_path / name,
+                small_config(ensemble=1, max_epochs=2, batch_size=512, etf=etf, etf_weight=w),
+                device="cpu", progress=False)
+            for name, etf, w in (("zero", mode, 0.0), ("none", "none", 0.4))]
+    assert _same(_weights(runs[0]), _weights(runs[1]))
+    assert [r["ce"] for r in _epoch_records(runs[0])] == \
+        [r["ce"] for r in _epoch_records(runs[1])]
 
 
 def test_streaming_and_in_memory_fit_the_same_ensemble(store_path, small_config, tmp_path):

@@ -23,6 +23,13 @@ def test_etf_is_a_simplex_etf(dim, c):
     assert m.double().sum(dim=1).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("dim,c,seed", [(32, 3, 0), (32, 10, 7), (128, 34, 1)])
+def test_etf_is_its_definition_from_the_seed(dim, c, seed, hand_etf):
+    # Column for column: class j meets vertex j of the seed's simplex, not another one.
+    m = simplex_etf(dim, c, seed=seed).double().numpy()
+    assert abs(m - hand_etf(dim, c, seed)).max() < 1e-6
+
+
 def test_etf_is_fixed_by_seed():
     a, b, other = simplex_etf(32, 10, seed=0), simplex_etf(32, 10, seed=0), simplex_etf(32, 10, seed=1)
     assert torch.equal(a, b)

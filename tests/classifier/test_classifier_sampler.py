@@ -31,6 +31,53 @@ def test_plan_visits_every_labelled_pixel_once(store):
     assert not np.array_equal(r0, r1)
 
 
+def _visits(plan, epoch):
+    """(image, pixel y * W + x, label) of every pixel the epoch visits, in visiting order."""
+    parts = [plan.chunk_rows(epoch, c, imgs) for c, imgs in enumerate(plan.image_chunks(epoch))]
+    img = np.concatenate([i for i, _ in parts])
+    rows = np.concatenate([r for _, r in parts])
+    return img, plan.index.flat[rows], plan.index.labels[rows]
+
+
+@pytest.mark.parametrize("chunk", [5, 2, 1])
+def test_every_labelled_pixel_of_every_image_is_visited_once(store, chunk):
+    """Counted from the label maps themselves, not from the index under test."""
+    ignore = store.info.ignore_label
+    plan = S.EpochPlan(S.PixelIndex.from_store(store), chunk, seed=7, batch_size=64)
+    for epoch in range(2):
+        img, flat, lab = _visits(plan, epoch)
+        for i in range(len(store)):
+            truth = np.asarray(store.labels(i)).ravel()
+            labelled = np.flatnonzero(truth != ignore)
+            assert labelled.size > 0
+            mine = img == i
+            assert np.array_equal(np.sort(flat[mine]), labelled), (epoch, i)
+            assert np.array_equal(lab[mine], truth[flat[mine]])
+        assert set(np.unique(img)) == set(range(len(store)))
+        # The minibatches carry the same labels: the class counts of the label maps.
+        ys = np.concatenate([y.numpy() for _, y in _epoch(plan, S.InMemorySource(
+            store, plan.index, torch.device("cpu")), epoch)])
+        truth = np.concatenate([np.asarray(store.labels(i)).ravel() for i in range(len(store))])
+        assert np.array_equal(np.bincount(ys, minlength=256), np.bincount(
+            truth[truth != ignore], minlength=256))
+
+
+def test_the_order_within_a_chunk_changes_between_epochs(store, make_store, tmp_path):
+    # One image: the chunk is the same every epoch, only the pixels' order can change.
+    one = make_store(tmp_path / "one.zarr", n_images=1)
+    plan = S.EpochPlan(S.PixelIndex.from_store(one), 1, seed=7, batch_size=64)
+    orders = [_visits(plan, epoch)[1] for epoch in range(3)]
+    assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
+    source = S.InMemorySource(one, plan.index, torch.device("cpu"))
+    labels = [np.concatenate([y.numpy() for _, y in _epoch(plan, source, e)]) for e in (0, 1)]
+    assert not np.array_equal(labels[0], labels[1])
+    # Several images in a chunk: each image's own pixels come in another order each epoch.
+    plan = S.EpochPlan(S.PixelIndex.from_store(store), 5, seed=7, batch_size=64)
+    (img0, flat0, _), (img1, flat1, _) = _visits(plan, 0), _visits(plan, 1)
+    for i in range(len(store)):
+        assert not np.array_equal(flat0[img0 == i], flat1[img1 == i]), i
+
+
 def test_a_last_batch_of_one_pixel_joins_the_previous_one(store):
     index = S.PixelIndex.from_store(store)
     plan = S.EpochPlan(index, 5, 0, batch_size=index.total - 1)

@@ -21,10 +21,10 @@ NAMES = ("img00000599", "img00000829", "img00001927", "img00008529")
 
 
 @pytest.fixture(scope="module")
-def ref(shared_dir):
+def ref(shared_dir, missing_shared):
     path = shared_dir / "fixtures" / "reference_run"
     if not path.is_dir():
-        pytest.skip(f"{path} is absent")
+        missing_shared(f"{path} is absent")
     return path
 
 

@@ -5,7 +5,6 @@ import shlex
 from pathlib import Path
 
 import numpy as np
-import pytest
 from click.testing import CliRunner
 
 from ddpmseg.cli.main import cli
@@ -26,10 +25,11 @@ def test_the_section_has_config_import_predict_and_export():
     assert names == ["extract", "import-run", "predict", "evaluate", "export-run"]
 
 
-def test_readme_commands_run_as_written(shared_dir, tmp_path, monkeypatch, one_thread):
+def test_readme_commands_run_as_written(shared_dir, missing_shared, tmp_path, monkeypatch,
+                                        one_thread):
     ref = shared_dir / "fixtures" / "reference_run"
     if not ref.is_dir():
-        pytest.skip(f"{ref} is absent")
+        missing_shared(f"{ref} is absent")
     # The README runs from the repository root, beside ../shared.
     (tmp_path / "shared").symlink_to(shared_dir)
     (tmp_path / "repo").mkdir()
