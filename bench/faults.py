@@ -49,12 +49,24 @@ from ddpmseg.cli.main import cli  # noqa: E402
 from ddpmseg.errors import DdpmsegError  # noqa: E402
 from ddpmseg.featcache import FeatureStore  # noqa: E402
 
-OUTCOMES = ("identical", "refused", "silent", "traceback")
+OUTCOMES = ("identical", "refused", "silent", "traceback", "lost")
 CLI = "from ddpmseg.cli.main import main; main()"
 FULL = {"extract_kill": 50, "fit_kill": 20, "chunk_flip": 10, "flag_flip": 5,
         "meta_flip": 40, "member_flip": 10, "extract_pair": 10, "fit_pair": 10, "disk_full": 4}
 QUICK = {"extract_kill": 2, "fit_kill": 1, "chunk_flip": 1, "flag_flip": 1, "meta_flip": 2,
          "member_flip": 1, "extract_pair": 1, "fit_pair": 0, "disk_full": 1}
+
+
+class Unavailable(RuntimeError):
+    """A fault kind that cannot run on this machine, under CI=true (see ``unavailable``)."""
+
+
+def unavailable(kind: str, why: str) -> str:
+    """Why ``kind`` cannot run here, for the table's "skipped" lines. Under CI=true a skipped
+    kind fails the run instead: a CI that passes without injecting a fault proves nothing."""
+    if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
+        raise Unavailable(f"fault kind {kind} cannot run here under CI=true: {why}")
+    return why
 
 
 class Harness:
@@ -336,7 +348,8 @@ class Harness:
         r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs",
                             str(mnt)], capture_output=True, text=True)
         if r.returncode != 0:
-            self.skipped["disk_full"] = f"cannot mount a tmpfs here ({r.stderr.strip()})"
+            self.skipped["disk_full"] = unavailable(
+                "disk_full", f"cannot mount a tmpfs here ({r.stderr.strip()})")
             return
         try:
             store = mnt / "s.zarr"
