@@ -19,10 +19,11 @@ saying why, and under CI=true fails the run instead (``unavailable``).
 
 Round 2 (issue 22), and what "identical" means for each:
   tcp_orphan        a real ``dask scheduler`` and ``dask worker`` (2 threads) on 127.0.0.1;
-                    extract of 8 images (seed 0, one task) through it, its client SIGKILLed
-                    0-4 s after the store appears, so that the task runs on; at once
-                    ``extract --seed 1 --overwrite`` into the same store, through the
-                    scheduler (odd faults) or in one process (even). Once the worker is idle:
+                    extract of 8 images (seed 0, --batch-size 8: one task) through it, its
+                    client SIGKILLed 0-3 s after the store appears, so that the task runs on;
+                    at once ``extract --seed 1 --overwrite`` (image by image) into the same
+                    store, through the scheduler (odd faults) or in one process (even).
+                    Once the worker is idle:
                     identical = the rerun exited 0 and the store equals a clean seed-1
                     extraction (maps, labels, metadata); a refusal is one clear line
   symlink_alias     two writers started together, one through a symlink to the other's run
@@ -49,8 +50,8 @@ Round 2 (issue 22), and what "identical" means for each:
                     refused, though the photo is valid
   masks_named       masks as ``<id>_label.png``, as ``<id>_mask.jpg``, a mask with no image
                     (``ghost_mask.png``), an all-ignore mask (one case per fault, in turn):
-                    identical = exit 0 and the store holds exactly the masks' labels (the
-                    first two cases); refused = a one-line error, or exit 0 with a note on
+                    identical = exit 0 and the store's maps and labels equal those of the
+                    base store (same images, masks as <id>.npy; the first two cases); refused = a one-line error, or exit 0 with a note on
                     stderr naming each such file (for all-ignore: the image) and "mask"; exit
                     0 without such a note is silent
 
@@ -602,6 +603,8 @@ class Harness:
                 h.update(store.labels(i).tobytes())
         return h.hexdigest()
 
+    ORIENTATIONS = (6, 8, 3)  # (1, upright, is the harness's own control)
+
     def exif_photo(self) -> None:
         """A JPEG stored sideways with an EXIF Orientation (6, then 8, then 3) and a mask of
         the upright picture, against the same picture turned upright by Pillow and saved as a
@@ -610,8 +613,8 @@ class Harness:
         from PIL import Image, ImageOps
 
         self._photos = getattr(self, "_photos", 0) + 1
-        orientation = (6, 8, 3)[(self._photos - 1) % 3]
-        turns = {6: 1, 8: -1, 3: 2}[orientation]  # upright -> as stored (np.rot90 turns left)
+        orientation = self.ORIENTATIONS[(self._photos - 1) % len(self.ORIENTATIONS)]
+        turns = {1: 0, 6: 1, 8: -1, 3: 2}[orientation]  # upright -> stored (np.rot90 turns left)
         src = self.rng.choice(sorted(self.data.glob("*.png")))
         photo, upright = self.fresh("exif"), self.fresh("upright")
         for d in (photo, upright):
@@ -643,6 +646,7 @@ class Harness:
                                "differs from the upright picture's")
         self.record("exif_photo", "identical")
 
+    # ("standard", <id>.npy masks, is the harness's own control.)
     MASK_CASES = ("label_png", "mask_jpg", "stray_mask", "all_ignore")
 
     def masks_named(self) -> None:
@@ -654,7 +658,7 @@ class Harness:
         case = self.MASK_CASES[(self._masks - 1) % len(self.MASK_CASES)]
         data = self.fresh(f"masks_{case}")
         data.mkdir()
-        images = sorted(self.data.glob("*.png"))[:2]
+        images = sorted(self.data.glob("*.png"))
         masks = {im.stem: np.load(im.with_suffix(".npy")) for im in images}
         for im in images:
             shutil.copy(im, data / im.name)
@@ -682,19 +686,14 @@ class Harness:
             return self.settle("masks_named", code, what + err, None)
         noted = all(any(name in ln and "mask" in ln.lower() for ln in err.splitlines())
                     for name in odd)
-        if case in ("label_png", "mask_jpg") and self._labels_are(store, masks):
+        if case not in ("stray_mask", "all_ignore") and \
+                self.labels_digest(store) == self.labels_digest(self.store):
             return self.record("masks_named", "identical", what + err)
         if noted:
             return self.record("masks_named", "refused", what + err)
         self.record("masks_named", "silent", what + f"exit 0, no note naming {odd} as a mask; "
                     f"stderr: {err.strip()[-500:]}")
 
-    @staticmethod
-    def _labels_are(store: Path, masks: dict) -> bool:
-        s = FeatureStore.open(store)
-        if not s.info.has_labels or sorted(s.names) != sorted(masks):
-            return False
-        return all(np.array_equal(s.labels(i), masks[n]) for i, n in enumerate(s.names))
 
     # a real dask scheduler on 127.0.0.1
     def _dask(self) -> str | None:
@@ -761,30 +760,23 @@ class Harness:
         self.dask_procs = []
 
     def tcp_orphan(self) -> None:
-        """extract (8 images, seed 0, one task of a batch of 8) through a dask scheduler on
-        127.0.0.1, its client SIGKILLed once the first image is written plus up to a second
-        (its task goes on on the worker); at once ``extract --seed 1 --overwrite`` through the
-        same scheduler (odd faults) or in one process (even). After the worker is idle, the
-        store must equal a clean seed-1 extraction, or the rerun must have been refused."""
+        """extract of 8 images (seed 0, ``--batch-size 8``: one long task) through a dask
+        scheduler on 127.0.0.1, its client SIGKILLed 0-3 s after the store appears (its task
+        goes on on the worker); at once ``extract --seed 1 --overwrite`` (the config's batch
+        size: image by image) through the same scheduler (odd faults) or in one process
+        (even). Once the worker is idle, the store must equal a clean seed-1 extraction, or
+        the rerun must have been refused."""
         address = self._dask()
         if address is None:
             return
-        if self.tcp_base is None:
-            self.tcp_data = self.work / "data8"
-            self.tcp_data.mkdir()
-            for img in sorted(DEMO_DATA.joinpath("train").glob("*.png")):
-                shutil.copy(img, self.tcp_data / img.name)
-                shutil.copy(img.with_suffix(".npy"), self.tcp_data / img.with_suffix(".npy").name)
-            code, err = self.inproc(self.tcp_args(self.work / "base8_seed1.zarr", 1))
-            assert code == 0, err
-            self.tcp_base = self.store_digest(self.work / "base8_seed1.zarr")
+        self.tcp_baseline()
         self._orphans = getattr(self, "_orphans", 0) + 1
         store = self.fresh("tcp.zarr")
-        p = self.spawn(self.tcp_args(store, 0, "--scheduler", address))
+        p = self.spawn(self.tcp_args(store, 0, "--batch-size", "8", "--scheduler", address))
         while p.poll() is None and not store.is_dir():
             time.sleep(0.01)
-        try:  # the task runs (or is being sent) from about now for a few seconds
-            p.wait(timeout=self.rng.uniform(0, 4))
+        try:  # the task is sent from about now, and runs for a few seconds
+            p.wait(timeout=self.rng.uniform(0, 3))
         except subprocess.TimeoutExpired:
             p.kill()
         p.communicate()
@@ -799,10 +791,22 @@ class Harness:
         if code != 0:
             return self.settle("tcp_orphan", code, what + err, None)
         got = self.digest_or_none(self.store_digest, store)
-        print(what, got == self.tcp_base, file=sys.stderr)  # DEBUG
         self.record("tcp_orphan", "identical" if got == self.tcp_base else "silent",
                     what + ("exit 0, store incomplete" if got is None else
                             "exit 0, the store differs from a clean seed-1 one") + f"; {err}")
+
+    def tcp_baseline(self) -> None:
+        """The 8 bundled training faces, and a clean seed-1 extraction of them (one process)."""
+        if self.tcp_base is not None:
+            return
+        self.tcp_data = self.work / "data8"
+        self.tcp_data.mkdir()
+        for img in sorted(DEMO_DATA.joinpath("train").glob("*.png")):
+            shutil.copy(img, self.tcp_data / img.name)
+            shutil.copy(img.with_suffix(".npy"), self.tcp_data / img.with_suffix(".npy").name)
+        code, err = self.inproc(self.tcp_args(self.work / "base8_seed1.zarr", 1))
+        assert code == 0, err
+        self.tcp_base = self.store_digest(self.work / "base8_seed1.zarr")
 
     @classmethod
     def _written(cls, store: Path) -> bool:
@@ -813,26 +817,29 @@ class Harness:
             return False
 
     def tcp_args(self, store, seed, *extra):
-        return self.extract_args(store, seed, "--batch-size", "8", *extra, data=self.tcp_data)
+        return self.extract_args(store, seed, *extra, data=self.tcp_data)
 
 def run(counts: dict, work: Path, images: int = 3, seed: int = 0) -> dict:
     h = Harness(work, images, seed)
     t0 = time.perf_counter()
     h.baselines()
     h.seed_baselines(bool(counts.get("extract_pair")), bool(counts.get("fit_pair")))
+    spent = {}
     try:
         for kind, n in counts.items():
+            t = time.perf_counter()
             for _ in range(n):
                 getattr(h, kind)()
                 if kind in h.skipped:
                     break
+            spent[kind] = round(time.perf_counter() - t, 1)
     finally:
         h.close()
     table = {k: {o: int(h.counts.get(k, Counter())[o]) for o in OUTCOMES} for k in counts}
     for k in table:
         table[k]["injected"] = sum(table[k][o] for o in OUTCOMES)
     return {"table": table, "skipped": h.skipped, "examples": h.examples,
-            "seconds": time.perf_counter() - t0,
+            "seconds": time.perf_counter() - t0, "seconds_per_kind": spent,
             "baseline_seconds": {"extract": h.t_extract, "fit": h.t_fit},
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
             "threads": 1, "images": images, "seed": seed}
