@@ -500,12 +500,13 @@ class Harness:
         """A complete prediction of the base run (soft vote, and hard for a second one)."""
         if self.pred is not None:
             return
-        self.pred_digest = {}
-        for vote in ("soft", "hard"):
-            out = self.work / f"base_pred_{vote}"
-            self.t_predict = self.timed(self.predict_args(out, vote))
-            self.pred_digest[vote] = self.folder_digest(out)
         self.pred = self.work / "base_pred_soft"
+        self.t_predict = self.timed(self.predict_args(self.pred))  # the range of kill times
+        hard = self.work / "base_pred_hard"
+        code, err = self.inproc(self.predict_args(hard, "hard"))
+        assert code == 0, err
+        self.pred_digest = {"soft": self.folder_digest(self.pred),
+                            "hard": self.folder_digest(hard)}
 
     def _changed(self, folder: Path, before: dict) -> bool:
         try:
@@ -729,8 +730,14 @@ class Harness:
         start("worker", self.dask_address, "--nthreads", "2", "--nworkers", "1", "--no-nanny",
               "--no-dashboard", "--memory-limit", "0")
         from distributed import Client
-        with Client(self.dask_address, timeout=60) as client:
-            client.wait_for_workers(1, timeout=120)
+        try:
+            with Client(self.dask_address, timeout=60) as client:
+                client.wait_for_workers(1, timeout=120)
+        except (OSError, TimeoutError) as exc:
+            self.close()
+            self.skipped["tcp_orphan"] = unavailable(
+                "tcp_orphan", f"no dask worker joined ({exc}; see {folder / 'dask.log'})")
+            return None
         return self.dask_address
 
     def _dask_idle(self, timeout: float = 300) -> bool:
