@@ -51,9 +51,10 @@ Round 2 (issue 22), and what "identical" means for each:
   masks_named       masks as ``<id>_label.png``, as ``<id>_mask.jpg``, a mask with no image
                     (``ghost_mask.png``), an all-ignore mask (one case per fault, in turn):
                     identical = exit 0 and the store's maps and labels equal those of the
-                    base store (same images, masks as <id>.npy; the first two cases); refused = a one-line error, or exit 0 with a note on
-                    stderr naming each such file (for all-ignore: the image) and "mask"; exit
-                    0 without such a note is silent
+                    base store (same images, masks as <id>.npy; the first two cases);
+                    refused = a one-line error, or exit 0 with a note on stderr naming each
+                    such file (for all-ignore: the image) and "mask"; exit 0 without such a
+                    note is silent
 
     python bench/faults.py                 # the full run (README "Reliability")
     python bench/faults.py --quick         # a few of each (what the test suite runs)
@@ -134,6 +135,7 @@ class Harness:
         self._n = 0
         self.pred = self.tcp_base = self.dask_address = None
         self.dask_procs: list[subprocess.Popen] = []
+        self.tries: Counter = Counter()  # faults of each kind so far (kinds that alternate)
 
     # -- commands ---------------------------------------------------------------------------
     def extract_args(self, store, seed=0, *extra, data=None):
@@ -525,9 +527,9 @@ class Harness:
         earlier = self.folder_files(out)
         stats = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.iterdir()}
         sig = self.rng.choice([signal.SIGKILL, signal.SIGKILL, signal.SIGINT])
-        self._predict_kills = getattr(self, "_predict_kills", 0) + 1
+        self.tries["predict_kill"] += 1
         p = self.spawn(self.predict_args(out, "hard"))
-        if self._predict_kills % 2:
+        if self.tries["predict_kill"] % 2:
             while p.poll() is None and not self._changed(out, stats):
                 time.sleep(0.005)
             time.sleep(self.rng.uniform(0, 0.05))
@@ -574,12 +576,13 @@ class Harness:
     def symlink_alias(self) -> None:
         """Two writers into one run dir (odd faults) or store (even), one of them through a
         symlink to it: the lock must see one folder."""
-        self._aliases = getattr(self, "_aliases", 0) + 1
-        target = self.fresh("alias_run" if self._aliases % 2 else "alias.zarr")
+        self.tries["symlink_alias"] += 1
+        fit = self.tries["symlink_alias"] % 2 == 1
+        target = self.fresh("alias_run" if fit else "alias.zarr")
         target.mkdir()
         link = self.fresh("alias_link")
         link.symlink_to(target, target_is_directory=True)
-        if self._aliases % 2:
+        if fit:
             self.seed_baselines(store=False, run=100 not in self.base_run)
             self._pair("symlink_alias", [self.fit_args(self.store, target, 0),
                                          self.fit_args(self.store, link, 100)],
@@ -613,8 +616,8 @@ class Harness:
         label map for both."""
         from PIL import Image, ImageOps
 
-        self._photos = getattr(self, "_photos", 0) + 1
-        orientation = self.ORIENTATIONS[(self._photos - 1) % len(self.ORIENTATIONS)]
+        self.tries["exif_photo"] += 1
+        orientation = self.ORIENTATIONS[(self.tries["exif_photo"] - 1) % len(self.ORIENTATIONS)]
         turns = {1: 0, 6: 1, 8: -1, 3: 2}[orientation]  # upright -> stored (np.rot90 turns left)
         src = self.rng.choice(sorted(self.data.glob("*.png")))
         photo, upright = self.fresh("exif"), self.fresh("upright")
@@ -655,8 +658,8 @@ class Harness:
         ``<id>_mask.jpg``, a mask with no image, an all-ignore mask."""
         from PIL import Image
 
-        self._masks = getattr(self, "_masks", 0) + 1
-        case = self.MASK_CASES[(self._masks - 1) % len(self.MASK_CASES)]
+        self.tries["masks_named"] += 1
+        case = self.MASK_CASES[(self.tries["masks_named"] - 1) % len(self.MASK_CASES)]
         data = self.fresh(f"masks_{case}")
         data.mkdir()
         images = sorted(self.data.glob("*.png"))
@@ -777,7 +780,7 @@ class Harness:
         if address is None:
             return
         self.tcp_baseline()
-        self._orphans = getattr(self, "_orphans", 0) + 1
+        self.tries["tcp_orphan"] += 1
         store = self.fresh("tcp.zarr")
         p = self.spawn(self.tcp_args(store, 0, "--batch-size", "8", "--scheduler", address))
         while p.poll() is None and not store.is_dir():
@@ -788,7 +791,7 @@ class Harness:
             p.kill()
         p.communicate()
         written = self._written(store)
-        via = ["--scheduler", address] if self._orphans % 2 else []
+        via = ["--scheduler", address] if self.tries["tcp_orphan"] % 2 else []
         code, err = self.inproc(self.tcp_args(store, 1, "--overwrite", *via))
         if not self._dask_idle():
             return self.record("tcp_orphan", "traceback", "the worker stayed busy for 300 s")
