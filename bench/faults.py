@@ -456,7 +456,8 @@ class Harness:
             self.record(kind, "refused" if ok else "traceback",
                         err if ok else f"rerun with room: {err2}")
         finally:
-            subprocess.run(["umount", str(mnt)], capture_output=True)
+            # Lazily: a command that failed in this process may still hold a file open there.
+            subprocess.run(["umount", "--lazy", str(mnt)], capture_output=True)
 
     def fit_enospc(self) -> None:
         mnt = self._mount("fit_enospc", self._size_kb(self.run, self.rng))
