@@ -1,6 +1,9 @@
 """The CI-sized subset of the fault harness (bench/faults.py): a few kills of extract and fit,
 each kind of corruption once, one pair of concurrent writers, a full disk where a tmpfs can be
-mounted. Nothing may end silently wrong or in a traceback."""
+mounted, and one of each issue-22 kind (orphaned dask task, symlink alias, predict killed over
+a prediction, evaluate on a partial folder, ENOSPC in fit and predict, EXIF photo, masks under
+other names). Nothing may end silently wrong, in a traceback or with data lost; under CI=true a
+kind that cannot run here fails the run (bench/faults.py's ``unavailable``)."""
 
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ def test_fault_harness_subset(tmp_path):
         assert table[kind]["injected"] == n, (kind, table[kind])
     assert sum(row["silent"] for row in table.values()) == 0, result["examples"]
     assert sum(row["traceback"] for row in table.values()) == 0, result["examples"]
+    assert sum(row["lost"] for row in table.values()) == 0, result["examples"]
     # Corruption is never "harmless" here: each damaged store or member was refused in one
     # line and then repaired to the original (a chunk flip could only pass if the crc32c did).
     for kind in ("chunk_flip", "flag_flip", "member_flip"):
@@ -56,3 +60,20 @@ def test_ctrl_c_while_the_command_starts_is_one_line():
     _, err = proc.communicate()
     assert proc.returncode == -signal.SIGINT, err
     assert err == "error: interrupted while starting; nothing was written\n"
+
+
+def test_a_kind_that_cannot_run_fails_under_ci(tmp_path, monkeypatch):
+    import subprocess
+
+    import pytest
+
+    faults = _harness()
+    h = faults.Harness(tmp_path, images=1, seed=0)
+    denied = subprocess.CompletedProcess(["mount"], 32, "", "mount: permission denied")
+    monkeypatch.setattr(faults.subprocess, "run", lambda *a, **k: denied)
+    monkeypatch.setenv("CI", "false")
+    h.disk_full()  # a skip, saying why, outside CI
+    assert h.skipped == {"disk_full": "cannot mount a tmpfs here (mount: permission denied)"}
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(RuntimeError, match="disk_full cannot run here under CI=true"):
+        h.disk_full()
