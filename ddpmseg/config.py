@@ -164,7 +164,7 @@ def _build(kind: type, values: dict, section: str, source: str = ""):
         raise ConfigError(f"{source}: {exc.message}", exc.hint) from None
 
 
-# What each numeric or choice value must be: (section, key) -> (test, what it must be). Checked
+# What each numeric or choice value must be: section -> key -> (test, what it must be). Checked
 # whenever a section is made (a file, an override, a run's or a store's recorded config), so a
 # value such as etf_weight = inf is refused where it is read, not an epoch into training.
 def _at_least(low):
