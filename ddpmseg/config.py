@@ -8,6 +8,7 @@ override single keys (``with_overrides``); every run writes the resolved config 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -16,8 +17,10 @@ from pathlib import Path
 
 from .errors import ConfigError, InputNotFoundError
 from .fileio import write_json
+from .voting import VOTES
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+ETF_MODES = ("shared", "separate", "none")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,17 @@ class DataConfig:
     # training_path / testing_path); "" = none.
     train_dir: str = ""
     test_dir: str = ""
+
+    def __post_init__(self):
+        _check_values(self, "data")
+
+    @property
+    def names_classes(self) -> bool:
+        """Whether these settings say anything about the classes: a config with no [data]
+        classes (count, ignore label and names all left at their defaults) does not, and then
+        takes them from the store or predictions it is used with."""
+        return any(getattr(self, f.name) != f.default for f in dataclasses.fields(self)
+                   if f.name in ("num_classes", "ignore_label", "class_names"))
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,9 @@ class FeatureConfig:
     precision: str = "fp32"
     batch_size: int = 1
 
+    def __post_init__(self):
+        _check_values(self, "features")
+
 
 @dataclass(frozen=True)
 class ClassifierConfig:
@@ -69,11 +86,17 @@ class ClassifierConfig:
     seed: int = 0
     ram_budget_gb: float = 2.0
 
+    def __post_init__(self):
+        _check_values(self, "classifier")
+
 
 @dataclass(frozen=True)
 class PredictConfig:
     vote: str = "soft"
     tile_rows: int = 32
+
+    def __post_init__(self):
+        _check_values(self, "predict")
 
 
 @dataclass(frozen=True)
@@ -97,7 +120,8 @@ class Config:
             values = {k: v for k, v in (values or {}).items() if v is not None}
             if values:
                 current = getattr(self, _section_field(name))
-                changes[name] = _build(type(current), {**dataclasses.asdict(current), **values}, name)
+                changes[name] = _build(type(current), {**dataclasses.asdict(current), **values},
+                                       name)
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -107,7 +131,7 @@ class Config:
             _section_field(name, source)
             if not isinstance(values, dict):
                 raise ConfigError(f"{source}: [{name}] must be a table", "see configs/ for examples")
-            sections[name] = _build(_SECTIONS[name], values, f"{source}: [{name}]")
+            sections[name] = _build(_SECTIONS[name], values, name, source)
         return cls(**sections)
 
 
@@ -122,7 +146,9 @@ def _section_field(name: str, source: str = "config") -> str:
     return name
 
 
-def _build(kind: type, values: dict, where: str):
+def _build(kind: type, values: dict, section: str, source: str = ""):
+    """A section's dataclass from its values; errors name ``source`` (the file) and the key."""
+    where = f"{source}: [{section}]" if source else f"[{section}]"
     hints = typing.get_type_hints(kind)
     known = {f.name for f in dataclasses.fields(kind)}
     kwargs = {}
@@ -130,7 +156,54 @@ def _build(kind: type, values: dict, where: str):
         if key not in known:
             raise ConfigError(f"{where}: unknown key {key!r}", f"known keys: {', '.join(sorted(known))}")
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
-    return kind(**kwargs)
+    try:
+        return kind(**kwargs)
+    except ConfigError as exc:  # a value out of range (_check_values): say which file
+        if not source:
+            raise
+        raise ConfigError(f"{source}: {exc.message}", exc.hint) from None
+
+
+# What each numeric or choice value must be: section -> key -> (test, what it must be). Checked
+# whenever a section is made (a file, an override, a run's or a store's recorded config), so a
+# value such as etf_weight = inf is refused where it is read, not an epoch into training.
+def _at_least(low):
+    return lambda v: v >= low, f">= {low}"
+
+
+def _above(low):
+    return lambda v: v > low, f"> {low}"
+
+
+def _one_of(choices):
+    return lambda v: v in choices, f"one of {', '.join(choices)}"
+
+
+_RULES = {
+    "data": {"num_classes": (lambda v: 1 <= v <= 256, "in 1..256"),
+             "ignore_label": (lambda v: 0 <= v <= 255, "in 0..255"),
+             "min_class_pixels": _at_least(0)},
+    "features": {"steps": (lambda v: all(t >= 0 for t in v), "non-negative"),
+                 "seed": _at_least(0), "batch_size": _at_least(1)},
+    "classifier": {"ensemble": _at_least(1), "lr": _above(0),
+                   "batch_size": (lambda v: v >= 2, ">= 2 (BatchNorm needs two pixels)"),
+                   "max_epochs": _at_least(1), "min_epochs": _at_least(0),
+                   "patience": _at_least(0), "etf": _one_of(ETF_MODES),
+                   "etf_weight": _at_least(0), "seed": _at_least(0),
+                   "ram_budget_gb": _above(0)},
+    "predict": {"vote": _one_of(VOTES), "tile_rows": _at_least(1)},
+}
+
+
+def _check_values(section_obj, section: str) -> None:
+    for key, (ok, wanted) in _RULES[section].items():
+        value = getattr(section_obj, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"[{section}].{key} must be finite, got {value}",
+                              f"give a number {wanted}")
+        if not ok(value):
+            raise ConfigError(f"[{section}].{key} must be {wanted}, got {value!r}",
+                              "fix the value in the config or the option")
 
 
 def _coerce(value, hint, where: str):
@@ -180,3 +253,24 @@ def load_config(path: str | Path | None = None) -> Config:
 
 def bundled_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+
+
+def check_classes(data: DataConfig, what: str, num_classes: int, ignore_label: int,
+                  class_names, there: str,
+                  hint: str = "give the config it was made with, or leave --config out") -> None:
+    """Refuse a config whose classes are not those of a store or a prediction folder (``there``):
+    class count, ignore label, and class names where both sides give them. ``what`` names the
+    config in the one-line error ("config cat_15")."""
+    ours = (data.num_classes, data.ignore_label)
+    theirs = (int(num_classes), int(ignore_label))
+    if ours != theirs:
+        raise ConfigError(f"{what} has {ours[0]} classes (ignore label {ours[1]}) but {there} "
+                          f"has {theirs[0]} classes (ignore label {theirs[1]})", hint)
+    names = tuple(class_names or ())
+    if data.class_names and names and tuple(data.class_names) != names:
+        i = next((i for i, (a, b) in enumerate(zip(data.class_names, names)) if a != b),
+                 min(len(data.class_names), len(names)))
+        mine = data.class_names[i] if i < len(data.class_names) else None
+        other = names[i] if i < len(names) else None
+        raise ConfigError(f"{what} and {there} name the classes differently: class {i} is "
+                          f"{mine!r} in {what}, {other!r} in {there}", hint)

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from . import render
+from .config import DataConfig, check_classes
 from .data import (LOSSY_SUFFIXES, MASK_LIKE_ENDINGS, check_labels,
                    is_mask_png, lossy_mask_error, mask_names, read_mask, size_text)
 from .errors import BadInputError, ConfigError, InputNotFoundError
@@ -159,7 +160,8 @@ def _load_predictions_meta(pred_dir: Path) -> dict:
 def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
              ignore_label: int | None = None, class_names: Sequence[str] = (),
              mask_ignore: bool = False, confusion: bool = False, out=None,
-             write: bool = True, resize: bool = False, lock: bool = True) -> dict:
+             write: bool = True, resize: bool = False, lock: bool = True,
+             classes_from: str = "the call") -> dict:
     """The reference's mIoU of the predictions in PRED_DIR against the masks in GT_DIR.
 
     Predictions are ``<name>.npy`` (or label PNGs) matched by name with ``<name>.npy`` or
@@ -171,7 +173,9 @@ def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
     256px masks for a 64px model. Writes ``metrics.json`` (with ``confusion``:
     ``confusion.csv`` and ``confusion.png`` too) into ``out`` (default PRED_DIR) unless ``write`` is False.
     PRED_DIR is read under its writer lock (a predict rewriting it makes this fail at once);
-    ``lock=False`` when the caller holds that lock already (``report``).
+    ``lock=False`` when the caller holds that lock already (``report``). Classes given that
+    are not predict.json's (or a GT store's) are refused before anything is written, naming
+    ``classes_from`` (e.g. "config cat_15") and the file.
     Returns {"miou", "classes": [{index, name, iou, gt_pixels, pred_pixels, intersection,
     union}], "per_image": {name: image_iou}, ...}.
     """
@@ -192,12 +196,26 @@ def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
         if write and out_dir.absolute() != pred_dir.absolute():
             locks.enter_context(writer_lock(out_dir, "metrics folder"))
         return _evaluate(pred_dir, gt_dir, num_classes, ignore_label, class_names,
-                         mask_ignore, confusion, out_dir, write, resize)
+                         mask_ignore, confusion, out_dir, write, resize, classes_from)
+
+
+def _check_given_classes(given: DataConfig, classes_from: str, pred_dir: Path, meta: dict,
+                         store_gt) -> None:
+    """The classes to score must be those the predictions (predict.json) and a GT store were
+    made with: another data set's config would score its classes on these masks."""
+    hint = "give the config the predictions were made with, or leave --config out"
+    if "num_classes" in meta:
+        check_classes(given, classes_from, meta["num_classes"], meta.get("ignore_label", 255),
+                      meta.get("class_names"), str(pred_dir / "predict.json"), hint)
+    if store_gt is not None:
+        info = store_gt.store.info
+        check_classes(given, classes_from, info.num_classes, info.ignore_label,
+                      info.class_names, f"store {store_gt.path}", hint)
 
 
 def _evaluate(pred_dir: Path, gt_dir: Path, num_classes, ignore_label, class_names,
               mask_ignore: bool, confusion: bool, out_dir: Path, write: bool,
-              resize: bool) -> dict:
+              resize: bool, classes_from: str) -> dict:
     store_gt = _StoreLabels(gt_dir) if _is_store(gt_dir) else None
     meta = _load_predictions_meta(pred_dir)
     if num_classes is None:
@@ -212,6 +230,9 @@ def _evaluate(pred_dir: Path, gt_dir: Path, num_classes, ignore_label, class_nam
     num_classes, ignore_label = int(num_classes), int(ignore_label)
     if not 1 <= num_classes <= 256:
         raise ConfigError(f"num_classes must be 1..256, got {num_classes}", "fix --num-classes")
+    _check_given_classes(DataConfig(num_classes=num_classes, ignore_label=ignore_label,
+                                    class_names=tuple(class_names)),
+                         classes_from, pred_dir, meta, store_gt)
 
     predictions = list_predictions(pred_dir)
     if not predictions:

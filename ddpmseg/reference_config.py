@@ -11,6 +11,8 @@ Key mapping (reference -> ddpmseg):
                                       reference's own configs mean it, is taken from there)
     steps, blocks -> features.steps, features.blocks (noise seed 0, as the reference's default)
     model_num -> classifier.ensemble batch_size -> classifier.batch_size
+    class_names -> data.class_names  (not the reference's: export-run writes it, and the
+                                      reference ignores it)
     dim [H, W, D]: checked against the backbone's image size and the feature width of the
     steps and blocks, never copied (ddpmseg derives both).
 
@@ -36,10 +38,12 @@ log = logging.getLogger(__name__)
 # Settings whose other values give features that ddpmseg does not compute.
 _MUST_BE = {"upsample_mode": "bilinear", "share_noise": True, "input_activations": False}
 _REQUIRED = ("number_class", "dim", "steps", "blocks", "model_path")
-# Every key the reference's configs hold (some change nothing here), and our model_flags.
+# Every key the reference's configs hold (some change nothing here), and our model_flags and
+# class_names (export-run writes them; the reference ignores keys it does not use).
 _KNOWN = ("exp_dir", "model_type", "max_training", "training_number", "testing_number",
           "seed", "category", "training_path", "validation_path", "testing_path",
-          "ignore_label", "model_num", "batch_size", "model_flags") + tuple(_MUST_BE) + _REQUIRED
+          "ignore_label", "model_num", "batch_size", "model_flags", "class_names") + \
+    tuple(_MUST_BE) + _REQUIRED
 _DEFAULT_256_PRESET = "lsun_256"
 
 
@@ -105,6 +109,8 @@ def load_reference_config(path: str | Path, preset: str | None = None) -> Config
     raw_data = {"name": raw.get("category", "custom"), "num_classes": num_classes}
     if "ignore_label" in raw:
         raw_data["ignore_label"] = _int(raw, "ignore_label", where)
+    if "class_names" in raw:
+        raw_data["class_names"] = _names(raw, num_classes, where)
     for ours, theirs in (("train_dir", "training_path"), ("test_dir", "testing_path")):
         if raw.get(theirs):
             raw_data[ours] = str(_resolve_path(_string(raw, theirs, where), base))
@@ -200,13 +206,23 @@ def _ints(raw: dict, key: str, where: str) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
+def _names(raw: dict, num_classes: int, where: str) -> list[str]:
+    value = raw["class_names"]
+    if not isinstance(value, list) or len(value) != num_classes or not all(
+            isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: class_names must be a list of {num_classes} strings "
+                          f"(number_class), got {value!r}", "fix or remove class_names")
+    return list(value)
+
+
 def to_reference_json(config: Config, *, image_size, feature_dim: int, exp_dir: str,
                       model_path: str, flags: dict, training_number: int,
                       testing_number: int) -> dict:
-    """A Config -> the reference's ddpm.json dict (plus ``model_flags``, which the reference
-    ignores and ``load_reference_config`` reads back)."""
+    """A Config -> the reference's ddpm.json dict (plus ``model_flags`` and ``class_names``,
+    which the reference ignores and ``load_reference_config`` reads back)."""
     d = config.data
     height, width = image_size
+    extra = {"class_names": list(d.class_names)} if d.class_names else {}
     return {
         "exp_dir": exp_dir,
         "model_type": "ddpm",
@@ -228,6 +244,7 @@ def to_reference_json(config: Config, *, image_size, feature_dim: int, exp_dir: 
         "share_noise": True,
         "input_activations": False,
         "model_flags": dict(flags),
+        **extra,
     }
 
 

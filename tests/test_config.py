@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from ddpmseg.config import Config, load_config, bundled_configs
+from ddpmseg.config import Config, bundled_configs, check_classes, load_config
 from ddpmseg.errors import ConfigError, InputNotFoundError
 
 
@@ -63,3 +63,71 @@ def test_blocks_may_be_names(tmp_path):
     assert load_config(path).features.blocks == (1, "up2.res1")
     with pytest.raises(ConfigError, match="must be int or str, got 1.5"):
         Config().with_overrides(features={"blocks": (1.5,)})
+
+
+# -- numeric values are checked where a config is loaded -----------------------------------------
+@pytest.mark.parametrize("section, line, key", [
+    ("classifier", "etf_weight = inf", "etf_weight"),
+    ("classifier", "etf_weight = nan", "etf_weight"),
+    ("classifier", "etf_weight = -0.5", "etf_weight"),
+    ("classifier", "lr = inf", "lr"),
+    ("classifier", "lr = 0", "lr"),
+    ("classifier", "ram_budget_gb = -inf", "ram_budget_gb"),
+    ("classifier", "ensemble = 0", "ensemble"),
+    ("classifier", "batch_size = 1", "batch_size"),
+    ("classifier", "max_epochs = 0", "max_epochs"),
+    ("classifier", "min_epochs = -1", "min_epochs"),
+    ("classifier", "patience = -1", "patience"),
+    ("classifier", 'etf = "both"', "etf"),
+    ("data", "num_classes = 0", "num_classes"),
+    ("data", "num_classes = 257", "num_classes"),
+    ("data", "ignore_label = 256", "ignore_label"),
+    ("data", "min_class_pixels = -1", "min_class_pixels"),
+    ("features", "steps = [50, -1]", "steps"),
+    ("features", "batch_size = 0", "batch_size"),
+    ("predict", "tile_rows = 0", "tile_rows"),
+    ("predict", 'vote = "loud"', "vote"),
+])
+def test_a_value_out_of_range_is_one_line_naming_key_and_file(tmp_path, section, line, key):
+    path = tmp_path / "bad.toml"
+    path.write_text(f"[{section}]\n{line}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(path) in message and f"[{section}].{key}" in message, message
+
+
+def test_an_override_out_of_range_is_refused_too():
+    with pytest.raises(ConfigError, match=r"\[classifier\]\.etf_weight must be finite"):
+        Config().with_overrides(classifier={"etf_weight": float("inf")})
+    with pytest.raises(ConfigError, match=r"\[classifier\]\.lr must be > 0"):
+        Config().with_overrides(classifier={"lr": 0.0})
+
+
+def test_values_in_range_load(tmp_path):
+    path = tmp_path / "ok.toml"
+    path.write_text("[classifier]\netf_weight = 0\nmin_epochs = 0\npatience = 0\n"
+                    "[data]\nnum_classes = 256\nignore_label = 0\n")
+    cfg = load_config(path)
+    assert cfg.classifier.etf_weight == 0.0 and cfg.data.num_classes == 256
+
+
+# -- a config's classes against the classes of a store or a prediction ----------------------------
+def test_check_classes_names_both_sides():
+    cat = load_config("cat_15")
+    with pytest.raises(ConfigError) as info:
+        check_classes(cat.data, "config cat_15", 11, 255, (), "preds/predict.json")
+    message = str(info.value)
+    assert "config cat_15" in message and "15 classes" in message
+    assert "preds/predict.json" in message and "11 classes" in message
+    with pytest.raises(ConfigError, match="ignore label 0.*ignore label 255"):
+        check_classes(cat.data.__class__(num_classes=15, ignore_label=0), "config x", 15, 255,
+                      (), "the store")
+    names = list(cat.data.class_names)
+    names[3] = "dog"
+    with pytest.raises(ConfigError, match="class 3 is 'chest' in config cat_15, 'dog' in the store"):
+        check_classes(cat.data, "config cat_15", 15, 255, tuple(names), "the store")
+    # Agreeing classes pass, and names that one side does not give are not compared.
+    check_classes(cat.data, "config cat_15", 15, 255, cat.data.class_names, "the store")
+    check_classes(cat.data, "config cat_15", 15, 255, (), "the store")

@@ -55,11 +55,12 @@ def experiment_suffix(steps, blocks) -> str:
 
 
 def _members_folder(ref_dir: Path, steps, blocks) -> Path:
-    """REF_DIR itself, or the reference's ``exp_dir/<steps>_<blocks>`` below it."""
-    below = ref_dir / experiment_suffix(steps, blocks)
-    if not reference_member_path(ref_dir, 0).is_file() and \
-            reference_member_path(below, 0).is_file():
-        return below
+    """Where the model_{i}.pth are: REF_DIR itself, the reference's ``exp_dir/<steps>_<blocks>``
+    below it, or ``pixel_classifiers/<steps>_<blocks>`` below the folder ``export_run`` wrote."""
+    suffix = experiment_suffix(steps, blocks)
+    for folder in (ref_dir, ref_dir / suffix, ref_dir / EXPORT_SUBDIR / suffix):
+        if reference_member_path(folder, 0).is_file():
+            return folder
     return ref_dir
 
 
@@ -123,7 +124,9 @@ def import_run(ref_dir, run_dir, config: Config, *, overwrite: bool = False) -> 
     if missing:
         raise InputNotFoundError(f"{ref_dir}: {len(missing)} of {k_total} members missing "
                                  f"(e.g. {missing[0]})",
-                                 "check the folder and model_num in the ddpm.json")
+                                 "give the folder of the model_{i}.pth files (or the one "
+                                 "above its <steps>_<blocks> or pixel_classifiers/ folder) "
+                                 "and check model_num in the ddpm.json")
 
     # Loaded (on the CPU: only its hash and shapes are needed) to prove it fits its flags.
     backbone = Backbone.from_checkpoint(config.model.checkpoint,

@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from distributed import as_completed
 from tqdm import tqdm
 
-from ..config import Config
+from ..config import Config, check_classes
 from ..device import resolve_device
 from ..scaleout import check_scheduler, connect
 from ..progress import wanted
-from ..errors import ConfigError, RunError, StoreError
+from ..errors import RunError, StoreError
 from ..featcache import content
 from ..featcache.store import FeatureStore
 from ..fileio import no_space_error
@@ -37,31 +37,10 @@ from .model import EarlyStopping, PixelMLP, init_normal, make_trunk, simplex_etf
 
 log = logging.getLogger(__name__)
 
-ETF_MODES = ("shared", "separate", "none")
 GIB = 1024 ** 3
+
+
 # -- checks ---------------------------------------------------------------------------------
-def check_classifier_config(c) -> None:
-    problems = []
-    if c.etf not in ETF_MODES:
-        problems.append(f"etf must be one of {', '.join(ETF_MODES)}, got {c.etf!r}")
-    if c.ensemble < 1:
-        problems.append(f"ensemble must be >= 1, got {c.ensemble}")
-    if not c.lr > 0:
-        problems.append(f"lr must be > 0, got {c.lr}")
-    if c.batch_size < 2:
-        problems.append(f"batch_size must be >= 2 (BatchNorm), got {c.batch_size}")
-    if c.max_epochs < 1:
-        problems.append(f"max_epochs must be >= 1, got {c.max_epochs}")
-    if c.min_epochs < 0 or c.patience < 0:
-        problems.append("min_epochs and patience must be >= 0")
-    if c.etf_weight < 0:
-        problems.append(f"etf_weight must be >= 0, got {c.etf_weight}")
-    if not c.ram_budget_gb > 0:
-        problems.append(f"ram_budget_gb must be > 0, got {c.ram_budget_gb}")
-    if problems:
-        raise ConfigError("[classifier]: " + "; ".join(problems), "fix the config or the option")
-
-
 def check_trainable(store: FeatureStore) -> None:
     info = store.info
     if not info.has_labels:
@@ -220,6 +199,31 @@ def _open_store(store) -> FeatureStore:
     return store if isinstance(store, FeatureStore) else FeatureStore.open(store)
 
 
+def store_config(store: FeatureStore) -> tuple[Config, str]:
+    """The config a store was extracted with (defaults for a store that records none), and
+    where it came from, as ``fit`` says it."""
+    recorded = store.recorded_config()
+    if recorded is None:
+        return Config(), "defaults: the store records no config"
+    return recorded, "from the store"
+
+
+def training_config(store: FeatureStore, config: Config | None) -> Config:
+    """The config ``fit`` trains with: ``config``, else the store's own. A config that names
+    classes (``DataConfig.names_classes``) must name the store's: the run's classes are
+    always the store's, so another data set's config would only lend the run its name and
+    classifier settings."""
+    if config is None:
+        return store_config(store)[0]
+    if config.data.names_classes:
+        info = store.info
+        check_classes(config.data, f"config {config.data.name}", info.num_classes,
+                      info.ignore_label, info.class_names, f"store {store.path}",
+                      "fit takes the classes from the store: give the config it was extracted "
+                      "with, or leave --config out to use the store's own")
+    return config
+
+
 def _make_source(store, index, device, shuffle, in_memory: bool):
     if in_memory:
         return S.InMemorySource(store, index, device)
@@ -230,6 +234,8 @@ def fit(store, run_dir, config: Config | None = None, *, device="auto", in_memor
         resume: bool = True, scheduler: str | None = None, progress: bool = True) -> Path:
     """Train ``config.classifier.ensemble`` pixel MLPs on a store's labelled pixels.
 
+    ``config`` None: the config the store was extracted with (``training_config``).
+
     ``store`` is a path (or URL) or an open FeatureStore. A run dir that already holds members
     trained on the same store with the same settings is resumed (``resume=False`` starts
     over). ``in_memory`` holds the dense features of all labelled pixels in RAM (the reference's
@@ -239,11 +245,10 @@ def fit(store, run_dir, config: Config | None = None, *, device="auto", in_memor
 
     Each member seeds torch's, numpy's and random's global generators with ``seed + k``.
     """
-    config = config or Config()
-    check_classifier_config(config.classifier)
     check_scheduler(scheduler)  # before the run dir is made
     store = _open_store(store)
     check_trainable(store)
+    config = training_config(store, config)
     info = store.info
     cfg = R.resolved_config(config, info, store.config.get("model"))
     c = cfg.classifier

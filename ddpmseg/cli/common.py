@@ -65,12 +65,25 @@ ignore_label_option = click.option(
     help="The label that marks unlabelled pixels (data.ignore_label). [default: config, 255]")
 
 
-def resolve_config(config_path: str | None, **sections: dict) -> Config:
-    """Load the config and apply the command-line overrides (None means 'not given')."""
+def resolve_config(config_path: str | None, base: Config | None = None, **sections: dict
+                   ) -> Config:
+    """Load the config (``base``, else the defaults, when no --config is given) and apply the
+    command-line overrides (None means 'not given'). A bad value is a usage error naming its
+    option: each option is its config key with dashes."""
     try:
-        return load_config(config_path).with_overrides(**sections)
+        cfg = base if config_path is None and base is not None else load_config(config_path)
     except DdpmsegError as exc:
         raise click.BadParameter(str(exc), param_hint="--config") from exc
+    for section, values in sections.items():
+        for key, value in (values or {}).items():
+            if value is None:
+                continue
+            try:
+                cfg = cfg.with_overrides(**{section: {key: value}})
+            except DdpmsegError as exc:
+                raise click.BadParameter(str(exc), param_hint=f"--{key.replace('_', '-')}") \
+                    from exc
+    return cfg
 
 
 def preset_features(preset: str | None, checkpoint: str | None) -> tuple[str | None, dict]:

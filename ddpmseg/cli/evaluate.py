@@ -33,8 +33,9 @@ def command(pred_dir, gt_dir, config_path, num_classes, ignore_label, mask_ignor
     GT_DIR may also be a feature store, whose labels are then the ground truth.
     The mIoU is the reference's: summed over the whole test set, ignore label left out of the
     mean but its pixels not masked. Classes come from --config, else from PRED_DIR/predict.json;
-    --num-classes and --ignore-label override both. Without GT_DIR, the config's data.test_dir
-    is used (a reference ddpm.json's testing_path).
+    --num-classes and --ignore-label override both. Classes other than those predict.json (or
+    a GT store) records are refused: another data set's config would score its classes.
+    Without GT_DIR, the config's data.test_dir is used (a reference ddpm.json's testing_path).
 
     \b
     Examples:
@@ -44,17 +45,20 @@ def command(pred_dir, gt_dir, config_path, num_classes, ignore_label, mask_ignor
       ddpmseg evaluate preds/horse stores/test.zarr
     """
     class_names = ()
+    classes_from = "--num-classes/--ignore-label"
     if config_path is not None:
         cfg = resolve_config(config_path, data={"num_classes": num_classes,
                                                 "ignore_label": ignore_label})
-        num_classes, ignore_label = cfg.data.num_classes, cfg.data.ignore_label
-        class_names = cfg.data.class_names
         gt_dir = gt_dir or cfg.data.test_dir or None
+        if cfg.data.names_classes:  # else the classes are predict.json's
+            num_classes, ignore_label = cfg.data.num_classes, cfg.data.ignore_label
+            class_names = cfg.data.class_names
+            classes_from = f"config {cfg.data.name}"
     if gt_dir is None:
         raise click.UsageError("give GT_DIR, or a config with a test folder (data.test_dir, or "
                                "testing_path in a ddpm.json)")
     result = evaluate(pred_dir, gt_dir, num_classes=num_classes, ignore_label=ignore_label,
                       class_names=class_names, mask_ignore=mask_ignore, confusion=confusion,
-                      out=out_dir, resize=resize)
+                      out=out_dir, resize=resize, classes_from=classes_from)
     click.echo(format_table(result))
     click.echo(f"wrote {result['metrics_path']}")

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from ..classifier import fit, load_ensemble
-from ..classifier.train import ETF_MODES
+from ..classifier.train import store_config
+from ..config import ETF_MODES
+from ..featcache.store import FeatureStore
 from .common import (config_option, count, device_option, renamed_option, resolve_config, show_progress,
                      threads_option)
+
+log = logging.getLogger("ddpmseg")
 
 
 @click.command("fit")
@@ -58,17 +64,25 @@ def command(ctx, store, run_dir, config_path, ensemble, etf, etf_weight, max_epo
     Minibatches are computed on the fly from the stored native-resolution maps, in a RAM
     budget independent of the number of images. Each member is saved as it finishes;
     rerunning the same command resumes with the next one. The classes, ignore label and
-    feature settings come from the store; each option overrides its key of [classifier].
+    feature settings come from the store. The config is --config, else the one the store was
+    extracted with (its name, classes and [classifier] section), and the command says which in
+    one line; a --config of other classes than the store's is refused. Each option overrides
+    its key of [classifier].
 
     \b
     Examples:
       ddpmseg fit stores/ffhq34_train.zarr runs/ffhq34 --config ffhq_34
       ddpmseg fit stores/mine.zarr runs/mine --ensemble 3 --etf none --ram-budget-gb 4
     """
-    cfg = resolve_config(config_path, classifier={
+    opened = FeatureStore.open(store)
+    base, origin = store_config(opened)
+    if config_path is not None:
+        origin = f"from --config {config_path}"
+    cfg = resolve_config(config_path, base, classifier={
         "ensemble": ensemble, "etf": etf, "etf_weight": etf_weight, "max_epochs": max_epochs,
         "batch_size": batch_size, "lr": lr, "seed": seed, "ram_budget_gb": ram_budget_gb})
-    out = fit(store, run_dir, cfg, device=device, in_memory=in_memory, resume=not overwrite,
+    log.info("fit: config %s (%s)", cfg.data.name, origin)
+    out = fit(opened, run_dir, cfg, device=device, in_memory=in_memory, resume=not overwrite,
               scheduler=scheduler, progress=show_progress(ctx))
     ens = load_ensemble(out, "cpu")
     # Epochs trained per member (stop_epoch is stored 0-based).

@@ -29,6 +29,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
+from ..config import Config
 from ..errors import ConfigError, FeatureOverflowError, StoreError, StoreMismatchError
 from . import integrity as IG
 from . import pixels
@@ -530,6 +531,17 @@ class FeatureStore:
     def config(self) -> dict:
         """The resolved config the store was made with (as JSON), or {}."""
         return dict(self.group.attrs.get("config", {}))
+
+    def recorded_config(self) -> Config | None:
+        """That config as a ``Config`` (its name, classes and [classifier] section are what
+        ``fit`` trains with by default), or None for a store written without one."""
+        raw = self.config
+        if not raw:
+            return None
+        try:
+            return Config.from_dict(raw, source=f"{self.path} (its recorded config)")
+        except ConfigError as exc:
+            raise ConfigError(exc.message, "pass --config to train with another config") from None
 
     def __len__(self) -> int:
         return self.info.num_images

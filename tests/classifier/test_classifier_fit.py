@@ -297,3 +297,14 @@ def test_fit_on_the_gpu(store_path, small_config, tmp_path):
     # Streaming (pool on the GPU) and in-memory (rows moved per batch) agree there too.
     a, b = _weights(gpu), _weights(mem)
     assert all(torch.allclose(a[0][k].float(), b[0][k].float(), atol=1e-4) for k in a[0])
+
+
+def test_a_config_of_other_classes_is_refused_before_writing(store_path, tmp_path):
+    from ddpmseg.config import load_config
+    from ddpmseg.errors import ConfigError
+
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"config cat_15 has 15 classes .* but store .*small"
+                                          r"\.zarr has 3 classes"):
+        fit(store_path, run, load_config("cat_15"), device="cpu", progress=False)
+    assert not run.exists()

@@ -95,6 +95,16 @@ def test_a_ddpm_json_without_share_noise_is_refused(ref, tmp_path):
         load_config(path)
 
 
+def test_class_names_of_a_ddpm_json_are_read_and_checked(ref, tmp_path):
+    path = _copy_fixture_json(ref, tmp_path)
+    names = [f"part {i}" for i in range(34)]
+    _write_json(path, class_names=names)
+    assert load_config(path).data.class_names == tuple(names)
+    _write_json(path, class_names=names[:3])
+    with pytest.raises(ConfigError, match="class_names must be a list of 34 strings"):
+        load_config(path)
+
+
 def test_model_path_relative_to_the_working_directory(ref, tmp_path, monkeypatch):
     """The reference's own configs name paths from its repository root, where it runs."""
     shutil.copy(ref / "ddpm.json", tmp_path / "ddpm.json")
@@ -261,3 +271,34 @@ def test_extract_takes_the_training_path_of_a_ddpm_json(ref, tmp_path, one_threa
     assert sorted(info.names) == names and info.feature_dim == 1344
     refused = CliRunner().invoke(cli, ["extract", str(tmp_path / "x.zarr")])
     assert refused.exit_code == 2 and "training folder" in refused.output
+
+
+def test_export_then_import_of_the_export_folder_keeps_weights_and_class_names(
+        ref, imported, tmp_path):
+    run = tmp_path / "named"
+    shutil.copytree(imported, run)
+    names = [f"part {i}" for i in range(34)]
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["data"]["class_names"] = names
+    (run / "config.json").write_text(json.dumps(cfg))
+    store = json.loads((run / "store.json").read_text())
+    store["info"]["class_names"] = names
+    (run / "store.json").write_text(json.dumps(store))
+    record_files(run, ["config.json", "store.json"])
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["export-run", str(run), str(out)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "ddpm.json").read_text())["class_names"] == names
+    # The folder export wrote, with the ddpm.json it wrote, as the README says.
+    res = CliRunner().invoke(cli, ["import-run", str(out), str(tmp_path / "back"),
+                                   "--config", str(out / "ddpm.json")])
+    assert res.exit_code == 0, res.output
+    back = load_ensemble(tmp_path / "back", "cpu")
+    assert back.info.class_names == tuple(names)
+    assert back.config.data.class_names == tuple(names)
+    before, after = _states(run), _states(tmp_path / "back")
+    assert len(before) == len(after) == 3
+    for a, b in zip(before, after):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k

@@ -52,3 +52,65 @@ def test_evaluate_missing_paths_give_error_lines(tmp_path):
     res = CliRunner().invoke(cli, ["evaluate", str(pred), str(gt), "--num-classes", "3"])
     assert res.exit_code != 0
     assert "error:" in res.output and "x.npy" in res.output
+
+
+def _predict_json(pred, num_classes=3, ignore_label=255, class_names=("a", "b", "c")):
+    (pred / "predict.json").write_text(json.dumps({
+        "num_classes": num_classes, "ignore_label": ignore_label,
+        "class_names": list(class_names)}))
+
+
+def test_evaluate_refuses_a_config_of_other_classes_and_keeps_metrics(tmp_path):
+    pred, gt = write_case(tmp_path)
+    _predict_json(pred)
+    (pred / "metrics.json").write_text('{"miou": 0.25}')
+    res = CliRunner().invoke(cli, ["evaluate", str(pred), str(gt), "--config", "cat_15"])
+    assert res.exit_code == 2, res.output
+    errors = [x for x in res.output.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "config cat_15 has 15 classes" in errors[0]
+    assert str(pred / "predict.json") in errors[0] and "3 classes" in errors[0]
+    assert (pred / "metrics.json").read_text() == '{"miou": 0.25}'
+    # --num-classes against predict.json too; the same classes are scored as before.
+    res = CliRunner().invoke(cli, ["evaluate", str(pred), str(gt), "--num-classes", "4"])
+    assert res.exit_code == 2 and "4 classes" in res.output and "3 classes" in res.output
+    res = CliRunner().invoke(cli, ["evaluate", str(pred), str(gt), "--num-classes", "3"])
+    assert res.exit_code == 0, res.output
+    assert "mIoU 66.67 %" in res.output
+
+
+def test_evaluate_refuses_other_class_names(tmp_path):
+    pred, gt = write_case(tmp_path)
+    toml = tmp_path / "three.toml"
+    toml.write_text('[data]\nname = "three"\nnum_classes = 3\nclass_names = ["a", "x", "c"]\n')
+    _predict_json(pred)
+    res = CliRunner().invoke(cli, ["evaluate", str(pred), str(gt), "--config", str(toml)])
+    assert res.exit_code == 2, res.output
+    assert "class 1 is 'x' in config three, 'b' in" in res.output
+    assert not (pred / "metrics.json").exists()
+
+
+def test_evaluate_refuses_a_config_of_other_classes_than_a_store(tmp_path):
+    from ddpmseg.featcache.spec import FeatureSpec
+    from ddpmseg.featcache.store import FeatureStore, StoreInfo
+
+    pred, _ = write_case(tmp_path)
+    spec = FeatureSpec(steps=(5,), blocks=(1,), shapes=((2, 2, 2),), image_size=(2, 2))
+    info = StoreInfo(spec, num_images=1, names=("x",), num_classes=3, ignore_label=255)
+    store = FeatureStore.create(tmp_path / "gt.zarr", info)
+    store.write_image(0, [np.zeros((2, 2, 2), np.float32)], np.array([[0, 0], [1, 2]], np.uint8))
+    res = CliRunner().invoke(cli, ["evaluate", str(pred), str(tmp_path / "gt.zarr"),
+                                   "--config", "cat_15"])
+    assert res.exit_code == 2, res.output
+    assert "config cat_15 has 15 classes" in res.output and "gt.zarr" in res.output
+    assert not (pred / "metrics.json").exists()
+
+
+def test_a_config_without_classes_takes_them_from_predict_json(tmp_path):
+    pred, gt = write_case(tmp_path)
+    _predict_json(pred)
+    toml = tmp_path / "plain.toml"
+    toml.write_text("[predict]\nvote = \"hard\"\n")
+    res = CliRunner().invoke(cli, ["evaluate", str(pred), str(gt), "--config", str(toml)])
+    assert res.exit_code == 0, res.output
+    assert "mIoU 66.67 % over 3 classes" in res.output

@@ -8,23 +8,34 @@ import pytest
 from click.testing import CliRunner
 
 from ddpmseg.cli.main import cli
+from ddpmseg.config import ClassifierConfig, Config, DataConfig
 from ddpmseg.featcache.spec import FeatureSpec
 from ddpmseg.featcache.store import FeatureStore, StoreInfo
 
 
-@pytest.fixture
-def tiny_store(tmp_path):
+def make_tiny_store(path, config: dict | None = None):
+    """Two 8x8 images of two classes; ``config``: the config attribute extract would record."""
     rng = np.random.default_rng(0)
     spec = FeatureSpec(steps=(5,), blocks=(1, 2), shapes=((3, 4, 4), (2, 8, 8)),
                        image_size=(8, 8))
     info = StoreInfo(spec, num_images=2, names=("a", "b"), num_classes=2,
                      ignore_label=255, class_names=("bg", "fg"))
-    store = FeatureStore.create(tmp_path / "tiny.zarr", info)
+    store = FeatureStore.create(path, info, config=config)
     for i in range(2):
         lab = (rng.random((8, 8)) < 0.5).astype(np.uint8)
         fine = np.stack([lab * 2.0, rng.normal(size=(8, 8))]).astype(np.float32)
         store.write_image(i, [rng.normal(size=(3, 4, 4)).astype(np.float32), fine], lab)
-    return tmp_path / "tiny.zarr"
+    return path
+
+
+@pytest.fixture
+def tiny_store(tmp_path):
+    return make_tiny_store(tmp_path / "tiny.zarr")
+
+
+TINY_CONFIG = Config(data=DataConfig(name="tiny_2", num_classes=2, class_names=("bg", "fg")),
+                     classifier=ClassifierConfig(etf="none", ensemble=3, max_epochs=1,
+                                                 batch_size=16))
 
 
 def test_fit_command(tiny_store, tmp_path):
@@ -94,3 +105,77 @@ def test_fit_threads_are_set_and_recorded(tiny_store, tmp_path):
     assert all(r["threads"] == 2 for r in log if "epoch" in r and "done" not in r)
     res = CliRunner().invoke(cli, ["fit", str(tiny_store), str(run), "--threads", "0"])
     assert res.exit_code == 2 and "--threads" in res.output
+
+
+# -- which config fit uses --------------------------------------------------------------------
+def test_fit_uses_the_config_the_store_was_extracted_with(tmp_path):
+    store = make_tiny_store(tmp_path / "s.zarr", TINY_CONFIG.to_dict())
+    run = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["fit", str(store), str(run), "--device", "cpu",
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "fit: config tiny_2 (from the store)" in res.stderr
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data"]["name"] == "tiny_2"
+    assert cfg["classifier"]["etf"] == "none" and cfg["classifier"]["ensemble"] == 3
+    assert sorted(p.name for p in run.glob("member_*.pt")) == [
+        "member_00.pt", "member_01.pt", "member_02.pt"]
+    # An option overrides its key of the store's config, and only that key.
+    res = CliRunner().invoke(cli, ["fit", str(store), str(tmp_path / "one"), "--ensemble", "1",
+                                   "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "one" / "config.json").read_text())
+    assert cfg["classifier"]["ensemble"] == 1 and cfg["classifier"]["etf"] == "none"
+    assert cfg["data"]["name"] == "tiny_2"
+
+
+def test_fit_config_option_wins_over_the_store_and_says_so(tmp_path):
+    store = make_tiny_store(tmp_path / "s.zarr", TINY_CONFIG.to_dict())
+    toml = tmp_path / "mine.toml"
+    toml.write_text('[data]\nname = "mine"\nnum_classes = 2\n'
+                    '[classifier]\nensemble = 1\nmax_epochs = 1\nbatch_size = 16\n')
+    run = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["fit", str(store), str(run), "--config", str(toml),
+                                   "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert f"fit: config mine (from --config {toml})" in res.stderr
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data"]["name"] == "mine" and cfg["classifier"]["etf"] == "shared"
+    assert cfg["data"]["class_names"] == ["bg", "fg"]
+
+
+def test_fit_on_a_store_without_a_recorded_config_says_it_uses_the_defaults(tiny_store,
+                                                                           tmp_path):
+    res = CliRunner().invoke(cli, ["fit", str(tiny_store), str(tmp_path / "run"),
+                                   "--ensemble", "1", "--max-epochs", "1", "--batch-size", "16",
+                                   "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "fit: config custom (defaults: the store records no config)" in res.stderr
+
+
+def test_fit_refuses_a_config_of_other_classes_before_writing(tiny_store, tmp_path):
+    run = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["fit", str(tiny_store), str(run), "--config", "cat_15",
+                                   "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 2, res.output  # a ConfigError
+    lines = [x for x in res.output.splitlines() if x.strip()]
+    errors = [x for x in lines if x.startswith("error:")]
+    assert len(errors) == 1, res.output
+    assert "cat_15" in errors[0] and "15 classes" in errors[0]
+    assert str(tiny_store) in errors[0] and "2 classes" in errors[0]
+    assert not run.exists()
+
+
+def test_fit_refuses_an_infinite_etf_weight_before_writing(tiny_store, tmp_path):
+    run = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["fit", str(tiny_store), str(run), "--etf-weight", "inf",
+                                   "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 2, res.output
+    assert "--etf-weight" in res.output and "finite" in res.output
+    assert not run.exists()
+    toml = tmp_path / "inf.toml"
+    toml.write_text("[classifier]\netf_weight = inf\n")
+    res = CliRunner().invoke(cli, ["fit", str(tiny_store), str(run), "--config", str(toml)])
+    assert res.exit_code == 2, res.output
+    assert str(toml) in res.output and "[classifier].etf_weight must be finite" in res.output
+    assert not run.exists()

@@ -5,8 +5,10 @@ import shlex
 from pathlib import Path
 
 import numpy as np
+import torch
 from click.testing import CliRunner
 
+from ddpmseg.classifier import load_ensemble
 from ddpmseg.cli.main import cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,7 +24,7 @@ def readme_commands() -> list[str]:
 
 def test_the_section_has_config_import_predict_and_export():
     names = [shlex.split(c)[1] for c in readme_commands()]
-    assert names == ["extract", "import-run", "predict", "evaluate", "export-run"]
+    assert names == ["extract", "import-run", "predict", "evaluate", "export-run", "import-run"]
 
 
 def test_readme_commands_run_as_written(shared_dir, missing_shared, tmp_path, monkeypatch,
@@ -51,3 +53,7 @@ def test_readme_commands_run_as_written(shared_dir, missing_shared, tmp_path, mo
     assert "ETF" not in outputs["export-run"]  # an imported run has no ETF head to drop
     assert (tmp_path / "repo" / "exported" / "ref" / "pixel_classifiers" / "50_150_250_2_4_5_7_8"
             / "model_2.pth").is_file()
+    # ... and imported back from that folder, member for member.
+    back, ref_run = (load_ensemble(tmp_path / "repo" / "runs" / r, "cpu") for r in ("back", "ref"))
+    for a, b in zip(back.members, ref_run.members, strict=True):
+        assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())

@@ -209,3 +209,33 @@ def test_verify_command_lists_damage_and_exits_non_zero(made):
     assert bad.exit_code == 1
     assert bad.stdout.splitlines()[0].startswith("image 3 (img003)\tlabels\t")
     assert len(bad.stdout.splitlines()) == 1
+
+
+def test_the_store_remembers_its_config_under_the_digest(tmp_path, synthetic_dir, fake_config,
+                                                          fake_backbone):
+    cfg = fake_config.with_overrides(data={"name": "synthetic_3", "class_names": ("a", "b", "c")},
+                                     classifier={"etf": "none", "ensemble": 3})
+    path = tmp_path / "s.zarr"
+    extract(synthetic_dir, path, cfg, backbone=fake_backbone(), progress=False)
+    got = FeatureStore.open(path).recorded_config()
+    assert got.data == cfg.data and got.classifier == cfg.classifier
+    # The config is under the attributes' digest: an edited [classifier] is refused.
+    _edit_json(path / "zarr.json",
+               lambda m: m["attributes"]["config"]["classifier"].__setitem__("ensemble", 10))
+    with pytest.raises(StoreError, match="do not match their checksum"):
+        FeatureStore.open(path)
+
+
+def test_a_store_without_a_recorded_config_reads(tmp_path, synthetic_dir, fake_config,
+                                                 fake_backbone):
+    from ddpmseg.featcache.integrity import DIGEST_KEY, attrs_digest
+
+    path = tmp_path / "s.zarr"
+    extract(synthetic_dir, path, fake_config, backbone=fake_backbone(), progress=False)
+
+    def drop(m):  # as a store written before the config attribute, digest recomputed
+        del m["attributes"]["config"]
+        m["attributes"][DIGEST_KEY] = attrs_digest(m["attributes"])
+    _edit_json(path / "zarr.json", drop)
+    store = FeatureStore.open(path)
+    assert store.recorded_config() is None and store.info.num_classes == 3
