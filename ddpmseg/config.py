@@ -17,10 +17,11 @@ from pathlib import Path
 
 from .errors import ConfigError, InputNotFoundError
 from .fileio import write_json
-from .voting import VOTES
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 ETF_MODES = ("shared", "separate", "none")
+# The ways the members' outputs combine (voting.py implements them).
+VOTES = ("soft", "log", "hard")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-VOTES = ("soft", "log", "hard")
+from .config import VOTES
 
 
 def _stack(logits: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..predict import predict
-from ..voting import VOTES
+from ..config import VOTES
 from .common import count, device_option, max_pixels_option, show_progress, threads_option
 
 
