@@ -14,6 +14,19 @@ from ddpmseg.backbone import Backbone
 FIXTURES = ["adm_tiny256", "adm_tiny64_cosine"]
 
 
+def assert_float32_close(ours: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to float32 summation order: within 1e-5 of the tensor's largest magnitude.
+
+    The fixtures were made on an AVX-512 CPU; on an AVX2 one oneDNN sums the convolutions in
+    another order, and the original's own way of computing (no folded up-convs) then differs
+    from the fixture by 1.8e-5 at activations of 3.9 (4.5e-6 of the largest), so an absolute
+    1e-5 would test the CPU, not the code. A real error (a wrong coefficient, a missing
+    block) is orders of magnitude larger.
+    """
+    scale = max(1.0, float(expected.abs().max()))
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5 * scale)
+
+
 @pytest.fixture(scope="module", params=FIXTURES)
 def run(request, adm_dir):
     """(fixture json, reference npz, our activations for every saved block)."""
@@ -43,7 +56,7 @@ def test_every_saved_block_matches(run):
     for (t, b), ours in acts.items():
         expected = torch.from_numpy(ref[f"act_t{t}_b{b}"])
         assert ours.dtype == torch.float32 and ours.shape == expected.shape
-        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+        assert_float32_close(ours, expected)
 
 
 def test_pixel_features_match_the_reference_layout(run):
@@ -58,5 +71,4 @@ def test_pixel_features_match_the_reference_layout(run):
             cols.append(up[0][:, ys, xs].T)
     feats = torch.cat(cols, dim=1)
     assert feats.shape == (64, meta["feature_dim"])
-    torch.testing.assert_close(feats, torch.from_numpy(ref["pixel_features"]),
-                               rtol=1e-5, atol=1e-5)
+    assert_float32_close(feats, torch.from_numpy(ref["pixel_features"]))
