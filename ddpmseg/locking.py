@@ -31,7 +31,9 @@ class LockedError(OutputError):
 
 
 def lock_path(target: str | Path) -> Path:
-    target = Path(target).expanduser().absolute()
+    """The lock file of ``target``, keyed by its resolved real path: a symlink (or a ``..``
+    spelling) that reaches the same folder takes the same lock."""
+    target = Path(os.path.realpath(Path(target).expanduser()))
     return target.parent / f".{target.name}.lock"
 
 
