@@ -28,6 +28,7 @@ from .data import check_labels, is_mask_png, mask_names, read_mask
 from .errors import BadInputError, ConfigError, InputNotFoundError
 from .fileio import write_json
 from .locking import writer_lock
+from .predict_outputs import check_complete
 
 log = logging.getLogger("ddpmseg")
 
@@ -188,6 +189,7 @@ def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
 def _evaluate(pred_dir: Path, gt_dir: Path, num_classes, ignore_label, class_names,
               mask_ignore: bool, confusion: bool, out_dir: Path, write: bool,
               resize: bool) -> dict:
+    check_complete(pred_dir)  # a folder a killed predict left is refused, never half-scored
     store_gt = _StoreLabels(gt_dir) if _is_store(gt_dir) else None
     meta = _load_predictions_meta(pred_dir)
     if num_classes is None:

@@ -24,6 +24,7 @@ def folders(tmp_path):
     labels = np.array([[0, 1], [2, 2]], dtype=np.uint8)
     np.save(pred / "a.npy", labels)
     np.save(gt / "a.npy", labels)
+    (pred / "predict.json").write_text('{"names": ["a"], "num_classes": 3}')
     return pred, gt
 
 
@@ -38,7 +39,7 @@ def test_evaluate_and_report_wait_for_no_predict(folders, hold_lock):
                                    f"process {pid} ")
     with pytest.raises(LockedError):
         evaluate(pred, gt, num_classes=3, write=False)
-    assert sorted(p.name for p in pred.iterdir()) == ["a.npy"]  # nothing written
+    assert sorted(p.name for p in pred.iterdir()) == ["a.npy", "predict.json"]  # nothing new
     hold_lock.release()
     result = evaluate(pred, gt, num_classes=3)
     assert result["miou"] == pytest.approx(1.0) and (pred / "metrics.json").is_file()
