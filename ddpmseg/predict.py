@@ -14,10 +14,8 @@ Library entry point: :func:`predict`; the per-image core is :func:`predict_maps`
 
 from __future__ import annotations
 
-import errno
 import io
 import logging
-import os
 import shutil
 import time
 from collections.abc import Collection, Iterator, Sequence
@@ -377,6 +375,7 @@ def predict(run, input, out_dir, *, vote: str | None = None, uncertainty: bool =
     source = open_source(source_path, model, dev, checkpoint, resize, images_dir)
 
     out = Path(out_dir)
+    created = not out.exists()
     real = _check_out(out)
     # One predict at a time per OUT (the lock file is OUT's hidden sibling). The prediction is
     # written into a hidden sibling folder and swapped in whole (predict_outputs): until then
@@ -391,32 +390,33 @@ def predict(run, input, out_dir, *, vote: str | None = None, uncertainty: bool =
                                     tile_rows, uncertainty, resize, images_dir, started,
                                     progress)
             PO.publish(stage, real)
-        except OSError as exc:
+        except BaseException as exc:
             written = PO.folder_bytes(stage)
-            shutil.rmtree(stage, ignore_errors=True)
+            shutil.rmtree(stage, ignore_errors=True)  # OUT is untouched
+            if created:
+                _remove_if_empty(real)
             if PO.is_no_space(exc):
                 raise no_space_error(out, None, "the prediction", hint=(
                     f"free some space, or choose an OUT on another disk, and rerun; the "
                     f"earlier prediction in it is unchanged ({size_text(written)} of the new "
                     f"one were written)")) from exc
             raise
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)  # OUT is untouched
-            raise
     log.info("predicted %d image(s) into %s (%.1f s)", summary["num_images"], out,
              summary["seconds"])
     return summary
 
 
-def _check_out(out: Path) -> Path:
-    """OUT's real path, after checking that it is (or can become) a folder predict can
-    replace; an error here names OUT as given."""
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(out))
+def _remove_if_empty(folder: Path) -> None:
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as exc:
-        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(out)) from exc
+        folder.rmdir()
+    except OSError:  # not empty: the swap happened, or something was put there meanwhile
+        pass
+
+
+def _check_out(out: Path) -> Path:
+    """OUT's real path, after checking that it is a folder predict can replace; made here
+    when new, so that an OSError (a file in the way, no permission) names OUT."""
+    out.mkdir(parents=True, exist_ok=True)
     real = PO.real_out(out)
     PO.check_replaceable(real)
     return real

@@ -327,3 +327,29 @@ def test_evaluate_and_report_refuse_an_unfinished_prediction_folder(tmp_path, st
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["palette.json", "summary.png", "u.npy", "u.png", "u_overlay.png", "v.png",
          "v_overlay.png"])  # nothing written: no metrics.json, no report
+
+
+def test_predict_on_a_full_disk_names_out_and_the_free_space(tmp_path, store, fake_run,
+                                                             tiny_disk):
+    """A real full disk (a tmpfs that holds the earlier prediction but not a second, larger
+    one beside it): one line naming OUT and the free space; OUT is as it was."""
+    import shutil
+
+    from ddpmseg.fileio import size_text
+
+    measure = tmp_path / "measure"
+    predict_module.predict(fake_run, store, measure, device="cpu", progress=False)
+    pages = sum(-(-p.stat().st_size // 4096) for p in measure.iterdir())
+    disk = tiny_disk(4 * pages + 8)  # the earlier prediction and 2 more pages
+    out = disk / "out"
+    predict_module.predict(fake_run, store, out, device="cpu", progress=False)
+    before = _tree(out)
+    res = CliRunner().invoke(cli, ["predict", str(fake_run), str(store), str(out),
+                                   "--uncertainty", "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    (line,) = res.output.strip().splitlines()
+    assert line.startswith(f"error: no space left on the device writing the prediction {out}: "
+                           f"{size_text(shutil.disk_usage(disk).free)} free; free some space")
+    assert "earlier prediction in it is unchanged" in line
+    assert _tree(out) == before and sorted(p.name for p in disk.iterdir()) == [".out.lock",
+                                                                               "out"]
