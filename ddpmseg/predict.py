@@ -34,8 +34,8 @@ from .bundled import resolve_checkpoint
 from .classifier import Ensemble, load_ensemble
 from .data import find_image, image_tensor, list_samples, load_image
 from .device import resolve_device
-from .errors import (BadInputError, ConfigError, InputNotFoundError, RunError, StoreError,
-                     StoreMismatchError)
+from .errors import (BadInputError, CheckpointError, ConfigError, InputNotFoundError, RunError,
+                     StoreError, StoreMismatchError)
 from .classifier import run as R
 from .featcache import content, pixels
 from .featcache.extraction import encoded_maps
@@ -226,16 +226,19 @@ class _ImageSource:
         self.checkpoint = _resolve_checkpoint(checkpoint, model)
         self.names = [s.name for s in self.samples]
         want = self.spec.backbone
-        self.backbone = load_backbone(self.checkpoint, want.flags or model.config.model.preset,
-                                      device)
+        try:
+            self.backbone = load_backbone(self.checkpoint,
+                                          want.flags or model.config.model.preset, device)
+        except CheckpointError:
+            # Another architecture's file: that it is not the run's checkpoint is the news,
+            # not which of its keys do not fit.
+            if want.sha256 and self.checkpoint.is_file():
+                _check_sha256(self.checkpoint, sha256_file(self.checkpoint), want.sha256)
+            raise
         if want.sha256:
             # from_checkpoint hashes the file as it loads it; hash it here only if it did not.
             got = getattr(self.backbone, "sha256", "") or sha256_file(self.checkpoint)
-            if got != want.sha256:
-                raise StoreMismatchError(
-                    f"checkpoint {self.checkpoint} (sha256 {got[:12]}) is not the one the run "
-                    f"was trained with (sha256 {want.sha256[:12]})",
-                    "pass --checkpoint with the checkpoint the run's store was extracted with")
+            _check_sha256(self.checkpoint, got, want.sha256)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -256,6 +259,14 @@ class _ImageSource:
                 # rounded as the run's training store (the run's spec) rounded them.
                 (encoded,) = encoded_maps(self.backbone, x0, self.spec, [sample.name])
             yield _Item(sample.name, image, [decode_map(m, self.spec.dtype) for m in encoded])
+
+
+def _check_sha256(checkpoint: Path, got: str, want: str) -> None:
+    if got != want:
+        raise StoreMismatchError(
+            f"checkpoint {checkpoint} is not the run's checkpoint (sha256 {got[:12]}, "
+            f"expected {want[:12]})",
+            "pass --checkpoint with the checkpoint the run's store was extracted with")
 
 
 def input_path(input) -> Path:

@@ -280,3 +280,18 @@ def test_resuming_fit_with_another_ram_budget_says_so(trained, tmp_path):
     res = invoke(*args, "--ram-budget-gb", "3")
     assert res.exit_code == 0, res.output
     assert "note: ram_budget_gb is 3.0 now, 2.0 when the run started; resuming" in res.stderr
+
+
+def test_wrong_architecture_checkpoint_is_one_short_line(data, tmp_path):
+    """extract with a checkpoint of another preset than the config's says which preset loads
+    it (as check-checkpoint does), not 2000 characters of state-dict keys."""
+    one = tmp_path / "one"
+    one.mkdir()
+    first = sorted(data.glob("*.png"))[0]
+    shutil.copy(first, one)
+    shutil.copy(first.with_suffix(".npy"), one)
+    line = one_error_line(invoke("extract", one, tmp_path / "x.zarr", "--preset", "lsun_256",
+                                 "--checkpoint", "bundled:faces_64", "--num-classes", "34",
+                                 "--resize", "--device", "cpu"))
+    assert "does not fit preset lsun_256 (" in line and line.endswith("pass --preset faces_64")
+    assert len(line) < 400 and not (tmp_path / "x.zarr").exists()
