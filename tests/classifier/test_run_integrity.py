@@ -134,3 +134,43 @@ def test_fit_on_a_full_disk_is_one_line_and_resumes(store_path, small_config, ti
     tiny_disk.grow(disk, 4 * member // 1024 + 256)
     fit(store_path, run, config, device="cpu", progress=False)
     assert _same(_states(run), _states(measured))
+
+
+def test_fit_while_extract_writes_the_store_names_the_writer(store_path, small_config,
+                                                             hold_lock, tmp_path):
+    """fit during `extract --compact` used to read the store while compaction swapped a new
+    one in under it, and call the chunks it no longer found damage ("--repair"). fit reads
+    the store under a shared lock: a writer at work is named in one line, nothing written."""
+    pid = hold_lock(store_path, "store")
+    run = tmp_path / "run"
+    with pytest.raises(LockedError) as refused:
+        fit(store_path, run, small_config(ensemble=1, max_epochs=1), device="cpu",
+            progress=False)
+    assert str(refused.value).startswith(f"store {store_path} is being written by process "
+                                         f"{pid} ")
+    assert "--repair" not in str(refused.value) and not run.exists()
+    hold_lock.release()
+
+
+def test_extract_while_fit_reads_the_store_is_refused(store_path, small_config, tmp_path,
+                                                      monkeypatch):
+    """The other way round: a writer (extract, --compact or not) started while a fit reads
+    the store fails at once instead of rewriting it under the fit."""
+    seen = []
+
+    def write_during_fit(*args, **kwargs):
+        with pytest.raises(LockedError) as refused:
+            with writer_lock(store_path, "store"):
+                pass
+        seen.append(str(refused.value))
+        return real(*args, **kwargs)
+
+    real = T._fit_locked
+    monkeypatch.setattr(T, "_fit_locked", write_during_fit)
+    fit(store_path, tmp_path / "run", small_config(ensemble=1, max_epochs=1), device="cpu",
+        progress=False)
+    assert seen == [f"store {store_path} is being read by another process (lock "
+                    f"{store_path.parent / ('.' + store_path.name + '.lock')}); wait for it "
+                    f"(a fit, say) to finish"]
+    with writer_lock(store_path, "store"):  # free once the fit is done
+        pass
