@@ -10,6 +10,9 @@ hidden sibling of the locked folder, ``.<name>.lock``, not a file inside it: rep
 (``--overwrite``) deletes the folder, and a lock inside it would be deleted with it while held;
 and it is never among the files of the folder (a prediction folder's contents are what
 ``evaluate`` and ``report`` read, and what ``predict`` checks for foreign files).
+The lock is keyed by the folder's resolved real path, so a symlink (or ``..`` spelling) that
+reaches a folder takes that folder's lock. ``fit`` reads its store under a shared lock
+(``reader_lock``): any number of readers, no writer meanwhile.
 dask workers write under their client's lock (each writes only its own images' chunks) and
 take none themselves.
 """

@@ -15,6 +15,7 @@ def write_case(tmp_path):
     # class 0: inter 1, union 2 -> 0.5; class 1: inter 1, union 2 -> 0.5; class 2: inter 1 -> 1.0
     np.save(pred / "x.npy", np.array([[0, 1], [1, 2]], np.uint8))
     np.save(gt / "x.npy", np.array([[0, 0], [1, 2]], np.uint8))
+    (pred / "predict.json").write_text('{"names": ["x"]}')  # as a finished predict's lists it
     return pred, gt
 
 
