@@ -174,7 +174,14 @@ def finish_interrupted(out: Path) -> None:
         if p.is_dir():
             shutil.rmtree(p)
     new, old = _new(out), _old(out)
-    if new.is_dir():
+    if new.is_dir() and old.is_dir():
+        # Killed between OUT -> .old and .new -> OUT (OUT may have been made anew since,
+        # empty): the second rename is what is left to do.
+        log.info("finishing the prediction a killed predict left in %s", new)
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        _move(new, out)
+    elif new.is_dir():
         log.info("finishing the prediction a killed predict left in %s", new)
         swap_in(new, out)
     if old.is_dir():
