@@ -18,6 +18,7 @@ earlier prediction's files are therefore never mixed with a new one's.
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import logging
 import os
@@ -170,7 +171,7 @@ def swap_in(ready: Path, out: Path) -> None:
 def finish_interrupted(out: Path) -> None:
     """Under OUT's lock: delete the partial folders a killed predict left beside OUT, swap in
     a whole new prediction it left, and delete an earlier one it had swapped out."""
-    for p in out.parent.glob(f".{glob_escape(out.name)}.partial-*"):
+    for p in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
         if p.is_dir():
             shutil.rmtree(p)
     new, old = _new(out), _old(out)
@@ -189,10 +190,6 @@ def finish_interrupted(out: Path) -> None:
             shutil.rmtree(old)
         else:  # nothing to swap in (no .new): restore the earlier prediction
             _move(old, out)
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def publish(stage: Path, out: Path) -> None:
