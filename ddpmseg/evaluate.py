@@ -30,6 +30,7 @@ from .data import (LOSSY_SUFFIXES, MASK_LIKE_ENDINGS, check_labels,
 from .errors import BadInputError, ConfigError, InputNotFoundError
 from .fileio import write_json
 from .locking import writer_lock
+from .predict_outputs import check_complete
 
 log = logging.getLogger("ddpmseg")
 
@@ -216,6 +217,7 @@ def _check_given_classes(given: DataConfig, classes_from: str, pred_dir: Path, m
 def _evaluate(pred_dir: Path, gt_dir: Path, num_classes, ignore_label, class_names,
               mask_ignore: bool, confusion: bool, out_dir: Path, write: bool,
               resize: bool, classes_from: str) -> dict:
+    check_complete(pred_dir)  # a folder a killed predict left is refused, never half-scored
     store_gt = _StoreLabels(gt_dir) if _is_store(gt_dir) else None
     meta = _load_predictions_meta(pred_dir)
     if num_classes is None:

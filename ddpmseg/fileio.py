@@ -45,17 +45,29 @@ def sha256_file(path: str | Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def no_space_error(path: str | Path, needed: int, what: str, unit: str) -> OutputError:
-    """The one-line error for a disk that filled up while writing ``what`` at ``path``:
-    how much more it needs (``needed`` bytes, an upper bound for ``unit``) and what is free."""
+RESUME_HINT = ("free some space (or choose another path) and rerun the same command: it "
+               "resumes where it stopped")
+
+
+def size_text(n: int) -> str:
+    """Bytes as a person reads them: '512 kB', '3.4 MB', '120 MB'."""
+    if n < 2 ** 20:
+        return f"{max(0, round(n / 1024))} kB"
+    return f"{n / 2 ** 20:.1f} MB" if n < 10 * 2 ** 20 else f"{n / 2 ** 20:.0f} MB"
+
+
+def no_space_error(path: str | Path, needed: int | None, what: str, unit: str = "",
+                   hint: str = RESUME_HINT) -> OutputError:
+    """The one-line error for a disk that filled up while writing ``what`` at ``path``: how
+    much more it needs (``needed`` bytes, an upper bound for ``unit``; None: not known) and
+    how much is free on that disk now."""
     where = Path(str(path)).expanduser().absolute()
     while not where.exists() and where != where.parent:
         where = where.parent
+    parts = [f"about {size_text(needed)} more are needed for {unit}"] if needed else []
     try:
-        free = f", {shutil.disk_usage(where).free / 2 ** 20:.0f} MB free"
+        parts.append(f"{size_text(shutil.disk_usage(where).free)} free")
     except OSError:
-        free = ""
-    return OutputError(f"no space left on the device writing {what} {path}: about "
-                       f"{needed / 2 ** 20:.0f} MB more are needed for {unit}{free}",
-                       "free some space (or choose another path) and rerun the same command: "
-                       "it resumes where it stopped")
+        pass
+    return OutputError(f"no space left on the device writing {what} {path}: "
+                       + ", ".join(parts), hint)

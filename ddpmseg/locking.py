@@ -10,6 +10,9 @@ hidden sibling of the locked folder, ``.<name>.lock``, not a file inside it: rep
 (``--overwrite``) deletes the folder, and a lock inside it would be deleted with it while held;
 and it is never among the files of the folder (a prediction folder's contents are what
 ``evaluate`` and ``report`` read, and what ``predict`` checks for foreign files).
+The lock is keyed by the folder's resolved real path, so a symlink (or ``..`` spelling) that
+reaches a folder takes that folder's lock. ``fit`` reads its store under a shared lock
+(``reader_lock``): any number of readers, no writer meanwhile.
 dask workers write under their client's lock (each writes only its own images' chunks) and
 take none themselves.
 """
@@ -17,11 +20,17 @@ take none themselves.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from filelock import FileLock, Timeout
+
+try:
+    import fcntl
+except ImportError:  # Windows: readers go unlocked
+    fcntl = None
 
 from .errors import OutputError
 
@@ -31,7 +40,9 @@ class LockedError(OutputError):
 
 
 def lock_path(target: str | Path) -> Path:
-    target = Path(target).expanduser().absolute()
+    """The lock file of ``target``, keyed by its resolved real path: a symlink (or a ``..``
+    spelling) that reaches the same folder takes the same lock."""
+    target = Path(os.path.realpath(Path(target).expanduser()))
     return target.parent / f".{target.name}.lock"
 
 
@@ -62,11 +73,10 @@ def writer_lock(target: str | Path, what: str = "store", *,
     try:
         lock.acquire()
     except Timeout:
-        pid = holder_pid(target)
-        who = f"process {pid}" if pid else "another process"
-        raise LockedError(f"{what} {target} is being written by {who} (lock {path})",
-                          "wait for it to finish, or stop it; a killed writer's lock is "
-                          "released by the system") from None
+        if _only_readers(path):
+            raise LockedError(f"{what} {target} is being read by another process (lock "
+                              f"{path})", "wait for it (a fit, say) to finish") from None
+        raise _written_by_another(target, what, path) from None
     try:
         # Tell a refused second writer who holds the lock (the lock is the flock, not this).
         fd = os.open(path, os.O_WRONLY)
@@ -78,6 +88,58 @@ def writer_lock(target: str | Path, what: str = "store", *,
         yield
     finally:
         lock.release()
+
+
+@contextlib.contextmanager
+def reader_lock(target: str | Path, what: str = "store") -> Iterator[None]:
+    """Hold a shared lock on ``target`` while reading it: any number of readers at once, and
+    no writer meanwhile (a writer is refused at once, as is a reader while a writer writes).
+    For a reader that would read a rewrite as damage (``fit`` during ``extract --compact``).
+    Not locked: URLs, a read-only location, systems without ``flock``."""
+    if "://" in str(target) or fcntl is None:
+        yield
+        return
+    path = lock_path(target)
+    if not _lock_file_made(path, optional=True):
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if not _flock(fd, fcntl.LOCK_SH):
+            raise _written_by_another(target, what, path)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _flock(fd: int, kind: int) -> bool:
+    """Take a flock of ``kind`` without waiting; False when another process's lock stands."""
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            return False
+        raise
+    return True
+
+
+def _only_readers(path: Path) -> bool:
+    """Whether the lock that stands is readers' (shared) rather than a writer's."""
+    if fcntl is None:
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _flock(fd, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)
+
+
+def _written_by_another(target, what: str, path: Path) -> LockedError:
+    pid = holder_pid(target)
+    who = f"process {pid}" if pid else "another process"
+    return LockedError(f"{what} {target} is being written by {who} (lock {path})",
+                       "wait for it to finish, or stop it; a killed writer's lock is "
+                       "released by the system")
 
 
 def _lock_file_made(path: Path, optional: bool) -> bool:

@@ -14,7 +14,9 @@ Library entry point: :func:`predict`; the per-image core is :func:`predict_maps`
 
 from __future__ import annotations
 
+import io
 import logging
+import shutil
 import time
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -33,16 +35,16 @@ from .classifier import Ensemble, load_ensemble
 from .data import (check_image_size, find_image, image_hw, image_tensor, labelled, list_samples,
                    load_image, read_mask)
 from .device import resolve_device
-from .errors import (BadInputError, ConfigError, InputNotFoundError, RunError, StoreError,
-                     StoreMismatchError)
+from .errors import (BadInputError, CheckpointError, ConfigError, InputNotFoundError, RunError,
+                     StoreError, StoreMismatchError)
 from .classifier import run as R
 from .featcache import content, pixels
 from .featcache.extraction import encoded_maps
 from .featcache.spec import FeatureSpec
 from .featcache.store import FeatureStore, decode_map
-from .fileio import atomic_write, sha256_file, write_json
+from . import predict_outputs as PO
+from .fileio import no_space_error, sha256_file, size_text, write_json
 from .locking import writer_lock
-from .predict_outputs import check_free, clear_previous, image_files, remove_written
 from .progress import wanted
 
 log = logging.getLogger("ddpmseg")
@@ -231,16 +233,19 @@ class _ImageSource:
         self.checkpoint = _resolve_checkpoint(checkpoint, model)
         self.names = [s.name for s in self.samples]
         want = self.spec.backbone
-        self.backbone = load_backbone(self.checkpoint, want.flags or model.config.model.preset,
-                                      device)
+        try:
+            self.backbone = load_backbone(self.checkpoint,
+                                          want.flags or model.config.model.preset, device)
+        except CheckpointError:
+            # Another architecture's file: that it is not the run's checkpoint is the news,
+            # not which of its keys do not fit.
+            if want.sha256 and self.checkpoint.is_file():
+                _check_sha256(self.checkpoint, sha256_file(self.checkpoint), want.sha256)
+            raise
         if want.sha256:
             # from_checkpoint hashes the file as it loads it; hash it here only if it did not.
             got = getattr(self.backbone, "sha256", "") or sha256_file(self.checkpoint)
-            if got != want.sha256:
-                raise StoreMismatchError(
-                    f"checkpoint {self.checkpoint} (sha256 {got[:12]}) is not the one the run "
-                    f"was trained with (sha256 {want.sha256[:12]})",
-                    "pass --checkpoint with the checkpoint the run's store was extracted with")
+            _check_sha256(self.checkpoint, got, want.sha256)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -262,6 +267,14 @@ class _ImageSource:
                 # rounded as the run's training store (the run's spec) rounded them.
                 (encoded,) = encoded_maps(self.backbone, x0, self.spec, [sample.name])
             yield _Item(sample.name, image, [decode_map(m, self.spec.dtype) for m in encoded])
+
+
+def _check_sha256(checkpoint: Path, got: str, want: str) -> None:
+    if got != want:
+        raise StoreMismatchError(
+            f"checkpoint {checkpoint} is not the run's checkpoint (sha256 {got[:12]}, "
+            f"expected {want[:12]})",
+            "pass --checkpoint with the checkpoint the run's store was extracted with")
 
 
 def input_path(input) -> Path:
@@ -310,12 +323,17 @@ def _resolve_checkpoint(checkpoint: str | None, model: Ensemble) -> Path:
 
 # -- outputs --------------------------------------------------------------------------------
 def _save_npy(path: Path, array: np.ndarray) -> None:
+    # Through a buffer: numpy writing straight to a file reports a full disk as "4096
+    # requested and 2016 written", without errno; a plain write raises ENOSPC.
+    buffer = io.BytesIO()
+    np.save(buffer, array)
     with open(path, "wb") as fh:  # np.save(path) would append ".npy" to a temporary name
-        np.save(fh, array)
+        fh.write(buffer.getbuffer())
 
 
 def _write_image_outputs(out: Path, item: _Item, pred: ImagePrediction, palette: np.ndarray,
                          model: Ensemble, names: tuple, uncertainty: bool) -> tuple[dict, tuple]:
+    """Write one image's files into ``out`` (the staging folder); returns their paths there."""
     info = model.info
     files = {}
     files["png"] = out / f"{item.name}.png"
@@ -326,15 +344,14 @@ def _write_image_outputs(out: Path, item: _Item, pred: ImagePrediction, palette:
     Image.fromarray(over).save(files["overlay"])
     if uncertainty:
         files["entropy"] = out / f"{item.name}_entropy.npy"
-        np.save(files["entropy"], pred.entropy)
+        _save_npy(files["entropy"], pred.entropy)
         files["jsd"] = out / f"{item.name}_jsd.npy"
-        np.save(files["jsd"], pred.jsd)
+        _save_npy(files["jsd"], pred.jsd)
         files["uncertainty"] = out / f"{item.name}_uncertainty.png"
         render.uncertainty_image(pred.entropy, pred.jsd, info.num_classes,
                                  len(model.members)).save(files["uncertainty"])
-    # The label map last and atomically: a <name>.npy in OUT means its image is complete.
     files["npy"] = out / f"{item.name}.npy"
-    atomic_write(files["npy"], lambda p: _save_npy(p, pred.labels))
+    _save_npy(files["npy"], pred.labels)
     row = (item.name, item.image, pred.labels)
     return {k: str(v) for k, v in files.items()}, row
 
@@ -378,27 +395,59 @@ def predict(run, input, out_dir, *, vote: str | None = None, uncertainty: bool =
 
     out = Path(out_dir)
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)  # (an OSError here names OUT, not its lock)
-    # One predict at a time per OUT, from clearing the last prediction to predict.json: two
-    # would interleave (and clear each other's files). The lock file is OUT's hidden sibling.
+    real = _check_out(out)
+    # One predict at a time per OUT (the lock file is OUT's hidden sibling). The prediction is
+    # written into a hidden sibling folder and swapped in whole (predict_outputs): until then
+    # OUT keeps its earlier prediction, whatever stops this run.
     with writer_lock(out, "prediction folder"):
-        clear_previous(out)
-        check_free(out, source.names)  # e.g. OUT = the data folder: its images are not ours
-        written: list[Path] = [out / "palette.json"]
+        PO.finish_interrupted(real)  # what a killed predict left beside OUT
+        PO.check_free(real, source.names)  # e.g. OUT = the data folder: its images are not ours
+        stage = PO.staging_dir(real)
+        stage.mkdir()
         try:
-            return _predict_into(out, source, source_path, model, dev, vote, tile_rows,
-                                 uncertainty, resize, images_dir, started, written, progress)
-        except BaseException:
-            remove_written(written, out if created else None)  # no partial prediction left
+            summary = _predict_into(out, stage, source, source_path, model, dev, vote,
+                                    tile_rows, uncertainty, resize, images_dir, started,
+                                    progress)
+            PO.publish(stage, real)
+        except BaseException as exc:
+            written = PO.folder_bytes(stage)
+            shutil.rmtree(stage, ignore_errors=True)  # OUT is untouched
+            if created:
+                _remove_if_empty(real)
+            if PO.is_no_space(exc):
+                raise no_space_error(out, None, "the prediction", hint=(
+                    f"free some space, or choose an OUT on another disk, and rerun; the "
+                    f"earlier prediction in it is unchanged ({size_text(written)} of the new "
+                    f"one were written)")) from exc
             raise
+    log.info("predicted %d image(s) into %s (%.1f s)", summary["num_images"], out,
+             summary["seconds"])
+    return summary
 
 
-def _predict_into(out, source, source_path, model, dev, vote, tile_rows, uncertainty, resize,
-                  images_dir, started, written, progress) -> dict:
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty: the swap happened, or something was put there meanwhile
+        pass
+
+
+def _check_out(out: Path) -> Path:
+    """OUT's real path, after checking that it is a folder predict can replace; made here
+    when new, so that an OSError (a file in the way, no permission) names OUT."""
+    out.mkdir(parents=True, exist_ok=True)
+    real = PO.real_out(out)
+    PO.check_replaceable(real)
+    return real
+
+
+def _predict_into(out, stage, source, source_path, model, dev, vote, tile_rows, uncertainty,
+                  resize, images_dir, started, progress) -> dict:
+    """Write the whole prediction into ``stage``; the paths it records are OUT's."""
     info, cfg = model.info, model.config
     class_names = tuple(info.class_names) or tuple(cfg.data.class_names)
     palette = render.make_palette(info.num_classes, info.ignore_label)
-    write_json(out / "palette.json", render.palette_json(palette, info.num_classes,
+    write_json(stage / "palette.json", render.palette_json(palette, info.num_classes,
                                                          info.ignore_label, class_names))
 
     outputs: dict[str, dict] = {}
@@ -409,18 +458,16 @@ def _predict_into(out, source, source_path, model, dev, vote, tile_rows, uncerta
         pred = predict_maps(model.members, item.maps, source.size, vote=vote,
                             tile_rows=tile_rows, uncertainty=uncertainty, device=dev)
         item.maps = None
-        written.extend(image_files(out, item.name))
-        files, row = _write_image_outputs(out, item, pred, palette, model, class_names,
+        files, row = _write_image_outputs(stage, item, pred, palette, model, class_names,
                                           uncertainty)
-        outputs[item.name] = files
+        outputs[item.name] = {k: str(out / Path(v).name) for k, v in files.items()}
         if len(sheet_rows) < SUMMARY_IMAGES:
             sheet_rows.append(row)
     bar.close()
     summary_path = out / "summary.png"
-    written.append(summary_path)
     if sheet_rows:
         render.contact_sheet(sheet_rows, palette, class_names, info.num_classes).save(
-            summary_path)
+            stage / summary_path.name)
 
     summary = {
         "version": __version__,
@@ -453,6 +500,5 @@ def _predict_into(out, source, source_path, model, dev, vote, tile_rows, uncerta
         "palette": str(out / "palette.json"),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    write_json(out / "predict.json", summary, default=str)
-    log.info("predicted %d image(s) into %s (%.1f s)", len(outputs), out, summary["seconds"])
+    write_json(stage / PO.META_FILE, summary, default=str)  # last: the prediction is whole
     return {**summary, "outputs": outputs}

@@ -31,6 +31,7 @@ from .errors import BadInputError, InputNotFoundError, OutputError
 from .evaluate import confusion_axis, evaluate, list_predictions
 from .fileio import atomic_write
 from .locking import writer_lock
+from .predict_outputs import check_complete
 from .suggest import read_suggestions
 
 log = logging.getLogger("ddpmseg")
@@ -60,15 +61,8 @@ def _esc(value) -> str:
 
 def _read_meta(pred_dir: Path) -> dict:
     path = pred_dir / "predict.json"
-    if not path.is_file():
-        raise InputNotFoundError(f"{path} does not exist",
-                                 "give a folder written by `ddpmseg predict`")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise BadInputError(f"cannot read {path} ({exc})",
-                            "rerun `ddpmseg predict` to write it again") from exc
-    if not isinstance(meta, dict) or not isinstance(meta.get("num_classes"), int):
+    meta = check_complete(pred_dir)  # refuses a folder a killed predict left
+    if not isinstance(meta.get("num_classes"), int):
         raise BadInputError(f"{path} has no num_classes",
                             "rerun `ddpmseg predict` to write it again")
     return meta

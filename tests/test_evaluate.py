@@ -30,10 +30,19 @@ MASKED_IOUS = [4 / 7, 5 / 7, 1 / 2, 0.0]
 
 def write_pair(pred_dir, gt_dir, name, pred, gt, gt_png=False):
     np.save(pred_dir / f"{name}.npy", np.asarray(pred, dtype=np.uint8))
+    listed(pred_dir, name)
     if gt_png:
         Image.fromarray(np.asarray(gt, dtype=np.uint8), mode="L").save(gt_dir / f"{name}.png")
     else:
         np.save(gt_dir / f"{name}.npy", np.asarray(gt, dtype=np.uint8))
+
+
+def listed(pred_dir, name):
+    """predict.json lists ``name``, as predict's does (evaluate refuses a folder without)."""
+    path = pred_dir / "predict.json"
+    meta = json.loads(path.read_text()) if path.is_file() else {}
+    meta["names"] = sorted(set(meta.get("names", [])) | {name})
+    path.write_text(json.dumps(meta))
 
 
 @pytest.fixture
@@ -147,7 +156,8 @@ def test_writes_metrics_confusion_and_table(dirs, tmp_path):
 def test_uses_predict_json_for_classes(dirs):
     pred, gt = dirs
     (pred / "predict.json").write_text(json.dumps(
-        {"num_classes": 4, "ignore_label": 255, "class_names": ["a", "b", "c", "d"]}))
+        {"num_classes": 4, "ignore_label": 255, "class_names": ["a", "b", "c", "d"],
+         "names": ["a", "b"]}))
     # predict's other outputs are not mistaken for predictions
     np.save(pred / "a_entropy.npy", np.zeros((2, 4), np.float32))
     Image.new("RGB", (4, 2)).save(pred / "a_overlay.png")
@@ -194,3 +204,14 @@ def test_ground_truth_under_another_name_is_named_and_lossy_is_refused(tmp_path)
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "p_mask.jpg")
     with pytest.raises(BadInputError, match=r"p_mask\.jpg is a lossy JPG file"):
         find_ground_truth(tmp_path, "p")
+
+
+def test_a_folder_no_predict_finished_is_refused_and_nothing_written(dirs):
+    pred, gt = dirs
+    (pred / "b.npy").unlink()  # listed, missing
+    with pytest.raises(InputNotFoundError, match=r"incomplete: 1 of the 2 images .*\(b\.npy\)"):
+        evaluate(pred, gt, num_classes=4, ignore_label=255)
+    (pred / "predict.json").unlink()  # label maps without predict.json: a killed predict
+    with pytest.raises(InputNotFoundError, match="has no predict.json"):
+        evaluate(pred, gt, num_classes=4, ignore_label=255)
+    assert sorted(p.name for p in pred.iterdir()) == ["a.npy"]

@@ -24,6 +24,7 @@ def folders(tmp_path):
     labels = np.array([[0, 1], [2, 2]], dtype=np.uint8)
     np.save(pred / "a.npy", labels)
     np.save(gt / "a.npy", labels)
+    (pred / "predict.json").write_text('{"names": ["a"], "num_classes": 3}')
     return pred, gt
 
 
@@ -38,7 +39,7 @@ def test_evaluate_and_report_wait_for_no_predict(folders, hold_lock):
                                    f"process {pid} ")
     with pytest.raises(LockedError):
         evaluate(pred, gt, num_classes=3, write=False)
-    assert sorted(p.name for p in pred.iterdir()) == ["a.npy"]  # nothing written
+    assert sorted(p.name for p in pred.iterdir()) == ["a.npy", "predict.json"]  # nothing new
     hold_lock.release()
     result = evaluate(pred, gt, num_classes=3)
     assert result["miou"] == pytest.approx(1.0) and (pred / "metrics.json").is_file()
@@ -62,3 +63,47 @@ def test_a_reader_goes_on_unlocked_where_no_lock_can_be_made(folders, monkeypatc
     with pytest.raises(locking.OutputError, match="cannot create /proc/no-such/x.lock"):
         with writer_lock(pred, "prediction folder"):
             pass
+
+
+@pytest.mark.parametrize("held_by", ["real", "alias"])
+def test_a_symlink_alias_takes_the_same_lock(tmp_path, hold_lock, held_by):
+    """Locks are keyed by the resolved real path: a writer through a symlink to a folder
+    another process writes (or the other way round) is refused, naming that process."""
+    real = tmp_path / "runs" / "r1"
+    real.mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    alias = tmp_path / "elsewhere" / "alias"
+    alias.symlink_to(real, target_is_directory=True)
+    held, second = (real, alias) if held_by == "real" else (alias, real)
+    pid = hold_lock(held, "run dir")
+    with pytest.raises(LockedError, match=f"being written by process {pid} "):
+        with writer_lock(second, "run dir"):
+            pass
+    assert locking.lock_path(alias) == locking.lock_path(real) == tmp_path / "runs" / ".r1.lock"
+
+
+def test_two_fits_through_a_symlink_alias_the_second_is_refused(tmp_path, hold_lock):
+    """The CLI's own case: `fit` into an alias of a run dir that another fit writes."""
+    real = tmp_path / "run"
+    real.mkdir()
+    alias = tmp_path / "alias"
+    alias.symlink_to(real, target_is_directory=True)
+    pid = hold_lock(real, "run dir")
+    from ddpmseg.classifier.train import fit
+    with pytest.raises(LockedError, match=f"run dir {alias} is being written by process {pid}"):
+        fit(_tiny_store(tmp_path), alias, device="cpu", progress=False)
+    assert list(real.iterdir()) == []
+
+
+def _tiny_store(tmp_path):
+    import torch
+
+    from ddpmseg.featcache.spec import FeatureSpec
+    from ddpmseg.featcache.store import FeatureStore, StoreInfo
+    spec = FeatureSpec(steps=(10,), blocks=(1,), shapes=((4, 4, 4),), image_size=(4, 4),
+                       dtype="float32", backbone={"sha256": "s", "flags": {}})
+    info = StoreInfo(spec, num_images=1, names=("a",), num_classes=2, ignore_label=255,
+                     has_labels=True)
+    store = FeatureStore.create(tmp_path / "s.zarr", info)
+    store.write_image(0, [torch.ones(4, 4, 4)], np.array([[0, 1] * 2] * 4, dtype=np.uint8))
+    return tmp_path / "s.zarr"

@@ -435,3 +435,33 @@ def test_a_store_image_whose_labels_are_all_ignore_counts_as_unlabelled(tmp_path
                                         torch.device("cpu"), None, False)
     assert {n: has for n, (_, has) in source.image_content().items()} == {"img0": True,
                                                                           "img1": False}
+
+
+def test_image_folder_with_another_architectures_checkpoint_names_the_sha256(tmp_path):
+    """predict --checkpoint with a file of another architecture than the run's backbone: the
+    run records the sha256 of its checkpoint, so the answer is "not the run's checkpoint",
+    in one line, not the state-dict keys that do not fit."""
+    import hashlib
+
+    from ddpmseg.backbone import ModelFlags
+
+    faces = resolve_checkpoint("bundled:faces_64")
+    want = hashlib.sha256(faces.read_bytes()).hexdigest()
+    flags = ModelFlags.resolve("faces_64").to_dict()
+    model = Ensemble(make_members(), make_info(backbone=BackboneId(want, flags)),
+                     Config(model=ModelConfig(checkpoint=str(faces))))
+    other = tmp_path / "other.pt"
+    torch.save({"time_embed.0.weight": torch.zeros(4, 4), "out.2.weight": torch.zeros(3)},
+               other)
+    got = hashlib.sha256(other.read_bytes()).hexdigest()
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.zeros((*SIZE, 3), np.uint8)).save(folder / "p.png")
+    with pytest.raises(StoreMismatchError) as info:
+        predict(model, folder, tmp_path / "out", checkpoint=str(other), device="cpu",
+                progress=False)
+    assert str(info.value) == (
+        f"checkpoint {other} is not the run's checkpoint (sha256 {got[:12]}, expected "
+        f"{want[:12]}); pass --checkpoint with the checkpoint the run's store was extracted "
+        f"with")
+    assert not (tmp_path / "out").exists()

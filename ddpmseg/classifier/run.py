@@ -20,6 +20,7 @@ A writer (``fit``) holds the run dir's lock (``ddpmseg.locking``) for its whole 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import re
@@ -172,8 +173,12 @@ def read_member(path: Path, check: bool = True) -> dict:
 
 
 def write_member(run_dir: Path, k: int, state: dict, meta: dict) -> Path:
-    path = atomic_write(member_path(run_dir, k),
-                        lambda p: torch.save({"state_dict": state, "meta": meta}, p))
+    # Serialised in memory first (a member is a few MB): torch.save writing to a full disk
+    # fails with "[enforce fail at inline_container.cc]", a plain write with ENOSPC, which
+    # fit reports in one line naming the run dir and the free space.
+    buffer = io.BytesIO()
+    torch.save({"state_dict": state, "meta": meta}, buffer)
+    path = atomic_write(member_path(run_dir, k), lambda p: p.write_bytes(buffer.getbuffer()))
     record_files(run_dir, [path.name])
     return path
 

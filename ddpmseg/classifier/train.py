@@ -30,7 +30,7 @@ from ..errors import RunError, StoreError
 from ..featcache import content
 from ..featcache.store import FeatureStore
 from ..fileio import no_space_error
-from ..locking import writer_lock
+from ..locking import reader_lock, writer_lock
 from . import run as R
 from . import sampler as S
 from .model import EarlyStopping, PixelMLP, init_normal, make_trunk, simplex_etf
@@ -246,6 +246,16 @@ def fit(store, run_dir, config: Config | None = None, *, device="auto", in_memor
     Each member seeds torch's, numpy's and random's global generators with ``seed + k``.
     """
     check_scheduler(scheduler)  # before the run dir is made
+    # The store is read under its shared lock, taken before it is opened: an extract at work
+    # (a --compact swaps a new store in under its path) is named at once, and none starts
+    # until the fit is done. Unlocked, the fit read the swapped-in store's chunks by its old
+    # indices and called the ones it did not find damage.
+    with reader_lock(getattr(store, "path", store), "store"):
+        return _fit(store, run_dir, config, device, in_memory, resume, scheduler, progress)
+
+
+def _fit(store, run_dir, config: Config, device, in_memory: bool, resume: bool,
+         scheduler: str | None, progress: bool) -> Path:
     store = _open_store(store)
     check_trainable(store)
     config = training_config(store, config)

@@ -35,8 +35,16 @@ class Group(click.Group):
             click.echo(f"error: {os_error_line(exc)}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
-            click.echo("error: interrupted; rerun the same command to resume", err=True)
+            after = _INTERRUPTED.get(ctx.invoked_subcommand or "",
+                                     "rerun the same command to resume")
+            click.echo(f"error: interrupted; {after}", err=True)
             ctx.exit(130)
+
+
+# What an interrupted command leaves, where it is not "a rerun resumes": predict writes its
+# prediction aside and swaps it in whole (ddpmseg.predict_outputs).
+_INTERRUPTED = {"predict": "the prediction folder is as it was; rerun the same command to "
+                           "predict again"}
 
 
 _OS_HINTS = {

@@ -133,7 +133,10 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
         if checkpoint is None:
             raise ConfigError("no checkpoint given",
                               "pass --checkpoint PATH or set model.checkpoint in the config")
-        backbone = load_backbone(checkpoint, flags, device=device, prompt=config.model.prompt)
+        # The preset by name, when the config names one: a checkpoint of another preset is
+        # then told which preset loads it, in one line, instead of its unfitting keys.
+        backbone = load_backbone(checkpoint, config.model.preset or flags, device=device,
+                                 prompt=config.model.prompt)
     shapes_by_block = backbone.block_shapes(blocks)
     spec = FeatureSpec(steps=steps, blocks=blocks,
                        shapes=tuple(tuple(shapes_by_block[b]) for _ in steps for b in blocks),

@@ -105,3 +105,72 @@ def test_a_non_finite_loss_stops_fit_naming_member_and_epoch(store_path, small_c
         fit(store_path, run, small_config(ensemble=1, max_epochs=2), device="cpu",
             progress=False)
     assert not list(run.glob("member_*.pt"))
+
+
+def test_fit_on_a_full_disk_is_one_line_and_resumes(store_path, small_config, tiny_disk,
+                                                    tmp_path):
+    """torch.save onto a full disk used to end in "RuntimeError: [enforce fail at
+    inline_container.cc...]": now one line naming the run dir and the free space, and the
+    same command resumes once there is room."""
+    import shutil
+
+    from ddpmseg.fileio import size_text
+
+    measured = tmp_path / "measured"
+    config = small_config(ensemble=1, max_epochs=1)
+    fit(store_path, measured, config, device="cpu", progress=False)
+    member = R.member_path(measured, 0).stat().st_size
+    header = sum(p.stat().st_size for p in measured.iterdir() if p.suffix != ".pt")
+    disk = tiny_disk((header + member // 2) // 1024 + 16)
+    run = disk / "run"
+    from ddpmseg.errors import OutputError
+    with pytest.raises(OutputError) as failed:
+        fit(store_path, run, config, device="cpu", progress=False)
+    assert str(failed.value).startswith(f"no space left on the device writing the run dir "
+                                        f"{run}: about ")
+    assert f"{size_text(shutil.disk_usage(disk).free)} free" in str(failed.value)
+    assert "\n" not in str(failed.value)
+    assert not list(run.glob("*.pt")) and not list(run.glob(".*.tmp"))
+    tiny_disk.grow(disk, 4 * member // 1024 + 256)
+    fit(store_path, run, config, device="cpu", progress=False)
+    assert _same(_states(run), _states(measured))
+
+
+def test_fit_while_extract_writes_the_store_names_the_writer(store_path, small_config,
+                                                             hold_lock, tmp_path):
+    """fit during `extract --compact` used to read the store while compaction swapped a new
+    one in under it, and call the chunks it no longer found damage ("--repair"). fit reads
+    the store under a shared lock: a writer at work is named in one line, nothing written."""
+    pid = hold_lock(store_path, "store")
+    run = tmp_path / "run"
+    with pytest.raises(LockedError) as refused:
+        fit(store_path, run, small_config(ensemble=1, max_epochs=1), device="cpu",
+            progress=False)
+    assert str(refused.value).startswith(f"store {store_path} is being written by process "
+                                         f"{pid} ")
+    assert "--repair" not in str(refused.value) and not run.exists()
+    hold_lock.release()
+
+
+def test_extract_while_fit_reads_the_store_is_refused(store_path, small_config, tmp_path,
+                                                      monkeypatch):
+    """The other way round: a writer (extract, --compact or not) started while a fit reads
+    the store fails at once instead of rewriting it under the fit."""
+    seen = []
+
+    def write_during_fit(*args, **kwargs):
+        with pytest.raises(LockedError) as refused:
+            with writer_lock(store_path, "store"):
+                pass
+        seen.append(str(refused.value))
+        return real(*args, **kwargs)
+
+    real = T._fit_locked
+    monkeypatch.setattr(T, "_fit_locked", write_during_fit)
+    fit(store_path, tmp_path / "run", small_config(ensemble=1, max_epochs=1), device="cpu",
+        progress=False)
+    assert seen == [f"store {store_path} is being read by another process (lock "
+                    f"{store_path.parent / ('.' + store_path.name + '.lock')}); wait for it "
+                    f"(a fit, say) to finish"]
+    with writer_lock(store_path, "store"):  # free once the fit is done
+        pass

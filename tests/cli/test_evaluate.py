@@ -15,6 +15,7 @@ def write_case(tmp_path):
     # class 0: inter 1, union 2 -> 0.5; class 1: inter 1, union 2 -> 0.5; class 2: inter 1 -> 1.0
     np.save(pred / "x.npy", np.array([[0, 1], [1, 2]], np.uint8))
     np.save(gt / "x.npy", np.array([[0, 0], [1, 2]], np.uint8))
+    (pred / "predict.json").write_text('{"names": ["x"]}')  # as a finished predict's lists it
     return pred, gt
 
 
@@ -56,7 +57,7 @@ def test_evaluate_missing_paths_give_error_lines(tmp_path):
 
 def _predict_json(pred, num_classes=3, ignore_label=255, class_names=("a", "b", "c")):
     (pred / "predict.json").write_text(json.dumps({
-        "num_classes": num_classes, "ignore_label": ignore_label,
+        "names": ["x"], "num_classes": num_classes, "ignore_label": ignore_label,
         "class_names": list(class_names)}))
 
 

@@ -154,3 +154,202 @@ def test_two_predicts_into_one_out_the_second_fails_at_once(tmp_path, store, fak
     again = CliRunner().invoke(cli, ["predict", str(fake_run), str(store), str(out),
                                      "--device", "cpu", "--no-progress"])
     assert again.exit_code == 0, again.output
+
+
+# -- OUT is swapped in whole: an interrupted predict leaves the earlier prediction ----------
+
+def _tree(folder):
+    """{relative path: bytes} of every file under ``folder``."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def _beside(tmp_path):
+    """What predict left beside OUT other than its lock file."""
+    return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")
+                  and p.name != ".out.lock")
+
+
+def _earlier(tmp_path, store, fake_run):
+    out = tmp_path / "out"
+    predict_module.predict(fake_run, store, out, device="cpu", progress=False)
+    (out / "mine.txt").write_text("a user's file")  # not predict's: carried over
+    return out, _tree(out)
+
+
+def _same_prediction(out, alone):
+    """OUT holds what a predict alone into a new folder writes (label maps byte for byte)."""
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [p.name for p in alone.iterdir()] + ["mine.txt"])
+    for npy in alone.glob("*.npy"):
+        assert (out / npy.name).read_bytes() == npy.read_bytes()
+    assert (out / "mine.txt").read_text() == "a user's file"
+
+
+@pytest.mark.parametrize("fault", ["enospc", "ctrl_c"])
+def test_a_failed_predict_leaves_the_earlier_prediction_byte_for_byte(tmp_path, store,
+                                                                       fake_run, monkeypatch,
+                                                                       fault):
+    import errno
+
+    out, before = _earlier(tmp_path, store, fake_run)
+    real = predict_module._write_image_outputs
+    calls = []
+
+    def fail_on_the_second_image(folder, *args, **kwargs):
+        calls.append(folder)
+        if len(calls) == 2:
+            if fault == "ctrl_c":
+                raise KeyboardInterrupt
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder / "v.png"))
+        return real(folder, *args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "_write_image_outputs", fail_on_the_second_image)
+    res = CliRunner().invoke(cli, ["predict", str(fake_run), str(store), str(out),
+                                   "--uncertainty", "--device", "cpu", "--no-progress"])
+    assert calls[0] != out  # written elsewhere, not into OUT
+    assert _tree(out) == before and _beside(tmp_path) == []
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and "resume" not in lines[0], res.output
+    if fault == "enospc":
+        assert res.exit_code == 1
+        assert lines[0].startswith(f"error: no space left on the device writing the "
+                                   f"prediction {out}: ")
+        assert " free" in lines[0] and "earlier prediction in it is unchanged" in lines[0]
+    else:
+        assert res.exit_code == 130
+        assert lines[0] == (f"error: interrupted; the prediction folder is as it was; rerun "
+                            f"the same command to predict again")
+    monkeypatch.setattr(predict_module, "_write_image_outputs", real)
+    assert CliRunner().invoke(cli, ["predict", str(fake_run), str(store), str(out),
+                                    "--uncertainty", "--no-progress"]).exit_code == 0
+    alone = tmp_path / "alone"
+    predict_module.predict(fake_run, store, alone, uncertainty=True, device="cpu",
+                           progress=False)
+    _same_prediction(out, alone)
+    assert _beside(tmp_path) == []
+
+
+_KILLED = """
+import importlib, os, signal, sys
+from pathlib import Path
+import torch
+from torch import nn
+sys.path.insert(0, {tests!r})
+import test_predict as T
+from ddpmseg.classifier import Ensemble
+from ddpmseg.config import Config
+P = importlib.import_module("ddpmseg.predict")
+module, name, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+owner = importlib.import_module(module)
+real, calls = getattr(owner, name), []
+
+def killer(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+
+setattr(owner, name, killer)
+torch.manual_seed(0)
+members = [nn.Linear(7, 3).eval() for _ in range(2)]
+P.load_run = lambda run, device: Ensemble(members, T.INFO, Config(), Path(sys.argv[4]))
+P.predict(sys.argv[4], sys.argv[5], sys.argv[6], uncertainty=True, device="cpu",
+          progress=False)
+"""
+
+
+# (module, function, call at which predict is killed): while writing the images; once the
+# new prediction is whole (before it is named .out.new, before mine.txt is carried into it,
+# between the renames OUT -> .out.old and .out.new -> OUT); before the old one is deleted.
+KILL_POINTS = [("ddpmseg.predict", "_write_image_outputs", 2),
+               ("ddpmseg.predict_outputs", "_move", 1), ("ddpmseg.predict_outputs", "_move", 2),
+               ("ddpmseg.predict_outputs", "_move", 4),
+               ("ddpmseg.predict_outputs", "_remove_tree", 1)]
+
+
+@pytest.mark.parametrize("module, function, at", KILL_POINTS)
+def test_a_killed_predict_leaves_the_earlier_prediction_or_the_new_one(
+        tmp_path, store, fake_run, module, function, at):
+    """SIGKILL at each step: the earlier prediction stays whole until the new one is, and the
+    next predict finishes (or cleans up) what the killed one left."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out, before = _earlier(tmp_path, store, fake_run)
+    alone = tmp_path / "alone"
+    predict_module.predict(fake_run, store, alone, uncertainty=True, device="cpu",
+                           progress=False)
+    script = _KILLED.format(tests=str(Path(__file__).parent))
+    proc = subprocess.run([sys.executable, "-c", script, module, function, str(at),
+                           str(fake_run), str(store), str(out)], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    if function == "_remove_tree":  # the new prediction was swapped in
+        _same_prediction(out, alone)
+    elif (module, at) == ("ddpmseg.predict_outputs", 4):  # between the two renames
+        assert not out.exists()
+        assert _tree(tmp_path / ".out.old") == {k: v for k, v in before.items()
+                                                if k != "mine.txt"}
+    else:
+        assert {k: v for k, v in _tree(out).items() if k != "mine.txt"} == \
+            {k: v for k, v in before.items() if k != "mine.txt"}
+    # The next predict completes what the killed one left, then writes its own.
+    assert CliRunner().invoke(cli, ["predict", str(fake_run), str(store), str(out),
+                                    "--uncertainty", "--no-progress"]).exit_code == 0
+    _same_prediction(out, alone)
+    assert _beside(tmp_path) == []
+
+
+# -- evaluate and report refuse a folder that no predict finished ----------------------------
+
+@pytest.mark.parametrize("command", ["evaluate", "report"])
+def test_evaluate_and_report_refuse_an_unfinished_prediction_folder(tmp_path, store,
+                                                                     fake_run, command):
+    out = tmp_path / "out"
+    predict_module.predict(fake_run, store, out, device="cpu", progress=False)
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    for name in ("u", "v"):
+        np.save(gt / f"{name}.npy", np.load(out / f"{name}.npy"))
+    args = [command, str(out), str(gt)] if command == "evaluate" else [command, str(out)]
+    (out / "v.npy").unlink()  # predict.json lists v
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 1 and res.output.strip().splitlines() == [
+        f"error: prediction folder {out} is incomplete: 1 of the 2 images predict.json lists "
+        f"has no label map (v.npy); rerun `ddpmseg predict` to write it again"]
+    (out / "predict.json").unlink()  # as a killed predict left it, before this branch
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 1 and res.output.strip().splitlines() == [
+        f"error: prediction folder {out} has no predict.json: no `ddpmseg predict` finished "
+        f"writing it; rerun `ddpmseg predict` to write it again"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["palette.json", "summary.png", "u.npy", "u.png", "u_overlay.png", "v.png",
+         "v_overlay.png"])  # nothing written: no metrics.json, no report
+
+
+def test_predict_on_a_full_disk_names_out_and_the_free_space(tmp_path, store, fake_run,
+                                                             tiny_disk):
+    """A real full disk (a tmpfs that holds the earlier prediction but not a second, larger
+    one beside it): one line naming OUT and the free space; OUT is as it was."""
+    import shutil
+
+    from ddpmseg.fileio import size_text
+
+    measure = tmp_path / "measure"
+    predict_module.predict(fake_run, store, measure, device="cpu", progress=False)
+    pages = sum(-(-p.stat().st_size // 4096) for p in measure.iterdir())
+    disk = tiny_disk(4 * pages + 8)  # the earlier prediction and 2 more pages
+    out = disk / "out"
+    predict_module.predict(fake_run, store, out, device="cpu", progress=False)
+    before = _tree(out)
+    res = CliRunner().invoke(cli, ["predict", str(fake_run), str(store), str(out),
+                                   "--uncertainty", "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    (line,) = res.output.strip().splitlines()
+    assert line.startswith(f"error: no space left on the device writing the prediction {out}: "
+                           f"{size_text(shutil.disk_usage(disk).free)} free; free some space")
+    assert "earlier prediction in it is unchanged" in line
+    assert _tree(out) == before and sorted(p.name for p in disk.iterdir()) == [".out.lock",
+                                                                               "out"]

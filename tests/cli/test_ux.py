@@ -288,6 +288,7 @@ def test_max_image_pixels_means_n_in_every_reading_command(tmp_path, monkeypatch
     for name in ("pred", "gt"):
         (tmp_path / name).mkdir()
     np.save(tmp_path / "pred" / "a.npy", np.zeros((40, 50), np.uint8))
+    (tmp_path / "pred" / "predict.json").write_text('{"names": ["a"]}')
     Image.fromarray(np.zeros((40, 50), np.uint8)).save(tmp_path / "gt" / "a.png")
     res = invoke("evaluate", tmp_path / "pred", tmp_path / "gt", "--num-classes", 2,
                  "--max-image-pixels", 1999)
@@ -296,3 +297,18 @@ def test_max_image_pixels_means_n_in_every_reading_command(tmp_path, monkeypatch
     assert not (tmp_path / "pred" / "metrics.json").exists()
     for command in ("report", "suggest", "predict", "extract"):
         assert "--max-image-pixels" in invoke(command, "--help").output
+
+
+def test_wrong_architecture_checkpoint_is_one_short_line(data, tmp_path):
+    """extract with a checkpoint of another preset than the config's says which preset loads
+    it (as check-checkpoint does), not 2000 characters of state-dict keys."""
+    one = tmp_path / "one"
+    one.mkdir()
+    first = sorted(data.glob("*.png"))[0]
+    shutil.copy(first, one)
+    shutil.copy(first.with_suffix(".npy"), one)
+    line = one_error_line(invoke("extract", one, tmp_path / "x.zarr", "--preset", "lsun_256",
+                                 "--checkpoint", "bundled:faces_64", "--num-classes", "34",
+                                 "--resize", "--device", "cpu"))
+    assert "does not fit preset lsun_256 (" in line and line.endswith("pass --preset faces_64")
+    assert len(line) < 400 and not (tmp_path / "x.zarr").exists()

@@ -1,6 +1,7 @@
 """`ddpmseg.report`: the page's content, order, escaping and self-containedness (the browser
 test checks how it renders)."""
 
+import json
 import re
 
 import numpy as np
@@ -76,6 +77,9 @@ def test_report_without_ground_truth_orders_by_uncertainty(pred_folder):
 def test_a_second_report_replaces_the_first(pred_folder):
     report(pred_folder.pred, pred_folder.gt)
     (pred_folder.pred / "q&a.npy").unlink()
+    meta = json.loads((pred_folder.pred / "predict.json").read_text())
+    meta["names"].remove("q&a")
+    (pred_folder.pred / "predict.json").write_text(json.dumps(meta))
     index = report(pred_folder.pred)
     assert len(card_order(index.read_text())) == 2
     assert len(list((index.parent / "img").glob("*_pred.png"))) == 2
