@@ -12,7 +12,7 @@ import time
 import pytest
 from distributed import Client
 
-from ddpmseg.errors import StoreError
+from ddpmseg.errors import InputNotFoundError
 from ddpmseg.featcache import FeatureStore, extract
 from ddpmseg.featcache import extraction as X
 from ddpmseg.verify import verify_store
@@ -89,7 +89,7 @@ def test_worker_that_cannot_see_a_path_names_itself_and_the_path(tcp_cluster, tm
     job = X._Job(str(gone), (str(tmp_path / "img.png"),), None, 1, False)
     with Client(tcp_cluster.address, timeout=30) as client:
         fut = client.submit(X._dask_task, job, {}, [0], [None], pure=False)
-        with pytest.raises(StoreError) as err:
+        with pytest.raises(InputNotFoundError) as err:
             fut.result(timeout=60)
     line = str(err.value)
     assert "\n" not in line
