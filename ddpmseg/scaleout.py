@@ -136,9 +136,12 @@ def session(scheduler: str, default_workers: int, doing: str, kept: str):
     finished and stays) instead of distributed's cancelled futures and its logged tracebacks."""
     client, cluster = connect(scheduler, default_workers)
     # distributed logs each failed reconnection with a traceback: the error below says it.
-    quiet = logging.getLogger("distributed")
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)
+    # (dask's logging config gives some of its loggers levels of their own: set each.)
+    names = ["distributed"] + [n for n in logging.root.manager.loggerDict
+                               if n.startswith("distributed.")]
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.CRITICAL)
     try:
         yield client
     except (DdpmsegError, KeyboardInterrupt):
@@ -146,9 +149,10 @@ def session(scheduler: str, default_workers: int, doing: str, kept: str):
     except (concurrent.futures.CancelledError, OSError, TimeoutError) as exc:
         if client.status == "running":
             raise
+        why = ("its connection closed" if isinstance(exc, concurrent.futures.CancelledError)
+               else f"{type(exc).__name__}: {_first_line(exc)}")
         raise SchedulerLostError(
-            f"lost the dask scheduler {scheduler.strip()} while {doing} "
-            f"({type(exc).__name__}: {_first_line(exc)})",
+            f"lost the dask scheduler {scheduler.strip()} while {doing} ({why})",
             f"{kept}; start the scheduler again (or use --scheduler local) and rerun the same "
             "command to resume") from exc
     finally:
@@ -158,7 +162,8 @@ def session(scheduler: str, default_workers: int, doing: str, kept: str):
             pass
         if cluster is not None:
             cluster.close()
-        quiet.setLevel(level)
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
 
 
 def _first_line(exc: BaseException) -> str:
