@@ -70,6 +70,8 @@ DEFAULT_CODEC = {"cname": "zstd", "clevel": 1, "shuffle": "bitshuffle"}
 # task wrote anyway carries a foreign token (or maps that are not the recorded ones), which
 # ``verify`` reports and the next extract redoes.
 WRITER = "writer"
+# What ``records`` gives for a record that fails its checksum (a token no attempt draws).
+DAMAGED_RECORD = (2 ** 64 - 1, 0)
 
 
 
@@ -504,10 +506,23 @@ class FeatureStore:
         return self._has_records
 
     def records(self) -> np.ndarray:
-        """(N, 2) uint64: per image [writer token, maps digest]; zeros where none is recorded."""
+        """(N, 2) uint64: per image [writer token, maps digest]; zeros where none is recorded,
+        ``DAMAGED_RECORD`` where the chunk fails its checksum."""
         if not self.has_records():
             return np.zeros((len(self), 2), dtype=np.uint64)
-        return np.asarray(self._arr(WRITER)[:len(self)], dtype=np.uint64)
+        arr = self._arr(WRITER)
+        try:
+            return np.asarray(arr[:len(self)], dtype=np.uint64)
+        except Exception:  # noqa: BLE001 - find the damaged records one by one
+            out = np.zeros((len(self), 2), dtype=np.uint64)
+            for i, r in enumerate(ZA.read_each(arr, len(self))):
+                if isinstance(r, (KeyboardInterrupt, SystemExit)):
+                    raise r
+                if isinstance(r, BaseException):
+                    out[i] = DAMAGED_RECORD
+                elif r is not ZA.Missing:
+                    out[i] = np.asarray(r, dtype=np.uint64)
+            return out
 
     def foreign_images(self, accepted=()) -> list[int]:
         """Complete images whose record names another writer than this handle's (or one of
@@ -765,7 +780,12 @@ class FeatureStore:
         token = int(self.group.attrs.get(WRITER, 0) or 0)
         if not token or not self.has_records():
             return []
-        got, digest = (int(v) for v in np.asarray(self._arr(WRITER)[i], dtype=np.uint64))
+        try:
+            got, digest = (int(v) for v in np.asarray(self._arr(WRITER)[i], dtype=np.uint64))
+        except Exception as exc:  # noqa: BLE001 - a record that fails its checksum
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            return [f"the writer record is corrupt ({type(exc).__name__}: {exc})"]
         if got not in (0, token):
             return [f"written by another extract attempt (writer {got:x}; the store's is "
                     f"{token:x}): an orphaned task of an interrupted run wrote it"]
