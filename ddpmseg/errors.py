@@ -52,6 +52,14 @@ class StoreMismatchError(StoreError):
     """A store or run was made with another model, steps or blocks than asked for."""
 
 
+class StaleWriterError(StoreError):
+    """A task of an earlier extract attempt finds that another attempt now owns the store."""
+
+
+class SchedulerLostError(DdpmsegError, ConnectionError):
+    """The dask scheduler went away while a command ran (what is finished is kept)."""
+
+
 class RunError(DdpmsegError, OSError):
     """A run directory is missing, incomplete or does not match its input."""
 

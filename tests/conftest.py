@@ -138,3 +138,102 @@ def tiny_disk(tmp_path):
     for where in mounts:
         # lazily: a failed test may still hold a file open there
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+# A dask worker preload: every image write of an extraction task first waits while the file
+# ``hold`` exists in $DDPMSEG_GATE (announcing itself with ``arrived-<i>``), then records how
+# the write ended (``wrote-<i>`` or ``refused-<i>`` holding the error). Tests use it to stop
+# a task at a known point instead of sleeping.
+_GATE = """
+import os, pathlib, time
+from ddpmseg.featcache import extraction
+
+_gate = pathlib.Path(os.environ["DDPMSEG_GATE"])
+# dask may run a preload twice: wrap the original function, never the wrapper.
+_write_one = getattr(extraction, "_ungated_write_one", extraction._write_one)
+extraction._ungated_write_one = _write_one
+
+
+def _gated(store, i, *args):
+    (_gate / f"arrived-{i}").touch()
+    while (_gate / "hold").exists():
+        time.sleep(0.01)
+    try:
+        out = _write_one(store, i, *args)
+    except BaseException as exc:
+        tmp = _gate / f".refused-{i}"
+        tmp.write_text(f"{type(exc).__name__}: {exc}")
+        tmp.rename(_gate / f"refused-{i}")
+        raise
+    (_gate / f"wrote-{i}").touch()
+    return out
+
+
+extraction._write_one = _gated
+"""
+
+
+class TcpCluster:
+    """A real ``dask scheduler`` and ``dask worker`` (one thread, no nanny) on 127.0.0.1."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.gate = root / "gate"
+        self.gate.mkdir(parents=True)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.address = ""
+        self.logs: list = []
+
+    def _log(self, name: str):
+        fh = open(self.root / f"{name}.log", "w")
+        self.logs.append(fh)
+        return fh
+
+    def start(self, timeout: float = 60) -> "TcpCluster":
+        import json
+        sfile = self.root / "scheduler.json"
+        (self.root / "gate.py").write_text(_GATE)
+        env = {**os.environ, "DDPMSEG_GATE": str(self.gate)}
+        self.procs["scheduler"] = subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+             "--port", "0", "--dashboard-address", ":0", "--scheduler-file", str(sfile)],
+            stdout=subprocess.DEVNULL, stderr=self._log("scheduler"))
+        # The worker runs in a folder of its own: relative paths must not resolve there.
+        (self.root / "worker").mkdir()
+        self.procs["worker"] = subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(sfile),
+             "--nthreads", "1", "--no-nanny", "--dashboard-address", ":0",
+             "--preload", str(self.root / "gate.py")],
+            cwd=self.root / "worker", env=env, stdout=subprocess.DEVNULL,
+            stderr=self._log("worker"))
+        from distributed import Client
+        with Client(scheduler_file=str(sfile), timeout=timeout) as client:
+            client.wait_for_workers(1, timeout=timeout)
+            self.address = client.scheduler.address
+            self.worker = next(iter(client.scheduler_info()["workers"]))
+        assert json.loads(sfile.read_text())["address"] == self.address
+        return self
+
+    def kill(self, name: str) -> None:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+
+    def stop(self) -> None:
+        for name in ("worker", "scheduler"):
+            if name in self.procs:
+                self.kill(name)
+        for fh in self.logs:
+            fh.close()
+
+
+@pytest.fixture
+def tcp_cluster(tmp_path):
+    """A started TcpCluster (``.address``, ``.worker``, ``.gate``); killed by pid at the end.
+    dask is a dependency: under CI=true a cluster that does not start fails the test."""
+    cluster = TcpCluster(tmp_path / "cluster")
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ..config import Config, check_classes
 from ..device import resolve_device
-from ..scaleout import check_scheduler, connect
+from ..scaleout import absolute, check_scheduler, session, worker_must_see
 from ..progress import wanted
 from ..errors import RunError, StoreError
 from ..featcache import content
@@ -351,6 +351,7 @@ def _done_record(meta: dict) -> dict:
 def _member_task(store_path: str, cfg_dict: dict, k: int, device: str, in_memory: bool,
                  shuffle: int, threads: int):
     """One member, on a dask worker: opens the store itself, returns (state, meta, log)."""
+    worker_must_see(store_path, "the feature store")
     if threads:
         torch.set_num_threads(threads)
     cfg = Config.from_dict(cfg_dict, source="run config")
@@ -370,10 +371,11 @@ def _member_task(store_path: str, cfg_dict: dict, k: int, device: str, in_memory
 
 def _fit_distributed(store, run_dir, cfg, todo, device, in_memory, shuffle, scheduler, logger,
                      progress):
-    client, cluster = connect(scheduler, max(1, min(os.cpu_count() or 1, 4)))
-    try:
+    with session(scheduler, max(1, min(os.cpu_count() or 1, 4)), f"training {run_dir}",
+                 "the members already trained are kept") as client:
         threads = torch.get_num_threads()
-        futures = [client.submit(_member_task, str(store.path), cfg.to_dict(), k, device,
+        # Absolute: a tcp:// scheduler's workers run in folders of their own.
+        futures = [client.submit(_member_task, absolute(store.path), cfg.to_dict(), k, device,
                                  in_memory, shuffle, threads, pure=False,
                                  key=f"ddpmseg-fit-member-{k}-{os.getpid()}-{time.time_ns()}")
                    for k in todo]
@@ -393,7 +395,3 @@ def _fit_distributed(store, run_dir, cfg, todo, device, in_memory, shuffle, sche
         finally:
             if bar is not None:
                 bar.close()
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()

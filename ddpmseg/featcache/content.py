@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInputError, StoreError
-from . import integrity as IG
 from .spec import short
 from .store import FeatureStore, StoreInfo
 
@@ -92,11 +91,7 @@ def image_set(store: FeatureStore) -> dict[str, list]:
 
 def write_state(store: FeatureStore, info: StoreInfo, state: ImageState) -> None:
     """Record the store's info (names, count) and image state in one attribute write."""
-    attrs = store.group.attrs.asdict()
-    attrs.update({"ddpmseg": info.to_json(), IMAGES_ATTR: state.to_json()})
-    # The digest covers every attribute (featcache.integrity): recomputed in the same write.
-    attrs[IG.DIGEST_KEY] = IG.attrs_digest(attrs)
-    store.group.attrs.update(attrs)
+    store.update_attrs({"ddpmseg": info.to_json(), IMAGES_ATTR: state.to_json()})
     store.info = info
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -35,14 +36,14 @@ from ..backbone import Backbone, BackboneId, ModelFlags, describe_backbone, load
 from ..backbone.base import block_id
 from ..bundled import BUNDLED_CHECKPOINTS, resolve_checkpoint
 from ..config import Config
-from ..errors import BadInputError, ConfigError, StoreError, StoreMismatchError
+from ..errors import BadInputError, ConfigError, StaleWriterError, StoreError, StoreMismatchError
 from ..fileio import no_space_error
 from ..locking import writer_lock
 from ..progress import wanted
-from ..scaleout import check_scheduler, connect
+from ..scaleout import absolute, check_scheduler, session, worker_must_see
 from . import content
 from . import integrity as IG
-from .spec import PRECISIONS, STORE_DTYPES, FeatureSpec
+from .spec import PRECISIONS, STORE_DTYPES, FeatureSpec, short
 from .store import FeatureStore, StoreInfo, encode_image, parse_codec
 
 log = logging.getLogger("ddpmseg")
@@ -71,6 +72,8 @@ class _Job:
     # sum in an order that depends on the thread count, so a worker computes with the same
     # count as the client: then its features are bit-identical to a one-process run.
     threads: int = 0
+    # The store's writer token of this attempt: a task stops when the store has another.
+    writer: int = 0
 
 
 def extract(data_dir, store_path, config: Config | None = None, checkpoint=None, *,
@@ -158,16 +161,24 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
         store = _open_or_create(str(store_path), info, overwrite, resolved.to_dict())
         folder_hashes = content.sample_hashes(inputs.samples)
         labels_by_name = {s.name: lab for s, lab in zip(inputs.samples, inputs.labels)}
-        content.apply(store, content.plan(store, folder_hashes, prune or compact),
-                      labels_by_name)
+        changes = content.plan(store, folder_hashes, prune or compact)
+        if repair or changes.describe() or not store.complete().all():
+            # Tasks of earlier attempts stop at their next image. (A complete store that
+            # stays as it is keeps its token: a rerun writes nothing, and no task of an
+            # earlier attempt can still be at work, since each image it had is complete.)
+            store.begin_attempt()
+        content.apply(store, changes, labels_by_name)
         if compact:
             store = content.compact(store)
         info = store.info
         paths_by_name = {s.name: str(s.image) for s in inputs.samples}
         labels = content.labels_in_store_order(info.names, labels_by_name)
         todo, done = _images_to_do(store, repair, paths_by_name)
-        job = _Job(str(store_path), tuple(paths_by_name.get(n, "") for n in info.names), spec,
-                   batch_size, bool(resize), torch.get_num_threads())
+        # Absolute paths: a tcp:// scheduler's workers run in folders of their own.
+        job = _Job(absolute(store_path),
+                   tuple(absolute(paths_by_name[n]) if n in paths_by_name else ""
+                         for n in info.names),
+                   spec, batch_size, bool(resize), torch.get_num_threads(), store.writer)
         if todo:
             start = time.perf_counter()
             try:
@@ -184,6 +195,7 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
                 left = int((~store.complete()).sum())
                 raise no_space_error(store_path, left * _image_bytes(info), "the store",
                                      f"{left} image(s)") from exc
+            _refuse_foreign(store)
             log.info("extracted %d images in %.1fs into %s (%d dims per pixel, %s)", len(todo),
                      time.perf_counter() - start, store_path, info.feature_dim, dtype)
     return FeatureStore.open(store_path)
@@ -195,7 +207,15 @@ def _images_to_do(store: FeatureStore, repair: bool,
     with a chunk missing, and with ``repair`` those whose chunks are damaged. Pruned images
     are not in the folder: one left unfinished stays so (never trained on)."""
     info = store.info
+    foreign = store.foreign_images(accepted=(store.previous_writer,))
+    if foreign:
+        log.warning("%s: %d image(s) were written by a task of an earlier extract after "
+                    "another attempt took the store over: redoing them (%s)", store.path,
+                    len(foreign), short([info.names[i] for i in foreign]))
+        for i in foreign:
+            store.mark_incomplete(i)
     done = store.complete()
+    store.restamp(done)  # from now on, the complete images are this attempt's
     for i in np.flatnonzero(done):
         if repair:
             problems = [f"{name}: {what}" for name, what in store.damage(int(i))]
@@ -211,6 +231,22 @@ def _images_to_do(store: FeatureStore, repair: bool,
         log.info("%s: %d of %d images already extracted, %d to go", store.path,
                  len(done) - len(todo), len(done), len(todo))
     return todo, done
+
+
+def _refuse_foreign(store: FeatureStore) -> None:
+    """After the run: images that a task of an earlier attempt wrote while this one ran (it
+    checked the token just before this attempt changed it) are flagged incomplete, and the
+    run fails naming them; a rerun redoes them."""
+    foreign = store.foreign_images()
+    if not foreign:
+        return
+    for i in foreign:
+        store.mark_incomplete(i)
+    names = [store.info.names[i] for i in foreign]
+    raise StaleWriterError(
+        f"{store.path}: {len(foreign)} image(s) were overwritten by a task of an earlier, "
+        f"interrupted extract while this one ran: {short(names)}",
+        "they are flagged incomplete; rerun the same command to redo them")
 
 
 def _image_bytes(info: StoreInfo) -> int:
@@ -311,11 +347,11 @@ def _open_or_create(path: str, info: StoreInfo, overwrite: bool, config: dict) -
         if existing is None and IG.only_temporary_files(p):
             # A writer killed while writing the store's first file: nothing to keep.
             log.info("%s holds only temporary files of an interrupted run: starting over", path)
-            shutil.rmtree(p)
+            _remove_aside(p)
         elif existing is None and any(p.iterdir()):
             if overwrite and IG.looks_like_store(p):
                 log.info("replacing the partial store %s", path)
-                shutil.rmtree(p)
+                _remove_aside(p)
             else:
                 raise StoreError(f"{path} exists and is not a ddpmseg feature store",
                                  "choose another store path (nothing there was changed)")
@@ -327,10 +363,14 @@ def _open_or_create(path: str, info: StoreInfo, overwrite: bool, config: dict) -
     if existing is not None and overwrite:
         log.info("replacing the store %s", path)
         if _is_local(path):
-            shutil.rmtree(path)  # zarr's own overwrite would parse a damaged zarr.json
+            # zarr's own overwrite would parse a damaged zarr.json, and deleting in place races
+            # with a task of an earlier attempt that still writes there.
+            return _replace_local(Path(path), info, config)
         return FeatureStore.create(path, info, overwrite=True, config=config)
     if existing is None:
-        return FeatureStore.create(path, info, overwrite=_is_local(path), config=config)
+        if _is_local(path):
+            return _replace_local(Path(path), info, config)
+        return FeatureStore.create(path, info, overwrite=False, config=config)
     # The image list may differ: the store follows its folder (content.plan).
     diffs = info.differences(existing.info, ignore=("names",))
     if diffs:
@@ -343,6 +383,44 @@ def _open_or_create(path: str, info: StoreInfo, overwrite: bool, config: dict) -
     if removed:
         log.info("%s: removed %d temporary files of an interrupted run", path, removed)
     return existing
+
+
+def _sibling(p: Path, what: str) -> Path:
+    return p.with_name(f".{p.name}.{what}-{secrets.token_hex(4)}")
+
+
+def _remove_aside(p: Path) -> None:
+    """Delete a folder by first renaming it aside (one atomic step: the path is free at once,
+    whatever a task of an earlier attempt still writes into the old folder)."""
+    if not p.exists():
+        return
+    aside = _sibling(p, "replaced")
+    p.rename(aside)
+    shutil.rmtree(aside, ignore_errors=True)
+    if aside.exists():  # a late write made a folder non-empty again: once more
+        shutil.rmtree(aside, ignore_errors=True)
+    if aside.exists():
+        log.warning("could not delete the replaced store %s (still written to?); delete it "
+                    "by hand", aside)
+
+
+def _replace_local(p: Path, info: StoreInfo, config: dict) -> FeatureStore:
+    """A new local store at ``p``, made beside it and renamed into place: the path never holds
+    a half-made store, and an old store there goes aside first (``_remove_aside``)."""
+    new = _sibling(p, "new")
+    FeatureStore.create(new, info, config=config)
+    for _ in range(3):
+        _remove_aside(p)
+        try:
+            new.rename(p)
+            break
+        except OSError as exc:  # a late write of an earlier attempt recreated the folder
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+    else:
+        raise StoreError(f"{p} keeps being recreated while it is replaced",
+                         "stop the other writers (dask tasks of an earlier extract) and rerun")
+    return FeatureStore.open(p, mode="r+")
 
 
 # -- one process --------------------------------------------------------------------------------
@@ -466,13 +544,19 @@ def _worker_backbone(source: dict):
 
 
 def _dask_task(job: _Job, source: dict, indices: list[int], labels: list):
-    """One dask task: extract images ``indices`` (errors pickle with their hint)."""
+    """One dask task: extract images ``indices`` (errors pickle with their hint). It writes
+    only while the store has its attempt's writer token (``job.writer``)."""
+    worker_must_see(job.store_path, "the feature store")
+    for i in indices:
+        worker_must_see(job.image_paths[i], f"image {i} of the store")
     previous = torch.get_num_threads()
     try:
         if job.threads:
             torch.set_num_threads(job.threads)
-        bb = _worker_backbone(source)
         store = FeatureStore.open(job.store_path, mode="r+")
+        store.writer, store.guard = job.writer, True
+        store.check_writer(indices[0])  # before loading the model for nothing
+        bb = _worker_backbone(source)
         if BackboneId.of(bb) != store.info.spec.backbone:
             raise StoreMismatchError(
                 f"worker backbone ({source.get('checkpoint') or 'random'}) differs from the one "
@@ -489,11 +573,6 @@ def _dask_task(job: _Job, source: dict, indices: list[int], labels: list):
         torch.set_num_threads(previous)
 
 
-def _parse_scheduler(scheduler: str, threads: int):
-    # Each worker computes with the client's torch thread count (see _Job.threads).
-    return connect(scheduler, max(1, (os.cpu_count() or 1) // max(1, threads)))
-
-
 def _run_distributed(scheduler: str, job: _Job, todo: list[int], labels: list, backbone,
                      checkpoint, device, update: Callable[[int], None]) -> None:
     random_seed = BackboneId.of(backbone).random_seed
@@ -508,8 +587,10 @@ def _run_distributed(scheduler: str, job: _Job, todo: list[int], labels: list, b
     # Tasks of whole batches (a batch never spans two tasks, so the images are computed in the
     # same groups as in one process).
     groups = [todo[k:k + job.batch_size] for k in range(0, len(todo), job.batch_size)]
-    client, cluster = _parse_scheduler(scheduler, job.threads)
-    try:
+    # Each worker computes with the client's torch thread count (see _Job.threads).
+    workers = max(1, (os.cpu_count() or 1) // max(1, job.threads))
+    with session(scheduler, workers, f"extracting into {job.store_path}",
+                 "the images already extracted are kept") as client:
         futures = [client.submit(_dask_task, job, source, g, [labels[i] for i in g],
                                  pure=False, key=f"ddpmseg-extract-{g[0]}-{os.getpid()}")
                    for g in groups]
@@ -520,7 +601,3 @@ def _run_distributed(scheduler: str, job: _Job, todo: list[int], labels: list, b
             for other in futures:
                 other.cancel()
             raise
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()

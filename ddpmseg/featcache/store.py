@@ -17,8 +17,10 @@ image.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,7 +32,8 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from ..config import Config
-from ..errors import ConfigError, FeatureOverflowError, StoreError, StoreMismatchError
+from ..errors import (ConfigError, FeatureOverflowError, StaleWriterError, StoreError,
+                      StoreMismatchError)
 from . import integrity as IG
 from . import pixels
 from . import zarr_adapter as ZA
@@ -60,6 +63,16 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)
 # bit shuffle is the best size per unit of write time, and writing runs in a thread pool
 # beside the model. (bfloat16 activations compress to 1.50 with the same codec.)
 DEFAULT_CODEC = {"cname": "zstd", "clevel": 1, "shuffle": "bitshuffle"}
+
+# The writer token: the attribute "writer" holds the token of the extract attempt that owns the
+# store (a new one per attempt, under the writer lock), and the array "writer" holds per image
+# [token of the attempt that wrote it, digest of its maps as stored]. A dask task of an attempt
+# whose client is gone finds another token and stops before it writes; an image that such a
+# task wrote anyway carries a foreign token (or maps that are not the recorded ones), which
+# ``verify`` reports and the next extract redoes.
+WRITER = "writer"
+# What ``records`` gives for a record that fails its checksum (a token no attempt draws).
+DAMAGED_RECORD = (2 ** 64 - 1, 0)
 
 
 
@@ -168,12 +181,27 @@ def array_name(t: int, b: int) -> str:
     return f"act_t{t}_b{b}"
 
 
-def store_attributes(info: StoreInfo, config: dict | None = None) -> dict:
+def new_writer_token() -> int:
+    """A random writer token (non-zero; below 2**53, exact in any JSON reader)."""
+    return secrets.randbelow(2 ** 53 - 1) + 1
+
+
+def maps_digest(maps: Sequence[np.ndarray]) -> int:
+    """64-bit digest of an image's maps as stored (feature order), never 0 (0: none)."""
+    h = hashlib.blake2b(digest_size=8)
+    for m in maps:
+        h.update(np.ascontiguousarray(m).tobytes())
+    return int.from_bytes(h.digest(), "little") or 1
+
+
+def store_attributes(info: StoreInfo, config: dict | None = None, writer: int = 0) -> dict:
     """The group attributes of a store of ``info``, with their digest: whatever writes or
     rewrites them (creation, a store that grows) writes this whole object."""
     attrs = {"ddpmseg": info.to_json()}
     if config is not None:
         attrs["config"] = json.loads(json.dumps(config))
+    if writer:
+        attrs[WRITER] = int(writer)
     attrs[IG.DIGEST_KEY] = IG.attrs_digest(attrs)
     return attrs
 
@@ -208,6 +236,9 @@ def array_specs(info: StoreInfo) -> list[tuple[str, dict]]:
             shape=(n, height, width), chunks=(1, height, width), dtype=np.uint8,
             compressors=codecs, fill_value=info.ignore_label, config=cfg,
             dimension_names=("image", "y", "x") if old_dims else label_dims(height, width))))
+    out.append((WRITER, dict(
+        shape=(n, 2), chunks=(1, 2), dtype=np.uint64, compressors=[Crc32cCodec()],
+        fill_value=0, config=cfg, dimension_names=("image", "writer_record"))))
     out.append(("complete", dict(
         shape=(n,), chunks=(1,), dtype=np.uint8, compressors=[Crc32cCodec()], fill_value=0,
         config=cfg, dimension_names=("image",))))
@@ -384,15 +415,22 @@ class FeatureStore:
         self.path = path
         self._arrays: dict[str, zarr.Array] = {}
         self._complete: np.ndarray | None = None
+        # The token this handle writes with (the store's at opening); ``guard``: check before
+        # each image that the store still has it (a dask task of one attempt).
+        self.writer = int(group.attrs.get(WRITER, 0) or 0)
+        self.guard = False
+        self.previous_writer = 0   # the token before ``begin_attempt``
+        self._has_records: bool | None = None
 
     # -- creation and writing -------------------------------------------------------------
     @classmethod
     def create(cls, path: str | Path, info: StoreInfo, overwrite: bool = False,
                config: dict | None = None) -> "FeatureStore":
-        """Make the group, its attributes and every (empty) array; write no chunk."""
+        """Make the group, its attributes (with a new writer token) and every (empty) array;
+        write no chunk."""
         if info.dtype not in STORE_DTYPES:
             raise StoreError(f"unknown store dtype {info.dtype!r}", f"use one of {STORE_DTYPES}")
-        attrs = store_attributes(info, config)
+        attrs = store_attributes(info, config, new_writer_token())
         try:
             group = zarr.create_group(store=str(path), overwrite=overwrite, zarr_format=3,
                                       attributes=attrs)
@@ -416,7 +454,96 @@ class FeatureStore:
             if name not in existing:
                 self.group.create_array(name, **kwargs)
                 made.append(name)
+        self._has_records = None
         return made
+
+    def update_attrs(self, changes: dict) -> None:
+        """Change some group attributes, rewriting them whole with their digest (one write)."""
+        attrs = self.group.attrs.asdict()
+        attrs.update(changes)
+        # The digest covers every attribute (featcache.integrity): recomputed in the same write.
+        attrs[IG.DIGEST_KEY] = IG.attrs_digest(attrs)
+        self.group.attrs.update(attrs)
+
+    def begin_attempt(self) -> int:
+        """Give the store a new writer token (this handle writes with it); returns the one it
+        had (0: none). Called under the writer lock when an extract attempt starts: tasks of
+        earlier attempts stop at their next image."""
+        self.previous_writer = int(self.group.attrs.get(WRITER, 0) or 0)
+        self.writer = new_writer_token()
+        self.update_attrs({WRITER: self.writer})
+        return self.previous_writer
+
+    def current_writer(self) -> int:
+        """The writer token the store has now, read fresh (0 when its metadata is gone: a store
+        being replaced)."""
+        try:
+            group = zarr.open_group(self.path, mode="r", zarr_format=3)
+            return int(group.attrs.get(WRITER, 0) or 0)
+        except Exception:  # noqa: BLE001 - no readable group: not ours to write any more
+            return 0
+
+    def check_writer(self, i: int) -> None:
+        """With ``guard``: raise StaleWriterError when the store has another writer token."""
+        if not self.guard:
+            return
+        now = self.current_writer()
+        if now != self.writer:
+            raise StaleWriterError(
+                f"{self.path}: another extract now owns this store (writer token "
+                f"{self.writer:x} became {now:x}): this task of an earlier, interrupted "
+                f"extract stops without writing image {i} ({self.info.names[i]})",
+                "nothing to do: the extract that owns the store writes the image")
+
+    def has_records(self) -> bool:
+        """Whether the store has the per-image writer records (stores from before them lack
+        the array until an extract reopens them)."""
+        if self._has_records is None:
+            try:
+                self._arr(WRITER)
+                self._has_records = True
+            except StoreError:
+                self._has_records = False
+        return self._has_records
+
+    def records(self) -> np.ndarray:
+        """(N, 2) uint64: per image [writer token, maps digest]; zeros where none is recorded,
+        ``DAMAGED_RECORD`` where the chunk fails its checksum."""
+        if not self.has_records():
+            return np.zeros((len(self), 2), dtype=np.uint64)
+        arr = self._arr(WRITER)
+        try:
+            return np.asarray(arr[:len(self)], dtype=np.uint64)
+        except Exception:  # noqa: BLE001 - find the damaged records one by one
+            out = np.zeros((len(self), 2), dtype=np.uint64)
+            for i, r in enumerate(ZA.read_each(arr, len(self))):
+                if isinstance(r, (KeyboardInterrupt, SystemExit)):
+                    raise r
+                if isinstance(r, BaseException):
+                    out[i] = DAMAGED_RECORD
+                elif r is not ZA.Missing:
+                    out[i] = np.asarray(r, dtype=np.uint64)
+            return out
+
+    def foreign_images(self, accepted=()) -> list[int]:
+        """Complete images whose record names another writer than this handle's (or one of
+        ``accepted``; 0 is a store from before the records): written by another attempt."""
+        ok = {0, self.writer, *accepted}
+        tokens = self.records()[:, 0]
+        return [int(i) for i in np.flatnonzero(self.complete())
+                if int(tokens[i]) not in ok]
+
+    def restamp(self, done: np.ndarray) -> None:
+        """Record this handle's token for the complete images (``done``, bool per image),
+        accepted from the attempts before it; their maps digest stays. After that, an image
+        with another token was written by a task of an earlier attempt meanwhile."""
+        if not self.has_records():
+            return
+        rec = self.records()
+        stale = [int(i) for i in np.flatnonzero(done) if int(rec[i, 0]) != self.writer]
+        if stale:
+            rec[stale, 0] = self.writer
+            self._arr(WRITER).oindex[stale, :] = rec[stale]
 
     def encode(self, i: int, maps: Sequence) -> list[np.ndarray]:
         """Image i's maps cast to the store dtype (raises FeatureOverflowError naming it)."""
@@ -431,6 +558,7 @@ class FeatureStore:
         processes: each touches only its own chunks.
         """
         i = self._index(i)
+        self.check_writer(i)
         if not encoded:
             maps = self.encode(i, maps)
         if self.info.has_labels:
@@ -448,6 +576,9 @@ class FeatureStore:
         if self.info.has_labels:
             targets.append((self._arr("labels"), labels))
         ZA.write_images(targets, i)
+        if self.has_records():
+            self.check_writer(i)  # again: the maps took a while
+            self._arr(WRITER)[i] = np.array([self.writer, maps_digest(maps)], dtype=np.uint64)
         complete[i] = 1
         if self._complete is not None:
             self._complete[i] = True
@@ -464,7 +595,8 @@ class FeatureStore:
     def resize(self, n: int) -> None:
         """Give every array room for ``n`` images along the image axis (metadata only when
         growing: no existing chunk is read or written). The attributes are the caller's."""
-        for name in self._array_names() + ["complete"]:
+        records = [WRITER] if self.has_records() else []
+        for name in self._array_names() + records + ["complete"]:
             arr = self._arr(name)
             if arr.shape[0] != n:
                 arr.resize((n,) + tuple(arr.shape[1:]))
@@ -642,13 +774,37 @@ class FeatureStore:
         i = self._index(i)
         names = self._array_names()
         out = []
+        maps = []
         for name, r in zip(names, ZA.read_images([self._arr(n) for n in names], i)):
             problem = _chunk_problem(name, r)
             if not problem and name != "labels":
+                maps.append(np.asarray(r))
                 problem = _not_finite(name, decode_map(r, self.info.dtype))
             if problem:
                 out.append((name, problem))
+        if not out:
+            out.extend((WRITER, what) for what in self._record_problems(i, maps))
         return out
+
+    def _record_problems(self, i: int, maps: list[np.ndarray]) -> list[str]:
+        """What image i's writer record says is wrong: written by another attempt than the
+        store's, or maps that are not the ones its writer recorded (two attempts' writes)."""
+        token = int(self.group.attrs.get(WRITER, 0) or 0)
+        if not token or not self.has_records():
+            return []
+        try:
+            got, digest = (int(v) for v in np.asarray(self._arr(WRITER)[i], dtype=np.uint64))
+        except Exception as exc:  # noqa: BLE001 - a record that fails its checksum
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            return [f"the writer record is corrupt ({type(exc).__name__}: {exc})"]
+        if got not in (0, token):
+            return [f"written by another extract attempt (writer {got:x}; the store's is "
+                    f"{token:x}): an orphaned task of an interrupted run wrote it"]
+        if digest and digest != maps_digest(maps):
+            return ["its maps are not the ones its writer recorded (two extract attempts "
+                    "wrote them)"]
+        return []
 
     def labels(self, i: int) -> np.ndarray:
         """(H, W) uint8 class indices of image i (after the rare-class rule)."""

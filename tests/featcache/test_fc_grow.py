@@ -17,11 +17,12 @@ from ddpmseg.featcache.store import array_name
 
 
 def chunk_files(store_path) -> dict:
-    """{(array, image index): bytes} of every chunk file of a local store."""
+    """{(array, image index): bytes} of every chunk file of a local store but the writer
+    records (each attempt that writes stamps the complete images with its token)."""
     out = {}
     for p in sorted(store_path.rglob("*")):
         rel = p.relative_to(store_path).parts
-        if p.is_file() and len(rel) > 2 and rel[1] == "c":
+        if p.is_file() and len(rel) > 2 and rel[1] == "c" and rel[0] != "writer":
             out[(rel[0], int(rel[2]))] = p.read_bytes()
     return out
 
