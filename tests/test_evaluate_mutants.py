@@ -1,0 +1,1 @@
+"""Checks that kill mutants the older tests let through (bench/mutation.py)."""
