@@ -1,1 +1,48 @@
-"""Checks that kill mutants the older tests let through (bench/mutation.py)."""
+"""Simplex-ETF checks that kill mutants the older tests let through (bench/mutation.py)."""
+
+import logging
+import math
+
+import pytest
+import torch
+
+from ddpmseg.classifier import simplex_etf
+
+
+def test_the_smallest_etf_is_two_opposite_unit_vectors():
+    # dim 1, 2 classes: dim = C - 1, an exact simplex ETF: the points +1 and -1.
+    m = simplex_etf(1, 2, seed=0)
+    assert m.shape == (1, 2)
+    assert abs(abs(m[0, 0].item()) - 1) < 1e-6 and abs(m[0, 0].item() + m[0, 1].item()) < 1e-6
+
+
+@pytest.mark.parametrize("dim,c,message", [
+    (5, 1, "a simplex ETF needs at least 2 classes, got 1"),
+    (0, 3, "dim must be positive, got 0"),
+])
+def test_impossible_shapes_are_refused(dim, c, message):
+    with pytest.raises(ValueError) as err:
+        simplex_etf(dim, c)
+    assert str(err.value) == message
+
+
+def test_only_a_too_narrow_layer_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="ddpmseg.classifier.model"):
+        simplex_etf(9, 10)      # dim = C - 1: exact
+        simplex_etf(10, 10)
+        assert caplog.messages == []
+        simplex_etf(8, 20)
+    assert caplog.messages == [
+        "ETF: 20 classes need a 19-dim feature for an exact simplex ETF, the penultimate layer "
+        "has 8; using the ETF's projection onto a 8-dim subspace (a tight frame, not exactly "
+        "equiangular)"]
+
+
+@pytest.mark.parametrize("dim,c", [(9, 10), (8, 20)])
+def test_a_narrow_etf_is_scaled_like_the_simplex(dim, c):
+    # M M^T = C/(C-1) I: the sqrt(C/(C-1)) scale of the definition, whichever branch.
+    m32 = simplex_etf(dim, c, seed=2)
+    assert m32.dtype == torch.float32 and m32.is_contiguous()
+    m = m32.double()
+    assert torch.allclose(m @ m.T, c / (c - 1) * torch.eye(dim, dtype=torch.float64), atol=1e-6)
+    assert math.isclose(m.sum().item(), 0.0, abs_tol=1e-5)
