@@ -48,3 +48,18 @@ def test_an_unknown_vote_names_the_choices():
     with pytest.raises(ValueError) as err:
         check_vote("median")
     assert str(err.value) == "unknown vote 'median'; use one of soft, log, hard"
+
+
+def test_a_wrong_shape_names_the_shape_expected_and_got():
+    with pytest.raises(ValueError) as err:
+        vote(torch.zeros(2, 3), "soft")
+    assert str(err.value) == "expected member logits of shape (K, n, C) with K >= 1, got (2, 3)"
+    with pytest.raises(ValueError, match=r"got \(0, 4, 2\)"):
+        vote(torch.zeros(0, 4, 2), "soft")
+
+
+@pytest.mark.parametrize("method", ["soft", "log", "hard"])
+def test_the_votes_stay_on_the_logits_device(method):
+    # The meta device stands in for a GPU: a vote counted on the CPU would come back there.
+    labels = vote(torch.zeros(3, 5, 4, device="meta"), method)
+    assert labels.device.type == "meta" and labels.shape == (5,) and labels.dtype == torch.int64
