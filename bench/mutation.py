@@ -8,9 +8,9 @@ limit (a mutant that loops). Survivors are either killed by a new test or explai
 equivalent in the README ("Mutation testing").
 
 The tests are the unit tests of these modules only (no CLI, subprocess, dask or browser
-tests, see TESTS), one torch thread, one mutant at a time: this is a bench script for a
-shared machine, not a CI step. The work folder (default /tmp/ddpmseg-mutation) is a copy of
-ddpmseg/ and tests/ that mutmut rewrites; results are kept there, so a second run only runs
+tests, see MODULES), one torch thread, one mutant at a time: this is a bench script for a
+shared machine, not a CI step. Each module's work folder (under /tmp/ddpmseg-mutation) is a
+copy of ddpmseg/ and tests/ that mutmut rewrites; results are kept there, so a second run only runs
 the mutants not yet tried (--fresh starts over).
 
     pip install -e '.[mutation]'
@@ -37,38 +37,36 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Modules in the order they matter: the ETF term and the training loop, the sampler and the
-# pixel index (coverage), the votes, then evaluation and the rest of classifier/.
+# Module -> (file, its unit tests). Modules in the order they matter: the ETF matrix and the
+# training loop, the sampler and the pixel gather (coverage), the votes, then evaluation and
+# the rest of classifier/. Each module runs in its own work folder with only its own tests:
+# mutmut then runs, per mutant, those of them that reach the mutated function. Left out
+# everywhere: tests that start processes or a dask cluster (DESELECT), the label loop.
+FIT = "tests/classifier/test_classifier_fit.py"
 MODULES = {
-    "classifier/model": "ddpmseg/classifier/model.py",
-    "classifier/train": "ddpmseg/classifier/train.py",
-    "classifier/sampler": "ddpmseg/classifier/sampler.py",
-    "featcache/pixels": "ddpmseg/featcache/pixels.py",
-    "voting": "ddpmseg/voting.py",
-    "evaluate": "ddpmseg/evaluate.py",
-    "classifier/ensemble": "ddpmseg/classifier/ensemble.py",
-    "classifier/run": "ddpmseg/classifier/run.py",
-    "classifier/reference": "ddpmseg/classifier/reference.py",
+    "classifier/model": ("ddpmseg/classifier/model.py", [
+        "tests/classifier/test_classifier_model.py", "tests/classifier/test_etf_mutants.py"]),
+    "classifier/train": ("ddpmseg/classifier/train.py", [
+        FIT, "tests/classifier/test_train_mutants.py"]),
+    "classifier/sampler": ("ddpmseg/classifier/sampler.py", [
+        "tests/classifier/test_classifier_sampler.py",
+        "tests/classifier/test_sampler_mutants.py"]),
+    "featcache/pixels": ("ddpmseg/featcache/pixels.py", [
+        "tests/featcache/test_fc_pixels.py", "tests/featcache/test_pixels_mutants.py",
+        "tests/classifier/test_classifier_sampler.py"]),
+    "voting": ("ddpmseg/voting.py", ["tests/test_voting.py", "tests/test_voting_mutants.py"]),
+    "evaluate": ("ddpmseg/evaluate.py", [
+        "tests/test_evaluate.py", "tests/test_evaluate_mutants.py"]),
+    "classifier/ensemble": ("ddpmseg/classifier/ensemble.py", [
+        FIT, "tests/classifier/test_run_integrity.py"]),
+    "classifier/run": ("ddpmseg/classifier/run.py", [
+        "tests/classifier/test_run_integrity.py", FIT]),
+    "classifier/reference": ("ddpmseg/classifier/reference.py", [
+        "tests/classifier/test_reference.py"]),
 }
-
-# The unit tests of those modules. mutmut runs, per mutant, the subset of these that reaches
-# the mutated function. Left out: tests that start processes or a dask cluster (slow, and a
-# mutant there is caught in-process by the tests kept), and the label loop (suggest, sweep).
-TESTS = [
-    "tests/classifier/test_classifier_model.py",
-    "tests/classifier/test_classifier_fit.py",
-    "tests/classifier/test_classifier_sampler.py",
-    "tests/classifier/test_classifier_imageset.py",
-    "tests/classifier/test_run_integrity.py",
-    "tests/classifier/test_reference.py",
-    "tests/featcache/test_fc_pixels.py",
-    "tests/test_voting.py",
-    "tests/test_evaluate.py",
-]
-NEW_TESTS_GLOB = "tests/**/test_*_mutants.py"
 DESELECT = [
-    "tests/classifier/test_classifier_fit.py::test_resume_after_sigkill_matches_an_uninterrupted_run",
-    "tests/classifier/test_classifier_fit.py::test_dask_members_equal_sequential",
+    FIT + "::test_resume_after_sigkill_matches_an_uninterrupted_run",
+    FIT + "::test_dask_members_equal_sequential",
 ]
 
 # mutmut's exit codes -> our columns (mutmut.stats.status_by_exit_code, summarised).
@@ -77,18 +75,18 @@ STATUS = {1: "killed", 3: "killed", 0: "survived", 33: "no tests", 5: "no tests"
           -9: "timeout"}
 
 
-def test_files(base: Path = ROOT) -> list[str]:
-    new = sorted(str(p.relative_to(base)) for p in base.glob(NEW_TESTS_GLOB))
-    return TESTS + [t for t in new if t not in TESTS]
+def work_of(work: Path, module: str) -> Path:
+    return work / module.replace("/", "-")
 
 
-def mutmut_config(modules: list[str], work: Path) -> str:
+def mutmut_config(module: str) -> str:
     """The [tool.mutmut] table appended to the work copy's pyproject.toml."""
-    selection = test_files(work) + [f"--deselect={t}" for t in DESELECT]
+    path, tests = MODULES[module]
+    selection = tests + [f"--deselect={t}" for t in DESELECT if t.split("::")[0] in tests]
     return "\n".join([
         "", "[tool.mutmut]",
         'source_paths = ["ddpmseg"]',
-        f"only_mutate = {json.dumps([MODULES[m] for m in modules])}",
+        f"only_mutate = {json.dumps([path])}",
         f"pytest_add_cli_args_test_selection = {json.dumps(selection)}",
         # torch is not fork-safe after use: fork each mutant from a clean server process.
         'process_isolation = "forkserver"',
@@ -98,7 +96,7 @@ def mutmut_config(modules: list[str], work: Path) -> str:
     ])
 
 
-def prepare_work(work: Path, fresh: bool, tests_from: Path | None) -> None:
+def prepare_work(work: Path, module: str, fresh: bool, tests_from: Path | None) -> None:
     """Copy ddpmseg/, tests/ (then TESTS_FROM's tests/ over them) and the config into WORK."""
     if fresh and work.exists():
         shutil.rmtree(work)
@@ -111,7 +109,7 @@ def prepare_work(work: Path, fresh: bool, tests_from: Path | None) -> None:
     if tests_from is not None:
         shutil.copytree(tests_from / "tests", work / "tests", dirs_exist_ok=True, ignore=ignore)
     pyproject = (ROOT / "pyproject.toml").read_text()
-    (work / "pyproject.toml").write_text(pyproject + mutmut_config(list(MODULES), work))
+    (work / "pyproject.toml").write_text(pyproject + mutmut_config(module))
 
 
 def env() -> dict:
@@ -134,7 +132,7 @@ def generate(work: Path) -> None:
 
 
 def results(work: Path, module: str) -> dict[str, int | None]:
-    meta = work / "mutants" / (MODULES[module] + ".meta")
+    meta = work_of(work, module) / "mutants" / (MODULES[module][0] + ".meta")
     return json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
 
 
@@ -173,7 +171,7 @@ def summarise(work: Path, module: str) -> dict:
         status = STATUS.get(code, "other")
         row[status] += 1
         if status == "survived":
-            row["survivors"][name] = diff(work, name)
+            row["survivors"][name] = diff(work_of(work, module), name)
     return row
 
 
@@ -211,16 +209,17 @@ def main(argv=None) -> int:
 
     start = time.time()
     if not args.report_only:
-        prepare_work(args.work, args.fresh, args.tests_from)
-        generate(args.work)
         for m in modules:
+            work = work_of(args.work, m)
+            prepare_work(work, m, args.fresh, args.tests_from)
+            generate(work)
             wanted = (None, 0) if args.rerun_survivors else (None,)
             todo = sorted(k for k, v in results(args.work, m).items() if v in wanted
                           and (not functions or any(fnmatch(function_of(k), f) for f in functions)))
             if args.limit is not None and len(todo) > args.limit:
                 todo = sorted(random.Random(0).sample(todo, args.limit))
             print(f"{m}: running {len(todo)} mutants", file=sys.stderr, flush=True)
-            run_mutants(args.work, todo)
+            run_mutants(work, todo)
 
     rows = [summarise(args.work, m) for m in modules]
     print(table(rows))
@@ -234,8 +233,8 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "tool": "mutmut", "threads": 1, "machine": machine, "limit": args.limit,
-        "tests_from": str(args.tests_from or ROOT), "tests": test_files(args.work),
-        "deselected": DESELECT, "rows": rows}, indent=1) + "\n")
+        "tests_from": str(args.tests_from or ROOT), "deselected": DESELECT,
+        "rows": [dict(r, tests=MODULES[r["module"]][1]) for r in rows]}, indent=1) + "\n")
     return 0
 
 
