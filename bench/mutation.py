@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIT = "tests/classifier/test_classifier_fit.py"
 MODULES = {
     "classifier/model": ("ddpmseg/classifier/model.py", [
-        "tests/classifier/test_classifier_model.py", "tests/classifier/test_etf_mutants.py"]),
+        "tests/classifier/test_classifier_model.py", "tests/classifier/test_model_mutants.py"]),
     "classifier/train": ("ddpmseg/classifier/train.py", [
         FIT, "tests/classifier/test_train_mutants.py"]),
     "classifier/sampler": ("ddpmseg/classifier/sampler.py", [

@@ -1,4 +1,5 @@
-"""Simplex-ETF checks that kill mutants the older tests let through (bench/mutation.py)."""
+"""Model checks (simplex ETF, early stopping) that kill mutants the older tests let through
+(bench/mutation.py)."""
 
 import logging
 import math
@@ -6,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ddpmseg.classifier import simplex_etf
+from ddpmseg.classifier import EarlyStopping, simplex_etf
 
 
 def test_the_smallest_etf_is_two_opposite_unit_vectors():
@@ -46,3 +47,19 @@ def test_a_narrow_etf_is_scaled_like_the_simplex(dim, c):
     m = m32.double()
     assert torch.allclose(m @ m.T, c / (c - 1) * torch.eye(dim, dtype=torch.float64), atol=1e-6)
     assert math.isclose(m.sum().item(), 0.0, abs_tol=1e-5)
+
+
+def test_early_stopping_defaults_are_the_references():
+    stop = EarlyStopping()
+    assert (stop.min_epochs, stop.patience, stop.count, stop.best) == (3, 50, 0, math.inf)
+    # Epoch 3 never counts, epoch 4 does: 51 non-improving steps in a row stop it.
+    assert not any(stop.step(3, 1.0) for _ in range(200))
+    assert [stop.step(4, 1.0) for _ in range(52)] == [False] * 51 + [True]
+
+
+def test_a_first_counted_step_that_does_not_improve_counts_once():
+    # Nothing is below an infinite best loss: the step counts as non-improving, once.
+    stop = EarlyStopping(min_epochs=0, patience=1)
+    assert not stop.step(1, math.inf)
+    assert stop.count == 1
+    assert stop.step(1, math.inf)
