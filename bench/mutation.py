@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     ap.add_argument("--functions", default="",
                     help="comma-separated name patterns (vote, PixelIndex.*): only these")
     ap.add_argument("--rerun-survivors", action="store_true",
-                    help="run the surviving mutants again too (after adding tests)")
+                    help="run only the surviving mutants again (after adding tests)")
     ap.add_argument("--tests-from", type=Path, default=None,
                     help="another checkout whose tests/ are laid over this one's (a branch's "
                          "new tests before it is merged)")
@@ -213,13 +213,23 @@ def main(argv=None) -> int:
             work = work_of(args.work, m)
             prepare_work(work, m, args.fresh, args.tests_from)
             generate(work)
-            wanted = (None, 0) if args.rerun_survivors else (None,)
-            todo = sorted(k for k, v in results(args.work, m).items() if v in wanted
-                          and (not functions or any(fnmatch(function_of(k), f) for f in functions)))
-            if args.limit is not None and len(todo) > args.limit:
-                todo = sorted(random.Random(0).sample(todo, args.limit))
-            print(f"{m}: running {len(todo)} mutants", file=sys.stderr, flush=True)
-            run_mutants(work, todo)
+            wanted = (0,) if args.rerun_survivors else (None,)
+            budget = args.limit
+            # A second pass runs what mutmut forgot meanwhile (it resets every result when the
+            # test selection changed since the last run).
+            for _ in range(2):
+                todo = sorted(k for k, v in results(args.work, m).items() if v in wanted
+                              and (not functions
+                                   or any(fnmatch(function_of(k), f) for f in functions)))
+                if budget is not None and len(todo) > budget:
+                    todo = sorted(random.Random(0).sample(todo, budget))
+                if not todo:
+                    break
+                print(f"{m}: running {len(todo)} mutants", file=sys.stderr, flush=True)
+                run_mutants(work, todo)
+                wanted = (None,)
+                if budget is not None:
+                    budget -= len(todo)
 
     rows = [summarise(args.work, m) for m in modules]
     print(table(rows))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ddpmseg.classifier import EarlyStopping, simplex_etf
+from ddpmseg.classifier import EarlyStopping, PixelMLP, simplex_etf
 
 
 def test_the_smallest_etf_is_two_opposite_unit_vectors():
@@ -63,3 +63,24 @@ def test_a_first_counted_step_that_does_not_improve_counts_once():
     assert not stop.step(1, math.inf)
     assert stop.count == 1
     assert stop.step(1, math.inf)
+
+
+def test_a_square_etf_is_an_exact_simplex_etf():
+    # dim = C (128 classes on the wide MLP's 128-wide penultimate layer) takes the usual
+    # construction: a (dim, C) frame of unit columns at cosine -1/(C-1).
+    c = 10
+    m = simplex_etf(c, c, seed=4).double()
+    assert m.shape == (c, c)
+    assert torch.allclose(m.norm(dim=0), torch.ones(c, dtype=torch.float64), atol=1e-6)
+    cos = (m.T @ m)[~torch.eye(c, dtype=torch.bool)]
+    assert torch.allclose(cos, torch.full_like(cos, -1 / (c - 1)), atol=1e-6)
+
+
+def test_the_etf_seed_defaults_to_zero():
+    assert torch.equal(simplex_etf(32, 10), simplex_etf(32, 10, seed=0))
+
+
+def test_linear_weights_start_centred_at_zero():
+    torch.manual_seed(0)
+    first = PixelMLP(500, 5).layers[0].weight
+    assert abs(first.mean().item()) < 0.002 and abs(first.std().item() - 0.02) < 0.002
