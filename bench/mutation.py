@@ -217,7 +217,7 @@ def main(argv=None) -> int:
             budget = args.limit
             # A second pass runs what mutmut forgot meanwhile (it resets every result when the
             # test selection changed since the last run).
-            for _ in range(2):
+            for _ in range(1 if args.rerun_survivors else 2):
                 todo = sorted(k for k, v in results(args.work, m).items() if v in wanted
                               and (not functions
                                    or any(fnmatch(function_of(k), f) for f in functions)))
