@@ -4,6 +4,7 @@
 import logging
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,3 +85,20 @@ def test_linear_weights_start_centred_at_zero():
     torch.manual_seed(0)
     first = PixelMLP(500, 5).layers[0].weight
     assert abs(first.mean().item()) < 0.002 and abs(first.std().item() - 0.02) < 0.002
+
+
+@pytest.mark.parametrize("dim,c,seed", [(8, 20, 0), (9, 10, 3), (8, 10, 1)])
+def test_a_narrow_etf_is_its_definition_from_the_seed(dim, c, seed):
+    # dim < C: M = sqrt(C/(C-1)) B^T, B the last dim columns of the Q of [1/sqrt(C) | G], G a
+    # (C, dim) float64 Gaussian from torch.Generator(seed); QR here by numpy.
+    torch.manual_seed(123)  # the global RNG must play no part
+    g = torch.randn(c, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q, _ = np.linalg.qr(np.concatenate([np.full((c, 1), 1 / np.sqrt(c)), g.numpy()], axis=1))
+    want = np.sqrt(c / (c - 1)) * q[:, 1:].T
+    assert abs(simplex_etf(dim, c, seed=seed).double().numpy() - want).max() < 1e-6
+
+
+def test_one_dimension_short_of_the_simplex_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="ddpmseg.classifier.model"):
+        simplex_etf(8, 10)
+    assert len(caplog.messages) == 1 and "10 classes need a 9-dim feature" in caplog.messages[0]
