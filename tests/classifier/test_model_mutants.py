@@ -102,3 +102,13 @@ def test_one_dimension_short_of_the_simplex_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="ddpmseg.classifier.model"):
         simplex_etf(8, 10)
     assert len(caplog.messages) == 1 and "10 classes need a 9-dim feature" in caplog.messages[0]
+
+
+@pytest.mark.parametrize("dim,c,seed", [(32, 10, 0), (128, 34, 1), (32, 3, 5)])
+def test_the_etf_is_computed_in_float64_and_rounded_once(dim, c, seed):
+    # The docstring's promise, bit for bit: every factor float64, one cast at the end.
+    g = torch.randn(dim, c, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    u, _ = torch.linalg.qr(g)
+    centre = torch.eye(c, dtype=torch.float64) - 1.0 / c
+    want = (math.sqrt(c / (c - 1)) * u @ centre).to(torch.float32)
+    assert torch.equal(simplex_etf(dim, c, seed=seed), want)
