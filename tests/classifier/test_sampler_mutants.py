@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 from ddpmseg.classifier import sampler as S
+from ddpmseg.errors import BadInputError
+from ddpmseg.featcache import content
+from ddpmseg.featcache.store import FeatureStore
 
 COUNTS = [3, 0, 4, 2, 5]  # image 1 has no labelled pixel
 
@@ -61,3 +64,52 @@ def test_batch_sizes(batch, sizes):
     assert plan.batch_sizes == sizes
     assert plan.pixels_per_epoch == 14 and plan.batch_size == batch
     assert plan.chunk_images == 2 and plan.seed == 0
+
+
+def test_a_last_single_pixel_joins_the_batch_before_when_there_are_many():
+    # 13 pixels in batches of 4: 4, 4, 4, 1 -> 4, 4, 5
+    offsets = np.array([0, 5, 13], dtype=np.int64)
+    index = S.PixelIndex(offsets, np.arange(13, dtype=np.int32), np.zeros(13, np.uint8), (4, 4))
+    assert S.EpochPlan(index, 2, 0, batch_size=4).batch_sizes == [4, 4, 5]
+
+
+def labelled_store(make_store, path, last_labels=None):
+    """A 3-image, 3-class store open for writing; image 2's labels are ``last_labels`` when
+    given."""
+    store = make_store(path, n_images=3, complete=last_labels is None)
+    if last_labels is not None:
+        maps = [np.zeros(s, np.float32) for s in store.info.shapes]
+        store.write_image(2, maps, last_labels)
+    return store
+
+
+def test_pruned_images_keep_their_place_and_lose_their_pixels(make_store, tmp_path):
+    store = labelled_store(make_store, tmp_path / "s.zarr")
+    state = content.read_state(store)
+    content.write_state(store, store.info, content.ImageState(state.hashes, ("img000",)))
+    store = FeatureStore.open(tmp_path / "s.zarr")
+    index = S.PixelIndex.from_store(store)
+    want = [np.flatnonzero(np.asarray(store.labels(i)).ravel() != 255) for i in (1, 2)]
+    assert index.counts.tolist() == [0, len(want[0]), len(want[1])]
+    assert index.images.tolist() == [1, 2]
+    assert np.array_equal(index.flat, np.concatenate(want))
+    assert np.array_equal(index.labels, np.concatenate(
+        [np.asarray(store.labels(i)).ravel()[w] for i, w in zip((1, 2), want)]))
+
+
+def test_a_label_equal_to_the_class_count_is_refused(make_store, tmp_path):
+    lab = np.zeros((32, 32), np.uint8)
+    lab[0, :3] = [2, 3, 7]  # 3 classes: 0..2; 3 and 7 are outside, 255 is ignored
+    lab[1, 0] = 255
+    store = labelled_store(make_store, tmp_path / "s.zarr", lab)
+    with pytest.raises(BadInputError) as err:
+        S.PixelIndex.from_store(store)
+    assert str(err.value).startswith(
+        f"{store.path}: image 2 (img002) has labels [3, 7] outside 0..2 (ignore label 255)")
+
+
+def test_the_highest_class_is_accepted(make_store, tmp_path):
+    lab = np.full((32, 32), 2, np.uint8)
+    lab[0, 0] = 255
+    index = S.PixelIndex.from_store(labelled_store(make_store, tmp_path / "s.zarr", lab))
+    assert index.counts[2] == 32 * 32 - 1 and (index.labels[index.offsets[2]:] == 2).all()
