@@ -92,6 +92,7 @@ def test_pruned_images_keep_their_place_and_lose_their_pixels(make_store, tmp_pa
     want = [np.flatnonzero(np.asarray(store.labels(i)).ravel() != 255) for i in (1, 2)]
     assert index.counts.tolist() == [0, len(want[0]), len(want[1])]
     assert index.images.tolist() == [1, 2]
+    assert (index.flat.dtype, index.labels.dtype) == (np.int32, np.uint8)
     assert np.array_equal(index.flat, np.concatenate(want))
     assert np.array_equal(index.labels, np.concatenate(
         [np.asarray(store.labels(i)).ravel()[w] for i, w in zip((1, 2), want)]))
@@ -104,8 +105,26 @@ def test_a_label_equal_to_the_class_count_is_refused(make_store, tmp_path):
     store = labelled_store(make_store, tmp_path / "s.zarr", lab)
     with pytest.raises(BadInputError) as err:
         S.PixelIndex.from_store(store)
-    assert str(err.value).startswith(
-        f"{store.path}: image 2 (img002) has labels [3, 7] outside 0..2 (ignore label 255)")
+    assert str(err.value) == (
+        f"{store.path}: image 2 (img002) has labels [3, 7] outside 0..2 (ignore label 255); "
+        "re-extract with the right num_classes / ignore_label in [data]")
+
+
+def test_only_the_first_eight_bad_labels_are_named(make_store, tmp_path):
+    lab = np.zeros((32, 32), np.uint8)
+    lab[0, :12] = np.arange(3, 15)
+    with pytest.raises(BadInputError, match=r"has labels \[3, 4, 5, 6, 7, 8, 9, 10\] outside"):
+        S.PixelIndex.from_store(labelled_store(make_store, tmp_path / "s.zarr", lab))
+
+
+def test_a_store_with_every_image_pruned_has_an_empty_index(make_store, tmp_path):
+    store = labelled_store(make_store, tmp_path / "s.zarr")
+    state = content.read_state(store)
+    content.write_state(store, store.info, content.ImageState(state.hashes, store.names))
+    index = S.PixelIndex.from_store(FeatureStore.open(tmp_path / "s.zarr"))
+    assert index.counts.tolist() == [0, 0, 0] and index.total == 0
+    assert (index.flat.dtype, index.labels.dtype) == (np.int32, np.uint8)
+    assert len(index.flat) == len(index.labels) == 0
 
 
 def test_the_highest_class_is_accepted(make_store, tmp_path):
