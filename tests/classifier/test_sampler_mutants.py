@@ -91,7 +91,7 @@ def test_pruned_images_keep_their_place_and_lose_their_pixels(make_store, tmp_pa
     index = S.PixelIndex.from_store(store)
     want = [np.flatnonzero(np.asarray(store.labels(i)).ravel() != 255) for i in (1, 2)]
     assert index.counts.tolist() == [0, len(want[0]), len(want[1])]
-    assert index.images.tolist() == [1, 2]
+    assert index.images.tolist() == [1, 2] and index.image_size == (32, 32)
     assert (index.flat.dtype, index.labels.dtype) == (np.int32, np.uint8)
     assert np.array_equal(index.flat, np.concatenate(want))
     assert np.array_equal(index.labels, np.concatenate(
