@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -136,6 +137,22 @@ def results(work: Path, module: str) -> dict[str, int | None]:
     return json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
 
 
+def changed_lines(work: Path, module: str) -> dict[str, str]:
+    """Mutant name -> the source lines it changes, read from mutmut's mutated file (each mutant
+    is a copy of its function named <function>__mutmut_<n>, beside <function>__mutmut_orig)."""
+    text = (work / "mutants" / MODULES[module][0]).read_text()
+    bodies = {}
+    for m in re.finditer(r"^( *)def (x\S*?__mutmut_(\w+))\(.*?(?=^\1(?:def |class |\S)|\Z)", text,
+                         re.M | re.S):
+        bodies[m.group(2)] = m.group(0).splitlines()[1:]
+    out = {}
+    for name, body in bodies.items():
+        orig = bodies.get(name.rsplit("__mutmut_", 1)[0] + "__mutmut_orig")
+        if orig is not None and body is not orig:
+            out[name] = "\n".join(line for line in body if line not in orig)
+    return out
+
+
 def run_mutants(work: Path, names: list[str]) -> None:
     """mutmut run on these mutants, one at a time; its output goes to WORK/mutmut.log."""
     if not names:
@@ -191,6 +208,8 @@ def main(argv=None) -> int:
                     help="at most N mutants per module (a fixed random sample)")
     ap.add_argument("--functions", default="",
                     help="comma-separated name patterns (vote, PixelIndex.*): only these")
+    ap.add_argument("--touching", default="",
+                    help="only mutants whose changed line contains this text (e.g. etf)")
     ap.add_argument("--rerun-survivors", action="store_true",
                     help="run only the surviving mutants again (after adding tests)")
     ap.add_argument("--tests-from", type=Path, default=None,
@@ -221,6 +240,10 @@ def main(argv=None) -> int:
                 todo = sorted(k for k, v in results(args.work, m).items() if v in wanted
                               and (not functions
                                    or any(fnmatch(function_of(k), f) for f in functions)))
+                if args.touching:
+                    lines = changed_lines(work, m)
+                    todo = [k for k in todo
+                            if args.touching in lines.get(k.split(".")[-1], "")]
                 if budget is not None and len(todo) > budget:
                     todo = sorted(random.Random(0).sample(todo, budget))
                 if not todo:
