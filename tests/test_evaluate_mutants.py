@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from ddpmseg.evaluate import (confusion_axis, confusion_matrix, format_table, image_iou,
-                              iou_from_confusion)
+from ddpmseg.errors import BadInputError, ConfigError, InputNotFoundError
+from ddpmseg.evaluate import (confusion_axis, confusion_matrix, evaluate, format_table,
+                              image_iou, iou_from_confusion)
 
 
 def row(index, name, iou, gt, pred, inter, union):
@@ -73,3 +74,75 @@ def test_an_image_iou_counts_only_its_classes():
 
 def test_confusion_axis_names_the_ignore_label():
     assert confusion_axis([0, 1, 255], ["sky", "road"], 255) == ["0 sky", "1 road", "255 ignore"]
+
+
+def test_a_forty_character_name_is_shown_whole():
+    result = {"classes": [row(0, "b" * 40, 0.5, 1, 1, 1, 2)], "miou": 0.5}
+    assert "   0  " + "b" * 40 + "    50.00" in format_table(result)
+
+
+def test_no_class_left_gives_miou_zero():
+    # One class, and it is the ignore label: no rows, mIoU 0 (not the mean of nothing).
+    assert iou_from_confusion(np.ones((256, 256), np.int64), 1, ignore_label=0) == ([], 0.0)
+
+
+def save(folder, name, labels):
+    folder.mkdir(exist_ok=True)
+    np.save(folder / f"{name}.npy", np.asarray(labels, dtype=np.uint8))
+
+
+def test_the_result_by_hand(tmp_path):
+    # gt [[0, 1], [255, 1]], pred [[0, 1], [1, 0]], 2 classes:
+    # unmasked: class 0 1/2, class 1 1/3; masking the ignore pixel: class 1 1/2.
+    save(tmp_path / "p", "a", [[0, 1], [1, 0]])
+    save(tmp_path / "g", "a", [[0, 1], [255, 1]])
+    r = evaluate(tmp_path / "p", tmp_path / "g", num_classes=2, mask_ignore=True,
+                 confusion=True, write=False)
+    assert r["miou"] == pytest.approx(0.5) and r["per_image"] == {"a": pytest.approx(0.5)}
+    assert (r["num_classes"], r["ignore_label"], r["ignore_pixels"], r["total_pixels"]) == \
+        (2, 255, 1, 4)
+    assert r["confusion"] == {"labels": [0, 1, 255], "matrix": [[1, 0, 0], [1, 1, 0], [0, 1, 0]]}
+    r = evaluate(tmp_path / "p", tmp_path / "g", num_classes=2, write=False)
+    assert r["per_image"] == {"a": pytest.approx((1 / 2 + 1 / 3) / 2)}
+
+
+def test_an_ignore_label_outside_the_matrix_ignores_nothing(tmp_path):
+    save(tmp_path / "p", "a", [[0, 1]])
+    save(tmp_path / "g", "a", [[0, 0]])
+    r = evaluate(tmp_path / "p", tmp_path / "g", num_classes=2, ignore_label=256, write=False)
+    assert r["ignore_pixels"] == 0 and r["total_pixels"] == 2
+
+
+def test_resize_takes_the_nearest_mask_pixel(tmp_path):
+    save(tmp_path / "p", "a", [[0, 1], [1, 1]])
+    save(tmp_path / "g", "a", np.kron([[0, 1], [1, 0]], np.ones((2, 2), np.uint8)))
+    r = evaluate(tmp_path / "p", tmp_path / "g", num_classes=2, resize=True, write=False)
+    # gt at 2x2 is [[0, 1], [1, 0]]: class 0 1/2, class 1 2/3.
+    assert r["miou"] == pytest.approx((1 / 2 + 2 / 3) / 2) and r["resize"] is True
+
+
+def test_the_confusion_files_name_an_ignore_label_just_past_the_classes(tmp_path):
+    save(tmp_path / "p", "a", [[0, 1], [1, 0]])
+    save(tmp_path / "g", "a", [[0, 1], [2, 1]])
+    r = evaluate(tmp_path / "p", tmp_path / "g", num_classes=2, ignore_label=2,
+                 class_names=("sky", "road"), confusion=True, out=tmp_path / "m")
+    header = (tmp_path / "m" / "confusion.csv").read_text().splitlines()[0]
+    assert header == "gt \\ pred,0:sky,1:road,2:ignore"
+    assert r["confusion_png"] == str(tmp_path / "m" / "confusion.png")
+    assert (tmp_path / "m" / "confusion.png").is_file()
+
+
+def test_the_errors_say_how_to_fix_them(tmp_path):
+    save(tmp_path / "p", "a", [[0, 1]])
+    save(tmp_path / "g", "b", [[0, 1]])
+    with pytest.raises(ConfigError) as err:
+        evaluate(tmp_path / "p", tmp_path / "g", num_classes=0, write=False)
+    assert str(err.value) == "num_classes must be 1..256, got 0; fix --num-classes"
+    with pytest.raises(InputNotFoundError) as err:
+        evaluate(tmp_path / "p", tmp_path / "nothing", num_classes=2, write=False)
+    assert str(err.value).endswith("; give the folder of test masks (<name>.npy or PNG), or a "
+                                   "store with labels")
+    with pytest.raises(BadInputError) as err:
+        evaluate(tmp_path / "p", tmp_path / "g", num_classes=2, write=False)
+    assert str(err.value).endswith("; give the folder holding the test masks, or remove the "
+                                   "prediction")
