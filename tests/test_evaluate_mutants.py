@@ -6,6 +6,8 @@ import pytest
 from ddpmseg.errors import BadInputError, ConfigError, InputNotFoundError
 from ddpmseg.evaluate import (confusion_axis, confusion_matrix, evaluate, format_table,
                               image_iou, iou_from_confusion)
+from ddpmseg.featcache.spec import FeatureSpec
+from ddpmseg.featcache.store import FeatureStore, StoreInfo
 
 
 def row(index, name, iou, gt, pred, inter, union):
@@ -146,3 +148,17 @@ def test_the_errors_say_how_to_fix_them(tmp_path):
         evaluate(tmp_path / "p", tmp_path / "g", num_classes=2, write=False)
     assert str(err.value).endswith("; give the folder holding the test masks, or remove the "
                                    "prediction")
+
+
+def test_a_store_with_labels_is_the_ground_truth(tmp_path):
+    # The masks as extract stored them; a folder beside it with other masks must not be read.
+    spec = FeatureSpec(steps=(1,), blocks=(5,), shapes=((2, 2, 2),), image_size=(2, 2),
+                       backbone={"sha256": "f" * 64})
+    info = StoreInfo(spec=spec, num_images=1, names=("a",), num_classes=2, ignore_label=255,
+                     class_names=("c0", "c1"), has_labels=True)
+    store = FeatureStore.create(tmp_path / "s.zarr", info)
+    store.write_image(0, [np.zeros((2, 2, 2), np.float32)], np.array([[0, 1], [1, 1]], np.uint8))
+    save(tmp_path / "p", "a", [[0, 1], [0, 1]])
+    r = evaluate(tmp_path / "p", tmp_path / "s.zarr", num_classes=2, write=False)
+    # class 0: 1 / 2, class 1: 2 / 3
+    assert r["miou"] == pytest.approx((1 / 2 + 2 / 3) / 2) and r["names"] == ["a"]
