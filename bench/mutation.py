@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     ap.add_argument("--touching", default="",
                     help="only mutants whose changed line contains this text (e.g. etf)")
     ap.add_argument("--rerun-survivors", action="store_true",
-                    help="run only the surviving mutants again (after adding tests)")
+                    help="run only the surviving (and untested) mutants again, after adding tests")
     ap.add_argument("--tests-from", type=Path, default=None,
                     help="another checkout whose tests/ are laid over this one's (a branch's "
                          "new tests before it is merged)")
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
             work = work_of(args.work, m)
             prepare_work(work, m, args.fresh, args.tests_from)
             generate(work)
-            wanted = (0,) if args.rerun_survivors else (None,)
+            wanted = (0, 33) if args.rerun_survivors else (None,)  # 33: no test reached it
             budget = args.limit
             # A second pass runs what mutmut forgot meanwhile (it resets every result when the
             # test selection changed since the last run).
