@@ -39,3 +39,11 @@ def test_adjacent_maps_of_one_resolution_are_one_copy_and_the_right_features():
     got = layout.features(bufs, torch.zeros(len(flat), dtype=torch.int64), flat)
     want = pixels.pixel_features(maps, (20, 28), flat // 28, flat % 28)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_map_with_a_batch_axis_of_one_is_read_as_its_image():
+    gen = torch.Generator().manual_seed(3)
+    m = torch.randn(3, 4, 5, generator=gen)
+    ys, xs = torch.tensor([0, 7, 3]), torch.tensor([9, 0, 4])
+    assert torch.equal(pixels.pixel_features([m[None]], (8, 10), ys, xs),
+                       pixels.pixel_features([m], (8, 10), ys, xs))
