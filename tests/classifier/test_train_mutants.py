@@ -28,3 +28,18 @@ def test_the_separate_trunk_uses_the_configured_learning_rate(store_path, small_
     etf = [r["etf_loss"] for r in epoch_records(fit(store_path, tmp_path / "run", cfg,
                                                     device="cpu", progress=False))]
     assert len(etf) == 2 and abs(etf[1] - etf[0]) < 0.1 * etf[0]
+
+
+def test_the_logged_etf_loss_is_the_epochs_mean_and_only_with_an_etf(store_path, small_config,
+                                                                      tmp_path):
+    # Several steps per epoch: loss = ce + w etf step by step, so the epoch means obey it too.
+    w = 0.7
+    (rec,) = epoch_records(fit(store_path, tmp_path / "shared",
+                               small_config(ensemble=1, max_epochs=1, etf="shared",
+                                            etf_weight=w), device="cpu", progress=False))
+    assert rec["steps"] > 2
+    assert abs(rec["etf_loss"] - (rec["loss"] - rec["ce"]) / w) < 1e-4 * rec["etf_loss"]
+    (rec,) = epoch_records(fit(store_path, tmp_path / "none",
+                               small_config(ensemble=1, max_epochs=1, etf="none"),
+                               device="cpu", progress=False))
+    assert "etf_loss" not in rec and abs(rec["loss"] - rec["ce"]) < 1e-6 * rec["ce"]
