@@ -100,13 +100,13 @@ def test_pruned_images_keep_their_place_and_lose_their_pixels(make_store, tmp_pa
 
 def test_a_label_equal_to_the_class_count_is_refused(make_store, tmp_path):
     lab = np.zeros((32, 32), np.uint8)
-    lab[0, :3] = [2, 3, 7]  # 3 classes: 0..2; 3 and 7 are outside, 255 is ignored
+    lab[0, :2] = [2, 3]  # 3 classes: 0..2; 3 (the class count itself) is outside
     lab[1, 0] = 255
     store = labelled_store(make_store, tmp_path / "s.zarr", lab)
     with pytest.raises(BadInputError) as err:
         S.PixelIndex.from_store(store)
     assert str(err.value) == (
-        f"{store.path}: image 2 (img002) has labels [3, 7] outside 0..2 (ignore label 255); "
+        f"{store.path}: image 2 (img002) has labels [3] outside 0..2 (ignore label 255); "
         "re-extract with the right num_classes / ignore_label in [data]")
 
 
