@@ -3,6 +3,7 @@
 import json
 
 from ddpmseg.classifier import fit
+from ddpmseg.classifier.run import member_path, read_member
 
 
 def epoch_records(run):
@@ -34,10 +35,15 @@ def test_the_logged_etf_loss_is_the_epochs_mean_and_only_with_an_etf(store_path,
                                                                       tmp_path):
     # Several steps per epoch: loss = ce + w etf step by step, so the epoch means obey it too.
     w = 0.7
-    (rec,) = epoch_records(fit(store_path, tmp_path / "shared",
-                               small_config(ensemble=1, max_epochs=1, etf="shared",
-                                            etf_weight=w), device="cpu", progress=False))
+    run = fit(store_path, tmp_path / "shared", small_config(ensemble=1, max_epochs=1,
+                                                            etf="shared", etf_weight=w),
+              device="cpu", progress=False)
+    (rec,) = epoch_records(run)
     assert rec["steps"] > 2
+    # The member file records how it was trained.
+    meta = read_member(member_path(run, 0))["meta"]
+    assert (meta["etf"], meta["etf_weight"], meta["num_classes"], meta["widths"]) == \
+        ("shared", w, 3, [128, 32])
     assert abs(rec["etf_loss"] - (rec["loss"] - rec["ce"]) / w) < 1e-4 * rec["etf_loss"]
     (rec,) = epoch_records(fit(store_path, tmp_path / "none",
                                small_config(ensemble=1, max_epochs=1, etf="none"),
