@@ -1,5 +1,7 @@
 """Evaluation checks that kill mutants the older tests let through (bench/mutation.py)."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -93,10 +95,19 @@ def save(folder, name, labels):
     np.save(folder / f"{name}.npy", np.asarray(labels, dtype=np.uint8))
 
 
+def save_pred(folder, name, labels):
+    """A prediction, listed in predict.json as a finished predict lists it."""
+    save(folder, name, labels)
+    path = folder / "predict.json"
+    meta = json.loads(path.read_text()) if path.is_file() else {}
+    meta["names"] = sorted(set(meta.get("names", [])) | {name})
+    path.write_text(json.dumps(meta))
+
+
 def test_the_result_by_hand(tmp_path):
     # gt [[0, 1], [255, 1]], pred [[0, 1], [1, 0]], 2 classes:
     # unmasked: class 0 1/2, class 1 1/3; masking the ignore pixel: class 1 1/2.
-    save(tmp_path / "p", "a", [[0, 1], [1, 0]])
+    save_pred(tmp_path / "p", "a", [[0, 1], [1, 0]])
     save(tmp_path / "g", "a", [[0, 1], [255, 1]])
     r = evaluate(tmp_path / "p", tmp_path / "g", num_classes=2, mask_ignore=True,
                  confusion=True, write=False)
@@ -109,14 +120,14 @@ def test_the_result_by_hand(tmp_path):
 
 
 def test_an_ignore_label_outside_the_matrix_ignores_nothing(tmp_path):
-    save(tmp_path / "p", "a", [[0, 1]])
+    save_pred(tmp_path / "p", "a", [[0, 1]])
     save(tmp_path / "g", "a", [[0, 0]])
-    r = evaluate(tmp_path / "p", tmp_path / "g", num_classes=2, ignore_label=256, write=False)
+    r = evaluate(tmp_path / "p", tmp_path / "g", num_classes=2, ignore_label=200, write=False)
     assert r["ignore_pixels"] == 0 and r["total_pixels"] == 2
 
 
 def test_resize_takes_the_nearest_mask_pixel(tmp_path):
-    save(tmp_path / "p", "a", [[0, 1], [1, 1]])
+    save_pred(tmp_path / "p", "a", [[0, 1], [1, 1]])
     save(tmp_path / "g", "a", np.kron([[0, 1], [1, 0]], np.ones((2, 2), np.uint8)))
     r = evaluate(tmp_path / "p", tmp_path / "g", num_classes=2, resize=True, write=False)
     # gt at 2x2 is [[0, 1], [1, 0]]: class 0 1/2, class 1 2/3.
@@ -124,7 +135,7 @@ def test_resize_takes_the_nearest_mask_pixel(tmp_path):
 
 
 def test_the_confusion_files_name_an_ignore_label_just_past_the_classes(tmp_path):
-    save(tmp_path / "p", "a", [[0, 1], [1, 0]])
+    save_pred(tmp_path / "p", "a", [[0, 1], [1, 0]])
     save(tmp_path / "g", "a", [[0, 1], [2, 1]])
     r = evaluate(tmp_path / "p", tmp_path / "g", num_classes=2, ignore_label=2,
                  class_names=("sky", "road"), confusion=True, out=tmp_path / "m")
@@ -135,7 +146,7 @@ def test_the_confusion_files_name_an_ignore_label_just_past_the_classes(tmp_path
 
 
 def test_the_errors_say_how_to_fix_them(tmp_path):
-    save(tmp_path / "p", "a", [[0, 1]])
+    save_pred(tmp_path / "p", "a", [[0, 1]])
     save(tmp_path / "g", "b", [[0, 1]])
     with pytest.raises(ConfigError) as err:
         evaluate(tmp_path / "p", tmp_path / "g", num_classes=0, write=False)
@@ -146,8 +157,8 @@ def test_the_errors_say_how_to_fix_them(tmp_path):
                                    "store with labels")
     with pytest.raises(BadInputError) as err:
         evaluate(tmp_path / "p", tmp_path / "g", num_classes=2, write=False)
-    assert str(err.value).endswith("; give the folder holding the test masks, or remove the "
-                                   "prediction")
+    assert str(err.value).endswith("; give the folder holding the test masks, rename the "
+                                   "masks, or remove the prediction")
 
 
 def test_a_store_with_labels_is_the_ground_truth(tmp_path):
@@ -158,7 +169,7 @@ def test_a_store_with_labels_is_the_ground_truth(tmp_path):
                      class_names=("c0", "c1"), has_labels=True)
     store = FeatureStore.create(tmp_path / "s.zarr", info)
     store.write_image(0, [np.zeros((2, 2, 2), np.float32)], np.array([[0, 1], [1, 1]], np.uint8))
-    save(tmp_path / "p", "a", [[0, 1], [0, 1]])
+    save_pred(tmp_path / "p", "a", [[0, 1], [0, 1]])
     r = evaluate(tmp_path / "p", tmp_path / "s.zarr", num_classes=2, write=False)
     # class 0: 1 / 2, class 1: 2 / 3
     assert r["miou"] == pytest.approx((1 / 2 + 2 / 3) / 2) and r["names"] == ["a"]

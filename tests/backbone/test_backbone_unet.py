@@ -88,9 +88,11 @@ def test_fast_inference_path_matches_the_direct_one(preset, precision):
     t = torch.tensor([10, 400])
     blocks = range(len(model.output_blocks))
     autocast = torch.autocast("cpu", dtype=precision, enabled=precision is not None)
+    model.requires_grad_(False)  # grad mode on (the direct path) but no graph recorded
     with torch.enable_grad(), autocast:
-        want_out = model(x, t).detach()
-        want = {b: f.detach() for b, f in model.decoder_features(x, t, blocks).items()}
+        want_out = model(x, t)
+        want = model.decoder_features(x, t, blocks)
+    model.requires_grad_(True)
     with torch.inference_mode(), autocast:
         got_out = model(x, t)
         got = model.decoder_features(x, t, blocks)
