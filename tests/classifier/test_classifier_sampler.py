@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from ddpmseg.classifier import sampler as S
+from ddpmseg.errors import StoreError
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +170,44 @@ def test_shuffle_size_from_budget():
     assert S.shuffle_images(10, 100, 1000) == 10        # all fit: one global shuffle
     assert S.shuffle_images(30, 100, 1000) == 5         # two chunks of 5 in the budget
     assert S.shuffle_images(30, 100, 50) == 1
+
+
+def test_a_streaming_session_asked_for_an_epoch_out_of_order_restarts_there(store):
+    """The loader runs ahead in epoch order; asking for another epoch (a resumed member starts
+    at its own) restarts it there and gives that epoch's chunks, not an error."""
+    index = S.PixelIndex.from_store(store)
+    plan = S.EpochPlan(index, 2, seed=5, batch_size=64)
+    stream = S.StreamSource(store, index, torch.device("cpu"), 2)
+    assert not stream.resident
+    with stream.session(plan) as session:
+        for epoch in (0, 2, 1):  # 0 then a skip ahead, then back
+            got = [c.images.tolist() for c in _consumed(session.chunks(epoch))]
+            assert got == [c.tolist() for c in plan.image_chunks(epoch)]
+
+
+def _consumed(chunks):
+    for chunk in chunks:
+        yield chunk
+        chunk.release()
+
+
+def test_a_loader_whose_thread_ended_without_a_chunk_raises_instead_of_waiting(store):
+    """A loader thread that stops without handing anything over (here: nothing scheduled) is
+    an error at the consumer's next get, never a wait for ever."""
+    import threading
+
+    layout = S.MapLayout(store.info, torch.device("cpu"))
+    loader = S._Loader(store, layout, [], [layout.allocate(1)])
+    loader.thread.join()
+    outcome = []
+
+    def consume():
+        try:
+            loader.get()
+        except StoreError as exc:
+            outcome.append(str(exc))
+
+    waiter = threading.Thread(target=consume, daemon=True)
+    waiter.start()
+    waiter.join(60)  # a bound for a hang only: the answer comes within one 0.5 s poll
+    assert outcome and "loader thread stopped unexpectedly" in outcome[0]
