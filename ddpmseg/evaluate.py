@@ -29,7 +29,7 @@ from .data import (LOSSY_SUFFIXES, MASK_LIKE_ENDINGS, check_labels,
                    is_mask_png, lossy_mask_error, mask_names, read_mask, size_text)
 from .errors import BadInputError, ConfigError, InputNotFoundError
 from .fileio import write_json
-from .locking import writer_lock
+from .locking import reader_lock, writer_lock
 from .predict_outputs import check_complete
 
 log = logging.getLogger("ddpmseg")
@@ -196,6 +196,8 @@ def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
                                             optional=not write))
         if write and out_dir.absolute() != pred_dir.absolute():
             locks.enter_context(writer_lock(out_dir, "metrics folder"))
+        if _is_store(gt_dir):  # no extract rewrites the ground-truth store meanwhile
+            locks.enter_context(reader_lock(gt_dir, "store"))
         return _evaluate(pred_dir, gt_dir, num_classes, ignore_label, class_names,
                          mask_ignore, confusion, out_dir, write, resize, classes_from)
 

@@ -14,6 +14,8 @@ Library entry point: :func:`predict`; the per-image core is :func:`predict_maps`
 
 from __future__ import annotations
 
+import contextlib
+
 import io
 import logging
 import shutil
@@ -44,7 +46,7 @@ from .featcache.spec import FeatureSpec
 from .featcache.store import FeatureStore, decode_map
 from . import predict_outputs as PO
 from .fileio import no_space_error, sha256_file, size_text, write_json
-from .locking import writer_lock
+from .locking import reader_lock, writer_lock
 from .progress import wanted
 
 log = logging.getLogger("ddpmseg")
@@ -163,6 +165,13 @@ class _Item:
 
 def _is_store(path: Path) -> bool:
     return path.is_dir() and (path / "zarr.json").is_file()
+
+
+def reading_source(path: Path):
+    """A shared lock on a store for as long as it is read (no writer meanwhile: an `extract
+    --compact` or `--overwrite` swaps in a store whose image numbers mean other images);
+    nothing for an image folder."""
+    return reader_lock(path, "store") if _is_store(path) else contextlib.nullcontext()
 
 
 def _find_original(images_dir: Path | None, name: str) -> Path | None:
@@ -390,36 +399,37 @@ def predict(run, input, out_dir, *, vote: str | None = None, uncertainty: bool =
     _warn_if_stale(model)
 
     source_path = input_path(input)
-    images_dir = Path(images) if images else None
-    source = open_source(source_path, model, dev, checkpoint, resize, images_dir)
+    with reading_source(source_path):
+        images_dir = Path(images) if images else None
+        source = open_source(source_path, model, dev, checkpoint, resize, images_dir)
 
-    out = Path(out_dir)
-    created = not out.exists()
-    real = _check_out(out)
-    # One predict at a time per OUT (the lock file is OUT's hidden sibling). The prediction is
-    # written into a hidden sibling folder and swapped in whole (predict_outputs): until then
-    # OUT keeps its earlier prediction, whatever stops this run.
-    with writer_lock(out, "prediction folder"):
-        PO.finish_interrupted(real)  # what a killed predict left beside OUT
-        PO.check_free(real, source.names)  # e.g. OUT = the data folder: its images are not ours
-        stage = PO.staging_dir(real)
-        stage.mkdir()
-        try:
-            summary = _predict_into(out, stage, source, source_path, model, dev, vote,
-                                    tile_rows, uncertainty, resize, images_dir, started,
-                                    progress)
-            PO.publish(stage, real)
-        except BaseException as exc:
-            written = PO.folder_bytes(stage)
-            shutil.rmtree(stage, ignore_errors=True)  # OUT is untouched
-            if created:
-                _remove_if_empty(real)
-            if PO.is_no_space(exc):
-                raise no_space_error(out, None, "the prediction", hint=(
-                    f"free some space, or choose an OUT on another disk, and rerun; the "
-                    f"earlier prediction in it is unchanged ({size_text(written)} of the new "
-                    f"one were written)")) from exc
-            raise
+        out = Path(out_dir)
+        created = not out.exists()
+        real = _check_out(out)
+        # One predict at a time per OUT (the lock file is OUT's hidden sibling). The prediction
+        # is written into a hidden sibling folder and swapped in whole (predict_outputs): until
+        # then OUT keeps its earlier prediction, whatever stops this run.
+        with writer_lock(out, "prediction folder"):
+            PO.finish_interrupted(real)  # what a killed predict left beside OUT
+            PO.check_free(real, source.names)  # OUT = the data folder: its images are not ours
+            stage = PO.staging_dir(real)
+            stage.mkdir()
+            try:
+                summary = _predict_into(out, stage, source, source_path, model, dev, vote,
+                                        tile_rows, uncertainty, resize, images_dir, started,
+                                        progress)
+                PO.publish(stage, real)
+            except BaseException as exc:
+                written = PO.folder_bytes(stage)
+                shutil.rmtree(stage, ignore_errors=True)  # OUT is untouched
+                if created:
+                    _remove_if_empty(real)
+                if PO.is_no_space(exc):
+                    raise no_space_error(out, None, "the prediction", hint=(
+                        f"free some space, or choose an OUT on another disk, and rerun; the "
+                        f"earlier prediction in it is unchanged ({size_text(written)} of the new "
+                        f"one were written)")) from exc
+                raise
     log.info("predicted %d image(s) into %s (%.1f s)", summary["num_images"], out,
              summary["seconds"])
     return summary

@@ -31,7 +31,7 @@ from .device import resolve_device
 from .classifier import run as R
 from .errors import ConfigError
 from .locking import writer_lock
-from .predict import input_path, load_run, open_source, predict_maps
+from .predict import input_path, load_run, open_source, predict_maps, reading_source
 
 log = logging.getLogger("ddpmseg")
 
@@ -138,13 +138,15 @@ def suggest(run, input, out_dir, *, top: int | None = None, by: str = "jsd",
     if len(model.members) < 2 and by == "jsd":
         raise ConfigError("the run has one member: members cannot disagree",
                           "use --by entropy, or fit an ensemble of 2 or more")
-    source = open_source(input_path(input), model, dev, checkpoint, resize,
-                         Path(images) if images else None)
-    skipped = {} if include_labelled else labelled_images(source, model)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with writer_lock(out, "suggestions folder"):
-        return _rank(model, source, input, out, skipped, top, by, diverse, dev, tile_rows)
+    path = input_path(input)
+    with reading_source(path):
+        source = open_source(path, model, dev, checkpoint, resize,
+                             Path(images) if images else None)
+        skipped = {} if include_labelled else labelled_images(source, model)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with writer_lock(out, "suggestions folder"):
+            return _rank(model, source, input, out, skipped, top, by, diverse, dev, tile_rows)
 
 
 def _rank(model, source, input, out: Path, skipped: dict, top: int | None, by: str,

@@ -40,6 +40,7 @@ from .errors import ConfigError, StoreMismatchError
 from .evaluate import iou_from_confusion
 from .featcache import FeatureStore, pixels
 from .fileio import write_json
+from .locking import reader_lock
 
 log = logging.getLogger("ddpmseg")
 
@@ -240,6 +241,13 @@ def sweep(train, test, out_dir, settings: SweepSettings | None = None,
           compare: Sequence[tuple[Sequence[int], Sequence]] = ()) -> dict:
     """Run the whole sweep; write sweep.csv, sweep.png, greedy.csv and sweep.json into
     ``out_dir``; return the summary (what sweep.json holds)."""
+    # Both stores are read under a shared lock: no extract rewrites them meanwhile.
+    with reader_lock(getattr(train, "path", train), "store"), \
+            reader_lock(getattr(test, "path", test), "store"):
+        return _sweep(train, test, out_dir, settings, compare)
+
+
+def _sweep(train, test, out_dir, settings, compare) -> dict:
     started = time.perf_counter()
     sw = Sweep(train, test, settings)
     s = sw.s

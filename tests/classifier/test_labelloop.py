@@ -155,3 +155,30 @@ def test_sweep_finds_the_map_that_carries_the_classes(make_store, tmp_path):
     with Image.open(tmp_path / "sw" / "sweep.png") as im:
         assert im.width >= 150
     assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["config"]["blocks"] == [8]
+
+
+def test_readers_of_a_store_refuse_while_a_writer_holds_it(run_dir, store_path, tmp_path,
+                                                           hold_lock):
+    """predict, suggest, evaluate (a store as ground truth) and sweep read a store under a
+    shared lock: while an extract writes it (an --overwrite or --compact swaps in a store whose
+    image numbers mean other images) they refuse in one line and write nothing."""
+    pred = predict(run_dir, store_path, tmp_path / "pred", device="cpu", progress=False)
+    pid = hold_lock(store_path, "store")
+    want = f"error: store {store_path} is being written by process {pid} "
+    commands = {
+        "predict": ["predict", run_dir, store_path, tmp_path / "p2", "--device", "cpu"],
+        "suggest": ["suggest", run_dir, store_path, "--out", tmp_path / "s", "--device", "cpu",
+                    "--include-labelled"],
+        "evaluate": ["evaluate", tmp_path / "pred", store_path, "--out", tmp_path / "m"],
+        "sweep": ["sweep", store_path, store_path, "--out", tmp_path / "sw"],
+    }
+    for name, args in commands.items():
+        result = CliRunner().invoke(cli, [str(a) for a in args])
+        assert result.exit_code == 1, (name, result.output)
+        lines = result.output.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(want), (name, result.output)
+    for out in ("p2", "s", "m", "sw"):
+        assert not (tmp_path / out).exists() or not any((tmp_path / out).iterdir()), out
+    hold_lock.release()
+    again = predict(run_dir, store_path, tmp_path / "p2", device="cpu", progress=False)
+    assert again["num_images"] == pred["num_images"]
