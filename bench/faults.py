@@ -282,13 +282,15 @@ class Harness:
         self.settle("fit_kill", code, err, lambda: self.digest_or_none(
             self.run_digest, run) == self.base_run[0])
 
-    def settle(self, kind, code, err, same) -> None:
+    def settle(self, kind, code, err, same, note: str = "") -> None:
+        """Classify one command's outcome by its exit code and stderr ``err``; ``note`` (what
+        was tried) prefixes the example kept, never the stderr that is judged."""
         if code == 0:
-            self.record(kind, "identical" if same() else "silent", err)
+            self.record(kind, "identical" if same() else "silent", note + err)
         elif self.clear(code, err):
-            self.record(kind, "refused", err)
+            self.record(kind, "refused", note + err)
         else:
-            self.record(kind, "traceback", err)
+            self.record(kind, "traceback", note + err)
 
     def _copy_store(self) -> Path:
         dst = self.fresh("flip.zarr")
@@ -643,10 +645,12 @@ class Harness:
         for d in (upright, photo):
             code, err = self.inproc(self.extract_args(d.with_suffix(".zarr"), data=d))
             if code != 0:
-                return self.settle("exif_photo", code, what + f"extract {d.name}: " + err, None)
+                return self.settle("exif_photo", code, err, None,
+                                   what + f"extract {d.name}: ")
             code, err = self.inproc(self.predict_args(d.with_suffix(".pred"), source=d))
             if code != 0:
-                return self.settle("exif_photo", code, what + f"predict {d.name}: " + err, None)
+                return self.settle("exif_photo", code, err, None,
+                                   what + f"predict {d.name}: ")
             results[d] = (self.labels_digest(d.with_suffix(".zarr")),
                           np.load(d.with_suffix(".pred") / "photo.npy"))
         (s_up, p_up), (s_ph, p_ph) = results[upright], results[photo]
@@ -695,7 +699,7 @@ class Harness:
         code, err = self.inproc(self.extract_args(store, data=data))
         what = f"{case}: "
         if code != 0:
-            return self.settle("masks_named", code, what + err, None)
+            return self.settle("masks_named", code, err, None, what)
         noted = all(any(name in ln and "mask" in ln.lower() for ln in err.splitlines())
                     for name in odd)
         if case not in ("stray_mask", "all_ignore") and \
@@ -807,7 +811,7 @@ class Harness:
                 f"{'some' if written else 'no'} image written; rerun "
                 f"{'through the scheduler' if via else 'in one process'}: ")
         if code != 0:
-            return self.settle("tcp_orphan", code, what + err, None)
+            return self.settle("tcp_orphan", code, err, None, what)
         got = self.digest_or_none(self.store_digest, store)
         self.record("tcp_orphan", "identical" if got == self.tcp_base else "silent",
                     what + ("exit 0, store incomplete" if got is None else

@@ -107,3 +107,38 @@ def _tiny_store(tmp_path):
     store = FeatureStore.create(tmp_path / "s.zarr", info)
     store.write_image(0, [torch.ones(4, 4, 4)], np.array([[0, 1] * 2] * 4, dtype=np.uint8))
     return tmp_path / "s.zarr"
+
+
+def test_extract_through_a_symlink_writes_into_the_folder_it_points_to(tmp_path):
+    """A store path that is a symlink to an empty folder, then --overwrite and --compact
+    through it: the store is made and swapped in the folder the link points to, and the link
+    stays a link (replacing the store used to rename the link itself aside and put a real
+    folder in its place)."""
+    from ddpmseg.bundled import DEMO_DATA
+    from ddpmseg.featcache import FeatureStore
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for png in sorted((DEMO_DATA / "train").glob("*.png"))[:2]:
+        for f in (png, png.with_suffix(".npy")):
+            (data / f.name).write_bytes(f.read_bytes())
+    real = tmp_path / "stores" / "s.zarr"
+    real.mkdir(parents=True)
+    link = tmp_path / "link.zarr"
+    link.symlink_to(real, target_is_directory=True)
+    args = ["extract", str(data), str(link), "--config", "faces64_ffhq_34", "--steps", "50",
+            "--blocks", "4", "--threads", "1", "--device", "cpu", "--no-progress"]
+    for extra in ([], ["--seed", "1", "--overwrite"]):
+        result = CliRunner().invoke(cli, args + extra)
+        assert result.exit_code == 0, result.output
+        assert link.is_symlink() and (real / "zarr.json").is_file()
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".link")] == []
+    assert FeatureStore.open(real).info.spec.seed == 1
+    # --compact swaps a copy in by renames: of the folder, never of the link
+    first = sorted(data.glob("*.png"))[0]
+    first.unlink()
+    first.with_suffix(".npy").unlink()
+    result = CliRunner().invoke(cli, args + ["--seed", "1", "--compact"])
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and len(FeatureStore.open(real)) == 1
+    assert sorted(p.name for p in real.parent.iterdir()) == [".s.zarr.lock", "s.zarr"]

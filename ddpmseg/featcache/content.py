@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -200,15 +201,16 @@ def apply(store: FeatureStore, p: Plan, labels_by_name: dict) -> None:
 
 # -- compacting ------------------------------------------------------------------------------
 
-def _compact_paths(path: str) -> tuple[Path, Path]:
-    p = Path(path)
-    return p.with_name(p.name + ".compact"), p.with_name(p.name + ".old")
+def _compact_paths(path: str) -> tuple[Path, Path, Path]:
+    """(store, new copy, old store) beside the folder a symlinked store path points to: the
+    swap renames that folder, never the link."""
+    p = Path(os.path.realpath(path))
+    return p, p.with_name(p.name + ".compact"), p.with_name(p.name + ".old")
 
 
 def finish_compact(path: str) -> None:
     """Complete (or undo) a compaction a kill interrupted. Safe to call always."""
-    tmp, old = _compact_paths(path)
-    target = Path(path)
+    target, tmp, old = _compact_paths(path)
     if old.exists() and not target.exists() and tmp.exists():
         tmp.rename(target)  # killed between the two renames
     if old.exists() and target.exists():
@@ -232,7 +234,7 @@ def compact(store: FeatureStore) -> FeatureStore:
     if incomplete:
         raise StoreError(f"{store.path}: cannot compact while {short(incomplete)} are not "
                          "completely extracted", "rerun extract without --compact first")
-    tmp, old = _compact_paths(store.path)
+    real, tmp, old = _compact_paths(store.path)
     if tmp.exists():
         shutil.rmtree(tmp)
     names = tuple(store.names[i] for i in keep)
@@ -242,8 +244,8 @@ def compact(store: FeatureStore) -> FeatureStore:
         encoded = store.encode(i, store.maps(i))  # float16 and bfloat16 round-trip exactly
         new.write_image(j, encoded, store.labels(i) if info.has_labels else None, encoded=True)
     write_state(new, info, ImageState({n: state.hashes[n] for n in names if n in state.hashes}))
-    Path(store.path).rename(old)
-    tmp.rename(store.path)
+    real.rename(old)
+    tmp.rename(real)
     shutil.rmtree(old)
     log.info("%s: compacted, %d inactive image(s) removed", store.path, len(store) - len(keep))
     return FeatureStore.open(store.path, mode="r+")

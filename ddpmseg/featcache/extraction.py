@@ -391,7 +391,9 @@ def _sibling(p: Path, what: str) -> Path:
 
 def _remove_aside(p: Path) -> None:
     """Delete a folder by first renaming it aside (one atomic step: the path is free at once,
-    whatever a task of an earlier attempt still writes into the old folder)."""
+    whatever a task of an earlier attempt still writes into the old folder). Through a
+    symlink: the folder it points to, never the link itself."""
+    p = Path(os.path.realpath(p))
     if not p.exists():
         return
     aside = _sibling(p, "replaced")
@@ -406,7 +408,9 @@ def _remove_aside(p: Path) -> None:
 
 def _replace_local(p: Path, info: StoreInfo, config: dict) -> FeatureStore:
     """A new local store at ``p``, made beside it and renamed into place: the path never holds
-    a half-made store, and an old store there goes aside first (``_remove_aside``)."""
+    a half-made store, and an old store there goes aside first (``_remove_aside``). Through a
+    symlink: in the folder it points to, so the link stays a link."""
+    p = Path(os.path.realpath(p))
     new = _sibling(p, "new")
     FeatureStore.create(new, info, config=config)
     for _ in range(3):
