@@ -293,10 +293,7 @@ def test_image_folder_rounds_features_as_the_runs_store(tmp_path, monkeypatch):
 def test_suggest_on_an_image_folder_leaves_out_images_with_masks(tmp_path, monkeypatch):
     from ddpmseg.suggest import suggest
 
-    ckpt = tmp_path / "model.pt"
-    ckpt.write_bytes(b"weights")
-    model = Ensemble(make_members(), make_info(), Config(model=ModelConfig(checkpoint=str(ckpt))))
-    monkeypatch.setattr(predict_module, "load_backbone", lambda *a: FakeBackbone())
+    model = _substitute_model(tmp_path, monkeypatch)
     folder = tmp_path / "imgs"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -304,6 +301,7 @@ def test_suggest_on_an_image_folder_leaves_out_images_with_masks(tmp_path, monke
         Image.fromarray(rng.integers(0, 256, (*SIZE, 3)).astype(np.uint8)).save(
             folder / f"{name}.png")
     np.save(folder / "q.npy", np.zeros(SIZE, np.uint8))   # q is labelled
+    np.save(folder / "r.npy", np.full(SIZE, 255, np.uint8))  # only the ignore label: not
     ranked = suggest(model, folder, tmp_path / "s", device="cpu")
     assert ranked.skipped == {"q": "with a mask"}
     assert sorted(s.name for s in ranked) == ["p", "r"]
@@ -406,23 +404,6 @@ def test_resize_notes_each_stretch_once_width_x_height(tmp_path, monkeypatch, ca
             progress=False)
     notes = [r.getMessage() for r in caplog.records if "stretches" in r.getMessage()]
     assert len(notes) == 1 and "q.png is 30x40; --resize stretches it to 24x20" in notes[0]
-
-
-def test_suggest_ranks_an_image_whose_mask_labels_nothing(tmp_path, monkeypatch):
-    from ddpmseg.suggest import suggest
-
-    model = _substitute_model(tmp_path, monkeypatch)
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for name in ("p", "q", "r"):
-        Image.fromarray(rng.integers(0, 256, (*SIZE, 3)).astype(np.uint8)).save(
-            folder / f"{name}.png")
-    np.save(folder / "q.npy", np.zeros(SIZE, np.uint8))
-    np.save(folder / "r.npy", np.full(SIZE, 255, np.uint8))   # only the ignore label
-    ranked = suggest(model, folder, tmp_path / "s", device="cpu")
-    assert ranked.skipped == {"q": "with a mask"}
-    assert sorted(s.name for s in ranked) == ["p", "r"]
 
 
 def test_a_store_image_whose_labels_are_all_ignore_counts_as_unlabelled(tmp_path):
