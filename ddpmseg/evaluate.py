@@ -14,7 +14,6 @@ prediction) accumulated image by image, so memory does not grow with the test se
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import logging
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ from .config import DataConfig, check_classes
 from .data import (LOSSY_SUFFIXES, MASK_LIKE_ENDINGS, check_labels,
                    is_mask_png, lossy_mask_error, mask_names, read_mask, size_text)
 from .errors import BadInputError, ConfigError, InputNotFoundError
-from .fileio import write_json
+from .fileio import write_csv, write_json, write_png
 from .locking import reader_lock, writer_lock
 from .predict_outputs import check_complete
 
@@ -313,13 +312,10 @@ def _write_confusion(out_dir: Path, matrix: np.ndarray, labels: list[int],
             return f"{c}:ignore"
         return f"{c}:{render.class_name(class_names, c)}"
 
-    with open(out_dir / "confusion.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["gt \\ pred", *[label(c) for c in labels]])
-        for c, row in zip(labels, matrix):
-            writer.writerow([label(c), *[int(v) for v in row]])
+    write_csv(out_dir / "confusion.csv", [["gt \\ pred", *[label(c) for c in labels]]] + [
+        [label(c), *[int(v) for v in row]] for c, row in zip(labels, matrix)])
     names = confusion_axis(labels, class_names, ignore_label)
-    render.confusion_image(matrix, names, names).save(out_dir / "confusion.png")
+    write_png(out_dir / "confusion.png", render.confusion_image(matrix, names, names))
 
 
 def confusion_axis(labels: Sequence[int], class_names: Sequence[str], ignore_label: int

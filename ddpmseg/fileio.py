@@ -1,13 +1,15 @@
 """Writing files so that a crash never leaves half of one, and hashing them.
 
 Every JSON file ddpmseg writes (run files, predict.json, metrics.json, palette.json, resolved
-configs) goes through ``write_json``; binary files through ``atomic_write``. The file appears
+configs) goes through ``write_json``, tables through ``write_csv``, pictures through
+``write_png``, other files through ``atomic_write``. The file appears
 whole under its name or not at all: it is written beside its destination under a hidden
 temporary name and renamed over it (``os.replace`` is atomic on one filesystem).
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -28,6 +30,19 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_csv(path: str | Path, rows) -> Path:
+    """``rows`` (lists of cells) as a CSV file, written atomically."""
+    def write(p: Path) -> None:
+        with open(p, "w", newline="") as fh:
+            csv.writer(fh).writerows(rows)
+    return atomic_write(path, write)
+
+
+def write_png(path: str | Path, image) -> Path:
+    """A PIL image as a PNG file, written atomically."""
+    return atomic_write(path, lambda p: image.save(p, format="PNG"))
 
 
 def write_json(path: str | Path, obj, **dumps) -> Path:

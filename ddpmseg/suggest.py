@@ -30,6 +30,7 @@ from . import render
 from .device import resolve_device
 from .classifier import run as R
 from .errors import ConfigError
+from .fileio import write_csv, write_png
 from .locking import writer_lock
 from .predict import input_path, load_run, open_source, predict_maps, reading_source
 
@@ -191,14 +192,11 @@ def _class_names(model) -> list[str]:
 def _write_csv(path: Path, ranked: list[Scored], by: str, diverse: bool, model) -> None:
     header = ["rank", "name", f"score_{by}"] + (["similarity"] if diverse else []) + \
         [f"area:{n}" for n in _class_names(model)]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        for rank, s in enumerate(ranked, 1):
-            sim = [] if not diverse else ["" if s.similarity is None else f"{s.similarity:.4f}"]
-            w.writerow([rank, s.name, f"{s.score:.6f}"] + sim + [f"{a:.4f}" for a in s.area])
-    tmp.replace(path)
+    rows = [header]
+    for rank, s in enumerate(ranked, 1):
+        sim = [] if not diverse else ["" if s.similarity is None else f"{s.similarity:.4f}"]
+        rows.append([rank, s.name, f"{s.score:.6f}"] + sim + [f"{a:.4f}" for a in s.area])
+    write_csv(path, rows)
 
 
 def _write_sheet(path: Path, ranked: list[Scored], by: str, model) -> None:
@@ -206,7 +204,7 @@ def _write_sheet(path: Path, ranked: list[Scored], by: str, model) -> None:
     names = tuple(model.info.class_names) or tuple(model.config.data.class_names)
     rows = [(f"{k}. {s.name}  ({by} {s.score:.4f})", s.image, s.labels)
             for k, s in enumerate(ranked, 1)]
-    render.contact_sheet(rows, palette, names, model.num_classes).save(path)
+    write_png(path, render.contact_sheet(rows, palette, names, model.num_classes))
 
 
 def read_suggestions(folder) -> list[tuple[str, str, float]] | None:

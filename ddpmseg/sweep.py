@@ -21,7 +21,6 @@ features at the sampled pixels are kept (float16) for the greedy rounds.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import time
@@ -39,8 +38,8 @@ from .classifier.sampler import PixelIndex
 from .errors import ConfigError, StoreMismatchError
 from .evaluate import iou_from_confusion
 from .featcache import FeatureStore, pixels
-from .fileio import write_json
-from .locking import reader_lock
+from .fileio import write_csv, write_json, write_png
+from .locking import reader_lock, writer_lock
 
 log = logging.getLogger("ddpmseg")
 
@@ -243,7 +242,8 @@ def sweep(train, test, out_dir, settings: SweepSettings | None = None,
     ``out_dir``; return the summary (what sweep.json holds)."""
     # Both stores are read under a shared lock: no extract rewrites them meanwhile.
     with reader_lock(getattr(train, "path", train), "store"), \
-            reader_lock(getattr(test, "path", test), "store"):
+            reader_lock(getattr(test, "path", test), "store"), \
+            writer_lock(Path(out_dir), "sweep folder"):
         return _sweep(train, test, out_dir, settings, compare)
 
 
@@ -258,22 +258,18 @@ def _sweep(train, test, out_dir, settings, compare) -> dict:
     steps, blocks = list(info.steps), list(info.blocks)
     table = np.array([[singles[(t, b)].mean for b in blocks] for t in steps])
     spread = np.array([[singles[(t, b)].std for b in blocks] for t in steps])
-    with open(out / "sweep.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["step \\ block"] + [str(b) for b in blocks])
-        for t, row, dev in zip(steps, table, spread):
-            w.writerow([t] + [f"{100 * v:.2f} +- {100 * d:.2f}" for v, d in zip(row, dev)])
-    render.value_grid(100 * table, [f"t={t}" for t in steps], [f"b={b}" for b in blocks],
-                      f"test mIoU (%) of each map alone, mean of {s.seeds} seeds",
-                      "rows: diffusion step, columns: decoder block").save(out / "sweep.png")
+    write_csv(out / "sweep.csv", [["step \\ block"] + [str(b) for b in blocks]] + [
+        [t] + [f"{100 * v:.2f} +- {100 * d:.2f}" for v, d in zip(row, dev)]
+        for t, row, dev in zip(steps, table, spread)])
+    heat = render.value_grid(100 * table, [f"t={t}" for t in steps], [f"b={b}" for b in blocks],
+                             f"test mIoU (%) of each map alone, mean of {s.seeds} seeds",
+                             "rows: diffusion step, columns: decoder block")
+    write_png(out / "sweep.png", heat)
 
     curve = sw.greedy(singles)
-    with open(out / "greedy.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["maps", "added", "dims", "miou", "std"])
-        for k, sc in enumerate(curve, 1):
-            t, b = sc.keys[-1]
-            w.writerow([k, f"t{t}_b{b}", sc.dims, f"{100 * sc.mean:.2f}", f"{100 * sc.std:.2f}"])
+    write_csv(out / "greedy.csv", [["maps", "added", "dims", "miou", "std"]] + [
+        [k, f"t{sc.keys[-1][0]}_b{sc.keys[-1][1]}", sc.dims, f"{100 * sc.mean:.2f}",
+         f"{100 * sc.std:.2f}"] for k, sc in enumerate(curve, 1)])
     best = max(curve, key=lambda sc: sc.mean)
     best_steps = [t for t in steps if any(k[0] == t for k in best.keys)]
     best_blocks = [b for b in blocks if any(k[1] == b for k in best.keys)]

@@ -142,3 +142,29 @@ def test_extract_through_a_symlink_writes_into_the_folder_it_points_to(tmp_path)
     assert result.exit_code == 0, result.output
     assert link.is_symlink() and len(FeatureStore.open(real)) == 1
     assert sorted(p.name for p in real.parent.iterdir()) == [".s.zarr.lock", "s.zarr"]
+
+
+def test_every_writer_takes_its_folders_lock(tmp_path, hold_lock):
+    """train-backbone, import-run, export-run and sweep hold their output folder's writer
+    lock like extract, fit and predict: with another process holding it they are refused
+    naming that process, before reading anything."""
+    from ddpmseg.backbone.train import train_backbone
+    from ddpmseg.classifier.reference import export_run, import_run
+    from ddpmseg.config import Config
+    from ddpmseg.sweep import sweep
+
+    store = _tiny_store(tmp_path)
+    calls = {
+        "backbone run dir": lambda out: train_backbone(tmp_path / "no-images", out, "faces_64",
+                                                       steps=1, device="cpu", progress=False),
+        "run dir": lambda out: import_run(tmp_path / "no-ref", out, Config()),
+        "export folder": lambda out: export_run(tmp_path / "no-run", out),
+        "sweep folder": lambda out: sweep(store, store, out),
+    }
+    for what, call in calls.items():
+        out = tmp_path / what.replace(" ", "_")
+        pid = hold_lock(out, what)
+        with pytest.raises(LockedError, match=f"{what} {out} is being written by process {pid} "):
+            call(out)
+        assert not out.exists()
+        hold_lock.release()

@@ -31,6 +31,7 @@ from ..bundled import resolve_checkpoint
 from ..featcache.spec import FeatureSpec
 from ..featcache.store import StoreInfo
 from ..fileio import atomic_write
+from ..locking import writer_lock
 from ..reference_config import to_reference_json
 from .model import PixelMLP, hidden_widths
 from .ensemble import load_ensemble
@@ -108,8 +109,13 @@ def import_run(ref_dir, run_dir, config: Config, *, overwrite: bool = False) -> 
     """The reference's ``model_{i}.pth`` (i < config.classifier.ensemble) in ``ref_dir`` ->
     a ddpmseg run in ``run_dir``. ``config`` is usually ``load_config("ddpm.json")``; its
     checkpoint is loaded (strictly, into its model flags) for the run's fingerprint and
-    feature shapes. Everything is checked before the first byte is written."""
-    ref_dir, run_dir = Path(ref_dir), Path(run_dir)
+    feature shapes. Everything is checked before the first byte is written, under the run
+    dir's writer lock (as fit holds it)."""
+    with writer_lock(Path(run_dir), "run dir"):
+        return _import_run(Path(ref_dir), Path(run_dir), config, overwrite)
+
+
+def _import_run(ref_dir: Path, run_dir: Path, config: Config, overwrite: bool) -> Path:
     if not ref_dir.is_dir():
         raise InputNotFoundError(f"{ref_dir} is not a folder",
                                  "give the folder holding the reference's model_{i}.pth")
@@ -175,7 +181,11 @@ def export_run(run_dir, out_dir, *, format: str = "reference", overwrite: bool =
     """
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}", f"use one of {', '.join(FORMATS)}")
-    out_dir = Path(out_dir)
+    with writer_lock(Path(out_dir), "export folder"):
+        return _export_run(run_dir, Path(out_dir), overwrite)
+
+
+def _export_run(run_dir, out_dir: Path, overwrite: bool) -> Path:
     cfg, info, states = _read_run(run_dir)
     _check_target(out_dir, overwrite, ("ddpm.json", f"{EXPORT_SUBDIR}/*/model_*.pth"), "output")
     if tuple(info.image_size)[0] != tuple(info.image_size)[1]:

@@ -34,6 +34,7 @@ Output folder::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -48,6 +49,7 @@ from tqdm import tqdm
 
 from ...device import resolve_device
 from ...errors import ConfigError, DdpmsegError, RunError
+from ...locking import writer_lock
 from ...progress import wanted
 from ..diffusion import Schedule
 from ..flags import ModelFlags
@@ -257,10 +259,20 @@ def train_backbone(images_dir: str | Path, out_dir: str | Path,
               resume=resume, save_every=save_every, seed=seed, samples=samples,
               sample_steps=sample_steps, log_every=log_every, progress=progress)
     if ddp.world_size_from_env() <= 1:
-        return _train(images_dir, out_dir, flags, device=device, rank=0, world_size=1, **kw)
-    with ddp.process_group(device) as (rank, world_size, dev):
+        with _writing(out_dir, 0):
+            return _train(images_dir, out_dir, flags, device=device, rank=0, world_size=1,
+                          **kw)
+    with ddp.process_group(device) as (rank, world_size, dev), _writing(out_dir, rank):
         return _train(images_dir, out_dir, flags, device=dev, rank=rank,
                       world_size=world_size, **kw)
+
+
+def _writing(out_dir, rank: int):
+    """The run dir's writer lock, held by the one process that writes it (rank 0): a second
+    train-backbone into the same folder is refused, naming the first."""
+    if rank != 0:
+        return contextlib.nullcontext()
+    return writer_lock(Path(out_dir).expanduser(), "backbone run dir")
 
 
 def _train(images_dir, out_dir, flags, *, steps, minutes, batch_size, lr, ema, device, resume,
