@@ -10,6 +10,7 @@ temporary name and renamed over it (``os.replace`` is atomic on one filesystem).
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import os
@@ -69,6 +70,11 @@ def size_text(n: int) -> str:
     if n < 2 ** 20:
         return f"{max(0, round(n / 1024))} kB"
     return f"{n / 2 ** 20:.1f} MB" if n < 10 * 2 ** 20 else f"{n / 2 ** 20:.0f} MB"
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` is a full disk (or a full quota): the error ``no_space_error`` words."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def no_space_error(path: str | Path, needed: int | None, what: str, unit: str = "",

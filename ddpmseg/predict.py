@@ -45,7 +45,7 @@ from .featcache.extraction import encoded_maps
 from .featcache.spec import FeatureSpec
 from .featcache.store import FeatureStore, decode_map
 from . import predict_outputs as PO
-from .fileio import no_space_error, sha256_file, size_text, write_json
+from .fileio import is_no_space, no_space_error, sha256_file, size_text, write_json
 from .locking import reader_lock, writer_lock
 from .progress import wanted
 
@@ -424,7 +424,7 @@ def predict(run, input, out_dir, *, vote: str | None = None, uncertainty: bool =
                 shutil.rmtree(stage, ignore_errors=True)  # OUT is untouched
                 if created:
                     _remove_if_empty(real)
-                if PO.is_no_space(exc):
+                if is_no_space(exc):
                     raise no_space_error(out, None, "the prediction", hint=(
                         f"free some space, or choose an OUT on another disk, and rerun; the "
                         f"earlier prediction in it is unchanged ({size_text(written)} of the new "

@@ -17,7 +17,6 @@ earlier prediction's files are therefore never mixed with a new one's.
 
 from __future__ import annotations
 
-import errno
 import glob
 import json
 import logging
@@ -196,10 +195,6 @@ def publish(stage: Path, out: Path) -> None:
     """The whole new prediction in ``stage`` becomes OUT."""
     _move(stage, _new(out))
     swap_in(_new(out), out)
-
-
-def is_no_space(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def folder_bytes(path: Path) -> int:

@@ -7,7 +7,6 @@ alone, after others, after a resume, or on a dask worker.
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
@@ -29,7 +28,7 @@ from ..progress import wanted
 from ..errors import RunError, StoreError
 from ..featcache import content
 from ..featcache.store import FeatureStore
-from ..fileio import no_space_error
+from ..fileio import is_no_space, no_space_error
 from ..locking import reader_lock, writer_lock
 from . import run as R
 from . import sampler as S
@@ -280,7 +279,7 @@ def _fit(store, run_dir, config: Config, device, in_memory: bool, resume: bool,
             return _fit_locked(store, run_dir, cfg, index, info, dev, device, in_memory,
                                resume, shuffle, scheduler, progress)
         except OSError as exc:
-            if exc.errno != errno.ENOSPC:
+            if not is_no_space(exc):
                 raise
             raise no_space_error(run_dir, _member_bytes(info), "the run dir",
                                  "one member") from exc

@@ -37,7 +37,7 @@ from ..backbone.base import block_id
 from ..bundled import BUNDLED_CHECKPOINTS, resolve_checkpoint
 from ..config import Config
 from ..errors import BadInputError, ConfigError, StaleWriterError, StoreError, StoreMismatchError
-from ..fileio import no_space_error
+from ..fileio import is_no_space, no_space_error
 from ..locking import writer_lock
 from ..progress import wanted
 from ..scaleout import absolute, check_scheduler, session, worker_must_see
@@ -190,7 +190,7 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
                         run_images(store, backbone, job, todo, labels,
                                    on_done=lambda i: bar.update(1))
             except OSError as exc:
-                if exc.errno != errno.ENOSPC:
+                if not is_no_space(exc):
                     raise
                 left = int((~store.complete()).sum())
                 raise no_space_error(store_path, left * _image_bytes(info), "the store",
