@@ -62,7 +62,7 @@ VOTES = ("hard", "soft")
 def build_config(args):
     """The run config: --config as given, else faces64 (model, features, classifier, predict)
     with the data section of the set's bundled config."""
-    from ddpmseg.config import load_config
+    from ddpmseg import load_config
 
     if args.config:
         cfg = load_config(args.config)
@@ -96,7 +96,7 @@ def write_ground_truth(test_dir: Path, gt_dir: Path, size: tuple[int, int], resi
 
 def majority_baseline(gt_dir: Path, num_classes: int, ignore_label: int) -> dict:
     """mIoU of predicting the test set's most frequent (non-ignored) class everywhere."""
-    from ddpmseg.evaluate import confusion_matrix, iou_from_confusion
+    from ddpmseg.outputs.evaluate import confusion_matrix, iou_from_confusion
 
     masks = [np.load(p) for p in sorted(gt_dir.glob("*.npy"))]
     counts = np.bincount(np.concatenate([m.ravel() for m in masks]), minlength=256)
@@ -175,11 +175,11 @@ def main(argv=None) -> int:
     import logging
     logging.basicConfig(level=logging.WARNING)
 
-    from ddpmseg import __version__
+    from ddpmseg.core.version import __version__
     from ddpmseg.classifier import fit
-    from ddpmseg.evaluate import evaluate
-    from ddpmseg.featcache import extract
-    from ddpmseg.predict import predict
+    from ddpmseg.outputs.evaluate import evaluate
+    from ddpmseg.pipelines.extract import extract
+    from ddpmseg.pipelines.predict import predict
 
     cfg = build_config(args)
     K = args.members

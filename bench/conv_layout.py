@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from ddpmseg.backbone.flags import PRESETS, USUAL_FEATURES  # noqa: E402
-from ddpmseg.backbone.unet import UNetModel  # noqa: E402
+from ddpmseg.backbone.adm.flags import PRESETS, USUAL_FEATURES  # noqa: E402
+from ddpmseg.backbone.adm.unet import UNetModel  # noqa: E402
 
 
 def conv_calls(preset: str, batch: int) -> Counter:

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from ddpmseg.backbone import Backbone  # noqa: E402
-from ddpmseg.device import resolve_device  # noqa: E402
+from ddpmseg.core.device import resolve_device  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MODELS = {

@@ -89,10 +89,10 @@ sys.path.insert(0, str(ROOT))
 
 from click.testing import CliRunner  # noqa: E402
 
-from ddpmseg.bundled import DEMO_DATA  # noqa: E402
+from ddpmseg.backbone.bundled import DEMO_DATA  # noqa: E402
 from ddpmseg.classifier import load_ensemble  # noqa: E402
 from ddpmseg.cli.main import cli  # noqa: E402
-from ddpmseg.errors import DdpmsegError  # noqa: E402
+from ddpmseg.core.errors import DdpmsegError  # noqa: E402
 from ddpmseg.featcache import FeatureStore  # noqa: E402
 
 OUTCOMES = ("identical", "refused", "silent", "traceback", "lost")

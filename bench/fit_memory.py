@@ -62,8 +62,8 @@ _LAYOUT_NAME = "lsun256"
 
 
 def store_info(n: int):
-    from ddpmseg.backbone import BackboneId
-    from ddpmseg.featcache.spec import FeatureSpec
+    from ddpmseg.spec import BackboneId
+    from ddpmseg.spec import FeatureSpec
     from ddpmseg.featcache.store import StoreInfo
 
     spec = FeatureSpec(steps=STEPS, blocks=BLOCKS, shapes=PER_STEP * len(STEPS),
@@ -75,7 +75,7 @@ def store_info(n: int):
 
 def ensure_store(path: Path, n: int):
     """The synthetic store, written once (about 50 MB per image on disk)."""
-    from ddpmseg.errors import StoreError
+    from ddpmseg.core.errors import StoreError
     from ddpmseg.featcache.store import FeatureStore
 
     try:

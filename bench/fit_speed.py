@@ -54,8 +54,8 @@ GIB = 1024 ** 3
 # -- stores ----------------------------------------------------------------------------------
 def faces64_store(work: Path, data: Path, threads: int):
     """ffhq_34's training images at 64 px through the bundled faces_64 backbone (once)."""
-    from ddpmseg.config import load_config
-    from ddpmseg.featcache import extract
+    from ddpmseg import load_config
+    from ddpmseg.pipelines.extract import extract
 
     cfg = load_config("faces64_ffhq_34")
     return extract(data, work / "faces64_ffhq_34_train.zarr", cfg, device="cpu", resize=True,
@@ -67,9 +67,9 @@ def lsun256_store(work: Path, images: int):
     sys.path.insert(0, str(HERE))
     from lsun_layout import BLOCKS, PER_STEP, SIZE, STEPS
 
-    from ddpmseg.errors import StoreError
-    from ddpmseg.backbone import BackboneId
-    from ddpmseg.featcache.spec import FeatureSpec
+    from ddpmseg.core.errors import StoreError
+    from ddpmseg.spec import BackboneId
+    from ddpmseg.spec import FeatureSpec
     from ddpmseg.featcache.store import FeatureStore, StoreInfo
 
     path = work / f"lsun256_random_{images}.zarr"
@@ -226,7 +226,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="faces64,lsun256")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads (default: ddpmseg's default, see ddpmseg.device)")
+                    help="torch threads (default: ddpmseg's default, see ddpmseg.core.device)")
     ap.add_argument("--steps", type=int, default=300, help="minibatches per trainer and round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--lsun-images", type=int, default=2)
@@ -237,7 +237,7 @@ def main() -> int:
 
     import torch
 
-    from ddpmseg.device import set_threads
+    from ddpmseg.core.device import set_threads
 
     threads = set_threads(args.threads)
     import logging

@@ -220,7 +220,7 @@ def make_images(folder: Path, n: int, size: int, num_classes: int, labelled: int
 
 
 def extraction(device, cfg, bb, data: Path, store_path: Path, warm: torch.Tensor) -> dict:
-    from ddpmseg.featcache import extract
+    from ddpmseg.pipelines.extract import extract
 
     fc = cfg.features
     bb.activations(warm.to(device), fc.steps, fc.blocks)   # kernel selection, not measured
@@ -274,7 +274,7 @@ def fit_speed(device, cfg, store_path: Path, work: Path) -> dict:
 def predict_memory(device, store_path: Path, run: Path) -> dict:
     from ddpmseg.classifier import load_ensemble
     from ddpmseg.featcache import FeatureStore
-    from ddpmseg.predict import predict_maps
+    from ddpmseg.pipelines.predict import predict_maps
 
     store = FeatureStore.open(store_path)
     members = load_ensemble(run, device=device).members
@@ -306,8 +306,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"
                                          / "gpu_check.json"))
     args = ap.parse_args(argv)
-    from ddpmseg.config import load_config
-    from ddpmseg.device import resolve_device
+    from ddpmseg import load_config
+    from ddpmseg.core.device import resolve_device
 
     if args.cpu:
         device = torch.device("cpu")

@@ -163,7 +163,7 @@ def run_mutants(work: Path, names: list[str]) -> None:
 
 
 def function_of(name: str) -> str:
-    """'ddpmseg.voting.x_vote__mutmut_3' -> 'vote'; a method's: 'PixelIndex.from_store'."""
+    """'ddpmseg.outputs.voting.x_vote__mutmut_3' -> 'vote'; a method's: 'PixelIndex.from_store'."""
     base = name.rsplit("__mutmut_", 1)[0].rsplit(".", 1)[1]  # x_vote, xǁPixelIndexǁfrom_store
     if "ǁ" in base:
         _, cls, method = base.split("ǁ")

@@ -7,7 +7,7 @@ FeatureStore.create/write_image. Ensembles of K = 1 and K = 10 random MLPs (8448
 ReLU + BatchNorm as the reference's pixel classifier) then predict every image of it, each
 configuration in its own child process so that peak RSS (ru_maxrss) is that configuration's:
 
-- tiled: ``ddpmseg.predict.predict`` (tile_rows rows at a time, all outputs written);
+- tiled: ``ddpmseg.pipelines.predict.predict`` (tile_rows rows at a time, all outputs written);
 - dense: the reference's way: every map upsampled to 256x256 float32 and concatenated
   (a 256x256x8448 tensor, 2.2 GB), then every member on all 65536 pixels, then the vote.
 
@@ -70,8 +70,8 @@ def build_members(k: int, dim: int):
 def make_store(path: Path, n: int) -> None:
     import numpy as np
 
-    from ddpmseg.backbone import BackboneId
-    from ddpmseg.featcache.spec import FeatureSpec
+    from ddpmseg.spec import BackboneId
+    from ddpmseg.spec import FeatureSpec
     from ddpmseg.featcache.store import FeatureStore, StoreInfo
 
     shapes = PER_STEP * len(STEPS)
@@ -91,7 +91,7 @@ def child_tiled(store_path: str, k: int, tile_rows: int, out_dir: str) -> dict:
     from ddpmseg.config import Config
     from ddpmseg.featcache.store import FeatureStore
     from ddpmseg.classifier import Ensemble
-    from ddpmseg.predict import predict
+    from ddpmseg.pipelines.predict import predict
 
     info = FeatureStore.open(store_path).info
     model = Ensemble(build_members(k, info.feature_dim), info, Config())
@@ -110,7 +110,7 @@ def child_dense(store_path: str, k: int) -> dict:
     import torch.nn.functional as F
 
     from ddpmseg.featcache.store import FeatureStore
-    from ddpmseg.voting import vote
+    from ddpmseg.outputs.voting import vote
 
     store = FeatureStore.open(store_path)
     members = build_members(k, store.info.feature_dim)
@@ -209,7 +209,7 @@ def main() -> None:
                     "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
         "notes": "peak RSS = ru_maxrss of a child process that loads the members and predicts "
                  "every image (includes Python, torch and the members); tiled = "
-                 "ddpmseg.predict.predict writing all outputs; dense = reference-style "
+                 "ddpmseg.pipelines.predict.predict writing all outputs; dense = reference-style "
                  "full 256x256x8448 float32 features, members, soft vote, .npy only",
         "runs": rows,
         "summary": summary,

@@ -36,7 +36,7 @@ CLASSES = 30
 
 def make_predictions(folder: Path, count: int) -> None:
     """``count`` label maps of blocky random classes, with entropy and JSD maps."""
-    from ddpmseg import render
+    from ddpmseg.outputs import render
 
     rng = np.random.default_rng(0)
     palette = render.make_palette(CLASSES, 255)
@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=650)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    from ddpmseg.report import report
+    from ddpmseg.outputs.report import report
 
     with tempfile.TemporaryDirectory() as tmp:
         pred = Path(tmp) / "pred"

@@ -6,7 +6,7 @@ same function the Stable Diffusion backbone uses, without building the model. Th
 (1280, 32, 32), (640, 64, 64) and (320, 64, 64): 2240 dims per step, 6720 for 3 steps.
 """
 
-from ddpmseg.backbone.diffusers_unet import up_block_shape
+from ddpmseg.backbone.hf.unet2d import up_block_shape
 
 # SD 1.x (v1-4, v1-5): unet/config.json and vae/config.json.
 UNET_CONFIG = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -36,7 +36,7 @@ def random_backbone(seed: int = 0, device: str = "cpu"):
     import diffusers
     import torch
 
-    from ddpmseg.backbone.stable_diffusion import StableDiffusionBackbone
+    from ddpmseg.backbone.hf.sd import StableDiffusionBackbone
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

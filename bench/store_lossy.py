@@ -90,9 +90,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from ablation import DATA_ROOT, build_config, write_ground_truth
     from ddpmseg.classifier import fit
-    from ddpmseg.evaluate import evaluate
-    from ddpmseg.featcache import extract
-    from ddpmseg.predict import predict
+    from ddpmseg.outputs.evaluate import evaluate
+    from ddpmseg.pipelines.extract import extract
+    from ddpmseg.pipelines.predict import predict
 
     seeds = [int(s) for s in args.seeds.split(",")]
     codecs = [c for c in args.codecs.split(",") if c]

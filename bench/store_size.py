@@ -98,9 +98,10 @@ def main() -> None:
     args.out = args.out or str(REPO / "bench" / "results" / f"store_size{suffix}.json")
 
     from ddpmseg.backbone import Backbone
-    from ddpmseg.config import load_config
-    from ddpmseg.featcache import FeatureStore, extract
-    from ddpmseg.featcache.extraction import WRITER_THREADS
+    from ddpmseg import load_config
+    from ddpmseg.featcache import FeatureStore
+    from ddpmseg.pipelines.extract import extract
+    from ddpmseg.pipelines.extract import WRITER_THREADS
     from ddpmseg.featcache.store import array_name, parse_codec
 
     steps = tuple(int(v) for v in args.steps.split(","))

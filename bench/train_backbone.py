@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from ddpmseg.backbone import ModelFlags, UNetModel, get_schedule  # noqa: E402
 from ddpmseg.backbone.train import Trainer  # noqa: E402
-from ddpmseg.device import resolve_device  # noqa: E402
+from ddpmseg.core.device import resolve_device  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

@@ -1,41 +1,45 @@
 """ddpmseg: label-efficient semantic segmentation from diffusion-model features.
 
-The library API mirrors the CLI: ``extract``, ``fit``, ``predict``, ``evaluate``, ``report`` and ``demo``.
+The library API mirrors the CLI: ``extract``, ``fit``, ``predict``, ``evaluate``, ``report``,
+``demo`` and ``load_config``. They are imported when first used (PEP 562), so ``import ddpmseg``
+imports no torch.
+
+The package's folders are the pipeline's stages; each imports only from those before it:
+
+    core      errors, files, locks, devices, progress, the dask cluster
+    spec      the features' contract (FeatureSpec, BackboneId); config, data: configs, images, masks
+    backbone  diffusion models and their features; featcache: the Zarr feature store
+    classifier  the pixel-MLP ensemble and its run folder
+    outputs   the prediction folder, voting, pictures, evaluate, report; interop: the reference code
+    pipelines extract, predict, suggest, sweep, demo, verify
+    cli       the ``ddpmseg`` command
+
+tests/test_layers.py checks that rule on every import.
 """
 
-__version__ = "0.1.0"
+from ddpmseg.core.version import __version__
+
+# public name -> the module that defines it
+_PUBLIC = {
+    "extract": "ddpmseg.pipelines.extract",
+    "fit": "ddpmseg.classifier.train",
+    "predict": "ddpmseg.pipelines.predict",
+    "evaluate": "ddpmseg.outputs.evaluate",
+    "report": "ddpmseg.outputs.report",
+    "demo": "ddpmseg.pipelines.demo",
+    "load_config": "ddpmseg.interop.reference_config",
+}
+
+__all__ = [*_PUBLIC, "__version__"]
 
 
-def _one_line_early_interrupt() -> None:
-    # Ctrl-C while the `ddpmseg` command is still importing torch and zarr (seconds) would
-    # print a long traceback: before the CLI's own handler exists, say it in one line. Only
-    # for the console script, never for a library user's program.
-    import os
-    import sys
-    if os.path.basename(sys.argv[0] if sys.argv else "") != "ddpmseg":
-        return
-    previous = sys.excepthook
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'ddpmseg' has no attribute {name!r}")
+    import importlib
 
-    def hook(kind, value, tb):
-        if issubclass(kind, KeyboardInterrupt):
-            sys.stderr.write("error: interrupted while starting; nothing was written\n")
-            return
-        previous(kind, value, tb)
-
-    sys.excepthook = hook
+    return getattr(importlib.import_module(_PUBLIC[name]), name)
 
 
-_one_line_early_interrupt()
-
-# Bound after their submodules are imported, so ``ddpmseg.predict`` is the function, not the
-# module of the same name (``importlib.import_module("ddpmseg.predict")`` gives the module).
-from .classifier import fit  # noqa: E402
-from .config import load_config  # noqa: E402
-from .demo import demo  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
-from .featcache import extract  # noqa: E402
-from .predict import predict  # noqa: E402
-from .report import report  # noqa: E402
-
-__all__ = ["extract", "fit", "predict", "evaluate", "report", "demo", "load_config",
-           "__version__"]
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])

@@ -15,8 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, InputNotFoundError
-from .fileio import write_json
+from ddpmseg.core.errors import ConfigError, InputNotFoundError
+from ddpmseg.core.fileio import write_json
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 ETF_MODES = ("shared", "separate", "none")
@@ -230,16 +230,13 @@ def _coerce(value, hint, where: str):
     return value
 
 
-def load_config(path: str | Path | None = None) -> Config:
+def load_toml(path: str | Path | None = None) -> Config:
     """Read a TOML config: a path, or the name of a bundled config (``ffhq_34``); None = defaults.
 
-    A ``.json`` file is read as the reference's ``ddpm.json`` (``reference_config``)."""
+    ``ddpmseg.load_config`` also reads the reference's ``ddpm.json``."""
     if path is None:
         return Config()
     path = Path(path)
-    if path.suffix.lower() == ".json":
-        from .reference_config import load_reference_config
-        return load_reference_config(path)
     if not path.exists() and not path.suffix:
         path = CONFIG_DIR / f"{path.name}.toml"
     if not path.is_file():

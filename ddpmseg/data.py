@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import BadInputError, InputNotFoundError
+from ddpmseg.core.errors import BadInputError, InputNotFoundError
 
 log = logging.getLogger("ddpmseg")
 
@@ -295,15 +294,6 @@ def too_many_pixels(path: Path, hw: tuple[int, int] | None = None) -> BadInputEr
     return BadInputError(f"image {path} {what}, above the limit of {limit} pixels "
                          "(--max-image-pixels, a guard against decompression bombs)",
                          "if the file is trusted, raise the limit with --max-image-pixels N")
-
-
-def image_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1], as the reference normalises.
-
-    Contiguous: a permuted (channels-last) tensor sends the convolutions down another kernel
-    whose results differ in the last float bits, so features would depend on how x0 was made.
-    """
-    return torch.from_numpy(image).permute(2, 0, 1).contiguous().float().div(127.5).sub(1.0)
 
 
 def load_mask(path: Path, size: tuple[int, int], resize: bool = False,

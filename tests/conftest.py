@@ -67,7 +67,7 @@ def one_thread():
 
 _HOLD = """
 import sys
-from ddpmseg.locking import writer_lock
+from ddpmseg.core.locking import writer_lock
 with writer_lock(sys.argv[1], sys.argv[2]):
     print("held", flush=True)
     sys.stdin.read()
@@ -146,7 +146,7 @@ def tiny_disk(tmp_path):
 # a task at a known point instead of sleeping.
 _GATE = """
 import os, pathlib, time
-from ddpmseg.featcache import extraction
+from ddpmseg.pipelines import extract as extraction
 
 _gate = pathlib.Path(os.environ["DDPMSEG_GATE"])
 # dask may run a preload twice: wrap the original function, never the wrapper.

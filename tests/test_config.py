@@ -2,8 +2,10 @@ import json
 
 import pytest
 
-from ddpmseg.config import Config, bundled_configs, check_classes, load_config
-from ddpmseg.errors import ConfigError, InputNotFoundError
+from ddpmseg.config import Config, bundled_configs, check_classes
+
+from ddpmseg import load_config
+from ddpmseg.core.errors import ConfigError, InputNotFoundError
 
 
 def test_bundled_configs_load_with_their_class_counts():

@@ -3,7 +3,8 @@ import pytest
 from PIL import Image
 
 from ddpmseg import data
-from ddpmseg.errors import BadInputError, InputNotFoundError
+from ddpmseg.backbone.base import image_tensor
+from ddpmseg.core.errors import BadInputError, InputNotFoundError
 
 
 def _image(path, size=(8, 8), mode="RGB"):
@@ -43,7 +44,7 @@ def test_image_size_and_modes(tmp_path):
 
 
 def test_image_tensor_range():
-    t = data.image_tensor(np.array([[[0, 255, 127]]], np.uint8))
+    t = image_tensor(np.array([[[0, 255, 127]]], np.uint8))
     assert t.shape == (3, 1, 1)
     assert t.flatten().tolist() == pytest.approx([-1.0, 1.0, 127 / 127.5 - 1])
 
@@ -215,7 +216,7 @@ def test_out_of_range_labels_say_how_many_pixels_and_name_lossy_masks(tmp_path):
 def test_report_shows_the_picture_upright(tmp_path):
     import importlib
 
-    report = importlib.import_module("ddpmseg.report")  # the package exports a function too
+    report = importlib.import_module("ddpmseg.outputs.report")  # the package exports a function too
     stored = np.random.default_rng(1).integers(0, 256, (4, 6, 3), dtype=np.uint8)
     _sideways(tmp_path / "p.png", stored)
     np.testing.assert_array_equal(report._original([tmp_path], "p"), np.rot90(stored, -1))

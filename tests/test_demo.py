@@ -9,9 +9,9 @@ import numpy as np
 from click.testing import CliRunner
 from PIL import Image
 
-from ddpmseg.bundled import DEMO_DATA
+from ddpmseg.backbone.bundled import DEMO_DATA
 from ddpmseg.cli.main import cli
-from ddpmseg.evaluate import evaluate
+from ddpmseg.outputs.evaluate import evaluate
 
 
 def test_demo_runs_end_to_end(tmp_path, one_thread):

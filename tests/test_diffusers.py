@@ -32,12 +32,12 @@ diffusers = pytest.importorskip("diffusers", reason="the diffusers extra is not 
 transformers = pytest.importorskip("transformers", reason="the diffusers extra is not installed")
 
 from ddpmseg.backbone import describe_backbone, load_backbone  # noqa: E402
-from ddpmseg.backbone.diffusers_unet import DiffusersUNetBackbone  # noqa: E402
-from ddpmseg.backbone.stable_diffusion import StableDiffusionBackbone  # noqa: E402
+from ddpmseg.backbone.hf.unet2d import DiffusersUNetBackbone  # noqa: E402
+from ddpmseg.backbone.hf.sd import StableDiffusionBackbone  # noqa: E402
 from ddpmseg.cli.main import cli  # noqa: E402
 from ddpmseg.config import Config  # noqa: E402
-from ddpmseg.errors import CheckpointError, ConfigError  # noqa: E402
-from ddpmseg.featcache import extract  # noqa: E402
+from ddpmseg.core.errors import CheckpointError, ConfigError  # noqa: E402
+from ddpmseg.pipelines.extract import extract  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -403,9 +403,8 @@ def test_end_to_end_ffhq34_with_a_unet2d_folder(ffhq, tmp_path):
 def test_end_to_end_ffhq34_with_stable_diffusion(ffhq, sd_dir, ddpm_dir, tmp_path):
     """Library API: extract (32px, --resize), fit, predict from the store and from the images
     (the prompt comes back from the store's fingerprint), and a UNet2DModel store is refused."""
-    from ddpmseg import fit, predict
-    from ddpmseg.config import load_config
-    from ddpmseg.errors import StoreMismatchError
+    from ddpmseg import fit, load_config, predict
+    from ddpmseg.core.errors import StoreMismatchError
 
     copy_pairs(ffhq / "train", tmp_path / "train", 2)
     cfg = load_config("ffhq_34").with_overrides(

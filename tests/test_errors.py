@@ -4,7 +4,7 @@ import pickle
 
 import pytest
 
-from ddpmseg.errors import ConfigError, FeatureOverflowError, RunError, StoreMismatchError
+from ddpmseg.core.errors import ConfigError, FeatureOverflowError, RunError, StoreMismatchError
 
 
 @pytest.mark.parametrize("cls", [ConfigError, StoreMismatchError, FeatureOverflowError,

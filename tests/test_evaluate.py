@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpmseg.errors import BadInputError, ConfigError, InputNotFoundError
-from ddpmseg.evaluate import evaluate, format_table, iou_from_confusion, confusion_matrix
+from ddpmseg.core.errors import BadInputError, ConfigError, InputNotFoundError
+from ddpmseg.outputs.evaluate import evaluate, format_table, iou_from_confusion, confusion_matrix
 
 # Two images, classes 0..3 (class 3 never appears: empty union -> IoU 0), ignore label 255.
 GT1 = [[0, 0, 1, 1], [2, 2, 255, 255]]
@@ -194,7 +194,7 @@ def test_bad_labels_and_missing_dirs(dirs, tmp_path):
 
 
 def test_ground_truth_under_another_name_is_named_and_lossy_is_refused(tmp_path):
-    from ddpmseg.evaluate import find_ground_truth
+    from ddpmseg.outputs.evaluate import find_ground_truth
 
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "p_label.png")
     with pytest.raises(BadInputError) as err:

@@ -5,10 +5,16 @@ import json
 import numpy as np
 import pytest
 
-from ddpmseg.errors import BadInputError, ConfigError, InputNotFoundError
-from ddpmseg.evaluate import (confusion_axis, confusion_matrix, evaluate, format_table,
-                              image_iou, iou_from_confusion)
-from ddpmseg.featcache.spec import FeatureSpec
+from ddpmseg.core.errors import BadInputError, ConfigError, InputNotFoundError
+from ddpmseg.outputs.evaluate import (
+    confusion_axis,
+    confusion_matrix,
+    evaluate,
+    format_table,
+    image_iou,
+    iou_from_confusion,
+)
+from ddpmseg.spec import FeatureSpec
 from ddpmseg.featcache.store import FeatureStore, StoreInfo
 
 

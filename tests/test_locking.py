@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ddpmseg import locking
+from ddpmseg.core import locking
 from ddpmseg.cli.main import cli
-from ddpmseg.evaluate import evaluate
-from ddpmseg.locking import LockedError, writer_lock
+from ddpmseg.outputs.evaluate import evaluate
+from ddpmseg.core.locking import LockedError, writer_lock
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def test_two_fits_through_a_symlink_alias_the_second_is_refused(tmp_path, hold_l
 def _tiny_store(tmp_path):
     import torch
 
-    from ddpmseg.featcache.spec import FeatureSpec
+    from ddpmseg.spec import FeatureSpec
     from ddpmseg.featcache.store import FeatureStore, StoreInfo
     spec = FeatureSpec(steps=(10,), blocks=(1,), shapes=((4, 4, 4),), image_size=(4, 4),
                        dtype="float32", backbone={"sha256": "s", "flags": {}})
@@ -114,7 +114,7 @@ def test_extract_through_a_symlink_writes_into_the_folder_it_points_to(tmp_path)
     through it: the store is made and swapped in the folder the link points to, and the link
     stays a link (replacing the store used to rename the link itself aside and put a real
     folder in its place)."""
-    from ddpmseg.bundled import DEMO_DATA
+    from ddpmseg.backbone.bundled import DEMO_DATA
     from ddpmseg.featcache import FeatureStore
 
     data = tmp_path / "data"
@@ -149,9 +149,9 @@ def test_every_writer_takes_its_folders_lock(tmp_path, hold_lock):
     lock like extract, fit and predict: with another process holding it they are refused
     naming that process, before reading anything."""
     from ddpmseg.backbone.train import train_backbone
-    from ddpmseg.classifier.reference import export_run, import_run
+    from ddpmseg.interop.reference_run import export_run, import_run
     from ddpmseg.config import Config
-    from ddpmseg.sweep import sweep
+    from ddpmseg.pipelines.sweep import sweep
 
     store = _tiny_store(tmp_path)
     calls = {

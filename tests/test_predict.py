@@ -13,23 +13,29 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ddpmseg import render
-from ddpmseg.backbone import Backbone, BackboneId
-from ddpmseg.bundled import DEMO_DATA, resolve_checkpoint
+from ddpmseg.outputs import render
+from ddpmseg.backbone import Backbone
+from ddpmseg.spec import BackboneId
+from ddpmseg.backbone.bundled import DEMO_DATA, resolve_checkpoint
 from ddpmseg.classifier import Ensemble
 from ddpmseg.config import Config, ModelConfig
-from ddpmseg.data import image_tensor
-from ddpmseg.errors import (BadInputError, ConfigError, FeatureOverflowError,
-                            StoreMismatchError)
-from ddpmseg.featcache import extract, pixels
+from ddpmseg.backbone.base import image_tensor
+from ddpmseg.core.errors import (
+    BadInputError,
+    ConfigError,
+    FeatureOverflowError,
+    StoreMismatchError,
+)
+from ddpmseg.pipelines.extract import extract
+from ddpmseg.featcache import pixels
 from ddpmseg.featcache.pixels import TileFeatures
-from ddpmseg.featcache.spec import FeatureSpec
+from ddpmseg.spec import FeatureSpec
 from ddpmseg.featcache.store import FeatureStore, StoreInfo, parse_codec, round_mantissa
-from ddpmseg.predict import check_compatible, predict, predict_maps
-from ddpmseg.voting import vote as vote_fn
+from ddpmseg.pipelines.predict import check_compatible, predict, predict_maps
+from ddpmseg.outputs.voting import vote as vote_fn
 
 # `ddpmseg.predict` may be re-exported as a function by the package; the module is this.
-predict_module = importlib.import_module("ddpmseg.predict")
+predict_module = importlib.import_module("ddpmseg.pipelines.predict")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -291,7 +297,7 @@ def test_image_folder_rounds_features_as_the_runs_store(tmp_path, monkeypatch):
 
 
 def test_suggest_on_an_image_folder_leaves_out_images_with_masks(tmp_path, monkeypatch):
-    from ddpmseg.suggest import suggest
+    from ddpmseg.pipelines.suggest import suggest
 
     model = _substitute_model(tmp_path, monkeypatch)
     folder = tmp_path / "imgs"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpmseg import render
+from ddpmseg.outputs import render
 
 
 def test_palette_distinct_and_ignore_black():

@@ -2,8 +2,8 @@ import os
 
 import pytest
 
-from ddpmseg.errors import ConfigError
-from ddpmseg.scaleout import connect
+from ddpmseg.core.errors import ConfigError
+from ddpmseg.core.cluster import connect
 
 
 def test_local_cluster_leaves_this_process_environment_alone():

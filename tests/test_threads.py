@@ -4,8 +4,8 @@ recorded."""
 import pytest
 import torch
 
-from ddpmseg.device import DEFAULT_THREADS, set_threads
-from ddpmseg.errors import ConfigError
+from ddpmseg.core.device import DEFAULT_THREADS, set_threads
+from ddpmseg.core.errors import ConfigError
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ddpmseg.voting import VOTES, check_vote, uncertainty, vote, vote_with_uncertainty
+from ddpmseg.outputs.voting import VOTES, check_vote, uncertainty, vote, vote_with_uncertainty
 
 
 def logits_of(probs):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ddpmseg.voting import check_vote, vote, vote_with_uncertainty
+from ddpmseg.outputs.voting import check_vote, vote, vote_with_uncertainty
 
 # Three members, three pixels, two classes: member k's probabilities at pixel n.
 PROBS = [[[0.99, 0.01], [0.2, 0.8], [0.6, 0.4]],

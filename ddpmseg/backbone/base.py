@@ -11,29 +11,30 @@ import abc
 import contextlib
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 
-from ..errors import BadInputError, ConfigError
+from ddpmseg.core.errors import BadInputError, ConfigError
+from ddpmseg.spec import BlockId
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+def image_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1], as the reference normalises.
 
-# A decoder block: an index, or (diffusers) a name such as "up2" or "up2.res1".
-BlockId = int | str
+    Contiguous: a permuted (channels-last) tensor sends the convolutions down another kernel
+    whose results differ in the last float bits, so features would depend on how x0 was made.
+    """
+    return torch.from_numpy(image).permute(2, 0, 1).contiguous().float().div(127.5).sub(1.0)
 
 
-def block_id(value) -> BlockId:
-    """A block as stores and configs keep it: an int when it is one (numpy ints included),
-    else its name."""
-    if isinstance(value, str):
-        return int(value) if value.lstrip("-").isdigit() else value
-    return int(value)
+# The autocast dtype of each of spec.PRECISIONS (None: no autocast).
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def precision_context(device: torch.device, precision: str):
     """torch.autocast for "bf16"/"fp16" (fp16 on CUDA only), nothing for "fp32"."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}", f"use one of {', '.join(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
+    if precision not in AUTOCAST:
+        raise ConfigError(f"unknown precision {precision!r}", f"use one of {', '.join(AUTOCAST)}")
+    dtype = AUTOCAST[precision]
     if dtype is None:
         return contextlib.nullcontext()
     if dtype is torch.float16 and device.type != "cuda":

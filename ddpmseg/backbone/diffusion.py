@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ddpmseg.core.errors import ConfigError
 
 
 def linear_betas(num_steps: int) -> np.ndarray:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from ..bundled import resolve_checkpoint
-from .base import FeatureBackbone
+from ddpmseg.backbone.bundled import resolve_checkpoint
+from ddpmseg.backbone.base import FeatureBackbone
 
 
 @dataclass(frozen=True)
@@ -50,17 +50,17 @@ def load_backbone(spec, flags=None, device="cpu", prompt: str | None = None) -> 
 
     ``prompt``: Stable Diffusion's conditioning text (default: the empty prompt).
     """
-    from .extractor import Backbone
+    from ddpmseg.backbone.adm.extractor import Backbone
 
     if not is_diffusers(spec):
         return Backbone.from_checkpoint(spec, flags, device=device)
-    from .stable_diffusion import StableDiffusionBackbone, is_stable_diffusion
+    from ddpmseg.backbone.hf.sd import StableDiffusionBackbone, is_stable_diffusion
 
     root = Path(resolve_checkpoint(spec)).expanduser()
     if is_stable_diffusion(root):
         return StableDiffusionBackbone.from_folder(root, device=device,
                                                    prompt=_prompt(flags, prompt))
-    from .diffusers_unet import DiffusersUNetBackbone
+    from ddpmseg.backbone.hf.unet2d import DiffusersUNetBackbone
 
     return DiffusersUNetBackbone.from_folder(root, device=device)
 
@@ -68,14 +68,14 @@ def load_backbone(spec, flags=None, device="cpu", prompt: str | None = None) -> 
 def describe_backbone(spec, flags=None):
     """Image size and step count of a backbone (loaded, or named by a spec) without loading
     any weights: an ADM spec gives its ModelFlags, a diffusers folder its configs' values."""
-    from .flags import ModelFlags
+    from ddpmseg.backbone.adm.flags import ModelFlags
 
     if _is_loaded(spec):
         return getattr(spec, "flags", None) or Layout(spec.image_size, spec.num_steps)
     if not is_diffusers(spec):
         return ModelFlags.resolve(flags)
-    from .diffusers_unet import read_config, scheduler_dir, unet_folder
-    from .stable_diffusion import is_stable_diffusion
+    from ddpmseg.backbone.hf.unet2d import read_config, scheduler_dir, unet_folder
+    from ddpmseg.backbone.hf.sd import is_stable_diffusion
 
     root = Path(resolve_checkpoint(spec)).expanduser()
     unet = read_config(unet_folder(root))

@@ -10,8 +10,8 @@ import math
 import numpy as np
 import torch
 
-from .diffusion import Schedule
-from .flags import ModelFlags
+from ddpmseg.backbone.diffusion import Schedule
+from ddpmseg.backbone.adm.flags import ModelFlags
 
 
 @torch.no_grad()

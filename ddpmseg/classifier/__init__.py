@@ -5,9 +5,9 @@
 one reader and writer, are ``run.py``.
 """
 
-from .ensemble import Ensemble, load_ensemble
-from .model import EarlyStopping, PixelMLP, hidden_widths, simplex_etf
-from .train import fit
+from ddpmseg.classifier.ensemble import Ensemble, load_ensemble
+from ddpmseg.classifier.model import EarlyStopping, PixelMLP, hidden_widths, simplex_etf
+from ddpmseg.classifier.train import fit
 
 __all__ = ["fit", "PixelMLP", "simplex_etf", "load_ensemble", "Ensemble", "EarlyStopping",
            "hidden_widths"]

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import Config
-from ..device import resolve_device
-from ..errors import RunError
-from ..featcache.store import StoreInfo
-from . import run as R
-from .model import PixelMLP
+from ddpmseg.config import Config
+from ddpmseg.core.device import resolve_device
+from ddpmseg.core.errors import RunError
+from ddpmseg.featcache.store import StoreInfo
+from ddpmseg.classifier import run as R
+from ddpmseg.classifier.model import PixelMLP
 
 
 class Ensemble:

@@ -14,7 +14,7 @@
                        the manifest does not list (a fit killed between writing the two) is
                        retrained. Runs written before the manifest have none and load unchecked.
 
-A writer (``fit``) holds the run dir's lock (``ddpmseg.locking``) for its whole life.
+A writer (``fit``) holds the run dir's lock (``ddpmseg.core.locking``) for its whole life.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
-from ..errors import RunError
-from ..featcache.content import image_set_changes
-from ..featcache.store import StoreInfo
-from ..fileio import atomic_write, sha256_file, write_json
+from ddpmseg.config import Config
+from ddpmseg.core.errors import RunError
+from ddpmseg.featcache.content import image_set_changes
+from ddpmseg.featcache.store import StoreInfo
+from ddpmseg.core.fileio import atomic_write, sha256_file, write_json
 
 CONFIG_FILE = "config.json"
 STORE_FILE = "store.json"

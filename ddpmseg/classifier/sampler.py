@@ -52,9 +52,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import BadInputError, StoreError
-from ..featcache import content
-from ..featcache.pixels import MapLayout
+from ddpmseg.core.errors import BadInputError, StoreError
+from ddpmseg.featcache import content
+from ddpmseg.featcache.pixels import MapLayout
 
 log = logging.getLogger(__name__)
 

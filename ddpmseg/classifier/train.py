@@ -21,18 +21,18 @@ import torch.nn.functional as F
 from distributed import as_completed
 from tqdm import tqdm
 
-from ..config import Config, check_classes
-from ..device import resolve_device
-from ..scaleout import absolute, check_scheduler, session, worker_must_see
-from ..progress import wanted
-from ..errors import RunError, StoreError
-from ..featcache import content
-from ..featcache.store import FeatureStore
-from ..fileio import is_no_space, no_space_error
-from ..locking import reader_lock, writer_lock
-from . import run as R
-from . import sampler as S
-from .model import EarlyStopping, PixelMLP, init_normal, make_trunk, simplex_etf
+from ddpmseg.config import Config, check_classes
+from ddpmseg.core.device import resolve_device
+from ddpmseg.core.cluster import absolute, check_scheduler, session, worker_must_see
+from ddpmseg.core.progress import wanted
+from ddpmseg.core.errors import RunError, StoreError
+from ddpmseg.featcache import content
+from ddpmseg.featcache.store import FeatureStore
+from ddpmseg.core.fileio import is_no_space, no_space_error
+from ddpmseg.core.locking import reader_lock, writer_lock
+from ddpmseg.classifier import run as R
+from ddpmseg.classifier import sampler as S
+from ddpmseg.classifier.model import EarlyStopping, PixelMLP, init_normal, make_trunk, simplex_etf
 
 log = logging.getLogger(__name__)
 

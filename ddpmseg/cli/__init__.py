@@ -1,5 +1,5 @@
 """The ``ddpmseg`` command line: thin click commands over the library API."""
 
-from .main import main
+from ddpmseg.cli.main import main
 
 __all__ = ["main"]

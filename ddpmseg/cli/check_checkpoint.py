@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import click
 
-from ..backbone.checkpoint import checkpoint_dtypes
-from ..backbone.factory import load_backbone
-from ..bundled import BUNDLED_PRESETS, resolve_checkpoint
 
 
 @click.command("check-checkpoint")
@@ -28,6 +25,10 @@ def command(checkpoint_arg: str | None, checkpoint: str | None, preset: str | No
       ddpmseg check-checkpoint models/ddpm-ema-church-256
       ddpmseg check-checkpoint --checkpoint bundled:faces_64
     """
+    from ddpmseg.backbone.adm.checkpoint import checkpoint_dtypes
+    from ddpmseg.backbone.factory import load_backbone
+    from ddpmseg.backbone.bundled import BUNDLED_PRESETS, resolve_checkpoint
+
     if checkpoint_arg and checkpoint and checkpoint_arg != checkpoint:
         raise click.UsageError("give the checkpoint once: CHECKPOINT or --checkpoint")
     checkpoint = checkpoint or checkpoint_arg

@@ -9,10 +9,10 @@ import sys
 import click
 from tqdm import tqdm
 
-from ..config import Config, load_config
-from ..data import set_max_image_pixels
-from ..device import DEFAULT_THREADS, set_threads
-from ..errors import DdpmsegError
+from ddpmseg.config import Config
+from ddpmseg.interop.reference_config import load_config
+from ddpmseg.core.device import DEFAULT_THREADS, set_threads
+from ddpmseg.core.errors import DdpmsegError
 
 device_option = click.option(
     "--device", default="auto", show_default=True,
@@ -24,7 +24,7 @@ def threads_option(work: str | None = None):
     """``--threads N``: torch's intra-op threads for this command, applied as it is parsed.
 
     Unset: OMP_NUM_THREADS when set, else the measured default for ``work``
-    (``ddpmseg.device.DEFAULT_THREADS``), else one per core.
+    (``ddpmseg.core.device.DEFAULT_THREADS``), else one per core.
     """
     def apply(ctx, param, value):
         try:
@@ -41,6 +41,8 @@ def threads_option(work: str | None = None):
 
 
 def _apply_max_pixels(ctx, param, value):
+    from ddpmseg.data import set_max_image_pixels
+
     set_max_image_pixels(value)
     return value
 
@@ -93,8 +95,8 @@ def preset_features(preset: str | None, checkpoint: str | None) -> tuple[str | N
     --steps/--blocks means that model's usual steps and blocks, not the config's: the config's
     defaults are the 256px model's, whose blocks a small model does not have.
     """
-    from ..backbone.flags import USUAL_FEATURES
-    from ..bundled import BUNDLED_PRESETS
+    from ddpmseg.backbone.adm.flags import USUAL_FEATURES
+    from ddpmseg.backbone.bundled import BUNDLED_PRESETS
 
     if preset is None and checkpoint is not None:
         preset = BUNDLED_PRESETS.get(checkpoint)
@@ -104,7 +106,7 @@ def preset_features(preset: str | None, checkpoint: str | None) -> tuple[str | N
 def bundled_default(cfg: Config) -> Config:
     """A preset with a checkpoint bundled in ddpmseg (faces_64) and no checkpoint given: that
     one, with a note, so `--preset faces_64` alone runs."""
-    from ..bundled import BUNDLED_PRESETS
+    from ddpmseg.backbone.bundled import BUNDLED_PRESETS
 
     if cfg.model.checkpoint:
         return cfg

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..demo import demo
-from ..evaluate import format_table
-from .common import config_option, device_option, resolve_config, show_progress
+from ddpmseg.cli.common import config_option, device_option, resolve_config, show_progress
 
 
 @click.command("demo")
@@ -23,6 +21,9 @@ def command(ctx, out: str, config_path: str | None, device: str) -> None:
     Example:
       ddpmseg demo --out ddpmseg-demo
     """
+    from ddpmseg.pipelines.demo import demo
+    from ddpmseg.outputs.evaluate import format_table
+
     result = demo(out, config=resolve_config(config_path or "faces64_ffhq_34"), device=device,
                   progress=show_progress(ctx))
     click.echo(format_table(result))

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import click
 
-from ..evaluate import evaluate, format_table
-from .common import (config_option, ignore_label_option, max_pixels_option, num_classes_option,
-                     resolve_config)
+from ddpmseg.cli.common import (
+    config_option,
+    ignore_label_option,
+    max_pixels_option,
+    num_classes_option,
+    resolve_config,
+)
 
 
 @click.command("evaluate")
@@ -44,6 +48,8 @@ def command(pred_dir, gt_dir, config_path, num_classes, ignore_label, mask_ignor
       ddpmseg evaluate preds/horse data/test --config horse_21 --resize
       ddpmseg evaluate preds/horse stores/test.zarr
     """
+    from ddpmseg.outputs.evaluate import evaluate, format_table
+
     class_names = ()
     classes_from = "--num-classes/--ignore-label"
     if config_path is not None:

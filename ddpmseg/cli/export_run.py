@@ -24,7 +24,7 @@ def command(run_dir, out_dir, fmt, overwrite):
     Examples:
       ddpmseg export-run runs/ffhq34 exported/ffhq34 --format reference
     """
-    from ..classifier.reference import export_run
+    from ddpmseg.interop.reference_run import export_run
 
     path = export_run(run_dir, out_dir, format=fmt, overwrite=overwrite)
     members = sorted(path.parent.glob("pixel_classifiers/*/model_*.pth"))

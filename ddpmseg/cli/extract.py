@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import click
 
-from ..featcache import extract
-from ..featcache.spec import PRECISIONS, STORE_DTYPES
-from ..featcache.store import codec_name
-from .common import (bundled_default, config_option, device_option, ignore_label_option,
-                     max_pixels_option, num_classes_option, parse_blocks, parse_ints,
-                     preset_features, resolve_config, show_progress, threads_option)
+from ddpmseg.spec import PRECISIONS, STORE_DTYPES
+from ddpmseg.cli.common import (
+    bundled_default,
+    config_option,
+    device_option,
+    ignore_label_option,
+    max_pixels_option,
+    num_classes_option,
+    parse_blocks,
+    parse_ints,
+    preset_features,
+    resolve_config,
+    show_progress,
+    threads_option,
+)
 
 
 @click.command("extract")
@@ -91,6 +100,9 @@ def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, 
       ddpmseg extract my_images/ stores/sd.zarr --checkpoint models/stable-diffusion-v1-5 \\
           --steps 50,150,250 --blocks 1,2,3 --resize --config ffhq_34
     """
+    from ddpmseg.pipelines.extract import extract
+    from ddpmseg.featcache.store import codec_name
+
     preset, usual = preset_features(preset, checkpoint)
     steps, blocks = parse_ints(steps, "--steps"), parse_blocks(blocks)
     cfg = resolve_config(config_path,

@@ -6,12 +6,16 @@ import logging
 
 import click
 
-from ..classifier import fit, load_ensemble
-from ..classifier.train import store_config
-from ..config import ETF_MODES
-from ..featcache.store import FeatureStore
-from .common import (config_option, count, device_option, renamed_option, resolve_config, show_progress,
-                     threads_option)
+from ddpmseg.config import ETF_MODES
+from ddpmseg.cli.common import (
+    config_option,
+    count,
+    device_option,
+    renamed_option,
+    resolve_config,
+    show_progress,
+    threads_option,
+)
 
 log = logging.getLogger("ddpmseg")
 
@@ -74,6 +78,10 @@ def command(ctx, store, run_dir, config_path, ensemble, etf, etf_weight, max_epo
       ddpmseg fit stores/ffhq34_train.zarr runs/ffhq34 --config ffhq_34
       ddpmseg fit stores/mine.zarr runs/mine --ensemble 3 --etf none --ram-budget-gb 4
     """
+    from ddpmseg.classifier import fit, load_ensemble
+    from ddpmseg.classifier.train import store_config
+    from ddpmseg.featcache.store import FeatureStore
+
     opened = FeatureStore.open(store)
     base, origin = store_config(opened)
     if config_path is not None:

@@ -31,13 +31,11 @@ def command(ref_dir, run_dir, config_path, preset, overwrite):
           --config experiments/ffhq_34/ddpm.json
       ddpmseg import-run old/models runs/mine --config ddpm.json --preset faces_64
     """
-    from ..classifier.reference import import_run
-    from ..config import load_config
-    from ..reference_config import is_reference_config, load_reference_config
+    from ddpmseg.interop.reference_config import is_reference_config, load_config
+    from ddpmseg.interop.reference_run import import_run
 
-    if is_reference_config(config_path):
-        cfg = load_reference_config(config_path, preset=preset)
-    else:
-        cfg = load_config(config_path).with_overrides(model={"preset": preset})
+    cfg = load_config(config_path, preset)
+    if not is_reference_config(config_path):
+        cfg = cfg.with_overrides(model={"preset": preset})
     out = import_run(ref_dir, run_dir, cfg, overwrite=overwrite)
     click.echo(f"imported {cfg.classifier.ensemble} member(s) from {ref_dir} into {out}")

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import errno
 import importlib
+import re
 
 import click
 
-from .. import __version__
-from ..errors import DdpmsegError
-from .common import configure_logging, global_options
+from ddpmseg.core.version import __version__
+from ddpmseg.core.errors import DdpmsegError
+from ddpmseg.cli.common import configure_logging, global_options
 
 # Each command lives in its own module of this package, named like the command.
 COMMANDS = ("extract", "fit", "predict", "evaluate", "report", "demo", "check_checkpoint",
@@ -27,7 +28,7 @@ class Group(click.Group):
         except DdpmsegError as exc:
             if ctx.params.get("debug"):
                 raise
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {as_flags(str(exc))}", err=True)
             ctx.exit(exc.exit_code)
         except OSError as exc:  # permission, no space, a file where a folder goes, ...
             if ctx.params.get("debug"):
@@ -42,7 +43,7 @@ class Group(click.Group):
 
 
 # What an interrupted command leaves, where it is not "a rerun resumes": predict writes its
-# prediction aside and swaps it in whole (ddpmseg.predict_outputs).
+# prediction aside and swaps it in whole (ddpmseg.outputs.folder).
 _INTERRUPTED = {"predict": "the prediction folder is as it was; rerun the same command to "
                            "predict again"}
 
@@ -58,6 +59,25 @@ _OS_HINTS = {
     errno.EISDIR: "a folder stands where a file is needed; choose another path",
     errno.ENOENT: "check the path",
 }
+
+
+# Library parameters whose option is spelled otherwise (the rest: underscores become dashes).
+_FLAG_NAMES = {"images_dir": "images", "config": "config", "max_pixels": "max-image-pixels"}
+_PARAMETER = re.compile(r"`([a-z_]+)=([^`]*)`")
+
+
+def as_flags(text: str) -> str:
+    """A library message names parameters (`resize=True`, `num_classes=N`); the CLI user gets
+    the options (--resize, --num-classes N)."""
+    def flag(match: re.Match) -> str:
+        name, value = match.groups()
+        option = "--" + _FLAG_NAMES.get(name, name.replace("_", "-"))
+        if value == "True":
+            return option
+        if value == "False":
+            return f"--no-{option[2:]}"
+        return f"{option} {value}"
+    return _PARAMETER.sub(flag, text)
 
 
 def os_error_line(exc: OSError) -> str:

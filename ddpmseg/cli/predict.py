@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import click
 
-from ..predict import predict
-from ..config import VOTES
-from .common import count, device_option, max_pixels_option, show_progress, threads_option
+from ddpmseg.config import VOTES
+from ddpmseg.cli.common import (
+    count,
+    device_option,
+    max_pixels_option,
+    show_progress,
+    threads_option,
+)
 
 
 @click.command("predict")
@@ -51,6 +56,8 @@ def command(ctx, run, input_path, out_dir, vote, uncertainty, tile_rows, images_
       ddpmseg predict runs/ffhq34 data/ffhq_34/real/test preds/ffhq34 --uncertainty --report
       ddpmseg predict runs/ffhq34 stores/test.zarr preds --images data/test --vote hard
     """
+    from ddpmseg.pipelines.predict import predict
+
     summary = predict(run, input_path, out_dir, vote=vote, uncertainty=uncertainty,
                       device=device, tile_rows=tile_rows, resize=resize, checkpoint=checkpoint,
                       images=images_dir, progress=show_progress(ctx))
@@ -58,6 +65,6 @@ def command(ctx, run, input_path, out_dir, vote, uncertainty, tile_rows, images_
                f"vote {summary['vote']}, {count(summary['num_members'], 'member')}) into "
                f"{summary['out_dir']}")
     if with_report:
-        from ..report import report
+        from ddpmseg.outputs.report import report
 
         click.echo(report(summary["out_dir"]))

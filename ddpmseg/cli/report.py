@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import max_pixels_option
+from ddpmseg.cli.common import max_pixels_option
 
 
 @click.command("report")
@@ -28,6 +28,6 @@ def command(pred_dir, gt_dir, resize, out_dir):
       ddpmseg report preds/mine --out report-mine
       ddpmseg report preds/horse64 --gt data/test --resize
     """
-    from ..report import report
+    from ddpmseg.outputs.report import report
 
     click.echo(report(pred_dir, gt_dir, out_dir, resize=resize))

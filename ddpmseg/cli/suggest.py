@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..suggest import CSV_FILE, SCORES, SHEET_FILE, skipped_line, suggest
-from .common import device_option, max_pixels_option, threads_option
+from ddpmseg.outputs.suggestions import CSV_FILE, SCORES, SHEET_FILE
+from ddpmseg.cli.common import device_option, max_pixels_option, threads_option
 
 
 @click.command("suggest")
@@ -50,6 +50,9 @@ def command(run, input_path, out_dir, top, by, diverse, include_labelled, images
       ddpmseg suggest runs/ffhq34 data/unlabelled --top 5
       ddpmseg suggest runs/ffhq34 stores/pool.zarr --by entropy --diverse --out preds/ffhq34
     """
+
+    from ddpmseg.pipelines.suggest import skipped_line, suggest
+
     ranked = suggest(run, input_path, out_dir, top=top, by=by, diverse=diverse, device=device,
                      checkpoint=checkpoint, resize=resize, images=images_dir,
                      include_labelled=include_labelled)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..sweep import SweepSettings, format_summary, sweep
-from .common import parse_blocks, parse_ints, threads_option
+from ddpmseg.cli.common import parse_blocks, parse_ints, threads_option
 
 
 @click.command("sweep")
@@ -48,6 +47,8 @@ def command(train_store, test_store, out_dir, pixels, test_pixels, seeds, epochs
       ddpmseg sweep stores/sweep_train.zarr stores/sweep_test.zarr --seeds 3 \\
           --compare 50,150,250:2,4,5,7,8
     """
+    from ddpmseg.pipelines.sweep import SweepSettings, format_summary, sweep
+
     grids = []
     for text in compare:
         if ":" not in text:

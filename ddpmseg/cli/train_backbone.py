@@ -6,7 +6,7 @@ import os
 
 import click
 
-from .common import device_option, renamed_option, show_progress, threads_option
+from ddpmseg.cli.common import device_option, renamed_option, show_progress, threads_option
 
 
 @click.command("train-backbone")
@@ -69,7 +69,7 @@ def command(ctx, images_dir, out_dir, preset, iterations, minutes, batch_size, l
       torchrun --nproc_per_node 4 $(which ddpmseg) train-backbone faces/ runs/f64 \\
           --preset faces_64 --batch-size 64 --minutes 60
     """
-    from ..backbone.train import train_backbone
+    from ddpmseg.backbone.train import train_backbone
 
     if preset is None and not resume:
         raise click.UsageError("give the model flags: --preset NAME|JSON")

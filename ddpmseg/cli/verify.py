@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from ..verify import verify
 
 
 @click.command("verify")
@@ -23,6 +22,8 @@ def command(path):
       ddpmseg verify stores/ffhq34_train.zarr
       ddpmseg verify runs/ffhq34
     """
+    from ddpmseg.pipelines.verify import verify
+
     kind, damage = verify(path)
     for d in damage:
         click.echo(str(d))

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BadInputError, StoreError
-from .spec import short
-from .store import FeatureStore, StoreInfo
+from ddpmseg.core.errors import BadInputError, StoreError
+from ddpmseg.spec import short
+from ddpmseg.featcache.store import FeatureStore, StoreInfo
 
 log = logging.getLogger("ddpmseg")
 

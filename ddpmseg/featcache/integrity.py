@@ -23,8 +23,8 @@ from pathlib import Path
 import zarr
 from zarr.storage import MemoryStore
 
-from ..errors import StoreError
-from .zarr_adapter import PARTIAL_FILE
+from ddpmseg.core.errors import StoreError
+from ddpmseg.featcache.zarr_adapter import PARTIAL_FILE
 
 DIGEST_KEY = "ddpmseg_digest"
 # The entries of a store folder (zarr.json, the arrays' folders, zarr's temporary files).

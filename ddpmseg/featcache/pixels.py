@@ -124,10 +124,6 @@ def _native_map(m, device: torch.device | None) -> torch.Tensor:
     return t.to(device) if device is not None else t
 
 
-def feature_dim(shapes: Sequence[tuple[int, int, int]]) -> int:
-    return sum(s[0] for s in shapes)
-
-
 class MapLayout:
     """Where each stored map lives in a pool of images' maps, and the gather over that pool.
 

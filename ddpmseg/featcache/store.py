@@ -31,14 +31,19 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
-from ..config import Config
-from ..errors import (ConfigError, FeatureOverflowError, StaleWriterError, StoreError,
-                      StoreMismatchError)
-from . import integrity as IG
-from . import pixels
-from . import zarr_adapter as ZA
-from .spec import STORE_DTYPES
-from .spec import FeatureSpec, rounding_name, short
+from ddpmseg.config import Config
+from ddpmseg.core.errors import (
+    ConfigError,
+    FeatureOverflowError,
+    StaleWriterError,
+    StoreError,
+    StoreMismatchError,
+)
+from ddpmseg.featcache import integrity as IG
+from ddpmseg.featcache import pixels
+from ddpmseg.featcache import zarr_adapter as ZA
+from ddpmseg.spec import STORE_DTYPES
+from ddpmseg.spec import FeatureSpec, rounding_name, short
 
 # 2: dimension names carry their size (channel_1024, y_32, x_32), so xarray opens the store as
 # one Dataset; 1 named every activation's axes channel/y/x. Both read alike.

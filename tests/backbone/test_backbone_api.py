@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from ddpmseg.backbone import Backbone, ModelFlags, UNetModel
-from ddpmseg.bundled import DEMO_DATA
-from ddpmseg.data import image_tensor, load_image
-from ddpmseg.errors import BadInputError, ConfigError
+from ddpmseg.backbone.bundled import DEMO_DATA
+from ddpmseg.backbone.base import image_tensor
+from ddpmseg.data import load_image
+from ddpmseg.core.errors import BadInputError, ConfigError
 
 SMALL = ModelFlags(image_size=32, num_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                    attention_resolutions=(16,), num_heads=2, dropout=0.3)

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpmseg.backbone import Backbone, ModelFlags, load_state_dict, sha256_file
-from ddpmseg.bundled import resolve_checkpoint
-from ddpmseg.errors import CheckpointError, InputNotFoundError
+from ddpmseg.backbone import Backbone, ModelFlags, load_state_dict
+from ddpmseg.core.fileio import sha256_file
+from ddpmseg.backbone.bundled import resolve_checkpoint
+from ddpmseg.core.errors import CheckpointError, InputNotFoundError
 
 FACES_SHA = "72d3f7bf7a9827b0525409e074d2259d8dce17db61f8c68ab62e5e02ad50d4f8"
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from ddpmseg.backbone import Backbone, ModelFlags
 from ddpmseg.backbone.train import Trainer, train_backbone
-from ddpmseg.errors import ConfigError
+from ddpmseg.core.errors import ConfigError
 
 pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from ddpmseg.backbone import PRESETS, ModelFlags
-from ddpmseg.errors import ConfigError, InputNotFoundError
+from ddpmseg.core.errors import ConfigError, InputNotFoundError
 
 FIXTURE_PRESETS = {"adm_tiny256.json": "tiny_256", "adm_tiny64_cosine.json": "tiny64_cosine"}
 

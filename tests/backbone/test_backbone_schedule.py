@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ddpmseg.backbone import get_schedule, q_sample
-from ddpmseg.errors import ConfigError
+from ddpmseg.core.errors import ConfigError
 
 
 def test_linear_schedule_endpoints_and_dtype():

@@ -13,9 +13,14 @@ from PIL import Image
 from ddpmseg.backbone import Backbone, ModelFlags
 from ddpmseg.backbone.diffusion import Schedule
 from ddpmseg.backbone.sampling import sample
-from ddpmseg.backbone.train import (Trainer, center_crop, load_images, train_backbone,
-                                    training_losses)
-from ddpmseg.errors import BadInputError, ConfigError, InputNotFoundError, RunError
+from ddpmseg.backbone.train import (
+    Trainer,
+    center_crop,
+    load_images,
+    train_backbone,
+    training_losses,
+)
+from ddpmseg.core.errors import BadInputError, ConfigError, InputNotFoundError, RunError
 
 # 16 px, two levels of 32 and 64 channels, attention at 8 px, dropout on (so resume has to
 # restore the global generator too) and learn_sigma (the hybrid loss).

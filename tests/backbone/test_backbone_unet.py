@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ddpmseg.backbone import PRESETS, Backbone, ModelFlags, UNetModel
-from ddpmseg.backbone.unet import upsample_conv
+from ddpmseg.backbone.adm.unet import upsample_conv
 
 SMALL = ModelFlags(image_size=32, num_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                    attention_resolutions=(16,), num_heads=2, learn_sigma=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ddpmseg.config import ClassifierConfig, Config
-from ddpmseg.featcache.spec import FeatureSpec
+from ddpmseg.spec import FeatureSpec
 from ddpmseg.featcache.store import FeatureStore, StoreInfo, parse_codec
 
 

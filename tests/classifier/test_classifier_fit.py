@@ -12,7 +12,7 @@ import torch
 from ddpmseg.classifier import fit, load_ensemble
 from ddpmseg.classifier import sampler as S
 from ddpmseg.classifier.model import PixelMLP, init_normal, make_trunk
-from ddpmseg.errors import RunError, StoreError
+from ddpmseg.core.errors import RunError, StoreError
 from ddpmseg.featcache.store import FeatureStore
 
 
@@ -267,7 +267,7 @@ def test_dask_members_equal_sequential(store_path, small_config, tmp_path):
 
 
 def test_bad_scheduler_is_a_config_error(store_path, small_config, tmp_path):
-    from ddpmseg.errors import ConfigError
+    from ddpmseg.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="scheduler"):
         fit(store_path, tmp_path / "run", small_config(ensemble=1, max_epochs=1), device="cpu",
@@ -275,7 +275,7 @@ def test_bad_scheduler_is_a_config_error(store_path, small_config, tmp_path):
 
 
 def test_bad_classifier_settings_are_config_errors(store_path, small_config, tmp_path):
-    from ddpmseg.errors import ConfigError
+    from ddpmseg.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="etf"):
         fit(store_path, tmp_path / "run", small_config(etf="both"), device="cpu", progress=False)
@@ -300,8 +300,8 @@ def test_fit_on_the_gpu(store_path, small_config, tmp_path):
 
 
 def test_a_config_of_other_classes_is_refused_before_writing(store_path, tmp_path):
-    from ddpmseg.config import load_config
-    from ddpmseg.errors import ConfigError
+    from ddpmseg import load_config
+    from ddpmseg.core.errors import ConfigError
 
     run = tmp_path / "run"
     with pytest.raises(ConfigError, match=r"config cat_15 has 15 classes .* but store .*small"

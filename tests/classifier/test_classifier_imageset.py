@@ -10,9 +10,9 @@ import pytest
 
 from ddpmseg.classifier import fit
 from ddpmseg.classifier.sampler import PixelIndex
-from ddpmseg.errors import RunError
+from ddpmseg.core.errors import RunError
 from ddpmseg.featcache import FeatureStore, content
-from ddpmseg.predict import predict
+from ddpmseg.pipelines.predict import predict
 
 
 def hashed_store(make_store, path):

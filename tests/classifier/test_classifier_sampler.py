@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ddpmseg.classifier import sampler as S
-from ddpmseg.errors import StoreError
+from ddpmseg.core.errors import StoreError
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,13 @@ from PIL import Image
 
 from ddpmseg.classifier import fit
 from ddpmseg.cli.main import cli
-from ddpmseg.errors import ConfigError
+from ddpmseg.core.errors import ConfigError
 from ddpmseg.featcache import content
-from ddpmseg.predict import predict
-from ddpmseg.report import report
-from ddpmseg.suggest import diverse_order, read_suggestions, suggest
-from ddpmseg.sweep import SweepSettings, sweep
+from ddpmseg.pipelines.predict import predict
+from ddpmseg.outputs.report import report
+from ddpmseg.outputs.suggestions import read_suggestions
+from ddpmseg.pipelines.suggest import diverse_order, suggest
+from ddpmseg.pipelines.sweep import SweepSettings, sweep
 
 
 @pytest.fixture(scope="module")

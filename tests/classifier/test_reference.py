@@ -11,11 +11,11 @@ from click.testing import CliRunner
 
 import ddpmseg
 from ddpmseg.classifier import PixelMLP, load_ensemble
-from ddpmseg.classifier.reference import export_run, import_run, read_reference_member
+from ddpmseg.interop.reference_run import export_run, import_run, read_reference_member
 from ddpmseg.classifier.run import record_files
 from ddpmseg.cli.main import cli
-from ddpmseg.config import load_config
-from ddpmseg.errors import ConfigError, RunError
+from ddpmseg import load_config
+from ddpmseg.core.errors import ConfigError, RunError
 
 NAMES = ("img00000599", "img00000829", "img00001927", "img00008529")
 

@@ -13,9 +13,9 @@ from ddpmseg.classifier import fit, load_ensemble
 from ddpmseg.classifier import run as R
 from ddpmseg.classifier import train as T
 from ddpmseg.cli.main import cli
-from ddpmseg.errors import RunError
-from ddpmseg.locking import LockedError, writer_lock
-from ddpmseg.verify import verify_run
+from ddpmseg.core.errors import RunError
+from ddpmseg.core.locking import LockedError, writer_lock
+from ddpmseg.pipelines.verify import verify_run
 
 
 def _states(run):
@@ -114,7 +114,7 @@ def test_fit_on_a_full_disk_is_one_line_and_resumes(store_path, small_config, ti
     same command resumes once there is room."""
     import shutil
 
-    from ddpmseg.fileio import size_text
+    from ddpmseg.core.fileio import size_text
 
     measured = tmp_path / "measured"
     config = small_config(ensemble=1, max_epochs=1)
@@ -123,7 +123,7 @@ def test_fit_on_a_full_disk_is_one_line_and_resumes(store_path, small_config, ti
     header = sum(p.stat().st_size for p in measured.iterdir() if p.suffix != ".pt")
     disk = tiny_disk((header + member // 2) // 1024 + 16)
     run = disk / "run"
-    from ddpmseg.errors import OutputError
+    from ddpmseg.core.errors import OutputError
     with pytest.raises(OutputError) as failed:
         fit(store_path, run, config, device="cpu", progress=False)
     assert str(failed.value).startswith(f"no space left on the device writing the run dir "

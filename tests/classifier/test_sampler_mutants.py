@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ddpmseg.classifier import sampler as S
-from ddpmseg.errors import BadInputError
+from ddpmseg.core.errors import BadInputError
 from ddpmseg.featcache import content
 from ddpmseg.featcache.store import FeatureStore
 

@@ -92,7 +92,7 @@ def test_evaluate_refuses_other_class_names(tmp_path):
 
 
 def test_evaluate_refuses_a_config_of_other_classes_than_a_store(tmp_path):
-    from ddpmseg.featcache.spec import FeatureSpec
+    from ddpmseg.spec import FeatureSpec
     from ddpmseg.featcache.store import FeatureStore, StoreInfo
 
     pred, _ = write_case(tmp_path)

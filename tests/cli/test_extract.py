@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from ddpmseg.bundled import DEMO_DATA
+from ddpmseg.backbone.bundled import DEMO_DATA
 from ddpmseg.cli.main import cli
 from ddpmseg.featcache import FeatureStore
 

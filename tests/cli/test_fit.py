@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from ddpmseg.cli.main import cli
 from ddpmseg.config import ClassifierConfig, Config, DataConfig
-from ddpmseg.featcache.spec import FeatureSpec
+from ddpmseg.spec import FeatureSpec
 from ddpmseg.featcache.store import FeatureStore, StoreInfo
 
 

@@ -3,8 +3,8 @@
 import pytest
 from click.testing import CliRunner
 
-from ddpmseg import __version__
-from ddpmseg.bundled import resolve_checkpoint
+from ddpmseg.core.version import __version__
+from ddpmseg.backbone.bundled import resolve_checkpoint
 from ddpmseg.cli.main import cli
 
 COMMANDS = ["extract", "fit", "predict", "evaluate", "report", "demo", "check-checkpoint",
@@ -54,3 +54,9 @@ def test_debug_shows_the_traceback(tmp_path, debug):
         assert result.exception is not None and not isinstance(result.exception, SystemExit)
     else:
         assert "error: checkpoint" in result.output and isinstance(result.exception, SystemExit)
+
+
+def test_library_parameters_become_options_in_cli_errors():
+    from ddpmseg.cli.main import as_flags
+    text = "pass `resize=True`, `num_classes=N`, `images_dir=DIR` or `progress=False`; a=b stays"
+    assert as_flags(text) == "pass --resize, --num-classes N, --images DIR or --no-progress; a=b stays"

@@ -12,10 +12,10 @@ from torch import nn
 from ddpmseg.cli.main import cli
 from ddpmseg.config import Config
 from ddpmseg.classifier import Ensemble
-from ddpmseg.featcache.spec import FeatureSpec
+from ddpmseg.spec import FeatureSpec
 from ddpmseg.featcache.store import FeatureStore, StoreInfo
 
-predict_module = importlib.import_module("ddpmseg.predict")
+predict_module = importlib.import_module("ddpmseg.pipelines.predict")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -108,8 +108,8 @@ def test_two_predicts_into_one_out_the_second_fails_at_once(tmp_path, store, fak
     see only the prediction."""
     import os
 
-    from ddpmseg.evaluate import evaluate
-    from ddpmseg.report import report
+    from ddpmseg.outputs.evaluate import evaluate
+    from ddpmseg.outputs.report import report
 
     alone = predict_module.predict(fake_run, store, tmp_path / "alone", uncertainty=True,
                                    device="cpu", progress=False)
@@ -239,7 +239,7 @@ sys.path.insert(0, {tests!r})
 import test_predict as T
 from ddpmseg.classifier import Ensemble
 from ddpmseg.config import Config
-P = importlib.import_module("ddpmseg.predict")
+P = importlib.import_module("ddpmseg.pipelines.predict")
 module, name, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
 owner = importlib.import_module(module)
 real, calls = getattr(owner, name), []
@@ -262,10 +262,10 @@ P.predict(sys.argv[4], sys.argv[5], sys.argv[6], uncertainty=True, device="cpu",
 # (module, function, call at which predict is killed): while writing the images; once the
 # new prediction is whole (before it is named .out.new, before mine.txt is carried into it,
 # between the renames OUT -> .out.old and .out.new -> OUT); before the old one is deleted.
-KILL_POINTS = [("ddpmseg.predict", "_write_image_outputs", 2),
-               ("ddpmseg.predict_outputs", "_move", 1), ("ddpmseg.predict_outputs", "_move", 2),
-               ("ddpmseg.predict_outputs", "_move", 4),
-               ("ddpmseg.predict_outputs", "_remove_tree", 1)]
+KILL_POINTS = [("ddpmseg.pipelines.predict", "_write_image_outputs", 2),
+               ("ddpmseg.outputs.folder", "_move", 1), ("ddpmseg.outputs.folder", "_move", 2),
+               ("ddpmseg.outputs.folder", "_move", 4),
+               ("ddpmseg.outputs.folder", "_remove_tree", 1)]
 
 
 @pytest.mark.parametrize("module, function, at", KILL_POINTS)
@@ -288,7 +288,7 @@ def test_a_killed_predict_leaves_the_earlier_prediction_or_the_new_one(
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     if function == "_remove_tree":  # the new prediction was swapped in
         _same_prediction(out, alone)
-    elif (module, at) == ("ddpmseg.predict_outputs", 4):  # between the two renames
+    elif (module, at) == ("ddpmseg.outputs.folder", 4):  # between the two renames
         assert not out.exists()
         assert _tree(tmp_path / ".out.old") == {k: v for k, v in before.items()
                                                 if k != "mine.txt"}
@@ -335,7 +335,7 @@ def test_predict_on_a_full_disk_names_out_and_the_free_space(tmp_path, store, fa
     one beside it): one line naming OUT and the free space; OUT is as it was."""
     import shutil
 
-    from ddpmseg.fileio import size_text
+    from ddpmseg.core.fileio import size_text
 
     measure = tmp_path / "measure"
     predict_module.predict(fake_run, store, measure, device="cpu", progress=False)

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from ddpmseg.bundled import DEMO_DATA
+from ddpmseg.backbone.bundled import DEMO_DATA
 from ddpmseg.cli.main import cli
 from ddpmseg.featcache.store import FeatureStore
 
@@ -226,7 +226,7 @@ def test_resize_says_when_it_stretches(tmp_path, caplog):
 def test_demo_prints_its_table_on_stdout(monkeypatch, tmp_path):
     import importlib
 
-    demo_cli = importlib.import_module("ddpmseg.cli.demo")
+    demo_cli = importlib.import_module("ddpmseg.pipelines.demo")
     result = {"miou": 0.5, "num_classes": 2, "num_images": 1, "ignore_label": 255,
               "mask_ignore": False, "report": "r/index.html",
               "classes": [{"index": i, "name": f"c{i}", "iou": 0.5, "gt_pixels": 1,

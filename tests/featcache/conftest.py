@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ddpmseg.backbone import Backbone, ModelFlags
-from ddpmseg.bundled import DEMO_DATA, resolve_checkpoint
+from ddpmseg.backbone.bundled import DEMO_DATA, resolve_checkpoint
 from ddpmseg.config import Config
 
 FACES64_STEPS = (10, 400)

@@ -7,13 +7,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ddpmseg.backbone import BackboneId
+from ddpmseg.spec import BackboneId
 from ddpmseg.cli.main import cli as cli_main
-from ddpmseg.errors import ConfigError, FeatureOverflowError
+from ddpmseg.core.errors import ConfigError, FeatureOverflowError
 from ddpmseg.featcache import FeatureStore, StoreInfo
-from ddpmseg.featcache.spec import FeatureSpec
-from ddpmseg.featcache.store import (DEFAULT_CODEC, MANTISSA_BITS, codec_name, parse_codec,
-                                     round_mantissa)
+from ddpmseg.spec import FeatureSpec
+from ddpmseg.featcache.store import (
+    DEFAULT_CODEC,
+    MANTISSA_BITS,
+    codec_name,
+    parse_codec,
+    round_mantissa,
+)
 
 from .test_fc_store import SHAPES, random_labels, random_maps
 

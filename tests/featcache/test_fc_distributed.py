@@ -2,8 +2,9 @@
 
 import pytest
 
-from ddpmseg.errors import ConfigError
-from ddpmseg.featcache import FeatureStore, extract
+from ddpmseg.core.errors import ConfigError
+from ddpmseg.featcache import FeatureStore
+from ddpmseg.pipelines.extract import extract
 
 
 def test_local_cluster_store_equals_single_process(tmp_path, faces_dir, faces_config, helpers):

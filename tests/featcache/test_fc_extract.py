@@ -10,9 +10,16 @@ from PIL import Image
 
 from ddpmseg import data as D
 from ddpmseg.backbone import Backbone
-from ddpmseg.errors import (BadInputError, ConfigError, FeatureOverflowError, StoreError,
-                            StoreMismatchError)
-from ddpmseg.featcache import FeatureStore, extract
+from ddpmseg.backbone.base import image_tensor
+from ddpmseg.core.errors import (
+    BadInputError,
+    ConfigError,
+    FeatureOverflowError,
+    StoreError,
+    StoreMismatchError,
+)
+from ddpmseg.featcache import FeatureStore
+from ddpmseg.pipelines.extract import extract
 
 FACES64_STEPS = (10, 400)      # as tests/featcache/conftest.py's faces_config
 FACES64_BLOCKS = (2, 5, 8, 11)
@@ -32,7 +39,7 @@ def test_extract_writes_the_model_features_and_labels(tmp_path, faces_dir, faces
     assert store.config["model"]["checkpoint"] == str(faces64_ckpt)
     assert store.config["features"]["steps"] == list(FACES64_STEPS)
     for i, (name, image, mask) in list(enumerate(faces[:4]))[::3]:  # images 0 and 3
-        x0 = D.image_tensor(D.load_image(faces_dir / f"{name}.png"))[None]
+        x0 = image_tensor(D.load_image(faces_dir / f"{name}.png"))[None]
         acts = faces64.activations(x0, FACES64_STEPS, FACES64_BLOCKS)
         for got, key in zip(store.maps(i), info.keys):
             assert got.dtype == np.float16
@@ -117,7 +124,7 @@ def test_image_size_must_match_unless_resize(tmp_path, faces, faces_config, face
     assert store.info.image_size == (64, 64)
     want = np.asarray(Image.fromarray(masks[1]).resize((64, 64), Image.NEAREST))
     np.testing.assert_array_equal(store.labels(1), D.drop_rare_classes(want, 34, 255, 20))
-    x0 = D.image_tensor(D.load_image(folder / "img001.png", (64, 64), resize=True))[None]
+    x0 = image_tensor(D.load_image(folder / "img001.png", (64, 64), resize=True))[None]
     acts = faces64.activations(x0, FACES64_STEPS, FACES64_BLOCKS)
     np.testing.assert_array_equal(store.maps(1)[0], acts[store.info.keys[0]][0].half().numpy())
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddpmseg.errors import BadInputError
-from ddpmseg.featcache import FeatureStore, content, extract
+from ddpmseg.core.errors import BadInputError
+from ddpmseg.featcache import FeatureStore, content
+from ddpmseg.pipelines.extract import extract
 from ddpmseg.featcache.store import array_name
 
 

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from ddpmseg import data as D
-from ddpmseg.featcache import extract
+from ddpmseg.pipelines.extract import extract
 
 
 def _save_sideways(path, stored):

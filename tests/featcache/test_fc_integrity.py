@@ -16,10 +16,11 @@ from PIL import Image
 
 from ddpmseg import data as D
 from ddpmseg.cli.main import cli
-from ddpmseg.errors import BadInputError, StoreError
-from ddpmseg.featcache import FeatureStore, extract
-from ddpmseg.locking import LockedError, lock_path, writer_lock
-from ddpmseg.verify import verify_store
+from ddpmseg.core.errors import BadInputError, StoreError
+from ddpmseg.featcache import FeatureStore
+from ddpmseg.pipelines.extract import extract
+from ddpmseg.core.locking import LockedError, lock_path, writer_lock
+from ddpmseg.pipelines.verify import verify_store
 
 
 @pytest.fixture
@@ -152,7 +153,7 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path, synthetic_dir, f
 def test_a_killed_writers_lock_never_blocks(tmp_path, synthetic_dir, fake_config,
                                             fake_backbone):
     path = tmp_path / "s.zarr"
-    code = ("import os, sys; from ddpmseg.locking import writer_lock\n"
+    code = ("import os, sys; from ddpmseg.core.locking import writer_lock\n"
             f"with writer_lock({str(path)!r}):\n    os.kill(os.getpid(), 9)")
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ})
     assert proc.returncode == -9 and lock_path(path).is_file()

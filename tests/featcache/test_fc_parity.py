@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ddpmseg.featcache import FeatureStore, StoreInfo
-from ddpmseg.featcache.spec import FeatureSpec
+from ddpmseg.spec import FeatureSpec
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpmseg.featcache import pixels
-from ddpmseg.featcache.spec import FeatureSpec
+from ddpmseg.spec import FeatureSpec, feature_dim
 from ddpmseg.featcache.store import StoreInfo
 
 
@@ -72,8 +72,8 @@ def test_dense_rows_are_the_dense_tensor_rows():
 
 
 def test_feature_dim():
-    assert pixels.feature_dim([(1024, 32, 32), (512, 32, 32), (256, 128, 128)]) == 1792
-    assert np.isclose(pixels.feature_dim([]), 0)
+    assert feature_dim([(1024, 32, 32), (512, 32, 32), (256, 128, 128)]) == 1792
+    assert np.isclose(feature_dim([]), 0)
 
 
 def test_pool_gather_is_the_reference_order_dense_features(tmp_path):

@@ -10,7 +10,7 @@ SCRIPT = textwrap.dedent("""
     import sys, time
     from ddpmseg.backbone import Backbone
     from ddpmseg.config import Config
-    from ddpmseg.featcache import extract
+    from ddpmseg.pipelines.extract import extract
 
     data, store, ckpt, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
     real = Backbone.from_checkpoint(ckpt, "faces_64")

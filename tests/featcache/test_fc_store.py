@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from ddpmseg.errors import FeatureOverflowError, StoreError, StoreMismatchError
+from ddpmseg.core.errors import FeatureOverflowError, StoreError, StoreMismatchError
 from ddpmseg.featcache import FeatureStore, StoreInfo
-from ddpmseg.backbone.ident import BackboneId
+from ddpmseg.spec import BackboneId
 from ddpmseg.featcache.integrity import attrs_digest
-from ddpmseg.featcache.spec import FeatureSpec
+from ddpmseg.spec import FeatureSpec
 from ddpmseg.featcache.store import DEFAULT_CODEC, array_name, decode_map, encode_map
 
 SHAPES = ((6, 4, 4), (3, 8, 8), (6, 4, 4), (3, 8, 8))

@@ -12,10 +12,11 @@ import time
 import pytest
 from distributed import Client
 
-from ddpmseg.errors import InputNotFoundError
-from ddpmseg.featcache import FeatureStore, extract
-from ddpmseg.featcache import extraction as X
-from ddpmseg.verify import verify_store
+from ddpmseg.core.errors import InputNotFoundError
+from ddpmseg.featcache import FeatureStore
+from ddpmseg.pipelines.extract import extract
+from ddpmseg.pipelines import extract as X
+from ddpmseg.pipelines.verify import verify_store
 
 CLI = [sys.executable, "-c", "from ddpmseg.cli.main import main; main()"]
 SMALL = ["--config", "faces64_ffhq_34", "--steps", "10", "--blocks", "2", "--batch-size", "1",
@@ -44,7 +45,7 @@ def start_extract(data, store, address, *extra, cwd=None):
 
 
 def small_config(seed: int = 0):
-    from ddpmseg.config import load_config
+    from ddpmseg import load_config
     return load_config("faces64_ffhq_34").with_overrides(
         features={"steps": (10,), "blocks": (2,), "seed": seed, "batch_size": 1})
 

@@ -4,10 +4,11 @@ another attempt now owns is told apart (verify), refused (a guarded writer) and 
 import numpy as np
 import pytest
 
-from ddpmseg.errors import StaleWriterError
-from ddpmseg.featcache import FeatureStore, extract
+from ddpmseg.core.errors import StaleWriterError
+from ddpmseg.featcache import FeatureStore
+from ddpmseg.pipelines.extract import extract
 from ddpmseg.featcache.store import array_name
-from ddpmseg.verify import verify_store
+from ddpmseg.pipelines.verify import verify_store
 
 
 @pytest.fixture
@@ -64,7 +65,7 @@ def test_overwrite_survives_a_folder_written_while_it_is_deleted(
         tmp_path, synthetic_dir, fake_config, fake_backbone, monkeypatch):
     """The reported race: a late task writes into the old store while --overwrite deletes it,
     and the deletion fails with "Directory not empty". The path is freed by a rename first."""
-    from ddpmseg.featcache import extraction
+    from ddpmseg.pipelines import extract as extraction
     path = tmp_path / "s.zarr"
     extract(synthetic_dir, path, fake_config, backbone=fake_backbone(), progress=False)
     real, calls = extraction.shutil.rmtree, []

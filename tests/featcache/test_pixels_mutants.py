@@ -3,7 +3,7 @@
 import torch
 
 from ddpmseg.featcache import pixels
-from ddpmseg.featcache.spec import FeatureSpec
+from ddpmseg.spec import FeatureSpec
 from ddpmseg.featcache.store import StoreInfo
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpmseg import render
+from ddpmseg.outputs import render
 
 CLASS_NAMES = ("background", "<script>alert(1)</script>", "cat & dog", 'say "hi"')
 SIZE = (16, 20)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpmseg import render
-from ddpmseg.report import report
+from ddpmseg.outputs import render
+from ddpmseg.outputs.report import report
 
 VIEWPORT = (1280, 800)
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ddpmseg import render
+from ddpmseg.outputs import render
 from ddpmseg.cli.main import cli
-from ddpmseg.errors import BadInputError, InputNotFoundError
-from ddpmseg.evaluate import evaluate
-from ddpmseg.report import report
+from ddpmseg.core.errors import BadInputError, InputNotFoundError
+from ddpmseg.outputs.evaluate import evaluate
+from ddpmseg.outputs.report import report
 
 
 def card_order(page: str) -> list[str]:

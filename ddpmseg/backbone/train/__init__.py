@@ -6,9 +6,9 @@ Modules: ``data`` (images in RAM, the resumable data order), ``losses`` (the DDP
 sampling use too.
 """
 
-from .data import DataOrder, center_crop, load_images
-from .losses import training_losses
-from .loop import Trainer, train_backbone
+from ddpmseg.backbone.train.data import DataOrder, center_crop, load_images
+from ddpmseg.backbone.train.losses import training_losses
+from ddpmseg.backbone.train.loop import Trainer, train_backbone
 
 __all__ = ["train_backbone", "Trainer", "training_losses", "load_images", "center_crop",
            "DataOrder"]

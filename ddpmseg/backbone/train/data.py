@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ...data import list_samples, load_image
-from ...errors import BadInputError, RunError
-from ...progress import wanted
+from ddpmseg.data import list_samples, load_image
+from ddpmseg.core.errors import BadInputError, RunError
+from ddpmseg.core.progress import wanted
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:

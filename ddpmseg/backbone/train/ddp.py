@@ -9,8 +9,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from ...device import resolve_device
-from ...errors import RunError
+from ddpmseg.core.device import resolve_device
+from ddpmseg.core.errors import RunError
 
 
 def world_size_from_env() -> int:

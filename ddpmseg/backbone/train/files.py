@@ -16,8 +16,8 @@ from typing import Mapping
 import torch
 from PIL import Image
 
-from ...errors import RunError
-from ...fileio import atomic_write, write_json
+from ddpmseg.core.errors import RunError
+from ddpmseg.core.fileio import atomic_write, write_json
 
 STATE_VERSION = 1
 WEIGHT_FILES = ("model.pt", "ema.pt")

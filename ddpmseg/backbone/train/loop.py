@@ -47,17 +47,17 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ...device import resolve_device
-from ...errors import ConfigError, DdpmsegError, RunError
-from ...locking import writer_lock
-from ...progress import wanted
-from ..diffusion import Schedule
-from ..flags import ModelFlags
-from ..sampling import image_grid, sample
-from ..unet import UNetModel, zero_init_
-from . import ddp, files
-from .data import DataOrder, load_images
-from .losses import training_losses
+from ddpmseg.core.device import resolve_device
+from ddpmseg.core.errors import ConfigError, DdpmsegError, RunError
+from ddpmseg.core.locking import writer_lock
+from ddpmseg.core.progress import wanted
+from ddpmseg.backbone.diffusion import Schedule
+from ddpmseg.backbone.adm.flags import ModelFlags
+from ddpmseg.backbone.sampling import image_grid, sample
+from ddpmseg.backbone.adm.unet import UNetModel, zero_init_
+from ddpmseg.backbone.train import ddp, files
+from ddpmseg.backbone.train.data import DataOrder, load_images
+from ddpmseg.backbone.train.losses import training_losses
 
 log = logging.getLogger("ddpmseg")
 

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ..diffusion import Schedule
+from ddpmseg.backbone.diffusion import Schedule
 
 
 def _normal_kl(mean1, logvar1, mean2, logvar2):

@@ -1,0 +1,530 @@
+"""Prediction: a trained ensemble + a feature store or a folder of images -> label maps.
+
+Prediction works in row tiles: for ``tile_rows`` rows of an image at a time, the dense pixel
+features of those rows are computed from the image's native-resolution maps, every member of the
+ensemble runs on them, and the members' logits are voted into labels. Peak memory is bounded by
+one image's native maps plus one tile's features (tile_rows x W x D floats), never by the
+image's full dense feature tensor (2.2 GB for 256x256 at 8448 dims) nor by the ensemble size.
+
+From a folder of images, features are extracted on the fly with the run's backbone (checkpoint
+and flags recorded in the training store's fingerprint), image by image, and never written out.
+
+Library entry point: :func:`predict`; the per-image core is :func:`predict_maps`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import io
+import logging
+import shutil
+import time
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+from ddpmseg.core.version import __version__
+from ddpmseg.outputs import render, voting
+from ddpmseg.backbone import load_backbone as factory_load_backbone
+from ddpmseg.backbone.base import image_tensor
+from ddpmseg.backbone.bundled import resolve_checkpoint
+from ddpmseg.classifier import Ensemble, load_ensemble
+from ddpmseg.data import (
+    check_image_size,
+    find_image,
+    image_hw,
+    labelled,
+    list_samples,
+    load_image,
+    read_mask,
+)
+from ddpmseg.core.device import resolve_device
+from ddpmseg.core.errors import (
+    BadInputError,
+    CheckpointError,
+    ConfigError,
+    InputNotFoundError,
+    RunError,
+    StoreError,
+    StoreMismatchError,
+)
+from ddpmseg.classifier import run as R
+from ddpmseg.featcache import content, pixels
+from ddpmseg.pipelines.extract import encoded_maps
+from ddpmseg.spec import FeatureSpec
+from ddpmseg.featcache.store import FeatureStore, decode_map
+from ddpmseg.outputs import folder as PO
+from ddpmseg.core.fileio import is_no_space, no_space_error, sha256_file, size_text, write_json
+from ddpmseg.core.locking import reader_lock, writer_lock
+from ddpmseg.core.progress import wanted
+
+log = logging.getLogger("ddpmseg")
+
+__all__ = ["predict", "predict_maps", "ImagePrediction", "load_run", "check_compatible",
+           "SUMMARY_IMAGES"]
+
+# Rows of the contact sheet summary.png.
+SUMMARY_IMAGES = 8
+# Overlays of small images are enlarged so their legend can be read.
+OVERLAY_MIN_SIDE = 256
+# Features made with another seed, dtype, compute precision or lossy rounding are close to the
+# run's, not equal: prediction goes ahead with a warning. Every other difference is refused.
+TOLERATED = ("seed", "dtype", "precision", "keepbits")
+
+
+
+@dataclass
+class ImagePrediction:
+    labels: np.ndarray                 # uint8 (H, W)
+    entropy: np.ndarray | None = None  # float32 (H, W), nats
+    jsd: np.ndarray | None = None      # float32 (H, W), nats
+
+
+# -- the per-image core -------------------------------------------------------------------------
+@torch.no_grad()
+def predict_maps(members: Sequence[nn.Module], maps: Sequence, size: tuple[int, int], *,
+                 vote: str = "soft", tile_rows: int = 32, uncertainty: bool = False,
+                 device: torch.device | str | None = None) -> ImagePrediction:
+    """Labels (and uncertainty) of one image from its native (C, h, w) maps in feature order.
+
+    Rows y0..y0+tile_rows-1 at a time: their dense features -> every member -> vote. Each
+    pixel's result depends on nothing but its own features, so not on ``tile_rows``.
+    """
+    voting.check_vote(vote)
+    if tile_rows < 1:
+        raise ConfigError(f"tile_rows must be >= 1, got {tile_rows}", "pass --tile-rows 32")
+    height, width = size
+    device = torch.device(device) if device is not None else None
+    tiles = pixels.TileFeatures(maps, size, device)
+    labels = np.empty((height, width), dtype=np.uint8)
+    entropy = np.empty((height, width), dtype=np.float32) if uncertainty else None
+    jsd = np.empty((height, width), dtype=np.float32) if uncertainty else None
+    for y0 in range(0, height, tile_rows):
+        y1 = min(y0 + tile_rows, height)
+        feats = tiles.rows(y0, y1).T  # (n, D): a transposed view, no copy
+        logits = torch.stack([m(feats).float() for m in members])
+        if logits.shape[-1] > 256:
+            raise RunError(f"the ensemble has {logits.shape[-1]} classes; label maps hold at "
+                           "most 256", "use at most 256 classes")
+        tile = voting.vote(logits, vote)
+        labels[y0:y1] = tile.view(y1 - y0, width).to(torch.uint8).cpu().numpy()
+        if uncertainty:
+            ent, div = voting.uncertainty(logits)
+            entropy[y0:y1] = ent.view(y1 - y0, width).cpu().numpy()
+            jsd[y0:y1] = div.view(y1 - y0, width).cpu().numpy()
+    return ImagePrediction(labels, entropy, jsd)
+
+
+# -- the run --------------------------------------------------------------------------------
+def load_run(run, device: torch.device) -> Ensemble:
+    """A run directory -> its Ensemble on ``device``; an Ensemble is moved there."""
+    if isinstance(run, Ensemble):
+        return Ensemble(run.members, run.info, run.config, run.run_dir, device,
+                        run.store_path, run.metas)
+    path = Path(run)
+    if not path.is_dir():
+        raise InputNotFoundError(f"run directory {path} does not exist",
+                                 "give the directory `ddpmseg fit` wrote")
+    return load_ensemble(path, device)
+
+
+def check_compatible(run_spec: FeatureSpec, store_spec: FeatureSpec,
+                     store_path: str = "store") -> None:
+    """The store must hold the features the run was trained on (same model, steps, blocks,
+    shapes, image size); else StoreMismatchError saying what differs. A seed, dtype,
+    precision or rounding (lossy codec) of its own is only a warning, one line per field."""
+    diffs = run_spec.differences(store_spec, "in the run", "in the store", ignore=TOLERATED)
+    if diffs:
+        raise StoreMismatchError(
+            f"feature store {store_path} does not match the run's training store: "
+            + "; ".join(diffs),
+            "extract the images with the run's checkpoint, steps and blocks, or predict from "
+            "the image folder")
+    for note in run_spec.differences(store_spec, "in the run", "in the store", only=TOLERATED):
+        log.warning("note: %s has other features than the run was trained on: %s", store_path,
+                    note)
+
+
+def _warn_if_stale(model: Ensemble) -> None:
+    """Warn when the run's training store has changed (labels corrected, images added) since
+    the run was trained: its predictions do not use the newest labels."""
+    if model.run_dir is None or not model.store_path or not _is_store(Path(model.store_path)):
+        return
+    trained_on = R.read_header(model.run_dir).images
+    if trained_on is None:
+        return  # a run from before runs recorded their image set
+    try:
+        store = FeatureStore.open(model.store_path)
+    except StoreError:
+        return
+    changes = content.image_set_changes(trained_on, content.image_set(store))
+    if changes:
+        log.warning("the run %s is older than the labels of its store %s: since it was trained, "
+                    "%s; refit (`ddpmseg fit %s NEW_RUN_DIR`) to use them", model.run_dir,
+                    model.store_path, "; ".join(changes), model.store_path)
+
+
+# -- inputs ---------------------------------------------------------------------------------
+@dataclass
+class _Item:
+    name: str
+    image: np.ndarray | None   # RGB uint8 for the overlay, None = draw on grey
+    maps: list                 # native maps in feature order
+
+
+def _is_store(path: Path) -> bool:
+    return path.is_dir() and (path / "zarr.json").is_file()
+
+
+def reading_source(path: Path):
+    """A shared lock on a store for as long as it is read (no writer meanwhile: an `extract
+    --compact` or `--overwrite` swaps in a store whose image numbers mean other images);
+    nothing for an image folder."""
+    return reader_lock(path, "store") if _is_store(path) else contextlib.nullcontext()
+
+
+def _find_original(images_dir: Path | None, name: str) -> Path | None:
+    return find_image(images_dir, name) if images_dir is not None else None
+
+
+class _StoreSource:
+    kind = "store"
+
+    def __init__(self, path: Path, model: Ensemble, images_dir: Path | None):
+        self.store = FeatureStore.open(path)
+        check_compatible(model.info.spec, self.store.info.spec, str(path))
+        done = self.store.complete()
+        missing = [n for n, ok in zip(self.store.names, done) if not ok]
+        if missing:
+            raise StoreError(f"feature store {path} has {len(missing)} incomplete image(s), "
+                             f"first {missing[0]!r}", "rerun `ddpmseg extract` to finish it")
+        if images_dir is not None and not images_dir.is_dir():
+            raise InputNotFoundError(f"images folder {images_dir} does not exist",
+                                     "give the folder of the original images, or leave out "
+                                     "--images to draw overlays on grey")
+        self.images_dir = images_dir
+        self.size = tuple(self.store.info.image_size)
+        self.names = list(self.store.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def image_content(self) -> dict[str, tuple[str | None, bool]]:
+        """{name: (image sha256 as extract recorded it, or None; has labels other than the
+        ignore label)}."""
+        recorded = content.read_state(self.store).hashes
+        info = self.store.info
+        # A mask of only the ignore label labels nothing: its image counts as unlabelled.
+        return {n: ((recorded.get(n) or [None])[0],
+                    info.has_labels and labelled(self.store.labels(i), info.ignore_label))
+                for i, n in enumerate(self.names)}
+
+    def items(self, skip: Collection[str] = ()) -> Iterator[_Item]:
+        for i, name in enumerate(self.names):
+            if name in skip:
+                continue
+            original = _find_original(self.images_dir, name)
+            image = None
+            if original is not None:
+                image = load_image(original)
+            elif self.images_dir is not None:
+                log.warning("no original image for %s in %s; overlay drawn on grey", name,
+                            self.images_dir)
+            yield _Item(name, image, self.store.maps(i))
+
+
+class _ImageSource:
+    kind = "images"
+
+    def __init__(self, path: Path, model: Ensemble, device: torch.device,
+                 checkpoint: str | None, resize: bool):
+        self.samples = list_samples(path)
+        self.spec = model.info.spec
+        self.size = self.spec.image_size
+        self.resize = resize
+        self.device = device
+        self.ignore_label = model.info.ignore_label
+        # Check every image's size before the (slow) backbone load and before any output
+        # (each stretch is noted here, once).
+        for s in self.samples:
+            check_image_size(s.image, image_hw(s.image), self.size, resize)
+        self.checkpoint = _resolve_checkpoint(checkpoint, model)
+        self.names = [s.name for s in self.samples]
+        want = self.spec.backbone
+        try:
+            self.backbone = load_backbone(self.checkpoint,
+                                          want.flags or model.config.model.preset, device)
+        except CheckpointError:
+            # Another architecture's file: that it is not the run's checkpoint is the news,
+            # not which of its keys do not fit.
+            if want.sha256 and self.checkpoint.is_file():
+                _check_sha256(self.checkpoint, sha256_file(self.checkpoint), want.sha256)
+            raise
+        if want.sha256:
+            # from_checkpoint hashes the file as it loads it; hash it here only if it did not.
+            got = getattr(self.backbone, "sha256", "") or sha256_file(self.checkpoint)
+            _check_sha256(self.checkpoint, got, want.sha256)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def image_content(self) -> dict[str, tuple[str | None, bool]]:
+        """{name: (image sha256, has a mask labelling at least one pixel)}."""
+        return {s.name: (content.file_sha256(s.image), s.mask is not None
+                         and labelled(read_mask(s.mask), self.ignore_label))
+                for s in self.samples}
+
+    def items(self, skip: Collection[str] = ()) -> Iterator[_Item]:
+        for sample in self.samples:
+            if sample.name in skip:
+                continue
+            image = load_image(sample.image, self.size, self.resize)
+            x0 = image_tensor(image)[None].to(self.device)
+            with torch.no_grad():
+                # The path `extract` takes: the maps equal those a store of the images holds,
+                # rounded as the run's training store (the run's spec) rounded them.
+                (encoded,) = encoded_maps(self.backbone, x0, self.spec, [sample.name])
+            yield _Item(sample.name, image, [decode_map(m, self.spec.dtype) for m in encoded])
+
+
+def _check_sha256(checkpoint: Path, got: str, want: str) -> None:
+    if got != want:
+        raise StoreMismatchError(
+            f"checkpoint {checkpoint} is not the run's checkpoint (sha256 {got[:12]}, "
+            f"expected {want[:12]})",
+            "pass --checkpoint with the checkpoint the run's store was extracted with")
+
+
+def input_path(input) -> Path:
+    """The path of a prediction input; an open FeatureStore (as extract returns) by its path."""
+    path = Path(getattr(input, "path", input))
+    if not path.exists():
+        raise InputNotFoundError(f"input {path} does not exist",
+                                 "give a feature store or a folder of images")
+    return path
+
+
+def open_source(path: Path, model: Ensemble, device: torch.device, checkpoint: str | None,
+                resize: bool, images_dir: Path | None = None):
+    """The images of a store or an image folder, as items (name, RGB image, native maps) the
+    run can predict: ``source.items(skip=names)``, ``len(source)``, ``source.size``,
+    ``source.kind``, ``source.names``; ``source.image_content()`` says per name its image
+    sha256 (None where a store recorded none) and whether a mask labels a pixel of it."""
+    if _is_store(path):
+        return _StoreSource(path, model, images_dir)
+    if path.is_dir():
+        return _ImageSource(path, model, device, checkpoint, resize)
+    raise BadInputError(f"input {path} is neither a feature store nor a folder of images",
+                        "give a store made by `ddpmseg extract` or an image folder")
+
+
+def load_backbone(checkpoint: Path, flags, device: torch.device):
+    """The run's backbone (kept as a module-level function so tests can substitute one)."""
+    return factory_load_backbone(checkpoint, flags, device)
+
+
+def _resolve_checkpoint(checkpoint: str | None, model: Ensemble) -> Path:
+    given = checkpoint or model.config.model.checkpoint
+    if not given:
+        raise RunError("the run records no backbone checkpoint to extract features with",
+                       "pass --checkpoint PATH (the checkpoint of the run's training store)")
+    path = resolve_checkpoint(given).expanduser()  # "bundled:faces_64" too
+    if not path.exists() and not path.is_absolute() and model.run_dir:
+        beside = Path(model.run_dir) / path
+        if beside.exists():
+            path = beside
+    if not path.exists():  # a .pt file, or a diffusers folder
+        raise InputNotFoundError(f"checkpoint {path} not found",
+                                 "pass --checkpoint PATH to the run's backbone checkpoint")
+    return path
+
+
+# -- outputs --------------------------------------------------------------------------------
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    # Through a buffer: numpy writing straight to a file reports a full disk as "4096
+    # requested and 2016 written", without errno; a plain write raises ENOSPC.
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    with open(path, "wb") as fh:  # np.save(path) would append ".npy" to a temporary name
+        fh.write(buffer.getbuffer())
+
+
+def _write_image_outputs(out: Path, item: _Item, pred: ImagePrediction, palette: np.ndarray,
+                         model: Ensemble, names: tuple, uncertainty: bool) -> tuple[dict, tuple]:
+    """Write one image's files into ``out`` (the staging folder); returns their paths there."""
+    info = model.info
+    files = {}
+    files["png"] = out / f"{item.name}.png"
+    render.save_label_png(files["png"], pred.labels, palette)
+    over = render.overlay(item.image, pred.labels, palette, names, info.num_classes,
+                          min_side=OVERLAY_MIN_SIDE)
+    files["overlay"] = out / f"{item.name}_overlay.png"
+    Image.fromarray(over).save(files["overlay"])
+    if uncertainty:
+        files["entropy"] = out / f"{item.name}_entropy.npy"
+        _save_npy(files["entropy"], pred.entropy)
+        files["jsd"] = out / f"{item.name}_jsd.npy"
+        _save_npy(files["jsd"], pred.jsd)
+        files["uncertainty"] = out / f"{item.name}_uncertainty.png"
+        render.uncertainty_image(pred.entropy, pred.jsd, info.num_classes,
+                                 len(model.members)).save(files["uncertainty"])
+    files["npy"] = out / f"{item.name}.npy"
+    _save_npy(files["npy"], pred.labels)
+    row = (item.name, item.image, pred.labels)
+    return {k: str(v) for k, v in files.items()}, row
+
+
+def predict(run, input, out_dir, *, vote: str | None = None, uncertainty: bool = False,
+            device: str | torch.device = "auto", tile_rows: int | None = None,
+            resize: bool = False, checkpoint: str | None = None, images: str | None = None,
+            progress: bool = True) -> dict:
+    """Predict every image of INPUT (a feature store or a folder of images) with RUN.
+
+    ``run`` is a run directory (``ddpmseg fit``'s output) or a ``classifier.Ensemble``. Writes into ``out_dir`` per image ``<name>.npy``
+    (uint8 labels), ``<name>.png`` (palette PNG), ``<name>_overlay.png`` and, with
+    ``uncertainty``, ``<name>_entropy.npy``, ``<name>_jsd.npy``, ``<name>_uncertainty.png``;
+    once: ``palette.json``, ``summary.png`` and ``predict.json``. ``vote`` and ``tile_rows``
+    default to the run config's [predict] values. ``images`` is a folder of the originals for
+    the overlays when INPUT is a store. Returns the summary written to predict.json, with the
+    output paths per image under "outputs".
+    """
+    started = time.perf_counter()
+    dev = resolve_device(device)
+    model = load_run(run, dev)
+    cfg = model.config
+    vote = vote or cfg.predict.vote
+    if vote not in voting.VOTES:
+        raise ConfigError(f"unknown vote {vote!r}", f"use one of {', '.join(voting.VOTES)}")
+    tile_rows = int(tile_rows or cfg.predict.tile_rows)
+    if tile_rows < 1:
+        raise ConfigError(f"tile_rows must be >= 1, got {tile_rows}", "pass --tile-rows 32")
+    if not model.members:
+        raise RunError("the run has no trained members", "run `ddpmseg fit` to train them")
+    info = model.info
+    if info.num_classes > 256:
+        raise RunError(f"the run has {info.num_classes} classes; label maps hold at most 256",
+                       "use at most 256 classes")
+
+    _warn_if_stale(model)
+
+    source_path = input_path(input)
+    with reading_source(source_path):
+        images_dir = Path(images) if images else None
+        source = open_source(source_path, model, dev, checkpoint, resize, images_dir)
+
+        out = Path(out_dir)
+        created = not out.exists()
+        real = _check_out(out)
+        # One predict at a time per OUT (the lock file is OUT's hidden sibling). The prediction
+        # is written into a hidden sibling folder and swapped in whole (predict_outputs): until
+        # then OUT keeps its earlier prediction, whatever stops this run.
+        with writer_lock(out, "prediction folder"):
+            PO.finish_interrupted(real)  # what a killed predict left beside OUT
+            PO.check_free(real, source.names)  # OUT = the data folder: its images are not ours
+            stage = PO.staging_dir(real)
+            stage.mkdir()
+            try:
+                summary = _predict_into(out, stage, source, source_path, model, dev, vote,
+                                        tile_rows, uncertainty, resize, images_dir, started,
+                                        progress)
+                PO.publish(stage, real)
+            except BaseException as exc:
+                written = PO.folder_bytes(stage)
+                shutil.rmtree(stage, ignore_errors=True)  # OUT is untouched
+                if created:
+                    _remove_if_empty(real)
+                if is_no_space(exc):
+                    raise no_space_error(out, None, "the prediction", hint=(
+                        f"free some space, or choose an OUT on another disk, and rerun; the "
+                        f"earlier prediction in it is unchanged ({size_text(written)} of the new "
+                        f"one were written)")) from exc
+                raise
+    log.info("predicted %d image(s) into %s (%.1f s)", summary["num_images"], out,
+             summary["seconds"])
+    return summary
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty: the swap happened, or something was put there meanwhile
+        pass
+
+
+def _check_out(out: Path) -> Path:
+    """OUT's real path, after checking that it is a folder predict can replace; made here
+    when new, so that an OSError (a file in the way, no permission) names OUT."""
+    out.mkdir(parents=True, exist_ok=True)
+    real = PO.real_out(out)
+    PO.check_replaceable(real)
+    return real
+
+
+def _predict_into(out, stage, source, source_path, model, dev, vote, tile_rows, uncertainty,
+                  resize, images_dir, started, progress) -> dict:
+    """Write the whole prediction into ``stage``; the paths it records are OUT's."""
+    info, cfg = model.info, model.config
+    class_names = tuple(info.class_names) or tuple(cfg.data.class_names)
+    palette = render.make_palette(info.num_classes, info.ignore_label)
+    write_json(stage / "palette.json", render.palette_json(palette, info.num_classes,
+                                                         info.ignore_label, class_names))
+
+    outputs: dict[str, dict] = {}
+    sheet_rows = []
+    bar = tqdm(source.items(), total=len(source), desc="predict", unit="img",
+               disable=not wanted(progress), leave=False)
+    for item in bar:
+        pred = predict_maps(model.members, item.maps, source.size, vote=vote,
+                            tile_rows=tile_rows, uncertainty=uncertainty, device=dev)
+        item.maps = None
+        files, row = _write_image_outputs(stage, item, pred, palette, model, class_names,
+                                          uncertainty)
+        outputs[item.name] = {k: str(out / Path(v).name) for k, v in files.items()}
+        if len(sheet_rows) < SUMMARY_IMAGES:
+            sheet_rows.append(row)
+    bar.close()
+    summary_path = out / "summary.png"
+    if sheet_rows:
+        render.contact_sheet(sheet_rows, palette, class_names, info.num_classes).save(
+            stage / summary_path.name)
+
+    summary = {
+        "version": __version__,
+        "run": str(model.run_dir) if model.run_dir is not None else None,
+        "input": str(source_path),
+        "input_kind": source.kind,
+        "out_dir": str(out),
+        "vote": vote,
+        "tile_rows": tile_rows,
+        "uncertainty": uncertainty,
+        "device": str(dev),
+        "resize": resize,
+        "images": str(images_dir) if images_dir else None,
+        "checkpoint": str(source.checkpoint) if source.kind == "images" else None,
+        "num_members": len(model.members),
+        "num_classes": info.num_classes,
+        "ignore_label": info.ignore_label,
+        "class_names": list(class_names),
+        "steps": list(info.steps),
+        "blocks": list(info.blocks),
+        "image_size": list(source.size),
+        "seed": info.seed,
+        "dtype": info.dtype,
+        "fingerprint": info.fingerprint,
+        # The run's resolved config: what a report shows of the run (backbone, ETF, ...).
+        "config": cfg.to_dict(),
+        "num_images": len(outputs),
+        "names": list(outputs),
+        "summary": str(summary_path) if sheet_rows else None,
+        "palette": str(out / "palette.json"),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    write_json(stage / PO.META_FILE, summary, default=str)  # last: the prediction is whole
+    return {**summary, "outputs": outputs}

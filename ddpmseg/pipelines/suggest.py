@@ -1,0 +1,209 @@
+"""``ddpmseg suggest``: which images to label next.
+
+Each image of a store or a folder is predicted by the run's ensemble; its score is the mean
+over pixels of the members' disagreement: the Jensen-Shannon divergence of their softmax
+outputs (``by="jsd"``, what the members disagree on) or the entropy of their mean (``by=
+"entropy"``, what the ensemble as a whole is unsure of). Images are ranked by score, highest
+first. Images that are labelled already are left out (``include_labelled`` ranks them too):
+those with a mask that labels a pixel (an image folder's mask file, a store extracted with
+labels; a mask of only the ignore label labels nothing) and those the
+run was trained on (the same image bytes, by the sha256 the run's store recorded). With ``diverse``, the ranking is greedy: each next image maximises its score (scaled by
+the highest) minus ``penalty`` x its largest cosine similarity to an image already chosen,
+measured on the images' mean-pooled features (each stored map averaged over its pixels,
+centred on the mean over the images, so that what every image shares does not count), so
+near-duplicates of a chosen image fall back.
+
+Writes ``suggest.csv`` (rank, name, score, per-class predicted area as a fraction of the
+image) and ``suggest.png`` (a contact sheet of the top images: image, prediction, overlay).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ddpmseg.outputs import render
+from ddpmseg.outputs.suggestions import CSV_FILE, SCORES, SHEET_FILE, write_suggestions
+from ddpmseg.core.device import resolve_device
+from ddpmseg.classifier import run as R
+from ddpmseg.core.errors import ConfigError
+from ddpmseg.core.fileio import write_png
+from ddpmseg.core.locking import writer_lock
+from ddpmseg.pipelines.predict import (
+    input_path,
+    load_run,
+    open_source,
+    predict_maps,
+    reading_source,
+)
+
+log = logging.getLogger("ddpmseg")
+
+SHEET_IMAGES = 8        # rows of the contact sheet
+DIVERSITY_PENALTY = 1.0
+
+
+@dataclass
+class Scored:
+    name: str
+    score: float
+    area: np.ndarray            # (C,) fraction of pixels predicted as each class
+    pooled: np.ndarray          # mean-pooled features (diversity)
+    image: np.ndarray | None = field(repr=False, default=None)
+    labels: np.ndarray | None = field(repr=False, default=None)
+    similarity: float | None = None   # with diverse: largest cosine similarity to a pick before
+
+
+class Ranking(list):
+    """The ranked ``Scored`` images, best first; ``skipped``: {name: why} of the labelled
+    images left out."""
+
+    def __init__(self, ranked=(), skipped: dict[str, str] | None = None):
+        super().__init__(ranked)
+        self.skipped = dict(skipped or {})
+
+
+WITH_MASK = "with a mask"
+TRAINED_ON = "trained on by the run"
+
+
+def labelled_images(source, model) -> dict[str, str]:
+    """{name: why} of the images of ``source`` (``predict.open_source``) that are labelled
+    already: with a mask, or trained on by ``model`` (its run's recorded image set)."""
+    trained = set()
+    if model.run_dir is not None:
+        images = R.read_header(model.run_dir).images or {}
+        trained = {h[0] for h in images.values() if h and h[0]}
+    out = {}
+    for name, (sha, has_mask) in source.image_content().items():
+        if has_mask:
+            out[name] = WITH_MASK
+        elif sha is not None and sha in trained:
+            out[name] = TRAINED_ON
+    return out
+
+
+def skipped_line(skipped: dict[str, str]) -> str:
+    """One line saying how many labelled images were left out, and why."""
+    if not skipped:
+        return "skipped 0 labelled images"
+    why = [f"{sum(1 for v in skipped.values() if v == w)} {w}" for w in (WITH_MASK, TRAINED_ON)]
+    return (f"skipped {len(skipped)} labelled image(s) ("
+            + ", ".join(w for w in why if not w.startswith("0 "))
+            + "); --include-labelled ranks them too")
+
+
+def pooled_features(maps) -> np.ndarray:
+    """One vector per image: every native map averaged over its pixels, concatenated."""
+    return np.concatenate([np.asarray(m, dtype=np.float32).reshape(m.shape[0], -1).mean(1)
+                           for m in maps])
+
+
+def diverse_order(scores: np.ndarray, pooled: np.ndarray,
+                  penalty: float = DIVERSITY_PENALTY) -> tuple[list[int], list[float | None]]:
+    """Greedy selection: indices in pick order and each pick's largest cosine similarity to
+    the picks before it (None for the first)."""
+    x = pooled - pooled.mean(0, keepdims=True)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    x = x / np.where(norm > 0, norm, 1.0)
+    top = float(scores.max()) if scores.size and scores.max() > 0 else 1.0
+    value = scores / top
+    chosen, sims = [], []
+    nearest = np.full(len(scores), -np.inf)
+    left = set(range(len(scores)))
+    while left:
+        cand = sorted(left)
+        gain = [value[i] - penalty * max(nearest[i], 0.0) if chosen else value[i] for i in cand]
+        i = cand[int(np.argmax(gain))]
+        sims.append(float(nearest[i]) if chosen else None)
+        chosen.append(i)
+        left.remove(i)
+        nearest = np.maximum(nearest, x @ x[i])
+    return chosen, sims
+
+
+def suggest(run, input, out_dir, *, top: int | None = None, by: str = "jsd",
+            diverse: bool = False, device="auto", checkpoint: str | None = None,
+            resize: bool = False, images: str | None = None, tile_rows: int | None = None,
+            include_labelled: bool = False) -> Ranking:
+    """Rank the unlabelled images of ``input`` (a store or an image folder) for labelling by
+    the run's ensemble disagreement; write suggest.csv and suggest.png into ``out_dir``.
+    Returns the top ``top`` (default all) in rank order, with ``.skipped`` the labelled images
+    left out (none with ``include_labelled``)."""
+    if by not in SCORES:
+        raise ConfigError(f"unknown score {by!r}", f"use one of {', '.join(SCORES)}")
+    if top is not None and top < 1:
+        raise ConfigError(f"--top must be at least 1, got {top}")
+    dev = resolve_device(device)
+    model = load_run(run, dev)
+    if len(model.members) < 2 and by == "jsd":
+        raise ConfigError("the run has one member: members cannot disagree",
+                          "use --by entropy, or fit an ensemble of 2 or more")
+    path = input_path(input)
+    with reading_source(path):
+        source = open_source(path, model, dev, checkpoint, resize,
+                             Path(images) if images else None)
+        skipped = {} if include_labelled else labelled_images(source, model)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with writer_lock(out, "suggestions folder"):
+            return _rank(model, source, input, out, skipped, top, by, diverse, dev, tile_rows)
+
+
+def _rank(model, source, input, out: Path, skipped: dict, top: int | None, by: str,
+          diverse: bool, dev, tile_rows: int | None) -> Ranking:
+    rows = int(tile_rows or model.config.predict.tile_rows)
+    scored = []
+    for item in source.items(skip=skipped):
+        pred = predict_maps(model.members, item.maps, source.size, vote="soft",
+                            tile_rows=rows, uncertainty=True, device=dev)
+        per_pixel = pred.jsd if by == "jsd" else pred.entropy
+        area = np.bincount(pred.labels.ravel(), minlength=256)[:model.num_classes]
+        scored.append(Scored(item.name, float(per_pixel.mean()), area / pred.labels.size,
+                             pooled_features(item.maps), item.image, pred.labels))
+        item.maps = None
+    if not scored:
+        # No stale suggestions of an earlier run stay behind (a report would list them).
+        _write_csv(out / CSV_FILE, [], by, diverse, model)
+        (out / SHEET_FILE).unlink(missing_ok=True)
+        if skipped:
+            log.info("nothing to rank in %s: all %d image(s) are labelled", input, len(skipped))
+        return Ranking([], skipped)
+    scores = np.array([s.score for s in scored])
+    if diverse:
+        order, sims = diverse_order(scores, np.stack([s.pooled for s in scored]))
+        for i, sim in zip(order, sims):
+            scored[i].similarity = sim
+    else:
+        order = sorted(range(len(scored)), key=lambda i: (-scores[i], scored[i].name))
+    ranked = [scored[i] for i in order][:top]
+    _write_csv(out / CSV_FILE, ranked, by, diverse, model)
+    _write_sheet(out / SHEET_FILE, ranked[:SHEET_IMAGES], by, model)
+    log.info("ranked %d image(s) by %s%s; wrote %s and %s", len(scored), by,
+             " (diverse)" if diverse else "", out / CSV_FILE, out / SHEET_FILE)
+    return Ranking(ranked, skipped)
+
+
+def _class_names(model) -> list[str]:
+    names = tuple(model.info.class_names) or tuple(model.config.data.class_names)
+    return [render.class_name(names, k) for k in range(model.num_classes)]
+
+
+def _write_csv(path: Path, ranked: list[Scored], by: str, diverse: bool, model) -> None:
+    rows = [(s.name, s.score, s.similarity, s.area) for s in ranked]
+    write_suggestions(path, rows, by, _class_names(model), diverse)
+
+
+def _write_sheet(path: Path, ranked: list[Scored], by: str, model) -> None:
+    palette = render.make_palette(model.num_classes, model.info.ignore_label)
+    names = tuple(model.info.class_names) or tuple(model.config.data.class_names)
+    rows = [(f"{k}. {s.name}  ({by} {s.score:.4f})", s.image, s.labels)
+            for k, s in enumerate(ranked, 1)]
+    write_png(path, render.contact_sheet(rows, palette, names, model.num_classes))
+
+
+__all__ = ["suggest", "diverse_order", "pooled_features", "SCORES",
+           "Ranking", "labelled_images"]

@@ -1,0 +1,91 @@
+"""``verify``: read every byte of a store or run and say what is damaged.
+
+A store: its attributes and arrays' metadata (checked on open), every image's complete flag,
+and every chunk of every complete image (checksum, presence, finite values). A run: its
+manifest, header and every member (checksum against the manifest, loadable, finite weights).
+Each problem is a ``Damage`` (what, where, detail); an empty list means sound.
+``extract --repair`` re-extracts exactly the images a store's damage names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ddpmseg.classifier import run as R
+from ddpmseg.core.errors import DdpmsegError
+from ddpmseg.featcache.store import FeatureStore
+
+
+@dataclass(frozen=True)
+class Damage:
+    what: str      # "image 3 (name)", "member_01.pt", "store", "run"
+    where: str     # the array ("act_t50_b5", "labels", "complete") or file
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.what}\t{self.where}\t{self.detail}"
+
+
+def is_run_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and any((p / name).is_file() for name in
+                              (R.CONFIG_FILE, R.STORE_FILE, R.MANIFEST_FILE))
+
+
+def verify(path: str | Path) -> tuple[str, list[Damage]]:
+    """("store" or "run", damage found). A path that is neither, or a store whose metadata
+    cannot be opened, is one Damage describing the error."""
+    if is_run_dir(path):
+        return "run", verify_run(path)
+    return "store", verify_store(path)
+
+
+def verify_store(path: str | Path) -> list[Damage]:
+    try:
+        store = FeatureStore.open(path)
+    except DdpmsegError as exc:
+        return [Damage("store", str(path), str(exc))]
+    out = []
+    bad_flags = set(store.damaged_flags())
+    done = store.complete()
+    for i, name in enumerate(store.names):
+        label = f"image {i} ({name})"
+        if i in bad_flags:
+            out.append(Damage(label, "complete", "the complete flag is damaged (the image "
+                              "counts as incomplete and is re-extracted)"))
+        elif not done[i]:
+            out.append(Damage(label, "complete", "not extracted yet (incomplete)"))
+        else:
+            out.extend(Damage(label, array, what) for array, what in store.damage(i))
+    return out
+
+
+def verify_run(path: str | Path) -> list[Damage]:
+    run_dir = Path(path)
+    try:
+        header = R.read_header(run_dir)
+    except DdpmsegError as exc:
+        return [Damage("run", str(run_dir), str(exc))]
+    out = []
+    count = header.config.classifier.ensemble
+    for k in range(count):
+        p = R.member_path(run_dir, k)
+        if not p.is_file():
+            out.append(Damage(p.name, str(p), "missing (not trained yet)"))
+            continue
+        try:
+            saved = R.read_member(p)
+            bad = [key for key, v in saved["state_dict"].items()
+                   if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        except DdpmsegError as exc:
+            out.append(Damage(p.name, str(p), exc.message))
+            continue
+        except (KeyError, TypeError, AttributeError) as exc:
+            out.append(Damage(p.name, str(p), f"not a member file ({exc})"))
+            continue
+        if bad:
+            out.append(Damage(p.name, str(p), f"non-finite weights in {', '.join(bad[:3])}"))
+    return out
