@@ -10,8 +10,8 @@ The package's folders are the pipeline's stages; each imports only from those be
     spec      the features' contract (FeatureSpec, BackboneId); config, data: configs, images, masks
     backbone  diffusion models and their features; featcache: the Zarr feature store
     classifier  the pixel-MLP ensemble and its run folder
-    outputs   the prediction folder, voting, pictures, evaluate, report; interop: the reference code
-    pipelines extract, predict, suggest, sweep, demo, verify
+    outputs   the prediction folder, voting, pictures, evaluate, report
+    interop   other tools' formats (the reference code); pipelines: extract, predict, suggest, ...
     cli       the ``ddpmseg`` command
 
 tests/test_layers.py checks that rule on every import.

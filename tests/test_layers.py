@@ -2,8 +2,8 @@
 each stage imports only from the stages before it, siblings not from each other, and no module
 imports itself back through a cycle.
 
-    core <- spec <- config, data <- backbone, featcache <- classifier
-         <- outputs, interop <- pipelines <- cli
+    core <- spec <- config, data <- backbone, featcache <- classifier <- outputs
+         <- interop, pipelines <- cli
 
 The root ``ddpmseg/__init__.py`` is outside the rule: it names the public functions and imports
 them only when used.
@@ -23,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ddpmseg"
 # Rank of each stage; a module may import a stage of lower rank, or its own stage.
 RANKS = {
     "core": 0, "spec": 1, "config": 2, "data": 2, "backbone": 3, "featcache": 3,
-    "classifier": 4, "outputs": 5, "interop": 5, "pipelines": 6, "cli": 7,
+    "classifier": 4, "outputs": 5, "interop": 6, "pipelines": 6, "cli": 7,
 }
 
 
