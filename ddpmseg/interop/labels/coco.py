@@ -9,6 +9,7 @@ Import paints a COCO file's annotations in file order (a later one wins overlaps
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,12 @@ def _decode(mask_api, seg, h: int, w: int, src: Path) -> np.ndarray:
             rle = {"size": seg["size"], "counts": seg["counts"].encode("ascii")}
         else:
             raise ValueError(f"a segmentation of type {type(seg).__name__}")
-        mask = mask_api.decode(rle)
+        with warnings.catch_warnings():
+            # pycocotools 2.0.11's decode under numpy 2 warns that its array wrapper takes no
+            # `copy` keyword (numpy then copies, the values are the same).
+            warnings.filterwarnings("ignore", "__array__ implementation doesn't accept a copy",
+                                    DeprecationWarning)
+            mask = mask_api.decode(rle)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise BadInputError(f"{src}: a segmentation cannot be read ({exc})",
                             "export the file again") from exc
