@@ -1,6 +1,7 @@
 """A hand-made prediction folder (what `predict` leaves) and its images, for labels tests."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +56,14 @@ def config_file(tmp_path):
     path = tmp_path / "classes.toml"
     path.write_text(CONFIG_TOML)
     return path
+
+
+@pytest.fixture
+def pycocotools():
+    """COCO's encodings (the [labels] extra): without them skip, except under CI=true."""
+    try:
+        import pycocotools.mask  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("pycocotools is not installed (CI installs '.[test,diffusers,labels]')")
+        pytest.skip("pycocotools is not installed: pip install -e '.[labels]'")

@@ -142,7 +142,7 @@ def test_label_studio_round_trip(tmp_path, label_studio, monkeypatch, one_thread
 
 
 def screenshot(ls: LabelStudio, project: int, task: int, path: Path) -> None:
-    """The task page in headless chromium, showing the pre-annotation (its tab selected)."""
+    """The task page in headless chromium, showing the pre-annotation."""
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -166,10 +166,9 @@ def screenshot(ls: LabelStudio, project: int, task: int, path: Path) -> None:
         driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
         WebDriverWait(driver, 120).until(lambda d: "/user/login" not in d.current_url)
         driver.get(f"{ls.url}/projects/{project}/data?task={task}")
-        tab = "//*[contains(text(), 'ddpmseg ')]"  # the prediction's tab: model version
-        WebDriverWait(driver, 180).until(lambda d: d.find_elements(By.XPATH, tab))
-        driver.find_elements(By.XPATH, tab)[-1].click()
-        WebDriverWait(driver, 60).until(
+        # The task opens with the prediction copied into the labeller's draft: its regions
+        # listed by class, the brush masks drawn over the image.
+        WebDriverWait(driver, 180).until(
             lambda d: d.find_elements(By.XPATH, "//*[text()='background']"))
         time.sleep(2)  # the canvas draws the brush masks after the region list
         driver.save_screenshot(str(path))

@@ -17,8 +17,6 @@ from ddpmseg.interop.labels.voc import VOC_CLASSES, VOC_VOID, voc_colour
 
 from tests.interop.conftest import CLASSES
 
-pytest.importorskip("pycocotools")
-
 
 def invoke(*argv):
     result = CliRunner().invoke(cli, list(map(str, argv)))
@@ -65,7 +63,9 @@ def test_rle_round_trip(n):
 
 @pytest.mark.parametrize("fmt, file", [("label-studio", "tasks.json"), ("coco", "coco.json")])
 def test_export_then_import_gives_the_label_maps_back(tmp_path, prediction, config_file, fmt,
-                                                      file):
+                                                      file, request):
+    if fmt == "coco":
+        request.getfixturevalue("pycocotools")
     images, pred, maps = prediction
     result = invoke("labels", "export", pred, tmp_path / "out", "--format", fmt)
     assert result.exit_code == 0, result.output
@@ -98,7 +98,25 @@ def test_label_studio_export_holds_scores_config_and_urls(tmp_path, prediction):
         == "http://x/img1.png"
 
 
-def test_score_is_zero_without_uncertainty(tmp_path):
+def test_label_maps_at_the_model_size_are_exported_at_the_image_size(tmp_path, config_file,
+                                                                     caplog):
+    from tests.interop.conftest import make_prediction
+
+    images, pred, maps = make_prediction(tmp_path, sizes=((8, 8),))
+    Image.fromarray(np.zeros((16, 24, 3), np.uint8)).save(images / "img0.png")  # 24x16 photo
+    with caplog.at_level(logging.WARNING, logger="ddpmseg"):
+        export_labels(pred, tmp_path / "out", "label-studio")
+    assert "1 label map(s) are not at their image's size" in caplog.text
+    tasks = json.loads((tmp_path / "out" / "tasks.json").read_text())
+    for task in tasks:
+        task["annotations"] = [{"result": task["predictions"][0]["result"]}]
+    (tmp_path / "out" / "tasks.json").write_text(json.dumps(tasks))
+    import_labels(tmp_path / "out" / "tasks.json", images, "label-studio", config_file)
+    expected = maps["img0"].repeat(2, axis=0).repeat(3, axis=1)  # nearest neighbour
+    assert np.array_equal(mask_of(images, "img0"), expected)
+
+
+def test_score_is_zero_without_uncertainty(tmp_path, pycocotools):
     from tests.interop.conftest import make_prediction
 
     _, pred, _ = make_prediction(tmp_path, entropy=False)
@@ -195,7 +213,7 @@ def test_a_mask_extract_would_read_first_is_refused(tmp_path, config_file):
 
 # -- COCO polygons ----------------------------------------------------------------------------------
 
-def test_coco_polygons_and_uncompressed_rle(tmp_path, config_file):
+def test_coco_polygons_and_uncompressed_rle(tmp_path, config_file, pycocotools):
     data = small_images(tmp_path / "data", ["x.png"], h=10, w=10)
     coco = {"images": [{"id": 7, "file_name": "some/dir/x.png", "height": 10, "width": 10}],
             "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],

@@ -23,9 +23,10 @@ from ddpmseg.config import Config
 from ddpmseg.core.errors import BadInputError, InputNotFoundError, OutputError
 from ddpmseg.core.fileio import write_png
 from ddpmseg.core.locking import writer_lock
-from ddpmseg.data import decode, list_samples, mask_names, size_text
+from ddpmseg.data import (_some, find_image, image_hw, list_samples, mask_names,
+                          size_text)
 from ddpmseg.outputs.folder import META_FILE, check_complete
-from ddpmseg.outputs.render import class_name
+from ddpmseg.outputs.render import class_name, make_palette
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ def write_masks(annotations: list[Annotation], data_dir: str | Path, cfg: Config
     empty = [a.ref for a in annotations if not a.regions]
     if empty:
         log.warning("note: %d image(s) have no annotation and were skipped: %s", len(empty),
-                    ", ".join(ref_name(r) for r in empty[:5]) + (", ..." if len(empty) > 5 else ""))
+                    _some([ref_name(r) for r in empty]))
     annotations = [a for a in annotations if a.regions]
     if not annotations:
         raise InputNotFoundError(f"{src} holds no annotated image", "label some images first")
@@ -154,7 +155,7 @@ def write_masks(annotations: list[Annotation], data_dir: str | Path, cfg: Config
     problems = []
     for ann in annotations:
         image = images[ann.ref]
-        hw = decode(image).size[::-1]
+        hw = image_hw(image)
         if tuple(hw) != tuple(ann.size):
             problems.append(f"{ref_name(ann.ref)} is annotated at {size_text(ann.size)} but "
                             f"{image} is {size_text(hw)}")
@@ -196,9 +197,6 @@ class PredictionFolder:
 
 def read_predictions(pred_dir: str | Path) -> PredictionFolder:
     """The label maps of a finished `predict` with their images, classes and colours."""
-    from ddpmseg.data import find_image
-    from ddpmseg.outputs.render import make_palette
-
     pred_dir = Path(pred_dir)
     meta = check_complete(pred_dir)
     num_classes = int(meta["num_classes"])
@@ -206,17 +204,33 @@ def read_predictions(pred_dir: str | Path) -> PredictionFolder:
     palette = make_palette(num_classes, meta.get("ignore_label"))
     images = meta.get("images") or (meta.get("input") if meta.get("input_kind") == "images"
                                     else None)
-    items = []
+    items, resized = [], []
     for name in meta["names"]:
         labels = np.load(pred_dir / f"{name}.npy", allow_pickle=False)
         if labels.ndim != 2 or labels.size == 0 or labels.max() >= num_classes:
             raise BadInputError(f"{pred_dir / name}.npy is no label map of {num_classes} "
                                 f"classes ({META_FILE})", "rerun `ddpmseg predict`")
         image = find_image(Path(images), name) if images else None
-        items.append(Prediction(name, image, labels.astype(np.uint8),
+        labels = at_image_size(labels.astype(np.uint8), image, resized)
+        items.append(Prediction(name, image, labels,
                                 _score(pred_dir / f"{name}_entropy.npy", num_classes)))
+    if resized:
+        log.warning("note: %d label map(s) are not at their image's size (a `resize=True` "
+                    "prediction) and were scaled to it (nearest neighbour), as labelling tools "
+                    "draw masks at the image's own size: %s", len(resized), _some(resized))
     return PredictionFolder(names, tuple(tuple(int(v) for v in palette[c])
                                          for c in range(num_classes)), tuple(items))
+
+
+def at_image_size(labels: np.ndarray, image: Path | None, resized: list[str]) -> np.ndarray:
+    """``labels`` at the size of ``image`` (nearest neighbour; its name added to ``resized``)."""
+    if image is None:
+        return labels
+    hw = image_hw(image)
+    if tuple(hw) == labels.shape:
+        return labels
+    resized.append(image.name)
+    return np.asarray(Image.fromarray(labels).resize((hw[1], hw[0]), Image.NEAREST), np.uint8)
 
 
 def _score(entropy_path: Path, num_classes: int) -> float:
