@@ -1,4 +1,5 @@
-"""``ddpmseg labels import`` / ``labels export``: masks from labelling tools, predictions to them."""
+"""``ddpmseg labels import`` / ``labels export``: masks from labelling tools in, predictions out
+to them."""
 
 from __future__ import annotations
 

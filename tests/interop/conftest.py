@@ -32,7 +32,8 @@ def make_prediction(root: Path, sizes=((40, 60), (48, 32)), entropy: bool = True
     names, maps = [], {}
     for i, (h, w) in enumerate(sizes):
         name = f"img{i}"
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(images / f"{name}.png")
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"{name}.png")
         maps[name] = label_map(rng, h, w)
         np.save(pred / f"{name}.npy", maps[name])
         if entropy:

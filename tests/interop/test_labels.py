@@ -27,7 +27,7 @@ def mask_of(images, name):
     return np.asarray(Image.open(images / f"{name}_mask.png"))
 
 
-# -- Label Studio's RLE -------------------------------------------------------------------------
+# -- Label Studio's RLE --------------------------------------------------------------------------
 
 # Made by label_studio_sdk 2.1.2's converter.brush.encode_rle (a run of 20, of 9, a single
 # value as a literal block, a run longer than 2**16, a run of 2): decoded here value for value.
@@ -201,6 +201,17 @@ def test_images_not_in_the_folder_and_sizes_are_checked_first(tmp_path, config_f
     assert not list(data.glob("*_mask.png"))
 
 
+def test_an_image_annotated_twice_is_refused(tmp_path, config_file):
+    data = small_images(tmp_path / "data", ["a.png"])
+    full = np.ones((4, 6), bool)
+    src = tmp_path / "export.json"
+    src.write_text(json.dumps([ls_task("a.png", [("cat", full)]),
+                               ls_task("/data/upload/1/12345678-a.png", [("dog", full)])]))
+    with pytest.raises(BadInputError, match="a.png is annotated twice"):
+        import_labels(src, data, "label-studio", config_file)
+    assert not (data / "a_mask.png").exists()
+
+
 def test_a_mask_extract_would_read_first_is_refused(tmp_path, config_file):
     data = small_images(tmp_path / "data", ["a.png"])
     np.save(data / "a.npy", np.zeros((4, 6), np.uint8))
@@ -211,7 +222,7 @@ def test_a_mask_extract_would_read_first_is_refused(tmp_path, config_file):
     assert not (data / "a_mask.png").exists()
 
 
-# -- COCO polygons ----------------------------------------------------------------------------------
+# -- COCO polygons -------------------------------------------------------------------------------
 
 def test_coco_polygons_and_uncompressed_rle(tmp_path, config_file, pycocotools):
     data = small_images(tmp_path / "data", ["x.png"], h=10, w=10)
@@ -229,7 +240,7 @@ def test_coco_polygons_and_uncompressed_rle(tmp_path, config_file, pycocotools):
     assert (mask[1:4, 1:4] == 1).all() and (mask[:, 9] == 2).all() and mask[8, 7] == 255
 
 
-# -- CVAT "Segmentation mask 1.1" and VOC ----------------------------------------------------------
+# -- CVAT "Segmentation mask 1.1" and VOC --------------------------------------------------------
 
 def test_cvat_segmentation_mask_export(tmp_path, config_file):
     data = small_images(tmp_path / "data", ["p.jpg", "q.png"], h=4, w=6)
@@ -270,7 +281,7 @@ def test_voc_palette_pngs_without_labelmap(tmp_path):
     assert mask_of(data, "v").tolist() == index.tolist()  # void stays the ignore label 255
 
 
-# -- the optional extra ------------------------------------------------------------------------------
+# -- the optional extra --------------------------------------------------------------------------
 
 def test_missing_pycocotools_names_the_extra(tmp_path, prediction, monkeypatch):
     _, pred, _ = prediction

@@ -1,4 +1,5 @@
-"""import_labels and export_labels: a labelling tool's export -> masks, a prediction folder -> pre-annotations."""
+"""import_labels (a labelling tool's export -> masks beside the images) and export_labels (a
+prediction folder -> pre-annotations)."""
 
 from __future__ import annotations
 

@@ -152,9 +152,12 @@ def write_masks(annotations: list[Annotation], data_dir: str | Path, cfg: Config
         raise InputNotFoundError(f"{src} holds no annotated image", "label some images first")
     images = match_images(annotations, data_dir)
     classes = check_labels(annotations, cfg, src)
-    problems = []
+    problems, seen = [], set()
     for ann in annotations:
         image = images[ann.ref]
+        if image in seen:
+            problems.append(f"{image.name} is annotated twice (in two tasks or images)")
+        seen.add(image)
         hw = image_hw(image)
         if tuple(hw) != tuple(ann.size):
             problems.append(f"{ref_name(ann.ref)} is annotated at {size_text(ann.size)} but "
@@ -171,7 +174,7 @@ def write_masks(annotations: list[Annotation], data_dir: str | Path, cfg: Config
             overlaps, overlapped = overlaps + n, overlapped + bool(n)
             image = images[ann.ref]
             written.append(write_png(image.with_name(image.stem + MASK_SUFFIX),
-                                     Image.fromarray(mask, mode="L")))
+                                     Image.fromarray(mask)))
     if overlaps:
         log.warning("note: %d pixel(s) in %d image(s) lie in two or more regions; each has the "
                     "later region's class", overlaps, overlapped)

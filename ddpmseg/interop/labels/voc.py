@@ -69,7 +69,8 @@ def read(src: str | Path) -> list[Annotation]:
 
 def _annotation(path: Path, colours: dict, void) -> Annotation:
     rgb = np.asarray(decode(path).convert("RGB"))
-    packed = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+    rgb32 = rgb.astype(np.int32)
+    packed = (rgb32[..., 0] << 16) | (rgb32[..., 1] << 8) | rgb32[..., 2]
     codes = {(r << 16) | (g << 8) | b: name for (r, g, b), name in colours.items()}
     present = np.unique(packed).tolist()
     void_code = None if void is None else (void[0] << 16) | (void[1] << 8) | void[2]
