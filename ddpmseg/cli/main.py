@@ -18,7 +18,8 @@ from ddpmseg.cli.common import configure_logging, global_options
 
 # Each command lives in its own module of this package, named like the command.
 COMMANDS = ("extract", "fit", "predict", "evaluate", "report", "demo", "check_checkpoint",
-            "train_backbone", "import_run", "export_run", "suggest", "sweep", "verify")
+            "train_backbone", "import_run", "export_run", "suggest", "sweep", "verify",
+            "labels")
 
 
 class Group(click.Group):
