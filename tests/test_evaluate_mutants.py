@@ -156,7 +156,8 @@ def test_the_errors_say_how_to_fix_them(tmp_path):
     save(tmp_path / "g", "b", [[0, 1]])
     with pytest.raises(ConfigError) as err:
         evaluate(tmp_path / "p", tmp_path / "g", num_classes=0, write=False)
-    assert str(err.value) == "num_classes must be 1..256, got 0; fix --num-classes"
+    assert str(err.value) == ("num_classes must be 1..256, got 0; give `num_classes=N` with N "
+                              "in 1..256")
     with pytest.raises(InputNotFoundError) as err:
         evaluate(tmp_path / "p", tmp_path / "nothing", num_classes=2, write=False)
     assert str(err.value).endswith("; give the folder of test masks (<name>.npy or PNG), or a "

@@ -28,8 +28,7 @@ def test_label_png_roundtrip(tmp_path):
 
 def test_palette_json(tmp_path):
     pal = render.make_palette(3, 255)
-    render.save_palette(tmp_path / "p.json", pal, 3, 255, ("bg", "cat"))
-    data = json.loads((tmp_path / "p.json").read_text())
+    data = json.loads(json.dumps(render.palette_json(pal, 3, 255, ("bg", "cat"))))
     assert [c["name"] for c in data["classes"]] == ["bg", "cat", "class_2"]
     assert data["classes"][1]["rgb"] == list(pal[1])
     assert len(data["palette"]) == 768
