@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -17,7 +18,7 @@ from ddpmseg.pipelines.predict import predict
 from ddpmseg.outputs.report import report
 from ddpmseg.outputs.suggestions import read_suggestions
 from ddpmseg.pipelines.suggest import diverse_order, suggest
-from ddpmseg.pipelines.sweep import SweepSettings, sweep
+from ddpmseg.pipelines.sweep import SweepSettings, _train_score, sweep
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +142,23 @@ def test_sweep_finds_the_map_that_carries_the_classes(make_store, tmp_path):
     test = make_store(tmp_path / "test.zarr", n_images=2, seed=1)
     settings = SweepSettings(pixels=1000, test_pixels=1000, seeds=2, epochs=20, candidates=2,
                              max_maps=2, batch_size=128)
-    summary = sweep(train, test, tmp_path / "sw", settings, compare=[((10, 20), (5,))])
+    torch.manual_seed(1234)
+    np.random.seed(1234)
+    before, before_np = torch.get_rng_state(), np.random.get_state()[1].copy()
+    threads = torch.get_num_threads()
+    summary = sweep(train, test, tmp_path / "sw", settings, compare=[((10, 20), (5,))],
+                    threads=1)
+    # The caller's random state and thread count are left as they were.
+    assert torch.equal(torch.get_rng_state(), before)
+    assert np.array_equal(np.random.get_state()[1], before_np)
+    assert torch.get_num_threads() == threads
+    # The same seed gives the same score, whatever the caller's random state.
+    x, y = torch.randn(64, 3, generator=torch.Generator().manual_seed(0)), torch.arange(64) % 2
+    scores = []
+    for outer in (5, 6):
+        torch.manual_seed(outer)
+        scores.append(_train_score(x, y, x, y, 2, 255, seed=3, s=settings))
+    assert scores[0] == scores[1]
     singles = summary["singles"]
     # Blocks 8 hold 3 x one-hot(class); blocks 5 are noise.
     for t in (10, 20):
