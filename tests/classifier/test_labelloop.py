@@ -200,3 +200,48 @@ def test_readers_of_a_store_refuse_while_a_writer_holds_it(run_dir, store_path, 
     hold_lock.release()
     again = predict(run_dir, store_path, tmp_path / "p2", device="cpu", progress=False)
     assert again["num_images"] == pred["num_images"]
+
+
+# A command run in a fresh interpreter, through the CLI's entry point; the last line printed
+# says whether torch was imported by the time it ended.
+_RUN_CLI = ("import sys\n"
+            "from ddpmseg.cli.main import cli\n"
+            "try:\n"
+            "    cli.main(sys.argv[1:], prog_name='ddpmseg', standalone_mode=False)\n"
+            "finally:\n"
+            "    print('torch imported:', 'torch' in sys.modules)\n")
+
+
+def _torch_imported(*args) -> bool:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _RUN_CLI, "--no-progress",
+                           *[str(a) for a in args]], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1] == "torch imported: True"
+
+
+@pytest.mark.parametrize("command", ["evaluate", "evaluate-store", "report", "verify-store"])
+def test_evaluate_report_and_verify_run_without_torch(run_dir, store_path, tmp_path, command):
+    """`evaluate`, `report` and `verify` never run a model: they work without importing torch
+    (3-4 s of start-up), on a real prediction folder and store. (evaluate against a store and
+    verify need featcache/store.py torch-free at import; verifying a run's members reads their
+    weights with torch.load, so only that imports torch.)"""
+    pred = tmp_path / "pred"
+    names = predict(run_dir, store_path, pred, uncertainty=True, device="cpu",
+                    progress=False)["names"]
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for name in names:
+        np.save(masks / f"{name}.npy", np.load(pred / f"{name}.npy"))
+    args = {"evaluate": ["evaluate", pred, masks, "--confusion"],
+            "evaluate-store": ["evaluate", pred, store_path],
+            "report": ["report", pred, "--gt", masks],
+            "verify-store": ["verify", store_path]}[command]
+    assert not _torch_imported(*args)
+    if command == "evaluate":
+        assert json.loads((pred / "metrics.json").read_text())["miou"] == 1.0
+    if command == "report":
+        assert (pred / "report" / "index.html").is_file()
