@@ -199,7 +199,7 @@ def _check_given_classes(given: DataConfig, classes_from: str, pred_dir: Path, m
                          store_gt) -> None:
     """The classes to score must be those the predictions (predict.json) and a GT store were
     made with: another data set's config would score its classes on these masks."""
-    hint = "give the config the predictions were made with, or leave --config out"
+    hint = "give the config the predictions were made with, or no config"
     if "num_classes" in meta:
         check_classes(given, classes_from, meta["num_classes"], meta.get("ignore_label", 255),
                       meta.get("class_names"), str(pred_dir / folder.META_FILE), hint)

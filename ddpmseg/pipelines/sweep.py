@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch.nn import functional
 
 from ddpmseg.classifier.model import PixelMLP
 from ddpmseg.classifier.sampler import PixelIndex
@@ -146,7 +146,7 @@ def _train_score(xtr, ytr, xte, yte, num_classes: int, ignore_label: int, seed: 
             idx = order[k:k + s.batch_size]
             if len(idx) < 2:
                 continue
-            loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
+            loss = functional.cross_entropy(model(xtr[idx]), ytr[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
