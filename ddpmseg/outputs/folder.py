@@ -47,6 +47,7 @@ CONFUSION_PNG = "confusion.png"
 FOLDER_FILES = (PALETTE_FILE, SUMMARY_FILE, METRICS_FILE, CONFUSION_CSV, CONFUSION_PNG,
                 META_FILE)
 REPORT_DIR = "report"     # the report's default folder, inside the prediction folder
+REPORT_INDEX = "index.html"   # the report's page, in its folder
 # predict.json's keys, in the order predict writes them.
 META_KEYS = ("version", "run", "input", "input_kind", "out_dir", "vote", "tile_rows",
              "uncertainty", "device", "resize", "images", "checkpoint", "num_members",
@@ -156,7 +157,7 @@ def _ours(out: Path) -> set[str]:
         pass
     own = {p.name for n in names if isinstance(n, str) for p in image_files(out, n)}
     own.update(FOLDER_FILES)
-    if (out / REPORT_DIR / "index.html").is_file():  # the report `predict --report` wrote
+    if (out / REPORT_DIR / REPORT_INDEX).is_file():  # the report `predict --report` wrote
         own.add(REPORT_DIR)
     return own
 

@@ -189,7 +189,7 @@ def _write(page: _Page, predictions: dict) -> Path:
         cards.sort(key=lambda c: (-(c.entropy if c.entropy is not None else -1.0), c.position))
 
     text = _page(page.pred_dir, meta, metrics, rows, palette, cards, page.label_next, limits)
-    index = out_dir / "index.html"
+    index = out_dir / folder.REPORT_INDEX
     atomic_write(index, lambda p: p.write_text(text, encoding="utf-8"))
     log.info("report of %d image(s) in %s", len(cards), index)
     return index
