@@ -463,3 +463,32 @@ def test_image_folder_with_another_architectures_checkpoint_names_the_sha256(tmp
         f"{want[:12]}); give `checkpoint=PATH`, the checkpoint the run's store was extracted "
         f"with")
     assert not (tmp_path / "out").exists()
+
+
+def test_predict_runs_on_the_threads_asked_for_and_restores_the_count(tmp_path, run_model,
+                                                                     monkeypatch):
+    seen = []
+    real = predict_module.predict_maps
+    monkeypatch.setattr(predict_module, "predict_maps",
+                        lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    make_store(tmp_path / "s.zarr")
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    predict(run_model, tmp_path / "s.zarr", tmp_path / "out", device="cpu", progress=False,
+            threads=want)
+    assert seen == [want, want] and torch.get_num_threads() == before
+
+
+def test_max_image_pixels_reaches_the_images_predict_reads(tmp_path, monkeypatch):
+    model = _substitute_model(tmp_path, monkeypatch)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.zeros((*SIZE, 3), np.uint8)).save(folder / "p.png")
+    pixels_ = SIZE[0] * SIZE[1]
+    with pytest.raises(BadInputError, match=f"above the limit of {pixels_ - 1}"):
+        predict(model, folder, tmp_path / "out", device="cpu", progress=False,
+                max_image_pixels=pixels_ - 1)
+    assert not (tmp_path / "out").exists()
+    res = predict(model, folder, tmp_path / "out", device="cpu", progress=False,
+                  max_image_pixels=pixels_)
+    assert res["names"] == ["p"]

@@ -54,9 +54,11 @@ def test_suggest_ranks_by_mean_jsd_and_writes_csv_and_sheet(run_dir, store_path,
 
 
 def test_suggest_top_entropy_and_cli(run_dir, store_path, tmp_path):
+    before = torch.get_num_threads()
     top = suggest(run_dir, store_path, tmp_path / "s", top=2, by="entropy", device="cpu",
-                  include_labelled=True)
+                  include_labelled=True, threads=1 if before != 1 else 2)
     assert len(top) == 2 and top[0].score >= top[1].score
+    assert torch.get_num_threads() == before  # threads= for the call only
     with pytest.raises(ConfigError, match="unknown score"):
         suggest(run_dir, store_path, tmp_path / "s", by="margin")
     result = CliRunner().invoke(cli, ["suggest", str(run_dir), str(store_path), "--out",
