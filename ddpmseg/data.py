@@ -212,14 +212,18 @@ def unreadable(path: Path, exc: BaseException, what: str = "image") -> BadInputE
     return BadInputError(f"cannot read {what} {path} ({exc})", "replace or remove the file")
 
 
+# PIL refuses files above twice its own (global) limit inside Image.open, before we see their
+# size. A caller's higher limit lifts PIL's for the length of one open, under this lock; PIL's
+# limit is read under it too, so no other thread takes the lifted value for its own.
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
 def pixel_limit(max_image_pixels: int | None = None) -> int | None:
     """The limit in force: ``max_image_pixels``, else PIL's default (None: no limit)."""
-    return int(max_image_pixels) if max_image_pixels is not None else Image.MAX_IMAGE_PIXELS
-
-
-# PIL refuses files above twice its own (global) limit inside Image.open, before we see their
-# size. A caller's higher limit lifts PIL's for the length of one open, under this lock.
-_PIL_LIMIT_LOCK = threading.Lock()
+    if max_image_pixels is not None:
+        return int(max_image_pixels)
+    with _PIL_LIMIT_LOCK:
+        return Image.MAX_IMAGE_PIXELS
 
 
 @contextlib.contextmanager
