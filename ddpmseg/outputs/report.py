@@ -79,7 +79,7 @@ def _image_folders(meta: dict, gt_dir: Path | None) -> list[Path]:
     return [f for f in folders if f.is_dir()]
 
 
-def _original(folders: list[Path], name: str, max_image_pixels: int | None
+def _original(folders: list[Path], name: str, max_image_pixels: int | None = None
               ) -> np.ndarray | None:
     for images in folders:
         path = find_image(images, name)
