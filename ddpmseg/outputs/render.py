@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ddpmseg.data import resize_mask
+
 
 IGNORE_RGB = (0, 0, 0)
 GREY_RGB = (128, 128, 128)
@@ -330,7 +332,7 @@ def contact_sheet(rows: Sequence[tuple[str, np.ndarray | None, np.ndarray]],
         y += line
         height, width = labels.shape
         size = _fit_size(height, width, tile)
-        big_labels = np.asarray(Image.fromarray(labels).resize(size, Image.NEAREST))
+        big_labels = resize_mask(labels, (size[1], size[0]))
         if image is None:
             picture = np.full((size[1], size[0], 3), GREY_RGB, dtype=np.uint8)
         else:
