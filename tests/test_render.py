@@ -170,3 +170,12 @@ def test_confusion_image_has_names_row_normalised_cells_and_a_scale():
     longer = render.confusion_image(np.array([[5, 1], [0, 0]]), ["0 background a lot"] * 2,
                                     ["0 background a lot"] * 2)
     assert longer.width > conf.shape[1] and longer.height > conf.shape[0]
+
+
+def test_class_names_fall_back_in_one_place():
+    # A run's recorded names win over its config's; none: () and class_<c> per index.
+    assert render.class_names(("bg", "cat"), ("x", "y", "z")) == ("bg", "cat")
+    assert render.class_names((), ["x", "y"]) == ("x", "y")
+    assert render.class_names((), None) == ()
+    assert [render.class_name(render.class_names(("bg",)), c) for c in range(2)] == \
+        ["bg", "class_1"]
