@@ -1,5 +1,11 @@
 """The prediction folder: what it holds, and how `predict` replaces it whole.
 
+This module is the folder's one schema: the file names (``IMAGE_KINDS`` per image,
+``PALETTE_FILE``, ``SUMMARY_FILE``, ``METRICS_FILE``, ``CONFUSION_*``, ``REPORT_DIR``) and
+predict.json's keys (``META_KEYS``). `predict` writes through it (``image_file``,
+``write_meta``); `evaluate` and `report` read through it (``check_complete``, ``read_meta``,
+``list_predictions``, ``uncertainty_maps``).
+
 A finished `predict` leaves in OUT, per image ``<name>`` of its predict.json's ``names``, the
 files of ``IMAGE_SUFFIXES`` (the ``_entropy``/``_jsd``/``_uncertainty`` ones with
 ``uncertainty``), and once ``FOLDER_FILES`` (predict.json last of all). `evaluate` and `report`
