@@ -6,11 +6,18 @@ of ``mask_names`` (quoted to users as ``ACCEPTED_MASKS``). Every image and PNG m
 ``decode``: the pixel limit checked from the header, then its EXIF orientation applied, so
 that ddpmseg sees what a viewer shows. Every problem is reported as our own error naming the
 file, before anything is written.
+
+The pixel limit is a parameter, ``max_image_pixels`` (None: PIL's default, 89478485), of every
+function here that reads an image, and of the library commands that read them; nothing sets it
+globally. Masks are resized by ``resize_mask`` (nearest neighbour) and their labels checked by
+``check_labels``, everywhere.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,14 +51,14 @@ MASK_LIKE_ENDINGS = ("_mask", "_masks", "_label", "_labels", "_lbl", "_gt", "_se
                      "_segmentation", "_annotation", "_annotations", "_anno")
 
 
-def is_mask_png(path: Path) -> bool:
+def is_mask_png(path: Path, max_image_pixels: int | None = None) -> bool:
     """Whether the PNG at ``path`` can be a mask (a single-channel image). A file that cannot
     be read, or has too many pixels, is an error naming it: "no mask" would point elsewhere."""
-    return _image_mode(path) in MASK_PNG_MODES
+    return _image_mode(path, max_image_pixels) in MASK_PNG_MODES
 
 
-def _image_mode(path: Path) -> str:
-    with _open(path) as im:  # the header only
+def _image_mode(path: Path, max_image_pixels: int | None = None) -> str:
+    with _open(path, max_image_pixels) as im:  # the header only
         return im.mode
 
 
@@ -70,7 +77,8 @@ class Sample:
     mask: Path | None
 
 
-def list_samples(folder: str | Path, require_masks: bool = False) -> list[Sample]:
+def list_samples(folder: str | Path, require_masks: bool = False,
+                 max_image_pixels: int | None = None) -> list[Sample]:
     """Images of ``folder`` sorted by name, each with its mask when one exists.
 
     A ``<stem>.png`` next to a ``<stem>.npy`` is the image; a PNG mask needs the image to be a
@@ -90,7 +98,7 @@ def list_samples(folder: str | Path, require_masks: bool = False) -> list[Sample
                and not p.name.startswith(".")]
     samples, other_names = [], []
     for path in candidates:
-        if mask_like(path, images):
+        if mask_like(path, images, max_image_pixels):
             if path.suffix.lower() in LOSSY_SUFFIXES:
                 raise lossy_mask_error(path)
             other_names.append(path.name)
@@ -125,7 +133,7 @@ def _is_accepted_mask(path: Path, files: dict) -> bool:
                                              and _is_mask_png(path, files))
 
 
-def mask_like(path: Path, images: dict[str, Path]) -> bool:
+def mask_like(path: Path, images: dict[str, Path], max_image_pixels: int | None = None) -> bool:
     """Whether the image file ``path`` looks like a mask under a name ddpmseg does not accept:
     a mask-like ending (``MASK_LIKE_ENDINGS``) after another image's stem, or on a
     single-channel file; or a single-channel file named after a colour image plus a suffix
@@ -137,9 +145,10 @@ def mask_like(path: Path, images: dict[str, Path]) -> bool:
     bases = [images[b] for b in _prefixes(stem) if b in images]
     if ending is None and not bases:
         return False  # cheap exit: most images are named after no other image
-    if _image_mode(path) not in MASK_PNG_MODES:
+    if _image_mode(path, max_image_pixels) not in MASK_PNG_MODES:
         return False
-    return ending is not None or any(_image_mode(b) not in MASK_PNG_MODES for b in bases)
+    return ending is not None or any(_image_mode(b, max_image_pixels) not in MASK_PNG_MODES
+                                     for b in bases)
 
 
 def _prefixes(stem: str) -> list[str]:
@@ -197,41 +206,74 @@ def size_text(hw: tuple[int, int]) -> str:
     return f"{hw[1]}x{hw[0]}"
 
 
-def _open(path: Path) -> Image.Image:
+def unreadable(path: Path, exc: BaseException, what: str = "image") -> BadInputError:
+    """The one error for an image or mask file that cannot be decoded (unknown format,
+    truncated or damaged data)."""
+    return BadInputError(f"cannot read {what} {path} ({exc})", "replace or remove the file")
+
+
+# PIL refuses files above twice its own (global) limit inside Image.open, before we see their
+# size. A caller's higher limit lifts PIL's for the length of one open, under this lock; PIL's
+# limit is read under it too, so no other thread takes the lifted value for its own.
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def pixel_limit(max_image_pixels: int | None = None) -> int | None:
+    """The limit in force: ``max_image_pixels``, else PIL's default (None: no limit)."""
+    if max_image_pixels is not None:
+        return int(max_image_pixels)
+    with _PIL_LIMIT_LOCK:
+        return Image.MAX_IMAGE_PIXELS
+
+
+@contextlib.contextmanager
+def _pil_refuses_above(limit: int | None):
+    if Image.MAX_IMAGE_PIXELS is not None and (limit is None or limit > Image.MAX_IMAGE_PIXELS):
+        with _PIL_LIMIT_LOCK:
+            before, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit
+            try:
+                yield
+            finally:
+                Image.MAX_IMAGE_PIXELS = before
+    else:
+        yield
+
+
+def _open(path: Path, max_image_pixels: int | None = None) -> Image.Image:
     """The file opened lazily (its header read, no pixels decoded), refused when it has more
-    pixels than the limit (``set_max_image_pixels``); the one place ddpmseg opens images."""
+    pixels than the limit (``max_image_pixels``); the one place ddpmseg opens images."""
+    limit = pixel_limit(max_image_pixels)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pil_refuses_above(limit):
             # PIL warns between its limit and twice that: our own check below refuses those.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(path)
-    except Image.DecompressionBombError as exc:  # more than twice the limit
-        raise too_many_pixels(path) from exc
+    except Image.DecompressionBombError as exc:  # more than twice PIL's limit
+        raise too_many_pixels(path, limit=limit) from exc
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise BadInputError(f"cannot read image {path} ({exc})", "replace or remove the file") from exc
-    limit = Image.MAX_IMAGE_PIXELS
+        raise unreadable(path, exc) from exc
     if limit is not None and im.size[0] * im.size[1] > limit:
         im.close()
-        raise too_many_pixels(path, (im.size[1], im.size[0]))
+        raise too_many_pixels(path, (im.size[1], im.size[0]), limit)
     return im
 
 
-def decode(path: Path) -> Image.Image:
+def decode(path: Path, max_image_pixels: int | None = None) -> Image.Image:
     """The image or PNG mask at ``path``, decoded and turned as its EXIF orientation says
     (``ImageOps.exif_transpose``): a phone photo stored sideways comes out as viewers show it.
-    Every image and PNG mask ddpmseg reads comes through here."""
-    with _open(path) as im:
+    Every image and PNG mask ddpmseg reads comes through here; one of more than
+    ``max_image_pixels`` pixels (default PIL's limit) is refused from its header."""
+    with _open(path, max_image_pixels) as im:
         try:
             return ImageOps.exif_transpose(im)  # decodes; a copy that outlives the file
         except (OSError, SyntaxError, ValueError) as exc:  # truncated or damaged data
-            raise BadInputError(f"cannot read image {path} ({exc})",
-                                "replace or remove the file") from exc
+            raise unreadable(path, exc) from exc
 
 
-def image_hw(path: Path) -> tuple[int, int]:
+def image_hw(path: Path, max_image_pixels: int | None = None) -> tuple[int, int]:
     """(H, W) of an image as shown (EXIF orientation applied), decoded in full: a truncated
     file fails here, before anything is written, not halfway through a run."""
-    return decode(path).size[::-1]
+    return decode(path, max_image_pixels).size[::-1]
 
 
 def check_image_size(path: Path, hw: tuple[int, int], size: tuple[int, int],
@@ -243,16 +285,17 @@ def check_image_size(path: Path, hw: tuple[int, int], size: tuple[int, int],
         return
     if not resize:
         raise BadInputError(f"image {path} is {size_text(hw)} but the model takes "
-                            f"{size_text(size)}", "pass --resize to resize images (and masks)")
+                            f"{size_text(size)}", "pass `resize=True` to resize images (and masks)")
     if abs(hw[1] * size[0] - hw[0] * size[1]) > max(size) * max(hw) // 100:
         log.warning("note: %s is %s; --resize stretches it to %s (aspect ratio not kept; crop "
                     "or pad it first to avoid that)", path, size_text(hw), size_text(size))
 
 
-def load_image(path: Path, size: tuple[int, int] | None = None, resize: bool = False) -> np.ndarray:
+def load_image(path: Path, size: tuple[int, int] | None = None, resize: bool = False,
+               max_image_pixels: int | None = None) -> np.ndarray:
     """RGB uint8 (H, W, 3) as shown. ``size`` is (H, W); another size is an error unless
     ``resize`` (the stretch note is ``check_image_size``'s, given where inputs are checked)."""
-    im = decode(path)
+    im = decode(path, max_image_pixels)
     if im.mode in WIDE_MODES:
         im = _wide_to_rgb(im)
     elif im.mode != "RGB":
@@ -279,38 +322,45 @@ def _wide_to_rgb(im: Image.Image) -> Image.Image:
 
 
 def set_max_image_pixels(pixels: int | None) -> None:
-    """Set the decompression-bomb limit: an image of more than ``pixels`` pixels is refused
-    from its header, before it is decoded. It is PIL's own setting (PIL refuses only above
-    twice it, ``_open`` refuses above it), so one number holds for every read."""
+    """Deprecated (kept one release): set PIL's global limit. Pass ``max_image_pixels=`` to
+    the functions that read images instead."""
     if pixels is not None:
         Image.MAX_IMAGE_PIXELS = int(pixels)
 
 
-def too_many_pixels(path: Path, hw: tuple[int, int] | None = None) -> BadInputError:
+def too_many_pixels(path: Path, hw: tuple[int, int] | None = None,
+                    limit: int | None = None) -> BadInputError:
     # Without hw PIL refused the file itself, above twice the limit, before telling its size.
-    limit = Image.MAX_IMAGE_PIXELS
+    limit = pixel_limit(limit)
     what = (f"is {size_text(hw)} = {hw[0] * hw[1]} pixels" if hw is not None
             else f"has more than {2 * limit} pixels")
     return BadInputError(f"image {path} {what}, above the limit of {limit} pixels "
-                         "(--max-image-pixels, a guard against decompression bombs)",
-                         "if the file is trusted, raise the limit with --max-image-pixels N")
+                         f"(`max_image_pixels={limit}`, a guard against decompression bombs)",
+                         "if the file is trusted, raise the limit with `max_image_pixels=N`")
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 (H, W) class indices resized to ``size`` (H, W) by nearest neighbour: labels are
+    never blended. Every mask ddpmseg resizes (extract, evaluate) goes through here."""
+    im = Image.fromarray(np.asarray(mask, dtype=np.uint8))
+    return np.asarray(im.resize((size[1], size[0]), Image.NEAREST), dtype=np.uint8).copy()
 
 
 def load_mask(path: Path, size: tuple[int, int], resize: bool = False,
-              hint: str = "fix the mask or pass --resize") -> np.ndarray:
+              hint: str = "fix the mask or pass `resize=True`",
+              max_image_pixels: int | None = None) -> np.ndarray:
     """Class indices uint8 (H, W) from ``.npy`` or a grey/palette PNG, checked against ``size``
     (``hint``: how to fix a size mismatch, for the command at hand)."""
-    mask = read_mask(path)
+    mask = read_mask(path, max_image_pixels)
     if mask.shape != tuple(size):
         if not resize:
             raise BadInputError(f"mask {path} is {size_text(mask.shape)} but its image is "
                                 f"{size_text(size)}", hint)
-        im = Image.fromarray(mask).resize((size[1], size[0]), Image.NEAREST)
-        mask = np.asarray(im, dtype=np.uint8).copy()
+        mask = resize_mask(mask, size)
     return mask
 
 
-def read_mask(path: Path) -> np.ndarray:
+def read_mask(path: Path, max_image_pixels: int | None = None) -> np.ndarray:
     """Class indices uint8 (H, W) from ``.npy`` or a single-channel PNG (MASK_PNG_MODES)."""
     try:
         if path.suffix.lower() == ".npy":
@@ -318,7 +368,7 @@ def read_mask(path: Path) -> np.ndarray:
         elif path.suffix.lower() in LOSSY_SUFFIXES:
             raise lossy_mask_error(path)
         else:
-            im = decode(path)  # a mask turned as its image is, by its EXIF orientation
+            im = decode(path, max_image_pixels)  # a mask turned as its image is, by its EXIF orientation
             if im.mode not in MASK_PNG_MODES:
                 raise BadInputError(f"mask {path} is a {im.mode} image",
                                     "masks must be class indices: a grey or palette PNG or .npy")
@@ -326,7 +376,7 @@ def read_mask(path: Path) -> np.ndarray:
     except BadInputError:
         raise
     except (OSError, ValueError, UnidentifiedImageError) as exc:
-        raise BadInputError(f"cannot read mask {path} ({exc})", "replace or remove the file") from exc
+        raise unreadable(path, exc, "mask") from exc
     if mask.ndim == 3 and mask.shape[-1] == 1:  # (H, W, 1); never squeeze 1xW or 1x1
         mask = mask[..., 0]
     if mask.dtype == np.bool_:  # a binary mask (bool .npy or a 1-bit PNG): classes 0 and 1
@@ -339,9 +389,11 @@ def read_mask(path: Path) -> np.ndarray:
     return mask.astype(np.uint8)
 
 
-def check_labels(mask: np.ndarray, num_classes: int, ignore_label: int, path: Path) -> None:
+def check_labels(mask: np.ndarray, num_classes: int, ignore_label: int, path: Path,
+                 what: str = "mask") -> None:
     """Every label a class index or the ignore label; else an error saying how many pixels are
-    out of range, and blaming lossy compression when they are few and along class edges."""
+    out of range, and (for a mask) blaming lossy compression when they are few and along class
+    edges. ``what`` names the file's kind: "mask", or "prediction" for a predicted label map."""
     allowed = np.zeros(256, bool)
     allowed[:num_classes] = True
     allowed[ignore_label] = True
@@ -349,14 +401,14 @@ def check_labels(mask: np.ndarray, num_classes: int, ignore_label: int, path: Pa
     if not bad.any():
         return
     labels = np.unique(mask[bad]).tolist()
-    what = (f"mask {path} has labels {labels} outside 0..{num_classes - 1} (ignore label "
-            f"{ignore_label}) on {int(bad.sum())} of {mask.size} pixels")
-    count_hint = "pass --num-classes N (data.num_classes) or a --config with the right class count"
-    if _looks_lossy(mask, bad):
-        raise BadInputError(what, "they lie scattered along class edges, as lossy compression "
+    message = (f"{what} {path} has labels {labels} outside 0..{num_classes - 1} (ignore label "
+               f"{ignore_label}) on {int(bad.sum())} of {mask.size} pixels")
+    count_hint = "give `num_classes=N` (data.num_classes) or a config with the right class count"
+    if what == "mask" and _looks_lossy(mask, bad):
+        raise BadInputError(message, "they lie scattered along class edges, as lossy compression "
                                   "(JPEG, WebP) leaves them: export the mask again losslessly "
                                   f"({ACCEPTED_MASKS}); if they are real classes, {count_hint}")
-    raise BadInputError(what, count_hint)
+    raise BadInputError(message, count_hint)
 
 
 def _looks_lossy(mask: np.ndarray, bad: np.ndarray) -> bool:

@@ -106,26 +106,72 @@ def test_exif_orientation_is_applied_to_images_and_masks(tmp_path):
     np.testing.assert_array_equal(data.load_image(tmp_path / "q.png"), stored)
 
 
-def test_max_image_pixels_means_n(tmp_path, monkeypatch):
+def test_max_image_pixels_means_n(tmp_path):
     import warnings
 
     Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "big.png")
     Image.fromarray(np.zeros((40, 50), np.uint8)).save(tmp_path / "big_mask.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
-    data.set_max_image_pixels(1999)     # 2000 pixels: above N, below PIL's own 2N
+    pil_default = Image.MAX_IMAGE_PIXELS
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         for read in (data.load_image, data.read_mask, data.image_hw, data.is_mask_png):
             mask = read in (data.read_mask, data.is_mask_png)
+            path = tmp_path / ("big_mask.png" if mask else "big.png")
+            # 2000 pixels: above N, below PIL's own 2N
             with pytest.raises(BadInputError, match=r"big(_mask)?\.png is 50x40 = 2000 pixels, "
-                                                    r"above the limit of 1999 .*--max-image-pixels"):
-                read(tmp_path / ("big_mask.png" if mask else "big.png"))
+                                                    r"above the limit of 1999 .*max_image_pixels"):
+                read(path, max_image_pixels=1999)
     assert not seen  # one error, no Python warning besides it
-    data.set_max_image_pixels(2000)     # exactly N is allowed
-    assert data.load_image(tmp_path / "big.png").shape == (40, 50, 3)
-    data.set_max_image_pixels(500)      # above 2N: PIL's own error, the same one line
-    with pytest.raises(BadInputError, match=r"big\.png .*limit of 500 .*--max-image-pixels"):
-        data.load_image(tmp_path / "big.png")
+    # exactly N is allowed
+    assert data.load_image(tmp_path / "big.png", max_image_pixels=2000).shape == (40, 50, 3)
+    # above 2N: PIL's own error, the same one line
+    with pytest.raises(BadInputError, match=r"big\.png .*limit of 500 .*max_image_pixels=500"):
+        data.load_image(tmp_path / "big.png", max_image_pixels=500)
+    assert Image.MAX_IMAGE_PIXELS == pil_default  # a parameter: nothing set globally
+
+
+def test_max_image_pixels_above_pils_own_limit_lets_big_images_through(tmp_path, monkeypatch):
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # PIL refuses above 1000 itself
+    with pytest.raises(BadInputError, match="limit of 500"):
+        data.load_image(tmp_path / "big.png")  # None: PIL's limit
+    assert data.load_image(tmp_path / "big.png", max_image_pixels=2000).shape == (40, 50, 3)
+    assert Image.MAX_IMAGE_PIXELS == 500  # lifted for that one open only
+    # list_samples reads headers too (mask-like files): the limit reaches them
+    Image.fromarray(np.zeros((40, 50), np.uint8)).save(tmp_path / "big_mask.png")
+    Image.fromarray(np.zeros((40, 50), np.uint8)).save(tmp_path / "big_cls.png")
+    assert [s.name for s in data.list_samples(tmp_path, max_image_pixels=2000)] == ["big"]
+    with pytest.raises(BadInputError, match="big_cls.png is 50x40"):
+        data.list_samples(tmp_path, max_image_pixels=1999)
+
+
+def test_resize_mask_is_nearest_neighbour():
+    mask = np.array([[0, 1], [2, 255]], np.uint8)
+    big = data.resize_mask(mask, (4, 6))
+    assert big.shape == (4, 6) and big.dtype == np.uint8
+    assert set(np.unique(big).tolist()) == {0, 1, 2, 255}  # never a blend of two labels
+    np.testing.assert_array_equal(data.resize_mask(big, (2, 2)), mask)
+
+
+def test_unreadable_files_are_one_error_naming_the_file(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    (tmp_path / "bad_mask.png").write_bytes(b"not a png")
+    with pytest.raises(BadInputError, match=r"cannot read image .*bad\.png") as err:
+        data.load_image(tmp_path / "bad.png")
+    assert err.value.hint == "replace or remove the file"
+    with pytest.raises(BadInputError, match=r"cannot read image .*bad_mask\.png"):
+        data.read_mask(tmp_path / "bad_mask.png")
+    (tmp_path / "bad.npy").write_bytes(b"not npy")
+    with pytest.raises(BadInputError, match=r"cannot read mask .*bad\.npy"):
+        data.read_mask(tmp_path / "bad.npy")
+
+
+def test_check_labels_of_a_prediction_names_it_and_never_blames_compression(tmp_path):
+    pred = np.zeros((64, 64), np.uint8)
+    pred[10, 10] = 7
+    with pytest.raises(BadInputError, match=r"^prediction .*p\.npy has labels \[7\]") as err:
+        data.check_labels(pred, 3, 255, tmp_path / "p.npy", what="prediction")
+    assert "lossy" not in err.value.hint and "`num_classes=N`" in err.value.hint
 
 
 def test_sizes_are_written_width_x_height(tmp_path, caplog):
@@ -210,7 +256,7 @@ def test_out_of_range_labels_say_how_many_pixels_and_name_lossy_masks(tmp_path):
     with pytest.raises(BadInputError) as err:
         data.check_labels(mask, 11, 255, tmp_path / "m.png")
     assert "on 1280 of 4096 pixels" in str(err.value)
-    assert "lossy" not in err.value.hint and "--num-classes" in err.value.hint
+    assert "lossy" not in err.value.hint and "`num_classes=N`" in err.value.hint
 
 
 def test_report_shows_the_picture_upright(tmp_path):

@@ -189,7 +189,7 @@ def test_bad_labels_and_missing_dirs(dirs, tmp_path):
         evaluate(tmp_path / "nowhere", gt, num_classes=4, ignore_label=255)
     with pytest.raises(InputNotFoundError):
         evaluate(pred, tmp_path / "nowhere", num_classes=4, ignore_label=255)
-    with pytest.raises(ConfigError, match="num-classes"):
+    with pytest.raises(ConfigError, match="`num_classes=N`"):
         evaluate(pred, gt)  # no predict.json, no num_classes
 
 

@@ -156,7 +156,8 @@ def test_the_errors_say_how_to_fix_them(tmp_path):
     save(tmp_path / "g", "b", [[0, 1]])
     with pytest.raises(ConfigError) as err:
         evaluate(tmp_path / "p", tmp_path / "g", num_classes=0, write=False)
-    assert str(err.value) == "num_classes must be 1..256, got 0; fix --num-classes"
+    assert str(err.value) == ("num_classes must be 1..256, got 0; give `num_classes=N` with N "
+                              "in 1..256")
     with pytest.raises(InputNotFoundError) as err:
         evaluate(tmp_path / "p", tmp_path / "nothing", num_classes=2, write=False)
     assert str(err.value).endswith("; give the folder of test masks (<name>.npy or PNG), or a "
@@ -179,3 +180,39 @@ def test_a_store_with_labels_is_the_ground_truth(tmp_path):
     r = evaluate(tmp_path / "p", tmp_path / "s.zarr", num_classes=2, write=False)
     # class 0: 1 / 2, class 1: 2 / 3
     assert r["miou"] == pytest.approx((1 / 2 + 2 / 3) / 2) and r["names"] == ["a"]
+
+
+def test_max_image_pixels_reaches_the_masks_evaluate_and_report_read(tmp_path):
+    from PIL import Image
+
+    from ddpmseg.outputs.report import report
+
+    save_pred(tmp_path / "p", "a", np.zeros((40, 50)))
+    (tmp_path / "g").mkdir()
+    Image.fromarray(np.zeros((40, 50), np.uint8)).save(tmp_path / "g" / "a_mask.png")
+    with pytest.raises(BadInputError, match=r"a_mask\.png is 50x40 = 2000 pixels, above the "
+                                            r"limit of 1999"):
+        evaluate(tmp_path / "p", tmp_path / "g", num_classes=2, max_image_pixels=1999)
+    assert evaluate(tmp_path / "p", tmp_path / "g", num_classes=2,
+                    max_image_pixels=2000)["miou"] == 0.5
+    meta = json.loads((tmp_path / "p" / "predict.json").read_text())
+    (tmp_path / "p" / "predict.json").write_text(json.dumps({**meta, "num_classes": 2}))
+    with pytest.raises(BadInputError, match="limit of 1999"):
+        report(tmp_path / "p", gt=tmp_path / "g", max_image_pixels=1999)
+    assert report(tmp_path / "p", gt=tmp_path / "g", max_image_pixels=2000).is_file()
+
+
+def test_the_folder_schema_is_one_definition(tmp_path):
+    from ddpmseg.outputs import folder
+
+    # The label maps of a folder: no overlay, uncertainty map or folder picture among them.
+    for name in ("a.npy", "a_entropy.npy", "a_jsd.npy", "b.npy", "a.png", "summary.png"):
+        (tmp_path / name).write_bytes(b"")
+    assert list(folder.list_predictions(tmp_path)) == ["a", "b"]
+    assert folder.uncertainty_maps(tmp_path, "a") == (tmp_path / "a_entropy.npy",
+                                                      tmp_path / "a_jsd.npy")
+    assert folder.uncertainty_maps(tmp_path, "b") is None
+    assert folder.read_meta(tmp_path) == {}
+    with pytest.raises(ValueError, match="predict.json's keys"):
+        folder.write_meta(tmp_path, {"names": []})
+    assert not (tmp_path / folder.META_FILE).exists()

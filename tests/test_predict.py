@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from ddpmseg.outputs import render
-from ddpmseg.backbone import Backbone
+from ddpmseg.backbone import Backbone, factory
 from ddpmseg.spec import BackboneId
 from ddpmseg.backbone.bundled import DEMO_DATA, resolve_checkpoint
 from ddpmseg.classifier import Ensemble
@@ -195,8 +195,19 @@ def test_store_mismatch_says_what_differs(tmp_path, run_model, change, words):
     assert not (tmp_path / "out").exists()
 
 
-def test_check_compatible_accepts_equal():
-    check_compatible(make_info().spec, make_info(n=5, names=tuple("abcde")).spec)
+def test_check_compatible_accepts_equal_and_notes_a_tolerated_difference(caplog):
+    """Equal features (another image set) pass without a word; another seed passes with one
+    note naming it; other steps are refused."""
+    with caplog.at_level(logging.WARNING, logger="ddpmseg"):
+        assert check_compatible(make_info().spec,
+                                make_info(n=5, names=tuple("abcde")).spec, "s.zarr") is None
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="ddpmseg"):
+        check_compatible(make_info().spec, make_info(seed=7).spec, "s.zarr")
+    notes = [r.getMessage() for r in caplog.records]
+    assert len(notes) == 1 and "s.zarr" in notes[0] and "seed" in notes[0]
+    with pytest.raises(StoreMismatchError, match="steps"):
+        check_compatible(make_info().spec, make_info(steps=(5, 60)).spec, "s.zarr")
 
 
 def test_image_folder_wrong_size_names_the_file(tmp_path, run_model):
@@ -204,7 +215,7 @@ def test_image_folder_wrong_size_names_the_file(tmp_path, run_model):
     folder.mkdir()
     Image.fromarray(np.zeros((*SIZE, 3), np.uint8)).save(folder / "good.png")
     Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(folder / "small.png")
-    with pytest.raises(BadInputError, match=r"small\.png.*--resize"):
+    with pytest.raises(BadInputError, match=r"small\.png.*`resize=True`"):
         predict(run_model, folder, tmp_path / "out", device="cpu", progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -232,7 +243,7 @@ def test_image_folder_path_with_a_substitute_backbone(tmp_path, monkeypatch):
     ckpt.write_bytes(b"weights")
     cfg = Config(model=ModelConfig(checkpoint=str(ckpt)))
     model = Ensemble(make_members(), make_info(), cfg)
-    monkeypatch.setattr(predict_module, "load_backbone", lambda *a: FakeBackbone())
+    monkeypatch.setattr(factory, "load_backbone", lambda *a: FakeBackbone())
     folder = tmp_path / "imgs"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -275,7 +286,7 @@ def test_image_folder_rounds_features_as_the_runs_store(tmp_path, monkeypatch):
     mantissa bits, exactly as `extract --codec bitround3` stores them."""
     ckpt = tmp_path / "model.pt"
     ckpt.write_bytes(b"weights")
-    monkeypatch.setattr(predict_module, "load_backbone", lambda *a: FakeBackbone())
+    monkeypatch.setattr(factory, "load_backbone", lambda *a: FakeBackbone())
     seen = []
     real = predict_module.predict_maps
     monkeypatch.setattr(predict_module, "predict_maps",
@@ -323,7 +334,7 @@ def test_image_folder_float16_overflow_raises_as_extract_does(tmp_path, monkeypa
                      Config(model=ModelConfig(checkpoint=str(ckpt))))
     big = FakeBackbone()
     big.scale = 1e6  # activations far beyond float16's 65504
-    monkeypatch.setattr(predict_module, "load_backbone", lambda *a: big)
+    monkeypatch.setattr(factory, "load_backbone", lambda *a: big)
     folder = tmp_path / "imgs"
     folder.mkdir()
     Image.fromarray(np.full((*SIZE, 3), 90, np.uint8)).save(folder / "p.png")
@@ -378,7 +389,7 @@ def test_image_folder_equals_store_with_real_backbone(tmp_path):
 def _substitute_model(tmp_path, monkeypatch):
     ckpt = tmp_path / "model.pt"
     ckpt.write_bytes(b"weights")
-    monkeypatch.setattr(predict_module, "load_backbone", lambda *a: FakeBackbone())
+    monkeypatch.setattr(factory, "load_backbone", lambda *a: FakeBackbone())
     return Ensemble(make_members(), make_info(), Config(model=ModelConfig(checkpoint=str(ckpt))))
 
 
@@ -449,6 +460,35 @@ def test_image_folder_with_another_architectures_checkpoint_names_the_sha256(tmp
                 progress=False)
     assert str(info.value) == (
         f"checkpoint {other} is not the run's checkpoint (sha256 {got[:12]}, expected "
-        f"{want[:12]}); pass --checkpoint with the checkpoint the run's store was extracted "
+        f"{want[:12]}); give `checkpoint=PATH`, the checkpoint the run's store was extracted "
         f"with")
     assert not (tmp_path / "out").exists()
+
+
+def test_predict_runs_on_the_threads_asked_for_and_restores_the_count(tmp_path, run_model,
+                                                                     monkeypatch):
+    seen = []
+    real = predict_module.predict_maps
+    monkeypatch.setattr(predict_module, "predict_maps",
+                        lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    make_store(tmp_path / "s.zarr")
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    predict(run_model, tmp_path / "s.zarr", tmp_path / "out", device="cpu", progress=False,
+            threads=want)
+    assert seen == [want, want] and torch.get_num_threads() == before
+
+
+def test_max_image_pixels_reaches_the_images_predict_reads(tmp_path, monkeypatch):
+    model = _substitute_model(tmp_path, monkeypatch)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.zeros((*SIZE, 3), np.uint8)).save(folder / "p.png")
+    pixels_ = SIZE[0] * SIZE[1]
+    with pytest.raises(BadInputError, match=f"above the limit of {pixels_ - 1}"):
+        predict(model, folder, tmp_path / "out", device="cpu", progress=False,
+                max_image_pixels=pixels_ - 1)
+    assert not (tmp_path / "out").exists()
+    res = predict(model, folder, tmp_path / "out", device="cpu", progress=False,
+                  max_image_pixels=pixels_)
+    assert res["names"] == ["p"]

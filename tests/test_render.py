@@ -28,8 +28,7 @@ def test_label_png_roundtrip(tmp_path):
 
 def test_palette_json(tmp_path):
     pal = render.make_palette(3, 255)
-    render.save_palette(tmp_path / "p.json", pal, 3, 255, ("bg", "cat"))
-    data = json.loads((tmp_path / "p.json").read_text())
+    data = json.loads(json.dumps(render.palette_json(pal, 3, 255, ("bg", "cat"))))
     assert [c["name"] for c in data["classes"]] == ["bg", "cat", "class_2"]
     assert data["classes"][1]["rgb"] == list(pal[1])
     assert len(data["palette"]) == 768
@@ -171,3 +170,12 @@ def test_confusion_image_has_names_row_normalised_cells_and_a_scale():
     longer = render.confusion_image(np.array([[5, 1], [0, 0]]), ["0 background a lot"] * 2,
                                     ["0 background a lot"] * 2)
     assert longer.width > conf.shape[1] and longer.height > conf.shape[0]
+
+
+def test_class_names_fall_back_in_one_place():
+    # A run's recorded names win over its config's; none: () and class_<c> per index.
+    assert render.class_names(("bg", "cat"), ("x", "y", "z")) == ("bg", "cat")
+    assert render.class_names((), ["x", "y"]) == ("x", "y")
+    assert render.class_names((), None) == ()
+    assert [render.class_name(render.class_names(("bg",)), c) for c in range(2)] == \
+        ["bg", "class_1"]

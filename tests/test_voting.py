@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from ddpmseg.outputs.voting import VOTES, check_vote, uncertainty, vote, vote_with_uncertainty
+from ddpmseg.core.errors import BadInputError, ConfigError
+from ddpmseg.outputs.voting import VOTES, check_vote, uncertainty, vote
 
 
 def logits_of(probs):
@@ -57,8 +58,7 @@ def test_list_input_and_single_member():
     a = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 5.0]])
     for method in VOTES:
         assert vote([a], method).tolist() == [0, 2]
-    labels, ent, jsd = vote_with_uncertainty([a])
-    assert labels.tolist() == [0, 2]
+    ent, jsd = uncertainty([a])
     assert torch.all(jsd == 0)
 
 
@@ -78,7 +78,7 @@ def test_uncertainty_hand_values():
 
 
 def test_unknown_vote():
-    with pytest.raises(ValueError, match="unknown vote"):
+    with pytest.raises(ConfigError, match="unknown vote"):
         check_vote("median")
-    with pytest.raises(ValueError):
+    with pytest.raises(BadInputError):
         vote(torch.zeros(2, 3), "soft")  # not (K, n, C)

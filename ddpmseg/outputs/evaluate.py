@@ -14,16 +14,17 @@ prediction) accumulated image by image, so memory does not grow with the test se
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from ddpmseg.outputs import render
 from ddpmseg.config import DataConfig, check_classes
+from ddpmseg.core.errors import BadInputError, ConfigError, InputNotFoundError
+from ddpmseg.core.fileio import write_csv, write_json, write_png
+from ddpmseg.core.locking import reader_lock, writer_lock
 from ddpmseg.data import (
     LOSSY_SUFFIXES,
     MASK_LIKE_ENDINGS,
@@ -32,43 +33,25 @@ from ddpmseg.data import (
     lossy_mask_error,
     mask_names,
     read_mask,
+    resize_mask,
     size_text,
 )
-from ddpmseg.core.errors import BadInputError, ConfigError, InputNotFoundError
-from ddpmseg.core.fileio import write_csv, write_json, write_png
-from ddpmseg.core.locking import reader_lock, writer_lock
-from ddpmseg.outputs.folder import check_complete
+from ddpmseg.outputs import folder, render
+from ddpmseg.outputs.folder import check_complete, list_predictions
 
 log = logging.getLogger("ddpmseg")
 
 __all__ = ["evaluate", "format_table", "iou_from_confusion", "image_iou", "confusion_matrix",
            "confusion_axis", "list_predictions", "find_ground_truth"]
 
-# Files predict writes beside the label maps, which are not label maps themselves.
-_NOT_PREDICTIONS = ("_entropy", "_jsd", "_overlay", "_uncertainty")
-_NOT_PREDICTION_NAMES = ("summary", "confusion", "palette")
 
-
-def list_predictions(pred_dir: Path) -> dict[str, Path]:
-    """name -> label-map file: the ``<name>.npy`` files, or else the label PNGs."""
-    files = sorted(p for p in pred_dir.iterdir() if p.is_file())
-
-    def is_label(p: Path) -> bool:
-        return not p.stem.endswith(_NOT_PREDICTIONS) and p.stem not in _NOT_PREDICTION_NAMES
-
-    found = {p.stem: p for p in files if p.suffix.lower() == ".npy" and is_label(p)}
-    if not found:
-        found = {p.stem: p for p in files if p.suffix.lower() == ".png" and is_label(p)}
-    return found
-
-
-def find_ground_truth(gt_dir: Path, name: str) -> Path:
+def find_ground_truth(gt_dir: Path, name: str, max_image_pixels: int | None = None) -> Path:
     """``<name>.npy``, ``<name>_mask.png``, ``<name>_mask.npy``, or a grey/palette ``<name>.png``."""
     for candidate in mask_names(name):
         if (gt_dir / candidate).is_file():
             return gt_dir / candidate
     png = gt_dir / f"{name}.png"
-    if png.is_file() and is_mask_png(png):
+    if png.is_file() and is_mask_png(png, max_image_pixels):
         return png
     lossy = [gt_dir / f"{name}_mask{s}" for s in LOSSY_SUFFIXES]
     for path in lossy:
@@ -113,12 +96,6 @@ def _is_store(path: Path) -> bool:
     return (path / "zarr.json").is_file()
 
 
-def _resized_mask(gt: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    # Nearest neighbour, as `extract --resize` resizes masks: labels are never blended.
-    return np.asarray(Image.fromarray(gt).resize((shape[1], shape[0]), Image.NEAREST),
-                      dtype=np.uint8)
-
-
 def confusion_matrix(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """int64 (256, 256): counts of (ground truth, prediction) label pairs."""
     pairs = gt.astype(np.int64).ravel() * 256 + pred.astype(np.int64).ravel()
@@ -155,21 +132,28 @@ def image_iou(conf: np.ndarray, num_classes: int, ignore_label: int,
     return float(np.mean(present)) if present else 0.0
 
 
-def _load_predictions_meta(pred_dir: Path) -> dict:
-    meta = pred_dir / "predict.json"
-    if meta.is_file():
-        try:
-            return json.loads(meta.read_text())
-        except (OSError, ValueError):
-            log.warning("could not read %s; ignoring it", meta)
-    return {}
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """One evaluation: what to read, which classes to score and how, what to write."""
+    pred_dir: Path
+    gt_dir: Path
+    out_dir: Path
+    num_classes: int | None
+    ignore_label: int | None
+    class_names: tuple
+    mask_ignore: bool
+    confusion: bool
+    write: bool
+    resize: bool
+    classes_from: str
+    max_image_pixels: int | None
 
 
 def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
              ignore_label: int | None = None, class_names: Sequence[str] = (),
              mask_ignore: bool = False, confusion: bool = False, out=None,
              write: bool = True, resize: bool = False, lock: bool = True,
-             classes_from: str = "the call") -> dict:
+             classes_from: str = "the call", max_image_pixels: int | None = None) -> dict:
     """The reference's mIoU of the predictions in PRED_DIR against the masks in GT_DIR.
 
     Predictions are ``<name>.npy`` (or label PNGs) matched by name with ``<name>.npy`` or
@@ -179,11 +163,12 @@ def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
     them (at the store's size, after the rare-class rule). ``resize``: a mask of another size
     than its prediction is resized to it (nearest neighbour, as `extract --resize` does), e.g.
     256px masks for a 64px model. Writes ``metrics.json`` (with ``confusion``:
-    ``confusion.csv`` and ``confusion.png`` too) into ``out`` (default PRED_DIR) unless ``write`` is False.
-    PRED_DIR is read under its writer lock (a predict rewriting it makes this fail at once);
-    ``lock=False`` when the caller holds that lock already (``report``). Classes given that
-    are not predict.json's (or a GT store's) are refused before anything is written, naming
-    ``classes_from`` (e.g. "config cat_15") and the file.
+    ``confusion.csv`` and ``confusion.png`` too) into ``out`` (default PRED_DIR) unless
+    ``write`` is False. PRED_DIR is read under its writer lock (a predict rewriting it makes
+    this fail at once); ``lock=False`` when the caller holds that lock already (``report``).
+    Classes given that are not predict.json's (or a GT store's) are refused before anything is
+    written, naming ``classes_from`` (e.g. "config cat_15") and the file. PNG masks of more
+    than ``max_image_pixels`` pixels (default PIL's limit) are refused.
     Returns {"miou", "classes": [{index, name, iou, gt_pixels, pred_pixels, intersection,
     union}], "per_image": {name: image_iou}, ...}.
     """
@@ -195,122 +180,138 @@ def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
         raise InputNotFoundError(f"ground-truth folder {gt_dir} does not exist",
                                  "give the folder of test masks (<name>.npy or PNG), or a "
                                  "store with labels")
-    out_dir = Path(out) if out is not None else pred_dir
+    job = _Job(pred_dir, gt_dir, Path(out) if out is not None else pred_dir, num_classes,
+               ignore_label, tuple(class_names), mask_ignore, confusion, write, resize,
+               classes_from, max_image_pixels)
     # The predictions are read under their folder's lock: never half a rewrite by a predict.
     with contextlib.ExitStack() as locks:
         if lock:
             locks.enter_context(writer_lock(pred_dir, "prediction folder",
                                             optional=not write))
-        if write and out_dir.absolute() != pred_dir.absolute():
-            locks.enter_context(writer_lock(out_dir, "metrics folder"))
+        if write and job.out_dir.absolute() != pred_dir.absolute():
+            locks.enter_context(writer_lock(job.out_dir, "metrics folder"))
         if _is_store(gt_dir):  # no extract rewrites the ground-truth store meanwhile
             locks.enter_context(reader_lock(gt_dir, "store"))
-        return _evaluate(pred_dir, gt_dir, num_classes, ignore_label, class_names,
-                         mask_ignore, confusion, out_dir, write, resize, classes_from)
+        return _evaluate(job)
 
 
 def _check_given_classes(given: DataConfig, classes_from: str, pred_dir: Path, meta: dict,
                          store_gt) -> None:
     """The classes to score must be those the predictions (predict.json) and a GT store were
     made with: another data set's config would score its classes on these masks."""
-    hint = "give the config the predictions were made with, or leave --config out"
+    hint = "give the config the predictions were made with, or no config"
     if "num_classes" in meta:
         check_classes(given, classes_from, meta["num_classes"], meta.get("ignore_label", 255),
-                      meta.get("class_names"), str(pred_dir / "predict.json"), hint)
+                      meta.get("class_names"), str(pred_dir / folder.META_FILE), hint)
     if store_gt is not None:
         info = store_gt.store.info
         check_classes(given, classes_from, info.num_classes, info.ignore_label,
                       info.class_names, f"store {store_gt.path}", hint)
 
 
-def _evaluate(pred_dir: Path, gt_dir: Path, num_classes, ignore_label, class_names,
-              mask_ignore: bool, confusion: bool, out_dir: Path, write: bool,
-              resize: bool, classes_from: str) -> dict:
-    check_complete(pred_dir)  # a folder a killed predict left is refused, never half-scored
-    store_gt = _StoreLabels(gt_dir) if _is_store(gt_dir) else None
-    meta = _load_predictions_meta(pred_dir)
+def _classes(job: _Job, store_gt) -> DataConfig:
+    """The classes to score: the job's, else predict.json's; checked against both."""
+    meta = folder.read_meta(job.pred_dir)
+    num_classes = job.num_classes if job.num_classes is not None else meta.get("num_classes")
     if num_classes is None:
-        num_classes = meta.get("num_classes")
-        if num_classes is None:
-            raise ConfigError("the number of classes is not known",
-                              "pass --config or --num-classes")
-    if ignore_label is None:
-        ignore_label = int(meta.get("ignore_label", 255))
-    if not class_names:
-        class_names = tuple(meta.get("class_names") or ())
+        raise ConfigError("the number of classes is not known",
+                          "give a config or `num_classes=N`")
+    ignore_label = job.ignore_label if job.ignore_label is not None \
+        else meta.get("ignore_label", 255)
     num_classes, ignore_label = int(num_classes), int(ignore_label)
     if not 1 <= num_classes <= 256:
-        raise ConfigError(f"num_classes must be 1..256, got {num_classes}", "fix --num-classes")
-    _check_given_classes(DataConfig(num_classes=num_classes, ignore_label=ignore_label,
-                                    class_names=tuple(class_names)),
-                         classes_from, pred_dir, meta, store_gt)
+        raise ConfigError(f"num_classes must be 1..256, got {num_classes}",
+                          "give `num_classes=N` with N in 1..256")
+    classes = DataConfig(num_classes=num_classes, ignore_label=ignore_label,
+                         class_names=render.class_names(job.class_names,
+                                                        meta.get("class_names")))
+    _check_given_classes(classes, job.classes_from, job.pred_dir, meta, store_gt)
+    return classes
 
-    predictions = list_predictions(pred_dir)
+
+def _evaluate(job: _Job) -> dict:
+    check_complete(job.pred_dir)  # a folder a killed predict left is refused, never half-scored
+    store_gt = _StoreLabels(job.gt_dir) if _is_store(job.gt_dir) else None
+    classes = _classes(job, store_gt)
+    predictions = list_predictions(job.pred_dir)
     if not predictions:
-        raise InputNotFoundError(f"no predictions (<name>.npy or label PNGs) in {pred_dir}",
+        raise InputNotFoundError(f"no predictions (<name>.npy or label PNGs) in {job.pred_dir}",
                                  "run `ddpmseg predict` first")
     # Match every prediction before reading any: a missing mask is reported up front.
-    pairs = [(name, path, store_gt.find(name) if store_gt else find_ground_truth(gt_dir, name))
+    pairs = [(name, path, store_gt.find(name) if store_gt
+              else find_ground_truth(job.gt_dir, name, job.max_image_pixels))
              for name, path in predictions.items()]
+    conf, per_image = _accumulate(job, classes, pairs, store_gt)
+    result = _result(job, classes, conf, per_image, [name for name, _, _ in pairs])
+    labels = list(range(classes.num_classes))
+    if classes.num_classes <= classes.ignore_label < 256:
+        labels.append(classes.ignore_label)
+    matrix = conf[np.ix_(labels, labels)]
+    if job.confusion:
+        result["confusion"] = {"labels": labels, "matrix": matrix.tolist()}
+    if job.write:
+        _write(job, result, matrix, labels, classes)
+    return result
 
+
+def _accumulate(job: _Job, classes: DataConfig, pairs: list, store_gt
+                ) -> tuple[np.ndarray, dict[str, float]]:
+    """The test set's confusion matrix and each image's IoU, image by image."""
+    num_classes, ignore_label = classes.num_classes, classes.ignore_label
     conf = np.zeros((256, 256), dtype=np.int64)
     per_image = {}
     for name, pred_path, gt_path in pairs:
-        pred = read_mask(pred_path)
-        gt = store_gt.read(name) if store_gt else read_mask(gt_path)
-        if pred.shape != gt.shape and resize:
-            gt = _resized_mask(gt, pred.shape)
+        pred = read_mask(pred_path, job.max_image_pixels)
+        gt = store_gt.read(name) if store_gt else read_mask(gt_path, job.max_image_pixels)
+        if pred.shape != gt.shape and job.resize:
+            gt = resize_mask(gt, pred.shape)
         if pred.shape != gt.shape:
             raise BadInputError(f"prediction {pred_path} is {size_text(pred.shape)} but "
                                 f"its ground truth {gt_path} is {size_text(gt.shape)}",
-                                "pass --resize to resize the masks to the predictions")
+                                "pass `resize=True` to resize the masks to the predictions")
         check_labels(gt, num_classes, ignore_label, gt_path)
-        bad = np.setdiff1d(np.unique(pred), [*range(num_classes), ignore_label])
-        if bad.size:
-            raise BadInputError(f"prediction {pred_path} has labels {bad.tolist()} outside "
-                                f"0..{num_classes - 1}", "check --num-classes / --config")
+        check_labels(pred, num_classes, ignore_label, pred_path, what="prediction")
         image_conf = confusion_matrix(pred, gt)
-        per_image[name] = image_iou(image_conf, num_classes, ignore_label, mask_ignore)
+        per_image[name] = image_iou(image_conf, num_classes, ignore_label, job.mask_ignore)
         conf += image_conf
+    return conf, per_image
 
-    rows, miou = iou_from_confusion(conf, num_classes, ignore_label, mask_ignore)
-    for row in rows:
-        c = row["index"]
-        row["name"] = render.class_name(class_names, c)
-    rows = [{k: r[k] for k in ("index", "name", "iou", "gt_pixels", "pred_pixels",
-                               "intersection", "union")} for r in rows]
-    ignored = int(conf[ignore_label, :].sum()) if 0 <= ignore_label < 256 else 0
-    result = {
+
+def _result(job: _Job, classes: DataConfig, conf: np.ndarray, per_image: dict,
+            names: list[str]) -> dict:
+    num_classes, ignore_label = classes.num_classes, classes.ignore_label
+    rows, miou = iou_from_confusion(conf, num_classes, ignore_label, job.mask_ignore)
+    rows = [{"index": r["index"], "name": render.class_name(classes.class_names, r["index"]),
+             **{k: r[k] for k in ("iou", "gt_pixels", "pred_pixels", "intersection",
+                                  "union")}} for r in rows]
+    return {
         "miou": miou,
-        "num_images": len(pairs),
+        "num_images": len(names),
         "num_classes": num_classes,
         "ignore_label": ignore_label,
-        "mask_ignore": mask_ignore,
+        "mask_ignore": job.mask_ignore,
         "evaluated_classes": len(rows),
-        "ignore_pixels": ignored,
+        "ignore_pixels": int(conf[ignore_label, :].sum()) if 0 <= ignore_label < 256 else 0,
         "total_pixels": int(conf.sum()),
-        "pred_dir": str(pred_dir),
-        "gt_dir": str(gt_dir),
-        "resize": resize,
-        "names": [name for name, _, _ in pairs],
+        "pred_dir": str(job.pred_dir),
+        "gt_dir": str(job.gt_dir),
+        "resize": job.resize,
+        "names": names,
         "per_image": per_image,
         "classes": rows,
     }
-    labels = list(range(num_classes))
-    if num_classes <= ignore_label < 256:
-        labels.append(ignore_label)
-    matrix = conf[np.ix_(labels, labels)]
-    if confusion:
-        result["confusion"] = {"labels": labels, "matrix": matrix.tolist()}
-    if write:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(out_dir / "metrics.json", result)
-        result["metrics_path"] = str(out_dir / "metrics.json")
-        if confusion:
-            _write_confusion(out_dir, matrix, labels, class_names, ignore_label)
-            result["confusion_csv"] = str(out_dir / "confusion.csv")
-            result["confusion_png"] = str(out_dir / "confusion.png")
-    return result
+
+
+def _write(job: _Job, result: dict, matrix: np.ndarray, labels: list[int],
+           classes: DataConfig) -> None:
+    out_dir = job.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / folder.METRICS_FILE, result)
+    result["metrics_path"] = str(out_dir / folder.METRICS_FILE)
+    if job.confusion:
+        _write_confusion(out_dir, matrix, labels, classes.class_names, classes.ignore_label)
+        result["confusion_csv"] = str(out_dir / folder.CONFUSION_CSV)
+        result["confusion_png"] = str(out_dir / folder.CONFUSION_PNG)
 
 
 def _write_confusion(out_dir: Path, matrix: np.ndarray, labels: list[int],
@@ -320,10 +321,10 @@ def _write_confusion(out_dir: Path, matrix: np.ndarray, labels: list[int],
             return f"{c}:ignore"
         return f"{c}:{render.class_name(class_names, c)}"
 
-    write_csv(out_dir / "confusion.csv", [["gt \\ pred", *[label(c) for c in labels]]] + [
+    write_csv(out_dir / folder.CONFUSION_CSV, [["gt \\ pred", *[label(c) for c in labels]]] + [
         [label(c), *[int(v) for v in row]] for c, row in zip(labels, matrix)])
     names = confusion_axis(labels, class_names, ignore_label)
-    write_png(out_dir / "confusion.png", render.confusion_image(matrix, names, names))
+    write_png(out_dir / folder.CONFUSION_PNG, render.confusion_image(matrix, names, names))
 
 
 def confusion_axis(labels: Sequence[int], class_names: Sequence[str], ignore_label: int

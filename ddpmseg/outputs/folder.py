@@ -1,5 +1,11 @@
 """The prediction folder: what it holds, and how `predict` replaces it whole.
 
+This module is the folder's one schema: the file names (``IMAGE_KINDS`` per image,
+``PALETTE_FILE``, ``SUMMARY_FILE``, ``METRICS_FILE``, ``CONFUSION_*``, ``REPORT_DIR``) and
+predict.json's keys (``META_KEYS``). `predict` writes through it (``image_file``,
+``write_meta``); `evaluate` and `report` read through it (``check_complete``, ``read_meta``,
+``list_predictions``, ``uncertainty_maps``).
+
 A finished `predict` leaves in OUT, per image ``<name>`` of its predict.json's ``names``, the
 files of ``IMAGE_SUFFIXES`` (the ``_entropy``/``_jsd``/``_uncertainty`` ones with
 ``uncertainty``), and once ``FOLDER_FILES`` (predict.json last of all). `evaluate` and `report`
@@ -26,25 +32,92 @@ import shutil
 from pathlib import Path
 
 from ddpmseg.core.errors import InputNotFoundError, OutputError
+from ddpmseg.core.fileio import write_json
 
 log = logging.getLogger("ddpmseg")
 
-# Per image: the files `predict` may write for <name>.
-IMAGE_SUFFIXES = (".npy", ".png", "_overlay.png", "_entropy.npy", "_jsd.npy", "_uncertainty.png")
+# Per image: the files `predict` may write for <name>, by kind (the keys of predict's
+# "outputs"): the label map, its palette PNG, the overlay and, with uncertainty, the maps.
+IMAGE_KINDS = {"npy": ".npy", "png": ".png", "overlay": "_overlay.png",
+               "entropy": "_entropy.npy", "jsd": "_jsd.npy", "uncertainty": "_uncertainty.png"}
+IMAGE_SUFFIXES = tuple(IMAGE_KINDS.values())
 # Per image, with --uncertainty: the maps the report reads.
-UNCERTAINTY_SUFFIXES = ("_entropy.npy", "_jsd.npy")
+UNCERTAINTY_SUFFIXES = (IMAGE_KINDS["entropy"], IMAGE_KINDS["jsd"])
 # Once per folder: predict's own, then evaluate's and report's (derived from the predictions).
-FOLDER_FILES = ("palette.json", "summary.png", "metrics.json", "confusion.csv", "confusion.png",
-                "predict.json")
 META_FILE = "predict.json"
-REPORT_DIR = "report"
+PALETTE_FILE = "palette.json"
+SUMMARY_FILE = "summary.png"
+METRICS_FILE = "metrics.json"
+CONFUSION_CSV = "confusion.csv"
+CONFUSION_PNG = "confusion.png"
+FOLDER_FILES = (PALETTE_FILE, SUMMARY_FILE, METRICS_FILE, CONFUSION_CSV, CONFUSION_PNG,
+                META_FILE)
+REPORT_DIR = "report"     # the report's default folder, inside the prediction folder
+REPORT_INDEX = "index.html"   # the report's page, in its folder
+# predict.json's keys, in the order predict writes them.
+META_KEYS = ("version", "run", "input", "input_kind", "out_dir", "vote", "tile_rows",
+             "uncertainty", "device", "resize", "images", "checkpoint", "num_members",
+             "num_classes", "ignore_label", "class_names", "steps", "blocks", "image_size",
+             "seed", "dtype", "fingerprint", "config", "num_images", "names", "summary",
+             "palette", "seconds")
 # atomic_write's temporary files: ".<name>.<pid>.tmp"
 _TMP_FILE = re.compile(r"^\..+\.\d+\.tmp$")
 _REDO = "rerun `ddpmseg predict` to write it again"
+# Label-map-like files of a folder that are not label maps: the per-image extras and the
+# folder's own pictures (a folder of label maps another tool wrote is read too).
+_NOT_LABEL_ENDINGS = tuple(x.rsplit(".", 1)[0] for x in IMAGE_SUFFIXES if x.startswith("_"))
+_NOT_LABEL_STEMS = tuple(Path(f).stem for f in (PALETTE_FILE, SUMMARY_FILE, CONFUSION_PNG))
+
+
+def image_file(folder: Path, name: str, kind: str) -> Path:
+    """The file of kind ``kind`` (``IMAGE_KINDS``) of image ``name`` in a prediction folder."""
+    return Path(folder) / f"{name}{IMAGE_KINDS[kind]}"
 
 
 def image_files(out: Path, name: str) -> list[Path]:
-    return [out / f"{name}{suffix}" for suffix in IMAGE_SUFFIXES]
+    return [image_file(out, name, kind) for kind in IMAGE_KINDS]
+
+
+def write_meta(folder: Path, meta: dict) -> Path:
+    """Write predict.json (``META_KEYS``, in that order) into ``folder``; the last file a
+    `predict` writes: the prediction is whole once it is there."""
+    if tuple(meta) != META_KEYS:
+        raise ValueError(f"predict.json's keys are {META_KEYS}, got {tuple(meta)}")  # a bug
+    path = Path(folder) / META_FILE
+    write_json(path, meta, default=str)
+    return path
+
+
+def read_meta(pred_dir: Path) -> dict:
+    """predict.json of ``pred_dir`` as far as it can be read; {} where there is none (a folder
+    of label maps another tool wrote) or it cannot be read (with a warning)."""
+    path = Path(pred_dir) / META_FILE
+    if path.is_file():
+        try:
+            meta = json.loads(path.read_text())
+            return meta if isinstance(meta, dict) else {}
+        except (OSError, ValueError):
+            log.warning("could not read %s; ignoring it", path)
+    return {}
+
+
+def list_predictions(pred_dir: Path) -> dict[str, Path]:
+    """name -> label-map file: the ``<name>.npy`` files, or else the label PNGs."""
+    files = sorted(p for p in Path(pred_dir).iterdir() if p.is_file())
+
+    def is_label(p: Path) -> bool:
+        return not p.stem.endswith(_NOT_LABEL_ENDINGS) and p.stem not in _NOT_LABEL_STEMS
+
+    found = {p.stem: p for p in files if p.suffix.lower() == ".npy" and is_label(p)}
+    if not found:
+        found = {p.stem: p for p in files if p.suffix.lower() == ".png" and is_label(p)}
+    return found
+
+
+def uncertainty_maps(pred_dir: Path, name: str) -> tuple[Path, Path] | None:
+    """The (entropy, jsd) maps of image ``name``, when `predict --uncertainty` wrote both."""
+    entropy, jsd = image_file(pred_dir, name, "entropy"), image_file(pred_dir, name, "jsd")
+    return (entropy, jsd) if entropy.is_file() and jsd.is_file() else None
 
 
 # -- what a finished predict left --------------------------------------------------------------
@@ -65,7 +138,7 @@ def check_complete(pred_dir: Path) -> dict:
     names = meta.get("names") if isinstance(meta, dict) else None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise InputNotFoundError(f"{path} lists no image names", _REDO)
-    suffixes = (".npy",) + (UNCERTAINTY_SUFFIXES if meta.get("uncertainty") else ())
+    suffixes = (IMAGE_KINDS["npy"],) + (UNCERTAINTY_SUFFIXES if meta.get("uncertainty") else ())
     lacking = {n: [f"{n}{x}" for x in suffixes if not (pred_dir / f"{n}{x}").is_file()]
                for n in names}
     missing = [f for files in lacking.values() for f in files]
@@ -90,7 +163,7 @@ def _ours(out: Path) -> set[str]:
         pass
     own = {p.name for n in names if isinstance(n, str) for p in image_files(out, n)}
     own.update(FOLDER_FILES)
-    if (out / REPORT_DIR / "index.html").is_file():  # the report `predict --report` wrote
+    if (out / REPORT_DIR / REPORT_INDEX).is_file():  # the report `predict --report` wrote
         own.add(REPORT_DIR)
     return own
 

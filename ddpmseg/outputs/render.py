@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ddpmseg.core.fileio import write_json
+from ddpmseg.data import resize_mask
+
 
 IGNORE_RGB = (0, 0, 0)
 GREY_RGB = (128, 128, 128)
@@ -65,12 +66,15 @@ def palette_json(palette: np.ndarray, num_classes: int, ignore_label: int,
             "palette": palette.reshape(-1).astype(int).tolist()}
 
 
-def save_palette(path: str | Path, palette: np.ndarray, num_classes: int, ignore_label: int,
-                 class_names: Sequence[str] = ()) -> None:
-    write_json(path, palette_json(palette, num_classes, ignore_label, class_names))
+def class_names(*sources: Sequence[str] | None) -> tuple[str, ...]:
+    """The class names to show: the first of ``sources`` that names any (a run's recorded
+    names, then its config's; a call's, then predict.json's); () when none does. Names a
+    source lacks are ``class_name``'s."""
+    return next((tuple(names) for names in sources if names), ())
 
 
 def class_name(class_names: Sequence[str], c: int) -> str:
+    """Class ``c``'s name: ``class_names[c]``, else ``class_<c>``."""
     return class_names[c] if c < len(class_names) else f"class_{c}"
 
 
@@ -328,7 +332,7 @@ def contact_sheet(rows: Sequence[tuple[str, np.ndarray | None, np.ndarray]],
         y += line
         height, width = labels.shape
         size = _fit_size(height, width, tile)
-        big_labels = np.asarray(Image.fromarray(labels).resize(size, Image.NEAREST))
+        big_labels = resize_mask(labels, (size[1], size[0]))
         if image is None:
             picture = np.full((size[1], size[0], 3), GREY_RGB, dtype=np.uint8)
         else:
@@ -371,24 +375,49 @@ def confusion_image(matrix: np.ndarray, row_labels: Sequence[str] = (),
     grid[sums[:, 0] == 0] = NO_DATA_RGB
     sheet.paste(Image.fromarray(grid).resize((grid_w, grid_h), Image.NEAREST), (left, top))
     draw = ImageDraw.Draw(sheet)
+    _confusion_axes(sheet, draw, labels_r, labels_c, (left, top), cell, grid_h, pad)
+    _confusion_scale(sheet, draw, bar_x, top, bar_h)
+    foot = top + max(grid_h, bar_h) + pad
+    draw.text((pad, foot), "rows: ground truth, columns: prediction; each row is divided by "
+              "its ground-truth pixels", fill=TEXT_RGB, font=fnt)
+    if (sums == 0).any():
+        draw.text((pad, foot + line), "grey rows: no ground-truth pixels of that class",
+                  fill=TEXT_RGB, font=fnt)
+    return sheet
+
+
+def _confusion_axes(sheet: Image.Image, draw: ImageDraw.ImageDraw, labels_r: list[str],
+                    labels_c: list[str], corner: tuple[int, int], cell: int, grid_h: int,
+                    pad: int) -> None:
+    """The class labels beside the rows and above the columns (upwards), and the two titles."""
+    fnt = font(LEGEND_FONT)
+    line = _line_height(fnt)
+    left, top = corner
     # Labels only every step-th row/column where cells are lower than a line of text.
     step = max(1, -(-line // cell))
-    for r in range(0, rows, step):
+    for r in range(0, len(labels_r), step):
         text = labels_r[r]
         draw.text((left - 4 - _text_width(text, fnt), top + r * cell + (cell - line) // 2 + 1),
                   text, fill=TEXT_RGB, font=fnt)
-    for c in range(0, cols, step):
-        text = labels_c[c]
-        strip = Image.new("RGB", (_text_width(text, fnt) + 2, line), PANEL_RGB)
-        ImageDraw.Draw(strip).text((0, 1), text, fill=TEXT_RGB, font=fnt)
-        strip = strip.rotate(90, expand=True)  # reads upwards, ends at the grid
+    for c in range(0, len(labels_c), step):
+        strip = _upwards(labels_c[c], fnt, line)  # reads upwards, ends at the grid
         sheet.paste(strip, (left + c * cell + (cell - line) // 2, top - 4 - strip.height))
     draw.text((left, pad), "prediction", fill=TEXT_RGB, font=fnt)
-    title = Image.new("RGB", (_text_width("ground truth", fnt) + 2, line), PANEL_RGB)
-    ImageDraw.Draw(title).text((0, 1), "ground truth", fill=TEXT_RGB, font=fnt)
-    title = title.rotate(90, expand=True)
+    title = _upwards("ground truth", fnt, line)
     sheet.paste(title, (pad, top + max(0, (grid_h - title.height) // 2)))
-    # The colour scale: 1 at the top, 0 at the bottom.
+
+
+def _upwards(text: str, fnt, line: int) -> Image.Image:
+    strip = Image.new("RGB", (_text_width(text, fnt) + 2, line), PANEL_RGB)
+    ImageDraw.Draw(strip).text((0, 1), text, fill=TEXT_RGB, font=fnt)
+    return strip.rotate(90, expand=True)
+
+
+def _confusion_scale(sheet: Image.Image, draw: ImageDraw.ImageDraw, bar_x: int, top: int,
+                     bar_h: int) -> None:
+    """The colour scale: 1 at the top, 0 at the bottom."""
+    fnt = font(LEGEND_FONT)
+    line = _line_height(fnt)
     ramp = heatmap(np.linspace(1.0, 0.0, bar_h)[:, None], 1.0)
     sheet.paste(Image.fromarray(np.repeat(ramp, 14, axis=1)), (bar_x, top))
     draw.rectangle((bar_x, top, bar_x + 13, top + bar_h - 1), outline=(90, 90, 90))
@@ -397,13 +426,6 @@ def confusion_image(matrix: np.ndarray, row_labels: Sequence[str] = (),
         draw.text((bar_x + 20, y), value, fill=TEXT_RGB, font=fnt)
     draw.text((bar_x, top - 2 * line), "share", fill=TEXT_RGB, font=fnt)
     draw.text((bar_x, top - line), "of row", fill=TEXT_RGB, font=fnt)
-    foot = top + max(grid_h, bar_h) + pad
-    draw.text((pad, foot), "rows: ground truth, columns: prediction; each row is divided by "
-              "its ground-truth pixels", fill=TEXT_RGB, font=fnt)
-    if (sums == 0).any():
-        draw.text((pad, foot + line), "grey rows: no ground-truth pixels of that class",
-                  fill=TEXT_RGB, font=fnt)
-    return sheet
 
 
 def value_grid(values: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str],

@@ -25,20 +25,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ddpmseg.outputs import render
-from ddpmseg.data import find_image, load_image, read_mask
 from ddpmseg.core.errors import BadInputError, InputNotFoundError, OutputError
-from ddpmseg.outputs.evaluate import confusion_axis, evaluate, list_predictions
 from ddpmseg.core.fileio import atomic_write
 from ddpmseg.core.locking import writer_lock
-from ddpmseg.outputs.folder import check_complete
+from ddpmseg.data import find_image, load_image, read_mask
+from ddpmseg.outputs import folder, render
+from ddpmseg.outputs.evaluate import confusion_axis, evaluate
+from ddpmseg.outputs.folder import REPORT_DIR, check_complete, list_predictions
 from ddpmseg.outputs.suggestions import read_suggestions
 
 log = logging.getLogger("ddpmseg")
 
 __all__ = ["report", "REPORT_DIR", "LABEL_NEXT"]
 
-REPORT_DIR = "report"     # default folder, inside PRED_DIR
 LABEL_NEXT = 8            # images listed under "label these next"
 IMAGE_THUMB = 512         # originals larger than this are shrunk for the page
 _OWN_PICTURE = re.compile(r"^\d{4,}_(image|pred|overlay|entropy|jsd)\.png$")
@@ -60,7 +59,7 @@ def _esc(value) -> str:
 
 
 def _read_meta(pred_dir: Path) -> dict:
-    path = pred_dir / "predict.json"
+    path = pred_dir / folder.META_FILE
     meta = check_complete(pred_dir)  # refuses a folder a killed predict left
     if not isinstance(meta.get("num_classes"), int):
         raise BadInputError(f"{path} has no num_classes",
@@ -80,20 +79,23 @@ def _image_folders(meta: dict, gt_dir: Path | None) -> list[Path]:
     return [f for f in folders if f.is_dir()]
 
 
-def _original(folders: list[Path], name: str) -> np.ndarray | None:
-    for folder in folders:
-        path = find_image(folder, name)
+def _original(folders: list[Path], name: str, max_image_pixels: int | None = None
+              ) -> np.ndarray | None:
+    for images in folders:
+        path = find_image(images, name)
         if path is not None:
-            return load_image(path)
+            return load_image(path, max_image_pixels=max_image_pixels)
     return None
 
 
 def report(pred_dir, gt=None, out=None, *, label_next: int = LABEL_NEXT,
-           resize: bool = False) -> Path:
+           resize: bool = False, max_image_pixels: int | None = None) -> Path:
     """Write the HTML report of the predictions in ``pred_dir`` (a ``ddpmseg predict`` folder)
     into ``out`` (default ``pred_dir/report``); with ``gt``, a folder of ground-truth masks,
     it shows the mIoU, per-class IoU, confusion matrix and per-image IoU too. Everything is
-    checked before the first file is written. Returns the path of ``index.html``.
+    checked before the first file is written. Images and PNG masks of more than
+    ``max_image_pixels`` pixels (default PIL's limit) are refused. Returns the path of
+    ``index.html``.
     """
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
@@ -106,10 +108,11 @@ def report(pred_dir, gt=None, out=None, *, label_next: int = LABEL_NEXT,
         locks.enter_context(writer_lock(pred_dir, "prediction folder"))
         if pred_dir.absolute() not in out_dir.absolute().parents:
             locks.enter_context(writer_lock(out_dir, "report folder"))
-        return _report(pred_dir, gt, out_dir, label_next, resize)
+        return _report(pred_dir, gt, out_dir, label_next, resize, max_image_pixels)
 
 
-def _report(pred_dir: Path, gt, out_dir: Path, label_next: int, resize: bool) -> Path:
+def _report(pred_dir: Path, gt, out_dir: Path, label_next: int, resize: bool,
+            max_image_pixels: int | None) -> Path:
     meta = _read_meta(pred_dir)
     predictions = list_predictions(pred_dir)
     if not predictions:
@@ -119,44 +122,93 @@ def _report(pred_dir: Path, gt, out_dir: Path, label_next: int, resize: bool) ->
     # evaluate validates every mask (presence, size, labels) before anything is written.
     # ``resize``: as `evaluate --resize`, masks of another size are resized to the predictions.
     metrics = evaluate(pred_dir, gt_dir, confusion=True, write=False, resize=resize,
-                       lock=False) \
-        if gt_dir else None
+                       lock=False, max_image_pixels=max_image_pixels) if gt_dir else None
     if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"{out_dir} exists and is not a folder", "choose another --out")
+        raise OutputError(f"{out_dir} exists and is not a folder", "choose another `out=DIR`")
+    page = _Page(pred_dir, meta, gt_dir, metrics, out_dir, label_next, max_image_pixels)
     try:
-        return _write(pred_dir, meta, predictions, gt_dir, metrics, out_dir, label_next)
+        return _write(page, predictions)
     except OSError as exc:
         if isinstance(exc, OutputError):
             raise
         raise OutputError(f"cannot write the report into {out_dir} ({exc})",
-                          "check the folder's permissions and free space, or pass --out"
+                          "check the folder's permissions and free space, or choose another "
+                          "`out=DIR`"
                           ) from exc
 
 
-def _write(pred_dir: Path, meta: dict, predictions: dict, gt_dir: Path | None,
-           metrics: dict | None, out_dir: Path, label_next: int) -> Path:
-    num_classes = int(meta["num_classes"])
-    ignore_label = int(meta.get("ignore_label", 255))
-    class_names = tuple(meta.get("class_names") or ())
+@dataclass(frozen=True)
+class _Page:
+    """What one report shows, and where it goes."""
+    pred_dir: Path
+    meta: dict
+    gt_dir: Path | None
+    metrics: dict | None
+    out_dir: Path
+    label_next: int
+    max_image_pixels: int | None
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    @property
+    def ignore_label(self) -> int:
+        return int(self.meta.get("ignore_label", 255))
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return render.class_names(self.meta.get("class_names"))
+
+
+def _write(page: _Page, predictions: dict) -> Path:
+    meta, out_dir, metrics = page.meta, page.out_dir, page.metrics
     members = int(meta.get("num_members") or 0)
-    palette = render.make_palette(num_classes, ignore_label)
-    folders = _image_folders(meta, gt_dir)
-    limits = render.uncertainty_limits(num_classes, max(members, 2))
+    palette = render.make_palette(page.num_classes, page.ignore_label)
+    limits = render.uncertainty_limits(page.num_classes, max(members, 2))
     img_dir = out_dir / "img"
     img_dir.mkdir(parents=True, exist_ok=True)
     for old in img_dir.iterdir():  # pictures of an earlier report of this folder
         if _OWN_PICTURE.match(old.name):
             old.unlink()
+    cards, counts = _cards(page, predictions, palette, limits, img_dir)
+    confusion_png = out_dir / folder.CONFUSION_PNG
+    if metrics is not None:
+        rows = metrics["classes"]
+        labels = metrics["confusion"]["labels"]
+        axis = confusion_axis(labels, page.class_names, page.ignore_label)
+        render.confusion_image(np.asarray(metrics["confusion"]["matrix"]), axis, axis).save(
+            confusion_png)
+        cards.sort(key=lambda c: (c.iou, c.position))               # worst first
+    else:
+        rows = [{"index": c, "name": render.class_name(page.class_names, c), "iou": None,
+                 "gt_pixels": None, "pred_pixels": int(counts[c])}
+                for c in range(page.num_classes) if c != page.ignore_label]
+        if confusion_png.is_file():  # stale: of an earlier report with ground truth
+            confusion_png.unlink()
+        cards.sort(key=lambda c: (-(c.entropy if c.entropy is not None else -1.0), c.position))
 
+    text = _page(page.pred_dir, meta, metrics, rows, palette, cards, page.label_next, limits)
+    index = out_dir / folder.REPORT_INDEX
+    atomic_write(index, lambda p: p.write_text(text, encoding="utf-8"))
+    log.info("report of %d image(s) in %s", len(cards), index)
+    return index
+
+
+def _cards(page: _Page, predictions: dict, palette: np.ndarray, limits, img_dir: Path
+           ) -> tuple[list[_Card], np.ndarray]:
+    """One card per prediction, its pictures written into ``img_dir``; and the pixel count of
+    each label over all predictions."""
+    folders = _image_folders(page.meta, page.gt_dir)
     counts = np.zeros(256, dtype=np.int64)
     cards = []
     for position, (name, path) in enumerate(predictions.items()):
-        labels = read_mask(path)
+        labels = read_mask(path, page.max_image_pixels)
         counts += np.bincount(labels.ravel(), minlength=256)
         card = _Card(position, name)
-        if metrics is not None:
-            card.iou = metrics["per_image"][name]
-        image = _original(folders, name)
+        if page.metrics is not None:
+            card.iou = page.metrics["per_image"][name]
+        image = _original(folders, name, page.max_image_pixels)
         stem = f"{position:04d}"
         if image is not None:
             thumb = Image.fromarray(image)
@@ -172,37 +224,23 @@ def _write(pred_dir: Path, meta: dict, predictions: dict, gt_dir: Path | None,
         Image.fromarray(over).save(img_dir / f"{stem}_overlay.png")
         card.pictures["overlay"] = f"{stem}_overlay.png"
         card.legend = render.legend_entries(np.bincount(labels.ravel(), minlength=256), palette,
-                                            class_names, num_classes)
-        ent_path, jsd_path = pred_dir / f"{name}_entropy.npy", pred_dir / f"{name}_jsd.npy"
-        if ent_path.is_file() and jsd_path.is_file():
-            entropy, jsd = np.load(ent_path), np.load(jsd_path)
-            card.entropy, card.jsd = float(entropy.mean()), float(jsd.mean())
-            for kind, values, (vmax, _) in zip(("entropy", "jsd"), (entropy, jsd), limits):
-                Image.fromarray(render.heatmap(values, vmax)).save(img_dir / f"{stem}_{kind}.png")
-                card.pictures[kind] = f"{stem}_{kind}.png"
+                                            page.class_names, page.num_classes)
+        _uncertainty_pictures(card, folder.uncertainty_maps(page.pred_dir, name), limits,
+                              img_dir / stem)
         cards.append(card)
+    return cards, counts
 
-    if metrics is not None:
-        rows = metrics["classes"]
-        labels = metrics["confusion"]["labels"]
-        axis = confusion_axis(labels, class_names, ignore_label)
-        render.confusion_image(np.asarray(metrics["confusion"]["matrix"]), axis, axis).save(
-            out_dir / "confusion.png")
-        cards.sort(key=lambda c: (c.iou, c.position))               # worst first
-    else:
-        rows = [{"index": c, "name": render.class_name(class_names, c), "iou": None,
-                 "gt_pixels": None, "pred_pixels": int(counts[c])}
-                for c in range(num_classes) if c != ignore_label]
-        stale = out_dir / "confusion.png"
-        if stale.is_file():
-            stale.unlink()
-        cards.sort(key=lambda c: (-(c.entropy if c.entropy is not None else -1.0), c.position))
 
-    page = _page(pred_dir, meta, metrics, rows, palette, cards, label_next, limits)
-    index = out_dir / "index.html"
-    atomic_write(index, lambda p: p.write_text(page, encoding="utf-8"))
-    log.info("report of %d image(s) in %s", len(cards), index)
-    return index
+def _uncertainty_pictures(card: _Card, maps: tuple[Path, Path] | None, limits,
+                          stem: Path) -> None:
+    """The card's mean entropy and JSD, and their heat maps (``<stem>_entropy.png``, ...)."""
+    if maps is None:
+        return
+    entropy, jsd = np.load(maps[0]), np.load(maps[1])
+    card.entropy, card.jsd = float(entropy.mean()), float(jsd.mean())
+    for kind, values, (vmax, _) in zip(("entropy", "jsd"), (entropy, jsd), limits):
+        Image.fromarray(render.heatmap(values, vmax)).save(f"{stem}_{kind}.png")
+        card.pictures[kind] = f"{stem.name}_{kind}.png"
 
 
 # -- the page --------------------------------------------------------------------------------

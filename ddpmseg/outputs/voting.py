@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from ddpmseg.config import VOTES
+from ddpmseg.core.errors import BadInputError, ConfigError
 
 
 def _stack(logits: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
@@ -27,14 +28,15 @@ def _stack(logits: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     else:
         stacked = torch.stack(list(logits))
     if stacked.dim() != 3 or stacked.shape[0] == 0:
-        raise ValueError(f"expected member logits of shape (K, n, C) with K >= 1, "
-                         f"got {tuple(stacked.shape)}")
+        raise BadInputError(f"expected member logits of shape (K, n, C) with K >= 1, "
+                            f"got {tuple(stacked.shape)}", "give the members' logits stacked")
     return stacked.float()
 
 
 def check_vote(method: str) -> str:
+    """``method`` when it is a vote (``VOTES``); else a ConfigError naming the choices."""
     if method not in VOTES:
-        raise ValueError(f"unknown vote {method!r}; use one of {', '.join(VOTES)}")
+        raise ConfigError(f"unknown vote {method!r}", f"use one of {', '.join(VOTES)}")
     return method
 
 
@@ -68,11 +70,3 @@ def uncertainty(logits) -> tuple[torch.Tensor, torch.Tensor]:
     # Mathematically >= 0; rounding can leave a tiny negative where all members agree.
     jsd = (mean_entropy - member_entropy).clamp_min(0.0)
     return mean_entropy, jsd
-
-
-def vote_with_uncertainty(logits, method: str = "soft"
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(labels, entropy, jsd) in one pass over the stacked logits."""
-    stacked = _stack(logits)
-    ent, jsd = uncertainty(stacked)
-    return vote(stacked, method), ent, jsd

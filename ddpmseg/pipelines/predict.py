@@ -15,7 +15,6 @@ Library entry point: :func:`predict`; the per-image core is :func:`predict_maps`
 from __future__ import annotations
 
 import contextlib
-
 import io
 import logging
 import shutil
@@ -28,24 +27,13 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from tqdm import tqdm
 
-from ddpmseg.core.version import __version__
-from ddpmseg.outputs import render, voting
-from ddpmseg.backbone import load_backbone as factory_load_backbone
+from ddpmseg.backbone import factory
 from ddpmseg.backbone.base import image_tensor
 from ddpmseg.backbone.bundled import resolve_checkpoint
 from ddpmseg.classifier import Ensemble, load_ensemble
-from ddpmseg.data import (
-    check_image_size,
-    find_image,
-    image_hw,
-    labelled,
-    list_samples,
-    load_image,
-    read_mask,
-)
-from ddpmseg.core.device import resolve_device
+from ddpmseg.classifier.run import read_header
+from ddpmseg.core.device import resolve_device, use_threads
 from ddpmseg.core.errors import (
     BadInputError,
     CheckpointError,
@@ -55,15 +43,24 @@ from ddpmseg.core.errors import (
     StoreError,
     StoreMismatchError,
 )
-from ddpmseg.classifier import run as R
-from ddpmseg.featcache import content, pixels
-from ddpmseg.pipelines.extract import encoded_maps
-from ddpmseg.spec import FeatureSpec
-from ddpmseg.featcache.store import FeatureStore, decode_map
-from ddpmseg.outputs import folder as PO
 from ddpmseg.core.fileio import is_no_space, no_space_error, sha256_file, size_text, write_json
 from ddpmseg.core.locking import reader_lock, writer_lock
-from ddpmseg.core.progress import wanted
+from ddpmseg.core.progress import bar
+from ddpmseg.core.version import __version__
+from ddpmseg.data import (
+    check_image_size,
+    find_image,
+    image_hw,
+    labelled,
+    list_samples,
+    load_image,
+    read_mask,
+)
+from ddpmseg.featcache import content, pixels
+from ddpmseg.featcache.store import FeatureStore, decode_map
+from ddpmseg.outputs import folder, render, voting
+from ddpmseg.pipelines.extract import encoded_maps
+from ddpmseg.spec import FeatureSpec
 
 log = logging.getLogger("ddpmseg")
 
@@ -99,7 +96,7 @@ def predict_maps(members: Sequence[nn.Module], maps: Sequence, size: tuple[int, 
     """
     voting.check_vote(vote)
     if tile_rows < 1:
-        raise ConfigError(f"tile_rows must be >= 1, got {tile_rows}", "pass --tile-rows 32")
+        raise ConfigError(f"tile_rows must be >= 1, got {tile_rows}", "pass `tile_rows=32`")
     height, width = size
     device = torch.device(device) if device is not None else None
     tiles = pixels.TileFeatures(maps, size, device)
@@ -157,7 +154,7 @@ def _warn_if_stale(model: Ensemble) -> None:
     the run was trained: its predictions do not use the newest labels."""
     if model.run_dir is None or not model.store_path or not _is_store(Path(model.store_path)):
         return
-    trained_on = R.read_header(model.run_dir).images
+    trained_on = read_header(model.run_dir).images
     if trained_on is None:
         return  # a run from before runs recorded their image set
     try:
@@ -197,7 +194,8 @@ def _find_original(images_dir: Path | None, name: str) -> Path | None:
 class _StoreSource:
     kind = "store"
 
-    def __init__(self, path: Path, model: Ensemble, images_dir: Path | None):
+    def __init__(self, path: Path, model: Ensemble, images_dir: Path | None,
+                 max_image_pixels: int | None = None):
         self.store = FeatureStore.open(path)
         check_compatible(model.info.spec, self.store.info.spec, str(path))
         done = self.store.complete()
@@ -207,9 +205,10 @@ class _StoreSource:
                              f"first {missing[0]!r}", "rerun `ddpmseg extract` to finish it")
         if images_dir is not None and not images_dir.is_dir():
             raise InputNotFoundError(f"images folder {images_dir} does not exist",
-                                     "give the folder of the original images, or leave out "
-                                     "--images to draw overlays on grey")
+                                     "give the folder of the original images, or no "
+                                     "`images` folder to draw overlays on grey")
         self.images_dir = images_dir
+        self.max_image_pixels = max_image_pixels
         self.size = tuple(self.store.info.image_size)
         self.names = list(self.store.names)
 
@@ -233,7 +232,7 @@ class _StoreSource:
             original = _find_original(self.images_dir, name)
             image = None
             if original is not None:
-                image = load_image(original)
+                image = load_image(original, max_image_pixels=self.max_image_pixels)
             elif self.images_dir is not None:
                 log.warning("no original image for %s in %s; overlay drawn on grey", name,
                             self.images_dir)
@@ -244,8 +243,9 @@ class _ImageSource:
     kind = "images"
 
     def __init__(self, path: Path, model: Ensemble, device: torch.device,
-                 checkpoint: str | None, resize: bool):
-        self.samples = list_samples(path)
+                 checkpoint: str | None, resize: bool, max_image_pixels: int | None = None):
+        self.max_image_pixels = max_image_pixels
+        self.samples = list_samples(path, max_image_pixels=max_image_pixels)
         self.spec = model.info.spec
         self.size = self.spec.image_size
         self.resize = resize
@@ -254,13 +254,13 @@ class _ImageSource:
         # Check every image's size before the (slow) backbone load and before any output
         # (each stretch is noted here, once).
         for s in self.samples:
-            check_image_size(s.image, image_hw(s.image), self.size, resize)
+            check_image_size(s.image, image_hw(s.image, max_image_pixels), self.size, resize)
         self.checkpoint = _resolve_checkpoint(checkpoint, model)
         self.names = [s.name for s in self.samples]
         want = self.spec.backbone
         try:
-            self.backbone = load_backbone(self.checkpoint,
-                                          want.flags or model.config.model.preset, device)
+            self.backbone = factory.load_backbone(self.checkpoint,
+                                                  want.flags or model.config.model.preset, device)
         except CheckpointError:
             # Another architecture's file: that it is not the run's checkpoint is the news,
             # not which of its keys do not fit.
@@ -278,14 +278,15 @@ class _ImageSource:
     def image_content(self) -> dict[str, tuple[str | None, bool]]:
         """{name: (image sha256, has a mask labelling at least one pixel)}."""
         return {s.name: (content.file_sha256(s.image), s.mask is not None
-                         and labelled(read_mask(s.mask), self.ignore_label))
+                         and labelled(read_mask(s.mask, self.max_image_pixels),
+                                      self.ignore_label))
                 for s in self.samples}
 
     def items(self, skip: Collection[str] = ()) -> Iterator[_Item]:
         for sample in self.samples:
             if sample.name in skip:
                 continue
-            image = load_image(sample.image, self.size, self.resize)
+            image = load_image(sample.image, self.size, self.resize, self.max_image_pixels)
             x0 = image_tensor(image)[None].to(self.device)
             with torch.no_grad():
                 # The path `extract` takes: the maps equal those a store of the images holds,
@@ -299,7 +300,7 @@ def _check_sha256(checkpoint: Path, got: str, want: str) -> None:
         raise StoreMismatchError(
             f"checkpoint {checkpoint} is not the run's checkpoint (sha256 {got[:12]}, "
             f"expected {want[:12]})",
-            "pass --checkpoint with the checkpoint the run's store was extracted with")
+            "give `checkpoint=PATH`, the checkpoint the run's store was extracted with")
 
 
 def input_path(input) -> Path:
@@ -312,29 +313,26 @@ def input_path(input) -> Path:
 
 
 def open_source(path: Path, model: Ensemble, device: torch.device, checkpoint: str | None,
-                resize: bool, images_dir: Path | None = None):
+                resize: bool, images_dir: Path | None = None,
+                max_image_pixels: int | None = None):
     """The images of a store or an image folder, as items (name, RGB image, native maps) the
     run can predict: ``source.items(skip=names)``, ``len(source)``, ``source.size``,
     ``source.kind``, ``source.names``; ``source.image_content()`` says per name its image
-    sha256 (None where a store recorded none) and whether a mask labels a pixel of it."""
+    sha256 (None where a store recorded none) and whether a mask labels a pixel of it. Images
+    and PNG masks of more than ``max_image_pixels`` pixels (default PIL's limit) are refused."""
     if _is_store(path):
-        return _StoreSource(path, model, images_dir)
+        return _StoreSource(path, model, images_dir, max_image_pixels)
     if path.is_dir():
-        return _ImageSource(path, model, device, checkpoint, resize)
+        return _ImageSource(path, model, device, checkpoint, resize, max_image_pixels)
     raise BadInputError(f"input {path} is neither a feature store nor a folder of images",
                         "give a store made by `ddpmseg extract` or an image folder")
-
-
-def load_backbone(checkpoint: Path, flags, device: torch.device):
-    """The run's backbone (kept as a module-level function so tests can substitute one)."""
-    return factory_load_backbone(checkpoint, flags, device)
 
 
 def _resolve_checkpoint(checkpoint: str | None, model: Ensemble) -> Path:
     given = checkpoint or model.config.model.checkpoint
     if not given:
         raise RunError("the run records no backbone checkpoint to extract features with",
-                       "pass --checkpoint PATH (the checkpoint of the run's training store)")
+                       "give `checkpoint=PATH` (the checkpoint of the run's training store)")
     path = resolve_checkpoint(given).expanduser()  # "bundled:faces_64" too
     if not path.exists() and not path.is_absolute() and model.run_dir:
         beside = Path(model.run_dir) / path
@@ -342,7 +340,7 @@ def _resolve_checkpoint(checkpoint: str | None, model: Ensemble) -> Path:
             path = beside
     if not path.exists():  # a .pt file, or a diffusers folder
         raise InputNotFoundError(f"checkpoint {path} not found",
-                                 "pass --checkpoint PATH to the run's backbone checkpoint")
+                                 "give `checkpoint=PATH`, the run's backbone checkpoint")
     return path
 
 
@@ -361,21 +359,21 @@ def _write_image_outputs(out: Path, item: _Item, pred: ImagePrediction, palette:
     """Write one image's files into ``out`` (the staging folder); returns their paths there."""
     info = model.info
     files = {}
-    files["png"] = out / f"{item.name}.png"
+    files["png"] = folder.image_file(out, item.name, "png")
     render.save_label_png(files["png"], pred.labels, palette)
     over = render.overlay(item.image, pred.labels, palette, names, info.num_classes,
                           min_side=OVERLAY_MIN_SIDE)
-    files["overlay"] = out / f"{item.name}_overlay.png"
+    files["overlay"] = folder.image_file(out, item.name, "overlay")
     Image.fromarray(over).save(files["overlay"])
     if uncertainty:
-        files["entropy"] = out / f"{item.name}_entropy.npy"
+        files["entropy"] = folder.image_file(out, item.name, "entropy")
         _save_npy(files["entropy"], pred.entropy)
-        files["jsd"] = out / f"{item.name}_jsd.npy"
+        files["jsd"] = folder.image_file(out, item.name, "jsd")
         _save_npy(files["jsd"], pred.jsd)
-        files["uncertainty"] = out / f"{item.name}_uncertainty.png"
+        files["uncertainty"] = folder.image_file(out, item.name, "uncertainty")
         render.uncertainty_image(pred.entropy, pred.jsd, info.num_classes,
                                  len(model.members)).save(files["uncertainty"])
-    files["npy"] = out / f"{item.name}.npy"
+    files["npy"] = folder.image_file(out, item.name, "npy")
     _save_npy(files["npy"], pred.labels)
     row = (item.name, item.image, pred.labels)
     return {k: str(v) for k, v in files.items()}, row
@@ -384,76 +382,105 @@ def _write_image_outputs(out: Path, item: _Item, pred: ImagePrediction, palette:
 def predict(run, input, out_dir, *, vote: str | None = None, uncertainty: bool = False,
             device: str | torch.device = "auto", tile_rows: int | None = None,
             resize: bool = False, checkpoint: str | None = None, images: str | None = None,
-            progress: bool = True) -> dict:
+            progress: bool = True, threads: int | None = None,
+            max_image_pixels: int | None = None) -> dict:
     """Predict every image of INPUT (a feature store or a folder of images) with RUN.
 
-    ``run`` is a run directory (``ddpmseg fit``'s output) or a ``classifier.Ensemble``. Writes into ``out_dir`` per image ``<name>.npy``
-    (uint8 labels), ``<name>.png`` (palette PNG), ``<name>_overlay.png`` and, with
-    ``uncertainty``, ``<name>_entropy.npy``, ``<name>_jsd.npy``, ``<name>_uncertainty.png``;
-    once: ``palette.json``, ``summary.png`` and ``predict.json``. ``vote`` and ``tile_rows``
+    ``run`` is a run directory (``ddpmseg fit``'s output) or a ``classifier.Ensemble``.
+    Writes into ``out_dir`` per image ``<name>.npy`` (uint8 labels), ``<name>.png`` (palette
+    PNG), ``<name>_overlay.png`` and, with ``uncertainty``, ``<name>_entropy.npy``,
+    ``<name>_jsd.npy``, ``<name>_uncertainty.png``; once: ``palette.json``, ``summary.png`` and
+    ``predict.json`` (the folder's schema: ``outputs.folder``). ``vote`` and ``tile_rows``
     default to the run config's [predict] values. ``images`` is a folder of the originals for
-    the overlays when INPUT is a store. Returns the summary written to predict.json, with the
-    output paths per image under "outputs".
+    the overlays when INPUT is a store. Torch runs on ``threads`` threads (default: torch's),
+    restored after. Images of more than ``max_image_pixels`` pixels (default PIL's limit) are
+    refused. Returns the summary written to predict.json, with the output paths per image
+    under "outputs".
     """
     started = time.perf_counter()
-    dev = resolve_device(device)
-    model = load_run(run, dev)
+    with use_threads(threads):
+        dev = resolve_device(device)
+        model = load_run(run, dev)
+        vote, tile_rows = _settings(model, vote, tile_rows)
+        _warn_if_stale(model)
+        source_path = input_path(input)
+        with reading_source(source_path):
+            images_dir = Path(images) if images else None
+            source = open_source(source_path, model, dev, checkpoint, resize, images_dir,
+                                 max_image_pixels)
+            job = _Job(Path(out_dir), source, source_path, model, dev, vote, tile_rows,
+                       uncertainty, resize, images_dir, started, progress)
+            summary = _predict_whole(job)
+    log.info("predicted %d image(s) into %s (%.1f s)", summary["num_images"], job.out,
+             summary["seconds"])
+    return summary
+
+
+def _settings(model: Ensemble, vote: str | None, tile_rows: int | None) -> tuple[str, int]:
+    """The vote and tile rows to use (the run config's by default), and the run checked."""
     cfg = model.config
-    vote = vote or cfg.predict.vote
-    if vote not in voting.VOTES:
-        raise ConfigError(f"unknown vote {vote!r}", f"use one of {', '.join(voting.VOTES)}")
+    vote = voting.check_vote(vote or cfg.predict.vote)
     tile_rows = int(tile_rows or cfg.predict.tile_rows)
     if tile_rows < 1:
-        raise ConfigError(f"tile_rows must be >= 1, got {tile_rows}", "pass --tile-rows 32")
+        raise ConfigError(f"tile_rows must be >= 1, got {tile_rows}", "pass `tile_rows=32`")
     if not model.members:
         raise RunError("the run has no trained members", "run `ddpmseg fit` to train them")
     info = model.info
     if info.num_classes > 256:
         raise RunError(f"the run has {info.num_classes} classes; label maps hold at most 256",
                        "use at most 256 classes")
+    return vote, tile_rows
 
-    _warn_if_stale(model)
 
-    source_path = input_path(input)
-    with reading_source(source_path):
-        images_dir = Path(images) if images else None
-        source = open_source(source_path, model, dev, checkpoint, resize, images_dir)
+@dataclass(frozen=True)
+class _Job:
+    """One prediction: what is predicted, how, and where it goes."""
+    out: Path                  # OUT as given (the paths predict.json records)
+    source: object             # open_source's
+    source_path: Path
+    model: Ensemble
+    device: torch.device
+    vote: str
+    tile_rows: int
+    uncertainty: bool
+    resize: bool
+    images_dir: Path | None
+    started: float             # time.perf_counter() at the start
+    progress: bool
 
-        out = Path(out_dir)
-        created = not out.exists()
-        real = _check_out(out)
-        # One predict at a time per OUT (the lock file is OUT's hidden sibling). The prediction
-        # is written into a hidden sibling folder and swapped in whole (predict_outputs): until
-        # then OUT keeps its earlier prediction, whatever stops this run.
-        with writer_lock(out, "prediction folder"):
-            PO.finish_interrupted(real)  # what a killed predict left beside OUT
-            PO.check_free(real, source.names)  # OUT = the data folder: its images are not ours
-            stage = PO.staging_dir(real)
-            stage.mkdir()
-            try:
-                summary = _predict_into(out, stage, source, source_path, model, dev, vote,
-                                        tile_rows, uncertainty, resize, images_dir, started,
-                                        progress)
-                PO.publish(stage, real)
-            except BaseException as exc:
-                written = PO.folder_bytes(stage)
-                shutil.rmtree(stage, ignore_errors=True)  # OUT is untouched
-                if created:
-                    _remove_if_empty(real)
-                if is_no_space(exc):
-                    raise no_space_error(out, None, "the prediction", hint=(
-                        f"free some space, or choose an OUT on another disk, and rerun; the "
-                        f"earlier prediction in it is unchanged ({size_text(written)} of the new "
-                        f"one were written)")) from exc
-                raise
-    log.info("predicted %d image(s) into %s (%.1f s)", summary["num_images"], out,
-             summary["seconds"])
+
+def _predict_whole(job: _Job) -> dict:
+    """Predict into a hidden sibling of OUT, under OUT's lock, and swap it in whole: until
+    then OUT keeps its earlier prediction, whatever stops this run (``outputs.folder``)."""
+    out = job.out
+    created = not out.exists()
+    real = _check_out(out)
+    # One predict at a time per OUT (the lock file is OUT's hidden sibling).
+    with writer_lock(out, "prediction folder"):
+        folder.finish_interrupted(real)  # what a killed predict left beside OUT
+        folder.check_free(real, job.source.names)  # OUT = the data folder: not ours
+        stage = folder.staging_dir(real)
+        stage.mkdir()
+        try:
+            summary = _predict_into(job, stage)
+            folder.publish(stage, real)
+        except BaseException as exc:
+            written = folder.folder_bytes(stage)
+            shutil.rmtree(stage, ignore_errors=True)  # OUT is untouched
+            if created:
+                _remove_if_empty(real)
+            if is_no_space(exc):
+                raise no_space_error(out, None, "the prediction", hint=(
+                    f"free some space, or choose an OUT on another disk, and rerun; the "
+                    f"earlier prediction in it is unchanged ({size_text(written)} of the new "
+                    f"one were written)")) from exc
+            raise
     return summary
 
 
-def _remove_if_empty(folder: Path) -> None:
+def _remove_if_empty(path: Path) -> None:
     try:
-        folder.rmdir()
+        path.rmdir()
     except OSError:  # not empty: the swap happened, or something was put there meanwhile
         pass
 
@@ -462,51 +489,58 @@ def _check_out(out: Path) -> Path:
     """OUT's real path, after checking that it is a folder predict can replace; made here
     when new, so that an OSError (a file in the way, no permission) names OUT."""
     out.mkdir(parents=True, exist_ok=True)
-    real = PO.real_out(out)
-    PO.check_replaceable(real)
+    real = folder.real_out(out)
+    folder.check_replaceable(real)
     return real
 
 
-def _predict_into(out, stage, source, source_path, model, dev, vote, tile_rows, uncertainty,
-                  resize, images_dir, started, progress) -> dict:
+def _predict_into(job: _Job, stage: Path) -> dict:
     """Write the whole prediction into ``stage``; the paths it records are OUT's."""
-    info, cfg = model.info, model.config
-    class_names = tuple(info.class_names) or tuple(cfg.data.class_names)
+    info, model, out = job.model.info, job.model, job.out
+    class_names = render.class_names(info.class_names, model.config.data.class_names)
     palette = render.make_palette(info.num_classes, info.ignore_label)
-    write_json(stage / "palette.json", render.palette_json(palette, info.num_classes,
-                                                         info.ignore_label, class_names))
+    write_json(stage / folder.PALETTE_FILE, render.palette_json(
+        palette, info.num_classes, info.ignore_label, class_names))
 
     outputs: dict[str, dict] = {}
     sheet_rows = []
-    bar = tqdm(source.items(), total=len(source), desc="predict", unit="img",
-               disable=not wanted(progress), leave=False)
-    for item in bar:
-        pred = predict_maps(model.members, item.maps, source.size, vote=vote,
-                            tile_rows=tile_rows, uncertainty=uncertainty, device=dev)
+    items = bar(job.source.items(), total=len(job.source), desc="predict", unit="img",
+                progress=job.progress, leave=False)
+    for item in items:
+        pred = predict_maps(model.members, item.maps, job.source.size, vote=job.vote,
+                            tile_rows=job.tile_rows, uncertainty=job.uncertainty,
+                            device=job.device)
         item.maps = None
         files, row = _write_image_outputs(stage, item, pred, palette, model, class_names,
-                                          uncertainty)
+                                          job.uncertainty)
         outputs[item.name] = {k: str(out / Path(v).name) for k, v in files.items()}
         if len(sheet_rows) < SUMMARY_IMAGES:
             sheet_rows.append(row)
-    bar.close()
-    summary_path = out / "summary.png"
+    items.close()
     if sheet_rows:
         render.contact_sheet(sheet_rows, palette, class_names, info.num_classes).save(
-            stage / summary_path.name)
+            stage / folder.SUMMARY_FILE)
+    summary = _meta(job, class_names, list(outputs), bool(sheet_rows))
+    folder.write_meta(stage, summary)  # last: the prediction is whole
+    return {**summary, "outputs": outputs}
 
-    summary = {
+
+def _meta(job: _Job, class_names: tuple, names: list[str], sheet: bool) -> dict:
+    """predict.json's contents (``folder.META_KEYS``)."""
+    model, source, out = job.model, job.source, job.out
+    info = model.info
+    return {
         "version": __version__,
         "run": str(model.run_dir) if model.run_dir is not None else None,
-        "input": str(source_path),
+        "input": str(job.source_path),
         "input_kind": source.kind,
         "out_dir": str(out),
-        "vote": vote,
-        "tile_rows": tile_rows,
-        "uncertainty": uncertainty,
-        "device": str(dev),
-        "resize": resize,
-        "images": str(images_dir) if images_dir else None,
+        "vote": job.vote,
+        "tile_rows": job.tile_rows,
+        "uncertainty": job.uncertainty,
+        "device": str(job.device),
+        "resize": job.resize,
+        "images": str(job.images_dir) if job.images_dir else None,
         "checkpoint": str(source.checkpoint) if source.kind == "images" else None,
         "num_members": len(model.members),
         "num_classes": info.num_classes,
@@ -519,12 +553,10 @@ def _predict_into(out, stage, source, source_path, model, dev, vote, tile_rows, 
         "dtype": info.dtype,
         "fingerprint": info.fingerprint,
         # The run's resolved config: what a report shows of the run (backbone, ETF, ...).
-        "config": cfg.to_dict(),
-        "num_images": len(outputs),
-        "names": list(outputs),
-        "summary": str(summary_path) if sheet_rows else None,
-        "palette": str(out / "palette.json"),
-        "seconds": round(time.perf_counter() - started, 3),
+        "config": model.config.to_dict(),
+        "num_images": len(names),
+        "names": names,
+        "summary": str(out / folder.SUMMARY_FILE) if sheet else None,
+        "palette": str(out / folder.PALETTE_FILE),
+        "seconds": round(time.perf_counter() - job.started, 3),
     }
-    write_json(stage / PO.META_FILE, summary, default=str)  # last: the prediction is whole
-    return {**summary, "outputs": outputs}

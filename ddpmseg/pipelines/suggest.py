@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ddpmseg.outputs import render
-from ddpmseg.outputs.suggestions import CSV_FILE, SCORES, SHEET_FILE, write_suggestions
-from ddpmseg.core.device import resolve_device
-from ddpmseg.classifier import run as R
+from ddpmseg.classifier.run import read_header
+from ddpmseg.core.device import resolve_device, use_threads
 from ddpmseg.core.errors import ConfigError
 from ddpmseg.core.fileio import write_png
 from ddpmseg.core.locking import writer_lock
+from ddpmseg.outputs import render
+from ddpmseg.outputs.suggestions import CSV_FILE, SCORES, SHEET_FILE, write_suggestions
 from ddpmseg.pipelines.predict import (
     input_path,
     load_run,
@@ -75,7 +75,7 @@ def labelled_images(source, model) -> dict[str, str]:
     already: with a mask, or trained on by ``model`` (its run's recorded image set)."""
     trained = set()
     if model.run_dir is not None:
-        images = R.read_header(model.run_dir).images or {}
+        images = read_header(model.run_dir).images or {}
         trained = {h[0] for h in images.values() if h and h[0]}
     out = {}
     for name, (sha, has_mask) in source.image_content().items():
@@ -128,50 +128,77 @@ def diverse_order(scores: np.ndarray, pooled: np.ndarray,
 def suggest(run, input, out_dir, *, top: int | None = None, by: str = "jsd",
             diverse: bool = False, device="auto", checkpoint: str | None = None,
             resize: bool = False, images: str | None = None, tile_rows: int | None = None,
-            include_labelled: bool = False) -> Ranking:
+            include_labelled: bool = False, threads: int | None = None,
+            max_image_pixels: int | None = None) -> Ranking:
     """Rank the unlabelled images of ``input`` (a store or an image folder) for labelling by
     the run's ensemble disagreement; write suggest.csv and suggest.png into ``out_dir``.
     Returns the top ``top`` (default all) in rank order, with ``.skipped`` the labelled images
-    left out (none with ``include_labelled``)."""
+    left out (none with ``include_labelled``). Torch runs on ``threads`` threads (default:
+    torch's), restored after; images of more than ``max_image_pixels`` pixels (default PIL's
+    limit) are refused."""
     if by not in SCORES:
         raise ConfigError(f"unknown score {by!r}", f"use one of {', '.join(SCORES)}")
     if top is not None and top < 1:
-        raise ConfigError(f"--top must be at least 1, got {top}")
-    dev = resolve_device(device)
-    model = load_run(run, dev)
-    if len(model.members) < 2 and by == "jsd":
-        raise ConfigError("the run has one member: members cannot disagree",
-                          "use --by entropy, or fit an ensemble of 2 or more")
-    path = input_path(input)
-    with reading_source(path):
-        source = open_source(path, model, dev, checkpoint, resize,
-                             Path(images) if images else None)
-        skipped = {} if include_labelled else labelled_images(source, model)
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with writer_lock(out, "suggestions folder"):
-            return _rank(model, source, input, out, skipped, top, by, diverse, dev, tile_rows)
+        raise ConfigError(f"top must be at least 1, got {top}", "give `top=1` or more")
+    with use_threads(threads):
+        dev = resolve_device(device)
+        model = load_run(run, dev)
+        if len(model.members) < 2 and by == "jsd":
+            raise ConfigError("the run has one member: members cannot disagree",
+                              "give `by=entropy`, or fit an ensemble of 2 or more")
+        path = input_path(input)
+        with reading_source(path):
+            source = open_source(path, model, dev, checkpoint, resize,
+                                 Path(images) if images else None, max_image_pixels)
+            skipped = {} if include_labelled else labelled_images(source, model)
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            with writer_lock(out, "suggestions folder"):
+                job = _Job(model, source, input, out, skipped, top, by, diverse, dev,
+                           int(tile_rows or model.config.predict.tile_rows))
+                return _rank(job)
 
 
-def _rank(model, source, input, out: Path, skipped: dict, top: int | None, by: str,
-          diverse: bool, dev, tile_rows: int | None) -> Ranking:
-    rows = int(tile_rows or model.config.predict.tile_rows)
-    scored = []
-    for item in source.items(skip=skipped):
+@dataclass(frozen=True)
+class _Job:
+    """One ranking: the run, the images, what to rank by and where it goes."""
+    model: object            # the run's Ensemble
+    source: object           # predict.open_source's
+    input: object            # as given, for the log
+    out: Path
+    skipped: dict            # {name: why} of the labelled images left out
+    top: int | None
+    by: str
+    diverse: bool
+    device: object
+    tile_rows: int
+
+
+def _score(job: _Job) -> list[Scored]:
+    """Every image not skipped, predicted and scored."""
+    model, source, scored = job.model, job.source, []
+    for item in source.items(skip=job.skipped):
         pred = predict_maps(model.members, item.maps, source.size, vote="soft",
-                            tile_rows=rows, uncertainty=True, device=dev)
-        per_pixel = pred.jsd if by == "jsd" else pred.entropy
+                            tile_rows=job.tile_rows, uncertainty=True, device=job.device)
+        per_pixel = pred.jsd if job.by == "jsd" else pred.entropy
         area = np.bincount(pred.labels.ravel(), minlength=256)[:model.num_classes]
         scored.append(Scored(item.name, float(per_pixel.mean()), area / pred.labels.size,
                              pooled_features(item.maps), item.image, pred.labels))
         item.maps = None
+    return scored
+
+
+def _rank(job: _Job) -> Ranking:
+    model, out, by, diverse = job.model, job.out, job.by, job.diverse
+    scored = _score(job)
     if not scored:
         # No stale suggestions of an earlier run stay behind (a report would list them).
         _write_csv(out / CSV_FILE, [], by, diverse, model)
         (out / SHEET_FILE).unlink(missing_ok=True)
-        if skipped:
-            log.info("nothing to rank in %s: all %d image(s) are labelled", input, len(skipped))
-        return Ranking([], skipped)
+        if job.skipped:
+            log.info("nothing to rank in %s: all %d image(s) are labelled", job.input,
+                     len(job.skipped))
+        return Ranking([], job.skipped)
     scores = np.array([s.score for s in scored])
     if diverse:
         order, sims = diverse_order(scores, np.stack([s.pooled for s in scored]))
@@ -179,27 +206,29 @@ def _rank(model, source, input, out: Path, skipped: dict, top: int | None, by: s
             scored[i].similarity = sim
     else:
         order = sorted(range(len(scored)), key=lambda i: (-scores[i], scored[i].name))
-    ranked = [scored[i] for i in order][:top]
+    ranked = [scored[i] for i in order][:job.top]
     _write_csv(out / CSV_FILE, ranked, by, diverse, model)
     _write_sheet(out / SHEET_FILE, ranked[:SHEET_IMAGES], by, model)
     log.info("ranked %d image(s) by %s%s; wrote %s and %s", len(scored), by,
              " (diverse)" if diverse else "", out / CSV_FILE, out / SHEET_FILE)
-    return Ranking(ranked, skipped)
+    return Ranking(ranked, job.skipped)
 
 
-def _class_names(model) -> list[str]:
-    names = tuple(model.info.class_names) or tuple(model.config.data.class_names)
-    return [render.class_name(names, k) for k in range(model.num_classes)]
+def _class_names(model) -> tuple[str, ...]:
+    """The run's class names (recorded, else its config's), as suggest shows them."""
+    return render.class_names(model.info.class_names, model.config.data.class_names)
 
 
 def _write_csv(path: Path, ranked: list[Scored], by: str, diverse: bool, model) -> None:
     rows = [(s.name, s.score, s.similarity, s.area) for s in ranked]
-    write_suggestions(path, rows, by, _class_names(model), diverse)
+    names = _class_names(model)
+    write_suggestions(path, rows, by, [render.class_name(names, k)
+                                       for k in range(model.num_classes)], diverse)
 
 
 def _write_sheet(path: Path, ranked: list[Scored], by: str, model) -> None:
     palette = render.make_palette(model.num_classes, model.info.ignore_label)
-    names = tuple(model.info.class_names) or tuple(model.config.data.class_names)
+    names = _class_names(model)
     rows = [(f"{k}. {s.name}  ({by} {s.score:.4f})", s.image, s.labels)
             for k, s in enumerate(ranked, 1)]
     write_png(path, render.contact_sheet(rows, palette, names, model.num_classes))

@@ -30,16 +30,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch.nn import functional
 
-from ddpmseg.outputs import render
 from ddpmseg.classifier.model import PixelMLP
 from ddpmseg.classifier.sampler import PixelIndex
+from ddpmseg.core.device import use_threads
 from ddpmseg.core.errors import ConfigError, StoreMismatchError
-from ddpmseg.outputs.evaluate import iou_from_confusion
-from ddpmseg.featcache import FeatureStore, pixels
 from ddpmseg.core.fileio import write_csv, write_json, write_png
 from ddpmseg.core.locking import reader_lock, writer_lock
+from ddpmseg.featcache import FeatureStore, pixels
+from ddpmseg.outputs import render
+from ddpmseg.outputs.evaluate import iou_from_confusion
 
 log = logging.getLogger("ddpmseg")
 
@@ -126,13 +127,16 @@ class _Features:
 
 def _train_score(xtr, ytr, xte, yte, num_classes: int, ignore_label: int, seed: int,
                  s: SweepSettings) -> float:
-    """Test mIoU of one PixelMLP trained on (xtr, ytr) with ``seed``."""
-    torch.manual_seed(seed)
+    """Test mIoU of one PixelMLP trained on (xtr, ytr) with ``seed``. The caller's random
+    state is left alone: PixelMLP's default init draws from torch's global generator, so it
+    is built under a forked one seeded with ``seed``; the batches come from a Generator."""
     # Standardised inputs: maps of different steps and blocks differ in scale by orders of
     # magnitude, and one small classifier must rank them fairly.
     mean, std = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
     xtr, xte = (xtr - mean) / std, (xte - mean) / std
-    model = PixelMLP(xtr.shape[1], num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = PixelMLP(xtr.shape[1], num_classes)
     opt = torch.optim.Adam(model.parameters(), lr=s.lr)
     gen = torch.Generator().manual_seed(seed)
     model.train()
@@ -142,7 +146,7 @@ def _train_score(xtr, ytr, xte, yte, num_classes: int, ignore_label: int, seed: 
             idx = order[k:k + s.batch_size]
             if len(idx) < 2:
                 continue
-            loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
+            loss = functional.cross_entropy(model(xtr[idx]), ytr[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -180,7 +184,9 @@ class Sweep:
         _check_stores(self.train, self.test)
         self.s = settings or SweepSettings()
         if self.s.seeds < 1 or self.s.pixels < 2 or self.s.epochs < 1:
-            raise ConfigError("--seeds and --epochs must be >= 1 and --pixels >= 2")
+            raise ConfigError(f"seeds and epochs must be >= 1 and pixels >= 2, got seeds="
+                              f"{self.s.seeds}, epochs={self.s.epochs}, pixels={self.s.pixels}",
+                              "give `seeds=1`, `epochs=1`, `pixels=2` or more")
         info = self.train.info
         self.keys = list(info.keys)
         self.channels = {k: shape[0] for k, shape in zip(info.keys, info.shapes)}
@@ -237,11 +243,14 @@ class Sweep:
 
 
 def sweep(train, test, out_dir, settings: SweepSettings | None = None,
-          compare: Sequence[tuple[Sequence[int], Sequence]] = ()) -> dict:
+          compare: Sequence[tuple[Sequence[int], Sequence]] = (), *,
+          threads: int | None = None) -> dict:
     """Run the whole sweep; write sweep.csv, sweep.png, greedy.csv and sweep.json into
-    ``out_dir``; return the summary (what sweep.json holds)."""
+    ``out_dir``; return the summary (what sweep.json holds). Torch runs on ``threads``
+    threads (default: torch's), restored after."""
     # Both stores are read under a shared lock: no extract rewrites them meanwhile.
-    with reader_lock(getattr(train, "path", train), "store"), \
+    with use_threads(threads), \
+            reader_lock(getattr(train, "path", train), "store"), \
             reader_lock(getattr(test, "path", test), "store"), \
             writer_lock(Path(out_dir), "sweep folder"):
         return _sweep(train, test, out_dir, settings, compare)

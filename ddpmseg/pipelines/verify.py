@@ -12,9 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from ddpmseg.classifier import run as R
+from ddpmseg.classifier.run import (
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    STORE_FILE,
+    member_path,
+    read_header,
+    read_member,
+)
 from ddpmseg.core.errors import DdpmsegError
 from ddpmseg.featcache.store import FeatureStore
 
@@ -32,7 +37,7 @@ class Damage:
 def is_run_dir(path: str | Path) -> bool:
     p = Path(path)
     return p.is_dir() and any((p / name).is_file() for name in
-                              (R.CONFIG_FILE, R.STORE_FILE, R.MANIFEST_FILE))
+                              (CONFIG_FILE, STORE_FILE, MANIFEST_FILE))
 
 
 def verify(path: str | Path) -> tuple[str, list[Damage]]:
@@ -66,20 +71,21 @@ def verify_store(path: str | Path) -> list[Damage]:
 def verify_run(path: str | Path) -> list[Damage]:
     run_dir = Path(path)
     try:
-        header = R.read_header(run_dir)
+        header = read_header(run_dir)
     except DdpmsegError as exc:
         return [Damage("run", str(run_dir), str(exc))]
     out = []
     count = header.config.classifier.ensemble
     for k in range(count):
-        p = R.member_path(run_dir, k)
+        p = member_path(run_dir, k)
         if not p.is_file():
             out.append(Damage(p.name, str(p), "missing (not trained yet)"))
             continue
         try:
-            saved = R.read_member(p)
+            saved = read_member(p)
+            # Tensor methods: verify itself imports no torch (a store never needs it).
             bad = [key for key, v in saved["state_dict"].items()
-                   if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+                   if v.is_floating_point() and not bool(v.isfinite().all())]
         except DdpmsegError as exc:
             out.append(Damage(p.name, str(p), exc.message))
             continue

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -17,7 +18,7 @@ from ddpmseg.pipelines.predict import predict
 from ddpmseg.outputs.report import report
 from ddpmseg.outputs.suggestions import read_suggestions
 from ddpmseg.pipelines.suggest import diverse_order, suggest
-from ddpmseg.pipelines.sweep import SweepSettings, sweep
+from ddpmseg.pipelines.sweep import SweepSettings, _train_score, sweep
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +54,11 @@ def test_suggest_ranks_by_mean_jsd_and_writes_csv_and_sheet(run_dir, store_path,
 
 
 def test_suggest_top_entropy_and_cli(run_dir, store_path, tmp_path):
+    before = torch.get_num_threads()
     top = suggest(run_dir, store_path, tmp_path / "s", top=2, by="entropy", device="cpu",
-                  include_labelled=True)
+                  include_labelled=True, threads=1 if before != 1 else 2)
     assert len(top) == 2 and top[0].score >= top[1].score
+    assert torch.get_num_threads() == before  # threads= for the call only
     with pytest.raises(ConfigError, match="unknown score"):
         suggest(run_dir, store_path, tmp_path / "s", by="margin")
     result = CliRunner().invoke(cli, ["suggest", str(run_dir), str(store_path), "--out",
@@ -141,7 +144,23 @@ def test_sweep_finds_the_map_that_carries_the_classes(make_store, tmp_path):
     test = make_store(tmp_path / "test.zarr", n_images=2, seed=1)
     settings = SweepSettings(pixels=1000, test_pixels=1000, seeds=2, epochs=20, candidates=2,
                              max_maps=2, batch_size=128)
-    summary = sweep(train, test, tmp_path / "sw", settings, compare=[((10, 20), (5,))])
+    torch.manual_seed(1234)
+    np.random.seed(1234)
+    before, before_np = torch.get_rng_state(), np.random.get_state()[1].copy()
+    threads = torch.get_num_threads()
+    summary = sweep(train, test, tmp_path / "sw", settings, compare=[((10, 20), (5,))],
+                    threads=1)
+    # The caller's random state and thread count are left as they were.
+    assert torch.equal(torch.get_rng_state(), before)
+    assert np.array_equal(np.random.get_state()[1], before_np)
+    assert torch.get_num_threads() == threads
+    # The same seed gives the same score, whatever the caller's random state.
+    x, y = torch.randn(64, 3, generator=torch.Generator().manual_seed(0)), torch.arange(64) % 2
+    scores = []
+    for outer in (5, 6):
+        torch.manual_seed(outer)
+        scores.append(_train_score(x, y, x, y, 2, 255, seed=3, s=settings))
+    assert scores[0] == scores[1]
     singles = summary["singles"]
     # Blocks 8 hold 3 x one-hot(class); blocks 5 are noise.
     for t in (10, 20):
@@ -183,3 +202,48 @@ def test_readers_of_a_store_refuse_while_a_writer_holds_it(run_dir, store_path, 
     hold_lock.release()
     again = predict(run_dir, store_path, tmp_path / "p2", device="cpu", progress=False)
     assert again["num_images"] == pred["num_images"]
+
+
+# A command run in a fresh interpreter, through the CLI's entry point; the last line printed
+# says whether torch was imported by the time it ended.
+_RUN_CLI = ("import sys\n"
+            "from ddpmseg.cli.main import cli\n"
+            "try:\n"
+            "    cli.main(sys.argv[1:], prog_name='ddpmseg', standalone_mode=False)\n"
+            "finally:\n"
+            "    print('torch imported:', 'torch' in sys.modules)\n")
+
+
+def _torch_imported(*args) -> bool:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _RUN_CLI, "--no-progress",
+                           *[str(a) for a in args]], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1] == "torch imported: True"
+
+
+@pytest.mark.parametrize("command", ["evaluate", "evaluate-store", "report", "verify-store"])
+def test_evaluate_report_and_verify_run_without_torch(run_dir, store_path, tmp_path, command):
+    """`evaluate`, `report` and `verify` never run a model: they work without importing torch
+    (3-4 s of start-up), on a real prediction folder and store. (evaluate against a store and
+    verify need featcache/store.py torch-free at import; verifying a run's members reads their
+    weights with torch.load, so only that imports torch.)"""
+    pred = tmp_path / "pred"
+    names = predict(run_dir, store_path, pred, uncertainty=True, device="cpu",
+                    progress=False)["names"]
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for name in names:
+        np.save(masks / f"{name}.npy", np.load(pred / f"{name}.npy"))
+    args = {"evaluate": ["evaluate", pred, masks, "--confusion"],
+            "evaluate-store": ["evaluate", pred, store_path],
+            "report": ["report", pred, "--gt", masks],
+            "verify-store": ["verify", store_path]}[command]
+    assert not _torch_imported(*args)
+    if command == "evaluate":
+        assert json.loads((pred / "metrics.json").read_text())["miou"] == 1.0
+    if command == "report":
+        assert (pred / "report" / "index.html").is_file()
