@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from distributed import Client, LocalCluster, Nanny, as_completed, get_worker
 
 from ddpmseg.core.errors import ConfigError, DdpmsegError, InputNotFoundError, SchedulerLostError
+from ddpmseg.core.fileio import is_url
 
 HINT = "use local, local:N or a scheduler address (tcp://host:8786)"
 # distributed's comm protocols that name a host and port.
@@ -121,7 +122,7 @@ def absolute(path) -> str:
     """A local path made absolute for a worker (a ``tcp://`` scheduler's workers run in
     folders of their own: a relative path would resolve there); a URL as it is."""
     text = str(path)
-    if "://" in text:
+    if is_url(text):
         return text
     return str(Path(text).expanduser().absolute())
 
@@ -137,12 +138,12 @@ def worker_name() -> str:
 def worker_must_see(path, what: str) -> None:
     """On a worker: refuse, naming this worker and the path, a local path it cannot see."""
     text = str(path)
-    if "://" in text or os.path.exists(text):
+    if is_url(text) or os.path.exists(text):
         return
     raise InputNotFoundError(
         f"{worker_name()} cannot see {text} ({what})",
         "workers must see the client's files at the same absolute paths (a shared file "
-        "system), or use --scheduler local")
+        "system), or use `scheduler=local`")
 
 
 # -- a session with a scheduler ---------------------------------------------------------------
@@ -171,7 +172,7 @@ def session(scheduler: str, default_workers: int, doing: str, kept: str):
                else f"{type(exc).__name__}: {_first_line(exc)}")
         raise SchedulerLostError(
             f"lost the dask scheduler {scheduler.strip()} while {doing} ({why})",
-            f"{kept}; start the scheduler again (or use --scheduler local) and rerun the same "
+            f"{kept}; start the scheduler again (or use `scheduler=local`) and rerun the same "
             "command to resume") from exc
     finally:
         try:

@@ -37,6 +37,7 @@ from ddpmseg.data import (
 from ddpmseg.core.errors import BadInputError, ConfigError, InputNotFoundError
 from ddpmseg.core.fileio import write_csv, write_json, write_png
 from ddpmseg.core.locking import reader_lock, writer_lock
+from ddpmseg.featcache.store import is_store
 from ddpmseg.outputs.folder import check_complete
 
 log = logging.getLogger("ddpmseg")
@@ -107,10 +108,6 @@ class _StoreLabels:
 
     def read(self, name: str) -> np.ndarray:
         return self.store.labels(self.index[name])
-
-
-def _is_store(path: Path) -> bool:
-    return (path / "zarr.json").is_file()
 
 
 def _resized_mask(gt: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -203,7 +200,7 @@ def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
                                             optional=not write))
         if write and out_dir.absolute() != pred_dir.absolute():
             locks.enter_context(writer_lock(out_dir, "metrics folder"))
-        if _is_store(gt_dir):  # no extract rewrites the ground-truth store meanwhile
+        if is_store(gt_dir):  # no extract rewrites the ground-truth store meanwhile
             locks.enter_context(reader_lock(gt_dir, "store"))
         return _evaluate(pred_dir, gt_dir, num_classes, ignore_label, class_names,
                          mask_ignore, confusion, out_dir, write, resize, classes_from)
@@ -227,7 +224,7 @@ def _evaluate(pred_dir: Path, gt_dir: Path, num_classes, ignore_label, class_nam
               mask_ignore: bool, confusion: bool, out_dir: Path, write: bool,
               resize: bool, classes_from: str) -> dict:
     check_complete(pred_dir)  # a folder a killed predict left is refused, never half-scored
-    store_gt = _StoreLabels(gt_dir) if _is_store(gt_dir) else None
+    store_gt = _StoreLabels(gt_dir) if is_store(gt_dir) else None
     meta = _load_predictions_meta(pred_dir)
     if num_classes is None:
         num_classes = meta.get("num_classes")

@@ -12,6 +12,7 @@ from ddpmseg.core.errors import FeatureOverflowError, StoreError, StoreMismatchE
 from ddpmseg.featcache import FeatureStore, StoreInfo
 from ddpmseg.spec import BackboneId
 from ddpmseg.featcache.integrity import attrs_digest
+from ddpmseg.cli.main import as_flags
 from ddpmseg.spec import FeatureSpec
 from ddpmseg.featcache.store import DEFAULT_CODEC, array_name, decode_map, encode_map
 
@@ -104,7 +105,8 @@ def test_float16_overflow_raises_and_leaves_the_image_incomplete(tmp_path):
     with pytest.raises(FeatureOverflowError) as err:
         store.write_image(0, maps, random_labels(0))
     assert "image 0 (im0)" in str(err.value) and "t=20 block=1" in str(err.value)
-    assert "--dtype bfloat16" in str(err.value)
+    assert "`dtype=bfloat16`" in str(err.value)   # the CLI says --dtype bfloat16
+    assert "--dtype bfloat16" in as_flags(str(err.value))
     assert not FeatureStore.open(tmp_path / "s.zarr").complete()[0]
     # 65504 itself fits; the same map in a bfloat16 store is fine.
     ok = random_maps(0)
