@@ -33,6 +33,7 @@ from zarr.codecs import Crc32cCodec
 from ddpmseg.config import Config
 from ddpmseg.core.errors import (
     ConfigError,
+    NotInStoreError,
     FeatureOverflowError,
     StaleWriterError,
     StoreError,
@@ -719,12 +720,17 @@ class FeatureStore:
     def map(self, i: int, t: int, b) -> np.ndarray:
         """Image i's native map of step t, block b alone (reads only that array's chunk)."""
         if (t, b) not in self.info.keys:
-            raise KeyError(f"the store has no activation for step {t}, block {b}")
+            raise NotInStoreError(f"{self.path} has no activation for step {t}, block {b}",
+                                  self._features_hint())
         m = decode_map(self._read(i, [array_name(t, b)])[0], self.info.dtype)
         problem = _not_finite(array_name(t, b), m)
         if problem:
             raise StoreError(f"{self.path}: image {i} ({self.names[i]}): {problem}", REPAIR_HINT)
         return m
+
+    def _features_hint(self) -> str:
+        return (f"it has steps {short(self.info.steps)} and blocks {short(self.info.blocks)}; "
+                "extract the others into a store of their own")
 
     def pixel_features(self, i: int, ys, xs) -> torch.Tensor:
         from ddpmseg.featcache import pixels  # torch: reading a store needs none
@@ -744,8 +750,8 @@ class FeatureStore:
         completeness check: read ``complete()`` first when the store may be unfinished.
         """
         if (t, b) not in self.info.keys:
-            raise KeyError(f"the store has no activation for step {t}, block {b}; it has "
-                           f"steps {self.info.steps}, blocks {self.info.blocks}")
+            raise NotInStoreError(f"{self.path} has no activation for step {t}, block {b}",
+                                  self._features_hint())
         arr = da.from_zarr(self._arr(array_name(t, b)))
         if self.info.dtype == "bfloat16":
             arr = arr.map_blocks(decode_map, "bfloat16", dtype=np.float32)

@@ -264,3 +264,24 @@ def test_binary_masks_are_accepted(tmp_path, synthetic_dir, fake_config, fake_ba
                     progress=False)
     np.testing.assert_array_equal(store.labels(0), circle.astype(np.uint8))
     np.testing.assert_array_equal(store.labels(1), (~circle).astype(np.uint8))
+
+
+def test_extract_computes_with_its_threads_and_leaves_the_callers(tmp_path, synthetic_dir,
+                                                                  fake_config, fake_backbone):
+    """``threads=`` is torch's thread count for the run only (it used to be set globally by
+    the CLI): the caller's count is the same afterwards, also when the run fails."""
+    seen = []
+
+    class Counting(fake_backbone):
+        def activations(self, *args, **kw):
+            seen.append(torch.get_num_threads())
+            return super().activations(*args, **kw)
+
+    before = torch.get_num_threads()
+    extract(synthetic_dir, tmp_path / "s.zarr", fake_config, backbone=Counting(), threads=3,
+            progress=False)
+    assert set(seen) == {3} and torch.get_num_threads() == before
+    with pytest.raises(FeatureOverflowError):
+        extract(synthetic_dir, tmp_path / "t.zarr", fake_config,
+                backbone=Counting(scale=1e6), threads=2, progress=False)
+    assert seen[-1] == 2 and torch.get_num_threads() == before
