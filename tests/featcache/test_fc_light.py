@@ -47,3 +47,38 @@ def test_reading_a_store_imports_no_torch(tmp_path):
     assert out.stdout.strip() == "[]"
     # Tensors are made where they are asked for.
     assert np.allclose(store.pixel_features(1, [0, 5], [3, 9]).shape, (2, 18))
+
+
+def test_is_store_is_the_one_test_of_a_store(tmp_path):
+    from ddpmseg.featcache import store as store_module
+    from ddpmseg.outputs import evaluate
+    from ddpmseg.pipelines import predict
+
+    path = tmp_path / "s.zarr"
+    FeatureStore.create(path, make_info(1))
+    (tmp_path / "images").mkdir()
+    (tmp_path / "file").write_text("x")
+    is_store = store_module.is_store
+    assert is_store(path) and is_store(str(path))
+    assert not any(is_store(p) for p in (tmp_path / "images", tmp_path / "file",
+                                         tmp_path / "nothing", "memory://s.zarr"))
+    # predict and evaluate decide "a store, or a folder" with it, not with copies of their own
+    assert predict.is_store is is_store and evaluate.is_store is is_store
+
+
+def test_the_spec_of_a_backbone_and_what_each_check_tolerates():
+    from ddpmseg.spec import TOLERATED
+
+    class Model:   # any backbone: its shapes per block and its id
+        def block_shapes(self, blocks):
+            return {b: (b, 4 // b, 4 // b) for b in blocks}
+
+        def fingerprint(self):
+            return {"sha256": "ab" * 32, "flags": {"image_size": 16}}
+
+    spec = FeatureSpec.of_backbone(Model(), [10, 20], ["1", 2], (16, 16), dtype="float32")
+    assert spec.blocks == (1, 2) and spec.backbone == BackboneId("ab" * 32, {"image_size": 16})
+    assert spec.shapes == ((1, 4, 4), (2, 2, 2), (1, 4, 4), (2, 2, 2))
+    other = FeatureSpec.of_backbone(Model(), [10, 20], [1, 2], (16, 16), seed=3)
+    assert spec.differences(other, ignore=TOLERATED["predict"]) == []
+    assert [d.split(" ")[0] for d in spec.differences(other)] == ["seed", "dtype"]
