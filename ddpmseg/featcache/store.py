@@ -34,19 +34,17 @@ from ddpmseg.config import Config
 from ddpmseg.core.errors import (
     ConfigError,
     NotInStoreError,
-    FeatureOverflowError,
     StaleWriterError,
     StoreError,
     StoreMismatchError,
 )
 from ddpmseg.core.fileio import is_url
 from ddpmseg.featcache import integrity, zarr_adapter
-# The codec's names are read from here too (``ddpmseg.featcache.store.parse_codec``...), as
-# before they moved to codec.py.
+# The codec's public names are read from here too (``ddpmseg.featcache.store.parse_codec``...),
+# as before they moved to codec.py: kept for one release.
 from ddpmseg.featcache.codec import (  # noqa: F401 - re-exported
     BFLOAT16_ENCODING,
     DEFAULT_CODEC,
-    FLOAT16_MAX,
     ZARR_DTYPES,
     codec_name,
     decode_map,
@@ -564,7 +562,8 @@ class FeatureStore:
         try:
             return Config.from_dict(raw, source=f"{self.path} (its recorded config)")
         except ConfigError as exc:
-            raise ConfigError(exc.message, "pass `config=PATH` to train with another config") from None
+            raise ConfigError(exc.message,
+                              "pass `config=PATH` to train with another config") from None
 
     def __len__(self) -> int:
         return self.info.num_images
@@ -585,8 +584,8 @@ class FeatureStore:
                 # opening, or a reopened store would skip chunks equal to the fill value.
                 arr = self.group[name].with_config({"write_empty_chunks": True})
             except KeyError as exc:
-                raise StoreError(f"{self.path}: array {name} is missing",
-                                 "the store is damaged; re-extract it with `overwrite=True`") from exc
+                raise StoreError(f"{self.path}: array {name} is missing", "the store is damaged; "
+                                 "re-extract it with `overwrite=True`") from exc
             self._arrays[name] = arr
         return arr
 
