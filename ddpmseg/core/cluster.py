@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from distributed import Client, LocalCluster, Nanny, as_completed, get_worker
 
+from ddpmseg.core.device import use_threads
 from ddpmseg.core.errors import ConfigError, DdpmsegError, InputNotFoundError, SchedulerLostError
 from ddpmseg.core.fileio import is_url
 
@@ -196,8 +197,6 @@ def _with_threads(fn: Callable, threads: int | None, *args):
     # Some CPU kernels (1x1 convolutions among them) sum in an order that depends on torch's
     # thread count: a task computes with the client's, so its results are bit-identical to
     # a one-process run, and the worker's own count is restored after it.
-    from ddpmseg.core.device import use_threads
-
     with use_threads(threads):
         return fn(*args)
 
