@@ -5,7 +5,8 @@ Two sets of features are interchangeable exactly when their specs are equal: the
 image size, noise seed, stored dtype, compute precision and lossy rounding. A store records the spec it was
 written with (inside ``StoreInfo``), a run records the spec it was trained on, and every check
 (extract resuming a store, fit resuming a run, predict reading a store or a folder of images)
-compares two specs with ``FeatureSpec.differences``, the one place that says what differs.
+compares two specs with ``FeatureSpec.differences``, the one place that says what differs, and
+``TOLERATED`` says, the one place, which differences each check lets pass.
 
 It also holds what identifies the model that made a set of features (``BackboneId``: the kind of
 backbone, the sha256 of its weights and its flags), the one place that reads or writes that JSON
@@ -18,7 +19,11 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 
+# The dtypes a store keeps values in (their numpy and torch types: featcache/codec.py), with
+# the bytes of a value and the mantissa bits (the most that lossy rounding can keep).
 STORE_DTYPES = ("float16", "bfloat16", "float32")
+VALUE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+MANTISSA_BITS = {"float16": 10, "bfloat16": 7, "float32": 23}
 PRECISIONS = ("fp32", "bf16", "fp16")  # what a backbone computes in
 
 # A decoder block: an index, or (diffusers) a name such as "up2" or "up2.res1".
@@ -147,6 +152,19 @@ class FeatureSpec:
                    seed=raw.get("seed", 0), dtype=raw.get("dtype", "float16"),
                    precision=raw.get("precision", "fp32"), keepbits=raw.get("keepbits"))
 
+    @classmethod
+    def of_backbone(cls, backbone, steps: Iterable[int], blocks: Iterable[BlockId],
+                    image_size: tuple[int, int], **rest) -> "FeatureSpec":
+        """The spec of ``backbone``'s features at ``steps`` x ``blocks`` for images of
+        ``image_size``: its id and the shape of each map (``backbone.block_shapes``), in feature
+        order; ``rest``: seed, dtype, precision. Any backbone (``FeatureBackbone``) will do:
+        this module never imports one."""
+        steps, blocks = tuple(steps), tuple(block_id(b) for b in blocks)
+        by_block = backbone.block_shapes(blocks)
+        return cls(steps=steps, blocks=blocks,
+                   shapes=tuple(tuple(by_block[b]) for _ in steps for b in blocks),
+                   image_size=image_size, backbone=BackboneId.of(backbone), **rest)
+
     # -- comparing ---------------------------------------------------------------------------
     def differences(self, other: "FeatureSpec", here: str = "here", there: str = "there",
                     only: Iterable[str] | None = None,
@@ -173,6 +191,21 @@ class FeatureSpec:
             out.append(f"native shapes ({short(self.shapes)} {here}, {short(other.shapes)} "
                        f"{there})")
         return out
+
+
+# What each comparison of two sets of features (or of two stores' infos, whose field names
+# these are too) lets differ; every other difference is refused. The one list of them.
+TOLERATED = {
+    # predict from a store: features close to the run's, not equal (a warning per field)
+    "predict": ("seed", "dtype", "precision", "keepbits"),
+    # sweep: a train and a test store of the same model; the sweep picks steps and blocks
+    "sweep": ("steps", "blocks", "shapes"),
+    # fit resuming a run: how the store is encoded changes no feature or label a member sees
+    # (a lossy codec's rounding does: it is the spec's keepbits, compared with the rest)
+    "fit": ("codec", "format_version"),
+    # extract resuming a store: its images (the store follows its folder: featcache.content)
+    "extract": ("names",),
+}
 
 
 def rounding_name(keepbits: int | None) -> str:

@@ -33,6 +33,7 @@ from ddpmseg.config import Config
 from ddpmseg.core.errors import RunError
 from ddpmseg.featcache.content import image_set_changes
 from ddpmseg.featcache.store import StoreInfo
+from ddpmseg.spec import TOLERATED
 from ddpmseg.core.fileio import atomic_write, sha256_file, write_json
 
 CONFIG_FILE = "config.json"
@@ -48,7 +49,7 @@ TRAINING_KEYS = ("lr", "batch_size", "max_epochs", "min_epochs", "patience", "et
                  "etf_weight", "seed")
 # Store differences that do not change a single feature or label a member sees. (A lossy
 # codec's rounding does: it is the spec's keepbits, compared with the rest of the spec.)
-_IRRELEVANT = ("codec", "format_version")
+_IRRELEVANT = TOLERATED["fit"]
 
 
 def member_path(run_dir: str | Path, k: int) -> Path:

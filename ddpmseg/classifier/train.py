@@ -7,6 +7,7 @@ alone, after others, after a resume, or on a dask worker.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -18,13 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from distributed import as_completed
 from tqdm import tqdm
 
 from ddpmseg.config import Config, check_classes
 from ddpmseg.core.device import resolve_device
-from ddpmseg.core.cluster import absolute, check_scheduler, session, worker_must_see
-from ddpmseg.core.progress import wanted
+from ddpmseg.core.cluster import absolute, check_scheduler, run_tasks, worker_must_see
+from ddpmseg.core.progress import bar, wanted
 from ddpmseg.core.errors import RunError, StoreError
 from ddpmseg.featcache import content
 from ddpmseg.featcache.store import FeatureStore
@@ -348,11 +348,9 @@ def _done_record(meta: dict) -> dict:
 
 # -- dask.distributed -----------------------------------------------------------------------
 def _member_task(store_path: str, cfg_dict: dict, k: int, device: str, in_memory: bool,
-                 shuffle: int, threads: int):
+                 shuffle: int):
     """One member, on a dask worker: opens the store itself, returns (state, meta, log)."""
     worker_must_see(store_path, "the feature store")
-    if threads:
-        torch.set_num_threads(threads)
     cfg = Config.from_dict(cfg_dict, source="run config")
     store = FeatureStore.open(store_path)
     info = store.info
@@ -370,27 +368,17 @@ def _member_task(store_path: str, cfg_dict: dict, k: int, device: str, in_memory
 
 def _fit_distributed(store, run_dir, cfg, todo, device, in_memory, shuffle, scheduler, logger,
                      progress):
-    with session(scheduler, max(1, min(os.cpu_count() or 1, 4)), f"training {run_dir}",
-                 "the members already trained are kept") as client:
-        threads = torch.get_num_threads()
-        # Absolute: a tcp:// scheduler's workers run in folders of their own.
-        futures = [client.submit(_member_task, absolute(store.path), cfg.to_dict(), k, device,
-                                 in_memory, shuffle, threads, pure=False,
-                                 key=f"ddpmseg-fit-member-{k}-{os.getpid()}-{time.time_ns()}")
-                   for k in todo]
-        bar = None
-        if wanted(progress):
-            bar = tqdm(total=len(todo), file=sys.stderr, desc="members", unit="member")
-        try:
-            for fut in as_completed(futures):
-                state, meta, records = fut.result()
-                k = meta["member"]
-                R.write_member(run_dir, k, state, meta)
-                for r in records:
-                    logger(r)
-                logger(_done_record(meta))
-                if bar is not None:
-                    bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
+    # Absolute: a tcp:// scheduler's workers run in folders of their own.
+    calls = [(absolute(store.path), cfg.to_dict(), k, device, in_memory, shuffle) for k in todo]
+    results = run_tasks(scheduler, _member_task, calls, name="fit-member",
+                        threads=torch.get_num_threads(),
+                        default_workers=max(1, min(os.cpu_count() or 1, 4)),
+                        doing=f"training {run_dir}", kept="the members already trained are kept")
+    with contextlib.closing(results), bar(total=len(todo), desc="members", unit="member",
+                                          progress=progress) as members:
+        for state, meta, records in results:
+            R.write_member(run_dir, meta["member"], state, meta)
+            for r in records:
+                logger(r)
+            logger(_done_record(meta))
+            members.update(1)

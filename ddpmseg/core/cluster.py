@@ -1,4 +1,6 @@
-"""Connecting to dask.distributed for ``--scheduler local[:N]|tcp://host:port``."""
+"""dask.distributed for ``scheduler="local[:N]"`` or ``"tcp://host:port"``: parsing the string,
+connecting, and running a command's tasks (``run_tasks``), each with the client's torch thread
+count; extract and fit use it alike."""
 
 from __future__ import annotations
 
@@ -7,33 +9,47 @@ import contextlib
 import logging
 import os
 import socket
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from distributed import Client, LocalCluster, get_worker
+from distributed import Client, LocalCluster, Nanny, as_completed, get_worker
 
+from ddpmseg.core.device import use_threads
 from ddpmseg.core.errors import ConfigError, DdpmsegError, InputNotFoundError, SchedulerLostError
+from ddpmseg.core.fileio import is_url
 
 HINT = "use local, local:N or a scheduler address (tcp://host:8786)"
 # distributed's comm protocols that name a host and port.
 PROTOCOLS = ("tcp", "tls", "ws", "wss", "ucx")
 PROBE_SECONDS = 5.0
 
-log = logging.getLogger("ddpmseg")
+log = logging.getLogger(__name__)
 
 
-def check_scheduler(scheduler: str | None, probe: bool = True) -> None:
-    """Refuse a malformed --scheduler (and, with ``probe``, an address where nothing listens)
-    before a command writes anything: a bad one must not leave an empty store or run dir."""
-    if not scheduler:
-        return
+@dataclass(frozen=True)
+class Scheduler:
+    """A ``--scheduler`` string, parsed: a LocalCluster (``local``, ``local:N``; ``workers``
+    None: the command's default) or the address of a running scheduler."""
+
+    text: str
+    local: bool
+    workers: int | None = None
+    host: str = ""
+    port: int = 0
+
+
+def parse_scheduler(scheduler: str) -> Scheduler:
+    """The one reading of a ``--scheduler`` string; a malformed one is a ConfigError."""
     text = scheduler.strip()
     if text == "local" or text.startswith("local:"):
         n = text.partition(":")[2]
         if n and not (n.isdigit() and int(n) >= 1):
             raise ConfigError(f"bad scheduler {scheduler!r}: N must be a whole number >= 1",
                               HINT)
-        return
+        return Scheduler(text, True, int(n) if n else None)
     if "://" not in text:
         raise ConfigError(f"bad scheduler {scheduler!r}", HINT)
     parts = urlsplit(text)
@@ -46,55 +62,59 @@ def check_scheduler(scheduler: str | None, probe: bool = True) -> None:
         host, port = None, None
     if not host or not port:
         raise ConfigError(f"bad scheduler {scheduler!r}: no host:port", HINT)
-    if probe:
-        log.info("checking the dask scheduler at %s ...", text)
-        try:
-            socket.create_connection((host, port), timeout=PROBE_SECONDS).close()
-        except OSError as exc:
-            raise ConfigError(f"cannot reach the dask scheduler {text} "
-                              f"({exc.strerror or exc})",
-                              "check that it runs and the address, or use --scheduler local"
-                              ) from None
+    return Scheduler(text, False, host=host, port=port)
 
 
-@contextlib.contextmanager
-def _environ_kept():
-    # Starting worker processes writes OMP_NUM_THREADS=1 and friends into this process's
-    # os.environ; any subprocess started later would then compute with other thread counts.
-    saved = dict(os.environ)
+def check_scheduler(scheduler: str | None, probe: bool = True) -> None:
+    """Refuse a malformed scheduler (and, with ``probe``, an address where nothing listens)
+    before a command writes anything: a bad one must not leave an empty store or run dir."""
+    if not scheduler:
+        return
+    parsed = parse_scheduler(scheduler)
+    if parsed.local or not probe:
+        return
+    log.info("checking the dask scheduler at %s ...", parsed.text)
     try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        socket.create_connection((parsed.host, parsed.port), timeout=PROBE_SECONDS).close()
+    except OSError as exc:
+        raise ConfigError(f"cannot reach the dask scheduler {parsed.text} "
+                          f"({exc.strerror or exc})",
+                          "check that it runs and the address, or use `scheduler=local`"
+                          ) from None
+
+
+class _Nanny(Nanny):
+    """distributed's nanny, except that it gives its worker process the environment it would
+    write into this process's ``os.environ`` before spawning (``OMP_NUM_THREADS=1`` and friends
+    from ``distributed.nanny.pre-spawn-environ``, ``PYTHONHASHSEED``) as the worker's own
+    environment (``Nanny.env``, set in the child): this process, and whatever it starts later,
+    keeps its own."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pre_spawn_env = {}   # already merged into self.env, which the child applies
+
+
+def _local_cluster(workers: int) -> LocalCluster:
+    # ":0": a free port for the dashboard. None still falls back to 8787, and the cluster then
+    # fails to start wherever a notebook's cluster already holds that port.
+    return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                        worker_class=_Nanny, dashboard_address=":0",
+                        silence_logs=logging.ERROR)
 
 
 def connect(scheduler: str, default_workers: int):
     """(client, cluster): a LocalCluster of single-threaded worker processes for ``local[:N]``
     (cluster is then ours to close), or a client of a running scheduler (cluster None)."""
-    check_scheduler(scheduler, probe=False)
-    text = scheduler.strip()
-    if text == "local" or text.startswith("local:"):
-        n = text.partition(":")[2]
-        try:
-            workers = int(n) if n else default_workers
-        except ValueError:
-            raise ConfigError(f"bad scheduler {scheduler!r}", HINT) from None
-        if workers < 1:
-            raise ConfigError(f"bad scheduler {scheduler!r}: N must be at least 1", HINT)
-        # ":0": a free port for the dashboard. None still falls back to 8787, and the cluster
-        # then fails to start wherever a notebook's cluster already holds that port.
-        with _environ_kept():
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=":0", silence_logs=logging.ERROR)
+    parsed = parse_scheduler(scheduler)
+    if parsed.local:
+        cluster = _local_cluster(parsed.workers or default_workers)
         return Client(cluster), cluster
-    if "://" not in text:
-        raise ConfigError(f"bad scheduler {scheduler!r}", HINT)
     try:
-        return Client(text, timeout=30), None
+        return Client(parsed.text, timeout=30), None
     except OSError as exc:
-        raise ConfigError(f"cannot reach the dask scheduler {text} ({exc})",
-                          "check the address, or use --scheduler local") from exc
+        raise ConfigError(f"cannot reach the dask scheduler {parsed.text} ({exc})",
+                          "check the address, or use `scheduler=local`") from exc
 
 
 # -- what workers see -----------------------------------------------------------------------
@@ -103,7 +123,7 @@ def absolute(path) -> str:
     """A local path made absolute for a worker (a ``tcp://`` scheduler's workers run in
     folders of their own: a relative path would resolve there); a URL as it is."""
     text = str(path)
-    if "://" in text:
+    if is_url(text):
         return text
     return str(Path(text).expanduser().absolute())
 
@@ -119,12 +139,12 @@ def worker_name() -> str:
 def worker_must_see(path, what: str) -> None:
     """On a worker: refuse, naming this worker and the path, a local path it cannot see."""
     text = str(path)
-    if "://" in text or os.path.exists(text):
+    if is_url(text) or os.path.exists(text):
         return
     raise InputNotFoundError(
         f"{worker_name()} cannot see {text} ({what})",
         "workers must see the client's files at the same absolute paths (a shared file "
-        "system), or use --scheduler local")
+        "system), or use `scheduler=local`")
 
 
 # -- a session with a scheduler ---------------------------------------------------------------
@@ -153,7 +173,7 @@ def session(scheduler: str, default_workers: int, doing: str, kept: str):
                else f"{type(exc).__name__}: {_first_line(exc)}")
         raise SchedulerLostError(
             f"lost the dask scheduler {scheduler.strip()} while {doing} ({why})",
-            f"{kept}; start the scheduler again (or use --scheduler local) and rerun the same "
+            f"{kept}; start the scheduler again (or use `scheduler=local`) and rerun the same "
             "command to resume") from exc
     finally:
         try:
@@ -169,3 +189,36 @@ def session(scheduler: str, default_workers: int, doing: str, kept: str):
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0][:200] if lines else "no detail"
+
+
+# -- running tasks ----------------------------------------------------------------------------
+
+def _with_threads(fn: Callable, threads: int | None, *args):
+    # Some CPU kernels (1x1 convolutions among them) sum in an order that depends on torch's
+    # thread count: a task computes with the client's, so its results are bit-identical to
+    # a one-process run, and the worker's own count is restored after it.
+    with use_threads(threads):
+        return fn(*args)
+
+
+def run_tasks(scheduler: str, fn: Callable, calls: Sequence[tuple], *, name: str,
+              threads: int | None, default_workers: int, doing: str, kept: str,
+              plugins: Sequence = ()) -> Iterator:
+    """``fn(*args)`` for each ``args`` of ``calls``, as dask tasks on ``scheduler``
+    (``session``), each under torch's thread count ``threads``; yields their results as they
+    finish. ``plugins``: distributed ``WorkerPlugin``s to register first (state a worker keeps
+    between tasks, such as a loaded model). On an error, the tasks not yet done are cancelled."""
+    with session(scheduler, default_workers, doing, kept) as client:
+        for plugin in plugins:
+            client.register_plugin(plugin)
+        stamp = f"{os.getpid()}-{time.time_ns()}"
+        futures = [client.submit(_with_threads, fn, threads, *args, pure=False,
+                                 key=f"ddpmseg-{name}-{k}-{stamp}")
+                   for k, args in enumerate(calls)]
+        try:
+            for fut in as_completed(futures):
+                yield fut.result()
+        except BaseException:
+            for other in futures:
+                other.cancel()
+            raise

@@ -52,6 +52,10 @@ class StoreMismatchError(StoreError):
     """A store or run was made with another model, steps or blocks than asked for."""
 
 
+class NotInStoreError(StoreMismatchError, KeyError):
+    """A step and block asked of a store that has no such features (a KeyError too)."""
+
+
 class StaleWriterError(StoreError):
     """A task of an earlier extract attempt finds that another attempt now owns the store."""
 

@@ -52,6 +52,12 @@ def write_json(path: str | Path, obj, **dumps) -> Path:
     return atomic_write(path, lambda p: p.write_text(text))
 
 
+def is_url(path) -> bool:
+    """Whether a path names a location by URL (s3://..., memory://, a scheduler's tcp://)
+    rather than a local file."""
+    return "://" in str(path)
+
+
 def sha256_file(path: str | Path) -> str:
     """Hex SHA-256 of a file, streamed (multi-GB checkpoints never sit in memory)."""
     path = Path(path)

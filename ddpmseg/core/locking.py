@@ -33,6 +33,7 @@ except ImportError:  # Windows: readers go unlocked
     fcntl = None
 
 from ddpmseg.core.errors import OutputError
+from ddpmseg.core.fileio import is_url
 
 
 class LockedError(OutputError):
@@ -62,7 +63,7 @@ def writer_lock(target: str | Path, what: str = "store", *,
     ``optional``: for a reader, go on unlocked when the lock file cannot be created (a
     read-only location, where no writer of ours can be at work either).
     """
-    if "://" in str(target):
+    if is_url(target):
         yield
         return
     path = lock_path(target)
@@ -96,7 +97,7 @@ def reader_lock(target: str | Path, what: str = "store") -> Iterator[None]:
     no writer meanwhile (a writer is refused at once, as is a reader while a writer writes).
     For a reader that would read a rewrite as damage (``fit`` during ``extract --compact``).
     Not locked: URLs, a read-only location, systems without ``flock``."""
-    if "://" in str(target) or fcntl is None:
+    if is_url(target) or fcntl is None:
         yield
         return
     path = lock_path(target)

@@ -21,7 +21,6 @@ rerun sees the same differences and redoes the same (idempotent) steps.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import shutil
@@ -32,25 +31,17 @@ from pathlib import Path
 import numpy as np
 
 from ddpmseg.core.errors import BadInputError, StoreError
-from ddpmseg.spec import short
+from ddpmseg.core.fileio import is_url, sha256_file
 from ddpmseg.featcache.store import FeatureStore, StoreInfo
+from ddpmseg.spec import short
 
-log = logging.getLogger("ddpmseg")
-
-IMAGES_ATTR = "images"
-
-
-def file_sha256(path) -> str | None:
-    """Hex sha256 of a file's bytes, or None for no file (an image without a mask)."""
-    if path is None:
-        return None
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+log = logging.getLogger(__name__)
 
 
 def sample_hashes(samples) -> dict[str, list]:
     """{name: [image sha256, mask sha256 or None]} of ``data.Sample``s."""
-    return {s.name: [file_sha256(s.image), file_sha256(s.mask)] for s in samples}
+    return {s.name: [sha256_file(s.image), sha256_file(s.mask) if s.mask is not None else None]
+            for s in samples}
 
 
 @dataclass(frozen=True)
@@ -73,7 +64,7 @@ class ImageState:
 
 
 def read_state(store: FeatureStore) -> ImageState:
-    return ImageState.from_json(store.group.attrs.get(IMAGES_ATTR))
+    return ImageState.from_json(store.images_attribute())
 
 
 def active_mask(store: FeatureStore) -> np.ndarray:
@@ -92,8 +83,7 @@ def image_set(store: FeatureStore) -> dict[str, list]:
 
 def write_state(store: FeatureStore, info: StoreInfo, state: ImageState) -> None:
     """Record the store's info (names, count) and image state in one attribute write."""
-    store.update_attrs({"ddpmseg": info.to_json(), IMAGES_ATTR: state.to_json()})
-    store.info = info
+    store.record(info, state.to_json())
 
 
 def image_set_changes(old: dict, new: dict) -> list[str]:
@@ -147,8 +137,8 @@ def plan(store: FeatureStore, folder_hashes: dict, prune: bool) -> Plan:
         raise BadInputError(
             f"{len(gone)} image(s) of the store {store.path} are no longer in the data folder: "
             f"{short(gone)}",
-            "put them back, or pass --prune to keep them in the store as inactive (never "
-            "trained on); add --compact to also rewrite the store without them")
+            "put them back, or pass `prune=True` to keep them in the store as inactive (never "
+            "trained on); add `compact=True` to also rewrite the store without them")
     inactive = (inactive | set(gone)) - set(folder_hashes)
     new = [n for n in folder_hashes if n not in set(stored)]
     hashes = dict(state.hashes)
@@ -222,8 +212,8 @@ def finish_compact(path: str) -> None:
 def compact(store: FeatureStore) -> FeatureStore:
     """Rewrite a local store without its inactive images (a new store beside it, copied image
     by image, then swapped in by two renames). Returns the new store, opened for writing."""
-    if "://" in store.path:
-        raise StoreError(f"--compact needs a local store, not {store.path}",
+    if is_url(store.path):
+        raise StoreError(f"`compact=True` needs a local store, not {store.path}",
                          "copy the store to a local path first")
     state = read_state(store)
     keep = [i for i, n in enumerate(store.names) if n not in set(state.inactive)]
@@ -233,7 +223,7 @@ def compact(store: FeatureStore) -> FeatureStore:
     incomplete = [store.names[i] for i in keep if not done[i]]
     if incomplete:
         raise StoreError(f"{store.path}: cannot compact while {short(incomplete)} are not "
-                         "completely extracted", "rerun extract without --compact first")
+                         "completely extracted", "rerun extract without `compact=True` first")
     real, tmp, old = _compact_paths(store.path)
     if tmp.exists():
         shutil.rmtree(tmp)

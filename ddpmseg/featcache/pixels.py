@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ddpmseg.core.errors import BadInputError
+
 
 def source_coords(out_size: int, in_size: int, idx: torch.Tensor):
     """Bilinear taps of output indices ``idx``: (lower index, upper index, weight of upper).
@@ -120,7 +122,8 @@ def _native_map(m, device: torch.device | None) -> torch.Tensor:
     if t.dim() == 4 and t.shape[0] == 1:
         t = t[0]
     if t.dim() != 3:
-        raise ValueError(f"a native map must be (C, h, w), got {tuple(t.shape)}")
+        raise BadInputError(f"a native map must be (C, h, w), got {tuple(t.shape)}",
+                            "give each map of the features as one (C, h, w) array")
     return t.to(device) if device is not None else t
 
 

@@ -19,56 +19,50 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dask.array as da
 import numpy as np
-import torch
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
+from zarr.codecs import Crc32cCodec
 
 from ddpmseg.config import Config
 from ddpmseg.core.errors import (
     ConfigError,
-    FeatureOverflowError,
+    NotInStoreError,
     StaleWriterError,
     StoreError,
     StoreMismatchError,
 )
-from ddpmseg.featcache import integrity as IG
-from ddpmseg.featcache import pixels
-from ddpmseg.featcache import zarr_adapter as ZA
-from ddpmseg.spec import STORE_DTYPES
-from ddpmseg.spec import FeatureSpec, rounding_name, short
+from ddpmseg.core.fileio import is_url
+from ddpmseg.featcache import integrity, zarr_adapter
+# The codec's public names are read from here too (``ddpmseg.featcache.store.parse_codec``...),
+# as before they moved to codec.py: kept for one release.
+from ddpmseg.featcache.codec import (  # noqa: F401 - re-exported
+    BFLOAT16_ENCODING,
+    DEFAULT_CODEC,
+    ZARR_DTYPES,
+    codec_name,
+    decode_map,
+    encode_image,
+    encode_map,
+    parse_codec,
+    round_mantissa,
+    zarr_codecs,
+)
+from ddpmseg.spec import MANTISSA_BITS, STORE_DTYPES, FeatureSpec, short  # noqa: F401
 
 # 2: dimension names carry their size (channel_1024, y_32, x_32), so xarray opens the store as
 # one Dataset; 1 named every activation's axes channel/y/x. Both read alike.
+if TYPE_CHECKING:
+    import torch
+
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-# zarr has no bfloat16 dtype: bfloat16 values are stored as their uint16 bit patterns (the upper
-# half of the float32 word) and readers widen them back to float32.
-_ZARR_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
-_TORCH_STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32,
-                       "bfloat16": torch.bfloat16}
-BFLOAT16_ENCODING = "bfloat16 stored as uint16 bit patterns; float32 = (uint32(v) << 16)"
-FLOAT16_MAX = float(np.finfo(np.float16).max)
-
-# The default codec, chosen by bench/store_codec.py on real activations of the trained faces64
-# backbone (ffhq_34 images at 64px, float16; bench/results/store_codec.json). Diffusion
-# activations are noisy and float16 compresses little whatever the codec: Blosc Zstd level 1
-# with bit shuffle saves 14% (ratio 1.16) at ~75 MB/s per thread, while the best ratio found
-# (Zstd 9, byte shuffle: 1.23) writes at ~8 MB/s and Zstd 5 with bit shuffle (1.20) at half
-# the speed of level 1. Without bit shuffle Zstd 1 gains only 1.09-1.10; LZ4 gains 1.00-1.04
-# with byte or no shuffle and 1.14 with bit shuffle, at no better speed than Zstd 1 here; no
-# codec at all writes ~110 MB/s. Reading is ~200-250 MB/s for every Blosc setting. Zstd 1 +
-# bit shuffle is the best size per unit of write time, and writing runs in a thread pool
-# beside the model. (bfloat16 activations compress to 1.50 with the same codec.)
-DEFAULT_CODEC = {"cname": "zstd", "clevel": 1, "shuffle": "bitshuffle"}
-
 # The writer token: the attribute "writer" holds the token of the extract attempt that owns the
 # store (a new one per attempt, under the writer lock), and the array "writer" holds per image
 # [token of the attempt that wrote it, digest of its maps as stored]. A dask task of an attempt
@@ -76,6 +70,8 @@ DEFAULT_CODEC = {"cname": "zstd", "clevel": 1, "shuffle": "bitshuffle"}
 # task wrote anyway carries a foreign token (or maps that are not the recorded ones), which
 # ``verify`` reports and the next extract redoes.
 WRITER = "writer"
+# The attribute of what the store's images are (``content.ImageState``: hashes, inactive).
+IMAGES_ATTR = "images"
 # What ``records`` gives for a record that fails its checksum (a token no attempt draws).
 DAMAGED_RECORD = (2 ** 64 - 1, 0)
 
@@ -207,7 +203,7 @@ def store_attributes(info: StoreInfo, config: dict | None = None, writer: int = 
         attrs["config"] = json.loads(json.dumps(config))
     if writer:
         attrs[WRITER] = int(writer)
-    attrs[IG.DIGEST_KEY] = IG.attrs_digest(attrs)
+    attrs[integrity.DIGEST_KEY] = integrity.attrs_digest(attrs)
     return attrs
 
 
@@ -217,7 +213,7 @@ def array_specs(info: StoreInfo) -> list[tuple[str, dict]]:
     one definition of the arrays' metadata: creation uses it, and opening checks each
     array's stored metadata against it (integrity.check_arrays)."""
     n = info.num_images
-    codecs = _codecs(info.codec)
+    codecs = zarr_codecs(info.codec)
     # Every chunk is written, even one equal to the fill value, so that "flagged complete
     # but a chunk is missing" always means damage, never an all-zero map.
     cfg = {"write_empty_chunks": True}
@@ -231,7 +227,7 @@ def array_specs(info: StoreInfo) -> list[tuple[str, dict]]:
     out = []
     for (t, b), (c, h, w) in zip(info.keys, info.shapes):
         out.append((array_name(t, b), dict(
-            shape=(n, c, h, w), chunks=(1, c, h, w), dtype=_ZARR_DTYPES[info.dtype],
+            shape=(n, c, h, w), chunks=(1, c, h, w), dtype=ZARR_DTYPES[info.dtype],
             compressors=codecs, fill_value=0, config=cfg,
             dimension_names=("image", "channel", "y", "x") if old_dims else map_dims(c, h, w),
             attributes={**act_attrs, "step": t, "block": b})))
@@ -250,141 +246,13 @@ def array_specs(info: StoreInfo) -> list[tuple[str, dict]]:
     return out
 
 
-def _codecs(codec: dict) -> list:
-    # crc32c last: every chunk carries a checksum, so a flipped bit is an error, not a wrong value.
-    if codec.get("cname", "zstd") == "none":
-        return [Crc32cCodec()]
-    shuffle = BloscShuffle[codec.get("shuffle", "bitshuffle")]
-    blosc = BloscCodec(cname=codec.get("cname", "zstd"), clevel=codec.get("clevel", 1),
-                       shuffle=shuffle)
-    return [blosc, Crc32cCodec()]
-
-
-# Mantissa bits of each store dtype: the most that keepbits (lossy rounding) can keep.
-MANTISSA_BITS = {"float16": 10, "bfloat16": 7, "float32": 23}
-_INT_OF = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
-_MANTISSA_OF = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}
-
-
-def parse_codec(name: str | None, dtype: str = "float16") -> dict:
-    """The codec setting a ``--codec`` name stands for, as ``StoreInfo.codec`` holds it.
-
-    "lossless" (or None): the default Blosc setting. "bitroundK": the same, after rounding each
-    value to K mantissa bits (round to nearest, ties to even), 1 <= K < the dtype's mantissa
-    bits; relative error <= 2**-(K+1). Zeroed low bits compress well under bit shuffle, and a
-    reader needs nothing to undo: the values are ordinary numbers of the store dtype.
-    """
-    codec = dict(DEFAULT_CODEC)
-    if name in (None, "", "lossless"):
-        return codec
-    m = re.fullmatch(r"bitround(\d+)", str(name))
-    top = MANTISSA_BITS.get(dtype, 0)
-    if m is None or not 1 <= int(m.group(1)) < top:
-        raise ConfigError(f"unknown codec {name!r} for dtype {dtype}",
-                          f"use lossless or bitroundK with K in 1..{top - 1} (mantissa bits "
-                          f"kept; see the store-size table in the README)")
-    codec["keepbits"] = int(m.group(1))
-    return codec
-
-
-def codec_name(codec: dict) -> str:
-    """The ``--codec`` name of a ``StoreInfo.codec`` setting (inverse of ``parse_codec``)."""
-    return rounding_name(codec.get("keepbits"))
-
-
-def round_mantissa(t: torch.Tensor, keepbits: int) -> torch.Tensor:
-    """``t`` (float16, bfloat16 or float32) with its mantissa rounded to ``keepbits`` bits.
-
-    Round to nearest, ties to even, on the bit pattern: adding half a quantum (minus one, plus
-    the kept LSB) then masking carries into the exponent when the mantissa overflows, so the
-    result is the nearest value with ``keepbits`` bits (inf when that is beyond the dtype's
-    largest finite value, which the caller's finiteness check turns into an error). NaN and
-    inf are left as they are, for the same check.
-    """
-    drop = _MANTISSA_OF[t.dtype] - int(keepbits)
-    if drop <= 0:
-        return t
-    width = 8 * t.element_size()
-    # int64 arithmetic on the unsigned pattern: no wrap-around for any width.
-    bits = t.contiguous().view(_INT_OF[t.dtype]).to(torch.int64) & ((1 << width) - 1)
-    bits = (bits + ((1 << (drop - 1)) - 1) + ((bits >> drop) & 1)) & ~((1 << drop) - 1)
-    bits = torch.where(bits >= 1 << (width - 1), bits - (1 << width), bits)
-    rounded = bits.to(_INT_OF[t.dtype]).view(t.dtype)
-    return torch.where(torch.isfinite(t), rounded, t)
-
-
-def encode_map(m, dtype: str, what: str = "activation", keepbits: int | None = None
-               ) -> np.ndarray:
-    """One activation (tensor or array, any float dtype) as the store holds it.
-
-    float16 values beyond +-65504 raise ``FeatureOverflowError`` (never a silent inf), and so
-    does a map that is not finite to begin with. bfloat16 comes back as uint16 bit patterns.
-    ``keepbits``: round the stored values to that many mantissa bits (lossy; ``parse_codec``).
-    """
-    t = m.detach() if isinstance(m, torch.Tensor) else torch.from_numpy(np.asarray(m))
-    if dtype in _TORCH_STORE_DTYPES and keepbits is not None:
-        t = round_mantissa(t.to(_TORCH_STORE_DTYPES[dtype]), keepbits)
-    if dtype == "float16":
-        out = t.to(torch.float16)
-        if not bool(torch.isfinite(out).all()):
-            _raise_not_finite(t, what, dtype)
-        return out.cpu().numpy()
-    if dtype == "bfloat16":
-        out = t.to(torch.bfloat16)
-        if not bool(torch.isfinite(out).all()):
-            _raise_not_finite(t, what, dtype)
-        return out.view(torch.int16).cpu().numpy().view(np.uint16)
-    if dtype == "float32":
-        out = t.to(torch.float32)
-        if not bool(torch.isfinite(out).all()):
-            _raise_not_finite(t, what, dtype)
-        return out.cpu().numpy()
-    raise ValueError(f"unknown store dtype {dtype!r}")
-
-
-def _raise_not_finite(t: torch.Tensor, what: str, dtype: str):
-    t = t.float()
-    if not bool(torch.isfinite(t).all()):
-        raise FeatureOverflowError(
-            f"{what} has NaN or infinite values: the model's output is not finite",
-            "check the checkpoint, and use --precision fp32 if it ran in fp16")
-    peak = float(t.abs().max())
-    raise FeatureOverflowError(
-        f"{what} has values up to {peak:.4g}, beyond {dtype}'s range (+-{FLOAT16_MAX:g})",
-        "extract with --dtype bfloat16 (same range as float32, half the bytes) or --dtype float32")
-
-
-def encode_image(maps: Sequence, spec: FeatureSpec, image: str) -> list[np.ndarray]:
-    """One image's maps (feature order) as a store of ``spec`` holds them, rounded as the spec
-    says (``spec.keepbits``); ``image`` names it in errors (a wrong count or shape is a
-    StoreError, an overflow a FeatureOverflowError)."""
-    if len(maps) != len(spec.keys):
-        raise StoreError(f"{image}: {len(maps)} maps given, the features have "
-                         f"{len(spec.keys)} (steps x blocks)")
-    out = []
-    for (t, b), shape, m in zip(spec.keys, spec.shapes, maps):
-        if tuple(m.shape) != tuple(shape):
-            raise StoreError(f"{image}: map t={t} b={b} has shape {tuple(m.shape)}, the "
-                             f"features have {tuple(shape)}")
-        out.append(encode_map(m, spec.dtype, f"{image} activation t={t} block={b}",
-                              spec.keepbits))
-    return out
-
-
-def decode_map(a: np.ndarray, dtype: str) -> np.ndarray:
-    """A stored chunk as readers see it: bfloat16 bit patterns widen to float32."""
-    if dtype == "bfloat16":
-        return (np.asarray(a).astype(np.uint32) << 16).view(np.float32)
-    return np.asarray(a)
-
-
-REPAIR_HINT = ("the store is damaged; rerun the same `ddpmseg extract` command with --repair "
+REPAIR_HINT = ("the store is damaged; rerun the same extract with `repair=True` "
                "to re-extract the damaged images")
 
 
 def _chunk_problem(name: str, r) -> str:
     """What is wrong with one read chunk (``zarr_adapter.read_images`` result), or ''."""
-    if r is ZA.Missing:
+    if r is zarr_adapter.Missing:
         return f"flagged complete but its chunk of {name} is missing"
     if isinstance(r, BaseException):
         if isinstance(r, (KeyboardInterrupt, SystemExit)):
@@ -402,7 +270,14 @@ def _not_finite(name: str, m: np.ndarray) -> str:
 
 def _exists(path) -> bool:
     # A URL (s3://, memory://) cannot be checked here; let zarr's own error stand for it.
-    return "://" in str(path) or Path(path).exists()
+    return is_url(path) or Path(path).exists()
+
+
+def is_store(path) -> bool:
+    """Whether ``path`` is a local feature store (a folder with its zarr.json): the one test
+    of "a store, or a folder of images/masks" for every command that takes either. A URL is
+    not checked here (``FeatureStore.open`` says what it is)."""
+    return not is_url(path) and (Path(path) / "zarr.json").is_file()
 
 
 class FeatureStore:
@@ -440,7 +315,7 @@ class FeatureStore:
             group = zarr.create_group(store=str(path), overwrite=overwrite, zarr_format=3,
                                       attributes=attrs)
         except zarr.errors.ContainsGroupError as exc:
-            raise StoreError(f"{path} already exists", "pass overwrite=True (--overwrite) to "
+            raise StoreError(f"{path} already exists", "pass `overwrite=True` to "
                              "replace it, or choose another path") from exc
         store = cls(group, info, str(path))
         store.create_missing_arrays()
@@ -462,12 +337,21 @@ class FeatureStore:
         self._has_records = None
         return made
 
+    def images_attribute(self) -> dict | None:
+        """The recorded image state (``content.ImageState`` as JSON), or None."""
+        return self.group.attrs.get(IMAGES_ATTR)
+
+    def record(self, info: StoreInfo, images: dict) -> None:
+        """Record the store's info (names, count) and image state in one attribute write."""
+        self.update_attrs({"ddpmseg": info.to_json(), IMAGES_ATTR: images})
+        self.info = info
+
     def update_attrs(self, changes: dict) -> None:
         """Change some group attributes, rewriting them whole with their digest (one write)."""
         attrs = self.group.attrs.asdict()
         attrs.update(changes)
         # The digest covers every attribute (featcache.integrity): recomputed in the same write.
-        attrs[IG.DIGEST_KEY] = IG.attrs_digest(attrs)
+        attrs[integrity.DIGEST_KEY] = integrity.attrs_digest(attrs)
         self.group.attrs.update(attrs)
 
     def begin_attempt(self) -> int:
@@ -521,12 +405,12 @@ class FeatureStore:
             return np.asarray(arr[:len(self)], dtype=np.uint64)
         except Exception:  # noqa: BLE001 - find the damaged records one by one
             out = np.zeros((len(self), 2), dtype=np.uint64)
-            for i, r in enumerate(ZA.read_each(arr, len(self))):
+            for i, r in enumerate(zarr_adapter.read_each(arr, len(self))):
                 if isinstance(r, (KeyboardInterrupt, SystemExit)):
                     raise r
                 if isinstance(r, BaseException):
                     out[i] = DAMAGED_RECORD
-                elif r is not ZA.Missing:
+                elif r is not zarr_adapter.Missing:
                     out[i] = np.asarray(r, dtype=np.uint64)
             return out
 
@@ -580,7 +464,7 @@ class FeatureStore:
         targets = [(self._arr(array_name(t, b)), m) for (t, b), m in zip(self.info.keys, maps)]
         if self.info.has_labels:
             targets.append((self._arr("labels"), labels))
-        ZA.write_images(targets, i)
+        zarr_adapter.write_images(targets, i)
         if self.has_records():
             self.check_writer(i)  # again: the maps took a while
             self._arr(WRITER)[i] = np.array([self.writer, maps_digest(maps)], dtype=np.uint64)
@@ -595,7 +479,7 @@ class FeatureStore:
         if labels.shape != tuple(self.info.image_size):
             raise StoreError(f"image {i}: labels are {labels.shape}, the store's image size "
                              f"is {tuple(self.info.image_size)}")
-        ZA.write_images([(self._arr("labels"), labels)], i)
+        zarr_adapter.write_images([(self._arr("labels"), labels)], i)
 
     def resize(self, n: int) -> None:
         """Give every array room for ``n`` images along the image axis (metadata only when
@@ -623,7 +507,7 @@ class FeatureStore:
 
     def remove_partial_files(self) -> int:
         """Delete the temporary files a killed writer of a local store leaves behind."""
-        return ZA.remove_partial_files(self.path)
+        return zarr_adapter.remove_partial_files(self.path)
 
     # -- reading --------------------------------------------------------------------------
     @classmethod
@@ -644,9 +528,9 @@ class FeatureStore:
                 raise StoreError(f"{path} does not exist",
                                  "run `ddpmseg extract` to make one") from exc
             raise StoreError(f"{str(path).rstrip('/')}/zarr.json is unreadable "
-                             f"({type(exc).__name__}: {IG._first_line(exc)})",
-                             "the store is damaged; re-extract it with --overwrite") from exc
-        IG.check_attrs(attrs, str(path))
+                             f"({type(exc).__name__}: {integrity._first_line(exc)})",
+                             "the store is damaged; re-extract it with `overwrite=True`") from exc
+        integrity.check_attrs(attrs, str(path))
         try:
             info = StoreInfo.from_json(raw)
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
@@ -658,7 +542,7 @@ class FeatureStore:
                                      f"ddpmseg reads {', '.join(map(str, READABLE_VERSIONS))}",
                                      "re-extract the store, or upgrade ddpmseg")
         store = cls(group, info, str(path))
-        arrays = IG.check_arrays(group, array_specs(info), str(path))
+        arrays = integrity.check_arrays(group, array_specs(info), str(path))
         # write_empty_chunks is runtime configuration, not metadata (see _arr).
         store._arrays = {k: a.with_config({"write_empty_chunks": True})
                          for k, a in arrays.items()}
@@ -678,7 +562,8 @@ class FeatureStore:
         try:
             return Config.from_dict(raw, source=f"{self.path} (its recorded config)")
         except ConfigError as exc:
-            raise ConfigError(exc.message, "pass --config to train with another config") from None
+            raise ConfigError(exc.message,
+                              "pass `config=PATH` to train with another config") from None
 
     def __len__(self) -> int:
         return self.info.num_images
@@ -699,8 +584,8 @@ class FeatureStore:
                 # opening, or a reopened store would skip chunks equal to the fill value.
                 arr = self.group[name].with_config({"write_empty_chunks": True})
             except KeyError as exc:
-                raise StoreError(f"{self.path}: array {name} is missing",
-                                 "the store is damaged; re-extract it with --overwrite") from exc
+                raise StoreError(f"{self.path}: array {name} is missing", "the store is damaged; "
+                                 "re-extract it with `overwrite=True`") from exc
             self._arrays[name] = arr
         return arr
 
@@ -722,10 +607,10 @@ class FeatureStore:
             flags = np.asarray(arr[:len(self)]).astype(bool)
         except Exception:  # noqa: BLE001 - find the damaged flags one by one
             flags = np.zeros(len(self), dtype=bool)
-            for i, r in enumerate(ZA.read_each(arr, len(self))):
+            for i, r in enumerate(zarr_adapter.read_each(arr, len(self))):
                 if isinstance(r, (KeyboardInterrupt, SystemExit)):
                     raise r
-                flags[i] = (not isinstance(r, BaseException) and r is not ZA.Missing
+                flags[i] = (not isinstance(r, BaseException) and r is not zarr_adapter.Missing
                             and bool(r))
         self._complete = flags
         return self._complete.copy()
@@ -733,7 +618,7 @@ class FeatureStore:
     def damaged_flags(self) -> list[int]:
         """Images whose complete flag cannot be read (their chunk fails its checksum)."""
         arr = self._arr("complete")
-        return [i for i, r in enumerate(ZA.read_each(arr, len(self)))
+        return [i for i, r in enumerate(zarr_adapter.read_each(arr, len(self)))
                 if isinstance(r, Exception)]
 
     def _require_complete(self, i: int) -> None:
@@ -750,7 +635,7 @@ class FeatureStore:
         """Names of the arrays whose chunk of image i is absent from storage."""
         i = self._index(i)
         names = self._array_names()
-        present = ZA.chunks_exist([self._arr(n) for n in names], i)
+        present = zarr_adapter.chunks_exist([self._arr(n) for n in names], i)
         return [n for n, ok in zip(names, present) if not ok]
 
     def _array_names(self) -> list[str]:
@@ -761,7 +646,7 @@ class FeatureStore:
         """Image i's chunks of ``names``, read concurrently; damage is a StoreError naming it."""
         i = self._index(i)
         self._require_complete(i)
-        results = ZA.read_images([self._arr(n) for n in names], i)
+        results = zarr_adapter.read_images([self._arr(n) for n in names], i)
         label = f"image {i} ({self.names[i]})"
         out = []
         for name, r in zip(names, results):
@@ -780,7 +665,7 @@ class FeatureStore:
         names = self._array_names()
         out = []
         maps = []
-        for name, r in zip(names, ZA.read_images([self._arr(n) for n in names], i)):
+        for name, r in zip(names, zarr_adapter.read_images([self._arr(n) for n in names], i)):
             problem = _chunk_problem(name, r)
             if not problem and name != "labels":
                 maps.append(np.asarray(r))
@@ -834,17 +719,26 @@ class FeatureStore:
     def map(self, i: int, t: int, b) -> np.ndarray:
         """Image i's native map of step t, block b alone (reads only that array's chunk)."""
         if (t, b) not in self.info.keys:
-            raise KeyError(f"the store has no activation for step {t}, block {b}")
+            raise NotInStoreError(f"{self.path} has no activation for step {t}, block {b}",
+                                  self._features_hint())
         m = decode_map(self._read(i, [array_name(t, b)])[0], self.info.dtype)
         problem = _not_finite(array_name(t, b), m)
         if problem:
             raise StoreError(f"{self.path}: image {i} ({self.names[i]}): {problem}", REPAIR_HINT)
         return m
 
+    def _features_hint(self) -> str:
+        return (f"it has steps {short(self.info.steps)} and blocks {short(self.info.blocks)}; "
+                "extract the others into a store of their own")
+
     def pixel_features(self, i: int, ys, xs) -> torch.Tensor:
+        from ddpmseg.featcache import pixels  # torch: reading a store needs none
+
         return pixels.pixel_features(self.maps(i), self.info.image_size, ys, xs)
 
     def dense_rows(self, i: int, y0: int, y1: int) -> torch.Tensor:
+        from ddpmseg.featcache import pixels
+
         return pixels.dense_rows(self.maps(i), self.info.image_size, y0, y1)
 
     # -- lazy reading -------------------------------------------------------------------
@@ -855,8 +749,8 @@ class FeatureStore:
         completeness check: read ``complete()`` first when the store may be unfinished.
         """
         if (t, b) not in self.info.keys:
-            raise KeyError(f"the store has no activation for step {t}, block {b}; it has "
-                           f"steps {self.info.steps}, blocks {self.info.blocks}")
+            raise NotInStoreError(f"{self.path} has no activation for step {t}, block {b}",
+                                  self._features_hint())
         arr = da.from_zarr(self._arr(array_name(t, b)))
         if self.info.dtype == "bfloat16":
             arr = arr.map_blocks(decode_map, "bfloat16", dtype=np.float32)

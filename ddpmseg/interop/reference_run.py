@@ -27,7 +27,6 @@ from ddpmseg.config import Config
 from ddpmseg.data import size_text
 from ddpmseg.core.errors import ConfigError, InputNotFoundError, RunError
 from ddpmseg.backbone import Backbone, ModelFlags
-from ddpmseg.spec import BackboneId
 from ddpmseg.backbone.bundled import resolve_checkpoint
 from ddpmseg.spec import FeatureSpec
 from ddpmseg.featcache.store import StoreInfo
@@ -146,14 +145,11 @@ def _import_run(ref_dir: Path, run_dir: Path, config: Config, overwrite: bool) -
     # Loaded (on the CPU: only its hash and shapes are needed) to prove it fits its flags.
     backbone = Backbone.from_checkpoint(config.model.checkpoint,
                                         ModelFlags.resolve(config.model.preset), device="cpu")
-    steps, blocks = tuple(config.features.steps), tuple(config.features.blocks)
-    shapes_by_block = backbone.block_shapes(blocks)
     size = backbone.flags.image_size
     # The reference keeps float32 features computed in float32.
-    spec = FeatureSpec(steps=steps, blocks=blocks,
-                       shapes=tuple(tuple(shapes_by_block[b]) for _ in steps for b in blocks),
-                       image_size=(size, size), backbone=BackboneId.of(backbone),
-                       seed=config.features.seed, dtype="float32", precision="fp32")
+    spec = FeatureSpec.of_backbone(backbone, config.features.steps, config.features.blocks,
+                                   (size, size), seed=config.features.seed, dtype="float32",
+                                   precision="fp32")
     info = StoreInfo(spec, num_images=0, names=(),
                      num_classes=config.data.num_classes, ignore_label=config.data.ignore_label,
                      class_names=tuple(config.data.class_names), has_labels=True,

@@ -36,6 +36,7 @@ from ddpmseg.data import (
     resize_mask,
     size_text,
 )
+from ddpmseg.featcache.store import is_store
 from ddpmseg.outputs import folder, render
 from ddpmseg.outputs.folder import check_complete, list_predictions
 
@@ -92,8 +93,6 @@ class _StoreLabels:
         return self.store.labels(self.index[name])
 
 
-def _is_store(path: Path) -> bool:
-    return (path / "zarr.json").is_file()
 
 
 def confusion_matrix(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
@@ -190,7 +189,7 @@ def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
                                             optional=not write))
         if write and job.out_dir.absolute() != pred_dir.absolute():
             locks.enter_context(writer_lock(job.out_dir, "metrics folder"))
-        if _is_store(gt_dir):  # no extract rewrites the ground-truth store meanwhile
+        if is_store(gt_dir):  # no extract rewrites the ground-truth store meanwhile
             locks.enter_context(reader_lock(gt_dir, "store"))
         return _evaluate(job)
 
@@ -231,7 +230,7 @@ def _classes(job: _Job, store_gt) -> DataConfig:
 
 def _evaluate(job: _Job) -> dict:
     check_complete(job.pred_dir)  # a folder a killed predict left is refused, never half-scored
-    store_gt = _StoreLabels(job.gt_dir) if _is_store(job.gt_dir) else None
+    store_gt = _StoreLabels(job.gt_dir) if is_store(job.gt_dir) else None
     classes = _classes(job, store_gt)
     predictions = list_predictions(job.pred_dir)
     if not predictions:

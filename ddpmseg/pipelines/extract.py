@@ -12,12 +12,12 @@ the wrong size, a store made with another model) is reported before anything is 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import secrets
 import shutil
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -27,17 +27,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from distributed import as_completed
-from PIL import Image
-from tqdm import tqdm
+from distributed import WorkerPlugin, get_worker
 
-from ddpmseg import data as D
-from ddpmseg.backbone import Backbone, ModelFlags, describe_backbone, load_backbone
+from ddpmseg import data
+from ddpmseg.backbone import Backbone, describe_backbone, load_backbone
 from ddpmseg.backbone.base import image_tensor
-from ddpmseg.spec import BackboneId
-from ddpmseg.spec import block_id
 from ddpmseg.backbone.bundled import BUNDLED_CHECKPOINTS, resolve_checkpoint
 from ddpmseg.config import Config
+from ddpmseg.core.cluster import absolute, check_scheduler, run_tasks, worker_must_see
+from ddpmseg.core.device import use_threads
 from ddpmseg.core.errors import (
     BadInputError,
     ConfigError,
@@ -45,16 +43,29 @@ from ddpmseg.core.errors import (
     StoreError,
     StoreMismatchError,
 )
-from ddpmseg.core.fileio import is_no_space, no_space_error
+from ddpmseg.core.fileio import is_no_space, is_url, no_space_error
 from ddpmseg.core.locking import writer_lock
-from ddpmseg.core.progress import wanted
-from ddpmseg.core.cluster import absolute, check_scheduler, session, worker_must_see
-from ddpmseg.featcache import content
-from ddpmseg.featcache import integrity as IG
-from ddpmseg.spec import PRECISIONS, STORE_DTYPES, FeatureSpec, short
-from ddpmseg.featcache.store import FeatureStore, StoreInfo, encode_image, parse_codec
+from ddpmseg.core.progress import bar
+from ddpmseg.featcache import content, integrity
+from ddpmseg.featcache.store import (
+    FeatureStore,
+    StoreInfo,
+    encode_image,
+    is_store,
+    parse_codec,
+)
+from ddpmseg.spec import (
+    PRECISIONS,
+    STORE_DTYPES,
+    TOLERATED,
+    VALUE_BYTES,
+    BackboneId,
+    FeatureSpec,
+    block_id,
+    short,
+)
 
-log = logging.getLogger("ddpmseg")
+log = logging.getLogger(__name__)
 
 # Threads that cast, compress and write finished images while the model runs.
 WRITER_THREADS = max(1, min(4, os.cpu_count() or 1))
@@ -69,26 +80,55 @@ class _Inputs:
 
 @dataclass(frozen=True)
 class _Job:
-    """What an extraction task needs besides the backbone (picklable, for dask)."""
+    """What an extraction task needs besides the backbone (picklable, for dask). Tasks run
+    with the client's torch thread count (``core.cluster.run_tasks``): then a worker's
+    features are bit-identical to a one-process run."""
 
     store_path: str
     image_paths: tuple[str, ...]
     spec: FeatureSpec
     batch_size: int
     resize: bool
-    # torch's intra-op threads of the client. Some CPU kernels (1x1 convolutions among them)
-    # sum in an order that depends on the thread count, so a worker computes with the same
-    # count as the client: then its features are bit-identical to a one-process run.
-    threads: int = 0
     # The store's writer token of this attempt: a task stops when the store has another.
     writer: int = 0
+
+
+@dataclass(frozen=True)
+class _Request:
+    """An extraction's settings, resolved and checked (before anything is read or written)."""
+
+    data_dir: Path
+    store_path: str
+    config: Config
+    checkpoint: Path | None      # resolved (a bundled name: the package's file)
+    recorded: str | None         # a bundled checkpoint's name, recorded as given
+    batch_size: int
+    precision: str
+    codec: dict
+    device: object = "auto"
+    overwrite: bool = False
+    resize: bool = False
+    scheduler: str | None = None
+    progress: bool = True
+    prune: bool = False
+    compact: bool = False
+    repair: bool = False
+
+    @property
+    def resolved_config(self) -> Config:
+        """The config recorded in the store: checkpoint, precision and batch size as used."""
+        checkpoint = self.recorded or (str(self.checkpoint) if self.checkpoint else "")
+        return self.config.with_overrides(
+            model={"checkpoint": checkpoint},
+            features={"precision": self.precision, "batch_size": self.batch_size})
 
 
 def extract(data_dir, store_path, config: Config | None = None, checkpoint=None, *,
             backbone=None, device="auto", batch_size: int | None = None,
             precision: str | None = None, overwrite: bool = False, resize: bool = False,
             scheduler: str | None = None, progress: bool = True, prune: bool = False,
-            compact: bool = False, repair: bool = False) -> FeatureStore:
+            compact: bool = False, repair: bool = False,
+            threads: int | None = None) -> FeatureStore:
     """Extract the features of every image of ``data_dir`` into the store at ``store_path``.
 
     ``config``: steps, blocks, seed and dtype from ``config.features``; classes, ignore label
@@ -113,100 +153,116 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     against a second writer for the whole run (``ddpmseg.core.locking``). ``scheduler``: None
     (this process), "local" / "local:N" (a dask
     LocalCluster of N single-threaded worker processes) or "tcp://host:port" (a running dask
-    scheduler whose workers see the same files). Returns the store, opened for reading.
+    scheduler whose workers see the same files). ``threads``: torch's CPU threads for the
+    run (default: OMP_NUM_THREADS, else torch's); the caller's setting is restored after.
+    Returns the store, opened for reading.
     """
     config = config or Config()
-    fc, dc = config.features, config.data
-    steps, blocks = tuple(int(t) for t in fc.steps), tuple(block_id(b) for b in fc.blocks)
-    dtype, seed = fc.dtype, int(fc.seed)
+    fc = config.features
     precision = precision or fc.precision
     batch_size = int(batch_size or fc.batch_size)
-    _check_settings(steps, blocks, dtype, precision, batch_size, dc)
-    codec = parse_codec(fc.codec, dtype)
+    _check_settings(fc, precision, batch_size, config.data)
     check_scheduler(scheduler)  # before anything is written
     checkpoint = checkpoint if checkpoint not in (None, "") else (config.model.checkpoint or None)
-    # A bundled name is recorded as given: the package's own path differs per install.
-    recorded = str(checkpoint) if str(checkpoint) in BUNDLED_CHECKPOINTS else None
-    checkpoint = resolve_checkpoint(checkpoint) if checkpoint else None
+    request = _Request(
+        Path(data_dir), str(store_path), config,
+        checkpoint=resolve_checkpoint(checkpoint) if checkpoint else None,
+        # A bundled name is recorded as given: the package's own path differs per install.
+        recorded=str(checkpoint) if str(checkpoint) in BUNDLED_CHECKPOINTS else None,
+        batch_size=batch_size, precision=precision, codec=parse_codec(fc.codec, fc.dtype),
+        device=device, overwrite=overwrite, resize=resize, scheduler=scheduler,
+        progress=progress, prune=prune, compact=compact, repair=repair)
+    with use_threads(threads, "extract"):
+        info, inputs, backbone = _prepare(request, backbone)
+        # Under the store's writer lock: create the store, or reopen it and check that it was
+        # made the same way; make it follow the folder; then extract what is left.
+        with writer_lock(store_path, "store"):
+            _extract_locked(request, info, inputs, backbone)
+    return FeatureStore.open(store_path)
 
-    flags = describe_backbone(backbone or checkpoint, config.model.preset)
-    for t in steps:
-        if not 0 <= t < flags.diffusion_steps:
+
+def _prepare(request: _Request, backbone) -> tuple[StoreInfo, _Inputs, object]:
+    """Every mask and image size checked (nothing written yet), the backbone loaded, and the
+    store's info: (info, inputs, backbone)."""
+    config = request.config
+    fc, dc = config.features, config.data
+    flags = describe_backbone(backbone or request.checkpoint, config.model.preset)
+    for t in fc.steps:
+        if not 0 <= int(t) < flags.diffusion_steps:
             raise ConfigError(f"step {t} is out of range 0..{flags.diffusion_steps - 1}",
-                              "check features.steps / --steps")
+                              "check features.steps / `steps=`")
     size = (flags.image_size, flags.image_size)
-
-    # 1. Read and check every mask (and every image's size) before anything is written.
-    inputs = _read_inputs(data_dir, size, resize, dc)
-
-    # 2. The backbone (its hash and flags identify the features).
+    inputs = _read_inputs(request.data_dir, size, request.resize, dc)
     if backbone is None:
-        if checkpoint is None:
+        if request.checkpoint is None:
             raise ConfigError("no checkpoint given",
-                              "pass --checkpoint PATH or set model.checkpoint in the config")
+                              "pass `checkpoint=PATH` or set model.checkpoint in the config")
         # The preset by name, when the config names one: a checkpoint of another preset is
         # then told which preset loads it, in one line, instead of its unfitting keys.
-        backbone = load_backbone(checkpoint, config.model.preset or flags, device=device,
-                                 prompt=config.model.prompt)
-    shapes_by_block = backbone.block_shapes(blocks)
-    spec = FeatureSpec(steps=steps, blocks=blocks,
-                       shapes=tuple(tuple(shapes_by_block[b]) for _ in steps for b in blocks),
-                       image_size=size, backbone=BackboneId.of(backbone), seed=seed,
-                       dtype=dtype, precision=precision)
+        backbone = load_backbone(request.checkpoint, config.model.preset or flags,
+                                 device=request.device, prompt=config.model.prompt)
+    spec = FeatureSpec.of_backbone(backbone, fc.steps, fc.blocks, size, seed=int(fc.seed),
+                                   dtype=fc.dtype, precision=request.precision)
     info = StoreInfo(spec=spec, num_images=len(inputs.samples),
                      names=tuple(s.name for s in inputs.samples),
                      num_classes=dc.num_classes, ignore_label=dc.ignore_label,
                      class_names=tuple(dc.class_names), has_labels=inputs.has_labels,
-                     min_class_pixels=dc.min_class_pixels, codec=codec)
-    resolved = config.with_overrides(
-        model={"checkpoint": recorded or (str(checkpoint) if checkpoint else "")},
-        features={"precision": precision, "batch_size": batch_size})
+                     min_class_pixels=dc.min_class_pixels, codec=request.codec)
+    return info, inputs, backbone
 
-    # 3.-4. Under the store's writer lock: create the store, or reopen it and check that it
-    # was made the same way; make it follow the folder (appended, relabelled, re-extracted,
-    # pruned images); then extract what is left.
-    with writer_lock(store_path, "store"):
-        store = _open_or_create(str(store_path), info, overwrite, resolved.to_dict())
-        folder_hashes = content.sample_hashes(inputs.samples)
-        labels_by_name = {s.name: lab for s, lab in zip(inputs.samples, inputs.labels)}
-        changes = content.plan(store, folder_hashes, prune or compact)
-        if repair or changes.describe() or not store.complete().all():
-            # Tasks of earlier attempts stop at their next image. (A complete store that
-            # stays as it is keeps its token: a rerun writes nothing, and no task of an
-            # earlier attempt can still be at work, since each image it had is complete.)
-            store.begin_attempt()
-        content.apply(store, changes, labels_by_name)
-        if compact:
-            store = content.compact(store)
-        info = store.info
-        paths_by_name = {s.name: str(s.image) for s in inputs.samples}
-        labels = content.labels_in_store_order(info.names, labels_by_name)
-        todo, done = _images_to_do(store, repair, paths_by_name)
-        # Absolute paths: a tcp:// scheduler's workers run in folders of their own.
-        job = _Job(absolute(store_path),
-                   tuple(absolute(paths_by_name[n]) if n in paths_by_name else ""
-                         for n in info.names),
-                   spec, batch_size, bool(resize), torch.get_num_threads(), store.writer)
-        if todo:
-            start = time.perf_counter()
-            try:
-                with _progress_bar(len(done), len(done) - len(todo), progress) as bar:
-                    if scheduler:
-                        _run_distributed(scheduler, job, todo, labels, backbone,
-                                         checkpoint, device, bar.update)
-                    else:
-                        run_images(store, backbone, job, todo, labels,
-                                   on_done=lambda i: bar.update(1))
-            except OSError as exc:
-                if not is_no_space(exc):
-                    raise
-                left = int((~store.complete()).sum())
-                raise no_space_error(store_path, left * _image_bytes(info), "the store",
-                                     f"{left} image(s)") from exc
-            _refuse_foreign(store)
-            log.info("extracted %d images in %.1fs into %s (%d dims per pixel, %s)", len(todo),
-                     time.perf_counter() - start, store_path, info.feature_dim, dtype)
-    return FeatureStore.open(store_path)
+
+def _extract_locked(request: _Request, info: StoreInfo, inputs: _Inputs, backbone) -> None:
+    """The store made or reopened, following its folder (appended, relabelled, re-extracted,
+    pruned images), then the images still to do extracted: under the writer lock."""
+    store = _open_or_create(request.store_path, info, request.overwrite,
+                            request.resolved_config.to_dict())
+    folder_hashes = content.sample_hashes(inputs.samples)
+    labels_by_name = {s.name: lab for s, lab in zip(inputs.samples, inputs.labels)}
+    changes = content.plan(store, folder_hashes, request.prune or request.compact)
+    if request.repair or changes.describe() or not store.complete().all():
+        # Tasks of earlier attempts stop at their next image. (A complete store that stays
+        # as it is keeps its token: a rerun writes nothing, and no task of an earlier attempt
+        # can still be at work, since each image it had is complete.)
+        store.begin_attempt()
+    content.apply(store, changes, labels_by_name)
+    if request.compact:
+        store = content.compact(store)
+    paths_by_name = {s.name: str(s.image) for s in inputs.samples}
+    todo, done = _images_to_do(store, request.repair, paths_by_name)
+    if not todo:
+        return
+    # Absolute paths: a tcp:// scheduler's workers run in folders of their own.
+    job = _Job(absolute(request.store_path),
+               tuple(absolute(paths_by_name[n]) if n in paths_by_name else ""
+                     for n in store.info.names),
+               info.spec, request.batch_size, bool(request.resize), store.writer)
+    labels = content.labels_in_store_order(store.info.names, labels_by_name)
+    start = time.perf_counter()
+    _run(request, store, job, todo, labels, backbone, initial=len(done) - len(todo))
+    _refuse_foreign(store)
+    log.info("extracted %d images in %.1fs into %s (%d dims per pixel, %s)", len(todo),
+             time.perf_counter() - start, request.store_path, store.info.feature_dim,
+             store.info.dtype)
+
+
+def _run(request: _Request, store: FeatureStore, job: _Job, todo: list[int], labels: list,
+         backbone, initial: int) -> None:
+    """Extract ``todo`` in this process or as dask tasks, with a progress bar; a disk that
+    fills up is one error saying how much more the rest needs."""
+    try:
+        with bar(total=initial + len(todo), initial=initial, desc="extract", unit="img",
+                 progress=request.progress) as images:
+            if request.scheduler:
+                _run_distributed(request, job, todo, labels, backbone, images.update)
+            else:
+                run_images(store, backbone, job, todo, labels,
+                           on_done=lambda i: images.update(1))
+    except OSError as exc:
+        if not is_no_space(exc):
+            raise
+        left = int((~store.complete()).sum())
+        raise no_space_error(request.store_path, left * _image_bytes(store.info), "the store",
+                             f"{left} image(s)") from exc
 
 
 def _images_to_do(store: FeatureStore, repair: bool,
@@ -259,23 +315,26 @@ def _refuse_foreign(store: FeatureStore) -> None:
 
 def _image_bytes(info: StoreInfo) -> int:
     """Upper bound of one image's bytes in the store (uncompressed maps and labels)."""
-    width = 4 if info.dtype == "float32" else 2
-    maps = sum(c * h * w for c, h, w in info.shapes) * width
+    maps = sum(c * h * w for c, h, w in info.shapes) * VALUE_BYTES[info.dtype]
     return maps + info.image_size[0] * info.image_size[1] + 64
 
 
 # -- checking inputs ----------------------------------------------------------------------------
 
-def _check_settings(steps, blocks, dtype, precision, batch_size, dc) -> None:
-    if dtype not in STORE_DTYPES:
-        raise ConfigError(f"unknown store dtype {dtype!r}", f"use one of {', '.join(STORE_DTYPES)}")
+def _check_settings(fc, precision: str, batch_size: int, dc) -> None:
+    """The config's feature and data settings (``fc``, ``dc``), the compute precision and the
+    batch size, refused in one line each before anything is read."""
+    if fc.dtype not in STORE_DTYPES:
+        raise ConfigError(f"unknown store dtype {fc.dtype!r}",
+                          f"use one of {', '.join(STORE_DTYPES)}")
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}", f"use one of {', '.join(PRECISIONS)}")
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-    for name, values in (("steps", steps), ("blocks", blocks)):
+    for name in ("steps", "blocks"):
+        values = [block_id(v) for v in getattr(fc, name)]
         if not values:
-            raise ConfigError(f"no {name} given", f"set features.{name} or --{name}")
+            raise ConfigError(f"no {name} given", f"set features.{name}")
         if len(set(values)) != len(values):
             raise ConfigError(f"{name} repeat a value: {list(values)}", "list each once")
         if any(isinstance(v, int) and v < 0 for v in values):
@@ -287,32 +346,31 @@ def _check_settings(steps, blocks, dtype, precision, batch_size, dc) -> None:
 
 
 def _read_inputs(data_dir, size: tuple[int, int], resize: bool, dc) -> _Inputs:
-    samples = D.list_samples(data_dir)
+    samples = data.list_samples(data_dir)
     with_mask = [s for s in samples if s.mask is not None]
     if with_mask and len(with_mask) < len(samples):
         lone = next(s for s in samples if s.mask is None)
         raise BadInputError(
-            f"image {lone.image} has no mask ({D.ACCEPTED_MASKS}) while "
+            f"image {lone.image} has no mask ({data.ACCEPTED_MASKS}) while "
             f"{len(with_mask)} of the {len(samples)} images in {data_dir} have one",
             "add its mask, or move it to a folder of unlabelled images (a folder without any "
             "mask makes a prediction-only store)")
     labels, unlabelled = [], []
     for s in samples:
-        hw = D.image_hw(s.image)
-        D.check_image_size(s.image, hw, size, resize)
+        hw = data.image_hw(s.image)
+        data.check_image_size(s.image, hw, size, resize)
         if s.mask is None:
             labels.append(None)
             continue
-        # The mask must match its own image (--resize resizes both to the model's size).
-        mask = D.load_mask(s.mask, hw, hint="make the mask the size of its image")
-        D.check_labels(mask, dc.num_classes, dc.ignore_label, s.mask)
-        if not D.labelled(mask, dc.ignore_label):
+        # The mask must match its own image (`resize=True` resizes both to the model's size).
+        mask = data.load_mask(s.mask, hw, hint="make the mask the size of its image")
+        data.check_labels(mask, dc.num_classes, dc.ignore_label, s.mask)
+        if not data.labelled(mask, dc.ignore_label):
             unlabelled.append(s.mask.name)
         if hw != size:
-            # Nearest neighbour: labels stay labels.
-            mask = np.asarray(Image.fromarray(mask).resize((size[1], size[0]), Image.NEAREST),
-                              dtype=np.uint8)
-        labels.append(D.drop_rare_classes(mask, dc.num_classes, dc.ignore_label,
+            # data's nearest-neighbour resize (labels stay labels), of the mask just checked.
+            mask = data.load_mask(s.mask, size, resize=True)
+        labels.append(data.drop_rare_classes(mask, dc.num_classes, dc.ignore_label,
                                           dc.min_class_pixels))
     if unlabelled:  # fit trains on none of their pixels: say so rather than count them
         log.warning("note: %d mask(s) in %s hold only the ignore label %d, so their images are "
@@ -324,66 +382,31 @@ def _read_inputs(data_dir, size: tuple[int, int], resize: bool, dc) -> _Inputs:
 
 # -- the store ----------------------------------------------------------------------------------
 
-def _is_local(path: str) -> bool:
-    return "://" not in path
-
-
 def _open_or_create(path: str, info: StoreInfo, overwrite: bool, config: dict) -> FeatureStore:
-    hint = "pass --overwrite to replace it, or choose another store path"
-    existing = None
-    if _is_local(path):
-        content.finish_compact(path)
-    if _is_local(path) and Path(path).exists():
-        p = Path(path)
-        if not p.is_dir():
-            raise StoreError(f"{path} exists and is a file, not a feature store",
-                             "choose another store path")
-        if (p / "zarr.json").is_file():
-            try:
-                existing = FeatureStore.open(path, mode="r+")
-            except StoreMismatchError:
-                if not overwrite:
-                    raise
-                existing = True  # an older format of ours: replaced below
-            except StoreError:
-                if not IG.looks_like_store(p):
-                    existing = None
-                elif overwrite:
-                    existing = True  # a damaged store of ours: replaced below
-                else:
-                    raise
-        if existing is None and IG.only_temporary_files(p):
-            # A writer killed while writing the store's first file: nothing to keep.
-            log.info("%s holds only temporary files of an interrupted run: starting over", path)
-            _remove_aside(p)
-        elif existing is None and any(p.iterdir()):
-            if overwrite and IG.looks_like_store(p):
-                log.info("replacing the partial store %s", path)
-                _remove_aside(p)
-            else:
-                raise StoreError(f"{path} exists and is not a ddpmseg feature store",
-                                 "choose another store path (nothing there was changed)")
-    elif not _is_local(path):
+    """The store to extract into: the one at ``path`` (checked to be made the same way), or a
+    new one where there is none, or (``overwrite``) instead of the one there."""
+    if is_url(path):
         try:
             existing = FeatureStore.open(path, mode="r+")
         except StoreError:
             existing = None
+    else:
+        content.finish_compact(path)
+        existing = _open_local(Path(path), overwrite)
     if existing is not None and overwrite:
         log.info("replacing the store %s", path)
-        if _is_local(path):
+    if existing is None or overwrite:
+        if not is_url(path):
             # zarr's own overwrite would parse a damaged zarr.json, and deleting in place races
             # with a task of an earlier attempt that still writes there.
             return _replace_local(Path(path), info, config)
-        return FeatureStore.create(path, info, overwrite=True, config=config)
-    if existing is None:
-        if _is_local(path):
-            return _replace_local(Path(path), info, config)
-        return FeatureStore.create(path, info, overwrite=False, config=config)
+        return FeatureStore.create(path, info, overwrite=existing is not None, config=config)
     # The image list may differ: the store follows its folder (content.plan).
-    diffs = info.differences(existing.info, ignore=("names",))
+    diffs = info.differences(existing.info, ignore=TOLERATED["extract"])
     if diffs:
         raise StoreMismatchError(f"{path} was made with other settings: " + "; ".join(diffs),
-                                 hint)
+                                 "pass `overwrite=True` to replace it, or choose another "
+                                 "store path")
     made = existing.create_missing_arrays()  # a run killed while creating the store
     if made:
         log.info("%s: created the arrays an interrupted run left out: %s", path, ", ".join(made))
@@ -391,6 +414,41 @@ def _open_or_create(path: str, info: StoreInfo, overwrite: bool, config: dict) -
     if removed:
         log.info("%s: removed %d temporary files of an interrupted run", path, removed)
     return existing
+
+
+def _open_local(p: Path, overwrite: bool) -> FeatureStore | bool | None:
+    """What a local store path holds: the store (opened for writing), True for a store of ours
+    that ``overwrite`` replaces (an older format, a damaged one), or None for nothing to keep
+    (no folder, an empty one, only temporary files of an interrupted run, a partial store
+    that ``overwrite`` replaces). Anything else there is refused."""
+    if not p.exists():
+        return None
+    if not p.is_dir():
+        raise StoreError(f"{p} exists and is a file, not a feature store",
+                         "choose another store path")
+    if is_store(p):
+        try:
+            return FeatureStore.open(p, mode="r+")
+        except StoreMismatchError:
+            if not overwrite:
+                raise
+            return True  # an older format of ours: replaced
+        except StoreError:
+            if overwrite and integrity.looks_like_store(p):
+                return True  # a damaged store of ours: replaced
+            if integrity.looks_like_store(p):
+                raise
+    if integrity.only_temporary_files(p):
+        # A writer killed while writing the store's first file: nothing to keep.
+        log.info("%s holds only temporary files of an interrupted run: starting over", p)
+        _remove_aside(p)
+    elif any(p.iterdir()):
+        if not (overwrite and integrity.looks_like_store(p)):
+            raise StoreError(f"{p} exists and is not a ddpmseg feature store",
+                             "choose another store path (nothing there was changed)")
+        log.info("replacing the partial store %s", p)
+        _remove_aside(p)
+    return None
 
 
 def _sibling(p: Path, what: str) -> Path:
@@ -456,7 +514,7 @@ def encoded_maps(backbone, x0: torch.Tensor, spec: FeatureSpec,
 
 
 def _load_batch(paths: Sequence[str], size: tuple[int, int], resize: bool) -> torch.Tensor:
-    return torch.stack([image_tensor(D.load_image(Path(p), size, resize)) for p in paths])
+    return torch.stack([image_tensor(data.load_image(Path(p), size, resize)) for p in paths])
 
 
 def _write_one(store: FeatureStore, i: int, maps: list, labels) -> int:
@@ -517,42 +575,43 @@ def run_images(store: FeatureStore, backbone, job: _Job, indices: Sequence[int],
             raise
 
 
-class _NullBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _progress_bar(total: int, initial: int, enabled: bool):
-    if not wanted(enabled):
-        return _NullBar()
-    return tqdm(total=total, initial=initial, unit="img", desc="extract", file=sys.stderr,
-                dynamic_ncols=True, smoothing=0.1)
-
-
 # -- dask.distributed ---------------------------------------------------------------------------
 
-_WORKER_BACKBONES: dict = {}
+class BackboneCache(WorkerPlugin):
+    """A dask worker's backbone, loaded by its first extraction task and kept for the later
+    ones: state of the worker (``worker.plugins[BackboneCache.name]``), registered by the
+    client of each extraction; none in this module."""
+
+    name = "ddpmseg-backbone"
+
+    def __init__(self):
+        self.key: str | None = None
+        self.backbone = None
+
+    def get(self, source: dict):
+        """The backbone ``source`` describes (checkpoint or random seed, flags, device): the
+        one kept when it is the same, else loaded (and kept instead)."""
+        key = repr(sorted((k, repr(v)) for k, v in source.items()))
+        if key != self.key:
+            self.backbone, self.key = None, None   # one model per worker at a time
+            self.backbone, self.key = _load_source(source), key
+        return self.backbone
 
 
-def _worker_backbone(source: dict):
-    """The backbone of a worker process, loaded once and kept for its later tasks."""
-    key = repr(sorted((k, repr(v)) for k, v in source.items()))
-    bb = _WORKER_BACKBONES.get(key)
-    if bb is None:
-        _WORKER_BACKBONES.clear()
-        if source.get("checkpoint"):
-            bb = load_backbone(source["checkpoint"], source["flags"], device=source["device"])
-        else:
-            bb = Backbone.random(source["flags"], seed=source["random_seed"],
-                                 device=source["device"])
-        _WORKER_BACKBONES[key] = bb
-    return bb
+def _load_source(source: dict):
+    if source.get("checkpoint"):
+        return load_backbone(source["checkpoint"], source["flags"], device=source["device"])
+    return Backbone.random(source["flags"], seed=source["random_seed"], device=source["device"])
+
+
+def _task_backbone(source: dict):
+    """This worker's backbone for ``source`` (its ``BackboneCache``), or a fresh one outside a
+    worker that has the plugin."""
+    try:
+        cache = get_worker().plugins.get(BackboneCache.name)
+    except ValueError:   # not on a dask worker
+        cache = None
+    return cache.get(source) if cache is not None else _load_source(source)
 
 
 def _dask_task(job: _Job, source: dict, indices: list[int], labels: list):
@@ -561,55 +620,52 @@ def _dask_task(job: _Job, source: dict, indices: list[int], labels: list):
     worker_must_see(job.store_path, "the feature store")
     for i in indices:
         worker_must_see(job.image_paths[i], f"image {i} of the store")
-    previous = torch.get_num_threads()
-    try:
-        if job.threads:
-            torch.set_num_threads(job.threads)
-        store = FeatureStore.open(job.store_path, mode="r+")
-        store.writer, store.guard = job.writer, True
-        store.check_writer(indices[0])  # before loading the model for nothing
-        bb = _worker_backbone(source)
-        if BackboneId.of(bb) != store.info.spec.backbone:
-            raise StoreMismatchError(
-                f"worker backbone ({source.get('checkpoint') or 'random'}) differs from the one "
-                f"the store {job.store_path} was created with",
-                "workers must see the same checkpoint file as the client")
-        # The client sends only images not flagged complete: no need to read every flag here.
-        store.assume_incomplete()
-        full = [None] * len(store)
-        for i, lab in zip(indices, labels):
-            full[i] = lab
-        run_images(store, bb, job, indices, full, writers=1)
-        return list(indices)
-    finally:
-        torch.set_num_threads(previous)
+    store = FeatureStore.open(job.store_path, mode="r+")
+    store.writer, store.guard = job.writer, True
+    store.check_writer(indices[0])  # before loading the model for nothing
+    backbone = _task_backbone(source)
+    if BackboneId.of(backbone) != store.info.spec.backbone:
+        raise StoreMismatchError(
+            f"worker backbone ({source.get('checkpoint') or 'random'}) differs from the one "
+            f"the store {job.store_path} was created with",
+            "workers must see the same checkpoint file as the client")
+    # The client sends only images not flagged complete: no need to read every flag here.
+    store.assume_incomplete()
+    full = [None] * len(store)
+    for i, lab in zip(indices, labels):
+        full[i] = lab
+    run_images(store, backbone, job, indices, full, writers=1)
+    return list(indices)
 
 
-def _run_distributed(scheduler: str, job: _Job, todo: list[int], labels: list, backbone,
-                     checkpoint, device, update: Callable[[int], None]) -> None:
+def _backbone_source(request: _Request, backbone) -> dict:
+    """What a worker needs to load the same backbone itself (a checkpoint path, or a random
+    model's seed), its flags and the device."""
     random_seed = BackboneId.of(backbone).random_seed
-    if checkpoint:
-        source = {"checkpoint": str(Path(checkpoint).expanduser().resolve())}
+    if request.checkpoint:
+        source = {"checkpoint": str(Path(request.checkpoint).expanduser().resolve())}
     elif random_seed is not None:
         source = {"checkpoint": "", "random_seed": random_seed}
     else:
         raise ConfigError("a scheduler needs the checkpoint path: each worker loads the model "
-                          "itself", "pass checkpoint= / --checkpoint")
-    source.update(flags=backbone.fingerprint().get("flags"), device=str(device))
+                          "itself", "pass `checkpoint=PATH`")
+    source.update(flags=backbone.fingerprint().get("flags"), device=str(request.device))
+    return source
+
+
+def _run_distributed(request: _Request, job: _Job, todo: list[int], labels: list, backbone,
+                     update: Callable[[int], None]) -> None:
+    source = _backbone_source(request, backbone)
     # Tasks of whole batches (a batch never spans two tasks, so the images are computed in the
     # same groups as in one process).
     groups = [todo[k:k + job.batch_size] for k in range(0, len(todo), job.batch_size)]
-    # Each worker computes with the client's torch thread count (see _Job.threads).
-    workers = max(1, (os.cpu_count() or 1) // max(1, job.threads))
-    with session(scheduler, workers, f"extracting into {job.store_path}",
-                 "the images already extracted are kept") as client:
-        futures = [client.submit(_dask_task, job, source, g, [labels[i] for i in g],
-                                 pure=False, key=f"ddpmseg-extract-{g[0]}-{os.getpid()}")
-                   for g in groups]
-        try:
-            for fut in as_completed(futures):
-                update(len(fut.result()))
-        except BaseException:
-            for other in futures:
-                other.cancel()
-            raise
+    threads = torch.get_num_threads()
+    tasks = run_tasks(request.scheduler, _dask_task,
+                      [(job, source, g, [labels[i] for i in g]) for g in groups],
+                      name="extract", threads=threads,
+                      default_workers=max(1, (os.cpu_count() or 1) // threads),
+                      doing=f"extracting into {job.store_path}",
+                      kept="the images already extracted are kept", plugins=[BackboneCache()])
+    with contextlib.closing(tasks):
+        for done in tasks:
+            update(len(done))

@@ -57,10 +57,10 @@ from ddpmseg.data import (
     read_mask,
 )
 from ddpmseg.featcache import content, pixels
-from ddpmseg.featcache.store import FeatureStore, decode_map
+from ddpmseg.featcache.store import FeatureStore, decode_map, is_store
 from ddpmseg.outputs import folder, render, voting
 from ddpmseg.pipelines.extract import encoded_maps
-from ddpmseg.spec import FeatureSpec
+from ddpmseg.spec import TOLERATED, FeatureSpec
 
 log = logging.getLogger("ddpmseg")
 
@@ -71,11 +71,6 @@ __all__ = ["predict", "predict_maps", "ImagePrediction", "load_run", "check_comp
 SUMMARY_IMAGES = 8
 # Overlays of small images are enlarged so their legend can be read.
 OVERLAY_MIN_SIDE = 256
-# Features made with another seed, dtype, compute precision or lossy rounding are close to the
-# run's, not equal: prediction goes ahead with a warning. Every other difference is refused.
-TOLERATED = ("seed", "dtype", "precision", "keepbits")
-
-
 
 @dataclass
 class ImagePrediction:
@@ -137,14 +132,15 @@ def check_compatible(run_spec: FeatureSpec, store_spec: FeatureSpec,
     """The store must hold the features the run was trained on (same model, steps, blocks,
     shapes, image size); else StoreMismatchError saying what differs. A seed, dtype,
     precision or rounding (lossy codec) of its own is only a warning, one line per field."""
-    diffs = run_spec.differences(store_spec, "in the run", "in the store", ignore=TOLERATED)
+    tolerated = TOLERATED["predict"]
+    diffs = run_spec.differences(store_spec, "in the run", "in the store", ignore=tolerated)
     if diffs:
         raise StoreMismatchError(
             f"feature store {store_path} does not match the run's training store: "
             + "; ".join(diffs),
             "extract the images with the run's checkpoint, steps and blocks, or predict from "
             "the image folder")
-    for note in run_spec.differences(store_spec, "in the run", "in the store", only=TOLERATED):
+    for note in run_spec.differences(store_spec, "in the run", "in the store", only=tolerated):
         log.warning("note: %s has other features than the run was trained on: %s", store_path,
                     note)
 
@@ -152,7 +148,7 @@ def check_compatible(run_spec: FeatureSpec, store_spec: FeatureSpec,
 def _warn_if_stale(model: Ensemble) -> None:
     """Warn when the run's training store has changed (labels corrected, images added) since
     the run was trained: its predictions do not use the newest labels."""
-    if model.run_dir is None or not model.store_path or not _is_store(Path(model.store_path)):
+    if model.run_dir is None or not model.store_path or not is_store(Path(model.store_path)):
         return
     trained_on = read_header(model.run_dir).images
     if trained_on is None:
@@ -176,15 +172,11 @@ class _Item:
     maps: list                 # native maps in feature order
 
 
-def _is_store(path: Path) -> bool:
-    return path.is_dir() and (path / "zarr.json").is_file()
-
-
 def reading_source(path: Path):
     """A shared lock on a store for as long as it is read (no writer meanwhile: an `extract
     --compact` or `--overwrite` swaps in a store whose image numbers mean other images);
     nothing for an image folder."""
-    return reader_lock(path, "store") if _is_store(path) else contextlib.nullcontext()
+    return reader_lock(path, "store") if is_store(path) else contextlib.nullcontext()
 
 
 def _find_original(images_dir: Path | None, name: str) -> Path | None:
@@ -277,7 +269,7 @@ class _ImageSource:
 
     def image_content(self) -> dict[str, tuple[str | None, bool]]:
         """{name: (image sha256, has a mask labelling at least one pixel)}."""
-        return {s.name: (content.file_sha256(s.image), s.mask is not None
+        return {s.name: (sha256_file(s.image), s.mask is not None
                          and labelled(read_mask(s.mask, self.max_image_pixels),
                                       self.ignore_label))
                 for s in self.samples}
@@ -320,7 +312,7 @@ def open_source(path: Path, model: Ensemble, device: torch.device, checkpoint: s
     ``source.kind``, ``source.names``; ``source.image_content()`` says per name its image
     sha256 (None where a store recorded none) and whether a mask labels a pixel of it. Images
     and PNG masks of more than ``max_image_pixels`` pixels (default PIL's limit) are refused."""
-    if _is_store(path):
+    if is_store(path):
         return _StoreSource(path, model, images_dir, max_image_pixels)
     if path.is_dir():
         return _ImageSource(path, model, device, checkpoint, resize, max_image_pixels)

@@ -41,6 +41,7 @@ from ddpmseg.core.locking import reader_lock, writer_lock
 from ddpmseg.featcache import FeatureStore, pixels
 from ddpmseg.outputs import render
 from ddpmseg.outputs.evaluate import iou_from_confusion
+from ddpmseg.spec import TOLERATED
 
 log = logging.getLogger("ddpmseg")
 
@@ -160,7 +161,7 @@ def _train_score(xtr, ytr, xte, yte, num_classes: int, ignore_label: int, seed: 
 
 def _check_stores(train: FeatureStore, test: FeatureStore) -> None:
     diffs = train.info.spec.differences(test.info.spec, "in TRAIN_STORE", "in TEST_STORE",
-                                        ignore=("steps", "blocks", "shapes"))
+                                        ignore=TOLERATED["sweep"])
     for key in ("num_classes", "ignore_label"):
         if getattr(train.info, key) != getattr(test.info, key):
             diffs.append(key)

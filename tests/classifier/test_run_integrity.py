@@ -148,7 +148,7 @@ def test_fit_while_extract_writes_the_store_names_the_writer(store_path, small_c
             progress=False)
     assert str(refused.value).startswith(f"store {store_path} is being written by process "
                                          f"{pid} ")
-    assert "--repair" not in str(refused.value) and not run.exists()
+    assert "repair" not in str(refused.value) and not run.exists()
     hold_lock.release()
 
 

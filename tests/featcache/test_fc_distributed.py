@@ -27,3 +27,37 @@ def test_bad_scheduler_is_a_config_error(tmp_path, synthetic_dir, fake_config, f
         extract(synthetic_dir, tmp_path / "t.zarr", fake_config, backbone=fake_backbone(),
                 scheduler="local:1", progress=False)
     assert not FeatureStore.open(tmp_path / "t.zarr").complete().any()
+
+
+def test_a_worker_keeps_its_backbone_in_its_own_plugin(monkeypatch):
+    """The loaded model is state of the dask worker (its BackboneCache plugin), loaded once
+    per model and replaced by another; nothing is kept in the module or outside a worker."""
+    from distributed import Client, LocalCluster
+
+    from ddpmseg.pipelines import extract as extraction
+
+    loads = []
+
+    def load(source):
+        loads.append(source["checkpoint"])
+        return object()
+
+    monkeypatch.setattr(extraction, "_load_source", load)
+    a, b = ({"checkpoint": name, "flags": {}, "device": "cpu"} for name in ("a.pt", "b.pt"))
+    assert extraction._task_backbone(a) is not extraction._task_backbone(a)  # not on a worker
+    assert loads == ["a.pt", "a.pt"] and not hasattr(extraction, "_WORKER_BACKBONES")
+    loads.clear()
+
+    def on_worker():
+        from distributed import get_worker
+        first = extraction._task_backbone(a)
+        kept = extraction._task_backbone(a) is first
+        other = extraction._task_backbone(b)
+        cache = get_worker().plugins[extraction.BackboneCache.name]
+        return kept, cache.backbone is other and other is not first
+
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        client.register_plugin(extraction.BackboneCache())
+        assert client.submit(on_worker, pure=False).result() == (True, True)
+    assert loads == ["a.pt", "b.pt"]

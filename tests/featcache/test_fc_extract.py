@@ -72,7 +72,7 @@ def test_other_steps_or_checkpoint_are_refused(tmp_path, faces_dir, faces64, fac
         extract(faces_dir, path, faces_config.with_overrides(features={"steps": (10, 300)}),
                 backbone=faces64, progress=False)
     msg = str(err.value)
-    assert "steps (10,300 here, 10,400 in the store)" in msg and "--overwrite" in msg
+    assert "steps (10,300 here, 10,400 in the store)" in msg and "`overwrite=True`" in msg
     cfg = faces_config.with_overrides(model={"preset": "tiny64_cosine"},
                                       features={"blocks": (2, 5, 8)})
     with pytest.raises(StoreMismatchError) as err:
@@ -152,7 +152,7 @@ def test_float16_overflow_is_an_error_suggesting_bfloat16(tmp_path, synthetic_di
     huge = fake_backbone(scale=1e5)
     with pytest.raises(FeatureOverflowError) as err:
         extract(synthetic_dir, tmp_path / "s.zarr", fake_config, backbone=huge, progress=False)
-    assert "--dtype bfloat16" in str(err.value) and "float16" in str(err.value)
+    assert "`dtype=bfloat16`" in str(err.value) and "float16" in str(err.value)
     assert not FeatureStore.open(tmp_path / "s.zarr").complete().any()
     store = extract(synthetic_dir, tmp_path / "b.zarr",
                     fake_config.with_overrides(features={"dtype": "bfloat16"}), backbone=huge,
@@ -264,3 +264,24 @@ def test_binary_masks_are_accepted(tmp_path, synthetic_dir, fake_config, fake_ba
                     progress=False)
     np.testing.assert_array_equal(store.labels(0), circle.astype(np.uint8))
     np.testing.assert_array_equal(store.labels(1), (~circle).astype(np.uint8))
+
+
+def test_extract_computes_with_its_threads_and_leaves_the_callers(tmp_path, synthetic_dir,
+                                                                  fake_config, fake_backbone):
+    """``threads=`` is torch's thread count for the run only (it used to be set globally by
+    the CLI): the caller's count is the same afterwards, also when the run fails."""
+    seen = []
+
+    class Counting(fake_backbone):
+        def activations(self, *args, **kw):
+            seen.append(torch.get_num_threads())
+            return super().activations(*args, **kw)
+
+    before = torch.get_num_threads()
+    extract(synthetic_dir, tmp_path / "s.zarr", fake_config, backbone=Counting(), threads=3,
+            progress=False)
+    assert set(seen) == {3} and torch.get_num_threads() == before
+    with pytest.raises(FeatureOverflowError):
+        extract(synthetic_dir, tmp_path / "t.zarr", fake_config,
+                backbone=Counting(scale=1e6), threads=2, progress=False)
+    assert seen[-1] == 2 and torch.get_num_threads() == before

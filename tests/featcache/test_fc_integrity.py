@@ -88,7 +88,7 @@ def test_repair_re_extracts_exactly_the_damaged_images(made, synthetic_dir, fake
     chunk.write_bytes(bytes(raw))
     store = FeatureStore.open(path)
     with pytest.raises(StoreError, match=r"image 1 \(img001\): the chunk of act_t50_b2 is "
-                                         r"corrupt.*--repair"):
+                                         r"corrupt.*`repair=True`"):
         store.maps(1)
     assert [(d.what, d.where) for d in verify_store(path)] == [("image 1 (img001)",
                                                                 "act_t50_b2")]
@@ -127,7 +127,7 @@ def test_overwrite_replaces_a_partial_store(tmp_path, synthetic_dir, fake_config
     assert helpers.tree_bytes(partial) == before
     # A store whose zarr.json is damaged: refused, then replaced by --overwrite.
     (partial / "zarr.json").write_bytes(b"\x00garbage")
-    with pytest.raises(StoreError, match="zarr.json is unreadable.*--overwrite"):
+    with pytest.raises(StoreError, match="zarr.json is unreadable.*`overwrite=True`"):
         _rerun(partial, synthetic_dir, fake_config, fake_backbone)
     _rerun(partial, synthetic_dir, fake_config, fake_backbone, overwrite=True)
     assert helpers.tree_bytes(partial) == before

@@ -8,10 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from ddpmseg.core.errors import FeatureOverflowError, StoreError, StoreMismatchError
+from ddpmseg.core.errors import (
+    BadInputError,
+    FeatureOverflowError,
+    NotInStoreError,
+    StoreError,
+    StoreMismatchError,
+)
 from ddpmseg.featcache import FeatureStore, StoreInfo
 from ddpmseg.spec import BackboneId
 from ddpmseg.featcache.integrity import attrs_digest
+from ddpmseg.cli.main import as_flags
 from ddpmseg.spec import FeatureSpec
 from ddpmseg.featcache.store import DEFAULT_CODEC, array_name, decode_map, encode_map
 
@@ -104,7 +111,8 @@ def test_float16_overflow_raises_and_leaves_the_image_incomplete(tmp_path):
     with pytest.raises(FeatureOverflowError) as err:
         store.write_image(0, maps, random_labels(0))
     assert "image 0 (im0)" in str(err.value) and "t=20 block=1" in str(err.value)
-    assert "--dtype bfloat16" in str(err.value)
+    assert "`dtype=bfloat16`" in str(err.value)   # the CLI says --dtype bfloat16
+    assert "--dtype bfloat16" in as_flags(str(err.value))
     assert not FeatureStore.open(tmp_path / "s.zarr").complete()[0]
     # 65504 itself fits; the same map in a bfloat16 store is fine.
     ok = random_maps(0)
@@ -219,8 +227,18 @@ def test_dask_arrays_are_lazy_and_match(tmp_path):
     f = chunk_file(path, "act_t20_b1", 0)
     f.write_bytes(b"garbage")
     np.testing.assert_array_equal(store.dask_array(20, 1)[2].compute(), store.maps(2)[2])
-    with pytest.raises(KeyError):
+    with pytest.raises(NotInStoreError, match="has no activation for step 30, block 1") as err:
         store.dask_array(30, 1)
+    assert isinstance(err.value, KeyError) and "steps 10,20 and blocks 1,2" in str(err.value)
+    with pytest.raises(NotInStoreError):
+        store.map(0, 20, 7)
+
+
+def test_a_map_of_the_wrong_rank_is_a_bad_input():
+    from ddpmseg.featcache import pixels
+
+    with pytest.raises(BadInputError, match=r"must be \(C, h, w\), got \(4, 4\)"):
+        pixels.pixel_features([np.zeros((4, 4), np.float32)], (8, 8), [0], [0])
 
 
 def test_pixel_features_of_a_float32_store_equal_its_maps(tmp_path):
