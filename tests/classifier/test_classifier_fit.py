@@ -185,7 +185,7 @@ def test_refuses_a_run_dir_of_another_store(store_path, small_config, make_store
     msg = str(err.value)
     assert "another store" in msg and "steps (10,30 now, 10,20 in the run" in msg
     assert "checkpoint sha256 (000000000000... now, ffffffffffff... in the run" in msg
-    assert "--overwrite" in msg and "new run dir" in msg
+    assert "`overwrite=True`" in msg and "new run dir" in msg
     # Other classifier settings on top of trained members are refused too...
     with pytest.raises(RunError, match="lr"):
         fit(store_path, run, small_config(ensemble=2, max_epochs=1, lr=0.01), device="cpu",
