@@ -151,6 +151,13 @@ fit(sys.argv[1], sys.argv[2], cfg, device="cpu", progress=False)
 """
 
 
+def _manifest_text(run) -> str:
+    try:
+        return (run / "manifest.json").read_text()
+    except FileNotFoundError:
+        return ""
+
+
 def test_resume_after_sigkill_matches_an_uninterrupted_run(store_path, tmp_path):
     from ddpmseg.config import ClassifierConfig, Config
 
@@ -158,7 +165,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(store_path, tmp_path)
     proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(store_path), str(run)])
     try:
         deadline = time.time() + 120
-        while not (run / "member_00.pt").exists():
+        # Killed once member 0 is recorded in the manifest (a member file the manifest does not
+        # list yet is retrained, and there would be nothing to resume).
+        while "member_00.pt" not in _manifest_text(run):
             assert proc.poll() is None, "fit exited before member 0 was written"
             assert time.time() < deadline
             time.sleep(0.005)
