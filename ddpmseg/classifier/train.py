@@ -306,8 +306,8 @@ def fit(store, run_dir, config: Config | None = None, *, device="auto", in_memor
     # until the fit is done. Unlocked, the fit read the swapped-in store's chunks by its old
     # indices and called the ones it did not find damage.
     with use_threads(threads, "fit"), reader_lock(getattr(store, "path", store), "store"):
-        job = _prepare_fit(store, run_dir, config, device, in_memory, overwrite, scheduler,
-                           progress)
+        job = _prepare_fit(store, run_dir, config, device=device, in_memory=in_memory,
+                           overwrite=overwrite, scheduler=scheduler, progress=progress)
         with writer_lock(job.run_dir, "run dir"):
             try:
                 return _fit_locked(job)
@@ -343,8 +343,9 @@ class FitJob:
                          self.shuffle, self.device, self.progress)
 
 
-def _prepare_fit(store, run_dir, config: Config | None, device, in_memory: bool,
+def _prepare_fit(store, run_dir, config: Config | None, *, device, in_memory: bool,
                  overwrite: bool, scheduler: str | None, progress: bool) -> FitJob:
+    """The store opened and checked, the run's config and the pixel index: the fit's job."""
     store = _open_store(store)
     check_trainable(store)
     config = training_config(store, config)
