@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ddpmseg.classifier import fit, load_ensemble
-from ddpmseg.classifier import sampler as S
+from ddpmseg.classifier import sampler
 from ddpmseg.classifier.model import PixelMLP, init_normal, make_trunk
 from ddpmseg.core.errors import RunError, StoreError
 from ddpmseg.featcache.store import FeatureStore
@@ -92,8 +92,8 @@ def test_the_loss_is_ce_plus_weight_times_the_etf_ce(store_path, small_config, t
     losses are the hand computation's. loss = CE(logits, y) + w CE(h M, y), h the penultimate
     features (shared) or the separate trunk's (separate), M the seed's simplex ETF."""
     store = FeatureStore.open(store_path)
-    index = S.PixelIndex.from_store(store)
-    x = S.InMemorySource(store, index, torch.device("cpu")).x
+    index = sampler.PixelIndex.from_store(store)
+    x = sampler.InMemorySource(store, index, torch.device("cpu")).x
     y = index.labels.astype(np.int64)
     weight = 0.7  # neither the default 0.4 nor 1
     cfg = small_config(ensemble=1, max_epochs=1, batch_size=len(y), etf=mode, etf_weight=weight)
