@@ -112,14 +112,12 @@ def read_manifest(run_dir: str | Path) -> dict[str, str] | None:
     if not path.is_file():
         return None
     try:
-        raw = json.loads(path.read_text())
-        files = raw["files"]
-        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
-            raise TypeError("files is not a {name: sha256} object")
-        return dict(files)
+        files = json.loads(path.read_text())["files"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise RunError(f"{path} is damaged ({type(exc).__name__}: {exc})",
-                       RETRAIN) from exc
+        raise RunError(f"{path} is damaged ({type(exc).__name__}: {exc})", RETRAIN) from exc
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise RunError(f"{path} is damaged (files is not a {{name: sha256}} object)", RETRAIN)
+    return dict(files)
 
 
 def record_files(run_dir: str | Path, names, forget=()) -> None:
