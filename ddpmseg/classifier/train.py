@@ -21,7 +21,14 @@ import torch.nn.functional as F
 from distributed import as_completed
 
 from ddpmseg.classifier import sampler
-from ddpmseg.classifier.model import EarlyStopping, PixelMLP, init_normal, make_trunk, simplex_etf
+from ddpmseg.classifier.model import (
+    EarlyStopping,
+    PixelMLP,
+    hidden_widths,
+    init_normal,
+    make_trunk,
+    simplex_etf,
+)
 from ddpmseg.classifier.run import (
     MEMBER_FORMAT,
     append_log,
@@ -367,8 +374,9 @@ def _prepare_fit(store, run_dir, config: Config | None, *, device, in_memory: bo
 
 
 def _member_bytes(info) -> int:
+    """About one member file's size, at most: what the full-disk message says is needed."""
     dim, c = info.feature_dim, info.num_classes
-    widths = (128, 32) if c < 30 else (256, 128)
+    widths = hidden_widths(c)
     return 4 * 3 * (dim * widths[0] + widths[0] * widths[1] + widths[1] * c) + 2 ** 16
 
 
