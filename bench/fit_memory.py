@@ -114,7 +114,7 @@ def child(args) -> None:
     import torch
 
     from ddpmseg.classifier import sampler as S
-    from ddpmseg.classifier.train import GIB as _GIB, _make_source, train_member
+    from ddpmseg.classifier.train import GIB as _GIB, MemberJob, _make_source, train_member
     from ddpmseg.config import ClassifierConfig, Config
     from ddpmseg.featcache.store import FeatureStore
 
@@ -129,9 +129,9 @@ def child(args) -> None:
     t_ready = time.perf_counter() - t0
     records = []
     try:
-        _, meta = train_member(0, source, index, cfg, store.info.feature_dim,
-                               store.info.num_classes, shuffle, dev, progress=False,
-                               on_epoch=records.append, max_steps=args.steps)
+        job = MemberJob(cfg.classifier, store.info.feature_dim, store.info.num_classes,
+                        shuffle, dev, progress=False, max_steps=args.steps)
+        _, meta = train_member(job, 0, source, index, on_epoch=records.append)
     finally:
         source.close()
     pixels = sum(r["pixels"] for r in records)
@@ -151,7 +151,7 @@ def child_speed(args) -> None:
     import torch
 
     from ddpmseg.classifier import sampler as S
-    from ddpmseg.classifier.train import train_member
+    from ddpmseg.classifier.train import MemberJob, train_member
     from ddpmseg.config import ClassifierConfig, Config
     from ddpmseg.featcache.store import FeatureStore
 
@@ -163,12 +163,12 @@ def child_speed(args) -> None:
     sources = {"stream": S.StreamSource(store, index, dev, shuffle),
                "in_memory": S.InMemorySource(store, index, dev)}
     rates = {k: [] for k in sources}
+    job = MemberJob(cfg.classifier, store.info.feature_dim, store.info.num_classes, shuffle, dev,
+                    progress=False, max_steps=args.steps)
     for _ in range(args.blocks):
         for name, source in sources.items():
             records = []
-            train_member(0, source, index, cfg, store.info.feature_dim, store.info.num_classes,
-                         shuffle, dev, progress=False, on_epoch=records.append,
-                         max_steps=args.steps)
+            train_member(job, 0, source, index, on_epoch=records.append)
             rates[name].append(sum(r["pixels"] for r in records) /
                                sum(r["seconds"] for r in records))
     ratios = [a / b for a, b in zip(rates["stream"], rates["in_memory"])]

@@ -143,7 +143,7 @@ def measure(name: str, store, steps: int, rounds: int) -> dict:
     import torch
 
     from ddpmseg.classifier import sampler as S
-    from ddpmseg.classifier.train import GIB as _GIB, train_member
+    from ddpmseg.classifier.train import GIB as _GIB, MemberJob, train_member
     from ddpmseg.config import ClassifierConfig, Config
 
     info = store.info
@@ -179,9 +179,9 @@ def measure(name: str, store, steps: int, rounds: int) -> dict:
     def ours(kind: str) -> float:
         gather[kind] = 0.0
         records = []
-        state, _ = train_member(0, sources[kind], index, cfg, info.feature_dim,
-                                info.num_classes, shuffle, dev, progress=False,
-                                on_epoch=records.append, max_steps=steps)
+        job = MemberJob(cfg.classifier, info.feature_dim, info.num_classes, shuffle, dev,
+                        progress=False, max_steps=steps)
+        state, _ = train_member(job, 0, sources[kind], index, on_epoch=records.append)
         states.setdefault(kind, state)
         gather_ms[kind].append(1e3 * gather[kind] / sum(r["steps"] for r in records))
         return sum(r["pixels"] for r in records) / sum(r["seconds"] for r in records)

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddpmseg.classifier.model import PixelMLP
+from ddpmseg.classifier.run import RETRAIN, member_path, read_header, read_member, resolved_config
 from ddpmseg.config import Config
 from ddpmseg.core.device import resolve_device
-from ddpmseg.core.errors import RunError
+from ddpmseg.core.errors import BadInputError, RunError
 from ddpmseg.featcache.store import StoreInfo
-from ddpmseg.classifier import run as R
-from ddpmseg.classifier.model import PixelMLP
 
 
 class Ensemble:
@@ -29,7 +29,7 @@ class Ensemble:
         self.device = torch.device(device)
         self.members = [m.to(self.device).eval() for m in members]
         self.info = info
-        self.config = R.resolved_config(config or Config(), info)
+        self.config = resolved_config(config or Config(), info)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.store_path = store_path
         self.metas = metas or []
@@ -50,7 +50,9 @@ class Ensemble:
             features = torch.from_numpy(features)
         x = features.to(self.device, torch.float32)
         if x.ndim != 2 or x.shape[1] != self.feature_dim:
-            raise ValueError(f"features must be (n, {self.feature_dim}), got {tuple(x.shape)}")
+            raise BadInputError(f"features must be (n, {self.feature_dim}), got "
+                                f"{tuple(x.shape)}", "give one row of the run's "
+                                f"{self.feature_dim} features per pixel")
         return x
 
     @torch.no_grad()
@@ -68,26 +70,26 @@ class Ensemble:
 def load_ensemble(run_dir: str | Path, device="auto") -> Ensemble:
     """Load a run directory written by ``fit``; every member of its config must be present."""
     run_dir = Path(run_dir)
-    header = R.read_header(run_dir)
+    header = read_header(run_dir)
     info = header.info
     dev = resolve_device(device)
     k_total = header.config.classifier.ensemble
-    missing = [k for k in range(k_total) if not R.member_path(run_dir, k).is_file()]
+    missing = [k for k in range(k_total) if not member_path(run_dir, k).is_file()]
     if missing:
         raise RunError(f"{run_dir}: {len(missing)} of {k_total} members are not trained yet "
-                       f"(e.g. {R.member_path(run_dir, missing[0]).name})",
-                       "rerun the same `ddpmseg fit` command to finish the run")
+                       f"(e.g. {member_path(run_dir, missing[0]).name})",
+                       "rerun the same fit to finish the run")
     members, metas = [], []
     for k in range(k_total):
-        saved = R.read_member(R.member_path(run_dir, k))
+        saved = read_member(member_path(run_dir, k))
         meta = saved.get("meta", {})
         model = PixelMLP(meta.get("dim", info.feature_dim),
                          meta.get("num_classes", info.num_classes), init=False)
         try:
             model.load_state_dict(saved["state_dict"])
         except (RuntimeError, KeyError) as exc:
-            raise RunError(f"{R.member_path(run_dir, k)} does not fit the run's model "
-                           f"({exc})", "retrain: `ddpmseg fit ... --overwrite`") from exc
+            raise RunError(f"{member_path(run_dir, k)} does not fit the run's model "
+                           f"({exc})", RETRAIN) from exc
         members.append(model.to(dev).eval())
         metas.append(meta)
     return Ensemble(members, info, header.config, run_dir, dev, header.store_path, metas)

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from ddpmseg.core.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 # The reference switches to the wider MLP at 30 classes.
@@ -98,9 +100,11 @@ def simplex_etf(dim: int, num_classes: int, seed: int = 0) -> torch.Tensor:
     """
     dim, c = int(dim), int(num_classes)
     if c < 2:
-        raise ValueError(f"a simplex ETF needs at least 2 classes, got {c}")
+        raise ConfigError(f"a simplex ETF needs at least 2 classes, got {c}",
+                          "give `num_classes=N` of 2 or more, or `etf=none`")
     if dim < 1:
-        raise ValueError(f"dim must be positive, got {dim}")
+        raise ConfigError(f"a simplex ETF needs a positive dim, got {dim}",
+                          "give a positive `dim=N`")
     gen = torch.Generator().manual_seed(int(seed))
     scale = math.sqrt(c / (c - 1))
     if dim >= c:

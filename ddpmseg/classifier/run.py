@@ -14,7 +14,10 @@
                        the manifest does not list (a fit killed between writing the two) is
                        retrained. Runs written before the manifest have none and load unchecked.
 
-A writer (``fit``) holds the run dir's lock (``ddpmseg.core.locking``) for its whole life.
+A writer (``fit``, ``import-run``) holds the run dir's lock (``ddpmseg.core.locking``) for its
+whole life, and writes and deletes the run's files only through this module. Importing it imports
+no torch (``verify`` checks a run without it): torch is imported where members are read or
+written.
 """
 
 from __future__ import annotations
@@ -23,18 +26,17 @@ import dataclasses
 import io
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ddpmseg.config import Config
 from ddpmseg.core.errors import RunError
+from ddpmseg.core.fileio import atomic_write, remove_temporaries, sha256_file, write_json
 from ddpmseg.featcache.content import image_set_changes
 from ddpmseg.featcache.store import StoreInfo
 from ddpmseg.spec import TOLERATED
-from ddpmseg.core.fileio import atomic_write, sha256_file, write_json
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 STORE_FILE = "store.json"
@@ -43,6 +45,8 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
 MEMBER_GLOB = "member_*.pt"
 MEMBER_FORMAT = 1
+# The files that make a folder a run (``clear`` deletes them; import-run refuses to mix with them).
+RUN_FILES = (CONFIG_FILE, STORE_FILE, MEMBER_GLOB, LOG_FILE, MANIFEST_FILE)
 # The classifier settings a resumed run must share with the members already trained.
 # (ensemble may grow or shrink; ram_budget_gb only matters through the shuffle size.)
 TRAINING_KEYS = ("lr", "batch_size", "max_epochs", "min_epochs", "patience", "etf",
@@ -50,6 +54,10 @@ TRAINING_KEYS = ("lr", "batch_size", "max_epochs", "min_epochs", "patience", "et
 # Store differences that do not change a single feature or label a member sees. (A lossy
 # codec's rounding does: it is the spec's keepbits, compared with the rest of the spec.)
 _IRRELEVANT = TOLERATED["fit"]
+
+
+# How to start a run over, in fit's parameters.
+RETRAIN = "retrain: fit again with `overwrite=True`"
 
 
 def member_path(run_dir: str | Path, k: int) -> Path:
@@ -105,14 +113,12 @@ def read_manifest(run_dir: str | Path) -> dict[str, str] | None:
     if not path.is_file():
         return None
     try:
-        raw = json.loads(path.read_text())
-        files = raw["files"]
-        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
-            raise TypeError("files is not a {name: sha256} object")
-        return dict(files)
+        files = json.loads(path.read_text())["files"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise RunError(f"{path} is damaged ({type(exc).__name__}: {exc})",
-                       "retrain: `ddpmseg fit ... --overwrite`") from exc
+        raise RunError(f"{path} is damaged ({type(exc).__name__}: {exc})", RETRAIN) from exc
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise RunError(f"{path} is damaged (files is not a {{name: sha256}} object)", RETRAIN)
+    return dict(files)
 
 
 def record_files(run_dir: str | Path, names, forget=()) -> None:
@@ -133,12 +139,12 @@ def check_file(path: Path, manifest: dict[str, str] | None) -> None:
     want = manifest.get(path.name)
     if want is None:
         raise RunError(f"{path} is not recorded in {MANIFEST_FILE} (written by an interrupted "
-                       "fit, or copied in)", "rerun the same `ddpmseg fit` command to retrain it")
+                       "fit, or copied in)", "rerun the same fit to retrain it")
     if sha256_file(path) != want:
         raise RunError(f"{path} does not match its checksum in {MANIFEST_FILE}: it was "
                        "damaged or changed after fit wrote it",
-                       "delete it and rerun the same `ddpmseg fit` command to retrain it"
-                       if path.suffix == ".pt" else "retrain: `ddpmseg fit ... --overwrite`")
+                       "delete it and rerun the same fit to retrain it"
+                       if path.suffix == ".pt" else RETRAIN)
 
 
 def read_header(run_dir: str | Path) -> RunHeader:
@@ -146,7 +152,7 @@ def read_header(run_dir: str | Path) -> RunHeader:
     cfg_path, store_path = run_dir / CONFIG_FILE, run_dir / STORE_FILE
     if not cfg_path.is_file() or not store_path.is_file():
         raise RunError(f"{run_dir} is not a ddpmseg run directory (no {CONFIG_FILE}/"
-                       f"{STORE_FILE})", "train one with `ddpmseg fit STORE RUN_DIR`")
+                       f"{STORE_FILE})", "train one with fit")
     manifest = read_manifest(run_dir)
     for path in (cfg_path, store_path):
         check_file(path, manifest)
@@ -156,7 +162,7 @@ def read_header(run_dir: str | Path) -> RunHeader:
         info = StoreInfo.from_json(raw_store["info"])
     except (ValueError, KeyError, TypeError) as exc:
         raise RunError(f"{run_dir}: {CONFIG_FILE} or {STORE_FILE} is unreadable ({exc})",
-                       "retrain: `ddpmseg fit ... --overwrite`") from exc
+                       RETRAIN) from exc
     config = Config.from_dict(raw_cfg, source=str(cfg_path))
     return RunHeader(resolved_config(config, info), info, raw_store.get("path", ""),
                      raw_store.get("images"))
@@ -164,19 +170,23 @@ def read_header(run_dir: str | Path) -> RunHeader:
 
 def read_member(path: Path, check: bool = True) -> dict:
     """A member file's contents, after checking it against the run's manifest."""
+    import torch  # here: reading a run's header needs no torch
+
     if check:
         check_file(path, read_manifest(path.parent))
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem
         raise RunError(f"{path} is unreadable ({type(exc).__name__}: {exc})",
-                       "delete it and rerun `ddpmseg fit` to retrain that member") from exc
+                       "delete it and rerun fit to retrain that member") from exc
 
 
 def write_member(run_dir: Path, k: int, state: dict, meta: dict) -> Path:
     # Serialised in memory first (a member is a few MB): torch.save writing to a full disk
     # fails with "[enforce fail at inline_container.cc]", a plain write with ENOSPC, which
     # fit reports in one line naming the run dir and the free space.
+    import torch  # here: reading a run's header needs no torch
+
     buffer = io.BytesIO()
     torch.save({"state_dict": state, "meta": meta}, buffer)
     path = atomic_write(member_path(run_dir, k), lambda p: p.write_bytes(buffer.getbuffer()))
@@ -191,22 +201,29 @@ def trained_members(run_dir: Path, count: int) -> list[int]:
             and (manifest is None or member_path(run_dir, k).name in manifest)]
 
 
-# atomic_write's temporary files: ".<name>.<pid>.tmp"
-_TMP_FILE = re.compile(r"^\..+\.\d+\.tmp$")
-
-
 def remove_leftovers(run_dir: Path, unrecorded: bool = True) -> None:
     """Delete what a killed fit left: temporary files, and (``unrecorded``) member files the
     manifest does not list (killed between writing the member and recording it: it is
     retrained)."""
-    for p in run_dir.iterdir():
-        if p.is_file() and _TMP_FILE.match(p.name):
-            p.unlink(missing_ok=True)
+    remove_temporaries(run_dir)
     manifest = read_manifest(run_dir) if unrecorded else None
     if manifest is not None:
         for p in run_dir.glob(MEMBER_GLOB):
             if p.name not in manifest:
                 p.unlink(missing_ok=True)
+
+
+def run_files(run_dir: Path) -> list[Path]:
+    """The files in ``run_dir`` that belong to a run (``RUN_FILES``)."""
+    return [p for pattern in RUN_FILES for p in sorted(Path(run_dir).glob(pattern))]
+
+
+def clear(run_dir: Path) -> None:
+    """Delete the run in ``run_dir`` (its files and any temporary ones), keeping the folder and
+    whatever else it holds: the start of ``fit(overwrite=True)`` and of import-run."""
+    remove_temporaries(run_dir)
+    for p in run_files(run_dir):
+        p.unlink(missing_ok=True)
 
 
 def append_log(run_dir: Path, record: dict) -> None:
@@ -222,18 +239,15 @@ def prepare(run_dir: Path, cfg: Config, info: StoreInfo, resume: bool, shuffle: 
     if run_dir.exists() and not run_dir.is_dir():
         raise RunError(f"run dir {run_dir} is a file", "choose another path")
     run_dir.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(run_dir, unrecorded=resume)
     if not resume:
-        for p in list(run_dir.glob(MEMBER_GLOB)) + [run_dir / LOG_FILE, run_dir / CONFIG_FILE,
-                                                     run_dir / STORE_FILE,
-                                                     run_dir / MANIFEST_FILE]:
-            p.unlink(missing_ok=True)
+        clear(run_dir)
         return
+    remove_leftovers(run_dir)
     members = sorted(run_dir.glob(MEMBER_GLOB))
     if not members:
         # Nothing trained yet: a header left by a killed fit (even a damaged one) is rewritten.
         return
-    hint = f"use a new run dir, or --overwrite to replace {run_dir}"
+    hint = f"use a new run dir, or `overwrite=True` to replace {run_dir}"
     if (run_dir / STORE_FILE).is_file():
         old = read_header(run_dir)
         ignore = _IRRELEVANT
@@ -257,7 +271,7 @@ def prepare(run_dir: Path, cfg: Config, info: StoreInfo, resume: bool, shuffle: 
                                f"rerun with the same options to resume, or {hint}")
             if old_c.ram_budget_gb != new_c.ram_budget_gb:
                 # Allowed when it shuffles as many images together (checked below): say so.
-                logging.getLogger("ddpmseg").warning(
+                log.warning(
                     "note: ram_budget_gb is %s now, %s when the run started; resuming, since it "
                     "shuffles %s images together either way", new_c.ram_budget_gb,
                     old_c.ram_budget_gb, shuffle)
@@ -273,4 +287,4 @@ def prepare(run_dir: Path, cfg: Config, info: StoreInfo, resume: bool, shuffle: 
                 f"{p.name} was trained shuffling {meta.get('shuffle_images')} images at a time; "
                 f"with this RAM budget it would be {shuffle}, and the remaining members would "
                 "not match an uninterrupted run",
-                f"rerun with the --ram-budget-gb of the first run, or {hint}")
+                f"rerun with the first run's `ram_budget_gb=GB`, or {hint}")

@@ -279,7 +279,8 @@ class StreamSource:
             for images in plan.image_chunks(epoch):
                 (got_epoch, got), buf_id = loader.get()
                 if got_epoch != epoch or not np.array_equal(got, images):  # pragma: no cover
-                    raise RuntimeError("pixel stream out of step with its loader")
+                    raise StoreError("the pixel stream is out of step with its loader",
+                                     "rerun the same fit: it resumes")
                 slot_of[torch.from_numpy(images)] = torch.arange(len(images))
                 b = bufs[buf_id]
 

@@ -14,11 +14,30 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from ddpmseg.core.errors import InputNotFoundError, OutputError
+
+
+# atomic_write's temporary files: ".<name>.<pid>.tmp" beside their destination.
+_TEMPORARY = re.compile(r"^\..+\.\d+\.tmp$")
+
+
+def is_temporary(path: str | Path) -> bool:
+    """Whether ``path`` is named as ``atomic_write``'s temporary files are (one a killed
+    process may have left behind)."""
+    return bool(_TEMPORARY.match(Path(path).name))
+
+
+def remove_temporaries(folder: str | Path) -> None:
+    """Delete the temporary files ``atomic_write`` left in ``folder`` (not below it) when the
+    process writing them was killed."""
+    for p in Path(folder).iterdir():
+        if p.is_file() and is_temporary(p):
+            p.unlink(missing_ok=True)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:

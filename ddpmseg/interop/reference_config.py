@@ -79,30 +79,7 @@ def load_reference_config(path: str | Path, preset: str | None = None) -> Config
     path = Path(path)
     raw = read_reference_json(path)
     where = str(path)
-    missing = [k for k in _REQUIRED if k not in raw]
-    if missing:
-        raise ConfigError(f"{where}: missing {', '.join(missing)}",
-                          "a reference ddpm.json names number_class, dim, steps, blocks and "
-                          "model_path")
-    if raw.get("model_type", "ddpm") != "ddpm":
-        raise ConfigError(f"{where}: model_type {raw['model_type']!r} is not supported",
-                          "only the reference's ddpm features can be imported")
-    if "share_noise" not in raw:
-        # The reference tests for the key, not its value: without it every image gets new noise.
-        raise ConfigError(f"{where}: no share_noise key, so the reference drew new noise for "
-                          "every image: features ddpmseg does not compute",
-                          'add "share_noise": true (and retrain in the reference)')
-    for key, wanted in _MUST_BE.items():
-        if key in raw and raw[key] != wanted:
-            raise ConfigError(f"{where}: {key} {json.dumps(raw[key])} gives features ddpmseg "
-                              "does not compute",
-                              f"use {json.dumps(wanted)} (and retrain in the reference) or "
-                              "start from a ddpmseg config")
-    unknown = sorted(set(raw) - set(_KNOWN))
-    if unknown:
-        log.warning("%s: ignoring keys the reference does not define: %s", where,
-                    ", ".join(unknown))
-
+    _check_keys(raw, where)
     base = path.resolve().parent
     checkpoint = _resolve_path(_string(raw, "model_path", where), base)
     steps = _ints(raw, "steps", where)
@@ -135,6 +112,34 @@ def load_reference_config(path: str | Path, preset: str | None = None) -> Config
         "classifier": classifier,
         "predict": {"vote": "hard"},
     }, source=where)
+
+
+def _check_keys(raw: dict, where: str) -> None:
+    """The keys every ddpm.json needs, and the settings whose other values give features
+    ddpmseg does not compute; unknown keys are ignored with a warning."""
+    missing = [k for k in _REQUIRED if k not in raw]
+    if missing:
+        raise ConfigError(f"{where}: missing {', '.join(missing)}",
+                          "a reference ddpm.json names number_class, dim, steps, blocks and "
+                          "model_path")
+    if raw.get("model_type", "ddpm") != "ddpm":
+        raise ConfigError(f"{where}: model_type {raw['model_type']!r} is not supported",
+                          "only the reference's ddpm features can be imported")
+    if "share_noise" not in raw:
+        # The reference tests for the key, not its value: without it every image gets new noise.
+        raise ConfigError(f"{where}: no share_noise key, so the reference drew new noise for "
+                          "every image: features ddpmseg does not compute",
+                          'add "share_noise": true (and retrain in the reference)')
+    for key, wanted in _MUST_BE.items():
+        if key in raw and raw[key] != wanted:
+            raise ConfigError(f"{where}: {key} {json.dumps(raw[key])} gives features ddpmseg "
+                              "does not compute",
+                              f"use {json.dumps(wanted)} (and retrain in the reference) or "
+                              "start from a ddpmseg config")
+    unknown = sorted(set(raw) - set(_KNOWN))
+    if unknown:
+        log.warning("%s: ignoring keys the reference does not define: %s", where,
+                    ", ".join(unknown))
 
 
 def check_dim(dim, flags_source: str, steps, blocks, where: str) -> None:
@@ -177,7 +182,7 @@ def _flags_source(raw: dict, path: Path, checkpoint: Path, preset: str | None, d
     from ddpmseg.data import size_text  # here: reading a config needs no torch
     raise ConfigError(f"{path}: cannot tell the UNet's flags for {size_text(dim[:2])} images",
                       f"put them in {beside.name} beside the checkpoint (as "
-                      "guided-diffusion's flag dict) or pass a preset")
+                      "guided-diffusion's flag dict) or give `preset=NAME`")
 
 
 def _resolve_path(value: str, base: Path) -> Path:

@@ -35,16 +35,7 @@ from ddpmseg.core.locking import writer_lock
 from ddpmseg.interop.reference_config import to_reference_json
 from ddpmseg.classifier.model import PixelMLP, hidden_widths
 from ddpmseg.classifier.ensemble import load_ensemble
-from ddpmseg.classifier.run import (
-    CONFIG_FILE,
-    LOG_FILE,
-    MANIFEST_FILE,
-    MEMBER_GLOB,
-    STORE_FILE,
-    resolved_config,
-    write_header,
-    write_member,
-)
+from ddpmseg.classifier.run import RUN_FILES, clear, resolved_config, write_header, write_member
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +118,7 @@ def _import_run(ref_dir: Path, run_dir: Path, config: Config, overwrite: bool) -
     if not ref_dir.is_dir():
         raise InputNotFoundError(f"{ref_dir} is not a folder",
                                  "give the folder holding the reference's model_{i}.pth")
-    _check_target(run_dir, overwrite, _RUN_FILES, "run dir")
+    _check_target(run_dir, overwrite, RUN_FILES, "run dir")
     if not config.model.checkpoint:
         raise ConfigError("the config names no checkpoint",
                           "give the ddpm.json (model_path) the classifiers were trained with")
@@ -229,20 +220,15 @@ def _export_run(run_dir, out_dir: Path, overwrite: bool) -> Path:
     return out_dir / "ddpm.json"
 
 
-# -- the run directory (the only code here that knows its layout) -------------------------------
-# The files that make a folder a run (an import refuses to mix with them unless overwriting).
-_RUN_FILES = (CONFIG_FILE, STORE_FILE, MEMBER_GLOB, LOG_FILE, MANIFEST_FILE)
-
-
+# -- the run directory (written and deleted by run.py's functions only) ------------------------
 def _write_run(run_dir: Path, cfg: Config, info: StoreInfo, states: list[dict],
                metas: list[dict], source: str) -> None:
-    """Write a complete run with fit's own run-format helpers: members first, then the header
-    (config.json and store.json), which makes the directory a run (a failed write leaves no
-    loadable run). The training store is the reference folder ``source``."""
+    """Write a complete run with fit's own run-format helpers: any run there is cleared, then
+    the members are written, then the header (config.json and store.json), which makes the
+    directory a run (a failed write leaves no loadable run). The training store is the
+    reference folder ``source``."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    for pattern in _RUN_FILES:
-        for p in run_dir.glob(pattern):
-            p.unlink()
+    clear(run_dir)
     for k, (state, meta) in enumerate(zip(states, metas)):
         write_member(run_dir, k, state, meta)
     write_header(run_dir, cfg, f"imported from {source}", info)
@@ -264,14 +250,14 @@ def _check_target(path: Path, overwrite: bool, patterns: tuple[str, ...], what: 
     taken = [p for pattern in patterns for p in path.glob(pattern)]
     if taken:
         raise RunError(f"{what} {path} already holds {taken[0].name}",
-                       "choose an empty folder or pass --overwrite")
+                       "choose an empty folder, or `overwrite=True`")
 
 
 def _checkpoint_path(cfg: Config) -> Path:
     if not cfg.model.checkpoint:
         raise RunError("the run's config names no checkpoint",
-                       "the reference needs model_path: rerun `ddpmseg extract` with "
-                       "--checkpoint and retrain")
+                       "the reference needs model_path: extract again with "
+                       "`checkpoint=PATH` and retrain")
     return resolve_checkpoint(cfg.model.checkpoint).expanduser().resolve()
 
 

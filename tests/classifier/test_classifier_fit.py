@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ddpmseg.classifier import fit, load_ensemble
-from ddpmseg.classifier import sampler as S
+from ddpmseg.classifier import sampler
 from ddpmseg.classifier.model import PixelMLP, init_normal, make_trunk
 from ddpmseg.core.errors import RunError, StoreError
 from ddpmseg.featcache.store import FeatureStore
@@ -92,8 +92,8 @@ def test_the_loss_is_ce_plus_weight_times_the_etf_ce(store_path, small_config, t
     losses are the hand computation's. loss = CE(logits, y) + w CE(h M, y), h the penultimate
     features (shared) or the separate trunk's (separate), M the seed's simplex ETF."""
     store = FeatureStore.open(store_path)
-    index = S.PixelIndex.from_store(store)
-    x = S.InMemorySource(store, index, torch.device("cpu")).x
+    index = sampler.PixelIndex.from_store(store)
+    x = sampler.InMemorySource(store, index, torch.device("cpu")).x
     y = index.labels.astype(np.int64)
     weight = 0.7  # neither the default 0.4 nor 1
     cfg = small_config(ensemble=1, max_epochs=1, batch_size=len(y), etf=mode, etf_weight=weight)
@@ -151,6 +151,13 @@ fit(sys.argv[1], sys.argv[2], cfg, device="cpu", progress=False)
 """
 
 
+def _manifest_text(run) -> str:
+    try:
+        return (run / "manifest.json").read_text()
+    except FileNotFoundError:
+        return ""
+
+
 def test_resume_after_sigkill_matches_an_uninterrupted_run(store_path, tmp_path):
     from ddpmseg.config import ClassifierConfig, Config
 
@@ -158,7 +165,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(store_path, tmp_path)
     proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(store_path), str(run)])
     try:
         deadline = time.time() + 120
-        while not (run / "member_00.pt").exists():
+        # Killed once member 0 is recorded in the manifest (a member file the manifest does not
+        # list yet is retrained, and there would be nothing to resume).
+        while "member_00.pt" not in _manifest_text(run):
             assert proc.poll() is None, "fit exited before member 0 was written"
             assert time.time() < deadline
             time.sleep(0.005)
@@ -185,7 +194,7 @@ def test_refuses_a_run_dir_of_another_store(store_path, small_config, make_store
     msg = str(err.value)
     assert "another store" in msg and "steps (10,30 now, 10,20 in the run" in msg
     assert "checkpoint sha256 (000000000000... now, ffffffffffff... in the run" in msg
-    assert "--overwrite" in msg and "new run dir" in msg
+    assert "`overwrite=True`" in msg and "new run dir" in msg
     # Other classifier settings on top of trained members are refused too...
     with pytest.raises(RunError, match="lr"):
         fit(store_path, run, small_config(ensemble=2, max_epochs=1, lr=0.01), device="cpu",

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpmseg.classifier import sampler as S
+from ddpmseg.classifier import sampler
 from ddpmseg.core.errors import StoreError
 
 
@@ -13,13 +13,13 @@ def store(tmp_path_factory, make_store):
 
 def _epoch(plan, source, epoch, dim=1):
     with source.session(plan) as session:
-        return [(x.clone(), y.clone()) for x, y in S.batches(plan, session, epoch,
+        return [(x.clone(), y.clone()) for x, y in sampler.batches(plan, session, epoch,
                                                              torch.device("cpu"), dim)]
 
 
 def test_plan_visits_every_labelled_pixel_once(store):
-    index = S.PixelIndex.from_store(store)
-    plan = S.EpochPlan(index, chunk_images=2, seed=7, batch_size=64)
+    index = sampler.PixelIndex.from_store(store)
+    plan = sampler.EpochPlan(index, chunk_images=2, seed=7, batch_size=64)
     for epoch in range(2):
         rows = np.concatenate([plan.chunk_rows(epoch, c, imgs)[1]
                                for c, imgs in enumerate(plan.image_chunks(epoch))])
@@ -44,7 +44,7 @@ def _visits(plan, epoch):
 def test_every_labelled_pixel_of_every_image_is_visited_once(store, chunk):
     """Counted from the label maps themselves, not from the index under test."""
     ignore = store.info.ignore_label
-    plan = S.EpochPlan(S.PixelIndex.from_store(store), chunk, seed=7, batch_size=64)
+    plan = sampler.EpochPlan(sampler.PixelIndex.from_store(store), chunk, seed=7, batch_size=64)
     for epoch in range(2):
         img, flat, lab = _visits(plan, epoch)
         for i in range(len(store)):
@@ -56,7 +56,7 @@ def test_every_labelled_pixel_of_every_image_is_visited_once(store, chunk):
             assert np.array_equal(lab[mine], truth[flat[mine]])
         assert set(np.unique(img)) == set(range(len(store)))
         # The minibatches carry the same labels: the class counts of the label maps.
-        ys = np.concatenate([y.numpy() for _, y in _epoch(plan, S.InMemorySource(
+        ys = np.concatenate([y.numpy() for _, y in _epoch(plan, sampler.InMemorySource(
             store, plan.index, torch.device("cpu")), epoch)])
         truth = np.concatenate([np.asarray(store.labels(i)).ravel() for i in range(len(store))])
         assert np.array_equal(np.bincount(ys, minlength=256), np.bincount(
@@ -66,24 +66,24 @@ def test_every_labelled_pixel_of_every_image_is_visited_once(store, chunk):
 def test_the_order_within_a_chunk_changes_between_epochs(store, make_store, tmp_path):
     # One image: the chunk is the same every epoch, only the pixels' order can change.
     one = make_store(tmp_path / "one.zarr", n_images=1)
-    plan = S.EpochPlan(S.PixelIndex.from_store(one), 1, seed=7, batch_size=64)
+    plan = sampler.EpochPlan(sampler.PixelIndex.from_store(one), 1, seed=7, batch_size=64)
     orders = [_visits(plan, epoch)[1] for epoch in range(3)]
     assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
-    source = S.InMemorySource(one, plan.index, torch.device("cpu"))
+    source = sampler.InMemorySource(one, plan.index, torch.device("cpu"))
     labels = [np.concatenate([y.numpy() for _, y in _epoch(plan, source, e)]) for e in (0, 1)]
     assert not np.array_equal(labels[0], labels[1])
     # Several images in a chunk: each image's own pixels come in another order each epoch.
-    plan = S.EpochPlan(S.PixelIndex.from_store(store), 5, seed=7, batch_size=64)
+    plan = sampler.EpochPlan(sampler.PixelIndex.from_store(store), 5, seed=7, batch_size=64)
     (img0, flat0, _), (img1, flat1, _) = _visits(plan, 0), _visits(plan, 1)
     for i in range(len(store)):
         assert not np.array_equal(flat0[img0 == i], flat1[img1 == i]), i
 
 
 def test_a_last_batch_of_one_pixel_joins_the_previous_one(store):
-    index = S.PixelIndex.from_store(store)
-    plan = S.EpochPlan(index, 5, 0, batch_size=index.total - 1)
+    index = sampler.PixelIndex.from_store(store)
+    plan = sampler.EpochPlan(index, 5, 0, batch_size=index.total - 1)
     assert plan.batch_sizes == [index.total]
-    plan = S.EpochPlan(index, 5, 0, batch_size=index.total - 2)
+    plan = sampler.EpochPlan(index, 5, 0, batch_size=index.total - 2)
     assert plan.batch_sizes == [index.total - 2, 2]
 
 
@@ -113,15 +113,15 @@ def reference_features(store, i: int) -> np.ndarray:
 
 # Runs of whole chunks, and runs of two minibatches (so runs end inside chunks and minibatches
 # straddle chunk ends).
-@pytest.mark.parametrize("run_dim", [1, S.RUN_BYTES // (4 * 50 * 2)])
+@pytest.mark.parametrize("run_dim", [1, sampler.RUN_BYTES // (4 * 50 * 2)])
 def test_minibatch_features_are_the_reference_bilinear_features(store, run_dim):
-    index = S.PixelIndex.from_store(store)
+    index = sampler.PixelIndex.from_store(store)
     cpu = torch.device("cpu")
     ref = {int(i): reference_features(store, int(i)) for i in index.images}
-    in_memory = S.InMemorySource(store, index, cpu)
+    in_memory = sampler.InMemorySource(store, index, cpu)
     for chunk in (5, 2):  # all images resident; then two-image chunks, double-buffered
-        plan = S.EpochPlan(index, chunk, seed=3, batch_size=50)
-        stream = S.StreamSource(store, index, cpu, chunk)
+        plan = sampler.EpochPlan(index, chunk, seed=3, batch_size=50)
+        stream = sampler.StreamSource(store, index, cpu, chunk)
         assert stream.resident == (chunk == 5)
         for epoch in (0, 1):
             a, b = _epoch(plan, stream, epoch, run_dim), _epoch(plan, in_memory, epoch, run_dim)
@@ -142,8 +142,8 @@ def test_minibatch_features_are_the_reference_bilinear_features(store, run_dim):
 
 
 def test_in_memory_rows_are_the_reference_dense_features(store):
-    index = S.PixelIndex.from_store(store)
-    src = S.InMemorySource(store, index, torch.device("cpu"))
+    index = sampler.PixelIndex.from_store(store)
+    src = sampler.InMemorySource(store, index, torch.device("cpu"))
     i = 3
     lab = store.labels(i)
     ys, xs = np.nonzero(lab != 255)
@@ -154,11 +154,11 @@ def test_in_memory_rows_are_the_reference_dense_features(store):
 
 
 def test_stopping_mid_epoch_stops_the_loader(store):
-    index = S.PixelIndex.from_store(store)
-    plan = S.EpochPlan(index, 1, seed=0, batch_size=16)
-    stream = S.StreamSource(store, index, torch.device("cpu"), 1)
+    index = sampler.PixelIndex.from_store(store)
+    plan = sampler.EpochPlan(index, 1, seed=0, batch_size=16)
+    stream = sampler.StreamSource(store, index, torch.device("cpu"), 1)
     session = stream.session(plan)
-    it = S.batches(plan, session, 0, torch.device("cpu"), 1)
+    it = sampler.batches(plan, session, 0, torch.device("cpu"), 1)
     next(it)
     it.close()
     session.close()
@@ -167,17 +167,17 @@ def test_stopping_mid_epoch_stops_the_loader(store):
 
 
 def test_shuffle_size_from_budget():
-    assert S.shuffle_images(10, 100, 1000) == 10        # all fit: one global shuffle
-    assert S.shuffle_images(30, 100, 1000) == 5         # two chunks of 5 in the budget
-    assert S.shuffle_images(30, 100, 50) == 1
+    assert sampler.shuffle_images(10, 100, 1000) == 10        # all fit: one global shuffle
+    assert sampler.shuffle_images(30, 100, 1000) == 5         # two chunks of 5 in the budget
+    assert sampler.shuffle_images(30, 100, 50) == 1
 
 
 def test_a_streaming_session_asked_for_an_epoch_out_of_order_restarts_there(store):
     """The loader runs ahead in epoch order; asking for another epoch (a resumed member starts
     at its own) restarts it there and gives that epoch's chunks, not an error."""
-    index = S.PixelIndex.from_store(store)
-    plan = S.EpochPlan(index, 2, seed=5, batch_size=64)
-    stream = S.StreamSource(store, index, torch.device("cpu"), 2)
+    index = sampler.PixelIndex.from_store(store)
+    plan = sampler.EpochPlan(index, 2, seed=5, batch_size=64)
+    stream = sampler.StreamSource(store, index, torch.device("cpu"), 2)
     assert not stream.resident
     with stream.session(plan) as session:
         for epoch in (0, 2, 1):  # 0 then a skip ahead, then back
@@ -196,8 +196,8 @@ def test_a_loader_whose_thread_ended_without_a_chunk_raises_instead_of_waiting(s
     an error at the consumer's next get, never a wait for ever."""
     import threading
 
-    layout = S.MapLayout(store.info, torch.device("cpu"))
-    loader = S._Loader(store, layout, [], [layout.allocate(1)])
+    layout = sampler.MapLayout(store.info, torch.device("cpu"))
+    loader = sampler._Loader(store, layout, [], [layout.allocate(1)])
     loader.thread.join()
     outcome = []
 

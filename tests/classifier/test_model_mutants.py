@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ddpmseg.classifier import EarlyStopping, PixelMLP, simplex_etf
+from ddpmseg.core.errors import ConfigError
 
 
 def test_the_smallest_etf_is_two_opposite_unit_vectors():
@@ -20,12 +21,14 @@ def test_the_smallest_etf_is_two_opposite_unit_vectors():
 
 @pytest.mark.parametrize("dim,c,message", [
     (5, 1, "a simplex ETF needs at least 2 classes, got 1"),
-    (0, 3, "dim must be positive, got 0"),
+    (0, 3, "a simplex ETF needs a positive dim, got 0"),
 ])
 def test_impossible_shapes_are_refused(dim, c, message):
-    with pytest.raises(ValueError) as err:
+    # One of ddpmseg's errors (a ValueError still), with a hint naming the parameter.
+    with pytest.raises(ConfigError) as err:
         simplex_etf(dim, c)
-    assert str(err.value) == message
+    assert isinstance(err.value, ValueError)
+    assert err.value.message == message and "`" in err.value.hint
 
 
 def test_only_a_too_narrow_layer_warns(caplog):

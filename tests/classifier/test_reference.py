@@ -302,3 +302,19 @@ def test_export_then_import_of_the_export_folder_keeps_weights_and_class_names(
         assert a.keys() == b.keys()
         for k in a:
             assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def test_import_over_a_run_leaves_only_the_imported_run(ref, imported, tmp_path):
+    """import-run replaces a run through run.py (its one writer): the old run's extra members,
+    its log and a killed writer's temporary file are gone; other files stay."""
+    run = tmp_path / "run"
+    shutil.copytree(imported, run)
+    (run / "member_07.pt").write_bytes(b"an older, larger ensemble")
+    (run / "train_log.jsonl").write_text("{}\n")
+    (run / ".member_01.pt.4242.tmp").write_bytes(b"half")
+    (run / "notes.txt").write_text("mine")
+    import_run(ref / "pixel_classifiers", run, load_config(ref / "ddpm.json"), overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        [p.name for p in imported.iterdir()] + ["notes.txt"])
+    for name in ("member_00.pt", "member_01.pt", "member_02.pt"):
+        assert (run / name).read_bytes() == (imported / name).read_bytes()

@@ -10,8 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from ddpmseg.classifier import fit, load_ensemble
-from ddpmseg.classifier import run as R
-from ddpmseg.classifier import train as T
+from ddpmseg.classifier import run as run_folder
+from ddpmseg.classifier import train
 from ddpmseg.cli.main import cli
 from ddpmseg.core.errors import RunError
 from ddpmseg.core.locking import LockedError, writer_lock
@@ -40,7 +40,7 @@ def test_a_flipped_member_is_refused_and_retrained_identically(trained, store_pa
     import shutil
     run = tmp_path / "run"
     shutil.copytree(trained[0], run)
-    member = R.member_path(run, 1)
+    member = run_folder.member_path(run, 1)
     raw = bytearray(member.read_bytes())
     raw[len(raw) - 300] ^= 0x40  # one flipped bit near the end of the file
     member.write_bytes(bytes(raw))
@@ -86,8 +86,8 @@ def test_leftovers_of_a_killed_fit_are_cleaned_and_retrained(trained, store_path
     # Killed while saving member 1: its temporary file; or between saving it and recording
     # it in the manifest: a member file the manifest does not list.
     (run / ".member_01.pt.4242.tmp").write_bytes(b"half")
-    R.record_files(run, [], forget=["member_01.pt"])
-    R.member_path(run, 1).write_bytes(R.member_path(run, 0).read_bytes())
+    run_folder.record_files(run, [], forget=["member_01.pt"])
+    run_folder.member_path(run, 1).write_bytes(run_folder.member_path(run, 0).read_bytes())
     fit(store_path, run, small_config(ensemble=2, max_epochs=1), device="cpu", progress=False)
     assert not list(run.glob(".*.tmp"))
     assert _same(_states(run), trained[1])
@@ -95,11 +95,11 @@ def test_leftovers_of_a_killed_fit_are_cleaned_and_retrained(trained, store_path
 
 def test_a_non_finite_loss_stops_fit_naming_member_and_epoch(store_path, small_config,
                                                              tmp_path, monkeypatch):
-    real = T.F.cross_entropy
+    real = train.F.cross_entropy
 
     def nan_loss(*a, **kw):
         return real(*a, **kw) * float("nan")
-    monkeypatch.setattr(T.F, "cross_entropy", nan_loss)
+    monkeypatch.setattr(train.F, "cross_entropy", nan_loss)
     run = tmp_path / "run"
     with pytest.raises(RunError, match=r"member 0, epoch 0: the training loss is nan"):
         fit(store_path, run, small_config(ensemble=1, max_epochs=2), device="cpu",
@@ -119,7 +119,7 @@ def test_fit_on_a_full_disk_is_one_line_and_resumes(store_path, small_config, ti
     measured = tmp_path / "measured"
     config = small_config(ensemble=1, max_epochs=1)
     fit(store_path, measured, config, device="cpu", progress=False)
-    member = R.member_path(measured, 0).stat().st_size
+    member = run_folder.member_path(measured, 0).stat().st_size
     header = sum(p.stat().st_size for p in measured.iterdir() if p.suffix != ".pt")
     disk = tiny_disk((header + member // 2) // 1024 + 16)
     run = disk / "run"
@@ -165,8 +165,8 @@ def test_extract_while_fit_reads_the_store_is_refused(store_path, small_config, 
         seen.append(str(refused.value))
         return real(*args, **kwargs)
 
-    real = T._fit_locked
-    monkeypatch.setattr(T, "_fit_locked", write_during_fit)
+    real = train._fit_locked
+    monkeypatch.setattr(train, "_fit_locked", write_during_fit)
     fit(store_path, tmp_path / "run", small_config(ensemble=1, max_epochs=1), device="cpu",
         progress=False)
     assert seen == [f"store {store_path} is being read by another process (lock "

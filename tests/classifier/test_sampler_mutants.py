@@ -8,7 +8,7 @@ would also make a resumed run train in another order than the uninterrupted one)
 import numpy as np
 import pytest
 
-from ddpmseg.classifier import sampler as S
+from ddpmseg.classifier import sampler
 from ddpmseg.core.errors import BadInputError
 from ddpmseg.featcache import content
 from ddpmseg.featcache.store import FeatureStore
@@ -16,10 +16,10 @@ from ddpmseg.featcache.store import FeatureStore
 COUNTS = [3, 0, 4, 2, 5]  # image 1 has no labelled pixel
 
 
-def tiny_index() -> S.PixelIndex:
+def tiny_index() -> sampler.PixelIndex:
     offsets = np.concatenate([[0], np.cumsum(COUNTS)]).astype(np.int64)
     total = int(offsets[-1])
-    return S.PixelIndex(offsets, np.arange(total, dtype=np.int32) * 3,
+    return sampler.PixelIndex(offsets, np.arange(total, dtype=np.int32) * 3,
                         (np.arange(total) % 3).astype(np.uint8), (4, 4))
 
 
@@ -40,7 +40,7 @@ def expected_epoch(seed: int, epoch: int, p: int):
 
 @pytest.mark.parametrize("seed,p", [(7, 2), (0, 3), (11, 4)])
 def test_the_epoch_order_is_the_documented_function_of_seed_epoch_and_p(seed, p):
-    plan = S.EpochPlan(tiny_index(), chunk_images=p, seed=seed, batch_size=4)
+    plan = sampler.EpochPlan(tiny_index(), chunk_images=p, seed=seed, batch_size=4)
     assert plan.images.tolist() == [0, 2, 3, 4]
     for epoch in (0, 1, 2):
         chunks = plan.image_chunks(epoch)
@@ -60,7 +60,7 @@ def test_the_epoch_order_is_the_documented_function_of_seed_epoch_and_p(seed, p)
     (7, [7, 7]),
 ])
 def test_batch_sizes(batch, sizes):
-    plan = S.EpochPlan(tiny_index(), chunk_images=2, seed=0, batch_size=batch)
+    plan = sampler.EpochPlan(tiny_index(), chunk_images=2, seed=0, batch_size=batch)
     assert plan.batch_sizes == sizes
     assert plan.pixels_per_epoch == 14 and plan.batch_size == batch
     assert plan.chunk_images == 2 and plan.seed == 0
@@ -69,8 +69,8 @@ def test_batch_sizes(batch, sizes):
 def test_a_last_single_pixel_joins_the_batch_before_when_there_are_many():
     # 13 pixels in batches of 4: 4, 4, 4, 1 -> 4, 4, 5
     offsets = np.array([0, 5, 13], dtype=np.int64)
-    index = S.PixelIndex(offsets, np.arange(13, dtype=np.int32), np.zeros(13, np.uint8), (4, 4))
-    assert S.EpochPlan(index, 2, 0, batch_size=4).batch_sizes == [4, 4, 5]
+    index = sampler.PixelIndex(offsets, np.arange(13, dtype=np.int32), np.zeros(13, np.uint8), (4, 4))
+    assert sampler.EpochPlan(index, 2, 0, batch_size=4).batch_sizes == [4, 4, 5]
 
 
 def labelled_store(make_store, path, last_labels=None):
@@ -88,7 +88,7 @@ def test_pruned_images_keep_their_place_and_lose_their_pixels(make_store, tmp_pa
     state = content.read_state(store)
     content.write_state(store, store.info, content.ImageState(state.hashes, ("img000",)))
     store = FeatureStore.open(tmp_path / "s.zarr")
-    index = S.PixelIndex.from_store(store)
+    index = sampler.PixelIndex.from_store(store)
     want = [np.flatnonzero(np.asarray(store.labels(i)).ravel() != 255) for i in (1, 2)]
     assert index.counts.tolist() == [0, len(want[0]), len(want[1])]
     assert index.images.tolist() == [1, 2] and index.image_size == (32, 32)
@@ -104,7 +104,7 @@ def test_a_label_equal_to_the_class_count_is_refused(make_store, tmp_path):
     lab[1, 0] = 255
     store = labelled_store(make_store, tmp_path / "s.zarr", lab)
     with pytest.raises(BadInputError) as err:
-        S.PixelIndex.from_store(store)
+        sampler.PixelIndex.from_store(store)
     assert str(err.value) == (
         f"{store.path}: image 2 (img002) has labels [3] outside 0..2 (ignore label 255); "
         "re-extract with the right num_classes / ignore_label in [data]")
@@ -114,14 +114,14 @@ def test_only_the_first_eight_bad_labels_are_named(make_store, tmp_path):
     lab = np.zeros((32, 32), np.uint8)
     lab[0, :12] = np.arange(3, 15)
     with pytest.raises(BadInputError, match=r"has labels \[3, 4, 5, 6, 7, 8, 9, 10\] outside"):
-        S.PixelIndex.from_store(labelled_store(make_store, tmp_path / "s.zarr", lab))
+        sampler.PixelIndex.from_store(labelled_store(make_store, tmp_path / "s.zarr", lab))
 
 
 def test_a_store_with_every_image_pruned_has_an_empty_index(make_store, tmp_path):
     store = labelled_store(make_store, tmp_path / "s.zarr")
     state = content.read_state(store)
     content.write_state(store, store.info, content.ImageState(state.hashes, store.names))
-    index = S.PixelIndex.from_store(FeatureStore.open(tmp_path / "s.zarr"))
+    index = sampler.PixelIndex.from_store(FeatureStore.open(tmp_path / "s.zarr"))
     assert index.counts.tolist() == [0, 0, 0] and index.total == 0
     assert (index.flat.dtype, index.labels.dtype) == (np.int32, np.uint8)
     assert len(index.flat) == len(index.labels) == 0
@@ -130,5 +130,5 @@ def test_a_store_with_every_image_pruned_has_an_empty_index(make_store, tmp_path
 def test_the_highest_class_is_accepted(make_store, tmp_path):
     lab = np.full((32, 32), 2, np.uint8)
     lab[0, 0] = 255
-    index = S.PixelIndex.from_store(labelled_store(make_store, tmp_path / "s.zarr", lab))
+    index = sampler.PixelIndex.from_store(labelled_store(make_store, tmp_path / "s.zarr", lab))
     assert index.counts[2] == 32 * 32 - 1 and (index.labels[index.offsets[2]:] == 2).all()
