@@ -137,7 +137,7 @@ def test_resume_equals_an_uninterrupted_run(images_dir, tmp_path):
 def test_existing_run_needs_resume_and_same_flags(images_dir, tmp_path):
     kw = dict(batch_size=2, samples=0, progress=False)
     out = train_backbone(images_dir, tmp_path / "run", TINY, steps=1, **kw)
-    with pytest.raises(RunError, match="--resume"):
+    with pytest.raises(RunError, match="`resume=True`"):
         train_backbone(images_dir, out, TINY, steps=2, **kw)
     with pytest.raises(ConfigError, match="flags differ"):
         train_backbone(images_dir, out, {**TINY, "dropout": 0.0}, steps=2, resume=True, **kw)
