@@ -35,7 +35,7 @@ from ddpmseg import data as D
 from ddpmseg.backbone import Backbone, ModelFlags, describe_backbone, load_backbone
 from ddpmseg.backbone.base import image_tensor
 from ddpmseg.spec import BackboneId
-from ddpmseg.spec import block_id
+from ddpmseg.spec import block_id, check_steps
 from ddpmseg.backbone.bundled import BUNDLED_CHECKPOINTS, resolve_checkpoint
 from ddpmseg.config import Config
 from ddpmseg.core.errors import (
@@ -121,7 +121,7 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     dtype, seed = fc.dtype, int(fc.seed)
     precision = precision or fc.precision
     batch_size = int(batch_size or fc.batch_size)
-    _check_settings(steps, blocks, dtype, precision, batch_size, dc)
+    _check_settings(dtype, precision, batch_size, dc)  # steps and blocks: the Config checked
     codec = parse_codec(fc.codec, dtype)
     check_scheduler(scheduler)  # before anything is written
     checkpoint = checkpoint if checkpoint not in (None, "") else (config.model.checkpoint or None)
@@ -130,10 +130,8 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     checkpoint = resolve_checkpoint(checkpoint) if checkpoint else None
 
     flags = describe_backbone(backbone or checkpoint, config.model.preset)
-    for t in steps:
-        if not 0 <= t < flags.diffusion_steps:
-            raise ConfigError(f"step {t} is out of range 0..{flags.diffusion_steps - 1}",
-                              "check features.steps / --steps")
+    check_steps(steps, flags.diffusion_steps, where="[features]",
+                hint=f"use values in 0..{flags.diffusion_steps - 1}")
     size = (flags.image_size, flags.image_size)
 
     # 1. Read and check every mask (and every image's size) before anything is written.
@@ -266,20 +264,13 @@ def _image_bytes(info: StoreInfo) -> int:
 
 # -- checking inputs ----------------------------------------------------------------------------
 
-def _check_settings(steps, blocks, dtype, precision, batch_size, dc) -> None:
+def _check_settings(dtype, precision, batch_size, dc) -> None:
     if dtype not in STORE_DTYPES:
         raise ConfigError(f"unknown store dtype {dtype!r}", f"use one of {', '.join(STORE_DTYPES)}")
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}", f"use one of {', '.join(PRECISIONS)}")
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-    for name, values in (("steps", steps), ("blocks", blocks)):
-        if not values:
-            raise ConfigError(f"no {name} given", f"set features.{name} or --{name}")
-        if len(set(values)) != len(values):
-            raise ConfigError(f"{name} repeat a value: {list(values)}", "list each once")
-        if any(isinstance(v, int) and v < 0 for v in values):
-            raise ConfigError(f"{name} must be non-negative, got {list(values)}")
     if not 1 <= dc.num_classes <= 256:
         raise ConfigError(f"data.num_classes must be 1..256, got {dc.num_classes}")
     if not 0 <= dc.ignore_label <= 255:
