@@ -373,7 +373,8 @@ def _run_flags(out: Path, flags, resume: bool) -> tuple[ModelFlags, bool]:
         raise RunError(f"{out} already holds a training run",
                        "pass `resume=True` to continue it, or choose another output folder")
     if flags is None:
-        raise ConfigError("no model flags given", "pass `preset=NAME`")
+        raise ConfigError("no model flags given",
+                          "pass `flags=NAME` (a preset, a flag dict or a JSON file)")
     flags = ModelFlags.resolve(flags)
     if flags.class_cond:
         raise ConfigError("class-conditional training is not supported",
