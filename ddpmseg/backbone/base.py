@@ -113,35 +113,6 @@ class Job:
     autocast: object
 
 
-def gather(job: Job, device: torch.device,
-           run: Callable[[torch.Tensor, torch.Tensor], Sequence[torch.Tensor]]
-           ) -> dict[tuple[int, BlockId], torch.Tensor]:
-    """The batching loop every backbone shares: the B x len(steps) (image, step) pairs, image
-    major (an image's steps sit together, so a chunk holds whole images where it can), in
-    chunks of ``job.max_batch``; ``run(imgs, t)`` (CPU long tensors: image index and step of
-    each pair) gives each block's output for the chunk, in ``job.blocks`` order, scattered
-    here into {(t, block): float32 (B, C, h, w)} on ``device``, step-major then block."""
-    n_img, steps, blocks = job.x0.shape[0], job.steps, job.blocks
-    total = n_img * len(steps)
-    chunk = total if job.max_batch is None else job.max_batch
-    img_idx = torch.arange(n_img).repeat_interleave(len(steps))
-    step_idx = torch.arange(len(steps)).repeat(n_img)
-    step_values = torch.tensor(steps, dtype=torch.long)
-    out: dict[tuple[int, BlockId], torch.Tensor] = {}
-    for start in range(0, total, chunk):
-        imgs, pos = img_idx[start:start + chunk], step_idx[start:start + chunk]
-        feats = run(imgs, step_values[pos])
-        if not out:
-            for s in steps:
-                for k, b in enumerate(blocks):
-                    out[(s, b)] = torch.empty((n_img,) + tuple(feats[k].shape[1:]),
-                                              dtype=torch.float32, device=device)
-        for r, (i, j) in enumerate(zip(imgs.tolist(), pos.tolist())):
-            for k, b in enumerate(blocks):
-                out[(steps[j], b)][i] = feats[k][r]
-    return out
-
-
 class FeatureBackbone(abc.ABC):
     """The interface: noise at steps, activations of named decoder blocks, fingerprint, size.
 
@@ -201,7 +172,7 @@ class FeatureBackbone(abc.ABC):
 
     def _job(self, x0, steps, blocks, noise, seed: int, max_batch, precision: str) -> Job:
         """Every argument of ``activations`` checked, the noise drawn when None."""
-        steps = check_steps(steps, self.num_steps, hint=f"use values in 0..{self.num_steps - 1}")
+        steps = check_steps(steps, self.num_steps)
         blocks = self._check_blocks(blocks)
         max_batch = check_max_batch(max_batch)
         autocast = precision_context(self.device, precision)
@@ -210,6 +181,35 @@ class FeatureBackbone(abc.ABC):
         noise = seeded_noise(shape, seed, self.device) if noise is None else \
             check_noise(noise, shape, self.device)
         return Job(x0, steps, blocks, noise, max_batch, autocast)
+
+    def _gather(self, job: Job,
+                run: Callable[[torch.Tensor, torch.Tensor], Sequence[torch.Tensor]]
+                ) -> dict[tuple[int, BlockId], torch.Tensor]:
+        """The batching loop every backbone shares: the B x len(steps) (image, step) pairs,
+        image major (an image's steps sit together, so a chunk holds whole images where it
+        can), in chunks of ``job.max_batch``; ``run(imgs, t)`` (CPU long tensors: image index
+        and step of each pair) gives each block's output for the chunk, in ``job.blocks``
+        order, scattered here into {(t, block): float32 (B, C, h, w)} on ``self.device``,
+        step-major then block."""
+        n_img, steps, blocks = job.x0.shape[0], job.steps, job.blocks
+        total = n_img * len(steps)
+        chunk = total if job.max_batch is None else job.max_batch
+        img_idx = torch.arange(n_img).repeat_interleave(len(steps))
+        step_idx = torch.arange(len(steps)).repeat(n_img)
+        step_values = torch.tensor(steps, dtype=torch.long)
+        out: dict[tuple[int, BlockId], torch.Tensor] = {}
+        for start in range(0, total, chunk):
+            imgs, pos = img_idx[start:start + chunk], step_idx[start:start + chunk]
+            feats = run(imgs, step_values[pos])
+            if not out:
+                for s in steps:
+                    for k, b in enumerate(blocks):
+                        out[(s, b)] = torch.empty((n_img,) + tuple(feats[k].shape[1:]),
+                                                  dtype=torch.float32, device=self.device)
+            for r, (i, j) in enumerate(zip(imgs.tolist(), pos.tolist())):
+                for k, b in enumerate(blocks):
+                    out[(steps[j], b)][i] = feats[k][r]
+        return out
 
     @abc.abstractmethod
     def activations(self, x0: torch.Tensor, steps: Sequence[int], blocks: Sequence[BlockId],

@@ -130,8 +130,7 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     checkpoint = resolve_checkpoint(checkpoint) if checkpoint else None
 
     flags = describe_backbone(backbone or checkpoint, config.model.preset)
-    check_steps(steps, flags.diffusion_steps, where="[features]",
-                hint=f"use values in 0..{flags.diffusion_steps - 1}")
+    check_steps(steps, flags.diffusion_steps, where="[features]")
     size = (flags.image_size, flags.image_size)
 
     # 1. Read and check every mask (and every image's size) before anything is written.

@@ -16,7 +16,7 @@ from ddpmseg.core.device import resolve_device
 from ddpmseg.backbone.bundled import resolve_checkpoint
 from ddpmseg.core.errors import BadInputError, CheckpointError, ConfigError, InputNotFoundError
 from ddpmseg.core.fileio import sha256_file
-from ddpmseg.backbone.base import FeatureBackbone, check_image, gather, seeded_init
+from ddpmseg.backbone.base import FeatureBackbone, check_image, seeded_init
 from ddpmseg.backbone.adm.checkpoint import check_state_dict, load_checkpoint, load_state_dict
 from ddpmseg.backbone.diffusion import Schedule
 from ddpmseg.spec import BackboneId, check_blocks
@@ -46,12 +46,11 @@ def presets_that_fit(path: str | Path, skip: ModelFlags | None = None) -> list[s
 
 
 def blocks_hint(num_blocks: int) -> str:
-    """What to use instead of an unknown block: the range, and the presets' usual blocks that
-    fit it, so a user need not guess."""
+    """The presets' usual blocks that fit a decoder of ``num_blocks``, so a user need not
+    guess."""
     fitting = [f"{p}: {','.join(map(str, f['blocks']))}" for p, f in USUAL_FEATURES.items()
                if max(f["blocks"]) < num_blocks]
-    usual = f" (usual choices: {'; '.join(fitting)})" if fitting else ""
-    return f"use values in 0..{num_blocks - 1}{usual}"
+    return f"usual choices: {'; '.join(fitting)}" if fitting else ""
 
 
 class Backbone(FeatureBackbone):
@@ -205,4 +204,4 @@ class Backbone(FeatureBackbone):
             return [feats[b] for b in job.blocks]
 
         with torch.inference_mode(), job.autocast:
-            return gather(job, self.device, run)
+            return self._gather(job, run)

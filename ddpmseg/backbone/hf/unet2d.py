@@ -30,7 +30,7 @@ import torch
 from ddpmseg.core.device import resolve_device
 from ddpmseg.core.errors import CheckpointError, ConfigError, InputNotFoundError
 from ddpmseg.spec import BackboneId, BlockId, check_blocks
-from ddpmseg.backbone.base import FeatureBackbone, check_image, gather
+from ddpmseg.backbone.base import FeatureBackbone, check_image
 from ddpmseg.core.fileio import sha256_file
 
 log = logging.getLogger(__name__)
@@ -311,7 +311,7 @@ class DiffusersBackbone(FeatureBackbone):
                                        "block")  # a diffusers change we do not know
                 return [captured[k] for k in range(len(modules))]
 
-            return gather(job, self.device, run)
+            return self._gather(job, run)
 
 
 @contextlib.contextmanager
