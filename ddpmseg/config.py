@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ddpmseg.core.errors import ConfigError, InputNotFoundError
 from ddpmseg.core.fileio import write_json
+from ddpmseg.spec import check_blocks, check_steps
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 ETF_MODES = ("shared", "separate", "none")
@@ -72,6 +73,8 @@ class FeatureConfig:
 
     def __post_init__(self):
         _check_values(self, "features")
+        check_steps(self.steps, where="[features]")
+        check_blocks(self.blocks, where="[features]")
 
 
 @dataclass(frozen=True)
@@ -184,8 +187,7 @@ _RULES = {
     "data": {"num_classes": (lambda v: 1 <= v <= 256, "in 1..256"),
              "ignore_label": (lambda v: 0 <= v <= 255, "in 0..255"),
              "min_class_pixels": _at_least(0)},
-    "features": {"steps": (lambda v: all(t >= 0 for t in v), "non-negative"),
-                 "seed": _at_least(0), "batch_size": _at_least(1)},
+    "features": {"seed": _at_least(0), "batch_size": _at_least(1)},  # steps, blocks: spec
     "classifier": {"ensemble": _at_least(1), "lr": _above(0),
                    "batch_size": (lambda v: v >= 2, ">= 2 (BatchNorm needs two pixels)"),
                    "max_epochs": _at_least(1), "min_epochs": _at_least(0),

@@ -16,8 +16,11 @@ object, and the names of stored dtypes and compute precisions. Nothing here impo
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
+
+from ddpmseg.core.errors import ConfigError
 
 # The dtypes a store keeps values in (their numpy and torch types: featcache/codec.py), with
 # the bytes of a value and the mantissa bits (the most that lossy rounding can keep).
@@ -36,6 +39,60 @@ def block_id(value) -> BlockId:
     if isinstance(value, str):
         return int(value) if value.lstrip("-").isdigit() else value
     return int(value)
+
+
+def check_steps(steps, num_steps: int | None = None, *, hint: str = "",
+                where: str = "") -> tuple[int, ...]:
+    """Diffusion steps as a tuple of ints: at least one, none repeated, each in
+    0..num_steps-1 (only >= 0 while the model's ``num_steps`` is not known). Takes a list, a
+    single int or an array. ConfigError otherwise; ``hint`` is its hint for a step out of range,
+    ``where`` (e.g. "[features]") starts its message."""
+    return _check_ids("steps", steps, num_steps, names=False, hint=hint, where=where)
+
+
+def check_blocks(blocks, num_blocks: int | None = None, *, names: bool = True,
+                 hint: str = "", where: str = "") -> tuple[BlockId, ...]:
+    """Decoder blocks as a tuple of ``block_id``s: at least one, none repeated, an index in
+    0..num_blocks-1 (only >= 0 while ``num_blocks`` is not known). ``names``: whether names
+    ("up2.res1", diffusers) are allowed; the backbone that has such blocks checks the names
+    themselves. Otherwise as ``check_steps``."""
+    return _check_ids("blocks", blocks, num_blocks, names=names, hint=hint, where=where)
+
+
+def _as_list(values) -> list:
+    if isinstance(values, (str, numbers.Integral)):
+        return [values]
+    if hasattr(values, "reshape") and hasattr(values, "tolist"):  # numpy arrays, tensors
+        return values.reshape(-1).tolist()
+    try:
+        return list(values)
+    except TypeError:
+        raise ConfigError(f"expected a list, got {values!r}") from None
+
+
+def _check_ids(name: str, values, upper: int | None, *, names: bool, hint: str,
+               where: str) -> tuple:
+    at = f"{where}.{name}: " if where else ""
+    one = name[:-1]
+    out = []
+    for v in _as_list(values):
+        if names and isinstance(v, str):
+            v = block_id(v)
+            if isinstance(v, str):  # a name: its backbone knows which exist
+                out.append(v)
+                continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise ConfigError(f"{at}{name} must be integers, got {v!r}")
+        if v < 0 or (upper is not None and v >= upper):
+            known = f"this model's {name} are 0..{upper - 1}" if upper is not None else \
+                f"{name} count from 0"
+            raise ConfigError(f"{at}{one} {v} is out of range: {known}", hint)
+        out.append(int(v))
+    if not out:
+        raise ConfigError(f"{at}no {name} given", f"list at least one {one}")
+    if len(set(out)) != len(out):
+        raise ConfigError(f"{at}{name} repeat a value: {out}", "list each once")
+    return tuple(out)
 
 
 def feature_dim(shapes: Iterable[tuple[int, int, int]]) -> int:

@@ -189,7 +189,7 @@ def test_ddpm_bad_blocks_and_steps(ddpm_dir):
                           (["up0.res5"], "has 2 resnets"), (["down0"], "unknown block")):
         with pytest.raises(ConfigError, match=match):
             bb.activations(x0, [10], blocks)
-    with pytest.raises(ConfigError, match="out of range 0..999"):
+    with pytest.raises(ConfigError, match="this model.s steps are 0..999"):
         bb.activations(x0, [1000], [0])
 
 

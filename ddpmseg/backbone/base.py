@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from typing import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
 from ddpmseg.core.errors import BadInputError, ConfigError
-from ddpmseg.spec import BlockId
+from ddpmseg.spec import BackboneId, BlockId, check_steps
 
 def image_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1], as the reference normalises.
@@ -70,6 +71,16 @@ def seeded_noise(shape: Sequence[int], seed: int, device: torch.device) -> torch
     return torch.randn(*shape, generator=gen).to(device)
 
 
+@contextlib.contextmanager
+def seeded_init(seed: int):
+    """For building modules whose default initialisation draws from torch's global CPU
+    generator: inside, that generator is seeded with ``seed``; after, the caller's state is
+    back (and no CUDA generator was touched, as ``torch.manual_seed`` would)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(int(seed))
+        yield
+
+
 def check_noise(noise, shape: Sequence[int], device: torch.device) -> torch.Tensor:
     """``noise`` as a float32 tensor of exactly ``shape`` (a missing batch axis is added)."""
     if not isinstance(noise, torch.Tensor):
@@ -82,15 +93,24 @@ def check_noise(noise, shape: Sequence[int], device: torch.device) -> torch.Tens
     return noise.to(device, torch.float32)
 
 
-def check_steps(steps: Iterable, upper: int) -> list[int]:
-    out = []
-    for v in steps:
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < upper:
-            raise ConfigError(f"step {v!r} is out of range 0..{upper - 1}")
-        out.append(int(v))
-    if not out or len(set(out)) != len(out):
-        raise ConfigError(f"steps must be a non-empty list without repeats, got {out}")
-    return out
+def check_max_batch(max_batch) -> int | None:
+    """None (everything in one forward) or a positive int."""
+    if max_batch is not None and (isinstance(max_batch, bool) or int(max_batch) < 1):
+        raise ConfigError(f"max_batch must be a positive integer, got {max_batch!r}")
+    return None if max_batch is None else int(max_batch)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A checked ``activations`` call: images, steps, blocks, shared noise, chunk size,
+    autocast context."""
+
+    x0: torch.Tensor
+    steps: tuple[int, ...]
+    blocks: tuple[BlockId, ...]
+    noise: torch.Tensor
+    max_batch: int | None
+    autocast: object
 
 
 class FeatureBackbone(abc.ABC):
@@ -119,17 +139,77 @@ class FeatureBackbone(abc.ABC):
                      ) -> dict[BlockId, tuple[int, int, int]]:
         """{block: (C, h, w)} of each block's output for an image_size input."""
 
+    @property
     @abc.abstractmethod
-    def fingerprint(self) -> dict:
-        """What identifies this backbone's features (JSON-able); stores and runs keep it."""
+    def ident(self) -> BackboneId:
+        """What identifies this backbone's features: its kind, weights' sha256 and flags."""
 
-    @abc.abstractmethod
+    def fingerprint(self) -> dict:
+        """``ident`` as JSON; stores and runs keep it."""
+        return self.ident.to_json()
+
     def default_noise(self, height: int, width: int, seed: int = 0) -> torch.Tensor:
-        """The noise shared by every image and step of an (height, width) batch."""
+        """The noise shared by every image and step of an (height, width) batch: standard
+        normal, drawn on the CPU so every device gets the same."""
+        return seeded_noise(self._noise_shape(height, width), seed, self.device)
 
     def parameter_count(self) -> int:
         """Parameters of the modules that compute the features."""
         return sum(p.numel() for p in self.model.parameters())
+
+    # -- what each kind says for the checks of ``activations`` ------------------------------
+    @abc.abstractmethod
+    def _noise_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """(1, C, h, w) of the noise for (height, width) images."""
+
+    @abc.abstractmethod
+    def _check_blocks(self, blocks) -> tuple[BlockId, ...]:
+        """``blocks`` checked against this model (ConfigError naming what is wrong)."""
+
+    @abc.abstractmethod
+    def _check_image(self, x0) -> torch.Tensor:
+        """``check_image`` with this model's size factor."""
+
+    def _job(self, x0, steps, blocks, noise, seed: int, max_batch, precision: str) -> Job:
+        """Every argument of ``activations`` checked, the noise drawn when None."""
+        steps = check_steps(steps, self.num_steps)
+        blocks = self._check_blocks(blocks)
+        max_batch = check_max_batch(max_batch)
+        autocast = precision_context(self.device, precision)
+        x0 = self._check_image(x0)
+        shape = self._noise_shape(x0.shape[2], x0.shape[3])
+        noise = seeded_noise(shape, seed, self.device) if noise is None else \
+            check_noise(noise, shape, self.device)
+        return Job(x0, steps, blocks, noise, max_batch, autocast)
+
+    def _gather(self, job: Job,
+                run: Callable[[torch.Tensor, torch.Tensor], Sequence[torch.Tensor]]
+                ) -> dict[tuple[int, BlockId], torch.Tensor]:
+        """The batching loop every backbone shares: the B x len(steps) (image, step) pairs,
+        image major (an image's steps sit together, so a chunk holds whole images where it
+        can), in chunks of ``job.max_batch``; ``run(imgs, t)`` (CPU long tensors: image index
+        and step of each pair) gives each block's output for the chunk, in ``job.blocks``
+        order, scattered here into {(t, block): float32 (B, C, h, w)} on ``self.device``,
+        step-major then block."""
+        n_img, steps, blocks = job.x0.shape[0], job.steps, job.blocks
+        total = n_img * len(steps)
+        chunk = total if job.max_batch is None else job.max_batch
+        img_idx = torch.arange(n_img).repeat_interleave(len(steps))
+        step_idx = torch.arange(len(steps)).repeat(n_img)
+        step_values = torch.tensor(steps, dtype=torch.long)
+        out: dict[tuple[int, BlockId], torch.Tensor] = {}
+        for start in range(0, total, chunk):
+            imgs, pos = img_idx[start:start + chunk], step_idx[start:start + chunk]
+            feats = run(imgs, step_values[pos])
+            if not out:
+                for s in steps:
+                    for k, b in enumerate(blocks):
+                        out[(s, b)] = torch.empty((n_img,) + tuple(feats[k].shape[1:]),
+                                                  dtype=torch.float32, device=self.device)
+            for r, (i, j) in enumerate(zip(imgs.tolist(), pos.tolist())):
+                for k, b in enumerate(blocks):
+                    out[(steps[j], b)][i] = feats[k][r]
+        return out
 
     @abc.abstractmethod
     def activations(self, x0: torch.Tensor, steps: Sequence[int], blocks: Sequence[BlockId],

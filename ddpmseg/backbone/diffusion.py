@@ -160,12 +160,6 @@ class Schedule:
             c = c.view((-1,) + (1,) * (like.dim() - 1))
         return c
 
-    def coefficients(self, t: int | torch.Tensor, device: torch.device | str = "cpu"
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sqrt(abar_t), sqrt(1 - abar_t)) as float32 tensors shaped like ``t``."""
-        return (self.coef("sqrt_alphas_cumprod", t, device),
-                self.coef("sqrt_one_minus_alphas_cumprod", t, device))
-
     def q_sample(self, x0: torch.Tensor, t: int | torch.Tensor, noise: torch.Tensor
                  ) -> torch.Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise.

@@ -179,8 +179,6 @@ class Chunk:
 class InMemorySource:
     """Dense float32 features of every labelled pixel in RAM (the reference's way)."""
 
-    kind = "in_memory"
-
     def __init__(self, store, index: PixelIndex, device: torch.device, piece: int = 8192):
         self.device = device
         self.layout = layout = MapLayout(store.info, torch.device("cpu"))
@@ -212,8 +210,6 @@ class InMemorySource:
 
 class StreamSource:
     """A bounded pool of native maps, refilled from the store by a background thread."""
-
-    kind = "stream"
 
     def __init__(self, store, index: PixelIndex, device: torch.device, chunk_images: int):
         self.store = store

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from ddpmseg.config import Config, load_toml
 from ddpmseg.core.errors import ConfigError, InputNotFoundError
+from ddpmseg.spec import check_blocks, check_steps
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +159,8 @@ def check_dim(dim, flags_source: str, steps, blocks, where: str) -> None:
                           "fix dim or the model flags")
     with torch.device("meta"):
         unet = UNetModel.from_flags(flags)
-    bad = [b for b in blocks if not 0 <= b < len(unet.decoder_shapes)]
-    if bad:
-        raise ConfigError(f"{where}: blocks {bad} do not exist (the decoder has "
-                          f"{len(unet.decoder_shapes)})", "fix blocks")
+    check_steps(steps, flags.diffusion_steps, where=where, hint="fix steps")
+    check_blocks(blocks, len(unet.decoder_shapes), names=False, where=where, hint="fix blocks")
     expected = len(steps) * sum(unet.decoder_shapes[b][0] for b in blocks)
     if feat != expected:
         raise ConfigError(f"{where}: dim says {feat} features per pixel, {len(steps)} steps x "

@@ -61,7 +61,7 @@ from ddpmseg.spec import (
     VALUE_BYTES,
     BackboneId,
     FeatureSpec,
-    block_id,
+    check_steps,
     short,
 )
 
@@ -161,7 +161,7 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     fc = config.features
     precision = precision or fc.precision
     batch_size = int(batch_size or fc.batch_size)
-    _check_settings(fc, precision, batch_size, config.data)
+    _check_settings(fc, precision, batch_size, config.data)  # steps and blocks: the Config checked
     check_scheduler(scheduler)  # before anything is written
     checkpoint = checkpoint if checkpoint not in (None, "") else (config.model.checkpoint or None)
     request = _Request(
@@ -187,10 +187,7 @@ def _prepare(request: _Request, backbone) -> tuple[StoreInfo, _Inputs, object]:
     config = request.config
     fc, dc = config.features, config.data
     flags = describe_backbone(backbone or request.checkpoint, config.model.preset)
-    for t in fc.steps:
-        if not 0 <= int(t) < flags.diffusion_steps:
-            raise ConfigError(f"step {t} is out of range 0..{flags.diffusion_steps - 1}",
-                              "check features.steps / `steps=`")
+    check_steps(fc.steps, flags.diffusion_steps, where="[features]")
     size = (flags.image_size, flags.image_size)
     inputs = _read_inputs(request.data_dir, size, request.resize, dc)
     if backbone is None:
@@ -331,14 +328,6 @@ def _check_settings(fc, precision: str, batch_size: int, dc) -> None:
         raise ConfigError(f"unknown precision {precision!r}", f"use one of {', '.join(PRECISIONS)}")
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-    for name in ("steps", "blocks"):
-        values = [block_id(v) for v in getattr(fc, name)]
-        if not values:
-            raise ConfigError(f"no {name} given", f"set features.{name}")
-        if len(set(values)) != len(values):
-            raise ConfigError(f"{name} repeat a value: {list(values)}", "list each once")
-        if any(isinstance(v, int) and v < 0 for v in values):
-            raise ConfigError(f"{name} must be non-negative, got {list(values)}")
     if not 1 <= dc.num_classes <= 256:
         raise ConfigError(f"data.num_classes must be 1..256, got {dc.num_classes}")
     if not 0 <= dc.ignore_label <= 255:

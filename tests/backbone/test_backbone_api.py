@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -158,3 +159,32 @@ def test_device_strings_are_resolved():
     assert bb.device == torch.device("cpu")
     with pytest.raises(ConfigError):
         Backbone.random(SMALL, device="tpu")
+
+
+def test_random_weights_are_pinned_and_touch_no_cuda_generator(monkeypatch):
+    """The weights stores and tests depend on stay bit-identical (sha256 of the state dict as
+    first recorded), and building them seeds no CUDA generator of the caller's (as
+    torch.manual_seed would: fork_rng(devices=[]) does not restore those)."""
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: seeded.append(seed))
+    state = torch.random.get_rng_state()
+    model = Backbone.random("tiny64_cosine", seed=5).model
+    assert seeded == [] and torch.equal(torch.random.get_rng_state(), state)
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    assert digest.hexdigest() == \
+        "a483b77c14e292b0ab034cb6120ec321cad7459331dc73a8106a172ffacb21e4"
+
+
+def test_unet_errors_are_ours(images):
+    bb = Backbone.random(SMALL)
+    x = images[:1]
+    t = torch.tensor([10])
+    with torch.no_grad():
+        with pytest.raises(ConfigError, match="out of range: this model's blocks are 0..3"):
+            bb.model.decoder_features(x, t, [4])
+        with pytest.raises(ConfigError, match="class-conditional"):
+            bb.model(x, t, y=torch.tensor([1]))

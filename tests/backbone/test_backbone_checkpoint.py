@@ -53,7 +53,7 @@ def test_wrong_preset_names_the_preset_that_fits(adm_dir):
         Backbone.from_checkpoint(adm_dir / "adm_tiny64_cosine.pt", "tiny_256")
     assert info.value.message.endswith("does not fit preset tiny_256 (256 missing keys, "
                                        "28 unexpected keys, 186 shape mismatches)")
-    assert info.value.hint == "it loads as preset tiny64_cosine: pass --preset tiny64_cosine"
+    assert info.value.hint == "it loads as preset tiny64_cosine: pass `preset=tiny64_cosine`"
     assert len(str(info.value)) < 300
 
 

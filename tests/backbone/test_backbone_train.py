@@ -137,7 +137,7 @@ def test_resume_equals_an_uninterrupted_run(images_dir, tmp_path):
 def test_existing_run_needs_resume_and_same_flags(images_dir, tmp_path):
     kw = dict(batch_size=2, samples=0, progress=False)
     out = train_backbone(images_dir, tmp_path / "run", TINY, steps=1, **kw)
-    with pytest.raises(RunError, match="--resume"):
+    with pytest.raises(RunError, match="`resume=True`"):
         train_backbone(images_dir, out, TINY, steps=2, **kw)
     with pytest.raises(ConfigError, match="flags differ"):
         train_backbone(images_dir, out, {**TINY, "dropout": 0.0}, steps=2, resume=True, **kw)
@@ -269,3 +269,40 @@ def test_a_fresh_trainer_starts_from_guided_diffusions_zero_init(images_dir):
     with torch.no_grad():
         out = tr.model(x, torch.tensor([3, 70]))
     assert out.shape == (2, 6, 16, 16) and torch.count_nonzero(out) == 0
+
+
+def test_training_leaves_the_callers_random_streams_and_threads_alone(images_dir, tmp_path):
+    """Dropout draws from torch's global generator: the run owns that state (and seeds it from
+    ``seed``), the caller's is as before; ``threads`` holds only while it trains."""
+    torch.manual_seed(1234)
+    state, threads = torch.get_rng_state(), torch.get_num_threads()
+    out = train_backbone(images_dir, tmp_path / "run", TINY, steps=2, batch_size=2, samples=0,
+                         log_every=1, progress=False, threads=threads + 1)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.get_num_threads() == threads
+    lines = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [rec["threads"] for rec in lines] == [threads + 1, threads + 1]
+    # The same run again, with the global stream elsewhere: the same weights.
+    torch.manual_seed(99)
+    again = train_backbone(images_dir, tmp_path / "again", TINY, steps=2, batch_size=2,
+                           samples=0, progress=False, threads=threads + 1)
+    a, b = _weights(out / "model.pt"), _weights(again / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_heads_are_a_config_error_and_bugs_are_not(images_dir, tmp_path, monkeypatch):
+    kw = dict(steps=1, batch_size=2, samples=0, progress=False)
+    # Before, these flags built a model whose first forward failed with a RuntimeError.
+    with pytest.raises(ConfigError, match="num_heads 3 does not divide the 64-channel level"):
+        train_backbone(images_dir, tmp_path / "o1", {**TINY, "num_heads": 3}, **kw)
+    assert not (tmp_path / "o1").exists()
+
+    def broken(flags):
+        raise RuntimeError("a bug of ours")
+
+    # Before, any ValueError/RuntimeError/KeyError of the model's construction became a
+    # ConfigError blaming the user's flags.
+    monkeypatch.setattr("ddpmseg.backbone.train.loop.UNetModel.from_flags", broken)
+    with pytest.raises(RuntimeError, match="a bug of ours") as info:
+        train_backbone(images_dir, tmp_path / "o2", TINY, **kw)
+    assert not isinstance(info.value, ConfigError)

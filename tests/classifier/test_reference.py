@@ -146,6 +146,17 @@ def test_dim_is_checked_against_the_backbone(ref, tmp_path, dim, what):
         load_config(path)
 
 
+@pytest.mark.parametrize("change, what", [
+    ({"blocks": [2, 20]}, "blocks: block 20 is out of range: this model's blocks are 0..11"),
+    ({"steps": [50, 1000]}, "steps: step 1000 is out of range: this model's steps are 0..999"),
+])
+def test_steps_and_blocks_are_checked_against_the_backbone(ref, tmp_path, change, what):
+    # spec.check_steps/check_blocks, as everywhere; a step past the schedule passed before.
+    path = _write_json(_copy_fixture_json(ref, tmp_path), **change)
+    with pytest.raises(ConfigError, match=what):
+        load_config(path)
+
+
 # -- importing ----------------------------------------------------------------------------------
 def test_import_strips_the_prefix_and_keeps_every_tensor(ref, imported):
     raw = torch.load(ref / "pixel_classifiers" / "model_1.pth", weights_only=True)

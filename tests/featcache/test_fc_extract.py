@@ -116,7 +116,7 @@ def test_image_size_must_match_unless_resize(tmp_path, faces, faces_config, face
     big = [np.asarray(Image.fromarray(f[1]).resize((96, 80))) for f in faces[:2]]
     masks = [np.asarray(Image.fromarray(f[2]).resize((96, 80), Image.NEAREST)) for f in faces[:2]]
     folder = helpers.make_folder(tmp_path / "d", big, masks)
-    with pytest.raises(BadInputError, match=r"img000\.png is 96x80 but the model takes 64x64.*--resize"):
+    with pytest.raises(BadInputError, match=r"img000\.png is 96x80 but the model takes 64x64.*`resize=True`"):
         extract(folder, tmp_path / "s.zarr", faces_config, backbone=faces64, progress=False)
     assert not (tmp_path / "s.zarr").exists()
     store = extract(folder, tmp_path / "s.zarr", faces_config, backbone=faces64, resize=True,

@@ -6,54 +6,26 @@ steps t, run the UNet, and read what some decoder blocks output.
 
 from __future__ import annotations
 
-import numbers
 import re
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-import numpy as np
 import torch
 
 from ddpmseg.core.device import resolve_device
 from ddpmseg.backbone.bundled import resolve_checkpoint
 from ddpmseg.core.errors import BadInputError, CheckpointError, ConfigError, InputNotFoundError
 from ddpmseg.core.fileio import sha256_file
-from ddpmseg.backbone.base import (
-    FeatureBackbone,
-    check_image,
-    check_noise,
-    precision_context,
-    seeded_noise,
-)
+from ddpmseg.backbone.base import FeatureBackbone, check_image, seeded_init
 from ddpmseg.backbone.adm.checkpoint import check_state_dict, load_checkpoint, load_state_dict
 from ddpmseg.backbone.diffusion import Schedule
-from ddpmseg.spec import BackboneId
+from ddpmseg.spec import BackboneId, check_blocks
 from ddpmseg.backbone.adm.flags import PRESETS, USUAL_FEATURES, ModelFlags
 from ddpmseg.backbone.adm.unet import UNetModel
 
 # The paper's choice for the 256px LSUN/FFHQ models (8448 dims per pixel).
 DEFAULT_STEPS = (50, 150, 250)
 DEFAULT_BLOCKS = (5, 6, 7, 8, 12)
-
-
-def _int_list(name: str, values: Iterable, upper: int) -> list[int]:
-    if isinstance(values, (torch.Tensor, np.ndarray)):
-        values = values.reshape(-1).tolist()
-    elif isinstance(values, numbers.Integral):
-        values = [values]
-    out = []
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise ConfigError(f"{name} must be integers, got {v!r}")
-        if not 0 <= int(v) < upper:
-            raise ConfigError(f"{name[:-1]} {v} is out of range: this model's {name} are "
-                              f"0..{upper - 1}", _range_hint(name, upper))
-        out.append(int(v))
-    if not out:
-        raise ConfigError(f"no {name} given")
-    if len(set(out)) != len(out):
-        raise ConfigError(f"{name} repeat a value: {out}")
-    return out
 
 
 def presets_that_fit(path: str | Path, skip: ModelFlags | None = None) -> list[str]:
@@ -73,14 +45,12 @@ def presets_that_fit(path: str | Path, skip: ModelFlags | None = None) -> list[s
     return fits
 
 
-def _range_hint(name: str, upper: int) -> str:
-    if name != "blocks":
-        return f"pass --{name} with values in 0..{upper - 1}"
-    # Name the presets whose usual blocks fit, so a user need not guess.
+def blocks_hint(num_blocks: int) -> str:
+    """The presets' usual blocks that fit a decoder of ``num_blocks``, so a user need not
+    guess."""
     fitting = [f"{p}: {','.join(map(str, f['blocks']))}" for p, f in USUAL_FEATURES.items()
-               if max(f["blocks"]) < upper]
-    usual = f" (usual choices: {'; '.join(fitting)})" if fitting else ""
-    return f"pass --blocks with values in 0..{upper - 1}{usual}"
+               if max(f["blocks"]) < num_blocks]
+    return f"usual choices: {'; '.join(fitting)}" if fitting else ""
 
 
 class Backbone(FeatureBackbone):
@@ -138,8 +108,8 @@ class Backbone(FeatureBackbone):
                                 exc.message)
             raise CheckpointError(f"{path} does not fit preset {preset} "
                                   f"({', '.join(counts)})",
-                                  f"it loads as preset {' / '.join(fits)}: pass --preset "
-                                  f"{fits[0]}") from exc
+                                  f"it loads as preset {' / '.join(fits)}: pass "
+                                  f"`preset={fits[0]}`") from exc
         return cls(model, flags, sha256=digest, device=device)
 
     @classmethod
@@ -147,9 +117,7 @@ class Backbone(FeatureBackbone):
                device: str | torch.device = "cpu") -> "Backbone":
         """A randomly initialised model (PyTorch's default init, seeded), for benchmarks."""
         flags = ModelFlags.resolve(flags)
-        # fork_rng: seeding must not disturb the caller's global random stream.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded_init(seed):  # the caller's random streams stay as they were
             model = UNetModel.from_flags(flags)
         return cls(model, flags, sha256=BackboneId.random(seed).sha256, device=device)
 
@@ -170,18 +138,14 @@ class Backbone(FeatureBackbone):
 
     def block_shapes(self, blocks: Iterable[int] | None = None) -> dict[int, tuple[int, int, int]]:
         """{b: (C, h, w)} of decoder block b's output for an image_size input (all when None)."""
-        blocks = range(self.num_blocks) if blocks is None else \
-            _int_list("blocks", blocks, self.num_blocks)
+        blocks = range(self.num_blocks) if blocks is None else self._check_blocks(blocks)
         size = self.flags.image_size
         return {b: (self.model.decoder_shapes[b][0], size // self.model.decoder_shapes[b][1],
                     size // self.model.decoder_shapes[b][1]) for b in blocks}
 
-    def fingerprint(self) -> dict:
-        """What identifies this backbone's features: checkpoint hash and flags (JSON-able)."""
-        return self.ident.to_json()
-
     @property
     def ident(self) -> BackboneId:
+        """Checkpoint hash and flags."""
         return BackboneId(self.sha256, self.flags.to_dict())
 
     def __repr__(self) -> str:
@@ -191,19 +155,26 @@ class Backbone(FeatureBackbone):
 
     # -- extraction -------------------------------------------------------------------------
 
-    def default_noise(self, height: int, width: int, seed: int = 0) -> torch.Tensor:
-        """(1, 3, H, W) standard normal noise, drawn on the CPU so every device gets the same."""
-        return seeded_noise((1, 3, height, width), seed, self.device)
+    def _noise_shape(self, height: int, width: int) -> tuple[int, ...]:
+        return (1, 3, height, width)
+
+    def _check_blocks(self, blocks) -> tuple[int, ...]:
+        return check_blocks(blocks, self.num_blocks, names=False,
+                            hint=blocks_hint(self.num_blocks))
 
     def _check_image(self, x0: torch.Tensor) -> torch.Tensor:
         levels = len(self.flags.mult)
         return check_image(x0, self.device, 2 ** (levels - 1), f"this UNet's {levels} levels")
 
-    def _check_noise(self, noise: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        return check_noise(noise, (1, 3, shape[2], shape[3]), self.device)
-
-    def _autocast(self, precision: str):
-        return precision_context(self.device, precision)
+    def _check_labels(self, y, num_images: int) -> torch.Tensor | None:
+        if (y is None) != (self.flags.num_classes is None):
+            raise ConfigError("class labels y are needed for class_cond models and only for them")
+        if y is None:
+            return None
+        y = torch.as_tensor(y, dtype=torch.long, device=self.device).reshape(-1)
+        if y.shape[0] != num_images:
+            raise BadInputError(f"y has {y.shape[0]} labels for {num_images} images")
+        return y
 
     def activations(self, x0: torch.Tensor, steps: Sequence[int], blocks: Sequence[int],
                     noise: torch.Tensor | None = None, seed: int = 0, *,
@@ -221,48 +192,16 @@ class Backbone(FeatureBackbone):
         ``precision`` "bf16"/"fp16" runs under torch.autocast (fp16 on CUDA only); outputs are
         float32 either way. ``y``: (B,) class labels, only for class_cond models.
         """
-        steps = _int_list("steps", steps, self.flags.diffusion_steps)
-        blocks = _int_list("blocks", blocks, self.num_blocks)
-        autocast = self._autocast(precision)
-        x0 = self._check_image(x0)
-        if noise is None:
-            noise = self.default_noise(x0.shape[2], x0.shape[3], seed)
-        else:
-            noise = self._check_noise(noise, x0.shape)
-        if (y is None) != (self.flags.num_classes is None):
-            raise ConfigError("class labels y are needed for class_cond models and only for them")
-        if y is not None:
-            y = torch.as_tensor(y, dtype=torch.long, device=self.device).reshape(-1)
-            if y.shape[0] != x0.shape[0]:
-                raise BadInputError(f"y has {y.shape[0]} labels for {x0.shape[0]} images")
-        if max_batch is not None and (isinstance(max_batch, bool) or int(max_batch) < 1):
-            raise ConfigError(f"max_batch must be a positive integer, got {max_batch!r}")
+        job = self._job(x0, steps, blocks, noise, seed, max_batch, precision)
+        y = self._check_labels(y, job.x0.shape[0])
 
-        n_img, n_steps = x0.shape[0], len(steps)
-        total = n_img * n_steps
-        chunk = total if max_batch is None else int(max_batch)
-        # Image-major order: an image's steps sit together, so a chunk holds whole images.
-        img_idx = torch.arange(n_img, device=self.device).repeat_interleave(n_steps)
-        step_idx = torch.arange(n_steps, device=self.device).repeat(n_img)
-        step_values = torch.tensor(steps, dtype=torch.long, device=self.device)
-        out: dict[tuple[int, int], torch.Tensor] = {}
+        def run(imgs: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
+            imgs, t = imgs.to(self.device), t.to(self.device)
+            x_t = self.schedule.q_sample(job.x0[imgs], t, job.noise)
+            feats = self.model.decoder_features(
+                x_t, self.schedule.model_timesteps(t), job.blocks,
+                y=None if y is None else y[imgs])
+            return [feats[b] for b in job.blocks]
 
-        with torch.inference_mode(), autocast:
-            for start in range(0, total, chunk):
-                imgs = img_idx[start:start + chunk]
-                pos = step_idx[start:start + chunk]
-                t = step_values[pos]
-                x_t = self.schedule.q_sample(x0[imgs], t, noise)
-                feats = self.model.decoder_features(
-                    x_t, self.schedule.model_timesteps(t), blocks,
-                    y=None if y is None else y[imgs])
-                if not out:
-                    for s in steps:
-                        for b in blocks:
-                            shape = (n_img,) + tuple(feats[b].shape[1:])
-                            out[(s, b)] = torch.empty(shape, dtype=torch.float32,
-                                                      device=self.device)
-                for k, (i, j) in enumerate(zip(imgs.tolist(), pos.tolist())):
-                    for b in blocks:
-                        out[(steps[j], b)][i] = feats[b][k]
-        return out
+        with torch.inference_mode(), job.autocast:
+            return self._gather(job, run)

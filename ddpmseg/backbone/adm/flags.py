@@ -165,11 +165,35 @@ class ModelFlags:
             raise ConfigError("num_heads must be positive when num_head_channels is -1")
         if self.num_head_channels != -1 and self.num_head_channels <= 0:
             raise ConfigError("num_head_channels must be positive, or -1 to use num_heads")
+        self._validate_heads()
         if self.diffusion_steps <= 0:
             raise ConfigError("diffusion_steps must be positive")
         if self.noise_schedule not in SCHEDULES:
             raise ConfigError(f"unknown noise_schedule {self.noise_schedule!r}",
                               f"use one of {', '.join(sorted(SCHEDULES))}")
+
+    def _validate_heads(self) -> None:
+        """Each attention layer splits its channels evenly over its heads (else the model
+        builds, and its first forward fails)."""
+        if self.num_head_channels != -1:
+            return  # checked above: it divides every level
+        if self.num_heads_upsample != -1 and self.num_heads_upsample <= 0:
+            raise ConfigError("num_heads_upsample must be positive, or -1 to use num_heads")
+        up = self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
+        levels = len(self.mult)
+        rates = set(self.attention_ds)
+        for level, mult in enumerate(self.mult):
+            width = int(mult * self.num_channels)
+            attends = 2 ** level in rates
+            # The middle block attends at the deepest level, with num_heads.
+            for name, heads, used in (("num_heads", self.num_heads,
+                                       attends or level == levels - 1),
+                                      ("num_heads_upsample", up, attends)):
+                if used and width % heads:
+                    raise ConfigError(f"{name} {heads} does not divide the {width}-channel "
+                                      f"level that has attention",
+                                      "use a number of heads that divides it, or set "
+                                      "num_head_channels")
 
     # -- derived values ---------------------------------------------------------------------
 

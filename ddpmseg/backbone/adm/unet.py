@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ddpmseg.backbone.adm.flags import ModelFlags
+from ddpmseg.core.errors import ConfigError
+from ddpmseg.spec import check_blocks
 from ddpmseg.backbone.adm.nn import normalization, timestep_embedding
 
 
@@ -101,7 +103,8 @@ class Downsample(nn.Module):
             self.op = nn.Conv2d(channels, self.out_channels, 3, stride=2, padding=1)
         else:
             if self.out_channels != channels:
-                raise ValueError("average-pool downsampling cannot change the channel count")
+                raise ConfigError("average-pool downsampling cannot change the channel count",
+                                  "pass `use_conv=True`")
             self.op = nn.AvgPool2d(kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -254,6 +257,37 @@ class AttentionBlock(nn.Module):
         return h.reshape(b, c, *spatial)
 
 
+class _Parts:
+    """Builds the UNet's blocks with the settings they all share."""
+
+    def __init__(self, emb_dim: int, dropout: float, use_scale_shift_norm: bool,
+                 num_head_channels: int, use_new_attention_order: bool, conv_resample: bool,
+                 resblock_updown: bool):
+        self.emb_dim = emb_dim
+        self.dropout = dropout
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.num_head_channels = num_head_channels
+        self.use_new_attention_order = use_new_attention_order
+        self.conv_resample = conv_resample
+        self.resblock_updown = resblock_updown
+
+    def res(self, ch_in: int, ch_out: int | None = None, **kw) -> ResBlock:
+        return ResBlock(ch_in, self.emb_dim, self.dropout, out_channels=ch_out,
+                        use_scale_shift_norm=self.use_scale_shift_norm, **kw)
+
+    def attn(self, ch: int, heads: int) -> AttentionBlock:
+        return AttentionBlock(ch, num_heads=heads, num_head_channels=self.num_head_channels,
+                              use_new_attention_order=self.use_new_attention_order)
+
+    def down(self, ch: int) -> nn.Module:
+        return self.res(ch, ch, down=True) if self.resblock_updown else \
+            Downsample(ch, self.conv_resample, out_channels=ch)
+
+    def up(self, ch: int) -> nn.Module:
+        return self.res(ch, ch, up=True) if self.resblock_updown else \
+            Upsample(ch, self.conv_resample, out_channels=ch)
+
+
 class UNetModel(nn.Module):
     """The ADM UNet: time embedding, encoder (input_blocks), middle_block, decoder
     (output_blocks) with skip connections, and the ``out`` head.
@@ -272,64 +306,74 @@ class UNetModel(nn.Module):
         super().__init__()
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
-        attention_ds = set(attention_ds)
         self.image_size = image_size
         self.model_channels = model_channels
         self.num_classes = num_classes
-        emb_dim = model_channels * 4
-
-        def res(ch_in: int, ch_out: int | None = None, **kw) -> ResBlock:
-            return ResBlock(ch_in, emb_dim, dropout, out_channels=ch_out,
-                            use_scale_shift_norm=use_scale_shift_norm, **kw)
-
-        def attn(ch: int, heads: int) -> AttentionBlock:
-            return AttentionBlock(ch, num_heads=heads, num_head_channels=num_head_channels,
-                                  use_new_attention_order=use_new_attention_order)
-
+        parts = _Parts(model_channels * 4, dropout, use_scale_shift_norm, num_head_channels,
+                       use_new_attention_order, conv_resample, resblock_updown)
+        # Built in guided-diffusion's order: a seeded default initialisation draws the same.
         self.time_embed = nn.Sequential(
-            nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            nn.Linear(model_channels, parts.emb_dim), nn.SiLU(),
+            nn.Linear(parts.emb_dim, parts.emb_dim))
         if num_classes is not None:
-            self.label_emb = nn.Embedding(num_classes, emb_dim)
+            self.label_emb = nn.Embedding(num_classes, parts.emb_dim)
+        widths = [int(mult * model_channels) for mult in channel_mult]
+        attention_ds = set(attention_ds)
+        skip_chans, ds = self._build_encoder(parts, in_channels, widths, num_res_blocks,
+                                             attention_ds, num_heads)
+        ch = widths[-1]
+        self.middle_block = TimestepEmbedSequential(
+            parts.res(ch), parts.attn(ch, num_heads), parts.res(ch))
+        self._build_decoder(parts, widths, num_res_blocks, attention_ds, num_heads_upsample,
+                            skip_chans, ds)
+        self.out = nn.Sequential(
+            normalization(widths[0]), nn.SiLU(), nn.Conv2d(widths[0], out_channels, 3, padding=1))
 
-        ch = first_ch = int(channel_mult[0] * model_channels)
+    def _build_encoder(self, parts: "_Parts", in_channels: int, widths: list[int],
+                       num_res_blocks: int, attention_ds: set[int], num_heads: int
+                       ) -> tuple[list[int], int]:
+        """input_blocks: a conv, then per level ``num_res_blocks`` ResBlocks (with attention
+        where the downsample rate is in ``attention_ds``) and a downsampler but at the last.
+        Returns the channels of each output (the decoder's skips) and the final rate."""
+        ch = widths[0]
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
         skip_chans = [ch]
         ds = 1
-        for level, mult in enumerate(channel_mult):
+        for level, width in enumerate(widths):
             for _ in range(num_res_blocks):
-                layers: list[nn.Module] = [res(ch, int(mult * model_channels))]
-                ch = int(mult * model_channels)
+                layers: list[nn.Module] = [parts.res(ch, width)]
+                ch = width
                 if ds in attention_ds:
-                    layers.append(attn(ch, num_heads))
+                    layers.append(parts.attn(ch, num_heads))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_chans.append(ch)
-            if level != len(channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(
-                    res(ch, ch, down=True) if resblock_updown
-                    else Downsample(ch, conv_resample, out_channels=ch)))
+            if level != len(widths) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(parts.down(ch)))
                 skip_chans.append(ch)
                 ds *= 2
+        return skip_chans, ds
 
-        self.middle_block = TimestepEmbedSequential(res(ch), attn(ch, num_heads), res(ch))
-
+    def _build_decoder(self, parts: "_Parts", widths: list[int], num_res_blocks: int,
+                       attention_ds: set[int], num_heads: int, skip_chans: list[int],
+                       ds: int) -> None:
+        """output_blocks, deepest level first: ``num_res_blocks + 1`` ResBlocks per level, each
+        reading one skip, and an upsampler closing every level but the top one; and
+        ``decoder_shapes``."""
         self.output_blocks = nn.ModuleList()
         self.decoder_shapes: list[tuple[int, int]] = []
-        for level, mult in reversed(list(enumerate(channel_mult))):
+        ch = widths[-1]
+        for level, width in reversed(list(enumerate(widths))):
             for i in range(num_res_blocks + 1):
-                layers = [res(ch + skip_chans.pop(), int(model_channels * mult))]
-                ch = int(model_channels * mult)
+                layers = [parts.res(ch + skip_chans.pop(), width)]
+                ch = width
                 if ds in attention_ds:
-                    layers.append(attn(ch, num_heads_upsample))
+                    layers.append(parts.attn(ch, num_heads))
                 if level and i == num_res_blocks:
-                    layers.append(res(ch, ch, up=True) if resblock_updown
-                                  else Upsample(ch, conv_resample, out_channels=ch))
+                    layers.append(parts.up(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
                 self.decoder_shapes.append((ch, ds))
-
-        self.out = nn.Sequential(
-            normalization(ch), nn.SiLU(), nn.Conv2d(first_ch, out_channels, 3, padding=1))
 
     @classmethod
     def from_flags(cls, flags: ModelFlags) -> "UNetModel":
@@ -349,8 +393,8 @@ class UNetModel(nn.Module):
     def _embed(self, timesteps: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """timesteps: (N,), y: (N,) labels or None -> (N, 4 * model_channels)."""
         if (y is None) != (self.num_classes is None):
-            raise ValueError("class labels y must be given if and only if the model is "
-                             "class-conditional")
+            raise ConfigError("class labels y must be given if and only if the model is "
+                              "class-conditional")
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
         if y is not None:
             emb = emb + self.label_emb(y)
@@ -379,12 +423,7 @@ class UNetModel(nn.Module):
         blocks past max(blocks) and ``out`` are never run, and encoder outputs that only those
         blocks would read are not kept.
         """
-        wanted = sorted(set(int(b) for b in blocks))
-        if not wanted:
-            return {}
-        if wanted[0] < 0 or wanted[-1] >= len(self.output_blocks):
-            raise IndexError(f"decoder blocks are 0..{len(self.output_blocks) - 1}, "
-                             f"got {wanted}")
+        wanted = sorted(check_blocks(blocks, len(self.output_blocks), names=False))
         last = wanted[-1]
         # Decoder block i reads encoder output n-1-i; blocks 0..last need outputs >= n-1-last.
         first_kept = len(self.input_blocks) - 1 - last

@@ -29,18 +29,11 @@ import torch
 
 from ddpmseg.core.device import resolve_device
 from ddpmseg.core.errors import CheckpointError, ConfigError, InputNotFoundError
-from ddpmseg.spec import BlockId
-from ddpmseg.backbone.base import (
-    FeatureBackbone,
-    check_image,
-    check_noise,
-    check_steps,
-    precision_context,
-    seeded_noise,
-)
+from ddpmseg.spec import BackboneId, BlockId, check_blocks
+from ddpmseg.backbone.base import FeatureBackbone, check_image
 from ddpmseg.core.fileio import sha256_file
 
-log = logging.getLogger("ddpmseg")
+log = logging.getLogger(__name__)
 
 EXTRA_HINT = "install the optional extra: pip install 'ddpmseg[diffusers]'"
 # Files that decide what a model computes; a README or an image beside them does not.
@@ -259,9 +252,11 @@ class DiffusersBackbone(FeatureBackbone):
         return {b: up_block_shape(self.unet.config.block_out_channels, latent, *self._parse(b))
                 for b in blocks}
 
-    def fingerprint(self) -> dict:
+    @property
+    def ident(self) -> BackboneId:
+        """Kind, the folder's fingerprint and (Stable Diffusion) the prompt."""
         flags = {} if self.prompt is None else {"prompt": self.prompt}
-        return {"kind": self.kind, "sha256": self.sha256, "flags": flags}
+        return BackboneId(self.sha256, flags, self.kind)
 
     def parameter_count(self) -> int:
         return sum(p.numel() for m in self._modules_used() for p in m.parameters())
@@ -274,9 +269,19 @@ class DiffusersBackbone(FeatureBackbone):
                 f"device={self.device}, sha256={self.sha256[:12]!r})")
 
     # -- extraction ---------------------------------------------------------------------------
-    def default_noise(self, height: int, width: int, seed: int = 0) -> torch.Tensor:
-        return seeded_noise((1, self.noise_channels, height // self.factor,
-                             width // self.factor), seed, self.device)
+    def _noise_shape(self, height: int, width: int) -> tuple[int, ...]:
+        return (1, self.noise_channels, height // self.factor, width // self.factor)
+
+    def _check_blocks(self, blocks) -> tuple[BlockId, ...]:
+        blocks = check_blocks(blocks, self.num_blocks)
+        for b in blocks:
+            self._parse(b)
+        return blocks
+
+    def _check_image(self, x0) -> torch.Tensor:
+        levels = len(self.unet.config.block_out_channels)
+        return check_image(x0, self.device, self.factor * 2 ** (levels - 1),
+                           f"this model ({levels} UNet levels, {self.factor}x latent)")
 
     def _prepare(self, x0: torch.Tensor) -> torch.Tensor:
         """Images -> what the scheduler noises (pixels, or latents)."""
@@ -288,66 +293,46 @@ class DiffusersBackbone(FeatureBackbone):
     def activations(self, x0, steps: Sequence[int], blocks: Sequence[BlockId],
                     noise: torch.Tensor | None = None, seed: int = 0, *,
                     max_batch: int | None = None, precision: str = "fp32") -> dict:
-        steps = check_steps(steps, self.num_steps)
-        blocks = list(blocks)
-        if not blocks or len(set(map(str, blocks))) != len(blocks):
-            raise ConfigError(f"blocks must be a non-empty list without repeats, got {blocks}")
-        modules = [self.module(b) for b in blocks]
-        if max_batch is not None and (isinstance(max_batch, bool) or int(max_batch) < 1):
-            raise ConfigError(f"max_batch must be a positive integer, got {max_batch!r}")
-        autocast = precision_context(self.device, precision)
-        levels = len(self.unet.config.block_out_channels)
-        x0 = check_image(x0, self.device, self.factor * 2 ** (levels - 1),
-                         f"this model ({levels} UNet levels, {self.factor}x latent)")
-        shape = (1, self.noise_channels, x0.shape[2] // self.factor, x0.shape[3] // self.factor)
-        noise = seeded_noise(shape, seed, self.device) if noise is None else \
-            check_noise(noise, shape, self.device)
+        job = self._job(x0, steps, blocks, noise, seed, max_batch, precision)
+        modules = [self.module(b) for b in job.blocks]
+        with torch.inference_mode(), job.autocast, _capturing(modules) as captured:
+            z0 = self._prepare(job.x0)
 
-        n_img, n_steps = x0.shape[0], len(steps)
-        total = n_img * n_steps
-        chunk = total if max_batch is None else int(max_batch)
-        # Image-major order, as the ADM backbone: a chunk holds whole images where it can.
-        img_idx = torch.arange(n_img).repeat_interleave(n_steps)
-        step_idx = torch.arange(n_steps).repeat(n_img)
-        out: dict = {}
-        captured: dict[int, torch.Tensor] = {}
+            def run(imgs: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
+                z = z0[imgs.to(self.device)]
+                x_t = self.scheduler.add_noise(z, job.noise.expand_as(z), t.to(self.device))
+                captured.clear()
+                try:
+                    self._denoise(x_t, t.to(self.device))
+                except _Enough:
+                    pass
+                if len(captured) != len(modules):
+                    raise RuntimeError("the UNet's forward did not reach every requested "
+                                       "block")  # a diffusers change we do not know
+                return [captured[k] for k in range(len(modules))]
 
-        def hook(k):
-            def fn(_module, _inputs, output):
-                captured[k] = _first_tensor(output).float()
-                if len(captured) == len(modules):
-                    raise _Enough
-            return fn
+            return self._gather(job, run)
 
-        handles = [m.register_forward_hook(hook(k)) for k, m in enumerate(modules)]
-        try:
-            with torch.inference_mode(), autocast:
-                z0 = self._prepare(x0)
-                for start in range(0, total, chunk):
-                    imgs, pos = img_idx[start:start + chunk], step_idx[start:start + chunk]
-                    t = torch.tensor([steps[j] for j in pos.tolist()], dtype=torch.long)
-                    z = z0[imgs.to(self.device)]
-                    x_t = self.scheduler.add_noise(z, noise.expand_as(z), t.to(self.device))
-                    captured.clear()
-                    try:
-                        self._denoise(x_t, t.to(self.device))
-                    except _Enough:
-                        pass
-                    if len(captured) != len(modules):
-                        raise RuntimeError("the UNet's forward did not reach every requested "
-                                           "block")  # a diffusers change we do not know
-                    if not out:
-                        for s in steps:
-                            for k, b in enumerate(blocks):
-                                out[(s, b)] = torch.empty((n_img,) + captured[k].shape[1:],
-                                                          dtype=torch.float32, device=self.device)
-                    for r, (i, j) in enumerate(zip(imgs.tolist(), pos.tolist())):
-                        for k, b in enumerate(blocks):
-                            out[(steps[j], b)][i] = captured[k][r]
-        finally:
-            for h in handles:
-                h.remove()
-        return out
+
+@contextlib.contextmanager
+def _capturing(modules: Sequence[torch.nn.Module]):
+    """{k: float output of modules[k]} filled by forward hooks during the ``with`` block; the
+    hook that completes it raises ``_Enough`` to end the forward early."""
+    captured: dict[int, torch.Tensor] = {}
+
+    def hook(k):
+        def fn(_module, _inputs, output):
+            captured[k] = _first_tensor(output).float()
+            if len(captured) == len(modules):
+                raise _Enough
+        return fn
+
+    handles = [m.register_forward_hook(hook(k)) for k, m in enumerate(modules)]
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class DiffusersUNetBackbone(DiffusersBackbone):

@@ -8,11 +8,10 @@ from typing import Mapping
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from ddpmseg.data import list_samples, load_image
 from ddpmseg.core.errors import BadInputError, RunError
-from ddpmseg.core.progress import wanted
+from ddpmseg.core.progress import bar
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:
@@ -35,10 +34,8 @@ def load_images(images_dir: str | Path, size: int, progress: bool = False) -> to
     """All images of ``images_dir`` as one uint8 tensor (N, 3, size, size), sorted by name."""
     samples = list_samples(images_dir)
     out = torch.empty((len(samples), 3, size, size), dtype=torch.uint8)
-    it = samples
-    if wanted(progress):
-        it = tqdm(samples, desc="loading images", unit="img", leave=False)
-    for i, s in enumerate(it):
+    for i, s in enumerate(bar(samples, total=len(samples), desc="loading images", unit="img",
+                              progress=progress, leave=False)):
         arr = load_image(s.image)
         if arr.ndim != 3 or arr.shape[2] != 3 or min(arr.shape[:2]) == 0:
             raise BadInputError(f"cannot use image {s.image} (shape {arr.shape})",
