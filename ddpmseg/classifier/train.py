@@ -97,7 +97,7 @@ def train_member(k: int, source, index: S.PixelIndex, cfg: Config, dim: int,
         opt_etf = torch.optim.Adam(trunk.parameters(), lr=c.lr)
     if etf_m is not None:
         etf_m = etf_m.to(device)
-    plan = S.EpochPlan(index, shuffle, seed, c.batch_size)
+    plan = S.EpochPlan(index, shuffle, seed, c.pixels_per_batch)
     stopper = EarlyStopping(c.min_epochs, c.patience)
     steps_total, stop_epoch, early = 0, c.max_epochs - 1, False
     bar = None

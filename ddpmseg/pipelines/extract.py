@@ -47,6 +47,7 @@ from ddpmseg.core.errors import (
 )
 from ddpmseg.core.fileio import is_no_space, no_space_error
 from ddpmseg.core.locking import writer_lock
+from ddpmseg.core.renames import renamed_keyword
 from ddpmseg.core.progress import wanted
 from ddpmseg.core.cluster import absolute, check_scheduler, session, worker_must_see
 from ddpmseg.featcache import content
@@ -85,10 +86,11 @@ class _Job:
 
 
 def extract(data_dir, store_path, config: Config | None = None, checkpoint=None, *,
-            backbone=None, device="auto", batch_size: int | None = None,
+            backbone=None, device="auto", images_per_batch: int | None = None,
             precision: str | None = None, overwrite: bool = False, resize: bool = False,
             scheduler: str | None = None, progress: bool = True, prune: bool = False,
-            compact: bool = False, repair: bool = False) -> FeatureStore:
+            compact: bool = False, repair: bool = False,
+            batch_size: int | None = None) -> FeatureStore:
     """Extract the features of every image of ``data_dir`` into the store at ``store_path``.
 
     ``config``: steps, blocks, seed and dtype from ``config.features``; classes, ignore label
@@ -120,7 +122,8 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     steps, blocks = tuple(int(t) for t in fc.steps), tuple(block_id(b) for b in fc.blocks)
     dtype, seed = fc.dtype, int(fc.seed)
     precision = precision or fc.precision
-    batch_size = int(batch_size or fc.batch_size)
+    batch_size = int(renamed_keyword("extract", "batch_size", batch_size, "images_per_batch",
+                                     images_per_batch) or fc.images_per_batch)
     _check_settings(steps, blocks, dtype, precision, batch_size, dc)
     codec = parse_codec(fc.codec, dtype)
     check_scheduler(scheduler)  # before anything is written
@@ -160,7 +163,7 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
                      min_class_pixels=dc.min_class_pixels, codec=codec)
     resolved = config.with_overrides(
         model={"checkpoint": recorded or (str(checkpoint) if checkpoint else "")},
-        features={"precision": precision, "batch_size": batch_size})
+        features={"precision": precision, "images_per_batch": batch_size})
 
     # 3.-4. Under the store's writer lock: create the store, or reopen it and check that it
     # was made the same way; make it follow the folder (appended, relabelled, re-extracted,
@@ -272,7 +275,7 @@ def _check_settings(steps, blocks, dtype, precision, batch_size, dc) -> None:
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}", f"use one of {', '.join(PRECISIONS)}")
     if batch_size < 1:
-        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+        raise ConfigError(f"images per batch must be at least 1, got {batch_size}")
     for name, values in (("steps", steps), ("blocks", blocks)):
         if not values:
             raise ConfigError(f"no {name} given", f"set features.{name} or --{name}")

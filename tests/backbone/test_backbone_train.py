@@ -164,7 +164,7 @@ def test_bad_input(images_dir, tmp_path):
         train_backbone(images_dir, tmp_path / "o6", "nope", **kw)
     with pytest.raises(ConfigError, match="steps or of minutes"):
         train_backbone(images_dir, tmp_path / "o7", TINY, batch_size=2, progress=False)
-    with pytest.raises(ConfigError, match="batch_size"):
+    with pytest.raises(ConfigError, match="images_per_iteration"):
         train_backbone(images_dir, tmp_path / "o8", TINY, steps=1, batch_size=0)
     assert not (tmp_path / "o4").exists()
 
@@ -186,12 +186,12 @@ def test_cli(images_dir, tmp_path):
     flags.write_text(json.dumps(TINY))
     out = tmp_path / "run"
     args = ["train-backbone", str(images_dir), str(out), "--preset", str(flags),
-            "--batch-size", "2", "--samples", "0", "--no-progress", "--device", "cpu"]
+            "--images-per-iteration", "2", "--samples", "0", "--no-progress", "--device", "cpu"]
     res = CliRunner().invoke(cli, args + ["--iterations", "1"])
     assert res.exit_code == 0, res.output
     assert (out / "ema.pt").is_file()
     res = CliRunner().invoke(cli, ["train-backbone", str(images_dir), str(out), "--resume",
-                                   "--iterations", "2", "--samples", "0", "--batch-size", "2",
+                                   "--iterations", "2", "--samples", "0", "--images-per-iteration", "2",
                                    "--no-progress"])
     assert res.exit_code == 0, res.output
     assert torch.load(out / "state.pt", weights_only=False)["step"] == 2

@@ -96,7 +96,7 @@ def test_the_loss_is_ce_plus_weight_times_the_etf_ce(store_path, small_config, t
     x = S.InMemorySource(store, index, torch.device("cpu")).x
     y = index.labels.astype(np.int64)
     weight = 0.7  # neither the default 0.4 nor 1
-    cfg = small_config(ensemble=1, max_epochs=1, batch_size=len(y), etf=mode, etf_weight=weight)
+    cfg = small_config(ensemble=1, max_epochs=1, pixels_per_batch=len(y), etf=mode, etf_weight=weight)
     (rec,) = _epoch_records(fit(store_path, tmp_path / "run", cfg, device="cpu", progress=False))
     assert rec["steps"] == 1 and rec["pixels"] == len(y)
     torch.manual_seed(0)  # member 0's draws: the classifier, then the separate trunk
@@ -120,7 +120,7 @@ def test_etf_weight_zero_trains_what_none_trains(store_path, small_config, tmp_p
                                                  one_thread):
     # A dozen steps of 512 pixels: enough for any ETF gradient to move the weights.
     runs = [fit(store_path, tmp_path / name,
-                small_config(ensemble=1, max_epochs=2, batch_size=512, etf=etf, etf_weight=w),
+                small_config(ensemble=1, max_epochs=2, pixels_per_batch=512, etf=etf, etf_weight=w),
                 device="cpu", progress=False)
             for name, etf, w in (("zero", mode, 0.0), ("none", "none", 0.4))]
     assert _same(_weights(runs[0]), _weights(runs[1]))
@@ -279,8 +279,8 @@ def test_bad_classifier_settings_are_config_errors(store_path, small_config, tmp
 
     with pytest.raises(ConfigError, match="etf"):
         fit(store_path, tmp_path / "run", small_config(etf="both"), device="cpu", progress=False)
-    with pytest.raises(ConfigError, match="batch_size"):
-        fit(store_path, tmp_path / "run", small_config(batch_size=1), device="cpu",
+    with pytest.raises(ConfigError, match="pixels_per_batch"):
+        fit(store_path, tmp_path / "run", small_config(pixels_per_batch=1), device="cpu",
             progress=False)
 
 

@@ -168,13 +168,13 @@ def test_batches_and_progress(tmp_path, synthetic_dir, fake_config, fake_backbon
     assert "img/s" not in capsys.readouterr().err  # stderr is no terminal: no bar
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     bb = fake_backbone()
-    store = extract(synthetic_dir, tmp_path / "s.zarr", fake_config, backbone=bb, batch_size=3,
+    store = extract(synthetic_dir, tmp_path / "s.zarr", fake_config, backbone=bb, images_per_batch=3,
                     progress=True)
     assert bb.calls == 2 and store.complete().all()
     err = capsys.readouterr().err
     assert "4/4" in err and "img/s" in err
     one = extract(synthetic_dir, tmp_path / "one.zarr", fake_config, backbone=fake_backbone(),
-                  batch_size=1, progress=False)
+                  images_per_batch=1, progress=False)
     for i in range(4):
         for a, b in zip(store.maps(i), one.maps(i)):
             np.testing.assert_array_equal(a, b)
@@ -242,10 +242,10 @@ def test_settings_are_checked(tmp_path, synthetic_dir, fake_config, fake_backbon
 
 def test_config_attribute_is_json(tmp_path, synthetic_dir, fake_config, fake_backbone):
     extract(synthetic_dir, tmp_path / "s.zarr", fake_config, backbone=fake_backbone(),
-            precision="bf16", batch_size=2, progress=False)
+            precision="bf16", images_per_batch=2, progress=False)
     attrs = json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())["attributes"]
     assert attrs["config"]["features"]["precision"] == "bf16"
-    assert attrs["config"]["features"]["batch_size"] == 2
+    assert attrs["config"]["features"]["images_per_batch"] == 2
     assert attrs["ddpmseg"]["precision"] == "bf16"
     assert torch.tensor(attrs["ddpmseg"]["image_size"]).tolist() == [32, 32]
 

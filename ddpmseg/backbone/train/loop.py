@@ -35,6 +35,7 @@ Output folder::
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -50,6 +51,7 @@ from tqdm import tqdm
 from ddpmseg.core.device import resolve_device
 from ddpmseg.core.errors import ConfigError, DdpmsegError, RunError
 from ddpmseg.core.locking import writer_lock
+from ddpmseg.core.renames import renamed_keyword
 from ddpmseg.core.progress import wanted
 from ddpmseg.backbone.diffusion import Schedule
 from ddpmseg.backbone.adm.flags import ModelFlags
@@ -236,28 +238,36 @@ def _check_positive(name: str, value, *, allow_none: bool = False, integer: bool
 
 def train_backbone(images_dir: str | Path, out_dir: str | Path,
                    flags: ModelFlags | Mapping | str | Path | None = None, *,
-                   steps: int | None = None, minutes: float | None = None,
-                   batch_size: int = 16, lr: float = 1e-4, ema: float = 0.9999,
+                   iterations: int | None = None, minutes: float | None = None,
+                   images_per_iteration: int = 16, lr: float = 1e-4, ema: float = 0.9999,
                    device: str | torch.device = "auto", resume: bool = False,
                    save_every: float = 10.0, seed: int = 0, samples: int = 4,
-                   sample_steps: int = 50, log_every: int = 10, progress: bool = True) -> Path:
+                   sample_passes: int = 50, log_every: int = 10, progress: bool = True,
+                   steps: int | None = None, batch_size: int | None = None,
+                   sample_steps: int | None = None) -> Path:
     """Train an ADM UNet on the images of ``images_dir``; checkpoints go to ``out_dir``.
 
     ``flags``: ModelFlags, a preset name, a flag dict or a JSON file (None on resume: the run's
-    flags.json). Stops after ``steps`` total steps (counted from the run's start, so a resumed
-    run stops at the same step) or after ``minutes`` of this call, whichever comes first; one
+    flags.json). Stops after ``iterations`` optimiser iterations in all (counted from the run's
+    start, so a resumed run stops at the same one) or after ``minutes`` of this call, whichever comes first; one
     of them is required. ``save_every``: minutes between checkpoints (also saved at the end).
-    ``samples``: images in samples.png at each save (0: none), drawn in ``sample_steps``
-    strided ancestral steps from the EMA weights. Returns ``out_dir``.
+    ``samples``: images in samples.png at each save (0: none), drawn in ``sample_passes``
+    strided ancestral denoising passes from the EMA weights. ``steps``, ``batch_size`` and
+    ``sample_steps`` are the old spellings of ``iterations``, ``images_per_iteration`` and
+    ``sample_passes`` (one more release, with a note). Returns ``out_dir``.
 
     Under ``torchrun`` (WORLD_SIZE > 1 in the environment) this process is one rank of a DDP
     run (see the module's doc): it joins the process group (unless the caller already has),
-    ``batch_size`` is the global batch (a multiple of WORLD_SIZE), and the group is destroyed
+    ``images_per_iteration`` is the global batch (a multiple of WORLD_SIZE), and the group is destroyed
     again at the end. A ``cuda`` or ``auto`` device becomes ``cuda:LOCAL_RANK``.
     """
-    kw = dict(steps=steps, minutes=minutes, batch_size=batch_size, lr=lr, ema=ema,
-              resume=resume, save_every=save_every, seed=seed, samples=samples,
-              sample_steps=sample_steps, log_every=log_every, progress=progress)
+    renamed = functools.partial(renamed_keyword, "train_backbone")
+    kw = dict(steps=renamed("steps", steps, "iterations", iterations), minutes=minutes,
+              batch_size=renamed("batch_size", batch_size, "images_per_iteration",
+                                 images_per_iteration),
+              lr=lr, ema=ema, resume=resume, save_every=save_every, seed=seed, samples=samples,
+              sample_steps=renamed("sample_steps", sample_steps, "sample_passes", sample_passes),
+              log_every=log_every, progress=progress)
     if ddp.world_size_from_env() <= 1:
         with _writing(out_dir, 0):
             return _train(images_dir, out_dir, flags, device=device, rank=0, world_size=1,
@@ -282,11 +292,11 @@ def _train(images_dir, out_dir, flags, *, steps, minutes, batch_size, lr, ema, d
     progress = progress and main
     out = Path(out_dir).expanduser()
     if steps is None and minutes is None:
-        raise ConfigError("give a number of steps or of minutes to train",
-                          "pass --steps N or --minutes M")
-    _check_positive("steps", steps, allow_none=True, integer=True)
+        raise ConfigError("give a number of iterations or of minutes to train",
+                          "pass `iterations=N` or `minutes=M`")
+    _check_positive("iterations", steps, allow_none=True, integer=True)
     _check_positive("minutes", minutes, allow_none=True)
-    _check_positive("batch_size", batch_size, integer=True)
+    _check_positive("images_per_iteration", batch_size, integer=True)
     _check_positive("lr", lr)
     _check_positive("save_every", save_every)
     _check_positive("log_every", log_every, integer=True)
