@@ -162,7 +162,7 @@ def test_bad_input(images_dir, tmp_path):
         train_backbone(images_dir, tmp_path / "o5", {**TINY, "num_chanels": 32}, **kw)
     with pytest.raises(ConfigError, match="unknown model preset"):
         train_backbone(images_dir, tmp_path / "o6", "nope", **kw)
-    with pytest.raises(ConfigError, match="steps or of minutes"):
+    with pytest.raises(ConfigError, match="iterations or of minutes"):
         train_backbone(images_dir, tmp_path / "o7", TINY, batch_size=2, progress=False)
     with pytest.raises(ConfigError, match="images_per_iteration"):
         train_backbone(images_dir, tmp_path / "o8", TINY, steps=1, batch_size=0)
