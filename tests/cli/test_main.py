@@ -60,3 +60,20 @@ def test_library_parameters_become_options_in_cli_errors():
     from ddpmseg.cli.main import as_flags
     text = "pass `resize=True`, `num_classes=N`, `images_dir=DIR` or `progress=False`; a=b stays"
     assert as_flags(text) == "pass --resize, --num-classes N, --images DIR or --no-progress; a=b stays"
+
+
+def test_library_parameters_spelled_otherwise_map_to_real_options():
+    """Each parameter whose option is spelled otherwise (_FLAG_NAMES) becomes that option, and
+    that option exists on some command (a typo or a rename there fails here)."""
+    from ddpmseg.cli.main import _FLAG_NAMES, as_flags
+
+    assert as_flags("pass `resume=False`") == "pass --overwrite"
+    assert as_flags("pass `resume=True`") == "pass --resume"
+    assert as_flags("give `save_every=M` or `out_dir=DIR`") == \
+        "give --save-every-minutes M or --out DIR"
+    assert as_flags("`max_image_pixels=N`, `images_per_batch=N`, `iterations=N`") == \
+        "--max-image-pixels N, --images-per-batch N, --iterations N"
+    options = {opt for command in cli.commands.values() for param in command.params
+               for opt in getattr(param, "opts", ())}
+    for option in _FLAG_NAMES.values():
+        assert f"--{option}" in options, option
