@@ -77,3 +77,29 @@ def test_library_parameters_spelled_otherwise_map_to_real_options():
                for opt in getattr(param, "opts", ())}
     for option in _FLAG_NAMES.values():
         assert f"--{option}" in options, option
+
+
+@pytest.mark.parametrize("command, args, module, after", [
+    ("extract", ["in", "s.zarr"], "ddpmseg.pipelines.extract",
+     "rerun the same command to resume"),
+    ("evaluate", ["p", "g"], "ddpmseg.outputs.evaluate", "rerun the same command to resume"),
+    ("predict", ["run", "in", "out"], "ddpmseg.pipelines.predict",
+     "the prediction folder is as it was; rerun the same command to predict again"),
+])
+def test_ctrl_c_while_a_command_imports_the_library_is_one_line(monkeypatch, command, args,
+                                                                 module, after):
+    """A command imports the library (torch: seconds) inside the group's handler, so a Ctrl-C
+    landing there is the one line, exit 130; here the import itself raises, no timing."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def interrupted(name, *rest, **kwargs):
+        if name == module:
+            raise KeyboardInterrupt
+        return real_import(name, *rest, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    result = CliRunner().invoke(cli, [command, *args])
+    assert result.exit_code == 130, result.output
+    assert result.stderr == f"error: interrupted; {after}\n"
