@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 HARNESS = Path(__file__).resolve().parents[1] / "bench" / "faults.py"
 
 
@@ -20,6 +22,7 @@ def _harness():
     return mod
 
 
+@pytest.mark.fault
 def test_fault_harness_subset(tmp_path):
     faults = _harness()
     result = faults.run(faults.QUICK, tmp_path, images=2, seed=1)

@@ -6,6 +6,7 @@ from ddpmseg.core.errors import ConfigError
 from ddpmseg.core.cluster import connect
 
 
+@pytest.mark.distributed
 def test_local_cluster_leaves_this_process_environment_alone():
     before = dict(os.environ)
     client, cluster = connect("local:1", default_workers=1)

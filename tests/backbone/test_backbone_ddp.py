@@ -21,6 +21,7 @@ pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                        reason="torch.distributed with gloo is not available"),
     pytest.mark.usefixtures("one_thread"),
+    pytest.mark.distributed,
 ]
 
 # The tiny model of test_backbone_train, without dropout so that the ranks' dropout streams

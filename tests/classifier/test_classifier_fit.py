@@ -256,6 +256,7 @@ def test_load_ensemble_of_an_unfinished_run(store_path, small_config, tmp_path):
         load_ensemble(tmp_path, "cpu")
 
 
+@pytest.mark.distributed
 def test_dask_members_equal_sequential(store_path, small_config, tmp_path):
     cfg = small_config(ensemble=2, max_epochs=2)
     seq = fit(store_path, tmp_path / "seq", cfg, device="cpu", progress=False)

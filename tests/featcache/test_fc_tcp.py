@@ -19,6 +19,8 @@ from ddpmseg.pipelines import extract as X
 from ddpmseg.pipelines.verify import verify_store
 
 CLI = [sys.executable, "-c", "from ddpmseg.cli.main import main; main()"]
+pytestmark = pytest.mark.distributed
+
 SMALL = ["--config", "faces64_ffhq_34", "--steps", "10", "--blocks", "2", "--images-per-batch", "1",
          "--device", "cpu", "--no-progress"]
 
