@@ -340,6 +340,7 @@ def copy_pairs(src: Path, dst: Path, n: int) -> None:
         shutil.copy(p.with_suffix(".npy"), dst / f"{p.stem}.npy")
 
 
+@pytest.mark.slow
 def test_end_to_end_ffhq34_with_a_unet2d_folder(ffhq, tmp_path):
     model = make_ddpm(tmp_path / "ddpm64", size=64)
     copy_pairs(ffhq / "train", tmp_path / "train", 3)

@@ -90,6 +90,7 @@ def test_fixed_variance_loss_and_sampling_shape():
     assert r.timestep_map.tolist() == [0, 33, 66, 99]
 
 
+@pytest.mark.slow
 def test_checkpoints_and_outputs(images_dir, tmp_path):
     out = train_backbone(images_dir, tmp_path / "run", TINY, steps=3, batch_size=2,
                          samples=2, sample_steps=3, log_every=1, progress=False)
@@ -110,6 +111,7 @@ def test_checkpoints_and_outputs(images_dir, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_resume_equals_an_uninterrupted_run(images_dir, tmp_path):
     # 5 images in batches of 2: the resumed part crosses an epoch boundary mid-batch.
     kw = dict(batch_size=2, lr=1e-3, ema=0.9, samples=0, progress=False, seed=3)
@@ -204,6 +206,7 @@ def test_cli(images_dir, tmp_path):
     assert res.exit_code == 0 and "ddpmseg train-backbone" in res.output
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_an_uninterrupted_run(images_dir, tmp_path):
     import os
     import signal

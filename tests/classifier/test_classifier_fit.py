@@ -38,6 +38,7 @@ def _accuracy(store, run):
     return right / total
 
 
+@pytest.mark.slow
 def test_fit_separates_classes_and_writes_a_run(store_path, small_config, tmp_path):
     run = fit(store_path, tmp_path / "run", small_config(ensemble=2, max_epochs=8),
               device="cpu", progress=False)
@@ -66,6 +67,7 @@ def test_fit_separates_classes_and_writes_a_run(store_path, small_config, tmp_pa
     assert (run / "member_00.pt").stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_etf_modes(store_path, small_config, tmp_path, one_thread):
     runs = {mode: fit(store_path, tmp_path / mode, small_config(ensemble=1, etf=mode),
                       device="cpu", progress=False) for mode in ("none", "shared", "separate")}
@@ -128,6 +130,7 @@ def test_etf_weight_zero_trains_what_none_trains(store_path, small_config, tmp_p
         [r["ce"] for r in _epoch_records(runs[1])]
 
 
+@pytest.mark.slow
 def test_streaming_and_in_memory_fit_the_same_ensemble(store_path, small_config, tmp_path):
     cfg = small_config(ensemble=1, max_epochs=3)
     a = fit(store_path, tmp_path / "stream", cfg, device="cpu", progress=False)
@@ -151,6 +154,7 @@ fit(sys.argv[1], sys.argv[2], cfg, device="cpu", progress=False)
 """
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_an_uninterrupted_run(store_path, tmp_path):
     from ddpmseg.config import ClassifierConfig, Config
 

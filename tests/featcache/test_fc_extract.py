@@ -25,6 +25,7 @@ FACES64_STEPS = (10, 400)      # as tests/featcache/conftest.py's faces_config
 FACES64_BLOCKS = (2, 5, 8, 11)
 
 
+@pytest.mark.slow
 def test_extract_writes_the_model_features_and_labels(tmp_path, faces_dir, faces, faces64,
                                                       faces_config, faces64_ckpt):
     store = extract(faces_dir, tmp_path / "s.zarr", faces_config, progress=False)
@@ -49,6 +50,7 @@ def test_extract_writes_the_model_features_and_labels(tmp_path, faces_dir, faces
     assert (store.labels(0) == 255).sum() >= (faces[0][2] == 255).sum()
 
 
+@pytest.mark.slow
 def test_rerun_is_a_no_op_and_overwrite_replaces(tmp_path, faces_dir, faces64, faces_config,
                                                  helpers):
     path = tmp_path / "s.zarr"
@@ -64,6 +66,7 @@ def test_rerun_is_a_no_op_and_overwrite_replaces(tmp_path, faces_dir, faces64, f
     assert not (path / "act_t400_b2").exists()
 
 
+@pytest.mark.slow
 def test_other_steps_or_checkpoint_are_refused(tmp_path, faces_dir, faces64, faces_config):
     path = tmp_path / "s.zarr"
     extract(faces_dir, path, faces_config, backbone=faces64, progress=False)
