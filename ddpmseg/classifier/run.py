@@ -256,7 +256,7 @@ def prepare(run_dir: Path, cfg: Config, info: StoreInfo, resume: bool, shuffle: 
                                f"rerun with the same options to resume, or {hint}")
             if old_c.ram_budget_gb != new_c.ram_budget_gb:
                 # Allowed when it shuffles as many images together (checked below): say so.
-                logging.getLogger("ddpmseg").warning(
+                logging.getLogger(__name__).warning(
                     "note: ram_budget_gb is %s now, %s when the run started; resuming, since it "
                     "shuffles %s images together either way", new_c.ram_budget_gb,
                     old_c.ram_budget_gb, shuffle)

@@ -99,7 +99,7 @@ def bundled_default(cfg: Config) -> Config:
     name = next((k for k, v in BUNDLED_PRESETS.items() if v == cfg.model.preset), None)
     if name is None:
         return cfg
-    logging.getLogger("ddpmseg").warning("note: no --checkpoint given; using the one bundled "
+    logging.getLogger(__name__).warning("note: no --checkpoint given; using the one bundled "
                                          "with preset %s (%s)", cfg.model.preset, name)
     return cfg.with_overrides(model={"checkpoint": name})
 

@@ -17,7 +17,7 @@ from ddpmseg.cli.common import (
     threads_option,
 )
 
-log = logging.getLogger("ddpmseg")
+log = logging.getLogger(__name__)
 
 
 @click.command("fit")

@@ -19,7 +19,7 @@ HINT = "use local, local:N or a scheduler address (tcp://host:8786)"
 PROTOCOLS = ("tcp", "tls", "ws", "wss", "ucx")
 PROBE_SECONDS = 5.0
 
-log = logging.getLogger("ddpmseg")
+log = logging.getLogger(__name__)
 
 
 def check_scheduler(scheduler: str | None, probe: bool = True) -> None:

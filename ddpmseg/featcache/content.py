@@ -35,7 +35,7 @@ from ddpmseg.core.errors import BadInputError, StoreError
 from ddpmseg.spec import short
 from ddpmseg.featcache.store import FeatureStore, StoreInfo
 
-log = logging.getLogger("ddpmseg")
+log = logging.getLogger(__name__)
 
 IMAGES_ATTR = "images"
 

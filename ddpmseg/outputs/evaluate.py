@@ -39,7 +39,7 @@ from ddpmseg.core.fileio import write_csv, write_json, write_png
 from ddpmseg.core.locking import reader_lock, writer_lock
 from ddpmseg.outputs.folder import check_complete
 
-log = logging.getLogger("ddpmseg")
+log = logging.getLogger(__name__)
 
 __all__ = ["evaluate", "format_table", "iou_from_confusion", "image_iou", "confusion_matrix",
            "confusion_axis", "list_predictions", "find_ground_truth"]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ddpmseg.core.errors import InputNotFoundError, OutputError
 
-log = logging.getLogger("ddpmseg")
+log = logging.getLogger(__name__)
 
 # Per image: the files `predict` may write for <name>.
 IMAGE_SUFFIXES = (".npy", ".png", "_overlay.png", "_entropy.npy", "_jsd.npy", "_uncertainty.png")

@@ -34,7 +34,7 @@ from ddpmseg.core.locking import writer_lock
 from ddpmseg.outputs.folder import check_complete
 from ddpmseg.outputs.suggestions import read_suggestions
 
-log = logging.getLogger("ddpmseg")
+log = logging.getLogger(__name__)
 
 __all__ = ["report", "REPORT_DIR", "LABEL_NEXT"]
 

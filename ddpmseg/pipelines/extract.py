@@ -55,7 +55,7 @@ from ddpmseg.featcache import integrity as IG
 from ddpmseg.spec import PRECISIONS, STORE_DTYPES, FeatureSpec, short
 from ddpmseg.featcache.store import FeatureStore, StoreInfo, encode_image, parse_codec
 
-log = logging.getLogger("ddpmseg")
+log = logging.getLogger(__name__)
 
 # Threads that cast, compress and write finished images while the model runs.
 WRITER_THREADS = max(1, min(4, os.cpu_count() or 1))

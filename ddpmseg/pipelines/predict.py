@@ -65,7 +65,7 @@ from ddpmseg.core.fileio import is_no_space, no_space_error, sha256_file, size_t
 from ddpmseg.core.locking import reader_lock, writer_lock
 from ddpmseg.core.progress import wanted
 
-log = logging.getLogger("ddpmseg")
+log = logging.getLogger(__name__)
 
 __all__ = ["predict", "predict_maps", "ImagePrediction", "load_run", "check_compatible",
            "SUMMARY_IMAGES"]

@@ -41,7 +41,7 @@ from ddpmseg.featcache import FeatureStore, pixels
 from ddpmseg.core.fileio import write_csv, write_json, write_png
 from ddpmseg.core.locking import reader_lock, writer_lock
 
-log = logging.getLogger("ddpmseg")
+log = logging.getLogger(__name__)
 
 Key = tuple[int, object]
 

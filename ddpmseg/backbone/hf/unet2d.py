@@ -40,7 +40,7 @@ from ddpmseg.backbone.base import (
 )
 from ddpmseg.core.fileio import sha256_file
 
-log = logging.getLogger("ddpmseg")
+log = logging.getLogger(__name__)
 
 EXTRA_HINT = "install the optional extra: pip install 'ddpmseg[diffusers]'"
 # Files that decide what a model computes; a README or an image beside them does not.

@@ -61,7 +61,7 @@ from ddpmseg.backbone.train import ddp, files
 from ddpmseg.backbone.train.data import DataOrder, load_images
 from ddpmseg.backbone.train.losses import training_losses
 
-log = logging.getLogger("ddpmseg")
+log = logging.getLogger(__name__)
 
 
 class Trainer:
