@@ -18,7 +18,7 @@ from ddpmseg.cli.common import device_option, renamed_option, show_progress, thr
                    "extract.")
 @renamed_option("--flags", "--preset FILE", "preset")
 @click.option("--iterations", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Train until the run has made N optimiser steps in all (a resumed run "
+              help="Train until the run has made N optimiser iterations in all (a resumed run "
                    "counts its earlier ones).")
 @renamed_option("--steps", "--iterations", "iterations", type=click.IntRange(min=1))
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -53,8 +53,9 @@ def command(ctx, images_dir, out_dir, preset, iterations, minutes, images_per_it
             device, threads, resume, save_every, samples, sample_passes, seed):
     """Train an ADM diffusion UNet on the images in IMAGES_DIR, writing checkpoints to OUT.
 
-    The objective is guided-diffusion's: epsilon MSE at uniform steps, plus the variational
-    bound on the learned variance (stop-gradient on the mean) when the flags set learn_sigma.
+    The objective is guided-diffusion's: epsilon MSE at uniformly drawn diffusion steps, plus
+    the variational bound on the learned variance (stop-gradient on the mean) when the flags set
+    learn_sigma.
     AdamW, an EMA of the weights, random horizontal flips; images are resized and
     centre-cropped to the model's size.
 
