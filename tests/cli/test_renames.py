@@ -154,3 +154,17 @@ def test_library_keywords_renamed_old_ones_work_with_a_note(tmp_path, monkeypatc
                      ("sample_steps", "sample_passes")):
         assert f"train_backbone({old}=...) is deprecated" in notes and f"use {new}=" in notes
     assert renamed_keyword("f", "old", None, "new", 1) == 1
+
+
+def test_extract_old_batch_size_keyword_is_images_per_batch(tmp_path, caplog):
+    from ddpmseg.core.errors import ConfigError
+    from ddpmseg.pipelines.extract import extract
+
+    for kwargs in ({"images_per_batch": -1}, {"batch_size": -1}):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ddpmseg"), \
+                pytest.raises(ConfigError, match="images per batch must be at least 1, got -1"):
+            extract(tmp_path, tmp_path / "s.zarr", Config(), progress=False, **kwargs)
+        noted = "extract(batch_size=...) is deprecated" in caplog.text
+        assert noted == ("batch_size" in kwargs)
+    assert not (tmp_path / "s.zarr").exists()
