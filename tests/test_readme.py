@@ -119,6 +119,7 @@ def test_documented_configs_exist():
         assert (REPO / path).is_file(), path
 
 
+@pytest.mark.slow
 def test_bring_your_own_data_with_the_bundled_backbone(readme_dir):
     """The scenario: extract train and test, fit, predict from the store and from the image
     folder (identical masks), evaluate against the original 256px masks, open in xarray."""

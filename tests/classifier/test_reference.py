@@ -190,6 +190,7 @@ def test_a_missing_member_writes_nothing(ref, tmp_path):
 
 
 # -- the reference's predictions ------------------------------------------------------------------
+@pytest.mark.slow
 def test_imported_run_reproduces_the_reference_predictions(ref, imported, tmp_path, one_thread):
     """Float32 features of the fixture's test images, the imported run, hard vote: the
     reference's masks (>= 99.9% of pixels) and its mIoU 25.41 (within 0.1)."""
