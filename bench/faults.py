@@ -19,7 +19,7 @@ saying why, and under CI=true fails the run instead (``unavailable``).
 
 Round 2 (issue 22), and what "identical" means for each:
   tcp_orphan        a real ``dask scheduler`` and ``dask worker`` (2 threads) on 127.0.0.1;
-                    extract of 8 images (seed 0, --batch-size 8: one task) through it, its
+                    extract of 8 images (seed 0, --images-per-batch 8: one task) through it, its
                     client SIGKILLed 0-3 s after the store appears, so that the task runs on;
                     at once ``extract --seed 1 --overwrite`` (image by image) into the same
                     store, through the scheduler (odd faults) or in one process (even).
@@ -782,7 +782,7 @@ class Harness:
         self.dask_procs = []
 
     def tcp_orphan(self) -> None:
-        """extract of 8 images (seed 0, ``--batch-size 8``: one long task) through a dask
+        """extract of 8 images (seed 0, ``--images-per-batch 8``: one long task) through a dask
         scheduler on 127.0.0.1, its client SIGKILLed 0-3 s after the store appears (its task
         goes on on the worker); at once ``extract --seed 1 --overwrite`` (the config's batch
         size: image by image) through the same scheduler (odd faults) or in one process
@@ -794,7 +794,7 @@ class Harness:
         self.tcp_baseline()
         self.tries["tcp_orphan"] += 1
         store = self.fresh("tcp.zarr")
-        p = self.spawn(self.tcp_args(store, 0, "--batch-size", "8", "--scheduler", address))
+        p = self.spawn(self.tcp_args(store, 0, "--images-per-batch", "8", "--scheduler", address))
         while p.poll() is None and not store.is_dir():
             time.sleep(0.01)
         try:  # the task is sent from about now, and runs for a few seconds

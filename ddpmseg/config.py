@@ -8,6 +8,7 @@ override single keys (``with_overrides``); every run writes the resolved config 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import tomllib
 import types
@@ -18,6 +19,8 @@ from pathlib import Path
 from ddpmseg.core.errors import ConfigError, InputNotFoundError
 from ddpmseg.core.fileio import write_json
 from ddpmseg.spec import check_blocks, check_steps
+
+log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 ETF_MODES = ("shared", "separate", "none")
@@ -69,7 +72,7 @@ class FeatureConfig:
     dtype: str = "float16"
     codec: str = "lossless"   # or "bitroundK": keep K mantissa bits (lossy, smaller store)
     precision: str = "fp32"
-    batch_size: int = 1
+    images_per_batch: int = 1   # images per forward pass of the backbone
 
     def __post_init__(self):
         _check_values(self, "features")
@@ -81,7 +84,7 @@ class FeatureConfig:
 class ClassifierConfig:
     ensemble: int = 10
     lr: float = 1e-3
-    batch_size: int = 64
+    pixels_per_batch: int = 64   # pixels per minibatch of the pixel classifiers
     max_epochs: int = 100
     min_epochs: int = 3
     patience: int = 50
@@ -139,6 +142,12 @@ class Config:
         return cls(**sections)
 
 
+# Keys renamed in 0.x (one name per concept: "batch size" meant images in [features] and pixels
+# in [classifier]): section -> old key -> new key. Configs, runs and stores that still spell
+# the old key are read as the new one; a config file that does gets a note (load_toml).
+RENAMED_KEYS = {"features": {"batch_size": "images_per_batch"},
+                "classifier": {"batch_size": "pixels_per_batch"}}
+
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "features": FeatureConfig,
              "classifier": ClassifierConfig, "predict": PredictConfig}
 
@@ -156,7 +165,10 @@ def _build(kind: type, values: dict, section: str, source: str = ""):
     hints = typing.get_type_hints(kind)
     known = {f.name for f in dataclasses.fields(kind)}
     kwargs = {}
+    renamed = RENAMED_KEYS.get(section, {})
     for key, value in values.items():
+        if renamed.get(key) is not None and renamed[key] not in values:
+            key = renamed[key]
         if key not in known:
             raise ConfigError(f"{where}: unknown key {key!r}", f"known keys: {', '.join(sorted(known))}")
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
@@ -187,9 +199,9 @@ _RULES = {
     "data": {"num_classes": (lambda v: 1 <= v <= 256, "in 1..256"),
              "ignore_label": (lambda v: 0 <= v <= 255, "in 0..255"),
              "min_class_pixels": _at_least(0)},
-    "features": {"seed": _at_least(0), "batch_size": _at_least(1)},  # steps, blocks: spec
+    "features": {"seed": _at_least(0), "images_per_batch": _at_least(1)},  # steps, blocks: spec
     "classifier": {"ensemble": _at_least(1), "lr": _above(0),
-                   "batch_size": (lambda v: v >= 2, ">= 2 (BatchNorm needs two pixels)"),
+                   "pixels_per_batch": (lambda v: v >= 2, ">= 2 (BatchNorm needs two pixels)"),
                    "max_epochs": _at_least(1), "min_epochs": _at_least(0),
                    "patience": _at_least(0), "etf": _one_of(ETF_MODES),
                    "etf_weight": _at_least(0), "seed": _at_least(0),
@@ -248,7 +260,18 @@ def load_toml(path: str | Path | None = None) -> Config:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})", "fix the syntax") from exc
+    _note_renamed_keys(raw, str(path))
     return Config.from_dict(raw, source=str(path))
+
+
+def _note_renamed_keys(raw: dict, source: str) -> None:
+    """A note on stderr for each old key spelling in a config file (still read, one release)."""
+    for section, renamed in RENAMED_KEYS.items():
+        values = raw.get(section)
+        for old, new in renamed.items():
+            if isinstance(values, dict) and old in values:
+                log.warning("note: %s: [%s] %s is deprecated and will be removed in the next "
+                            "release; write %s", source, section, old, new)
 
 
 def bundled_configs() -> list[str]:

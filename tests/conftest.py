@@ -237,3 +237,14 @@ def tcp_cluster(tmp_path):
         yield cluster.start()
     finally:
         cluster.stop()
+
+
+# -- markers (registered in pyproject.toml) ----------------------------------------------------
+# Browser, distributed and fault tests are slow too, so `pytest -m "not slow"` is the quick run.
+_SLOW_KINDS = ("browser", "distributed", "fault")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if any(item.get_closest_marker(kind) for kind in _SLOW_KINDS):
+            item.add_marker(pytest.mark.slow)

@@ -76,7 +76,7 @@ def test_blocks_may_be_names(tmp_path):
     ("classifier", "lr = 0", "lr"),
     ("classifier", "ram_budget_gb = -inf", "ram_budget_gb"),
     ("classifier", "ensemble = 0", "ensemble"),
-    ("classifier", "batch_size = 1", "batch_size"),
+    ("classifier", "pixels_per_batch = 1", "pixels_per_batch"),
     ("classifier", "max_epochs = 0", "max_epochs"),
     ("classifier", "min_epochs = -1", "min_epochs"),
     ("classifier", "patience = -1", "patience"),
@@ -86,7 +86,7 @@ def test_blocks_may_be_names(tmp_path):
     ("data", "ignore_label = 256", "ignore_label"),
     ("data", "min_class_pixels = -1", "min_class_pixels"),
     ("features", "steps = [50, -1]", "steps"),
-    ("features", "batch_size = 0", "batch_size"),
+    ("features", "images_per_batch = 0", "images_per_batch"),
     ("predict", "tile_rows = 0", "tile_rows"),
     ("predict", 'vote = "loud"', "vote"),
 ])

@@ -6,6 +6,7 @@ machine's load)."""
 import re
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -14,6 +15,7 @@ from ddpmseg.cli.main import cli
 from ddpmseg.outputs.evaluate import evaluate
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, one_thread):
     out = tmp_path / "demo"
     res = CliRunner().invoke(cli, ["--no-progress", "demo", "--out", str(out),

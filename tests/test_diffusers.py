@@ -340,6 +340,7 @@ def copy_pairs(src: Path, dst: Path, n: int) -> None:
         shutil.copy(p.with_suffix(".npy"), dst / f"{p.stem}.npy")
 
 
+@pytest.mark.slow
 def test_end_to_end_ffhq34_with_a_unet2d_folder(ffhq, tmp_path):
     model = make_ddpm(tmp_path / "ddpm64", size=64)
     copy_pairs(ffhq / "train", tmp_path / "train", 3)
@@ -428,6 +429,7 @@ def test_end_to_end_ffhq34_with_stable_diffusion(ffhq, sd_dir, ddpm_dir, tmp_pat
         predict(run, tmp_path / "ddpm.zarr", tmp_path / "p3", device="cpu", progress=False)
 
 
+@pytest.mark.distributed
 def test_dask_workers_load_the_folder_and_match_one_process(ffhq, sd_dir, tmp_path):
     """With --scheduler the workers load the SD folder themselves (prompt included, from the
     fingerprint) and write the same maps as one process."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 HARNESS = Path(__file__).resolve().parents[1] / "bench" / "faults.py"
 
 
@@ -20,6 +22,7 @@ def _harness():
     return mod
 
 
+@pytest.mark.fault
 def test_fault_harness_subset(tmp_path):
     faults = _harness()
     result = faults.run(faults.QUICK, tmp_path, images=2, seed=1)
@@ -72,12 +75,17 @@ def test_ctrl_c_while_the_command_imports_torch_is_one_line(tmp_path):
     (tmp_path / "sitecustomize.py").write_text(_INTERRUPT_AT_TORCH)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(HARNESS.parents[1])])}
     # The child's SIGINT disposition is set, not inherited: under a parent that ignores SIGINT
-    # (a shell's background job) Python would never install its handler.
+    # (a shell's background job) Python would never install its handler. This test always
+    # spawns it from such a parent, so it passes or fails alike wherever pytest runs.
     store = tmp_path / "s.zarr"
-    proc = subprocess.Popen([str(script), "extract", str(tmp_path / "absent"), str(store),
-                             "--num-classes", "2"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc = subprocess.Popen([str(script), "extract", str(tmp_path / "absent"), str(store),
+                                 "--num-classes", "2"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    finally:
+        signal.signal(signal.SIGINT, before)
     _, err = proc.communicate()
     assert proc.returncode == 130, err
     assert err == "error: interrupted; rerun the same command to resume\n"

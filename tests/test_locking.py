@@ -109,6 +109,7 @@ def _tiny_store(tmp_path):
     return tmp_path / "s.zarr"
 
 
+@pytest.mark.slow
 def test_extract_through_a_symlink_writes_into_the_folder_it_points_to(tmp_path):
     """A store path that is a symlink to an empty folder, then --overwrite and --compact
     through it: the store is made and swapped in the folder the link points to, and the link

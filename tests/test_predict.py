@@ -345,6 +345,7 @@ def test_image_folder_float16_overflow_raises_as_extract_does(tmp_path, monkeypa
     assert res["names"] == ["p"]
 
 
+@pytest.mark.slow
 def test_image_folder_equals_store_with_real_backbone(tmp_path):
     """Features extracted on the fly give the same predictions as a store of the same images
     made by `extract` (the bundled face backbone and demo images)."""

@@ -119,6 +119,7 @@ def test_documented_configs_exist():
         assert (REPO / path).is_file(), path
 
 
+@pytest.mark.slow
 def test_bring_your_own_data_with_the_bundled_backbone(readme_dir):
     """The scenario: extract train and test, fit, predict from the store and from the image
     folder (identical masks), evaluate against the original 256px masks, open in xarray."""
@@ -159,6 +160,7 @@ def substituted(text: str, substitutions, name: str, capsys, note: str) -> str:
     return text
 
 
+@pytest.mark.slow
 def test_bring_your_own_data_with_a_published_checkpoint(readme_dir, capsys):
     block = bash_blocks(section(BYOD))[1]
     assert "--checkpoint lsun_horse.pt" in block
@@ -186,6 +188,7 @@ LOOP_SUBSTITUTIONS = [
 ]
 
 
+@pytest.mark.slow
 def test_labelling_loop_commands(readme_dir, capsys):
     """The loop as written (bundled backbone substituted): extract, fit, suggest on unlabelled
     images, label one more image, extract again (the store grows), fit again; then the sweep."""

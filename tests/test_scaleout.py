@@ -6,6 +6,7 @@ from ddpmseg.core.cluster import connect, parse_scheduler, run_tasks
 from ddpmseg.core.errors import ConfigError
 
 
+@pytest.mark.distributed
 def test_local_cluster_leaves_this_process_environment_alone(monkeypatch):
     # The nanny would write these into this process's environment before spawning a worker
     # (the module used to put everything back with os.environ.clear()): the workers get them

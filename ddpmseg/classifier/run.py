@@ -49,7 +49,7 @@ MEMBER_FORMAT = 1
 RUN_FILES = (CONFIG_FILE, STORE_FILE, MEMBER_GLOB, LOG_FILE, MANIFEST_FILE)
 # The classifier settings a resumed run must share with the members already trained.
 # (ensemble may grow or shrink; ram_budget_gb only matters through the shuffle size.)
-TRAINING_KEYS = ("lr", "batch_size", "max_epochs", "min_epochs", "patience", "etf",
+TRAINING_KEYS = ("lr", "pixels_per_batch", "max_epochs", "min_epochs", "patience", "etf",
                  "etf_weight", "seed")
 # Store differences that do not change a single feature or label a member sees. (A lossy
 # codec's rounding does: it is the spec's keepbits, compared with the rest of the spec.)

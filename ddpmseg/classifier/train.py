@@ -213,7 +213,7 @@ def train_member(job: MemberJob, k: int, source, index: sampler.PixelIndex,
     c = job.classifier
     seed = c.seed + k
     nets = _Nets.build(job, seed)
-    plan = sampler.EpochPlan(index, job.shuffle, seed, c.batch_size)
+    plan = sampler.EpochPlan(index, job.shuffle, seed, c.pixels_per_batch)
     stopper = EarlyStopping(c.min_epochs, c.patience)
     steps_total, stop_epoch, early = 0, c.max_epochs - 1, False
     t_start = time.perf_counter()

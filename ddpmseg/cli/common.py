@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from ddpmseg.config import Config
 from ddpmseg.interop.reference_config import load_config
-from ddpmseg.core.device import DEFAULT_THREADS, set_threads
+from ddpmseg.core.device import DEFAULT_THREADS
 from ddpmseg.core.errors import DdpmsegError
 
 device_option = click.option(
@@ -21,35 +21,21 @@ device_option = click.option(
 
 
 def threads_option(work: str | None = None):
-    """``--threads N``: torch's intra-op threads for this command, applied as it is parsed.
+    """``--threads N``: torch's intra-op threads for this command, passed to the library as
+    ``threads=`` (it sets them for the command's length, ``ddpmseg.core.device.use_threads``).
 
     Unset: OMP_NUM_THREADS when set, else the measured default for ``work``
     (``ddpmseg.core.device.DEFAULT_THREADS``), else one per core.
     """
-    def apply(ctx, param, value):
-        try:
-            set_threads(value, work)
-        except DdpmsegError as exc:
-            raise click.BadParameter(str(exc), param_hint="--threads") from exc
-        return value
-
     default = DEFAULT_THREADS.get(work or "", "one per core")
     return click.option(
-        "--threads", type=click.IntRange(min=1), default=None, metavar="N", expose_value=False,
-        callback=apply,
+        "--threads", type=click.IntRange(min=1), default=None, metavar="N",
         help=f"Torch CPU threads. [default: OMP_NUM_THREADS, else {default}]")
 
 
-def _apply_max_pixels(ctx, param, value):
-    from ddpmseg.data import set_max_image_pixels
-
-    set_max_image_pixels(value)
-    return value
-
-
+# Passed to the library as ``max_image_pixels=`` (None: PIL's limit).
 max_pixels_option = click.option(
     "--max-image-pixels", type=click.IntRange(min=1), default=None, metavar="N",
-    expose_value=False, callback=_apply_max_pixels,
     help="Refuse images with more pixels than N (a guard against decompression bombs). "
          "[default: PIL's, 89478485]")
 
@@ -113,7 +99,7 @@ def bundled_default(cfg: Config) -> Config:
     name = next((k for k, v in BUNDLED_PRESETS.items() if v == cfg.model.preset), None)
     if name is None:
         return cfg
-    logging.getLogger("ddpmseg").warning("note: no --checkpoint given; using the one bundled "
+    logging.getLogger(__name__).warning("note: no --checkpoint given; using the one bundled "
                                          "with preset %s (%s)", cfg.model.preset, name)
     return cfg.with_overrides(model={"checkpoint": name})
 

@@ -30,7 +30,7 @@ from ddpmseg.cli.common import (
 @click.option("--out", "out_dir", default=None, metavar="DIR",
               help="Where metrics.json goes. [default: PRED_DIR]")
 def command(pred_dir, gt_dir, config_path, num_classes, ignore_label, mask_ignore, resize,
-            confusion, out_dir):
+            confusion, out_dir, max_image_pixels):
     """Per-class IoU and mIoU of the predictions in PRED_DIR against the masks in GT_DIR.
 
     Predictions <name>.npy are matched by name with <name>.npy (or grey/palette PNG) masks;
@@ -65,6 +65,7 @@ def command(pred_dir, gt_dir, config_path, num_classes, ignore_label, mask_ignor
                                "testing_path in a ddpm.json)")
     result = evaluate(pred_dir, gt_dir, num_classes=num_classes, ignore_label=ignore_label,
                       class_names=class_names, mask_ignore=mask_ignore, confusion=confusion,
-                      out=out_dir, resize=resize, classes_from=classes_from)
+                      out=out_dir, resize=resize, classes_from=classes_from,
+                      max_image_pixels=max_image_pixels)
     click.echo(format_table(result))
     click.echo(f"wrote {result['metrics_path']}")

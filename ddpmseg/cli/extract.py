@@ -15,6 +15,7 @@ from ddpmseg.cli.common import (
     parse_blocks,
     parse_ints,
     preset_features,
+    renamed_option,
     resolve_config,
     show_progress,
     threads_option,
@@ -50,8 +51,10 @@ from ddpmseg.cli.common import (
                    "dense float32 for the 256px models (README). [default: config, lossless]")
 @device_option
 @threads_option()
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Images per forward pass (features.batch_size). [default: config, 1]")
+@click.option("--images-per-batch", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Images per forward pass (features.images_per_batch). [default: config, 1]")
+@renamed_option("--batch-size", "--images-per-batch", "images_per_batch",
+                type=click.IntRange(min=1))
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="Compute precision of the model (fp16 on CUDA only). [default: config, fp32]")
 @click.option("--seed", type=int, default=None, help="Noise seed. [default: config, 0]")
@@ -73,8 +76,8 @@ from ddpmseg.cli.common import (
                    "an existing scheduler whose workers see the same files.")
 @click.pass_context
 def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, num_classes,
-            ignore_label, dtype, codec, device, batch_size, precision, seed, resize, overwrite,
-            prune, compact, repair, scheduler):
+            ignore_label, dtype, codec, device, threads, images_per_batch, precision, seed, resize,
+            overwrite, prune, compact, repair, max_image_pixels, scheduler):
     """Extract diffusion features of every image in DATA_DIR into the store STORE.
 
     DATA_DIR holds images (png/jpg/webp/bmp/tif) with masks of the same stem (<id>.npy or <id>_mask.png)
@@ -111,13 +114,14 @@ def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, 
                                    "blocks": blocks or usual.get("blocks"),
                                    "dtype": dtype, "codec": codec, "seed": seed,
                                    "precision": precision,
-                                   "batch_size": batch_size},
+                                   "images_per_batch": images_per_batch},
                          data={"num_classes": num_classes, "ignore_label": ignore_label})
     cfg = bundled_default(cfg)
     data_dir, store = _data_and_store(paths, cfg.data.train_dir)
     result = extract(data_dir, store, cfg, device=device, resize=resize, overwrite=overwrite,
                      scheduler=scheduler, progress=show_progress(ctx), prune=prune,
-                     compact=compact, repair=repair)
+                     compact=compact, repair=repair, threads=threads,
+                     max_image_pixels=max_image_pixels)
     info = result.info
     lossless = info.codec.get("keepbits") is None
     click.echo(f"{store}: {len(result)} images, {info.feature_dim} dims per pixel "

@@ -17,7 +17,7 @@ from ddpmseg.cli.common import (
     threads_option,
 )
 
-log = logging.getLogger("ddpmseg")
+log = logging.getLogger(__name__)
 
 
 @click.command("fit")
@@ -36,8 +36,10 @@ log = logging.getLogger("ddpmseg")
               metavar="N", help="Maximum epochs per member (early stopping usually ends "
                                 "sooner). [default: config, 100]")
 @renamed_option("--epochs", "--max-epochs", "max_epochs", type=click.IntRange(min=1))
-@click.option("--batch-size", type=click.IntRange(min=2), default=None, metavar="N",
-              help="Pixels per minibatch (classifier.batch_size). [default: config, 64]")
+@click.option("--pixels-per-batch", type=click.IntRange(min=2), default=None, metavar="N",
+              help="Pixels per minibatch (classifier.pixels_per_batch). [default: config, 64]")
+@renamed_option("--batch-size", "--pixels-per-batch", "pixels_per_batch",
+                type=click.IntRange(min=2))
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Adam learning rate. [default: config, 0.001]")
 @click.option("--seed", type=int, default=None,
@@ -61,8 +63,8 @@ log = logging.getLogger("ddpmseg")
 @click.option("--overwrite", is_flag=True,
               help="Start over in a RUN_DIR that holds another run.")
 @click.pass_context
-def command(ctx, store, run_dir, config_path, ensemble, etf, etf_weight, max_epochs, batch_size,
-            lr, seed, ram_budget_gb, in_memory, device, scheduler, overwrite):
+def command(ctx, store, run_dir, config_path, ensemble, etf, etf_weight, max_epochs,
+            pixels_per_batch, lr, seed, ram_budget_gb, in_memory, device, threads, scheduler, overwrite):
     """Train an ensemble of pixel classifiers on the labelled pixels of STORE into RUN_DIR.
 
     Minibatches are computed on the fly from the stored native-resolution maps, in a RAM
@@ -88,10 +90,10 @@ def command(ctx, store, run_dir, config_path, ensemble, etf, etf_weight, max_epo
         origin = f"from --config {config_path}"
     cfg = resolve_config(config_path, base, classifier={
         "ensemble": ensemble, "etf": etf, "etf_weight": etf_weight, "max_epochs": max_epochs,
-        "batch_size": batch_size, "lr": lr, "seed": seed, "ram_budget_gb": ram_budget_gb})
+        "pixels_per_batch": pixels_per_batch, "lr": lr, "seed": seed, "ram_budget_gb": ram_budget_gb})
     log.info("fit: config %s (%s)", cfg.data.name, origin)
     out = fit(opened, run_dir, cfg, device=device, in_memory=in_memory, resume=not overwrite,
-              scheduler=scheduler, progress=show_progress(ctx))
+              scheduler=scheduler, progress=show_progress(ctx), threads=threads)
     ens = load_ensemble(out, "cpu")
     # Epochs trained per member (stop_epoch is stored 0-based).
     epochs = ", ".join(str(m["stop_epoch"] + 1) if m.get("stop_epoch") is not None else "?"

@@ -14,6 +14,7 @@ def command() -> None:
     """Masks from labelling tools in (import), predictions out as pre-annotations (export).
 
     \b
+    Examples:
     ddpmseg labels export PRED OUT --format label-studio   predictions -> tasks.json, config.xml
     ddpmseg labels import SRC DATA_DIR --format label-studio   export -> <id>_mask.png files
     """

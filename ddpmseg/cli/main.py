@@ -62,8 +62,11 @@ _OS_HINTS = {
 }
 
 
-# Library parameters whose option is spelled otherwise (the rest: underscores become dashes).
-_FLAG_NAMES = {"images_dir": "images", "config": "config", "max_pixels": "max-image-pixels"}
+# Library parameters whose option is spelled otherwise (the rest: underscores become dashes),
+# by name, or by name=value where one value is an option of its own (fit's `resume=False` is
+# --overwrite).
+_FLAG_NAMES = {"images_dir": "images", "config": "config", "max_pixels": "max-image-pixels",
+               "out_dir": "out", "save_every": "save-every-minutes", "resume=False": "overwrite"}
 _PARAMETER = re.compile(r"`([a-z_]+)=([^`]*)`")
 
 
@@ -72,6 +75,8 @@ def as_flags(text: str) -> str:
     the options (--resize, --num-classes N)."""
     def flag(match: re.Match) -> str:
         name, value = match.groups()
+        if f"{name}={value}" in _FLAG_NAMES:
+            return "--" + _FLAG_NAMES[f"{name}={value}"]
         option = "--" + _FLAG_NAMES.get(name, name.replace("_", "-"))
         if value == "True":
             return option

@@ -42,7 +42,7 @@ from ddpmseg.cli.common import (
 @threads_option()
 @click.pass_context
 def command(ctx, run, input_path, out_dir, vote, uncertainty, tile_rows, images_dir, resize,
-            checkpoint, with_report, device):
+            checkpoint, with_report, device, threads, max_image_pixels):
     """Predict segmentation masks with the ensemble of RUN for every image of INPUT.
 
     INPUT is a feature store (from `ddpmseg extract`) or a folder of images; from images,
@@ -60,11 +60,12 @@ def command(ctx, run, input_path, out_dir, vote, uncertainty, tile_rows, images_
 
     summary = predict(run, input_path, out_dir, vote=vote, uncertainty=uncertainty,
                       device=device, tile_rows=tile_rows, resize=resize, checkpoint=checkpoint,
-                      images=images_dir, progress=show_progress(ctx))
+                      images=images_dir, progress=show_progress(ctx),
+                      threads=threads, max_image_pixels=max_image_pixels)
     click.echo(f"predicted {count(summary['num_images'], 'image')} ({summary['input_kind']}, "
                f"vote {summary['vote']}, {count(summary['num_members'], 'member')}) into "
                f"{summary['out_dir']}")
     if with_report:
         from ddpmseg.outputs.report import report
 
-        click.echo(report(summary["out_dir"]))
+        click.echo(report(summary["out_dir"], max_image_pixels=max_image_pixels))

@@ -18,7 +18,7 @@ from ddpmseg.cli.common import max_pixels_option
 @click.option("--out", "out_dir", default=None, metavar="DIR",
               help="Where index.html and its pictures go. [default: PRED_DIR/report]")
 @max_pixels_option
-def command(pred_dir, gt_dir, resize, out_dir):
+def command(pred_dir, gt_dir, resize, out_dir, max_image_pixels):
     """Write a self-contained HTML report of the predictions in PRED_DIR and print the path of
     its index.html. It opens from file:// without a server and copies as a folder.
 
@@ -30,4 +30,5 @@ def command(pred_dir, gt_dir, resize, out_dir):
     """
     from ddpmseg.outputs.report import report
 
-    click.echo(report(pred_dir, gt_dir, out_dir, resize=resize))
+    click.echo(report(pred_dir, gt_dir, out_dir, resize=resize,
+                      max_image_pixels=max_image_pixels))

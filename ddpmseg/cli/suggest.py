@@ -36,7 +36,7 @@ from ddpmseg.cli.common import device_option, max_pixels_option, threads_option
 @threads_option()
 @max_pixels_option
 def command(run, input_path, out_dir, top, by, diverse, include_labelled, images_dir, resize,
-            checkpoint, device):
+            checkpoint, device, threads, max_image_pixels):
     """Rank the images of INPUT (a feature store or a folder of unlabelled images) by how
     much the ensemble of RUN disagrees on them, most first: the images to label next.
     Labelled images (with a mask, or trained on by RUN) are left out unless
@@ -55,7 +55,8 @@ def command(run, input_path, out_dir, top, by, diverse, include_labelled, images
 
     ranked = suggest(run, input_path, out_dir, top=top, by=by, diverse=diverse, device=device,
                      checkpoint=checkpoint, resize=resize, images=images_dir,
-                     include_labelled=include_labelled)
+                     include_labelled=include_labelled, threads=threads,
+                     max_image_pixels=max_image_pixels)
     for k, s in enumerate(ranked, 1):
         click.echo(f"{k}\t{s.name}\t{s.score:.6f}")
     click.echo(skipped_line(ranked.skipped), err=True)  # how many the ranking leaves out

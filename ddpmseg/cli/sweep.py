@@ -31,7 +31,7 @@ from ddpmseg.cli.common import parse_blocks, parse_ints, threads_option
                    "50,150,250:2,4,5,7,8 (repeatable).")
 @threads_option()
 def command(train_store, test_store, out_dir, pixels, test_pixels, seeds, epochs, budget,
-            candidates, max_maps, compare):
+            candidates, max_maps, compare, threads):
     """Find the diffusion steps and decoder blocks worth training on, from a TRAIN_STORE and
     a TEST_STORE extracted with many steps and blocks.
 
@@ -57,5 +57,5 @@ def command(train_store, test_store, out_dir, pixels, test_pixels, seeds, epochs
         grids.append((parse_ints(steps, "--compare"), parse_blocks(blocks)))
     settings = SweepSettings(pixels=pixels, test_pixels=test_pixels, seeds=seeds, epochs=epochs,
                              budget=budget, candidates=candidates, max_maps=max_maps)
-    summary = sweep(train_store, test_store, out_dir, settings, compare=grids)
+    summary = sweep(train_store, test_store, out_dir, settings, compare=grids, threads=threads)
     click.echo(format_summary(summary))

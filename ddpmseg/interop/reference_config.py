@@ -10,7 +10,7 @@ Key mapping (reference -> ddpmseg):
                                       path found only from the working directory, as the
                                       reference's own configs mean it, is taken from there)
     steps, blocks -> features.steps, features.blocks (noise seed 0, as the reference's default)
-    model_num -> classifier.ensemble batch_size -> classifier.batch_size
+    model_num -> classifier.ensemble batch_size -> classifier.pixels_per_batch
     class_names -> data.class_names  (not the reference's: export-run writes it, and the
                                       reference ignores it)
     dim [H, W, D]: checked against the backbone's image size and the feature width of the
@@ -105,7 +105,7 @@ def load_reference_config(path: str | Path, preset: str | None = None) -> Config
     if "model_num" in raw:
         classifier["ensemble"] = _int(raw, "model_num", where)
     if "batch_size" in raw:
-        classifier["batch_size"] = _int(raw, "batch_size", where)
+        classifier["pixels_per_batch"] = _int(raw, "batch_size", where)
     return Config.from_dict({
         "data": raw_data,
         "model": {"preset": flags_source, "checkpoint": str(checkpoint)},
@@ -252,7 +252,7 @@ def to_reference_json(config: Config, *, image_size, feature_dim: int, exp_dir: 
         "max_training": training_number,
         "training_number": training_number,
         "testing_number": testing_number,
-        "batch_size": config.classifier.batch_size,
+        "batch_size": config.classifier.pixels_per_batch,
         "upsample_mode": "bilinear",
         "share_noise": True,
         "input_activations": False,

@@ -40,7 +40,7 @@ from ddpmseg.featcache.store import is_store
 from ddpmseg.outputs import folder, render
 from ddpmseg.outputs.folder import check_complete, list_predictions
 
-log = logging.getLogger("ddpmseg")
+log = logging.getLogger(__name__)
 
 __all__ = ["evaluate", "format_table", "iou_from_confusion", "image_iou", "confusion_matrix",
            "confusion_axis", "list_predictions", "find_ground_truth"]

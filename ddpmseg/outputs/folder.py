@@ -34,7 +34,7 @@ from pathlib import Path
 from ddpmseg.core.errors import InputNotFoundError, OutputError
 from ddpmseg.core.fileio import write_json
 
-log = logging.getLogger("ddpmseg")
+log = logging.getLogger(__name__)
 
 # Per image: the files `predict` may write for <name>, by kind (the keys of predict's
 # "outputs"): the label map, its palette PNG, the overlay and, with uncertainty, the maps.

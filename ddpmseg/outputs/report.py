@@ -34,7 +34,7 @@ from ddpmseg.outputs.evaluate import confusion_axis, evaluate
 from ddpmseg.outputs.folder import REPORT_DIR, check_complete, list_predictions
 from ddpmseg.outputs.suggestions import read_suggestions
 
-log = logging.getLogger("ddpmseg")
+log = logging.getLogger(__name__)
 
 __all__ = ["report", "REPORT_DIR", "LABEL_NEXT"]
 

@@ -14,7 +14,7 @@ from ddpmseg.pipelines.extract import extract
 from ddpmseg.pipelines.predict import predict
 from ddpmseg.outputs.report import report
 
-log = logging.getLogger("ddpmseg")
+log = logging.getLogger(__name__)
 
 
 def demo(out_dir: str | Path = "ddpmseg-demo", *, config: Config | None = None,

@@ -46,6 +46,7 @@ from ddpmseg.core.errors import (
 from ddpmseg.core.fileio import is_no_space, is_url, no_space_error
 from ddpmseg.core.locking import writer_lock
 from ddpmseg.core.progress import bar
+from ddpmseg.core.renames import renamed_keyword
 from ddpmseg.featcache import content, integrity
 from ddpmseg.featcache.store import (
     FeatureStore,
@@ -91,6 +92,7 @@ class _Job:
     resize: bool
     # The store's writer token of this attempt: a task stops when the store has another.
     writer: int = 0
+    max_image_pixels: int | None = None   # None: PIL's limit
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,7 @@ class _Request:
     prune: bool = False
     compact: bool = False
     repair: bool = False
+    max_image_pixels: int | None = None
 
     @property
     def resolved_config(self) -> Config:
@@ -120,15 +123,16 @@ class _Request:
         checkpoint = self.recorded or (str(self.checkpoint) if self.checkpoint else "")
         return self.config.with_overrides(
             model={"checkpoint": checkpoint},
-            features={"precision": self.precision, "batch_size": self.batch_size})
+            features={"precision": self.precision, "images_per_batch": self.batch_size})
 
 
 def extract(data_dir, store_path, config: Config | None = None, checkpoint=None, *,
-            backbone=None, device="auto", batch_size: int | None = None,
+            backbone=None, device="auto", images_per_batch: int | None = None,
             precision: str | None = None, overwrite: bool = False, resize: bool = False,
             scheduler: str | None = None, progress: bool = True, prune: bool = False,
             compact: bool = False, repair: bool = False,
-            threads: int | None = None) -> FeatureStore:
+            threads: int | None = None, max_image_pixels: int | None = None,
+            batch_size: int | None = None) -> FeatureStore:
     """Extract the features of every image of ``data_dir`` into the store at ``store_path``.
 
     ``config``: steps, blocks, seed and dtype from ``config.features``; classes, ignore label
@@ -155,12 +159,15 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     LocalCluster of N single-threaded worker processes) or "tcp://host:port" (a running dask
     scheduler whose workers see the same files). ``threads``: torch's CPU threads for the
     run (default: OMP_NUM_THREADS, else torch's); the caller's setting is restored after.
+    ``max_image_pixels``: images (and PNG masks) of more pixels are refused from their header
+    (default: PIL's limit). ``batch_size`` is the old spelling of ``images_per_batch``.
     Returns the store, opened for reading.
     """
     config = config or Config()
     fc = config.features
     precision = precision or fc.precision
-    batch_size = int(batch_size or fc.batch_size)
+    batch_size = int(renamed_keyword("extract", "batch_size", batch_size, "images_per_batch",
+                                     images_per_batch) or fc.images_per_batch)
     _check_settings(fc, precision, batch_size, config.data)  # steps and blocks: the Config checked
     check_scheduler(scheduler)  # before anything is written
     checkpoint = checkpoint if checkpoint not in (None, "") else (config.model.checkpoint or None)
@@ -171,7 +178,8 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
         recorded=str(checkpoint) if str(checkpoint) in BUNDLED_CHECKPOINTS else None,
         batch_size=batch_size, precision=precision, codec=parse_codec(fc.codec, fc.dtype),
         device=device, overwrite=overwrite, resize=resize, scheduler=scheduler,
-        progress=progress, prune=prune, compact=compact, repair=repair)
+        progress=progress, prune=prune, compact=compact, repair=repair,
+        max_image_pixels=max_image_pixels)
     with use_threads(threads, "extract"):
         info, inputs, backbone = _prepare(request, backbone)
         # Under the store's writer lock: create the store, or reopen it and check that it was
@@ -189,7 +197,7 @@ def _prepare(request: _Request, backbone) -> tuple[StoreInfo, _Inputs, object]:
     flags = describe_backbone(backbone or request.checkpoint, config.model.preset)
     check_steps(fc.steps, flags.diffusion_steps, where="[features]")
     size = (flags.image_size, flags.image_size)
-    inputs = _read_inputs(request.data_dir, size, request.resize, dc)
+    inputs = _read_inputs(request.data_dir, size, request.resize, dc, request.max_image_pixels)
     if backbone is None:
         if request.checkpoint is None:
             raise ConfigError("no checkpoint given",
@@ -232,7 +240,8 @@ def _extract_locked(request: _Request, info: StoreInfo, inputs: _Inputs, backbon
     job = _Job(absolute(request.store_path),
                tuple(absolute(paths_by_name[n]) if n in paths_by_name else ""
                      for n in store.info.names),
-               info.spec, request.batch_size, bool(request.resize), store.writer)
+               info.spec, request.batch_size, bool(request.resize), store.writer,
+               request.max_image_pixels)
     labels = content.labels_in_store_order(store.info.names, labels_by_name)
     start = time.perf_counter()
     _run(request, store, job, todo, labels, backbone, initial=len(done) - len(todo))
@@ -327,15 +336,16 @@ def _check_settings(fc, precision: str, batch_size: int, dc) -> None:
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}", f"use one of {', '.join(PRECISIONS)}")
     if batch_size < 1:
-        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+        raise ConfigError(f"images per batch must be at least 1, got {batch_size}")
     if not 1 <= dc.num_classes <= 256:
         raise ConfigError(f"data.num_classes must be 1..256, got {dc.num_classes}")
     if not 0 <= dc.ignore_label <= 255:
         raise ConfigError(f"data.ignore_label must be 0..255, got {dc.ignore_label}")
 
 
-def _read_inputs(data_dir, size: tuple[int, int], resize: bool, dc) -> _Inputs:
-    samples = data.list_samples(data_dir)
+def _read_inputs(data_dir, size: tuple[int, int], resize: bool, dc,
+                 max_pixels: int | None = None) -> _Inputs:
+    samples = data.list_samples(data_dir, max_image_pixels=max_pixels)
     with_mask = [s for s in samples if s.mask is not None]
     if with_mask and len(with_mask) < len(samples):
         lone = next(s for s in samples if s.mask is None)
@@ -346,19 +356,20 @@ def _read_inputs(data_dir, size: tuple[int, int], resize: bool, dc) -> _Inputs:
             "mask makes a prediction-only store)")
     labels, unlabelled = [], []
     for s in samples:
-        hw = data.image_hw(s.image)
+        hw = data.image_hw(s.image, max_pixels)
         data.check_image_size(s.image, hw, size, resize)
         if s.mask is None:
             labels.append(None)
             continue
         # The mask must match its own image (`resize=True` resizes both to the model's size).
-        mask = data.load_mask(s.mask, hw, hint="make the mask the size of its image")
+        mask = data.load_mask(s.mask, hw, hint="make the mask the size of its image",
+                              max_image_pixels=max_pixels)
         data.check_labels(mask, dc.num_classes, dc.ignore_label, s.mask)
         if not data.labelled(mask, dc.ignore_label):
             unlabelled.append(s.mask.name)
         if hw != size:
             # data's nearest-neighbour resize (labels stay labels), of the mask just checked.
-            mask = data.load_mask(s.mask, size, resize=True)
+            mask = data.load_mask(s.mask, size, resize=True, max_image_pixels=max_pixels)
         labels.append(data.drop_rare_classes(mask, dc.num_classes, dc.ignore_label,
                                           dc.min_class_pixels))
     if unlabelled:  # fit trains on none of their pixels: say so rather than count them
@@ -502,8 +513,10 @@ def encoded_maps(backbone, x0: torch.Tensor, spec: FeatureSpec,
             for maps, name in zip(image_maps(backbone, x0, spec), names)]
 
 
-def _load_batch(paths: Sequence[str], size: tuple[int, int], resize: bool) -> torch.Tensor:
-    return torch.stack([image_tensor(data.load_image(Path(p), size, resize)) for p in paths])
+def _load_batch(paths: Sequence[str], size: tuple[int, int], resize: bool,
+                max_pixels: int | None) -> torch.Tensor:
+    return torch.stack([image_tensor(data.load_image(Path(p), size, resize, max_pixels))
+                        for p in paths])
 
 
 def _write_one(store: FeatureStore, i: int, maps: list, labels) -> int:
@@ -543,7 +556,7 @@ def run_images(store: FeatureStore, backbone, job: _Job, indices: Sequence[int],
         try:
             def load(batch):
                 return loader.submit(_load_batch, [job.image_paths[i] for i in batch], size,
-                                     job.resize)
+                                     job.resize, job.max_image_pixels)
 
             next_x = load(batches[0])
             for k, batch in enumerate(batches):

@@ -62,7 +62,7 @@ from ddpmseg.outputs import folder, render, voting
 from ddpmseg.pipelines.extract import encoded_maps
 from ddpmseg.spec import TOLERATED, FeatureSpec
 
-log = logging.getLogger("ddpmseg")
+log = logging.getLogger(__name__)
 
 __all__ = ["predict", "predict_maps", "ImagePrediction", "load_run", "check_compatible",
            "SUMMARY_IMAGES"]

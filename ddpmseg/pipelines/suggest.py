@@ -40,7 +40,7 @@ from ddpmseg.pipelines.predict import (
     reading_source,
 )
 
-log = logging.getLogger("ddpmseg")
+log = logging.getLogger(__name__)
 
 SHEET_IMAGES = 8        # rows of the contact sheet
 DIVERSITY_PENALTY = 1.0

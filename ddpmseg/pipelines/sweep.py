@@ -43,7 +43,7 @@ from ddpmseg.outputs import render
 from ddpmseg.outputs.evaluate import iou_from_confusion
 from ddpmseg.spec import TOLERATED
 
-log = logging.getLogger("ddpmseg")
+log = logging.getLogger(__name__)
 
 Key = tuple[int, object]
 

@@ -28,6 +28,7 @@ def images():
     return torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
 
 
+@pytest.mark.slow
 def test_seeded_default_noise(bb, images):
     noise = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     assert torch.equal(bb.default_noise(32, 32, seed=3), noise)
@@ -48,6 +49,7 @@ def test_output_layout(bb, images):
         assert not a.requires_grad
 
 
+@pytest.mark.slow
 def test_batching_and_chunking_do_not_change_results(bb, images):
     together = bb.activations(images, [10, 300, 900], [0, 2])
     one_by_one = bb.activations(images, [10, 300, 900], [0, 2], max_batch=1)
@@ -92,6 +94,7 @@ def test_rescale_timesteps_is_honoured(images):
     assert not torch.allclose(acts[(100, 2)], unscaled)
 
 
+@pytest.mark.slow
 def test_bf16_error_is_what_the_readme_says():
     """README: on the bundled faces64 model and the demo test images, bf16 activations differ
     from float32 by 0.55% (relative L2, worst (step, block)). Held to 0.6% here."""

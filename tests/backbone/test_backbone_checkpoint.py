@@ -123,6 +123,7 @@ def test_sha256_file_streams_the_whole_file(tmp_path):
     assert sha256_file(path) == hashlib.sha256(data).hexdigest()
 
 
+@pytest.mark.slow
 def test_faces64_loads_strictly_with_its_preset(shared_dir, missing_shared):
     folder = shared_dir / "backbones" / "adm_faces64"
     path = folder / "adm_faces64.pt"

@@ -21,6 +21,7 @@ pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                        reason="torch.distributed with gloo is not available"),
     pytest.mark.usefixtures("one_thread"),
+    pytest.mark.distributed,
 ]
 
 # The tiny model of test_backbone_train, without dropout so that the ranks' dropout streams
@@ -29,8 +30,8 @@ TINY = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2"
             attention_resolutions="8", num_heads=2, dropout=0.0, learn_sigma=True,
             diffusion_steps=100)
 STEPS, BATCH, LR = 3, 4, 1e-3
-CLI_ARGS = ["--iterations", str(STEPS), "--batch-size", str(BATCH), "--lr", str(LR), "--ema", "0.5",
-            "--device", "cpu", "--samples", "2", "--sample-steps", "2", "--no-progress"]
+CLI_ARGS = ["--iterations", str(STEPS), "--images-per-iteration", str(BATCH), "--lr", str(LR), "--ema", "0.5",
+            "--device", "cpu", "--samples", "2", "--sample-passes", "2", "--no-progress"]
 
 
 def _free_port() -> int:
@@ -105,11 +106,11 @@ def test_ddp_resume_and_uneven_batch(images_dir, tmp_path):
     flags_file = tmp_path / "flags.json"
     flags_file.write_text(json.dumps({**TINY, "dropout": 0.1}))  # per-rank dropout streams
     res = _torchrun(tmp_path, [images_dir, out, "--preset", flags_file, "--iterations", "2",
-                               "--batch-size", "2", "--device", "cpu", "--samples", "0",
+                               "--images-per-iteration", "2", "--device", "cpu", "--samples", "0",
                                "--no-progress"])
     assert res.returncode == 0, res.stdout + res.stderr
     # Resumed on two ranks: every rank loads the state; the run goes on to step 4.
-    res = _torchrun(tmp_path, [images_dir, out, "--resume", "--iterations", "4", "--batch-size", "2",
+    res = _torchrun(tmp_path, [images_dir, out, "--resume", "--iterations", "4", "--images-per-iteration", "2",
                                "--device", "cpu", "--samples", "0", "--no-progress"])
     assert res.returncode == 0, res.stdout + res.stderr
     state = torch.load(out / "state.pt", map_location="cpu", weights_only=True)

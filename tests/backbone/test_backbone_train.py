@@ -90,6 +90,7 @@ def test_fixed_variance_loss_and_sampling_shape():
     assert r.timestep_map.tolist() == [0, 33, 66, 99]
 
 
+@pytest.mark.slow
 def test_checkpoints_and_outputs(images_dir, tmp_path):
     out = train_backbone(images_dir, tmp_path / "run", TINY, steps=3, batch_size=2,
                          samples=2, sample_steps=3, log_every=1, progress=False)
@@ -110,6 +111,7 @@ def test_checkpoints_and_outputs(images_dir, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_resume_equals_an_uninterrupted_run(images_dir, tmp_path):
     # 5 images in batches of 2: the resumed part crosses an epoch boundary mid-batch.
     kw = dict(batch_size=2, lr=1e-3, ema=0.9, samples=0, progress=False, seed=3)
@@ -162,9 +164,9 @@ def test_bad_input(images_dir, tmp_path):
         train_backbone(images_dir, tmp_path / "o5", {**TINY, "num_chanels": 32}, **kw)
     with pytest.raises(ConfigError, match="unknown model preset"):
         train_backbone(images_dir, tmp_path / "o6", "nope", **kw)
-    with pytest.raises(ConfigError, match="steps or of minutes"):
+    with pytest.raises(ConfigError, match="iterations or of minutes"):
         train_backbone(images_dir, tmp_path / "o7", TINY, batch_size=2, progress=False)
-    with pytest.raises(ConfigError, match="batch_size"):
+    with pytest.raises(ConfigError, match="images_per_iteration"):
         train_backbone(images_dir, tmp_path / "o8", TINY, steps=1, batch_size=0)
     assert not (tmp_path / "o4").exists()
 
@@ -186,12 +188,12 @@ def test_cli(images_dir, tmp_path):
     flags.write_text(json.dumps(TINY))
     out = tmp_path / "run"
     args = ["train-backbone", str(images_dir), str(out), "--preset", str(flags),
-            "--batch-size", "2", "--samples", "0", "--no-progress", "--device", "cpu"]
+            "--images-per-iteration", "2", "--samples", "0", "--no-progress", "--device", "cpu"]
     res = CliRunner().invoke(cli, args + ["--iterations", "1"])
     assert res.exit_code == 0, res.output
     assert (out / "ema.pt").is_file()
     res = CliRunner().invoke(cli, ["train-backbone", str(images_dir), str(out), "--resume",
-                                   "--iterations", "2", "--samples", "0", "--batch-size", "2",
+                                   "--iterations", "2", "--samples", "0", "--images-per-iteration", "2",
                                    "--no-progress"])
     assert res.exit_code == 0, res.output
     assert torch.load(out / "state.pt", weights_only=False)["step"] == 2
@@ -204,6 +206,7 @@ def test_cli(images_dir, tmp_path):
     assert res.exit_code == 0 and "ddpmseg train-backbone" in res.output
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_an_uninterrupted_run(images_dir, tmp_path):
     import os
     import signal

@@ -52,6 +52,7 @@ def test_block_shapes_agree_with_real_activations():
     assert {b: tuple(a.shape[1:]) for (_, b), a in acts.items()} == bb.block_shapes()
 
 
+@pytest.mark.slow
 def test_early_exit_is_bit_identical_and_skips_later_blocks():
     torch.manual_seed(0)
     model = UNetModel.from_flags(PRESETS["tiny64_cosine"]).eval()
@@ -75,6 +76,7 @@ def test_early_exit_is_bit_identical_and_skips_later_blocks():
 
 @pytest.mark.parametrize("preset", ["tiny64_cosine", "faces_64"])
 @pytest.mark.parametrize("precision", [None, torch.bfloat16])
+@pytest.mark.slow
 def test_fast_inference_path_matches_the_direct_one(preset, precision):
     # Without autograd (no_grad or inference_mode) the blocks update their own temporaries in
     # place and fold the 3x3 conv after each nearest upsample into 2x2 convs at the low size;

@@ -78,7 +78,7 @@ def hand_ce_fixture():
 
 
 def small_config(**classifier) -> Config:
-    base = dict(ensemble=2, max_epochs=4, min_epochs=1, patience=20, batch_size=64, seed=0)
+    base = dict(ensemble=2, max_epochs=4, min_epochs=1, patience=20, pixels_per_batch=64, seed=0)
     base.update(classifier)
     return Config(classifier=ClassifierConfig(**base))
 

@@ -38,6 +38,7 @@ def _accuracy(store, run):
     return right / total
 
 
+@pytest.mark.slow
 def test_fit_separates_classes_and_writes_a_run(store_path, small_config, tmp_path):
     run = fit(store_path, tmp_path / "run", small_config(ensemble=2, max_epochs=8),
               device="cpu", progress=False)
@@ -66,6 +67,7 @@ def test_fit_separates_classes_and_writes_a_run(store_path, small_config, tmp_pa
     assert (run / "member_00.pt").stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_etf_modes(store_path, small_config, tmp_path, one_thread):
     runs = {mode: fit(store_path, tmp_path / mode, small_config(ensemble=1, etf=mode),
                       device="cpu", progress=False) for mode in ("none", "shared", "separate")}
@@ -96,7 +98,7 @@ def test_the_loss_is_ce_plus_weight_times_the_etf_ce(store_path, small_config, t
     x = sampler.InMemorySource(store, index, torch.device("cpu")).x
     y = index.labels.astype(np.int64)
     weight = 0.7  # neither the default 0.4 nor 1
-    cfg = small_config(ensemble=1, max_epochs=1, batch_size=len(y), etf=mode, etf_weight=weight)
+    cfg = small_config(ensemble=1, max_epochs=1, pixels_per_batch=len(y), etf=mode, etf_weight=weight)
     (rec,) = _epoch_records(fit(store_path, tmp_path / "run", cfg, device="cpu", progress=False))
     assert rec["steps"] == 1 and rec["pixels"] == len(y)
     torch.manual_seed(0)  # member 0's draws: the classifier, then the separate trunk
@@ -120,7 +122,7 @@ def test_etf_weight_zero_trains_what_none_trains(store_path, small_config, tmp_p
                                                  one_thread):
     # A dozen steps of 512 pixels: enough for any ETF gradient to move the weights.
     runs = [fit(store_path, tmp_path / name,
-                small_config(ensemble=1, max_epochs=2, batch_size=512, etf=etf, etf_weight=w),
+                small_config(ensemble=1, max_epochs=2, pixels_per_batch=512, etf=etf, etf_weight=w),
                 device="cpu", progress=False)
             for name, etf, w in (("zero", mode, 0.0), ("none", "none", 0.4))]
     assert _same(_weights(runs[0]), _weights(runs[1]))
@@ -128,6 +130,7 @@ def test_etf_weight_zero_trains_what_none_trains(store_path, small_config, tmp_p
         [r["ce"] for r in _epoch_records(runs[1])]
 
 
+@pytest.mark.slow
 def test_streaming_and_in_memory_fit_the_same_ensemble(store_path, small_config, tmp_path):
     cfg = small_config(ensemble=1, max_epochs=3)
     a = fit(store_path, tmp_path / "stream", cfg, device="cpu", progress=False)
@@ -158,6 +161,7 @@ def _manifest_text(run) -> str:
         return ""
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_an_uninterrupted_run(store_path, tmp_path):
     from ddpmseg.config import ClassifierConfig, Config
 
@@ -265,6 +269,7 @@ def test_load_ensemble_of_an_unfinished_run(store_path, small_config, tmp_path):
         load_ensemble(tmp_path, "cpu")
 
 
+@pytest.mark.distributed
 def test_dask_members_equal_sequential(store_path, small_config, tmp_path):
     cfg = small_config(ensemble=2, max_epochs=2)
     seq = fit(store_path, tmp_path / "seq", cfg, device="cpu", progress=False)
@@ -288,8 +293,8 @@ def test_bad_classifier_settings_are_config_errors(store_path, small_config, tmp
 
     with pytest.raises(ConfigError, match="etf"):
         fit(store_path, tmp_path / "run", small_config(etf="both"), device="cpu", progress=False)
-    with pytest.raises(ConfigError, match="batch_size"):
-        fit(store_path, tmp_path / "run", small_config(batch_size=1), device="cpu",
+    with pytest.raises(ConfigError, match="pixels_per_batch"):
+        fit(store_path, tmp_path / "run", small_config(pixels_per_batch=1), device="cpu",
             progress=False)
 
 

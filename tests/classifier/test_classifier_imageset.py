@@ -22,6 +22,7 @@ def hashed_store(make_store, path):
     return FeatureStore.open(path, mode="r+")
 
 
+@pytest.mark.slow
 def test_run_records_its_images_and_refuses_a_changed_store(make_store, small_config,
                                                             tmp_path, caplog):
     store = hashed_store(make_store, tmp_path / "s.zarr")

@@ -139,6 +139,7 @@ def test_diverse_order_skips_near_duplicates():
     assert plain[:2] == [0, 1]
 
 
+@pytest.mark.slow
 def test_sweep_finds_the_map_that_carries_the_classes(make_store, tmp_path):
     train = make_store(tmp_path / "train.zarr", n_images=4, seed=0)
     test = make_store(tmp_path / "test.zarr", n_images=2, seed=1)

@@ -62,7 +62,7 @@ def test_ddpm_json_maps_to_config(ref):
     assert (cfg.data.name, cfg.data.num_classes, cfg.data.ignore_label) == ("ffhq_34", 34, 255)
     assert cfg.features.steps == (50, 150, 250) and cfg.features.blocks == (2, 4, 5, 7, 8)
     assert cfg.features.seed == 0
-    assert (cfg.classifier.ensemble, cfg.classifier.batch_size, cfg.classifier.etf) == \
+    assert (cfg.classifier.ensemble, cfg.classifier.pixels_per_batch, cfg.classifier.etf) == \
         (3, 64, "none")
     assert cfg.predict.vote == "hard"
     assert cfg.model.checkpoint == str((ref.parents[1] / "backbones/adm_faces64/adm_faces64.pt")
@@ -201,6 +201,7 @@ def test_a_missing_member_writes_nothing(ref, tmp_path):
 
 
 # -- the reference's predictions ------------------------------------------------------------------
+@pytest.mark.slow
 def test_imported_run_reproduces_the_reference_predictions(ref, imported, tmp_path, one_thread):
     """Float32 features of the fixture's test images, the imported run, hard vote: the
     reference's masks (>= 99.9% of pixels) and its mIoU 25.41 (within 0.1)."""

@@ -62,11 +62,11 @@ def test_options_override_the_config(tmp_path, data_dir, config_toml):
     result = CliRunner().invoke(cli, [
         "extract", str(data_dir), str(store_path), "--config", str(config_toml),
         "--steps", "10", "--blocks", "2,8", "--dtype", "bfloat16", "--seed", "3",
-        "--batch-size", "2", "--device", "cpu", "--no-progress"])
+        "--images-per-batch", "2", "--device", "cpu", "--no-progress"])
     assert result.exit_code == 0, result.output
     info = FeatureStore.open(store_path).info
     assert (info.steps, info.blocks, info.dtype, info.seed) == ((10,), (2, 8), "bfloat16", 3)
-    assert FeatureStore.open(store_path).config["features"]["batch_size"] == 2
+    assert FeatureStore.open(store_path).config["features"]["images_per_batch"] == 2
     # Rerun with other steps: refused, naming them, one line, no traceback.
     again = CliRunner().invoke(cli, ["extract", str(data_dir), str(store_path), "--config",
                                      str(config_toml), "--no-progress"])

@@ -35,13 +35,13 @@ def tiny_store(tmp_path):
 
 TINY_CONFIG = Config(data=DataConfig(name="tiny_2", num_classes=2, class_names=("bg", "fg")),
                      classifier=ClassifierConfig(etf="none", ensemble=3, max_epochs=1,
-                                                 batch_size=16))
+                                                 pixels_per_batch=16))
 
 
 def test_fit_command(tiny_store, tmp_path):
     run = tmp_path / "run"
     res = CliRunner().invoke(cli, ["fit", str(tiny_store), str(run), "--ensemble", "2",
-                                   "--max-epochs", "2", "--batch-size", "16", "--etf", "none",
+                                   "--max-epochs", "2", "--pixels-per-batch", "16", "--etf", "none",
                                    "--seed", "3", "--device", "cpu", "--no-progress"])
     assert res.exit_code == 0, res.output
     assert {"config.json", "store.json", "member_00.pt", "member_01.pt",
@@ -86,17 +86,19 @@ def test_fit_help_has_an_example():
     assert res.exit_code == 0 and "ddpmseg fit stores/" in res.output
 
 
-def test_fit_threads_are_set_and_recorded(tiny_store, tmp_path):
+def test_fit_threads_are_used_and_recorded(tiny_store, tmp_path):
+    """--threads is the fit's thread count, recorded; the process's is left as it was."""
     import torch
 
     before = torch.get_num_threads()
     run = tmp_path / "run"
     try:
+        torch.set_num_threads(1)
         res = CliRunner().invoke(cli, ["fit", str(tiny_store), str(run), "--ensemble", "1",
-                                       "--max-epochs", "1", "--batch-size", "16", "--threads", "2",
-                                       "--device", "cpu", "--no-progress"])
+                                       "--max-epochs", "1", "--pixels-per-batch", "16",
+                                       "--threads", "2", "--device", "cpu", "--no-progress"])
         assert res.exit_code == 0, res.output
-        assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
     meta = torch.load(run / "member_00.pt", weights_only=True)["meta"]
@@ -133,7 +135,7 @@ def test_fit_config_option_wins_over_the_store_and_says_so(tmp_path):
     store = make_tiny_store(tmp_path / "s.zarr", TINY_CONFIG.to_dict())
     toml = tmp_path / "mine.toml"
     toml.write_text('[data]\nname = "mine"\nnum_classes = 2\n'
-                    '[classifier]\nensemble = 1\nmax_epochs = 1\nbatch_size = 16\n')
+                    '[classifier]\nensemble = 1\nmax_epochs = 1\npixels_per_batch = 16\n')
     run = tmp_path / "run"
     res = CliRunner().invoke(cli, ["fit", str(store), str(run), "--config", str(toml),
                                    "--device", "cpu", "--no-progress"])
@@ -147,7 +149,7 @@ def test_fit_config_option_wins_over_the_store_and_says_so(tmp_path):
 def test_fit_on_a_store_without_a_recorded_config_says_it_uses_the_defaults(tiny_store,
                                                                            tmp_path):
     res = CliRunner().invoke(cli, ["fit", str(tiny_store), str(tmp_path / "run"),
-                                   "--ensemble", "1", "--max-epochs", "1", "--batch-size", "16",
+                                   "--ensemble", "1", "--max-epochs", "1", "--pixels-per-batch", "16",
                                    "--device", "cpu", "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "fit: config custom (defaults: the store records no config)" in res.stderr

@@ -8,7 +8,7 @@ from ddpmseg.backbone.bundled import resolve_checkpoint
 from ddpmseg.cli.main import cli
 
 COMMANDS = ["extract", "fit", "predict", "evaluate", "report", "demo", "check-checkpoint",
-            "train-backbone", "import-run", "export-run", "suggest", "sweep", "verify"]
+            "train-backbone", "import-run", "export-run", "suggest", "sweep", "verify", "labels"]
 
 
 def test_version():
@@ -60,3 +60,46 @@ def test_library_parameters_become_options_in_cli_errors():
     from ddpmseg.cli.main import as_flags
     text = "pass `resize=True`, `num_classes=N`, `images_dir=DIR` or `progress=False`; a=b stays"
     assert as_flags(text) == "pass --resize, --num-classes N, --images DIR or --no-progress; a=b stays"
+
+
+def test_library_parameters_spelled_otherwise_map_to_real_options():
+    """Each parameter whose option is spelled otherwise (_FLAG_NAMES) becomes that option, and
+    that option exists on some command (a typo or a rename there fails here)."""
+    from ddpmseg.cli.main import _FLAG_NAMES, as_flags
+
+    assert as_flags("pass `resume=False`") == "pass --overwrite"
+    assert as_flags("pass `resume=True`") == "pass --resume"
+    assert as_flags("give `save_every=M` or `out_dir=DIR`") == \
+        "give --save-every-minutes M or --out DIR"
+    assert as_flags("`max_image_pixels=N`, `images_per_batch=N`, `iterations=N`") == \
+        "--max-image-pixels N, --images-per-batch N, --iterations N"
+    options = {opt for command in cli.commands.values() for param in command.params
+               for opt in getattr(param, "opts", ())}
+    for option in _FLAG_NAMES.values():
+        assert f"--{option}" in options, option
+
+
+@pytest.mark.parametrize("command, args, module, after", [
+    ("extract", ["in", "s.zarr"], "ddpmseg.pipelines.extract",
+     "rerun the same command to resume"),
+    ("evaluate", ["p", "g"], "ddpmseg.outputs.evaluate", "rerun the same command to resume"),
+    ("predict", ["run", "in", "out"], "ddpmseg.pipelines.predict",
+     "the prediction folder is as it was; rerun the same command to predict again"),
+])
+def test_ctrl_c_while_a_command_imports_the_library_is_one_line(monkeypatch, command, args,
+                                                                 module, after):
+    """A command imports the library (torch: seconds) inside the group's handler, so a Ctrl-C
+    landing there is the one line, exit 130; here the import itself raises, no timing."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def interrupted(name, *rest, **kwargs):
+        if name == module:
+            raise KeyboardInterrupt
+        return real_import(name, *rest, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    result = CliRunner().invoke(cli, [command, *args])
+    assert result.exit_code == 130, result.output
+    assert result.stderr == f"error: interrupted; {after}\n"

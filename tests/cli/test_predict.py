@@ -269,6 +269,7 @@ KILL_POINTS = [("ddpmseg.pipelines.predict", "_write_image_outputs", 2),
 
 
 @pytest.mark.parametrize("module, function, at", KILL_POINTS)
+@pytest.mark.slow
 def test_a_killed_predict_leaves_the_earlier_prediction_or_the_new_one(
         tmp_path, store, fake_run, module, function, at):
     """SIGKILL at each step: the earlier prediction stays whole until the new one is, and the

@@ -5,6 +5,7 @@ import shlex
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -27,6 +28,7 @@ def test_the_section_has_config_import_predict_and_export():
     assert names == ["extract", "import-run", "predict", "evaluate", "export-run", "import-run"]
 
 
+@pytest.mark.slow
 def test_readme_commands_run_as_written(shared_dir, missing_shared, tmp_path, monkeypatch,
                                         one_thread):
     ref = shared_dir / "fixtures" / "reference_run"

@@ -223,6 +223,7 @@ def test_resize_says_when_it_stretches(tmp_path, caplog):
     assert load_image(tmp_path / "wide.png", (64, 64), resize=True).shape == (64, 64, 3)
 
 
+@pytest.mark.slow
 def test_demo_prints_its_table_on_stdout(monkeypatch, tmp_path):
     import importlib
 

@@ -7,6 +7,7 @@ from ddpmseg.featcache import FeatureStore
 from ddpmseg.pipelines.extract import extract
 
 
+@pytest.mark.distributed
 def test_local_cluster_store_equals_single_process(tmp_path, faces_dir, faces_config, helpers):
     single = extract(faces_dir, tmp_path / "single.zarr", faces_config, device="cpu",
                      progress=False)

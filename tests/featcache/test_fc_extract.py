@@ -25,6 +25,7 @@ FACES64_STEPS = (10, 400)      # as tests/featcache/conftest.py's faces_config
 FACES64_BLOCKS = (2, 5, 8, 11)
 
 
+@pytest.mark.slow
 def test_extract_writes_the_model_features_and_labels(tmp_path, faces_dir, faces, faces64,
                                                       faces_config, faces64_ckpt):
     store = extract(faces_dir, tmp_path / "s.zarr", faces_config, progress=False)
@@ -49,6 +50,7 @@ def test_extract_writes_the_model_features_and_labels(tmp_path, faces_dir, faces
     assert (store.labels(0) == 255).sum() >= (faces[0][2] == 255).sum()
 
 
+@pytest.mark.slow
 def test_rerun_is_a_no_op_and_overwrite_replaces(tmp_path, faces_dir, faces64, faces_config,
                                                  helpers):
     path = tmp_path / "s.zarr"
@@ -64,6 +66,7 @@ def test_rerun_is_a_no_op_and_overwrite_replaces(tmp_path, faces_dir, faces64, f
     assert not (path / "act_t400_b2").exists()
 
 
+@pytest.mark.slow
 def test_other_steps_or_checkpoint_are_refused(tmp_path, faces_dir, faces64, faces_config):
     path = tmp_path / "s.zarr"
     extract(faces_dir, path, faces_config, backbone=faces64, progress=False)
@@ -168,13 +171,13 @@ def test_batches_and_progress(tmp_path, synthetic_dir, fake_config, fake_backbon
     assert "img/s" not in capsys.readouterr().err  # stderr is no terminal: no bar
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     bb = fake_backbone()
-    store = extract(synthetic_dir, tmp_path / "s.zarr", fake_config, backbone=bb, batch_size=3,
+    store = extract(synthetic_dir, tmp_path / "s.zarr", fake_config, backbone=bb, images_per_batch=3,
                     progress=True)
     assert bb.calls == 2 and store.complete().all()
     err = capsys.readouterr().err
     assert "4/4" in err and "img/s" in err
     one = extract(synthetic_dir, tmp_path / "one.zarr", fake_config, backbone=fake_backbone(),
-                  batch_size=1, progress=False)
+                  images_per_batch=1, progress=False)
     for i in range(4):
         for a, b in zip(store.maps(i), one.maps(i)):
             np.testing.assert_array_equal(a, b)
@@ -242,10 +245,10 @@ def test_settings_are_checked(tmp_path, synthetic_dir, fake_config, fake_backbon
 
 def test_config_attribute_is_json(tmp_path, synthetic_dir, fake_config, fake_backbone):
     extract(synthetic_dir, tmp_path / "s.zarr", fake_config, backbone=fake_backbone(),
-            precision="bf16", batch_size=2, progress=False)
+            precision="bf16", images_per_batch=2, progress=False)
     attrs = json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())["attributes"]
     assert attrs["config"]["features"]["precision"] == "bf16"
-    assert attrs["config"]["features"]["batch_size"] == 2
+    assert attrs["config"]["features"]["images_per_batch"] == 2
     assert attrs["ddpmseg"]["precision"] == "bf16"
     assert torch.tensor(attrs["ddpmseg"]["image_size"]).tolist() == [32, 32]
 

@@ -63,6 +63,7 @@ def grown(tmp_path, faces, faces_config, faces64, helpers, one_thread):
     return folder, path, run
 
 
+@pytest.mark.slow
 def test_three_rounds_touch_only_what_changed_and_equal_scratch(
         grown, tmp_path, faces, faces_config, faces64, helpers):
     folder, path, run = grown
@@ -134,6 +135,7 @@ def test_gone_images_refused_pruned_then_compacted(grown, tmp_path, faces, helpe
     assert store.names == (faces[0][0], faces[2][0], gone)
 
 
+@pytest.mark.slow
 def test_kill_between_the_steps_of_a_round_resumes_to_the_same_store(
         grown, tmp_path, faces, faces_config, faces64, helpers, monkeypatch):
     """A round interrupted after flags, labels and array sizes were written but before the
@@ -173,6 +175,7 @@ def _resume_script() -> str:
     return module.SCRIPT
 
 
+@pytest.mark.slow
 def test_sigkill_mid_round_resumes_to_the_same_result(tmp_path, faces, faces64_ckpt, helpers):
     folder = helpers.make_folder(tmp_path / "data", [f[1] for f in faces[:2]],
                                  [f[2] for f in faces[:2]], [f[0] for f in faces[:2]])

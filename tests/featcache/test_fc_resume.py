@@ -4,6 +4,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from ddpmseg.featcache import FeatureStore
 
 SCRIPT = textwrap.dedent("""
@@ -45,6 +47,7 @@ def count_complete(path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_killed_extract_resumes_bit_identical(tmp_path, faces, faces64_ckpt, helpers):
     folder = helpers.make_folder(tmp_path / "data", [f[1] for f in faces],
                                  [f[2] for f in faces], [f[0] for f in faces])

@@ -19,7 +19,9 @@ from ddpmseg.pipelines import extract as X
 from ddpmseg.pipelines.verify import verify_store
 
 CLI = [sys.executable, "-c", "from ddpmseg.cli.main import main; main()"]
-SMALL = ["--config", "faces64_ffhq_34", "--steps", "10", "--blocks", "2", "--batch-size", "1",
+pytestmark = pytest.mark.distributed
+
+SMALL = ["--config", "faces64_ffhq_34", "--steps", "10", "--blocks", "2", "--images-per-batch", "1",
          "--device", "cpu", "--no-progress"]
 
 
@@ -47,7 +49,7 @@ def start_extract(data, store, address, *extra, cwd=None):
 def small_config(seed: int = 0):
     from ddpmseg import load_config
     return load_config("faces64_ffhq_34").with_overrides(
-        features={"steps": (10,), "blocks": (2,), "seed": seed, "batch_size": 1})
+        features={"steps": (10,), "blocks": (2,), "seed": seed, "images_per_batch": 1})
 
 
 def test_orphaned_task_does_not_write_into_the_rerun_store(tcp_cluster, faces_dir, tmp_path,
@@ -125,7 +127,7 @@ def test_fit_on_tcp_with_relative_store_path(tcp_cluster, synthetic_dir, fake_co
     extract(synthetic_dir, tmp_path / "s.zarr", fake_config, backbone=fake_backbone(),
             progress=False)
     cfg = Config(classifier=ClassifierConfig(ensemble=1, max_epochs=1, min_epochs=1,
-                                             batch_size=64, seed=0))
+                                             pixels_per_batch=64, seed=0))
     monkeypatch.chdir(tmp_path)
     run = fit("s.zarr", "run", cfg, device="cpu", scheduler=tcp_cluster.address,
               progress=False)

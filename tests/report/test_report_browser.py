@@ -21,6 +21,9 @@ from ddpmseg.outputs.report import report
 VIEWPORT = (1280, 800)
 
 
+pytestmark = pytest.mark.browser
+
+
 def _need(reason: str):
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"{reason} (CI must run the browser test: .ci/run installs chromium)")

@@ -37,6 +37,7 @@ Output folder::
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -53,6 +54,7 @@ from ddpmseg.core.device import resolve_device, use_threads
 from ddpmseg.core.errors import ConfigError, RunError
 from ddpmseg.core.locking import writer_lock
 from ddpmseg.core.progress import bar
+from ddpmseg.core.renames import renamed_keyword
 from ddpmseg.backbone.diffusion import Schedule
 from ddpmseg.backbone.adm.flags import ModelFlags
 from ddpmseg.backbone.sampling import image_grid, sample
@@ -302,11 +304,11 @@ class TrainJob:
     def check(self) -> None:
         """ConfigError for a setting out of range."""
         if self.steps is None and self.minutes is None:
-            raise ConfigError("give a number of steps or of minutes to train",
-                              "pass `steps=N` or `minutes=M`")
-        _check_positive("steps", self.steps, allow_none=True, integer=True)
+            raise ConfigError("give a number of iterations or of minutes to train",
+                              "pass `iterations=N` or `minutes=M`")
+        _check_positive("iterations", self.steps, allow_none=True, integer=True)
         _check_positive("minutes", self.minutes, allow_none=True)
-        _check_positive("batch_size", self.batch_size, integer=True)
+        _check_positive("images_per_iteration", self.batch_size, integer=True)
         _check_positive("lr", self.lr)
         _check_positive("save_every", self.save_every)
         _check_positive("log_every", self.log_every, integer=True)
@@ -319,30 +321,39 @@ class TrainJob:
 
 def train_backbone(images_dir: str | Path, out_dir: str | Path,
                    flags: ModelFlags | Mapping | str | Path | None = None, *,
-                   steps: int | None = None, minutes: float | None = None,
-                   batch_size: int = 16, lr: float = 1e-4, ema: float = 0.9999,
+                   iterations: int | None = None, minutes: float | None = None,
+                   images_per_iteration: int = 16, lr: float = 1e-4, ema: float = 0.9999,
                    device: str | torch.device = "auto", resume: bool = False,
                    save_every: float = 10.0, seed: int = 0, samples: int = 4,
-                   sample_steps: int = 50, log_every: int = 10, progress: bool = True,
-                   threads: int | None = None) -> Path:
+                   sample_passes: int = 50, log_every: int = 10, progress: bool = True,
+                   threads: int | None = None, steps: int | None = None,
+                   batch_size: int | None = None, sample_steps: int | None = None) -> Path:
     """Train an ADM UNet on the images of ``images_dir``; checkpoints go to ``out_dir``.
 
     ``flags``: ModelFlags, a preset name, a flag dict or a JSON file (None on resume: the run's
-    flags.json). Stops after ``steps`` total steps (counted from the run's start, so a resumed
-    run stops at the same step) or after ``minutes`` of this call, whichever comes first; one
-    of them is required. ``save_every``: minutes between checkpoints (also saved at the end).
-    ``samples``: images in samples.png at each save (0: none), drawn in ``sample_steps``
-    strided ancestral steps from the EMA weights. ``threads``: torch's CPU threads while it
-    runs (``core.device.use_threads``; the caller's setting is back after). Returns ``out_dir``.
+    flags.json). Stops after ``iterations`` optimiser iterations in all (counted from the run's
+    start, so a resumed run stops at the same one) or after ``minutes`` of this call, whichever
+    comes first; one of them is required. ``save_every``: minutes between checkpoints (also
+    saved at the end). ``samples``: images in samples.png at each save (0: none), drawn in
+    ``sample_passes`` strided ancestral denoising passes from the EMA weights. ``threads``:
+    torch's CPU threads while it runs (``core.device.use_threads``; the caller's setting is back
+    after). ``steps``, ``batch_size`` and ``sample_steps`` are the old spellings of
+    ``iterations``, ``images_per_iteration`` and ``sample_passes`` (one more release, with a
+    note). Returns ``out_dir``.
 
     Under ``torchrun`` (WORLD_SIZE > 1 in the environment) this process is one rank of a DDP
     run (see the module's doc): it joins the process group (unless the caller already has),
-    ``batch_size`` is the global batch (a multiple of WORLD_SIZE), and the group is destroyed
-    again at the end. A ``cuda`` or ``auto`` device becomes ``cuda:LOCAL_RANK``.
+    ``images_per_iteration`` is the global batch (a multiple of WORLD_SIZE), and the group is
+    destroyed again at the end. A ``cuda`` or ``auto`` device becomes ``cuda:LOCAL_RANK``.
     """
-    job = TrainJob(steps=steps, minutes=minutes, batch_size=batch_size, lr=lr, ema=ema,
-                   resume=resume, save_every=save_every, seed=seed, samples=samples,
-                   sample_steps=sample_steps, log_every=log_every, progress=progress)
+    renamed = functools.partial(renamed_keyword, "train_backbone")
+    job = TrainJob(steps=renamed("steps", steps, "iterations", iterations), minutes=minutes,
+                   batch_size=renamed("batch_size", batch_size, "images_per_iteration",
+                                      images_per_iteration),
+                   lr=lr, ema=ema, resume=resume, save_every=save_every, seed=seed,
+                   samples=samples, log_every=log_every, progress=progress,
+                   sample_steps=renamed("sample_steps", sample_steps, "sample_passes",
+                                        sample_passes))
     with use_threads(threads):
         if ddp.world_size_from_env() <= 1:
             with _writing(out_dir, 0):
