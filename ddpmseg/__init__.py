@@ -17,6 +17,7 @@ The package's folders are the pipeline's stages; each imports only from those be
 tests/test_layers.py checks that rule on every import.
 """
 
+from ddpmseg.core.lazy import lazy_names
 from ddpmseg.core.version import __version__
 
 # public name -> the module that defines it
@@ -33,13 +34,4 @@ _PUBLIC = {
 __all__ = [*_PUBLIC, "__version__"]
 
 
-def __getattr__(name: str):
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'ddpmseg' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(_PUBLIC[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_PUBLIC])
+__getattr__, __dir__ = lazy_names(__name__, _PUBLIC, globals())

@@ -321,13 +321,6 @@ def _wide_to_rgb(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
 
 
-def set_max_image_pixels(pixels: int | None) -> None:
-    """Deprecated (kept one release): set PIL's global limit. Pass ``max_image_pixels=`` to
-    the functions that read images instead."""
-    if pixels is not None:
-        Image.MAX_IMAGE_PIXELS = int(pixels)
-
-
 def too_many_pixels(path: Path, hw: tuple[int, int] | None = None,
                     limit: int | None = None) -> BadInputError:
     # Without hw PIL refused the file itself, above twice the limit, before telling its size.

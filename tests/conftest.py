@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import need
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
@@ -100,14 +102,6 @@ def hold_lock():
         proc.wait(timeout=30)
 
 
-def skip_where_not_allowed(reason: str):
-    """Skip for want of something this machine does not allow (mounting a tmpfs); under
-    CI=true, fail instead: CI runs every check."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI=true: this check must run)", pytrace=False)
-    pytest.skip(reason)
-
-
 @pytest.fixture
 def tiny_disk(tmp_path):
     """tiny_disk(kb) -> a folder on a tmpfs of ``kb`` kB: a disk that fills up. Skipped,
@@ -126,7 +120,7 @@ def tiny_disk(tmp_path):
         where.mkdir()
         done = mount("-t", "tmpfs", "-o", f"size={kb}k", "tmpfs", where)
         if done.returncode != 0:
-            skip_where_not_allowed(f"cannot mount a tmpfs here ({done.stderr.strip()})")
+            need(f"cannot mount a tmpfs here ({done.stderr.strip()})")
         mounts.append(where)
         return where
 

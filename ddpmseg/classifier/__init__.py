@@ -8,6 +8,8 @@ The public names are imported when first used (PEP 562), so ``import ddpmseg.cla
 (what ``verify`` reads a run with) imports no torch.
 """
 
+from ddpmseg.core.lazy import lazy_names
+
 # public name -> the module that defines it
 _PUBLIC = {
     "fit": "ddpmseg.classifier.train",
@@ -22,13 +24,4 @@ _PUBLIC = {
 __all__ = list(_PUBLIC)
 
 
-def __getattr__(name: str):
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'ddpmseg.classifier' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(_PUBLIC[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_PUBLIC])
+__getattr__, __dir__ = lazy_names(__name__, _PUBLIC, globals())

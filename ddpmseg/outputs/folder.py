@@ -27,12 +27,11 @@ import glob
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 
 from ddpmseg.core.errors import InputNotFoundError, OutputError
-from ddpmseg.core.fileio import write_json
+from ddpmseg.core.fileio import is_temporary, write_json
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +59,6 @@ META_KEYS = ("version", "run", "input", "input_kind", "out_dir", "vote", "tile_r
              "num_classes", "ignore_label", "class_names", "steps", "blocks", "image_size",
              "seed", "dtype", "fingerprint", "config", "num_images", "names", "summary",
              "palette", "seconds")
-# atomic_write's temporary files: ".<name>.<pid>.tmp"
-_TMP_FILE = re.compile(r"^\..+\.\d+\.tmp$")
 _REDO = "rerun `ddpmseg predict` to write it again"
 # Label-map-like files of a folder that are not label maps: the per-image extras and the
 # folder's own pictures (a folder of label maps another tool wrote is read too).
@@ -82,7 +79,7 @@ def write_meta(folder: Path, meta: dict) -> Path:
     """Write predict.json (``META_KEYS``, in that order) into ``folder``; the last file a
     `predict` writes: the prediction is whole once it is there."""
     if tuple(meta) != META_KEYS:
-        raise ValueError(f"predict.json's keys are {META_KEYS}, got {tuple(meta)}")  # a bug
+        raise AssertionError(f"predict.json's keys are {META_KEYS}, got {tuple(meta)}")  # a bug
     path = Path(folder) / META_FILE
     write_json(path, meta, default=str)
     return path
@@ -226,7 +223,7 @@ def swap_in(ready: Path, out: Path) -> None:
     entries that are no prediction's, then OUT -> .OUT.old, .OUT.new -> OUT, delete .OUT.old."""
     if out.is_dir():
         own = _ours(out)
-        carried = [p for p in out.iterdir() if p.name not in own and not _TMP_FILE.match(p.name)]
+        carried = [p for p in out.iterdir() if p.name not in own and not is_temporary(p)]
         clash = [p.name for p in carried if (ready / p.name).exists()]
         if clash:  # checked before the run started; changed since
             raise OutputError(f"{out} holds {clash[0]}, which the new prediction also has",

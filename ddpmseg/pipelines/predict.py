@@ -47,15 +47,7 @@ from ddpmseg.core.fileio import is_no_space, no_space_error, sha256_file, size_t
 from ddpmseg.core.locking import reader_lock, writer_lock
 from ddpmseg.core.progress import bar
 from ddpmseg.core.version import __version__
-from ddpmseg.data import (
-    check_image_size,
-    find_image,
-    image_hw,
-    labelled,
-    list_samples,
-    load_image,
-    read_mask,
-)
+from ddpmseg import data
 from ddpmseg.featcache import content, pixels
 from ddpmseg.featcache.store import FeatureStore, decode_map, is_store
 from ddpmseg.outputs import folder, render, voting
@@ -180,7 +172,7 @@ def reading_source(path: Path):
 
 
 def _find_original(images_dir: Path | None, name: str) -> Path | None:
-    return find_image(images_dir, name) if images_dir is not None else None
+    return data.find_image(images_dir, name) if images_dir is not None else None
 
 
 class _StoreSource:
@@ -214,7 +206,7 @@ class _StoreSource:
         info = self.store.info
         # A mask of only the ignore label labels nothing: its image counts as unlabelled.
         return {n: ((recorded.get(n) or [None])[0],
-                    info.has_labels and labelled(self.store.labels(i), info.ignore_label))
+                    info.has_labels and data.labelled(self.store.labels(i), info.ignore_label))
                 for i, n in enumerate(self.names)}
 
     def items(self, skip: Collection[str] = ()) -> Iterator[_Item]:
@@ -224,7 +216,7 @@ class _StoreSource:
             original = _find_original(self.images_dir, name)
             image = None
             if original is not None:
-                image = load_image(original, max_image_pixels=self.max_image_pixels)
+                image = data.load_image(original, max_image_pixels=self.max_image_pixels)
             elif self.images_dir is not None:
                 log.warning("no original image for %s in %s; overlay drawn on grey", name,
                             self.images_dir)
@@ -237,7 +229,7 @@ class _ImageSource:
     def __init__(self, path: Path, model: Ensemble, device: torch.device,
                  checkpoint: str | None, resize: bool, max_image_pixels: int | None = None):
         self.max_image_pixels = max_image_pixels
-        self.samples = list_samples(path, max_image_pixels=max_image_pixels)
+        self.samples = data.list_samples(path, max_image_pixels=max_image_pixels)
         self.spec = model.info.spec
         self.size = self.spec.image_size
         self.resize = resize
@@ -246,7 +238,8 @@ class _ImageSource:
         # Check every image's size before the (slow) backbone load and before any output
         # (each stretch is noted here, once).
         for s in self.samples:
-            check_image_size(s.image, image_hw(s.image, max_image_pixels), self.size, resize)
+            hw = data.image_hw(s.image, max_image_pixels)
+            data.check_image_size(s.image, hw, self.size, resize)
         self.checkpoint = _resolve_checkpoint(checkpoint, model)
         self.names = [s.name for s in self.samples]
         want = self.spec.backbone
@@ -270,7 +263,7 @@ class _ImageSource:
     def image_content(self) -> dict[str, tuple[str | None, bool]]:
         """{name: (image sha256, has a mask labelling at least one pixel)}."""
         return {s.name: (sha256_file(s.image), s.mask is not None
-                         and labelled(read_mask(s.mask, self.max_image_pixels),
+                         and data.labelled(data.read_mask(s.mask, self.max_image_pixels),
                                       self.ignore_label))
                 for s in self.samples}
 
@@ -278,7 +271,7 @@ class _ImageSource:
         for sample in self.samples:
             if sample.name in skip:
                 continue
-            image = load_image(sample.image, self.size, self.resize, self.max_image_pixels)
+            image = data.load_image(sample.image, self.size, self.resize, self.max_image_pixels)
             x0 = image_tensor(image)[None].to(self.device)
             with torch.no_grad():
                 # The path `extract` takes: the maps equal those a store of the images holds,

@@ -1,12 +1,13 @@
 """A hand-made prediction folder (what `predict` leaves) and its images, for labels tests."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.helpers import need
 
 CLASSES = ("background", "cat", "dog")
 CONFIG_TOML = ('[data]\nnum_classes = 3\nignore_label = 255\n'
@@ -65,6 +66,4 @@ def pycocotools():
     try:
         import pycocotools.mask  # noqa: F401
     except ImportError:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("pycocotools is not installed (CI installs '.[test,diffusers,labels]')")
-        pytest.skip("pycocotools is not installed: pip install -e '.[labels]'")
+        need("pycocotools is not installed: pip install -e '.[labels]'")

@@ -24,17 +24,11 @@ from PIL import Image
 from ddpmseg.cli.main import cli
 from ddpmseg.interop.labels.label_studio import mask_to_rle
 
+from tests.helpers import chromium, need
 from tests.interop.label_studio_server import ENV_VAR, PASSWORD, USER, LabelStudio
 
 DEMO = Path(__file__).resolve().parents[2] / "ddpmseg" / "assets" / "demo"
 CONFIG = "faces64_ffhq_34"  # the bundled faces config: the bundled backbone, 64 px
-
-
-def need(reason: str):
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"{reason} (CI must run the real Label Studio round trip: .ci/run "
-                    "installs it)", pytrace=False)
-    pytest.skip(reason)
 
 
 def run(*argv) -> str:
@@ -143,21 +137,10 @@ def test_label_studio_round_trip(tmp_path, label_studio, monkeypatch, one_thread
 
 def screenshot(ls: LabelStudio, project: int, task: int, path: Path) -> None:
     """The task page in headless chromium, showing the pre-annotation."""
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    if binary is None or driver_path is None:
-        need("no chromium/chromedriver on PATH for the screenshot")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1280,800"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver = chromium(1280, 800)
     try:
         driver.set_page_load_timeout(180)
         driver.get(f"{ls.url}/user/login/")

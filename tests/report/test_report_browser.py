@@ -8,7 +8,6 @@ must run them (.ci/run installs chromium when it is missing).
 """
 
 import json
-import os
 import shutil
 
 import numpy as np
@@ -16,6 +15,7 @@ import pytest
 from PIL import Image
 
 from ddpmseg.outputs import render
+from tests.helpers import chromium
 from ddpmseg.outputs.report import report
 
 VIEWPORT = (1280, 800)
@@ -24,31 +24,9 @@ VIEWPORT = (1280, 800)
 pytestmark = pytest.mark.browser
 
 
-def _need(reason: str):
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"{reason} (CI must run the browser test: .ci/run installs chromium)")
-    pytest.skip(reason)
-
-
 @pytest.fixture
 def browser():
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        _need("selenium is not installed (pip install -e '.[test]')")
-    binary = next(filter(None, map(shutil.which, ("chromium", "chromium-browser"))), None)
-    driver_path = shutil.which("chromedriver")
-    if binary is None or driver_path is None:
-        _need("no chromium/chromedriver on PATH (apt-get install chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    # --no-sandbox: chromium refuses to start as root (CI runs as root) with its sandbox on.
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                f"--window-size={VIEWPORT[0]},{VIEWPORT[1]}"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver = chromium(*VIEWPORT)
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
         "width": VIEWPORT[0], "height": VIEWPORT[1], "deviceScaleFactor": 1, "mobile": False})
     yield driver

@@ -119,7 +119,7 @@ class ResBlock(TimestepBlock):
     the second norm (FiLM), so emb_layers is twice as wide as the output.
     """
 
-    def __init__(self, channels: int, emb_channels: int, dropout: float,
+    def __init__(self, channels: int, emb_channels: int, dropout: float, *,
                  out_channels: int | None = None, use_conv: bool = False,
                  use_scale_shift_norm: bool = False, up: bool = False, down: bool = False):
         super().__init__()
@@ -297,7 +297,7 @@ class UNetModel(nn.Module):
     """
 
     def __init__(self, image_size: int, in_channels: int, model_channels: int,
-                 out_channels: int, num_res_blocks: int, attention_ds: Iterable[int],
+                 out_channels: int, num_res_blocks: int, attention_ds: Iterable[int], *,
                  dropout: float = 0.0, channel_mult: Sequence[float] = (1, 2, 4, 8),
                  conv_resample: bool = True, num_classes: int | None = None,
                  num_heads: int = 1, num_head_channels: int = -1, num_heads_upsample: int = -1,

@@ -52,7 +52,7 @@ class StableDiffusionBackbone(DiffusersBackbone):
 
     kind = "stable-diffusion"
 
-    def __init__(self, unet, vae, embedding: torch.Tensor, scheduler, prompt: str = "",
+    def __init__(self, unet, vae, embedding: torch.Tensor, scheduler, *, prompt: str = "",
                  sha256: str = "", device="cpu", root: str | Path = ""):
         if getattr(unet.config, "addition_embed_type", None) or \
                 getattr(unet.config, "class_embed_type", None):

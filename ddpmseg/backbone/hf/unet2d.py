@@ -307,8 +307,10 @@ class DiffusersBackbone(FeatureBackbone):
                 except _Enough:
                     pass
                 if len(captured) != len(modules):
-                    raise RuntimeError("the UNet's forward did not reach every requested "
-                                       "block")  # a diffusers change we do not know
+                    # A diffusers version whose forward we do not know.
+                    raise CheckpointError("the UNet's forward did not reach every requested "
+                                          "block", "use the diffusers version the [diffusers] "
+                                          "extra names")
                 return [captured[k] for k in range(len(modules))]
 
             return self._gather(job, run)

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from ddpmseg.core.errors import RunError
-from ddpmseg.core.fileio import atomic_write, write_json
+from ddpmseg.core.fileio import atomic_write, remove_temporaries, write_json
 
 STATE_VERSION = 1
 WEIGHT_FILES = ("model.pt", "ema.pt")
@@ -31,8 +31,7 @@ def roll_forward(out: Path, step: int) -> None:
             os.replace(pending, out / name)
         for stale in out.glob(f".{name}.step*"):
             stale.unlink(missing_ok=True)
-    for tmp in out.glob(".*.tmp*"):
-        tmp.unlink(missing_ok=True)
+    remove_temporaries(out)
 
 
 def _cpu_state(sd: Mapping[str, torch.Tensor]) -> dict:

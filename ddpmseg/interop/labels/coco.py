@@ -59,7 +59,7 @@ def _decode(mask_api, seg, h: int, w: int, src: Path) -> np.ndarray:
         elif isinstance(seg, dict):
             rle = {"size": seg["size"], "counts": seg["counts"].encode("ascii")}
         else:
-            raise ValueError(f"a segmentation of type {type(seg).__name__}")
+            raise BadInputError(f"a segmentation of type {type(seg).__name__}")
         with warnings.catch_warnings():
             # pycocotools 2.0.11's decode under numpy 2 warns that its array wrapper takes no
             # `copy` keyword (numpy then copies, the values are the same).

@@ -23,7 +23,7 @@ from ddpmseg.config import Config
 from ddpmseg.core.errors import BadInputError, InputNotFoundError, OutputError
 from ddpmseg.core.fileio import write_png
 from ddpmseg.core.locking import writer_lock
-from ddpmseg.data import (_some, find_image, image_hw, list_samples, mask_names,
+from ddpmseg.data import (_some, find_image, image_hw, list_samples, mask_names, resize_mask,
                           size_text)
 from ddpmseg.outputs.folder import META_FILE, check_complete
 from ddpmseg.outputs.render import class_name, make_palette
@@ -233,7 +233,7 @@ def at_image_size(labels: np.ndarray, image: Path | None, resized: list[str]) ->
     if tuple(hw) == labels.shape:
         return labels
     resized.append(image.name)
-    return np.asarray(Image.fromarray(labels).resize((hw[1], hw[0]), Image.NEAREST), np.uint8)
+    return resize_mask(labels, hw)
 
 
 def _score(entropy_path: Path, num_classes: int) -> float:

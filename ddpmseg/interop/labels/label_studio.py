@@ -90,7 +90,7 @@ class _Reader:
     def read(self, bits: int) -> int:
         first, last = self.pos // 8, (self.pos + bits - 1) // 8
         if last >= len(self.data):
-            raise ValueError("the RLE ends early")
+            raise BadInputError("the RLE ends early")
         chunk = int.from_bytes(self.data[first:last + 1], "big")
         shift = (last + 1) * 8 - self.pos - bits
         self.pos += bits
@@ -124,7 +124,7 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
 def rle_to_mask(rle, height: int, width: int) -> np.ndarray:
     values = decode_rle(rle)
     if values.size != height * width * 4:
-        raise ValueError(f"the RLE holds {values.size} values, not {height}x{width}x4")
+        raise BadInputError(f"the RLE holds {values.size} values, not {height}x{width}x4")
     return values.reshape(height, width, 4)[..., 3] >= _THRESHOLD
 
 

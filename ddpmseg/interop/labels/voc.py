@@ -44,7 +44,7 @@ def read_labelmap(path: Path) -> dict[tuple[int, int, int], str]:
             name, rgb = line.split(":")[:2]
             colour = tuple(int(v) for v in rgb.split(","))
             if len(colour) != 3:
-                raise ValueError(rgb)
+                raise BadInputError(rgb)
         except ValueError as exc:
             raise BadInputError(f"{path}:{number} is not 'name:r,g,b:parts:actions' ({line!r})",
                                 "export the labelmap again") from exc
