@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
 
 import click
@@ -192,3 +193,27 @@ def show_progress(ctx: click.Context) -> bool:
     """Progress bars only on a terminal, and neither under -q nor --no-progress."""
     root = ctx.find_root().params
     return not (root.get("quiet") or root.get("no_progress")) and sys.stderr.isatty()
+
+
+# Library parameters whose option is spelled otherwise (the rest: underscores become dashes),
+# by name, or by name=value where one value is an option of its own (fit's `resume=False` is
+# --overwrite).
+_FLAG_NAMES = {"images_dir": "images", "config": "config", "max_pixels": "max-image-pixels",
+               "out_dir": "out", "save_every": "save-every-minutes", "resume=False": "overwrite"}
+_PARAMETER = re.compile(r"`([a-z_]+)=([^`]*)`")
+
+
+def as_flags(text: str) -> str:
+    """A library message names parameters (`resize=True`, `num_classes=N`); the CLI user gets
+    the options (--resize, --num-classes N)."""
+    def flag(match: re.Match) -> str:
+        name, value = match.groups()
+        if f"{name}={value}" in _FLAG_NAMES:
+            return "--" + _FLAG_NAMES[f"{name}={value}"]
+        option = "--" + _FLAG_NAMES.get(name, name.replace("_", "-"))
+        if value == "True":
+            return option
+        if value == "False":
+            return f"--no-{option[2:]}"
+        return f"{option} {value}"
+    return _PARAMETER.sub(flag, text)

@@ -14,7 +14,7 @@ import click
 
 from ddpmseg.core.version import __version__
 from ddpmseg.core.errors import DdpmsegError
-from ddpmseg.cli.common import configure_logging, global_options
+from ddpmseg.cli.common import as_flags, configure_logging, global_options
 
 # Each command lives in its own module of this package, named like the command.
 COMMANDS = ("extract", "fit", "predict", "evaluate", "report", "demo", "check_checkpoint",
@@ -60,30 +60,6 @@ _OS_HINTS = {
     errno.EISDIR: "a folder stands where a file is needed; choose another path",
     errno.ENOENT: "check the path",
 }
-
-
-# Library parameters whose option is spelled otherwise (the rest: underscores become dashes),
-# by name, or by name=value where one value is an option of its own (fit's `resume=False` is
-# --overwrite).
-_FLAG_NAMES = {"images_dir": "images", "config": "config", "max_pixels": "max-image-pixels",
-               "out_dir": "out", "save_every": "save-every-minutes", "resume=False": "overwrite"}
-_PARAMETER = re.compile(r"`([a-z_]+)=([^`]*)`")
-
-
-def as_flags(text: str) -> str:
-    """A library message names parameters (`resize=True`, `num_classes=N`); the CLI user gets
-    the options (--resize, --num-classes N)."""
-    def flag(match: re.Match) -> str:
-        name, value = match.groups()
-        if f"{name}={value}" in _FLAG_NAMES:
-            return "--" + _FLAG_NAMES[f"{name}={value}"]
-        option = "--" + _FLAG_NAMES.get(name, name.replace("_", "-"))
-        if value == "True":
-            return option
-        if value == "False":
-            return f"--no-{option[2:]}"
-        return f"{option} {value}"
-    return _PARAMETER.sub(flag, text)
 
 
 def os_error_line(exc: OSError) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ddpmseg.outputs.suggestions import CSV_FILE, SCORES, SHEET_FILE
-from ddpmseg.cli.common import device_option, max_pixels_option, threads_option
+from ddpmseg.cli.common import as_flags, device_option, max_pixels_option, threads_option
 
 
 @click.command("suggest")
@@ -59,4 +59,4 @@ def command(run, input_path, out_dir, top, by, diverse, include_labelled, images
                      max_image_pixels=max_image_pixels)
     for k, s in enumerate(ranked, 1):
         click.echo(f"{k}\t{s.name}\t{s.score:.6f}")
-    click.echo(skipped_line(ranked.skipped), err=True)  # how many the ranking leaves out
+    click.echo(as_flags(skipped_line(ranked.skipped)), err=True)  # how many the ranking leaves out

@@ -27,7 +27,7 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         raise ConfigError(f"unknown device {name!r}", "use auto, cpu, cuda or cuda:N") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for but CUDA is not available",
-                          "use --device cpu (or auto)")
+                          "use `device=cpu` (or auto)")
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"unsupported device {name!r}", "use auto, cpu, cuda or cuda:N")
     return device

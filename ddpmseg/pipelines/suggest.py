@@ -93,7 +93,7 @@ def skipped_line(skipped: dict[str, str]) -> str:
     why = [f"{sum(1 for v in skipped.values() if v == w)} {w}" for w in (WITH_MASK, TRAINED_ON)]
     return (f"skipped {len(skipped)} labelled image(s) ("
             + ", ".join(w for w in why if not w.startswith("0 "))
-            + "); --include-labelled ranks them too")
+            + "); `include_labelled=True` ranks them too")
 
 
 def pooled_features(maps) -> np.ndarray:

@@ -57,7 +57,7 @@ def test_debug_shows_the_traceback(tmp_path, debug):
 
 
 def test_library_parameters_become_options_in_cli_errors():
-    from ddpmseg.cli.main import as_flags
+    from ddpmseg.cli.common import as_flags
     text = "pass `resize=True`, `num_classes=N`, `images_dir=DIR` or `progress=False`; a=b stays"
     assert as_flags(text) == "pass --resize, --num-classes N, --images DIR or --no-progress; a=b stays"
 
@@ -65,7 +65,7 @@ def test_library_parameters_become_options_in_cli_errors():
 def test_library_parameters_spelled_otherwise_map_to_real_options():
     """Each parameter whose option is spelled otherwise (_FLAG_NAMES) becomes that option, and
     that option exists on some command (a typo or a rename there fails here)."""
-    from ddpmseg.cli.main import _FLAG_NAMES, as_flags
+    from ddpmseg.cli.common import _FLAG_NAMES, as_flags
 
     assert as_flags("pass `resume=False`") == "pass --overwrite"
     assert as_flags("pass `resume=True`") == "pass --resume"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpmseg import data as D
+from ddpmseg import data
 from ddpmseg.backbone import Backbone
 from ddpmseg.backbone.base import image_tensor
 from ddpmseg.core.errors import (
@@ -40,12 +40,12 @@ def test_extract_writes_the_model_features_and_labels(tmp_path, faces_dir, faces
     assert store.config["model"]["checkpoint"] == str(faces64_ckpt)
     assert store.config["features"]["steps"] == list(FACES64_STEPS)
     for i, (name, image, mask) in list(enumerate(faces[:4]))[::3]:  # images 0 and 3
-        x0 = image_tensor(D.load_image(faces_dir / f"{name}.png"))[None]
+        x0 = image_tensor(data.load_image(faces_dir / f"{name}.png"))[None]
         acts = faces64.activations(x0, FACES64_STEPS, FACES64_BLOCKS)
         for got, key in zip(store.maps(i), info.keys):
             assert got.dtype == np.float16
             np.testing.assert_array_equal(got, acts[key][0].half().numpy())
-        want = D.drop_rare_classes(mask, 34, 255, 20)
+        want = data.drop_rare_classes(mask, 34, 255, 20)
         np.testing.assert_array_equal(store.labels(i), want)
     assert (store.labels(0) == 255).sum() >= (faces[0][2] == 255).sum()
 
@@ -126,8 +126,8 @@ def test_image_size_must_match_unless_resize(tmp_path, faces, faces_config, face
                     progress=False)
     assert store.info.image_size == (64, 64)
     want = np.asarray(Image.fromarray(masks[1]).resize((64, 64), Image.NEAREST))
-    np.testing.assert_array_equal(store.labels(1), D.drop_rare_classes(want, 34, 255, 20))
-    x0 = image_tensor(D.load_image(folder / "img001.png", (64, 64), resize=True))[None]
+    np.testing.assert_array_equal(store.labels(1), data.drop_rare_classes(want, 34, 255, 20))
+    x0 = image_tensor(data.load_image(folder / "img001.png", (64, 64), resize=True))[None]
     acts = faces64.activations(x0, FACES64_STEPS, FACES64_BLOCKS)
     np.testing.assert_array_equal(store.maps(1)[0], acts[store.info.keys[0]][0].half().numpy())
 

@@ -6,7 +6,7 @@ import logging
 import numpy as np
 from PIL import Image
 
-from ddpmseg import data as D
+from ddpmseg import data
 from ddpmseg.pipelines.extract import extract
 
 
@@ -50,4 +50,4 @@ def test_a_mask_of_only_the_ignore_label_gets_a_note(tmp_path, fake_backbone, fa
     notes = [r.getMessage() for r in caplog.records if "ignore label" in r.getMessage()]
     assert len(notes) == 1 and "img002.npy" in notes[0] and "unlabelled" in notes[0]
     assert (store.labels(2) == 255).all() and store.info.has_labels
-    assert D.labelled(store.labels(2), 255) is False and D.labelled(store.labels(1), 255)
+    assert data.labelled(store.labels(2), 255) is False and data.labelled(store.labels(1), 255)

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from ddpmseg import data as D
+from ddpmseg import data
 from ddpmseg.cli.main import cli
 from ddpmseg.core.errors import BadInputError, StoreError
 from ddpmseg.featcache import FeatureStore
@@ -164,7 +164,7 @@ def test_a_killed_writers_lock_never_blocks(tmp_path, synthetic_dir, fake_config
 def test_sixteen_bit_images_are_scaled_not_saturated(tmp_path):
     ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "g16.png")
-    got = D.load_image(tmp_path / "g16.png")
+    got = data.load_image(tmp_path / "g16.png")
     want = np.rint(ramp / 257.0).astype(np.uint8)
     assert got.shape == (64, 64, 3)
     np.testing.assert_array_equal(got[..., 0], want)
@@ -175,9 +175,9 @@ def test_tiny_masks_are_masks(tmp_path):
     np.save(tmp_path / "one.npy", np.array([[3]], dtype=np.uint8))
     np.save(tmp_path / "row.npy", np.array([[1, 2, 0, 5]], dtype=np.uint8))
     Image.fromarray(np.array([[7]], dtype=np.uint8)).save(tmp_path / "one.png")
-    assert D.read_mask(tmp_path / "one.npy").tolist() == [[3]]
-    assert D.read_mask(tmp_path / "row.npy").tolist() == [[1, 2, 0, 5]]
-    assert D.read_mask(tmp_path / "one.png").tolist() == [[7]]
+    assert data.read_mask(tmp_path / "one.npy").tolist() == [[3]]
+    assert data.read_mask(tmp_path / "row.npy").tolist() == [[1, 2, 0, 5]]
+    assert data.read_mask(tmp_path / "one.png").tolist() == [[7]]
 
 
 def test_a_decompression_bomb_is_one_line_and_the_limit_can_be_raised(tmp_path, monkeypatch):
@@ -185,8 +185,8 @@ def test_a_decompression_bomb_is_one_line_and_the_limit_can_be_raised(tmp_path, 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 700)  # 1600 > 2 x 700: PIL's error
     with pytest.raises(BadInputError, match="more than 1400 pixels, above the limit of 700 .*"
                                             "`max_image_pixels=700`"):
-        D.load_image(tmp_path / "big.png")
-    assert D.load_image(tmp_path / "big.png", max_image_pixels=10_000).shape == (40, 40, 3)
+        data.load_image(tmp_path / "big.png")
+    assert data.load_image(tmp_path / "big.png", max_image_pixels=10_000).shape == (40, 40, 3)
 
 
 def test_mask_size_hint_fits_the_command(tmp_path, synthetic_dir, fake_config, fake_backbone):

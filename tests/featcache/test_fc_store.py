@@ -18,7 +18,7 @@ from ddpmseg.core.errors import (
 from ddpmseg.featcache import FeatureStore, StoreInfo
 from ddpmseg.spec import BackboneId
 from ddpmseg.featcache.integrity import attrs_digest
-from ddpmseg.cli.main import as_flags
+from ddpmseg.cli.common import as_flags
 from ddpmseg.spec import FeatureSpec
 from ddpmseg.featcache.store import DEFAULT_CODEC, array_name, decode_map, encode_map
 

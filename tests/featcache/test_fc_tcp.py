@@ -15,7 +15,7 @@ from distributed import Client
 from ddpmseg.core.errors import InputNotFoundError
 from ddpmseg.featcache import FeatureStore
 from ddpmseg.pipelines.extract import extract
-from ddpmseg.pipelines import extract as X
+from ddpmseg.pipelines import extract as extraction
 from ddpmseg.pipelines.verify import verify_store
 
 CLI = [sys.executable, "-c", "from ddpmseg.cli.main import main; main()"]
@@ -89,9 +89,9 @@ def test_relative_paths_reach_the_worker_absolute(tcp_cluster, faces_dir, tmp_pa
 
 def test_worker_that_cannot_see_a_path_names_itself_and_the_path(tcp_cluster, tmp_path):
     gone = tmp_path / "elsewhere" / "s.zarr"
-    job = X._Job(str(gone), (str(tmp_path / "img.png"),), None, 1, False)
+    job = extraction._Job(str(gone), (str(tmp_path / "img.png"),), None, 1, False)
     with Client(tcp_cluster.address, timeout=30) as client:
-        fut = client.submit(X._dask_task, job, {}, [0], [None], pure=False)
+        fut = client.submit(extraction._dask_task, job, {}, [0], [None], pure=False)
         with pytest.raises(InputNotFoundError) as err:
             fut.result(timeout=60)
     line = str(err.value)
@@ -121,7 +121,7 @@ def test_scheduler_killed_mid_extract_is_one_error_line(tcp_cluster, faces_dir, 
 
 def test_fit_on_tcp_with_relative_store_path(tcp_cluster, synthetic_dir, fake_config,
                                              fake_backbone, tmp_path, monkeypatch):
-    from ddpmseg.classifier import run as R
+    from ddpmseg.classifier import run as run_folder
     from ddpmseg.classifier.train import fit
     from ddpmseg.config import ClassifierConfig, Config
     extract(synthetic_dir, tmp_path / "s.zarr", fake_config, backbone=fake_backbone(),
@@ -131,4 +131,4 @@ def test_fit_on_tcp_with_relative_store_path(tcp_cluster, synthetic_dir, fake_co
     monkeypatch.chdir(tmp_path)
     run = fit("s.zarr", "run", cfg, device="cpu", scheduler=tcp_cluster.address,
               progress=False)
-    assert R.trained_members(tmp_path / run, 1) == [0]
+    assert run_folder.trained_members(tmp_path / run, 1) == [0]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
-from ddpmseg.featcache import zarr_adapter as ZA
+from ddpmseg.featcache import zarr_adapter
 
 
 class Killed(BaseException):
@@ -25,11 +25,11 @@ def test_a_killed_local_store_write_leaves_a_partial_file_the_adapter_removes(tm
         arr[0] = 7
     monkeypatch.undo()
     left = [p for p in tmp_path.rglob("*") if p.is_file() and p.name.endswith(".partial")]
-    assert len(left) == 1 and ZA.PARTIAL_FILE.search(left[0].name)
-    assert not ZA.PARTIAL_FILE.search("0.partial")  # a user's own file is not ours to delete
-    assert ZA.remove_partial_files(tmp_path / "a.zarr") == 1
+    assert len(left) == 1 and zarr_adapter.PARTIAL_FILE.search(left[0].name)
+    assert not zarr_adapter.PARTIAL_FILE.search("0.partial")  # a user's own file is not ours to delete
+    assert zarr_adapter.remove_partial_files(tmp_path / "a.zarr") == 1
     assert not left[0].exists()
-    assert ZA.remove_partial_files(tmp_path / "nothing") == 0
+    assert zarr_adapter.remove_partial_files(tmp_path / "nothing") == 0
 
 
 def test_concurrent_reads_and_writes_and_chunk_existence(tmp_path):
@@ -37,11 +37,11 @@ def test_concurrent_reads_and_writes_and_chunk_existence(tmp_path):
                           dtype="f4", fill_value=0)
     b = zarr.create_array(str(tmp_path / "b.zarr"), shape=(3, 5), chunks=(1, 5), dtype="u1",
                           fill_value=0, config={"write_empty_chunks": True})
-    assert ZA.chunks_exist([a, b], 1) == [False, False]
+    assert zarr_adapter.chunks_exist([a, b], 1) == [False, False]
     va, vb = np.arange(4, dtype="f4").reshape(2, 2) + 1, np.zeros(5, "u1")
-    ZA.write_images([(a, va), (b, vb)], 1)
-    assert ZA.chunks_exist([a, b], 1) == [True, True]  # an all-fill chunk is written too
-    assert ZA.chunks_exist([a, b], 2) == [False, False]
-    got = ZA.read_images([a, b], 1)
+    zarr_adapter.write_images([(a, va), (b, vb)], 1)
+    assert zarr_adapter.chunks_exist([a, b], 1) == [True, True]  # an all-fill chunk is written too
+    assert zarr_adapter.chunks_exist([a, b], 2) == [False, False]
+    got = zarr_adapter.read_images([a, b], 1)
     assert np.array_equal(got[0], va) and np.array_equal(got[1], vb)
-    assert ZA.read_images([a, b], 0) == [ZA.Missing, ZA.Missing]
+    assert zarr_adapter.read_images([a, b], 0) == [zarr_adapter.Missing, zarr_adapter.Missing]
