@@ -26,29 +26,21 @@ def test_overrides_replace_only_given_keys():
     assert cfg.features.steps == (10,) and cfg.features.blocks == (5, 6, 7, 8, 12)
 
 
-def test_unknown_key_is_named(tmp_path):
+@pytest.mark.parametrize("text, named", [
+    ("[classifier]\nensembel = 3\n", "ensembel"),                 # an unknown key
+    ('[features]\nsteps = "50,150"\n', r"\[features\].steps"),   # a value of the wrong type
+    ("[classifier]\nensemble = true\n", "ensemble"),
+    ("[trainer]\nx = 1\n", "trainer"),                            # an unknown section
+])
+def test_a_bad_config_names_what_is_wrong(tmp_path, text, named):
     path = tmp_path / "c.toml"
-    path.write_text("[classifier]\nensembel = 3\n")
-    with pytest.raises(ConfigError, match="ensembel"):
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=named):
         load_config(path)
 
 
-def test_wrong_type_is_named(tmp_path):
-    path = tmp_path / "c.toml"
-    path.write_text('[features]\nsteps = "50,150"\n')
-    with pytest.raises(ConfigError, match=r"\[features\].steps"):
-        load_config(path)
-    path.write_text('[classifier]\nensemble = true\n')
-    with pytest.raises(ConfigError, match="ensemble"):
-        load_config(path)
-
-
-def test_unknown_section_and_missing_file(tmp_path):
-    path = tmp_path / "c.toml"
-    path.write_text("[trainer]\nx = 1\n")
-    with pytest.raises(ConfigError, match="trainer"):
-        load_config(path)
-    with pytest.raises(InputNotFoundError):
+def test_a_missing_config_file_is_named(tmp_path):
+    with pytest.raises(InputNotFoundError, match="absent.toml"):
         load_config(tmp_path / "absent.toml")
 
 

@@ -40,10 +40,10 @@ from ddpmseg.featcache.store import is_store
 from ddpmseg.outputs import folder, render
 from ddpmseg.outputs.folder import check_complete, list_predictions
 
-log = logging.getLogger(__name__)
-
 __all__ = ["evaluate", "format_table", "iou_from_confusion", "image_iou", "confusion_matrix",
            "confusion_axis", "list_predictions", "find_ground_truth"]
+
+log = logging.getLogger(__name__)
 
 
 def find_ground_truth(gt_dir: Path, name: str, max_image_pixels: int | None = None) -> Path:
