@@ -151,11 +151,12 @@ def renamed_option(old: str, new: str, dest: str, **kwargs):
 # -- options every command takes, before or after its name ------------------------------------
 
 class _TqdmHandler(logging.StreamHandler):
-    """Log lines printed through tqdm, so a note never lands on a progress bar's line."""
+    """Log lines printed through tqdm, so a note never lands on a progress bar's line; the
+    library's parameters in them shown as the options (``as_flags``), as in error lines."""
 
     def emit(self, record):
         try:
-            tqdm.write(self.format(record), file=sys.stderr)
+            tqdm.write(as_flags(self.format(record)), file=sys.stderr)
         except Exception:  # logging must never raise into the command
             self.handleError(record)
 

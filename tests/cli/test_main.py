@@ -103,3 +103,14 @@ def test_ctrl_c_while_a_command_imports_the_library_is_one_line(monkeypatch, com
     result = CliRunner().invoke(cli, [command, *args])
     assert result.exit_code == 130, result.output
     assert result.stderr == f"error: interrupted; {after}\n"
+
+
+def test_notes_show_options_not_parameters(tmp_path, capsys):
+    # A library note naming a parameter reaches the CLI user as the option.
+    import logging
+
+    from ddpmseg.cli.common import configure_logging
+
+    configure_logging(quiet=False)
+    logging.getLogger("ddpmseg.somewhere").warning("note: pass `resize=True` to stretch it")
+    assert "note: pass --resize to stretch it" in capsys.readouterr().err
