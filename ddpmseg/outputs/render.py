@@ -1,7 +1,7 @@
 """Pictures of predictions: class palette, palette PNGs, overlays with a legend panel, heat maps
 with colour bars, the contact sheet and the confusion-matrix image.
 
-Pillow only (its bundled font): these pictures are a few rectangles, ramps and lines of text,
+Pillow only (DejaVu Sans where the system has it, else Pillow's bundled font): these pictures are a few rectangles, ramps and lines of text,
 which Pillow draws exactly where asked, so pixel tests can check what lands where; a plotting
 library would add a heavy dependency for no visible gain. Legends, captions and colour scales
 always sit beside the pictures, never on them.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import colorsys
 import functools
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ddpmseg.data import resize_mask
 
+log = logging.getLogger(__name__)
 
 IGNORE_RGB = (0, 0, 0)
 GREY_RGB = (128, 128, 128)
@@ -28,6 +30,10 @@ NO_DATA_RGB = (200, 200, 200)    # confusion rows with no ground-truth pixels
 LEGEND_WIDTH = 200               # px of the legend panel beside an overlay
 LEGEND_FONT = 12
 CAPTION_FONT = 13
+# Debian's (and Ubuntu's) DejaVu Sans: Latin-1 and far more. Pillow's bundled FreeType font
+# (Aileron) has ASCII only, so names with ß/ü/ï would be drawn as boxes with it.
+DEJAVU_SANS = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
+NOTDEF_PROBE = "\U0010ffff"      # a noncharacter: every font draws its missing-glyph box for it
 UNCERTAINTY_MIN_SIDE = 256       # uncertainty maps are enlarged to at least this
 SHEET_TILE = 192                 # px of every tile of the contact sheet
 MAX_AXIS_LABEL = 180             # px of a confusion-matrix axis label before it is cut
@@ -98,11 +104,50 @@ def save_label_png(path: str | Path, labels: np.ndarray, palette: np.ndarray) ->
 # -- text ----------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=8)
 def font(size: int = 12) -> ImageFont.ImageFont:
-    """Pillow's bundled font at ``size`` px (the fixed bitmap font where FreeType is missing)."""
+    """The font of every picture at ``size`` px: DejaVu Sans where the system has it
+    (:data:`DEJAVU_SANS`), else Pillow's bundled FreeType font (ASCII only), else Pillow's fixed
+    bitmap font (Pillow < 10.1 or no FreeType). Cached per size."""
+    if DEJAVU_SANS.is_file():
+        try:
+            return ImageFont.truetype(str(DEJAVU_SANS), size)
+        except (OSError, ImportError):   # unreadable file, or Pillow without FreeType
+            pass
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, ValueError, OSError, ImportError):  # Pillow < 10.1, or no FreeType
         return ImageFont.load_default()
+
+
+def _glyph(fnt: ImageFont.FreeTypeFont, ch: str) -> tuple:
+    mask = fnt.getmask(ch)
+    return mask.size, bytes(mask)
+
+
+def missing_glyphs(text: str, fnt) -> str:
+    """The characters of ``text`` (each once, in order) that ``fnt`` has no glyph for: FreeType
+    draws them as its missing-glyph box, Pillow's bitmap font cannot draw them (beyond Latin-1)
+    and :func:`_fit_text` writes '?' for them."""
+    chars = [ch for ch in dict.fromkeys(str(text)) if not ch.isspace()]
+    if not isinstance(fnt, ImageFont.FreeTypeFont):
+        return "".join(ch for ch in chars if ord(ch) > 0xFF)
+    box = _glyph(fnt, NOTDEF_PROBE)
+    return "".join(ch for ch in chars if _glyph(fnt, ch) == box)
+
+
+def note_unreadable(names: Sequence[str], size: int = LEGEND_FONT) -> list[str]:
+    """Log one note naming the ``names`` with characters the pictures' font lacks (they are drawn
+    as boxes or '?'); return those names. Called once per picture a run writes with class names
+    (the contact sheet, the confusion matrix), not per overlay."""
+    fnt = font(size)
+    unreadable = [str(n) for n in names if missing_glyphs(display_name(n), fnt)]
+    if unreadable:
+        lacking = "".join(dict.fromkeys("".join(missing_glyphs(display_name(n), fnt)
+                                                for n in unreadable)))
+        family = (" ".join(fnt.getname()) if isinstance(fnt, ImageFont.FreeTypeFont)
+                  else "Pillow's bitmap font")
+        log.warning("note: the pictures' font (%s) has no glyph for %r; these class names are "
+                    "drawn with boxes or '?': %s", family, lacking, ", ".join(unreadable))
+    return unreadable
 
 
 def display_name(name: str) -> str:
@@ -124,7 +169,10 @@ def _text_width(text: str, fnt) -> int:
 
 
 def _fit_text(text: str, fnt, max_width: int) -> str:
-    """``text``, cut and ended with ".." where it is wider than ``max_width`` pixels."""
+    """``text``, cut and ended with ".." where it is wider than ``max_width`` pixels; with
+    Pillow's bitmap font, characters it cannot draw become '?'."""
+    if not isinstance(fnt, ImageFont.FreeTypeFont):
+        text = "".join("?" if ord(ch) > 0xFF else ch for ch in text)
     if _text_width(text, fnt) <= max_width:
         return text
     while len(text) > 1 and _text_width(text + "..", fnt) > max_width:
@@ -310,6 +358,7 @@ def contact_sheet(rows: Sequence[tuple[str, np.ndarray | None, np.ndarray]],
 
     ``rows`` are (name, image RGB or None (drawn grey), uint8 label map).
     """
+    note_unreadable(class_names)
     fnt = font(CAPTION_FONT)
     line = _line_height(fnt)
     pad = 8
@@ -360,6 +409,7 @@ def confusion_image(matrix: np.ndarray, row_labels: Sequence[str] = (),
     cell = int(np.clip(720 // max(rows, cols, 1), 12, 32))
     labels_r = [str(s) for s in row_labels] or [str(i) for i in range(rows)]
     labels_c = [str(s) for s in col_labels] or [str(i) for i in range(cols)]
+    note_unreadable(list(dict.fromkeys(labels_r + labels_c)))
     labels_r = [_fit_text(s, fnt, MAX_AXIS_LABEL) for s in labels_r]
     labels_c = [_fit_text(s, fnt, MAX_AXIS_LABEL) for s in labels_c]
     pad = 8
