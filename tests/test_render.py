@@ -179,3 +179,77 @@ def test_class_names_fall_back_in_one_place():
     assert render.class_names((), None) == ()
     assert [render.class_name(render.class_names(("bg",)), c) for c in range(2)] == \
         ["bg", "class_1"]
+
+
+# -- the font: readable class names ---------------------------------------------------------------
+LATIN1_NAME = "Straße/Müll/naïve"
+
+
+@pytest.fixture
+def fresh_font():
+    """font() is cached per size: clear it around tests that change what it finds."""
+    render.font.cache_clear()
+    yield render.font
+    render.font.cache_clear()
+
+
+def _panel(label: str) -> np.ndarray:
+    return np.asarray(render.legend_panel([(label, (200, 30, 30))], width=300))
+
+
+def test_latin1_names_are_drawn_with_glyphs_not_boxes():
+    fnt = render.font(render.LEGEND_FONT)
+    assert render.missing_glyphs(LATIN1_NAME, fnt) == ""
+    assert render.missing_glyphs("a漢b字", fnt) == "漢字"       # CJK: DejaVu Sans has none
+    # The same name with the font's missing-glyph box in place of ß, ü, ï: other pixels.
+    boxed = "".join(render.NOTDEF_PROBE if ch in "ßüï" else ch for ch in LATIN1_NAME)
+    assert not np.array_equal(_panel("0 " + LATIN1_NAME), _panel("0 " + boxed))
+    for ch in "ßüï":
+        assert not np.array_equal(_panel(ch), _panel(render.NOTDEF_PROBE)), ch
+
+
+def test_font_is_dejavu_when_present_else_pillows_bundled_font(fresh_font, monkeypatch, tmp_path):
+    from PIL import ImageFont
+
+    assert fresh_font(12) is fresh_font(12)                      # one font per size
+    if render.DEJAVU_SANS.is_file():
+        assert fresh_font(12).getname()[0] == "DejaVu Sans"
+    monkeypatch.setattr(render, "DEJAVU_SANS", tmp_path / "absent.ttf")
+    fresh_font.cache_clear()
+    bundled = fresh_font(12)
+    assert bundled.getname() == ImageFont.load_default(size=12).getname()
+    assert render.missing_glyphs("ß", bundled) == "ß"           # Pillow's own font: ASCII only
+
+
+def test_layout_line_heights_stay_those_of_pillows_bundled_font():
+    from PIL import ImageFont
+
+    for size in (render.LEGEND_FONT, render.CAPTION_FONT):
+        assert (render._line_height(render.font(size))
+                == render._line_height(ImageFont.load_default(size=size)))
+
+
+def test_unreadable_class_names_one_note_per_sheet_never_a_crash(caplog):
+    labels = np.repeat(np.arange(3, dtype=np.uint8), 12).reshape(6, 6)
+    names = ("background", LATIN1_NAME, "漢字")
+    pal = render.make_palette(3, 255)
+    with caplog.at_level("WARNING", logger="ddpmseg.outputs.render"):
+        sheet = render.contact_sheet([("a", None, labels), ("b", None, labels)], pal, names, 3)
+    notes = [r.getMessage() for r in caplog.records]
+    assert len(notes) == 1 and "漢字" in notes[0] and "Straße" not in notes[0]
+    assert sheet.width > 3 * render.SHEET_TILE
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ddpmseg.outputs.render"):
+        render.confusion_image(np.eye(3), names, names)
+    assert len(caplog.records) == 1
+
+
+def test_bitmap_font_writes_question_marks_instead_of_crashing(monkeypatch):
+    from PIL import ImageFont
+
+    bitmap = ImageFont.load_default_imagefont()
+    monkeypatch.setattr(render, "font", lambda size=12: bitmap)
+    assert render.missing_glyphs("Straße 漢字", bitmap) == "漢字"
+    assert render._fit_text("1 漢字", bitmap, 200) == "1 ??"
+    panel = _panel("1 漢字")                                     # used to raise UnicodeEncodeError
+    assert np.array_equal(panel, _panel("1 ??"))
