@@ -1,8 +1,21 @@
-"""``import ddpmseg`` exposes the functions the CLI commands are thin over."""
+"""``import ddpmseg`` exposes the functions the CLI commands are thin over, with the CLI's rules;
+a config is changed with ``Config.replace``."""
 
+import dataclasses
 import importlib
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
 
 import ddpmseg
+from ddpmseg.backbone.bundled import DEMO_DATA
+from ddpmseg.cli.main import cli
+from ddpmseg.config import Config
+from ddpmseg.core.errors import ConfigError
+from ddpmseg.featcache.store import FeatureStore
+from ddpmseg.pipelines.extract import resolve_model
 
 
 def test_top_level_functions_are_the_library_functions():
@@ -17,19 +30,6 @@ def test_top_level_functions_are_the_library_functions():
 
 
 # -- one API: the Python call resolves the backbone as the CLI does -----------------------------
-
-import dataclasses
-import shutil
-
-import numpy as np
-import pytest
-from click.testing import CliRunner
-
-from ddpmseg.backbone.bundled import DEMO_DATA
-from ddpmseg.cli.main import cli
-from ddpmseg.config import Config
-from ddpmseg.core.errors import ConfigError
-from ddpmseg.featcache.store import FeatureStore
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +66,6 @@ def test_library_extract_with_the_bundled_checkpoint_is_the_cli_extract(faces, t
 
 
 def test_resolve_model_keeps_what_the_config_sets():
-    from ddpmseg.pipelines.extract import resolve_model
-
     chosen = Config().replace(features={"blocks": (2, 4)})
     cfg = resolve_model(chosen, "bundled:faces_64")
     assert cfg.model.preset == "faces_64" and cfg.features.blocks == (2, 4)

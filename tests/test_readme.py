@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ddpmseg.cli.main import cli
+from ddpmseg.featcache.store import FeatureStore
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -239,8 +240,6 @@ def test_python_api_runs_as_written(readme_dir, capsys):
     out = capsys.readouterr().out
     assert re.search(r"^mIoU \d+\.\d+%$", out, flags=re.M), out
     assert out.rstrip().endswith(str(Path("preds") / "report" / "index.html"))
-    from ddpmseg.featcache.store import FeatureStore
-
     info = FeatureStore.open("train.zarr").info
     assert info.blocks == (2, 4, 5, 7, 8) and info.image_size == (64, 64)
     assert (Path("runs/horse") / "member_02.pt").is_file()  # ensemble=3 as replaced

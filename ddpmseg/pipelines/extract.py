@@ -219,8 +219,8 @@ def resolve_model(config: Config, checkpoint=None, *, preset: str | None = None,
     if not checkpoint:
         checkpoint = next((name for name, p in BUNDLED_PRESETS.items() if p == preset), "")
         if checkpoint:
-            log.warning("note: no checkpoint given (`checkpoint=PATH`); using the one bundled "
-                        "with preset %s (%s)", preset, checkpoint)
+            log.warning("note: no `checkpoint=PATH` given; using the one bundled with "
+                        "preset %s (%s)", preset, checkpoint)
     usual = USUAL_FEATURES.get(preset, {})
     features = {key: usual[key] for key in ("steps", "blocks")
                 if key in usual and getattr(config.features, key) == getattr(FeatureConfig, key)}
