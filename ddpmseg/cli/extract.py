@@ -105,7 +105,7 @@ def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, 
     from ddpmseg.featcache.store import codec_name
 
     # The options as given: the library brings a bundled checkpoint's preset, a preset's
-    # bundled checkpoint and the model's usual steps and blocks (pipelines.extract.resolve_model).
+    # bundled checkpoint, the model's usual steps and blocks (pipelines.extract.resolve_model).
     cfg = resolve_config(config_path,
                          model={"prompt": prompt},
                          features={"steps": parse_ints(steps, "--steps"),
@@ -115,10 +115,10 @@ def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, 
                                    "images_per_batch": images_per_batch},
                          data={"num_classes": num_classes, "ignore_label": ignore_label})
     data_dir, store = _data_and_store(paths, cfg.data.train_dir)
-    result = extract(data_dir, store, cfg, checkpoint, preset=preset, device=device, resize=resize, overwrite=overwrite,
-                     scheduler=scheduler, progress=show_progress(ctx), prune=prune,
-                     compact=compact, repair=repair, threads=threads,
-                     max_image_pixels=max_image_pixels)
+    result = extract(data_dir, store, cfg, checkpoint, preset=preset, device=device,
+                     resize=resize, overwrite=overwrite, scheduler=scheduler,
+                     progress=show_progress(ctx), prune=prune, compact=compact, repair=repair,
+                     threads=threads, max_image_pixels=max_image_pixels)
     info = result.info
     lossless = info.codec.get("keepbits") is None
     click.echo(f"{store}: {len(result)} images, {info.feature_dim} dims per pixel "

@@ -128,7 +128,8 @@ class _Request:
 
 
 def extract(data_dir, store_path, config: Config | None = None, checkpoint=None, *,
-            preset: str | None = None, backbone=None, device="auto", images_per_batch: int | None = None,
+            preset: str | None = None, backbone=None, device="auto",
+            images_per_batch: int | None = None,
             precision: str | None = None, overwrite: bool = False, resize: bool = False,
             scheduler: str | None = None, progress: bool = True, prune: bool = False,
             compact: bool = False, repair: bool = False,
@@ -200,8 +201,8 @@ def resolve_model(config: Config, checkpoint=None, *, preset: str | None = None,
     ``checkpoint`` (else ``config.model.checkpoint``) becomes ``model.checkpoint``, and
     ``preset`` (else ``config.model.preset``) ``model.preset``. A bundled checkpoint
     (``bundled:faces_64``) brings its preset when no ``preset`` is given and the config leaves
-    it at its default; a preset with a bundled checkpoint and no checkpoint given brings that one,
-    with a note. A model whose usual steps and blocks (``USUAL_FEATURES``) differ from the
+    it at its default; a preset with a bundled checkpoint and no checkpoint given brings that
+    one, with a note. A model whose usual steps and blocks (``USUAL_FEATURES``) differ from the
     defaults gets them where the config leaves ``features.steps`` / ``features.blocks`` at the
     defaults (the 256 px models', whose blocks a small model does not have); steps and blocks
     the config sets are kept. The CLI passes its options through here too, so
