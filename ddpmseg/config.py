@@ -2,7 +2,7 @@
 
 A config has five sections, each a frozen dataclass with the reference's values as defaults:
 ``[data]``, ``[model]``, ``[features]``, ``[classifier]`` and ``[predict]``. Command-line options
-override single keys (``with_overrides``); every run writes the resolved config as JSON.
+override single keys (``Config.replace``); every run writes the resolved config as JSON.
 """
 
 from __future__ import annotations
@@ -120,16 +120,30 @@ class Config:
     def to_json(self, path: str | Path) -> None:
         write_json(path, self.to_dict())
 
-    def with_overrides(self, **sections: dict) -> "Config":
-        """``cfg.with_overrides(classifier={"ensemble": 3})``; ``None`` values are skipped."""
+    def replace(self, **sections: dict) -> "Config":
+        """A copy with some keys changed: ``cfg.replace(classifier={"ensemble": 2})``.
+
+        Sections are keyword arguments, each a dict of its keys' new values; ``None`` values
+        are skipped (the CLI's "option not given"). Every value is checked as a config file's
+        is: an unknown key or a bad value is one ``ConfigError`` line naming it
+        (``[classifier].ensemble must be >= 1, got 0``). A config is frozen
+        (``cfg.classifier.ensemble = 2`` raises ``FrozenInstanceError``): this is how one is
+        changed.
+        """
         changes = {}
         for name, values in sections.items():
+            if values is not None and not isinstance(values, dict):
+                raise ConfigError(f"[{_section_field(name)}] must be given as a dict, got "
+                                  f"{values!r}", f"write {name}={{\"key\": value}}")
             values = {k: v for k, v in (values or {}).items() if v is not None}
             if values:
                 current = getattr(self, _section_field(name))
                 changes[name] = _build(type(current), {**dataclasses.asdict(current), **values},
                                        name)
         return dataclasses.replace(self, **changes)
+
+    # The old spelling of ``replace``, kept for one release.
+    with_overrides = replace
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> "Config":

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ddpmseg.cli.main import cli
+from ddpmseg.featcache.store import FeatureStore
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -220,3 +221,25 @@ def test_labelling_loop_commands(readme_dir, capsys):
     (command,) = commands("ddpmseg sweep" + sweep_cmds)
     out = run(command)
     assert "steps" in out and Path("sweep/sweep.csv").is_file()
+
+
+PYTHON_API = "## Python API"
+
+
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+@pytest.mark.slow
+def test_python_api_runs_as_written(readme_dir, capsys):
+    """The Python API section's block, as written, on the data of "Bring your own data": the
+    bundled backbone with a config made for the 256 px models (was a CheckpointError)."""
+    (block,) = python_blocks(section(PYTHON_API))
+    assert "lsun" not in block  # it needs no download
+    exec(compile(block, "README.md (Python API)", "exec"), {})
+    out = capsys.readouterr().out
+    assert re.search(r"^mIoU \d+\.\d+%$", out, flags=re.M), out
+    assert out.rstrip().endswith(str(Path("preds") / "report" / "index.html"))
+    info = FeatureStore.open("train.zarr").info
+    assert info.blocks == (2, 4, 5, 7, 8) and info.image_size == (64, 64)
+    assert (Path("runs/horse") / "member_02.pt").is_file()  # ensemble=3 as replaced

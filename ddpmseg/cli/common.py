@@ -68,41 +68,11 @@ def resolve_config(config_path: str | None, base: Config | None = None, **sectio
             if value is None:
                 continue
             try:
-                cfg = cfg.with_overrides(**{section: {key: value}})
+                cfg = cfg.replace(**{section: {key: value}})
             except DdpmsegError as exc:
                 raise click.BadParameter(str(exc), param_hint=f"--{key.replace('_', '-')}") \
                     from exc
     return cfg
-
-
-def preset_features(preset: str | None, checkpoint: str | None) -> tuple[str | None, dict]:
-    """The preset a command line names, and the steps and blocks it brings.
-
-    ``--preset NAME`` (or a bundled ``--checkpoint``, whose preset is known) given without
-    --steps/--blocks means that model's usual steps and blocks, not the config's: the config's
-    defaults are the 256px model's, whose blocks a small model does not have.
-    """
-    from ddpmseg.backbone.adm.flags import USUAL_FEATURES
-    from ddpmseg.backbone.bundled import BUNDLED_PRESETS
-
-    if preset is None and checkpoint is not None:
-        preset = BUNDLED_PRESETS.get(checkpoint)
-    return preset, dict(USUAL_FEATURES.get(preset or "", {}))
-
-
-def bundled_default(cfg: Config) -> Config:
-    """A preset with a checkpoint bundled in ddpmseg (faces_64) and no checkpoint given: that
-    one, with a note, so `--preset faces_64` alone runs."""
-    from ddpmseg.backbone.bundled import BUNDLED_PRESETS
-
-    if cfg.model.checkpoint:
-        return cfg
-    name = next((k for k, v in BUNDLED_PRESETS.items() if v == cfg.model.preset), None)
-    if name is None:
-        return cfg
-    logging.getLogger(__name__).warning("note: no --checkpoint given; using the one bundled "
-                                         "with preset %s (%s)", cfg.model.preset, name)
-    return cfg.with_overrides(model={"checkpoint": name})
 
 
 def count(n: int, noun: str) -> str:

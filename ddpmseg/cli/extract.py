@@ -6,7 +6,6 @@ import click
 
 from ddpmseg.spec import PRECISIONS, STORE_DTYPES
 from ddpmseg.cli.common import (
-    bundled_default,
     config_option,
     device_option,
     ignore_label_option,
@@ -14,7 +13,6 @@ from ddpmseg.cli.common import (
     num_classes_option,
     parse_blocks,
     parse_ints,
-    preset_features,
     renamed_option,
     resolve_config,
     show_progress,
@@ -106,22 +104,21 @@ def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, 
     from ddpmseg.pipelines.extract import extract
     from ddpmseg.featcache.store import codec_name
 
-    preset, usual = preset_features(preset, checkpoint)
-    steps, blocks = parse_ints(steps, "--steps"), parse_blocks(blocks)
+    # The options as given: the library brings a bundled checkpoint's preset, a preset's
+    # bundled checkpoint, the model's usual steps and blocks (pipelines.extract.resolve_model).
     cfg = resolve_config(config_path,
-                         model={"preset": preset, "checkpoint": checkpoint, "prompt": prompt},
-                         features={"steps": steps or usual.get("steps"),
-                                   "blocks": blocks or usual.get("blocks"),
+                         model={"prompt": prompt},
+                         features={"steps": parse_ints(steps, "--steps"),
+                                   "blocks": parse_blocks(blocks),
                                    "dtype": dtype, "codec": codec, "seed": seed,
                                    "precision": precision,
                                    "images_per_batch": images_per_batch},
                          data={"num_classes": num_classes, "ignore_label": ignore_label})
-    cfg = bundled_default(cfg)
     data_dir, store = _data_and_store(paths, cfg.data.train_dir)
-    result = extract(data_dir, store, cfg, device=device, resize=resize, overwrite=overwrite,
-                     scheduler=scheduler, progress=show_progress(ctx), prune=prune,
-                     compact=compact, repair=repair, threads=threads,
-                     max_image_pixels=max_image_pixels)
+    result = extract(data_dir, store, cfg, checkpoint, preset=preset, device=device,
+                     resize=resize, overwrite=overwrite, scheduler=scheduler,
+                     progress=show_progress(ctx), prune=prune, compact=compact, repair=repair,
+                     threads=threads, max_image_pixels=max_image_pixels)
     info = result.info
     lossless = info.codec.get("keepbits") is None
     click.echo(f"{store}: {len(result)} images, {info.feature_dim} dims per pixel "

@@ -32,8 +32,9 @@ from distributed import WorkerPlugin, get_worker
 from ddpmseg import data
 from ddpmseg.backbone import Backbone, describe_backbone, load_backbone
 from ddpmseg.backbone.base import image_tensor
-from ddpmseg.backbone.bundled import BUNDLED_CHECKPOINTS, resolve_checkpoint
-from ddpmseg.config import Config
+from ddpmseg.backbone.adm.flags import USUAL_FEATURES
+from ddpmseg.backbone.bundled import BUNDLED_CHECKPOINTS, BUNDLED_PRESETS, resolve_checkpoint
+from ddpmseg.config import Config, FeatureConfig, ModelConfig
 from ddpmseg.core.cluster import absolute, check_scheduler, run_tasks, worker_must_see
 from ddpmseg.core.device import use_threads
 from ddpmseg.core.errors import (
@@ -121,13 +122,14 @@ class _Request:
     def resolved_config(self) -> Config:
         """The config recorded in the store: checkpoint, precision and batch size as used."""
         checkpoint = self.recorded or (str(self.checkpoint) if self.checkpoint else "")
-        return self.config.with_overrides(
+        return self.config.replace(
             model={"checkpoint": checkpoint},
             features={"precision": self.precision, "images_per_batch": self.batch_size})
 
 
 def extract(data_dir, store_path, config: Config | None = None, checkpoint=None, *,
-            backbone=None, device="auto", images_per_batch: int | None = None,
+            preset: str | None = None, backbone=None, device="auto",
+            images_per_batch: int | None = None,
             precision: str | None = None, overwrite: bool = False, resize: bool = False,
             scheduler: str | None = None, progress: bool = True, prune: bool = False,
             compact: bool = False, repair: bool = False,
@@ -137,7 +139,10 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
 
     ``config``: steps, blocks, seed and dtype from ``config.features``; classes, ignore label
     and the rare-class rule from ``config.data``; model flags from ``config.model.preset`` and
-    the checkpoint from ``checkpoint`` or ``config.model.checkpoint``. ``backbone``: an
+    the checkpoint from ``checkpoint`` or ``config.model.checkpoint``; ``preset`` (a preset
+    name or flags JSON) stands for ``config.model.preset``. A bundled checkpoint
+    (``checkpoint="bundled:faces_64"``) brings its preset and the model's usual steps and
+    blocks, as on the command line (``resolve_model``). ``backbone``: an
     already-loaded ``ddpmseg.backbone.Backbone`` (then no checkpoint is needed, except with a
     scheduler, whose workers load their own).
 
@@ -163,14 +168,14 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     (default: PIL's limit). ``batch_size`` is the old spelling of ``images_per_batch``.
     Returns the store, opened for reading.
     """
-    config = config or Config()
+    config = resolve_model(config or Config(), checkpoint, preset=preset, backbone=backbone)
     fc = config.features
     precision = precision or fc.precision
     batch_size = int(renamed_keyword("extract", "batch_size", batch_size, "images_per_batch",
                                      images_per_batch) or fc.images_per_batch)
     _check_settings(fc, precision, batch_size, config.data)  # steps and blocks: the Config checked
     check_scheduler(scheduler)  # before anything is written
-    checkpoint = checkpoint if checkpoint not in (None, "") else (config.model.checkpoint or None)
+    checkpoint = config.model.checkpoint or None
     request = _Request(
         Path(data_dir), str(store_path), config,
         checkpoint=resolve_checkpoint(checkpoint) if checkpoint else None,
@@ -187,6 +192,41 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
         with writer_lock(store_path, "store"):
             _extract_locked(request, info, inputs, backbone)
     return FeatureStore.open(store_path)
+
+
+def resolve_model(config: Config, checkpoint=None, *, preset: str | None = None,
+                  backbone=None) -> Config:
+    """The config with the backbone the call names, and that model's usual features.
+
+    ``checkpoint`` (else ``config.model.checkpoint``) becomes ``model.checkpoint``, and
+    ``preset`` (else ``config.model.preset``) ``model.preset``. A bundled checkpoint
+    (``bundled:faces_64``) brings its preset when no ``preset`` is given and the config leaves
+    it at its default; a preset with a bundled checkpoint and no checkpoint given brings that
+    one, with a note. A model whose usual steps and blocks (``USUAL_FEATURES``) differ from the
+    defaults gets them where the config leaves ``features.steps`` / ``features.blocks`` at the
+    defaults (the 256 px models', whose blocks a small model does not have); steps and blocks
+    the config sets are kept. The CLI passes its options through here too, so
+    ``extract(..., checkpoint="bundled:faces_64")`` and ``ddpmseg extract --checkpoint
+    bundled:faces_64`` make the same store. With an already-loaded ``backbone`` only the
+    checkpoint is recorded: the model is the one given.
+    """
+    checkpoint = str(checkpoint) if checkpoint not in (None, "") else config.model.checkpoint
+    if backbone is not None:
+        return config.replace(model={"checkpoint": checkpoint, "preset": preset})
+    given = preset is not None
+    preset = preset if given else config.model.preset
+    if checkpoint in BUNDLED_PRESETS and not given and preset == ModelConfig.preset:
+        preset = BUNDLED_PRESETS[checkpoint]
+    if not checkpoint:
+        checkpoint = next((name for name, p in BUNDLED_PRESETS.items() if p == preset), "")
+        if checkpoint:
+            log.warning("note: no `checkpoint=PATH` given; using the one bundled with "
+                        "preset %s (%s)", preset, checkpoint)
+    usual = USUAL_FEATURES.get(preset, {})
+    features = {key: usual[key] for key in ("steps", "blocks")
+                if key in usual and getattr(config.features, key) == getattr(FeatureConfig, key)}
+    return config.replace(model={"preset": preset, "checkpoint": checkpoint},
+                          features=features)
 
 
 def _prepare(request: _Request, backbone) -> tuple[StoreInfo, _Inputs, object]:
