@@ -78,7 +78,7 @@ def build_config(args):
         model["checkpoint"] = args.checkpoint
     if args.preset:
         model["preset"] = args.preset
-    return cfg.with_overrides(model=model, classifier={"ensemble": args.members})
+    return cfg.replace(model=model, classifier={"ensemble": args.members})
 
 
 def write_ground_truth(test_dir: Path, gt_dir: Path, size: tuple[int, int], resize: bool) -> int:
@@ -217,7 +217,7 @@ def main(argv=None) -> int:
         return 100.0 * r["miou"]  # evaluate returns a fraction
 
     def fit_and_score(mode: str, seed: int, in_memory: bool = False) -> tuple[Path, dict, float]:
-        c = cfg.with_overrides(classifier={"etf": mode, "seed": seed, "ensemble": K})
+        c = cfg.replace(classifier={"etf": mode, "seed": seed, "ensemble": K})
         tag = f"{mode}_s{seed}" + ("_inmem" if in_memory else "")
         run = work / "runs" / tag
         t0 = time.perf_counter()

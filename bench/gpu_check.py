@@ -258,7 +258,7 @@ def fit_speed(device, cfg, store_path: Path, work: Path) -> dict:
     store = FeatureStore.open(store_path)
     ignore = store.info.ignore_label
     pixels = sum(int((store.labels(i) != ignore).sum()) for i in range(len(store)))
-    c = cfg.with_overrides(classifier={"ensemble": 1, "max_epochs": 1, "min_epochs": 1})
+    c = cfg.replace(classifier={"ensemble": 1, "max_epochs": 1, "min_epochs": 1})
     out = {"labelled_pixels": pixels}
     for mode in ("streaming", "in_memory"):
         t0 = time.perf_counter()
@@ -330,7 +330,7 @@ def main(argv=None) -> int:
     n = args.images or (2 if args.cpu else 24)
     bb = Backbone.random(preset, seed=0, device=device)
     size = bb.flags.image_size
-    cfg = load_config("bedroom_28").with_overrides(
+    cfg = load_config("bedroom_28").replace(
         model={"preset": "lsun_256"},
         data={"ignore_label": 255, "num_classes": 4, "class_names": ()},
         features={"steps": steps, "blocks": blocks})

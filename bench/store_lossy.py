@@ -136,7 +136,7 @@ def main(argv=None) -> int:
             rows[codec]["miou_per_seed"] = []
         for seed in seeds:
             for codec in scored:
-                c = cfg.with_overrides(classifier={"seed": seed, "ensemble": args.members})
+                c = cfg.replace(classifier={"seed": seed, "ensemble": args.members})
                 run = work / "runs" / f"{codec}_s{seed}"
                 pred = work / "preds" / f"{codec}_s{seed}"
                 shutil.rmtree(pred, ignore_errors=True)

@@ -115,7 +115,7 @@ def main() -> None:
         bb = Recording(Backbone.random("lsun_256", seed=0, device=args.device))
     load_s = time.perf_counter() - start
     size = bb.image_size
-    cfg = load_config("bedroom_28").with_overrides(
+    cfg = load_config("bedroom_28").replace(
         model={"preset": "lsun_256"},
         features={"steps": steps, "blocks": blocks, "dtype": args.dtype})
 

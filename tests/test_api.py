@@ -86,7 +86,7 @@ def test_config_replace_changes_a_key_and_checks_it():
     changed = cfg.replace(classifier={"ensemble": 2}, predict={"vote": "hard"})
     assert changed.classifier.ensemble == 2 and changed.predict.vote == "hard"
     assert cfg.classifier.ensemble == 10  # the original is left as it was
-    assert cfg.with_overrides(classifier={"ensemble": 2}, predict={"vote": "hard"}) == changed
+    assert cfg.replace(classifier={"ensemble": 2}, predict={"vote": "hard"}) == changed
     with pytest.raises(ConfigError) as bad:
         cfg.replace(classifier={"ensemble": 0})
     assert str(bad.value).splitlines()[0].startswith("[classifier].ensemble must be >= 1, got 0")

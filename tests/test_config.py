@@ -20,7 +20,7 @@ def test_bundled_configs_load_with_their_class_counts():
 
 
 def test_overrides_replace_only_given_keys():
-    cfg = load_config("ffhq_34").with_overrides(classifier={"ensemble": 3, "lr": None},
+    cfg = load_config("ffhq_34").replace(classifier={"ensemble": 3, "lr": None},
                                                features={"steps": (10,)})
     assert cfg.classifier.ensemble == 3 and cfg.classifier.lr == 1e-3
     assert cfg.features.steps == (10,) and cfg.features.blocks == (5, 6, 7, 8, 12)
@@ -56,7 +56,7 @@ def test_blocks_may_be_names(tmp_path):
     path.write_text('[features]\nblocks = [1, "up2.res1"]\n')
     assert load_config(path).features.blocks == (1, "up2.res1")
     with pytest.raises(ConfigError, match="must be int or str, got 1.5"):
-        Config().with_overrides(features={"blocks": (1.5,)})
+        Config().replace(features={"blocks": (1.5,)})
 
 
 # -- numeric values are checked where a config is loaded -----------------------------------------
@@ -94,9 +94,9 @@ def test_a_value_out_of_range_is_one_line_naming_key_and_file(tmp_path, section,
 
 def test_an_override_out_of_range_is_refused_too():
     with pytest.raises(ConfigError, match=r"\[classifier\]\.etf_weight must be finite"):
-        Config().with_overrides(classifier={"etf_weight": float("inf")})
+        Config().replace(classifier={"etf_weight": float("inf")})
     with pytest.raises(ConfigError, match=r"\[classifier\]\.lr must be > 0"):
-        Config().with_overrides(classifier={"lr": 0.0})
+        Config().replace(classifier={"lr": 0.0})
 
 
 def test_values_in_range_load(tmp_path):

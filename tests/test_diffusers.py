@@ -239,7 +239,7 @@ def test_store_pixel_features_equal_dense_upsample(ddpm_dir, tmp_path):
         Image.fromarray(pix[k]).save(data / f"im{k}.png")
         np.save(data / f"im{k}.npy", np.full((32, 32), k, np.uint8))
     blocks = [0, "up0.res1"]   # a named sub-module at 16px, upsampled to 32
-    cfg = Config().with_overrides(data={"num_classes": 2},
+    cfg = Config().replace(data={"num_classes": 2},
                                   features={"steps": STEPS, "blocks": blocks,
                                             "dtype": "float32", "seed": 7})
     store = extract(data, tmp_path / "s.zarr", cfg, checkpoint=str(ddpm_dir), device="cpu",
@@ -408,7 +408,7 @@ def test_end_to_end_ffhq34_with_stable_diffusion(ffhq, sd_dir, ddpm_dir, tmp_pat
     from ddpmseg.core.errors import StoreMismatchError
 
     copy_pairs(ffhq / "train", tmp_path / "train", 2)
-    cfg = load_config("ffhq_34").with_overrides(
+    cfg = load_config("ffhq_34").replace(
         model={"checkpoint": str(sd_dir), "prompt": "a face"},
         features={"steps": [50, 150], "blocks": [0, 1]},
         classifier={"ensemble": 1, "max_epochs": 1})
@@ -423,7 +423,7 @@ def test_end_to_end_ffhq34_with_stable_diffusion(ffhq, sd_dir, ddpm_dir, tmp_pat
     for name in a["names"]:
         assert (np.load(tmp_path / "p1" / f"{name}.npy") ==
                 np.load(tmp_path / "p2" / f"{name}.npy")).all()
-    other = cfg.with_overrides(model={"checkpoint": str(ddpm_dir)})
+    other = cfg.replace(model={"checkpoint": str(ddpm_dir)})
     extract(tmp_path / "train", tmp_path / "ddpm.zarr", other, resize=True, progress=False)
     with pytest.raises(StoreMismatchError, match="backbone kind"):
         predict(run, tmp_path / "ddpm.zarr", tmp_path / "p3", device="cpu", progress=False)
@@ -434,7 +434,7 @@ def test_dask_workers_load_the_folder_and_match_one_process(ffhq, sd_dir, tmp_pa
     """With --scheduler the workers load the SD folder themselves (prompt included, from the
     fingerprint) and write the same maps as one process."""
     copy_pairs(ffhq / "train", tmp_path / "train", 2)
-    cfg = Config().with_overrides(data={"num_classes": 34},
+    cfg = Config().replace(data={"num_classes": 34},
                                   model={"checkpoint": str(sd_dir), "prompt": "a face"},
                                   features={"steps": [50], "blocks": [0, 1]})
     one = extract(tmp_path / "train", tmp_path / "one.zarr", cfg, resize=True, progress=False)

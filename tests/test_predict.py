@@ -172,7 +172,7 @@ def test_predict_store_outputs(tmp_path, run_model):
 
 
 def test_vote_and_tile_rows_default_to_run_config(tmp_path):
-    cfg = Config().with_overrides(predict={"vote": "hard", "tile_rows": 3})
+    cfg = Config().replace(predict={"vote": "hard", "tile_rows": 3})
     model = Ensemble(make_members(), make_info(), cfg)
     make_store(tmp_path / "s.zarr")
     res = predict(model, tmp_path / "s.zarr", tmp_path / "out", device="cpu", progress=False)
@@ -359,7 +359,7 @@ def test_image_folder_equals_store_with_real_backbone(tmp_path):
     for name in names:
         (folder / f"{name}.png").write_bytes((DEMO_DATA / "test" / f"{name}.png").read_bytes())
     store_path = tmp_path / "s.zarr"
-    cfg = Config().with_overrides(
+    cfg = Config().replace(
         data={"num_classes": NUM_CLASSES},
         features={"steps": steps, "blocks": blocks, "dtype": "float16"})
     info = extract(folder, store_path, cfg, backbone=bb, device="cpu", progress=False).info

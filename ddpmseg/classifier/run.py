@@ -82,7 +82,7 @@ def resolved_config(config: Config, info: StoreInfo, store_model: dict | None = 
     """
     spec = info.spec
     if store_model and not config.model.checkpoint and store_model.get("checkpoint"):
-        config = config.with_overrides(model={k: store_model.get(k) for k in
+        config = config.replace(model={k: store_model.get(k) for k in
                                               ("checkpoint", "preset", "prompt")})
     data = dataclasses.replace(config.data, num_classes=info.num_classes,
                                ignore_label=info.ignore_label,

@@ -36,6 +36,6 @@ def command(ref_dir, run_dir, config_path, preset, overwrite):
 
     cfg = load_config(config_path, preset)
     if not is_reference_config(config_path):
-        cfg = cfg.with_overrides(model={"preset": preset})
+        cfg = cfg.replace(model={"preset": preset})
     out = import_run(ref_dir, run_dir, cfg, overwrite=overwrite)
     click.echo(f"imported {cfg.classifier.ensemble} member(s) from {ref_dir} into {out}")

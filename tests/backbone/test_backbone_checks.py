@@ -38,4 +38,4 @@ def test_check_steps_and_blocks():
 def test_a_config_refuses_what_no_backbone_takes(features, match):
     # Before, a config kept repeated or negative blocks until extract (or a backbone) refused.
     with pytest.raises(ConfigError, match=match):
-        Config().with_overrides(features=features)
+        Config().replace(features=features)

@@ -231,7 +231,7 @@ def test_a_run_records_its_rounding_and_resumes_only_with_it(store_path, small_c
 def test_the_run_records_the_feature_spec_once_and_reads_older_runs(store_path, small_config,
                                                                    tmp_path):
     cfg = small_config(ensemble=2, max_epochs=1)
-    run = fit(store_path, tmp_path / "run", cfg.with_overrides(classifier={"ensemble": 1}),
+    run = fit(store_path, tmp_path / "run", cfg.replace(classifier={"ensemble": 1}),
               device="cpu", progress=False)
     store = FeatureStore.open(store_path)
     written = json.loads((run / "config.json").read_text())

@@ -205,7 +205,7 @@ def test_a_missing_member_writes_nothing(ref, tmp_path):
 def test_imported_run_reproduces_the_reference_predictions(ref, imported, tmp_path, one_thread):
     """Float32 features of the fixture's test images, the imported run, hard vote: the
     reference's masks (>= 99.9% of pixels) and its mIoU 25.41 (within 0.1)."""
-    cfg = load_config(ref / "ddpm.json").with_overrides(features={"dtype": "float32"})
+    cfg = load_config(ref / "ddpm.json").replace(features={"dtype": "float32"})
     store = ddpmseg.extract(cfg.data.test_dir, tmp_path / "test.zarr", cfg, device="cpu",
                             progress=False)
     assert store.info.dtype == "float32"

@@ -105,7 +105,7 @@ def faces_dir(tmp_path, faces) -> Path:
 
 @pytest.fixture
 def faces_config(faces64_ckpt) -> Config:
-    return Config().with_overrides(
+    return Config().replace(
         data={"num_classes": 34, "ignore_label": 255},
         model={"preset": "faces_64", "checkpoint": str(faces64_ckpt)},
         features={"steps": FACES64_STEPS, "blocks": FACES64_BLOCKS})
@@ -165,7 +165,7 @@ def synthetic_dir(tmp_path) -> Path:
 
 @pytest.fixture
 def fake_config() -> Config:
-    return Config().with_overrides(data={"num_classes": 3, "ignore_label": 255},
+    return Config().replace(data={"num_classes": 3, "ignore_label": 255},
                                    features={"steps": (5, 50), "blocks": (1, 2)})
 
 

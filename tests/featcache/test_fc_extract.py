@@ -60,7 +60,7 @@ def test_rerun_is_a_no_op_and_overwrite_replaces(tmp_path, faces_dir, faces64, f
     extract(faces_dir, path, faces_config, backbone=faces64, progress=False)
     assert helpers.tree_bytes(path) == before
     assert {p: p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()} == mtimes
-    other = faces_config.with_overrides(features={"steps": (10,)})
+    other = faces_config.replace(features={"steps": (10,)})
     store = extract(faces_dir, path, other, backbone=faces64, progress=False, overwrite=True)
     assert store.info.steps == (10,) and store.complete().all()
     assert not (path / "act_t400_b2").exists()
@@ -72,21 +72,21 @@ def test_other_steps_or_checkpoint_are_refused(tmp_path, faces_dir, faces64, fac
     extract(faces_dir, path, faces_config, backbone=faces64, progress=False)
     before = sorted(p for p in path.rglob("*"))
     with pytest.raises(StoreMismatchError) as err:
-        extract(faces_dir, path, faces_config.with_overrides(features={"steps": (10, 300)}),
+        extract(faces_dir, path, faces_config.replace(features={"steps": (10, 300)}),
                 backbone=faces64, progress=False)
     msg = str(err.value)
     assert "steps (10,300 here, 10,400 in the store)" in msg and "`overwrite=True`" in msg
-    cfg = faces_config.with_overrides(model={"preset": "tiny64_cosine"},
+    cfg = faces_config.replace(model={"preset": "tiny64_cosine"},
                                       features={"blocks": (2, 5, 8)})
     with pytest.raises(StoreMismatchError) as err:
         extract(faces_dir, path, cfg, backbone=Backbone.random("tiny64_cosine"), progress=False)
     msg = str(err.value)
     assert "checkpoint sha256" in msg and "noise_schedule" in msg and "blocks" in msg
     with pytest.raises(StoreMismatchError, match=r"seed \(1 here, 0 in the store\)"):
-        extract(faces_dir, path, faces_config.with_overrides(features={"seed": 1}),
+        extract(faces_dir, path, faces_config.replace(features={"seed": 1}),
                 backbone=faces64, progress=False)
     with pytest.raises(StoreMismatchError, match="dtype"):
-        extract(faces_dir, path, faces_config.with_overrides(features={"dtype": "float32"}),
+        extract(faces_dir, path, faces_config.replace(features={"dtype": "float32"}),
                 backbone=faces64, progress=False)
     # A random backbone of the same flags is another model too.
     with pytest.raises(StoreMismatchError, match="checkpoint sha256"):
@@ -158,7 +158,7 @@ def test_float16_overflow_is_an_error_suggesting_bfloat16(tmp_path, synthetic_di
     assert "`dtype=bfloat16`" in str(err.value) and "float16" in str(err.value)
     assert not FeatureStore.open(tmp_path / "s.zarr").complete().any()
     store = extract(synthetic_dir, tmp_path / "b.zarr",
-                    fake_config.with_overrides(features={"dtype": "bfloat16"}), backbone=huge,
+                    fake_config.replace(features={"dtype": "bfloat16"}), backbone=huge,
                     progress=False)
     assert store.complete().all() and np.isfinite(store.maps(0)[0]).all()
     assert np.abs(store.maps(0)[0]).max() > 65504
@@ -235,10 +235,10 @@ def test_settings_are_checked(tmp_path, synthetic_dir, fake_config, fake_backbon
                             ({"precision": "fp64"}, "precision")):
         with pytest.raises(ConfigError, match=match):
             extract(synthetic_dir, tmp_path / "s.zarr",
-                    fake_config.with_overrides(features=features), backbone=bb, progress=False)
+                    fake_config.replace(features=features), backbone=bb, progress=False)
     with pytest.raises(ConfigError, match="no checkpoint"):
         extract(synthetic_dir, tmp_path / "s.zarr",
-                fake_config.with_overrides(model={"preset": "tiny64_cosine"}), progress=False,
+                fake_config.replace(model={"preset": "tiny64_cosine"}), progress=False,
                 resize=True)
     assert not (tmp_path / "s.zarr").exists()
 

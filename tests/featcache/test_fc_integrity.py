@@ -213,7 +213,7 @@ def test_verify_command_lists_damage_and_exits_non_zero(made):
 
 def test_the_store_remembers_its_config_under_the_digest(tmp_path, synthetic_dir, fake_config,
                                                           fake_backbone):
-    cfg = fake_config.with_overrides(data={"name": "synthetic_3", "class_names": ("a", "b", "c")},
+    cfg = fake_config.replace(data={"name": "synthetic_3", "class_names": ("a", "b", "c")},
                                      classifier={"etf": "none", "ensemble": 3})
     path = tmp_path / "s.zarr"
     extract(synthetic_dir, path, cfg, backbone=fake_backbone(), progress=False)

@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent("""
             time.sleep(delay)
             return real.activations(*args, **kwargs)
 
-    cfg = Config().with_overrides(
+    cfg = Config().replace(
         data={"num_classes": 34},
         model={"preset": "faces_64", "checkpoint": ckpt},
         features={"steps": (10, 400), "blocks": (2, 5, 8, 11)})

@@ -48,7 +48,7 @@ def start_extract(data, store, address, *extra, cwd=None):
 
 def small_config(seed: int = 0):
     from ddpmseg import load_config
-    return load_config("faces64_ffhq_34").with_overrides(
+    return load_config("faces64_ffhq_34").replace(
         features={"steps": (10,), "blocks": (2,), "seed": seed, "images_per_batch": 1})
 
 
