@@ -213,6 +213,6 @@ def test_the_folder_schema_is_one_definition(tmp_path):
                                                       tmp_path / "a_jsd.npy")
     assert folder.uncertainty_maps(tmp_path, "b") is None
     assert folder.read_meta(tmp_path) == {}
-    with pytest.raises(ValueError, match="predict.json's keys"):
+    with pytest.raises(AssertionError, match="predict.json.s keys"):
         folder.write_meta(tmp_path, {"names": []})
     assert not (tmp_path / folder.META_FILE).exists()
