@@ -7,6 +7,7 @@ anywhere. Parity and real-data tests need ../shared: without it they skip, excep
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -242,3 +243,15 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if any(item.get_closest_marker(kind) for kind in _SLOW_KINDS):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def two_faces(tmp_path_factory):
+    """Two bundled demo faces (64px) with their masks, in a folder of their own (read only)."""
+    from ddpmseg.backbone.bundled import DEMO_DATA
+
+    root = tmp_path_factory.mktemp("two_faces")
+    for npy in sorted((DEMO_DATA / "train").glob("*.npy"))[:2]:
+        shutil.copy(npy, root)
+        shutil.copy(npy.with_suffix(".png"), root)
+    return root

@@ -3,14 +3,12 @@ a config is changed with ``Config.replace``."""
 
 import dataclasses
 import importlib
-import shutil
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 import ddpmseg
-from ddpmseg.backbone.bundled import DEMO_DATA
 from ddpmseg.cli.main import cli
 from ddpmseg.config import Config
 from ddpmseg.core.errors import ConfigError
@@ -32,25 +30,15 @@ def test_top_level_functions_are_the_library_functions():
 # -- one API: the Python call resolves the backbone as the CLI does -----------------------------
 
 
-@pytest.fixture(scope="module")
-def faces(tmp_path_factory):
-    """Two demo faces with their masks."""
-    root = tmp_path_factory.mktemp("faces")
-    for npy in sorted((DEMO_DATA / "train").glob("*.npy"))[:2]:
-        shutil.copy(npy, root)
-        shutil.copy(npy.with_suffix(".png"), root)
-    return root
-
-
-def test_library_extract_with_the_bundled_checkpoint_is_the_cli_extract(faces, tmp_path):
+def test_library_extract_with_the_bundled_checkpoint_is_the_cli_extract(two_faces, tmp_path):
     """A default config and checkpoint="bundled:faces_64": the bundled preset with its usual
     steps and blocks, as `ddpmseg extract --checkpoint bundled:faces_64` (was a CheckpointError:
     the default preset lsun_256 and blocks 5,6,7,8,12)."""
     default = Config().replace(data={"num_classes": 34})  # the demo's ffhq_34 classes
-    store = ddpmseg.extract(faces, tmp_path / "lib.zarr", default,
+    store = ddpmseg.extract(two_faces, tmp_path / "lib.zarr", default,
                             checkpoint="bundled:faces_64", resize=True, device="cpu",
                             progress=False)
-    res = CliRunner().invoke(cli, ["extract", str(faces), str(tmp_path / "cli.zarr"),
+    res = CliRunner().invoke(cli, ["extract", str(two_faces), str(tmp_path / "cli.zarr"),
                                    "--checkpoint", "bundled:faces_64", "--resize",
                                    "--num-classes", "34", "--device", "cpu"])
     assert res.exit_code == 0, res.output

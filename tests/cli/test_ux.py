@@ -10,7 +10,6 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from ddpmseg.backbone.bundled import DEMO_DATA
 from ddpmseg.cli.main import cli
 from ddpmseg.featcache.store import FeatureStore
 
@@ -34,13 +33,8 @@ def one_error_line(res, code=1):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """Two bundled face images with masks, 64px."""
-    root = tmp_path_factory.mktemp("data")
-    for png in sorted((DEMO_DATA / "train").glob("*.png"))[:2]:
-        shutil.copy(png, root)
-        shutil.copy(png.with_suffix(".npy"), root)
-    return root
+def data(two_faces):
+    return two_faces
 
 
 @pytest.fixture(scope="module")
