@@ -27,14 +27,17 @@ def command(checkpoint_arg: str | None, checkpoint: str | None, preset: str | No
     """
     from ddpmseg.backbone.adm.checkpoint import checkpoint_dtypes
     from ddpmseg.backbone.factory import load_backbone
-    from ddpmseg.backbone.bundled import BUNDLED_PRESETS, resolve_checkpoint
+    from ddpmseg.backbone.bundled import resolve_checkpoint
+    from ddpmseg.config import Config
+    from ddpmseg.pipelines.extract import resolve_model
 
     if checkpoint_arg and checkpoint and checkpoint_arg != checkpoint:
         raise click.UsageError("give the checkpoint once: CHECKPOINT or --checkpoint")
     checkpoint = checkpoint or checkpoint_arg
     if not checkpoint:
         raise click.UsageError("give the checkpoint: CHECKPOINT or --checkpoint PATH")
-    preset = preset or BUNDLED_PRESETS.get(checkpoint, "lsun_256")
+    # The preset extract would build this checkpoint with (a bundled one brings its own).
+    preset = resolve_model(Config(), checkpoint, preset=preset).model.preset
     backbone = load_backbone(checkpoint, preset, device="cpu")
     what = preset if backbone.kind == "adm" else f"a {backbone.kind} folder"
     click.echo(f"ok: {checkpoint} loads strictly as {what}")
