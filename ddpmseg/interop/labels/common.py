@@ -25,7 +25,7 @@ from ddpmseg.core.fileio import write_png
 from ddpmseg.core.locking import writer_lock
 from ddpmseg.data import (_some, find_image, image_hw, list_samples, mask_names, resize_mask,
                           size_text)
-from ddpmseg.outputs.folder import META_FILE, check_complete
+from ddpmseg.outputs.folder import META_FILE, check_complete, image_file
 from ddpmseg.outputs.render import class_name, make_palette
 
 log = logging.getLogger(__name__)
@@ -209,14 +209,14 @@ def read_predictions(pred_dir: str | Path) -> PredictionFolder:
                                     else None)
     items, resized = [], []
     for name in meta["names"]:
-        labels = np.load(pred_dir / f"{name}.npy", allow_pickle=False)
+        labels = np.load(image_file(pred_dir, name, "npy"), allow_pickle=False)
         if labels.ndim != 2 or labels.size == 0 or labels.max() >= num_classes:
             raise BadInputError(f"{pred_dir / name}.npy is no label map of {num_classes} "
                                 f"classes ({META_FILE})", "rerun `ddpmseg predict`")
         image = find_image(Path(images), name) if images else None
         labels = at_image_size(labels.astype(np.uint8), image, resized)
         items.append(Prediction(name, image, labels,
-                                _score(pred_dir / f"{name}_entropy.npy", num_classes)))
+                                _score(image_file(pred_dir, name, "entropy"), num_classes)))
     if resized:
         log.warning("note: %d label map(s) are not at their image's size (a `resize=True` "
                     "prediction) and were scaled to it (nearest neighbour), as labelling tools "
