@@ -160,6 +160,10 @@ def create_object(fs, path: str, data: bytes) -> bool:
         fs.pipe_file(path, data, mode="create")
     except FileExistsError:
         return False
+    except TypeError as exc:  # an fsspec driver from before its "exclusive write"
+        raise StoreAccessError(f"{type(fs).__name__} {path}: this version cannot create an "
+                               f"object only if absent ({exc})",
+                               "upgrade it: pip install -U 'ddpmseg[s3]'") from exc
     fs.invalidate_cache(path)
     return True
 

@@ -134,6 +134,7 @@ def test_a_dead_writers_lock_is_taken_over_a_live_one_is_not(s3, holder, taken):
         assert json.loads(objectstore.read_tagged(fs, key)[0])["owner"] == "elsewhere:1"
 
 
+@pytest.mark.slow
 def test_a_second_extract_is_refused_in_one_line(s3, two_faces):
     """Two writers: a CLI extract while another process holds the store's lock."""
     store = f"{s3}/x.zarr"
@@ -168,6 +169,7 @@ def test_an_unreachable_object_store_is_one_line(s3, moto, case):
         want = "error: no object-store credentials for s3://"
     elif case == "endpoint":
         env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"  # nothing listens
+        env["AWS_MAX_ATTEMPTS"] = "1"  # botocore's retries would only take longer
         want = "error: cannot reach the object store for s3://"
     else:
         url = "s3://no-such-bucket-here/x.zarr"
@@ -254,3 +256,26 @@ def test_a_killed_extract_to_s3_resumes_byte_identical(s3, faces, faces64_ckpt, 
     assert sorted(resumed) == sorted(uninterrupted)
     assert [k for k in resumed if resumed[k] != uninterrupted[k]] == []
     assert np.array_equal(FeatureStore.open(url).maps(0)[0], FeatureStore.open(full).maps(0)[0])
+
+
+@pytest.mark.slow
+def test_readme_object_store_commands_run_as_written(moto, s3, two_faces, tmp_path,
+                                                     monkeypatch, one_thread):
+    """README's object-store section, its ddpmseg lines as written (the exports are the
+    fixture's environment), on the bucket it names."""
+    import shutil
+
+    from tests.test_readme import README_SECTION_RUNNERS
+
+    section, bash_blocks, commands, run_line = README_SECTION_RUNNERS
+    lines = [c for block in bash_blocks(section("## Feature stores on S3 and other object "
+                                                "stores")) for c in commands(block)]
+    assert any(" s3://my-bucket/" in line for line in lines), lines
+    fs, _ = objectstore.filesystem("s3://my-bucket")
+    if not fs.exists("my-bucket"):
+        fs.mkdir("my-bucket")
+    shutil.copytree(two_faces, tmp_path / "data" / "train")
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
+        run_line(line)
+    assert (tmp_path / "preds" / "s3" / "predict.json").is_file()
