@@ -279,3 +279,42 @@ def test_readme_object_store_commands_run_as_written(moto, s3, two_faces, tmp_pa
     for line in lines:
         run_line(line)
     assert (tmp_path / "preds" / "s3" / "predict.json").is_file()
+
+
+# -- the lock on any fsspec store (memory://: no server needed) ---------------------------------
+
+def test_the_lock_on_a_memory_store_refuses_a_second_writer():
+    store = "memory://lock-test/x.zarr"
+    with locking.writer_lock(store, "store"):
+        with pytest.raises(locking.LockedError, match="is being written by"):
+            with locking.writer_lock(store, "store"):
+                pass
+    fs, key = objectstore.filesystem(locking.object_lock_url(store))
+    assert not fs.exists(key)
+
+
+class _Ticks:
+    """A stop event whose wait says "go on" ``n`` times, then "stop" (no real waiting)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def wait(self, timeout):
+        self.n -= 1
+        return self.n < 0
+
+
+def test_the_holder_renews_its_lock_and_leaves_a_taken_one(caplog):
+    store = "memory://renew-test/x.zarr"
+    fs, key = objectstore.filesystem(locking.object_lock_url(store))
+    record = {"owner": "me", "host": "h", "pid": 1, "token": "mine", "ttl_s": 600.0}
+    assert objectstore.create_object(fs, key, locking._lock_bytes(record))
+    data, tag = objectstore.read_tagged(fs, key)
+    first = json.loads(data)["expires"]
+    record["ttl_s"] = 1200.0  # the next renewal pushes the expiry 20 minutes on
+    locking._renew_object_lock(fs, key, record, tag, _Ticks(1))
+    assert json.loads(objectstore.read_tagged(fs, key)[0])["expires"] > first + 500
+    fs.pipe_file(key, lock_record(token="theirs"))  # taken over meanwhile
+    locking._renew_object_lock(fs, key, record, tag, _Ticks(1))
+    assert json.loads(objectstore.read_tagged(fs, key)[0])["token"] == "theirs"
+    assert "was taken over by another writer" in caplog.text
