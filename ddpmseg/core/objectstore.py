@@ -131,6 +131,13 @@ def check_access(url: str) -> None:
         raise problem from exc
 
 
+def exists(url: str) -> bool:
+    """Whether an object, or any object under the prefix, is at ``url``."""
+    fs, path = filesystem(url)
+    fs.invalidate_cache(path)
+    return bool(fs.exists(path))
+
+
 def quiet_drivers() -> None:
     """Keep the object-store libraries' per-request INFO lines (``Found credentials in
     environment variables.``) out of a command's log."""

@@ -270,8 +270,8 @@ def _not_finite(name: str, m: np.ndarray) -> str:
 
 
 def _exists(path) -> bool:
-    # A URL (s3://, memory://) cannot be checked here; let zarr's own error stand for it.
-    return is_url(path) or Path(path).exists()
+    # A URL (s3://, memory://): whether any object lies under it.
+    return objectstore.exists(str(path)) if is_url(path) else Path(path).exists()
 
 
 def is_store(path) -> bool:

@@ -179,6 +179,14 @@ def test_an_unreachable_object_store_is_one_line(s3, moto, case):
     assert ("create it" if case == "bucket" else "AWS_ENDPOINT_URL") in line, line
 
 
+def test_a_store_that_is_not_there_is_named_so(s3):
+    from ddpmseg.core.errors import StoreError
+
+    with pytest.raises(StoreError, match=r"s3://.*/none\.zarr does not exist; run `ddpmseg "
+                                         r"extract`"):
+        FeatureStore.open(f"{s3}/none.zarr")
+
+
 def test_access_problems_are_store_access_errors(s3, monkeypatch):
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
@@ -318,3 +326,11 @@ def test_the_holder_renews_its_lock_and_leaves_a_taken_one(caplog):
     locking._renew_object_lock(fs, key, record, tag, _Ticks(1))
     assert json.loads(objectstore.read_tagged(fs, key)[0])["token"] == "theirs"
     assert "was taken over by another writer" in caplog.text
+
+
+def test_a_store_url_stays_a_url_on_the_way_to_predict():
+    """predict and suggest took s3://b/x.zarr for the local path s3:/b/x.zarr (issue 24)."""
+    from ddpmseg.pipelines.predict import input_path
+
+    assert input_path("s3://b/x.zarr") == "s3://b/x.zarr"
+    assert input_path(type("Opened", (), {"path": "memory://x.zarr"})()) == "memory://x.zarr"
