@@ -27,7 +27,7 @@ from tests.s3_server import MotoServer, free_port, need_s3
 CONFIG = "faces64_ffhq_34"  # the bundled backbone, 64 px
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def moto(tmp_path_factory):
     need_s3()
     server = MotoServer(tmp_path_factory.mktemp("moto"))
