@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,14 +23,9 @@ import uuid
 from pathlib import Path
 
 from tests.helpers import need
+from tests.interop.label_studio_server import free_port  # noqa: F401 - the tests' one
 
 START_SECONDS = 60
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def need_s3() -> None:
