@@ -27,7 +27,9 @@ SHARED = REPO.parent / "shared"
 BYOD = "## Bring your own data"
 # Sections whose commands other tests run as written.
 ELSEWHERE = {"## Coming from ddpm-segmentation": "tests/cli/test_readme_reference.py",
-             "## The labelling loop": "tests/test_readme.py"}
+             "## The labelling loop": "tests/test_readme.py",
+             "## Feature stores on S3 and other object stores":
+                 "tests/featcache/test_object_store.py"}
 # Published-checkpoint lines, run here with the bundled backbone instead (said in the output).
 SUBSTITUTIONS = [
     ("--checkpoint lsun_horse.pt", "--checkpoint bundled:faces_64 --resize"),
@@ -63,6 +65,11 @@ def run(command: str) -> str:
     result = CliRunner().invoke(cli, argv[1:])
     assert result.exit_code == 0, f"{command}\n{result.output}"
     return result.stdout
+
+
+# For tests of README sections run elsewhere (ELSEWHERE): the section, its bash blocks, their
+# ddpmseg lines, and running one line as written.
+README_SECTION_RUNNERS = (section, bash_blocks, commands, run)
 
 
 def make_data(root: Path, n_train: int = 2, n_test: int = 2) -> None:

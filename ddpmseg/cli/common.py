@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from ddpmseg.config import Config
 from ddpmseg.interop.reference_config import load_config
+from ddpmseg.core import objectstore
 from ddpmseg.core.device import DEFAULT_THREADS
 from ddpmseg.core.errors import DdpmsegError
 
@@ -136,6 +137,7 @@ def configure_logging(quiet: bool) -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         handlers=[handler], force=True)
+    objectstore.quiet_drivers()  # no "Found credentials in environment variables." lines
 
 
 def _set_global(ctx, param, value):

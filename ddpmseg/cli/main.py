@@ -1,7 +1,8 @@
 """The ``ddpmseg`` click group and its error handling.
 
 Our errors become one line ``error: <what>; <how to fix>`` and exit 1 (2 for usage errors);
-``--debug`` shows the traceback instead.
+``--debug`` shows the traceback instead. So do an object store's (botocore's) errors of
+credentials, endpoint and bucket (``core.objectstore.access_problem``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import re
 
 import click
 
+from ddpmseg.core import objectstore
 from ddpmseg.core.version import __version__
 from ddpmseg.core.errors import DdpmsegError
 from ddpmseg.cli.common import as_flags, configure_logging, global_options
@@ -34,8 +36,15 @@ class Group(click.Group):
         except OSError as exc:  # permission, no space, a file where a folder goes, ...
             if ctx.params.get("debug"):
                 raise
-            click.echo(f"error: {os_error_line(exc)}", err=True)
+            problem = objectstore.access_problem(exc)
+            click.echo(f"error: {problem or os_error_line(exc)}", err=True)
             ctx.exit(1)
+        except Exception as exc:  # an object store lost mid-run: botocore's, one line too
+            problem = objectstore.access_problem(exc)
+            if problem is None or ctx.params.get("debug"):
+                raise
+            click.echo(f"error: {problem}", err=True)
+            ctx.exit(problem.exit_code)
         except KeyboardInterrupt:
             after = _INTERRUPTED.get(ctx.invoked_subcommand or "",
                                      "rerun the same command to resume")

@@ -56,6 +56,10 @@ class NotInStoreError(StoreMismatchError, KeyError):
     """A step and block asked of a store that has no such features (a KeyError too)."""
 
 
+class StoreAccessError(StoreError):
+    """An object store (s3://...) cannot be reached: no credentials, no endpoint, no bucket."""
+
+
 class StaleWriterError(StoreError):
     """A task of an earlier extract attempt finds that another attempt now owns the store."""
 

@@ -31,6 +31,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from ddpmseg.config import Config
+from ddpmseg.core import objectstore
 from ddpmseg.core.errors import (
     ConfigError,
     NotInStoreError,
@@ -269,15 +270,16 @@ def _not_finite(name: str, m: np.ndarray) -> str:
 
 
 def _exists(path) -> bool:
-    # A URL (s3://, memory://) cannot be checked here; let zarr's own error stand for it.
-    return is_url(path) or Path(path).exists()
+    # A URL (s3://, memory://): whether any object lies under it.
+    return objectstore.exists(str(path)) if is_url(path) else Path(path).exists()
 
 
 def is_store(path) -> bool:
-    """Whether ``path`` is a local feature store (a folder with its zarr.json): the one test
-    of "a store, or a folder of images/masks" for every command that takes either. A URL is
-    not checked here (``FeatureStore.open`` says what it is)."""
-    return not is_url(path) and (Path(path) / "zarr.json").is_file()
+    """Whether ``path`` names a feature store: a local folder with its zarr.json, or any URL
+    (s3://, memory://...: only a store is read from one, image and mask folders are local).
+    The one test of "a store, or a folder of images/masks" for every command that takes
+    either. A URL is not reached here (``FeatureStore.open`` says what is there)."""
+    return is_url(path) or (Path(path) / "zarr.json").is_file()
 
 
 class FeatureStore:
@@ -311,6 +313,8 @@ class FeatureStore:
         if info.dtype not in STORE_DTYPES:
             raise StoreError(f"unknown store dtype {info.dtype!r}", f"use one of {STORE_DTYPES}")
         attrs = store_attributes(info, config, new_writer_token())
+        if is_url(path):  # no credentials, endpoint or bucket: one line, before any write
+            objectstore.check_access(str(path))
         try:
             group = zarr.create_group(store=str(path), overwrite=overwrite, zarr_format=3,
                                       attributes=attrs)
@@ -514,7 +518,11 @@ class FeatureStore:
     def open(cls, path: str | Path, mode: str = "r") -> "FeatureStore":
         """Open a store, checking its attributes against their digest and every array's
         metadata against the attributes (``integrity``): damage is a StoreError naming the
-        file, before any chunk is read."""
+        file, before any chunk is read. A URL's object store is reached first
+        (``core.objectstore.check_access``): no credentials, endpoint or bucket is a
+        StoreAccessError."""
+        if is_url(path):
+            objectstore.check_access(str(path))
         try:
             group = zarr.open_group(str(path), mode=mode, zarr_format=3)
             attrs = group.attrs.asdict()

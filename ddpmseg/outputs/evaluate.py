@@ -23,7 +23,7 @@ import numpy as np
 
 from ddpmseg.config import DataConfig, check_classes
 from ddpmseg.core.errors import BadInputError, ConfigError, InputNotFoundError
-from ddpmseg.core.fileio import write_csv, write_json, write_png
+from ddpmseg.core.fileio import is_url, write_csv, write_json, write_png
 from ddpmseg.core.locking import reader_lock, writer_lock
 from ddpmseg.data import (
     LOSSY_SUFFIXES,
@@ -72,7 +72,7 @@ class _StoreLabels:
     """Ground truth read from a feature store's labels (the masks `extract` stored, at the
     store's image size), looked up by image name."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | str):
         from ddpmseg.featcache.store import FeatureStore
 
         self.store = FeatureStore.open(path)
@@ -135,7 +135,7 @@ def image_iou(conf: np.ndarray, num_classes: int, ignore_label: int,
 class _Job:
     """One evaluation: what to read, which classes to score and how, what to write."""
     pred_dir: Path
-    gt_dir: Path
+    gt_dir: Path | str   # a store at a URL stays a string
     out_dir: Path
     num_classes: int | None
     ignore_label: int | None
@@ -171,11 +171,12 @@ def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
     Returns {"miou", "classes": [{index, name, iou, gt_pixels, pred_pixels, intersection,
     union}], "per_image": {name: image_iou}, ...}.
     """
-    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    # A store at a URL stays a string: Path() would make s3://b/x.zarr the local s3:/b/x.zarr.
+    pred_dir, gt_dir = Path(pred_dir), (str(gt_dir) if is_url(gt_dir) else Path(gt_dir))
     if not pred_dir.is_dir():
         raise InputNotFoundError(f"predictions folder {pred_dir} does not exist",
                                  "give the folder `ddpmseg predict` wrote")
-    if not gt_dir.is_dir():
+    if not is_url(gt_dir) and not gt_dir.is_dir():
         raise InputNotFoundError(f"ground-truth folder {gt_dir} does not exist",
                                  "give the folder of test masks (<name>.npy or PNG), or a "
                                  "store with labels")

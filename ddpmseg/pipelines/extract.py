@@ -35,12 +35,14 @@ from ddpmseg.backbone.base import image_tensor
 from ddpmseg.backbone.adm.flags import USUAL_FEATURES
 from ddpmseg.backbone.bundled import BUNDLED_CHECKPOINTS, BUNDLED_PRESETS, resolve_checkpoint
 from ddpmseg.config import Config, FeatureConfig, ModelConfig
+from ddpmseg.core import objectstore
 from ddpmseg.core.cluster import absolute, check_scheduler, run_tasks, worker_must_see
 from ddpmseg.core.device import use_threads
 from ddpmseg.core.errors import (
     BadInputError,
     ConfigError,
     StaleWriterError,
+    StoreAccessError,
     StoreError,
     StoreMismatchError,
 )
@@ -175,6 +177,8 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
                                      images_per_batch) or fc.images_per_batch)
     _check_settings(fc, precision, batch_size, config.data)  # steps and blocks: the Config checked
     check_scheduler(scheduler)  # before anything is written
+    if is_url(store_path):  # credentials, endpoint, bucket: before the backbone loads
+        objectstore.check_access(str(store_path))
     checkpoint = config.model.checkpoint or None
     request = _Request(
         Path(data_dir), str(store_path), config,
@@ -428,6 +432,8 @@ def _open_or_create(path: str, info: StoreInfo, overwrite: bool, config: dict) -
     if is_url(path):
         try:
             existing = FeatureStore.open(path, mode="r+")
+        except StoreAccessError:
+            raise
         except StoreError:
             existing = None
     else:

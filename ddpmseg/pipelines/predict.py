@@ -43,7 +43,14 @@ from ddpmseg.core.errors import (
     StoreError,
     StoreMismatchError,
 )
-from ddpmseg.core.fileio import is_no_space, no_space_error, sha256_file, size_text, write_json
+from ddpmseg.core.fileio import (
+    is_no_space,
+    is_url,
+    no_space_error,
+    sha256_file,
+    size_text,
+    write_json,
+)
 from ddpmseg.core.locking import reader_lock, writer_lock
 from ddpmseg.core.progress import bar
 from ddpmseg.core.version import __version__
@@ -140,7 +147,7 @@ def check_compatible(run_spec: FeatureSpec, store_spec: FeatureSpec,
 def _warn_if_stale(model: Ensemble) -> None:
     """Warn when the run's training store has changed (labels corrected, images added) since
     the run was trained: its predictions do not use the newest labels."""
-    if model.run_dir is None or not model.store_path or not is_store(Path(model.store_path)):
+    if model.run_dir is None or not model.store_path or not is_store(model.store_path):
         return
     trained_on = read_header(model.run_dir).images
     if trained_on is None:
@@ -178,7 +185,7 @@ def _find_original(images_dir: Path | None, name: str) -> Path | None:
 class _StoreSource:
     kind = "store"
 
-    def __init__(self, path: Path, model: Ensemble, images_dir: Path | None,
+    def __init__(self, path: Path | str, model: Ensemble, images_dir: Path | None,
                  max_image_pixels: int | None = None):
         self.store = FeatureStore.open(path)
         check_compatible(model.info.spec, self.store.info.spec, str(path))
@@ -288,16 +295,20 @@ def _check_sha256(checkpoint: Path, got: str, want: str) -> None:
             "give `checkpoint=PATH`, the checkpoint the run's store was extracted with")
 
 
-def input_path(input) -> Path:
-    """The path of a prediction input; an open FeatureStore (as extract returns) by its path."""
-    path = Path(getattr(input, "path", input))
+def input_path(input) -> Path | str:
+    """The path of a prediction input (a URL, a store's, as it is); an open FeatureStore (as
+    extract returns) by its path."""
+    given = getattr(input, "path", input)
+    if is_url(given):
+        return str(given)  # Path() would turn s3://b/x.zarr into the local s3:/b/x.zarr
+    path = Path(given)
     if not path.exists():
         raise InputNotFoundError(f"input {path} does not exist",
                                  "give a feature store or a folder of images")
     return path
 
 
-def open_source(path: Path, model: Ensemble, device: torch.device, checkpoint: str | None,
+def open_source(path: Path | str, model: Ensemble, device: torch.device, checkpoint: str | None,
                 resize: bool, images_dir: Path | None = None,
                 max_image_pixels: int | None = None):
     """The images of a store or an image folder, as items (name, RGB image, native maps) the
@@ -422,7 +433,7 @@ class _Job:
     """One prediction: what is predicted, how, and where it goes."""
     out: Path                  # OUT as given (the paths predict.json records)
     source: object             # open_source's
-    source_path: Path
+    source_path: Path | str   # a URL stays a string
     model: Ensemble
     device: torch.device
     vote: str

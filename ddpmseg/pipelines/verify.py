@@ -20,7 +20,7 @@ from ddpmseg.classifier.run import (
     read_header,
     read_member,
 )
-from ddpmseg.core.errors import DdpmsegError
+from ddpmseg.core.errors import DdpmsegError, StoreAccessError
 from ddpmseg.featcache.store import FeatureStore
 
 
@@ -51,6 +51,8 @@ def verify(path: str | Path) -> tuple[str, list[Damage]]:
 def verify_store(path: str | Path) -> list[Damage]:
     try:
         store = FeatureStore.open(path)
+    except StoreAccessError:
+        raise  # an object store not reached (credentials, endpoint, bucket): not damage
     except DdpmsegError as exc:
         return [Damage("store", str(path), str(exc))]
     out = []

@@ -61,7 +61,10 @@ def test_is_store_is_the_one_test_of_a_store(tmp_path):
     is_store = store_module.is_store
     assert is_store(path) and is_store(str(path))
     assert not any(is_store(p) for p in (tmp_path / "images", tmp_path / "file",
-                                         tmp_path / "nothing", "memory://s.zarr"))
+                                         tmp_path / "nothing"))
+    # A URL can only be a store (image and mask folders are local): opening it says what is
+    # there (issue 24: predict took s3://b/x.zarr for a local folder "s3:/b/x.zarr").
+    assert is_store("memory://s.zarr") and is_store("s3://bucket/x.zarr")
     # predict and evaluate decide "a store, or a folder" with it, not with copies of their own
     assert predict.is_store is is_store and evaluate.is_store is is_store
 
