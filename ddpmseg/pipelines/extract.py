@@ -50,6 +50,8 @@ from ddpmseg.core.progress import bar
 from ddpmseg.core.renames import renamed_keyword
 from ddpmseg.featcache import content, integrity
 from ddpmseg.featcache.store import (
+    DEFAULT_IMAGES_PER_SHARD,
+    FORMAT_VERSION,
     FeatureStore,
     StoreInfo,
     encode_image,
@@ -117,6 +119,7 @@ class _Request:
     compact: bool = False
     repair: bool = False
     max_image_pixels: int | None = None
+    images_per_shard: int = DEFAULT_IMAGES_PER_SHARD
 
     @property
     def resolved_config(self) -> Config:
@@ -134,7 +137,8 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
             scheduler: str | None = None, progress: bool = True, prune: bool = False,
             compact: bool = False, repair: bool = False,
             threads: int | None = None, max_image_pixels: int | None = None,
-            batch_size: int | None = None) -> FeatureStore:
+            batch_size: int | None = None,
+            images_per_shard: int = DEFAULT_IMAGES_PER_SHARD) -> FeatureStore:
     """Extract the features of every image of ``data_dir`` into the store at ``store_path``.
 
     ``config``: steps, blocks, seed and dtype from ``config.features``; classes, ignore label
@@ -166,6 +170,9 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     run (default: OMP_NUM_THREADS, else torch's); the caller's setting is restored after.
     ``max_image_pixels``: images (and PNG masks) of more pixels are refused from their header
     (default: PIL's limit). ``batch_size`` is the old spelling of ``images_per_batch``.
+    ``images_per_shard``: a new store (format 3) keeps that many images' chunks of an array in
+    one file; 0 makes a format-2 store (one file per image per array). An existing store keeps
+    its own layout.
     Returns the store, opened for reading.
     """
     config = resolve_model(config or Config(), checkpoint, preset=preset, backbone=backbone)
@@ -174,6 +181,9 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     batch_size = int(renamed_keyword("extract", "batch_size", batch_size, "images_per_batch",
                                      images_per_batch) or fc.images_per_batch)
     _check_settings(fc, precision, batch_size, config.data)  # steps and blocks: the Config checked
+    if int(images_per_shard) < 0:
+        raise ConfigError(f"images per shard must be at least 0, got {images_per_shard}",
+                          "pass `images_per_shard=N` (N >= 1; 0 makes a format-2 store)")
     check_scheduler(scheduler)  # before anything is written
     checkpoint = config.model.checkpoint or None
     request = _Request(
@@ -184,7 +194,7 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
         batch_size=batch_size, precision=precision, codec=parse_codec(fc.codec, fc.dtype),
         device=device, overwrite=overwrite, resize=resize, scheduler=scheduler,
         progress=progress, prune=prune, compact=compact, repair=repair,
-        max_image_pixels=max_image_pixels)
+        max_image_pixels=max_image_pixels, images_per_shard=int(images_per_shard))
     with use_threads(threads, "extract"):
         info, inputs, backbone = _prepare(request, backbone)
         # Under the store's writer lock: create the store, or reopen it and check that it was
@@ -252,7 +262,9 @@ def _prepare(request: _Request, backbone) -> tuple[StoreInfo, _Inputs, object]:
                      names=tuple(s.name for s in inputs.samples),
                      num_classes=dc.num_classes, ignore_label=dc.ignore_label,
                      class_names=tuple(dc.class_names), has_labels=inputs.has_labels,
-                     min_class_pixels=dc.min_class_pixels, codec=request.codec)
+                     min_class_pixels=dc.min_class_pixels, codec=request.codec,
+                     images_per_shard=request.images_per_shard,
+                     format_version=FORMAT_VERSION if request.images_per_shard else 2)
     return info, inputs, backbone
 
 
@@ -299,7 +311,8 @@ def _run(request: _Request, store: FeatureStore, job: _Job, todo: list[int], lab
         with bar(total=initial + len(todo), initial=initial, desc="extract", unit="img",
                  progress=request.progress) as images:
             if request.scheduler:
-                _run_distributed(request, job, todo, labels, backbone, images.update)
+                _run_distributed(request, store.info, job, todo, labels, backbone,
+                                 images.update)
             else:
                 run_images(store, backbone, job, todo, labels,
                            on_done=lambda i: images.update(1))
@@ -559,6 +572,27 @@ def _load_batch(paths: Sequence[str], size: tuple[int, int], resize: bool,
                         for p in paths])
 
 
+def shard_groups(info: StoreInfo, indices: Sequence[int]) -> list[list[int]]:
+    """``indices`` (ascending) split where the shard changes."""
+    groups: list[list[int]] = []
+    for i in indices:
+        if groups and info.shard_of(groups[-1][-1]) == info.shard_of(i):
+            groups[-1].append(int(i))
+        else:
+            groups.append([int(i)])
+    return groups
+
+
+def batches_of(info: StoreInfo, indices: Sequence[int], batch_size: int) -> list[list[int]]:
+    """``indices`` in batches of ``batch_size``; in a sharded store no batch spans two shards,
+    so a dask task that owns whole shards computes the same batches as one process."""
+    if info.sharded:
+        groups = shard_groups(info, indices)
+    else:
+        groups = [[int(i) for i in indices]] if len(indices) else []
+    return [g[k:k + batch_size] for g in groups for k in range(0, len(g), batch_size)]
+
+
 def _write_one(store: FeatureStore, i: int, maps: list, labels) -> int:
     store.write_image(i, store.encode(i, maps), labels, encoded=True)
     return i
@@ -574,9 +608,10 @@ def run_images(store: FeatureStore, backbone, job: _Job, indices: Sequence[int],
     images wait to be written, which bounds memory.
     """
     size = tuple(store.info.image_size)
-    batches = [list(indices[k:k + job.batch_size]) for k in range(0, len(indices), job.batch_size)]
+    batches = batches_of(store.info, indices, job.batch_size)
     if not batches:
         return
+    store.plan_writes(indices)
     limit = job.batch_size + writers
     pending: deque = deque()
 
@@ -611,9 +646,11 @@ def run_images(store: FeatureStore, backbone, job: _Job, indices: Sequence[int],
                 del maps
                 finish(block=False)
             finish(block=True)
+            store.flush()
         except BaseException:
             for _, fut in pending:
                 fut.cancel()
+            store.discard_writes()
             raise
 
 
@@ -695,12 +732,13 @@ def _backbone_source(request: _Request, backbone) -> dict:
     return source
 
 
-def _run_distributed(request: _Request, job: _Job, todo: list[int], labels: list, backbone,
-                     update: Callable[[int], None]) -> None:
+def _run_distributed(request: _Request, info: StoreInfo, job: _Job, todo: list[int],
+                     labels: list, backbone, update: Callable[[int], None]) -> None:
     source = _backbone_source(request, backbone)
     # Tasks of whole batches (a batch never spans two tasks, so the images are computed in the
-    # same groups as in one process).
-    groups = [todo[k:k + job.batch_size] for k in range(0, len(todo), job.batch_size)]
+    # same groups as in one process), and in a sharded store of whole shards (two workers
+    # never write one shard): one task per shard's images to do.
+    groups = shard_groups(info, todo) if info.sharded else batches_of(info, todo, job.batch_size)
     threads = torch.get_num_threads()
     tasks = run_tasks(request.scheduler, _dask_task,
                       [(job, source, g, [labels[i] for i in g]) for g in groups],
