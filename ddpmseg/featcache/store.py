@@ -336,6 +336,7 @@ class FeatureStore:
         self._lock = threading.Lock()
         self._planned: dict[int, set] = {}
         self._buffer: dict[int, dict] = {}
+        self._shard_locks: dict[int, threading.Lock] = {}
 
     # -- creation and writing -------------------------------------------------------------
     @classmethod
@@ -467,7 +468,7 @@ class FeatureStore:
         stale = [int(i) for i in np.flatnonzero(done) if int(rec[i, 0]) != self.writer]
         if stale:
             rec[stale, 0] = self.writer
-            self._arr(WRITER).oindex[stale, :] = rec[stale]
+            zarr_adapter.write_rows([(self._arr(WRITER), rec[stale])], stale)
 
     def encode(self, i: int, maps: Sequence) -> list[np.ndarray]:
         """Image i's maps cast to the store dtype (raises FeatureOverflowError naming it)."""
@@ -540,6 +541,12 @@ class FeatureStore:
         one image): flags of finished ones cleared, then every array, then their records,
         then their flags set, in that order (a kill between leaves them incomplete)."""
         rows = [i for i, _, _ in items]
+        with self._lock:
+            lock = self._shard_locks.setdefault(self.info.shard_of(rows[0]), threading.Lock())
+        with lock:  # writes into one shard read, merge and rewrite it: one at a time
+            self._write_rows_locked(items, rows)
+
+    def _write_rows_locked(self, items: list, rows: list[int]) -> None:
         complete = self._arr("complete")
         redo = [i for i in rows if self._complete is None or self._complete[i]]
         if redo:  # rewriting finished images: incomplete until done again
