@@ -88,15 +88,14 @@ def test_overwrite_survives_a_folder_written_while_it_is_deleted(
     assert sorted(p.name for p in tmp_path.iterdir()) == [".s.zarr.lock", "s.zarr", "synthetic"]
 
 
+@pytest.mark.parametrize("per_shard", [0, 3], ids=["format2", "format3"])
 def test_a_damaged_writer_record_is_reported_and_redone(tmp_path, synthetic_dir, fake_config,
-                                                        fake_backbone):
+                                                        fake_backbone, helpers, per_shard):
     path = tmp_path / "s.zarr"
-    extract(synthetic_dir, path, fake_config, backbone=fake_backbone(), progress=False)
+    extract(synthetic_dir, path, fake_config, backbone=fake_backbone(), progress=False,
+            images_per_shard=per_shard)
     want = FeatureStore.open(path).maps(2)
-    chunk = path / "writer" / "c" / "2" / "0"
-    raw = bytearray(chunk.read_bytes())
-    raw[3] ^= 0x10
-    chunk.write_bytes(bytes(raw))
+    helpers.flip_byte(path, "writer", 2, at=3 / 19)  # byte 3 of its 20 (16 + crc32c)
     damage = verify_store(path)
     assert [(d.what, d.where) for d in damage] == [("image 2 (img002)", "writer")]
     assert "writer record is corrupt" in damage[0].detail
