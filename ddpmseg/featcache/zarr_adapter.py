@@ -84,6 +84,11 @@ def write_rows(targets: Sequence[tuple[zarr.Array, np.ndarray]], rows: Sequence[
             start = k
 
     async def one(arr, value):
+        # A shard whose every image is written here is deleted first: zarr's sharding codec
+        # would read it to merge (a damaged index would fail the write; a sound one is read
+        # for nothing). The caller has flagged those images incomplete.
+        await asyncio.gather(*(_chunk_path(arr, k * arr.shards[0]).delete()
+                               for k in whole_shards(arr, rows)))
         for a, b in runs:
             await arr.async_array.setitem(slice(rows[a], rows[a] + b - a), value[a:b])
 
@@ -91,6 +96,15 @@ def write_rows(targets: Sequence[tuple[zarr.Array, np.ndarray]], rows: Sequence[
         await asyncio.gather(*(one(a, np.asarray(v)) for a, v in targets))
 
     sync(write_all())
+
+
+def whole_shards(arr: zarr.Array, rows: Sequence[int]) -> list[int]:
+    """The shards of a sharded array that ``rows`` cover entirely ([] when unsharded)."""
+    if not arr.shards:
+        return []
+    per, n, have = arr.shards[0], arr.shape[0], set(rows)
+    return [k for k in sorted({r // per for r in have})
+            if have >= set(range(k * per, min((k + 1) * per, n)))]
 
 
 def remove_partial_files(root: str | Path) -> int:

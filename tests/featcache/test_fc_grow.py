@@ -57,7 +57,10 @@ def grown(tmp_path, faces, faces_config, faces64, helpers, one_thread):
     path = tmp_path / "grown.zarr"
 
     def run(**kw):
-        return extract(folder, path, faces_config, backbone=faces64, progress=False, **kw)
+        # Format 2: these tests compare one chunk file per image (test_fc_shards.py grows a
+        # format-3 store); a store keeps its layout, so only the first run makes it so.
+        return extract(folder, path, faces_config, backbone=faces64, progress=False,
+                       images_per_shard=0, **kw)
 
     run()
     return folder, path, run

@@ -120,19 +120,21 @@ def test_non_finite_maps_never_reach_a_reader(made):
 
 def test_overwrite_replaces_a_partial_store(tmp_path, synthetic_dir, fake_config,
                                             fake_backbone, made, helpers):
-    _, before = made
+    path, before = made
+    per = FeatureStore.open(path).info.images_per_shard   # new stores made as that one
     # A writer killed while writing the group's zarr.json leaves only zarr's temporary file:
     # a rerun starts over (nothing to keep), with or without --overwrite.
     partial = tmp_path / "p.zarr"
     partial.mkdir()
     (partial / f"zarr.json.{'ab' * 16}.partial").write_text("{")
-    _rerun(partial, synthetic_dir, fake_config, fake_backbone)
+    _rerun(partial, synthetic_dir, fake_config, fake_backbone, images_per_shard=per)
     assert helpers.tree_bytes(partial) == before
     # A store whose zarr.json is damaged: refused, then replaced by --overwrite.
     (partial / "zarr.json").write_bytes(b"\x00garbage")
     with pytest.raises(StoreError, match="zarr.json is unreadable.*`overwrite=True`"):
         _rerun(partial, synthetic_dir, fake_config, fake_backbone)
-    _rerun(partial, synthetic_dir, fake_config, fake_backbone, overwrite=True)
+    _rerun(partial, synthetic_dir, fake_config, fake_backbone, overwrite=True,
+           images_per_shard=per)
     assert helpers.tree_bytes(partial) == before
     # A folder holding anything else is never replaced.
     other = tmp_path / "other"
