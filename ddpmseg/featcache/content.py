@@ -21,6 +21,8 @@ rerun sees the same differences and redoes the same (idempotent) steps.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -31,17 +33,93 @@ from pathlib import Path
 import numpy as np
 
 from ddpmseg.core.errors import BadInputError, StoreError
-from ddpmseg.core.fileio import is_url, sha256_file
+from ddpmseg.core.fileio import atomic_write, is_url, sha256_file
 from ddpmseg.featcache.store import FeatureStore, StoreInfo
 from ddpmseg.spec import short
 
 log = logging.getLogger(__name__)
 
 
-def sample_hashes(samples) -> dict[str, list]:
-    """{name: [image sha256, mask sha256 or None]} of ``data.Sample``s."""
-    return {s.name: [sha256_file(s.image), sha256_file(s.mask) if s.mask is not None else None]
+def sample_hashes(samples, cache: "StatCache | None" = None) -> dict[str, list]:
+    """{name: [image sha256, mask sha256 or None]} of ``data.Sample``s. With a ``cache``
+    (``StatCache.load``), a file whose stat has not changed since it was hashed takes its
+    recorded hash instead of being read."""
+    digest = sha256_file if cache is None else cache.sha256
+    return {s.name: [digest(s.image), digest(s.mask) if s.mask is not None else None]
             for s in samples}
+
+
+# -- stat before hash ------------------------------------------------------------------------
+
+def stat_cache_path(store_path) -> Path:
+    """The stat cache of a local store: the hidden file ``.<store name>.stat_cache.json``
+    beside it (as its writer lock is; inside, zarr would take it for a member)."""
+    p = Path(os.path.realpath(store_path))
+    return p.with_name(f".{p.name}.stat_cache.json")
+
+
+# A file modified less than this before its stat was recorded is "racily clean" (git's term):
+# a change within the same timestamp tick would keep its size and mtime, so it is hashed again
+# until its stat is older than that (filesystem timestamps are coarser than their ns field).
+RACY_NS = 2_000_000_000
+
+
+def file_stat(path) -> list[int]:
+    """What says a file changed without reading it: size, mtime_ns, ctime_ns, inode. A write
+    sets ctime to the current time, and no program can set it back (``touch -d`` and
+    ``os.utime`` restore mtime only), so a same-size change with a restored mtime is seen."""
+    st = os.stat(path)
+    return [int(st.st_size), int(st.st_mtime_ns), int(st.st_ctime_ns), int(st.st_ino)]
+
+
+@dataclass
+class StatCache:
+    """Per data file, [size, mtime_ns, ctime_ns, inode, sha256] as last hashed, and when those
+    stats were taken (``checked_ns``): a local store's stat cache, git's index for
+    the folder (``stat_cache_path``). It is a cache, not content: the store's digests never cover it, a damaged or
+    missing one means hashing every file again, and it is left out of byte comparisons."""
+
+    path: Path | None
+    files: dict
+    checked_ns: int = 0
+    changed: bool = False
+
+    @classmethod
+    def load(cls, store_path) -> "StatCache":
+        if is_url(store_path):
+            return cls(None, {})
+        path = stat_cache_path(store_path)
+        try:
+            raw = json.loads(path.read_text())
+            body = json.dumps(raw["files"], sort_keys=True, separators=(",", ":"))
+            if hashlib.sha256(body.encode()).hexdigest() == raw["digest"]:
+                return cls(path, dict(raw["files"]), int(raw["checked_ns"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return cls(path, {}, 0, changed=True)   # none, or damaged: hash every file
+
+    def sha256(self, path) -> str:
+        key = str(Path(path).resolve())
+        st = file_stat(path)
+        old = self.files.get(key)
+        racy = self.checked_ns - RACY_NS
+        if old and old[:4] == st and st[1] < racy and st[2] < racy:
+            return old[4]
+        digest = sha256_file(path)
+        self.changed = True   # new stats, or a racy entry's (checked_ns moves on)
+        self.files[key] = st + [digest]
+        return digest
+
+    def save(self, started_ns: int) -> None:
+        """Record the stats (taken after ``started_ns``) when any file was hashed."""
+        if self.path is None or not self.changed:
+            return
+        body = json.dumps(self.files, sort_keys=True, separators=(",", ":"))
+        text = json.dumps({"checked_ns": started_ns, "files": self.files,
+                           "digest": hashlib.sha256(body.encode()).hexdigest()},
+                          separators=(",", ":"))
+        atomic_write(self.path, lambda p: p.write_text(text))
+        self.changed = False
 
 
 @dataclass(frozen=True)

@@ -273,7 +273,9 @@ def _extract_locked(request: _Request, info: StoreInfo, inputs: _Inputs, backbon
     pruned images), then the images still to do extracted: under the writer lock."""
     store = _open_or_create(request.store_path, info, request.overwrite,
                             request.resolved_config.to_dict())
-    folder_hashes = content.sample_hashes(inputs.samples)
+    # Stat before hash: only files whose stat changed since they were hashed are read.
+    stat_cache, started = content.StatCache.load(store.path), time.time_ns()
+    folder_hashes = content.sample_hashes(inputs.samples, stat_cache)
     labels_by_name = {s.name: lab for s, lab in zip(inputs.samples, inputs.labels)}
     changes = content.plan(store, folder_hashes, request.prune or request.compact)
     if request.repair or changes.describe() or not store.complete().all():
@@ -282,6 +284,7 @@ def _extract_locked(request: _Request, info: StoreInfo, inputs: _Inputs, backbon
         # can still be at work, since each image it had is complete.)
         store.begin_attempt()
     content.apply(store, changes, labels_by_name)
+    stat_cache.save(started)
     if request.compact:
         store = content.compact(store)
     paths_by_name = {s.name: str(s.image) for s in inputs.samples}

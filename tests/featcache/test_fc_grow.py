@@ -187,8 +187,10 @@ def test_sigkill_mid_round_resumes_to_the_same_result(tmp_path, faces, faces64_c
     killed, full = tmp_path / "killed.zarr", tmp_path / "full.zarr"
 
     def run(path, delay):
+        # Format 3 in shards of 2 images: the round re-extracts image 0 into its shard,
+        # fills shard 1 and makes shard 2; a kill lands between two of them.
         return subprocess.Popen([sys.executable, str(script), str(folder), str(path),
-                                 str(faces64_ckpt), str(delay)],
+                                 str(faces64_ckpt), str(delay), "2"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     for path in (killed, full):
