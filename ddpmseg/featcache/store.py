@@ -270,10 +270,16 @@ def array_specs(info: StoreInfo) -> list[tuple[str, dict]]:
         shape=(n,), chunks=(1,), dtype=np.uint8, compressors=[Crc32cCodec()], fill_value=0,
         config=cfg, dimension_names=("image",))))
     if info.sharded:
-        # Format 3: every array's shard holds the same images, so whoever writes a shard of
-        # images writes their flags' and records' shards too, and no other writer does.
-        for _, kw in out:
-            kw["shards"] = (info.images_per_shard,) + tuple(kw["chunks"][1:])
+        # Format 3: the maps and labels in shards of images_per_shard images' chunks; the
+        # flags and records in chunks of that many images (one file, and one chunk to decode,
+        # per shard: reading every flag costs N / images_per_shard reads). Whoever writes a
+        # shard of images writes those images' flags and records, and no other writer does.
+        per = info.images_per_shard
+        for name, kw in out:
+            if name in (WRITER, "complete"):
+                kw["chunks"] = (per,) + tuple(kw["chunks"][1:])
+            else:
+                kw["shards"] = (per,) + tuple(kw["chunks"][1:])
     return out
 
 
@@ -725,10 +731,22 @@ class FeatureStore:
 
     def missing_chunks(self, i: int) -> list[str]:
         """Names of the arrays whose chunk of image i is absent from storage."""
-        i = self._index(i)
+        return self.missing_by_image([i])[self._index(i)]
+
+    def missing_by_image(self, indices: Sequence[int]) -> dict[int, list[str]]:
+        """{i: names of the arrays whose chunk file of image i is absent}: each file (a
+        shard, in format 3) is asked about once, however many images it holds."""
         names = self._array_names()
-        present = zarr_adapter.chunks_exist([self._arr(n) for n in names], i)
-        return [n for n, ok in zip(names, present) if not ok]
+        arrays = [self._arr(n) for n in names]
+        by_file: dict[int, list[str]] = {}
+        out = {}
+        for i in (self._index(i) for i in indices):
+            s = self.info.shard_of(i)
+            if s not in by_file:
+                present = zarr_adapter.chunks_exist(arrays, i)
+                by_file[s] = [n for n, ok in zip(names, present) if not ok]
+            out[i] = by_file[s]
+        return out
 
     def _array_names(self) -> list[str]:
         names = [array_name(t, b) for t, b in self.info.keys]

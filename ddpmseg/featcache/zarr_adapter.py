@@ -36,9 +36,9 @@ class Missing:
 
 
 def _chunk_path(arr: zarr.Array, i: int):
-    """The storage path of the file holding image i's chunk (its shard in a sharded array)."""
-    shards = arr.shards
-    k = i // shards[0] if shards else i
+    """The storage path of the file holding image i's chunk (its shard in a sharded array;
+    the chunk of several images' flags in format 3)."""
+    k = i // (arr.shards or arr.chunks)[0]
     return arr.store_path / arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))
 
 
@@ -84,10 +84,11 @@ def write_rows(targets: Sequence[tuple[zarr.Array, np.ndarray]], rows: Sequence[
             start = k
 
     async def one(arr, value):
-        # A shard whose every image is written here is deleted first: zarr's sharding codec
-        # would read it to merge (a damaged index would fail the write; a sound one is read
-        # for nothing). The caller has flagged those images incomplete.
-        await asyncio.gather(*(_chunk_path(arr, k * arr.shards[0]).delete()
+        # A file whose every image is written here is deleted first: zarr would read it to
+        # merge (a damaged shard index or chunk would fail the write; a sound one is read for
+        # nothing). The caller has flagged those images incomplete.
+        per = (arr.shards or arr.chunks)[0]
+        await asyncio.gather(*(_chunk_path(arr, k * per).delete()
                                for k in whole_shards(arr, rows)))
         for a, b in runs:
             await arr.async_array.setitem(slice(rows[a], rows[a] + b - a), value[a:b])
@@ -99,10 +100,11 @@ def write_rows(targets: Sequence[tuple[zarr.Array, np.ndarray]], rows: Sequence[
 
 
 def whole_shards(arr: zarr.Array, rows: Sequence[int]) -> list[int]:
-    """The shards of a sharded array that ``rows`` cover entirely ([] when unsharded)."""
-    if not arr.shards:
+    """The files (shards, or chunks of several images) that ``rows`` cover entirely ([] for
+    one chunk file per image: zarr replaces those without reading them)."""
+    per, n, have = (arr.shards or arr.chunks)[0], arr.shape[0], set(rows)
+    if per == 1:
         return []
-    per, n, have = arr.shards[0], arr.shape[0], set(rows)
     return [k for k in sorted({r // per for r in have})
             if have >= set(range(k * per, min((k + 1) * per, n)))]
 

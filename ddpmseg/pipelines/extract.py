@@ -342,11 +342,12 @@ def _images_to_do(store: FeatureStore, repair: bool,
             store.mark_incomplete(i)
     done = store.complete()
     store.restamp(done)  # from now on, the complete images are this attempt's
+    missing = {} if repair else store.missing_by_image(np.flatnonzero(done))
     for i in np.flatnonzero(done):
         if repair:
             problems = [f"{name}: {what}" for name, what in store.damage(int(i))]
         else:
-            problems = [f"{name} is missing" for name in store.missing_chunks(int(i))]
+            problems = [f"{name} is missing" for name in missing[int(i)]]
         if problems:
             log.warning("image %d (%s) is damaged (%s): redoing it", i, info.names[i],
                         "; ".join(problems[:2]) + ("; ..." if len(problems) > 2 else ""))

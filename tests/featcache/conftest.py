@@ -48,7 +48,8 @@ def _without_token(root: Path, rel: Path, data: bytes) -> bytes:
 
 
 def shard_size(store: Path, name: str) -> int:
-    """Images per shard of an array of a store (0: unsharded, format 1 or 2)."""
+    """Images per shard of an array of a store (0: unsharded: format 1 or 2, or format 3's
+    flags and records)."""
     meta = json.loads((store / name / "zarr.json").read_text())
     if meta["codecs"][0]["name"] != "sharding_indexed":
         return 0
@@ -67,8 +68,13 @@ def image_chunk(store: Path, name: str, i: int) -> tuple[Path, int, int]:
     inner chunk's bytes within the shard file (format 3)."""
     store = Path(store)
     per = shard_size(store, name)
-    ndim = len(json.loads((store / name / "zarr.json").read_text())["shape"])
-    rest = ["0"] * (ndim - 1)
+    meta = json.loads((store / name / "zarr.json").read_text())
+    rest = ["0"] * (len(meta["shape"]) - 1)
+    rows = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
+    if not per and rows > 1:  # format 3's flags and records: a chunk of several images
+        f = store.joinpath(name, "c", str(i // rows), *rest)
+        row = (f.stat().st_size - 4) // rows   # uncompressed, then a crc32c
+        return f, (i % rows) * row, (i % rows + 1) * row
     if not per:
         f = store.joinpath(name, "c", str(i), *rest)
         return f, 0, f.stat().st_size
