@@ -98,13 +98,23 @@ class StatCache:
             pass
         return cls(path, {}, 0, changed=True)   # none, or damaged: hash every file
 
-    def sha256(self, path) -> str:
-        key = str(Path(path).resolve())
-        st = file_stat(path)
+    def unchanged(self, path) -> bool:
+        """Whether a file's stat is the one recorded when it was last hashed, and was not
+        racily clean then (so its bytes, and the checks made on them, are the same)."""
+        return self._known(os.path.abspath(path), file_stat(path)) is not None
+
+    def _known(self, key: str, st: list[int]) -> str | None:
         old = self.files.get(key)
         racy = self.checked_ns - RACY_NS
         if old and old[:4] == st and st[1] < racy and st[2] < racy:
             return old[4]
+        return None
+
+    def sha256(self, path) -> str:
+        key, st = os.path.abspath(path), file_stat(path)
+        known = self._known(key, st)
+        if known is not None:
+            return known
         digest = sha256_file(path)
         self.changed = True   # new stats, or a racy entry's (checked_ns moves on)
         self.files[key] = st + [digest]
@@ -317,8 +327,3 @@ def compact(store: FeatureStore) -> FeatureStore:
     shutil.rmtree(old)
     log.info("%s: compacted, %d inactive image(s) removed", store.path, len(store) - len(keep))
     return FeatureStore.open(store.path, mode="r+")
-
-
-def labels_in_store_order(names: Sequence[str], labels_by_name: dict) -> list:
-    """Per store index, the folder's labels (None for images not in the folder)."""
-    return [labels_by_name.get(n) for n in names]

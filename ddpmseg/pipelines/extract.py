@@ -78,8 +78,19 @@ WRITER_THREADS = max(1, min(4, os.cpu_count() or 1))
 @dataclass(frozen=True)
 class _Inputs:
     samples: list            # data.Sample, sorted by name
-    labels: list             # per image: uint8 (H, W) after the rare-class rule, or None
-    has_labels: bool
+    labels: list             # per image: uint8 (H, W) after the rare-class rule, or None,
+    has_labels: bool         # or LATER: a mask unchanged since it was checked (``label``)
+    later: Callable | None = None   # sample -> its labels, checked as _read_inputs does
+
+    def label(self, k: int):
+        """Image k's labels, loaded now if they were left for later."""
+        lab = self.labels[k]
+        return self.later(self.samples[k]) if lab is LATER else lab
+
+
+# An unchanged image's mask (content.StatCache): checked when it was first extracted, loaded
+# only if its image is to be extracted again.
+LATER = object()
 
 
 @dataclass(frozen=True)
@@ -247,7 +258,9 @@ def _prepare(request: _Request, backbone) -> tuple[StoreInfo, _Inputs, object]:
     flags = describe_backbone(backbone or request.checkpoint, config.model.preset)
     check_steps(fc.steps, flags.diffusion_steps, where="[features]")
     size = (flags.image_size, flags.image_size)
-    inputs = _read_inputs(request.data_dir, size, request.resize, dc, request.max_image_pixels)
+    # Files unchanged since an earlier run hashed them were checked then: not read again.
+    inputs = _read_inputs(request.data_dir, size, request.resize, dc, request.max_image_pixels,
+                          content.StatCache.load(request.store_path).unchanged)
     if backbone is None:
         if request.checkpoint is None:
             raise ConfigError("no checkpoint given",
@@ -276,7 +289,8 @@ def _extract_locked(request: _Request, info: StoreInfo, inputs: _Inputs, backbon
     # Stat before hash: only files whose stat changed since they were hashed are read.
     stat_cache, started = content.StatCache.load(store.path), time.time_ns()
     folder_hashes = content.sample_hashes(inputs.samples, stat_cache)
-    labels_by_name = {s.name: lab for s, lab in zip(inputs.samples, inputs.labels)}
+    labels_by_name = {s.name: lab for s, lab in zip(inputs.samples, inputs.labels)
+                      if lab is not LATER}  # a changed mask is never left for later
     changes = content.plan(store, folder_hashes, request.prune or request.compact)
     if request.repair or changes.describe() or not store.complete().all():
         # Tasks of earlier attempts stop at their next image. (A complete store that stays
@@ -297,7 +311,9 @@ def _extract_locked(request: _Request, info: StoreInfo, inputs: _Inputs, backbon
                      for n in store.info.names),
                info.spec, request.batch_size, bool(request.resize), store.writer,
                request.max_image_pixels)
-    labels = content.labels_in_store_order(store.info.names, labels_by_name)
+    index, wanted = {s.name: k for k, s in enumerate(inputs.samples)}, set(todo)
+    labels = [inputs.label(index[name]) if i in wanted else None
+              for i, name in enumerate(store.info.names)]
     start = time.perf_counter()
     _run(request, store, job, todo, labels, backbone, initial=len(done) - len(todo))
     _refuse_foreign(store)
@@ -401,7 +417,10 @@ def _check_settings(fc, precision: str, batch_size: int, dc) -> None:
 
 
 def _read_inputs(data_dir, size: tuple[int, int], resize: bool, dc,
-                 max_pixels: int | None = None) -> _Inputs:
+                 max_pixels: int | None = None, unchanged: Callable | None = None) -> _Inputs:
+    """The folder's samples with their labels, every image size and mask checked; with
+    ``unchanged`` (path -> bool), an image and mask unchanged since an earlier run checked
+    them are not read (their labels are LATER)."""
     samples = data.list_samples(data_dir, max_image_pixels=max_pixels)
     with_mask = [s for s in samples if s.mask is not None]
     if with_mask and len(with_mask) < len(samples):
@@ -412,29 +431,43 @@ def _read_inputs(data_dir, size: tuple[int, int], resize: bool, dc,
             "add its mask, or move it to a folder of unlabelled images (a folder without any "
             "mask makes a prediction-only store)")
     labels, unlabelled = [], []
+
+    def checked(s):
+        return _checked_labels(s, size, resize, dc, max_pixels, unlabelled)
+
     for s in samples:
-        hw = data.image_hw(s.image, max_pixels)
-        data.check_image_size(s.image, hw, size, resize)
-        if s.mask is None:
-            labels.append(None)
-            continue
-        # The mask must match its own image (`resize=True` resizes both to the model's size).
-        mask = data.load_mask(s.mask, hw, hint="make the mask the size of its image",
-                              max_image_pixels=max_pixels)
-        data.check_labels(mask, dc.num_classes, dc.ignore_label, s.mask)
-        if not data.labelled(mask, dc.ignore_label):
-            unlabelled.append(s.mask.name)
-        if hw != size:
-            # data's nearest-neighbour resize (labels stay labels), of the mask just checked.
-            mask = data.load_mask(s.mask, size, resize=True, max_image_pixels=max_pixels)
-        labels.append(data.drop_rare_classes(mask, dc.num_classes, dc.ignore_label,
-                                          dc.min_class_pixels))
+        if unchanged is not None and unchanged(s.image) and (s.mask is None
+                                                             or unchanged(s.mask)):
+            labels.append(None if s.mask is None else LATER)
+        else:
+            labels.append(checked(s))
     if unlabelled:  # fit trains on none of their pixels: say so rather than count them
         log.warning("note: %d mask(s) in %s hold only the ignore label %d, so their images are "
                     "unlabelled (no pixel to train on or score): %s", len(unlabelled), data_dir,
                     dc.ignore_label, ", ".join(unlabelled[:5])
                     + (", ..." if len(unlabelled) > 5 else ""))
-    return _Inputs(samples, labels, bool(with_mask))
+    return _Inputs(samples, labels, bool(with_mask), checked)
+
+
+def _checked_labels(s, size: tuple[int, int], resize: bool, dc, max_pixels: int | None,
+                    unlabelled: list):
+    """A sample's image size checked and its mask's labels (None without a mask), checked
+    and after the rare-class rule; a mask holding only the ignore label goes to
+    ``unlabelled``."""
+    hw = data.image_hw(s.image, max_pixels)
+    data.check_image_size(s.image, hw, size, resize)
+    if s.mask is None:
+        return None
+    # The mask must match its own image (`resize=True` resizes both to the model's size).
+    mask = data.load_mask(s.mask, hw, hint="make the mask the size of its image",
+                          max_image_pixels=max_pixels)
+    data.check_labels(mask, dc.num_classes, dc.ignore_label, s.mask)
+    if not data.labelled(mask, dc.ignore_label):
+        unlabelled.append(s.mask.name)
+    if hw != size:
+        # data's nearest-neighbour resize (labels stay labels), of the mask just checked.
+        mask = data.load_mask(s.mask, size, resize=True, max_image_pixels=max_pixels)
+    return data.drop_rare_classes(mask, dc.num_classes, dc.ignore_label, dc.min_class_pixels)
 
 
 # -- the store ----------------------------------------------------------------------------------

@@ -91,3 +91,23 @@ def test_a_damaged_stat_cache_means_hashing_everything(tmp_path, synthetic_dir, 
     _run(synthetic_dir, path, fake_config, bb)
     assert len(hashed) == 8 and bb.calls == 0
     assert FeatureStore.open(path).complete().all()
+
+
+def test_unchanged_files_are_not_checked_again_and_load_when_their_image_is_redone(
+        tmp_path, synthetic_dir, fake_config, fake_backbone, helpers, monkeypatch):
+    from ddpmseg import data
+
+    monkeypatch.setattr(content, "RACY_NS", 0)
+    path = tmp_path / "s.zarr"
+    _run(synthetic_dir, path, fake_config, fake_backbone())
+    want = helpers.tree_bytes(path)
+    opened = []
+    real = data.image_hw
+    monkeypatch.setattr(data, "image_hw", lambda p, *a: opened.append(p.name) or real(p, *a))
+    _run(synthetic_dir, path, fake_config, fake_backbone())
+    assert opened == []                  # an unchanged folder: no image or mask opened
+    FeatureStore.open(path, mode="r+").mark_incomplete(2)   # as if killed while writing it
+    bb = fake_backbone()
+    _run(synthetic_dir, path, fake_config, bb)
+    assert opened == ["img002.png"] and bb.calls == 1   # its labels loaded (and checked) now
+    assert helpers.tree_bytes(path) == want
