@@ -5,6 +5,7 @@ Layout (the full description is FORMAT.md, beside this file):
     zarr.json                 attributes: "ddpmseg" = StoreInfo (format version, fingerprint,
                               steps, ...), "config" = the resolved run config
     act_t{t}_b{b}/            (N, C, h, w) native-resolution activation, one image per chunk
+                              (format 3: in shards of ``images_per_shard`` images; FORMAT.md)
     labels/                   (N, H, W) uint8, after the reference's rare-class rule
                               (absent in a prediction-only store: has_labels False)
     complete/                 (N,) uint8, 1 once every array of that image is written
