@@ -26,8 +26,9 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,10 @@ class StatCache:
     files: dict
     checked_ns: int = 0
     changed: bool = False
+    _stats: dict = field(default_factory=dict)
+    # When this run began taking stats: recorded as the new checked_ns (a stat is never
+    # older than the time recorded for it, so the racy rule errs towards hashing).
+    started_ns: int = field(default_factory=time.time_ns)
 
     @classmethod
     def load(cls, store_path) -> "StatCache":
@@ -101,7 +106,9 @@ class StatCache:
     def unchanged(self, path) -> bool:
         """Whether a file's stat is the one recorded when it was last hashed, and was not
         racily clean then (so its bytes, and the checks made on them, are the same)."""
-        return self._known(os.path.abspath(path), file_stat(path)) is not None
+        key = os.path.abspath(path)
+        self._stats[key] = file_stat(path)   # kept for ``sha256`` in the same run
+        return self._known(key, self._stats[key]) is not None
 
     def _known(self, key: str, st: list[int]) -> str | None:
         old = self.files.get(key)
@@ -111,7 +118,8 @@ class StatCache:
         return None
 
     def sha256(self, path) -> str:
-        key, st = os.path.abspath(path), file_stat(path)
+        key = os.path.abspath(path)
+        st = self._stats.pop(key, None) or file_stat(path)
         known = self._known(key, st)
         if known is not None:
             return known
@@ -120,12 +128,12 @@ class StatCache:
         self.files[key] = st + [digest]
         return digest
 
-    def save(self, started_ns: int) -> None:
+    def save(self) -> None:
         """Record the stats (taken after ``started_ns``) when any file was hashed."""
         if self.path is None or not self.changed:
             return
         body = json.dumps(self.files, sort_keys=True, separators=(",", ":"))
-        text = json.dumps({"checked_ns": started_ns, "files": self.files,
+        text = json.dumps({"checked_ns": self.started_ns, "files": self.files,
                            "digest": hashlib.sha256(body.encode()).hexdigest()},
                           separators=(",", ":"))
         atomic_write(self.path, lambda p: p.write_text(text))
@@ -228,7 +236,8 @@ def plan(store: FeatureStore, folder_hashes: dict, prune: bool) -> Plan:
             "put them back, or pass `prune=True` to keep them in the store as inactive (never "
             "trained on); add `compact=True` to also rewrite the store without them")
     inactive = (inactive | set(gone)) - set(folder_hashes)
-    new = [n for n in folder_hashes if n not in set(stored)]
+    known = set(stored)
+    new = [n for n in folder_hashes if n not in known]   # (a set made once: O(N), not O(N^2))
     hashes = dict(state.hashes)
     reextract, relabel, backfilled = [], [], []
     for i, name in enumerate(stored):

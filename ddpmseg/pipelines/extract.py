@@ -13,6 +13,7 @@ the wrong size, a store made with another model) is reported before anything is 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -81,6 +82,7 @@ class _Inputs:
     labels: list             # per image: uint8 (H, W) after the rare-class rule, or None,
     has_labels: bool         # or LATER: a mask unchanged since it was checked (``label``)
     later: Callable | None = None   # sample -> its labels, checked as _read_inputs does
+    stat_cache: object = None       # content.StatCache of the store: what was unchanged
 
     def label(self, k: int):
         """Image k's labels, loaded now if they were left for later."""
@@ -259,8 +261,13 @@ def _prepare(request: _Request, backbone) -> tuple[StoreInfo, _Inputs, object]:
     check_steps(fc.steps, flags.diffusion_steps, where="[features]")
     size = (flags.image_size, flags.image_size)
     # Files unchanged since an earlier run hashed them were checked then: not read again.
+    # (Only into an existing store kept as it is: a new or replaced store checks every file
+    # before its first byte is written.)
+    stat_cache = content.StatCache.load(request.store_path)
+    keep = is_store(request.store_path) and not request.overwrite
     inputs = _read_inputs(request.data_dir, size, request.resize, dc, request.max_image_pixels,
-                          content.StatCache.load(request.store_path).unchanged)
+                          stat_cache.unchanged if keep else None)
+    inputs = dataclasses.replace(inputs, stat_cache=stat_cache)
     if backbone is None:
         if request.checkpoint is None:
             raise ConfigError("no checkpoint given",
@@ -287,7 +294,7 @@ def _extract_locked(request: _Request, info: StoreInfo, inputs: _Inputs, backbon
     store = _open_or_create(request.store_path, info, request.overwrite,
                             request.resolved_config.to_dict())
     # Stat before hash: only files whose stat changed since they were hashed are read.
-    stat_cache, started = content.StatCache.load(store.path), time.time_ns()
+    stat_cache = inputs.stat_cache or content.StatCache.load(store.path)
     folder_hashes = content.sample_hashes(inputs.samples, stat_cache)
     labels_by_name = {s.name: lab for s, lab in zip(inputs.samples, inputs.labels)
                       if lab is not LATER}  # a changed mask is never left for later
@@ -298,7 +305,7 @@ def _extract_locked(request: _Request, info: StoreInfo, inputs: _Inputs, backbon
         # can still be at work, since each image it had is complete.)
         store.begin_attempt()
     content.apply(store, changes, labels_by_name)
-    stat_cache.save(started)
+    stat_cache.save()
     if request.compact:
         store = content.compact(store)
     paths_by_name = {s.name: str(s.image) for s in inputs.samples}
