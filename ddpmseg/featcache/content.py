@@ -327,9 +327,11 @@ def compact(store: FeatureStore) -> FeatureStore:
     names = tuple(store.names[i] for i in keep)
     info = dataclasses.replace(store.info, num_images=len(keep), names=names)
     new = FeatureStore.create(tmp, info, config=store.config or None)
+    new.plan_writes(range(len(keep)))   # whole shards, each written once
     for j, i in enumerate(keep):
         encoded = store.encode(i, store.maps(i))  # float16 and bfloat16 round-trip exactly
         new.write_image(j, encoded, store.labels(i) if info.has_labels else None, encoded=True)
+    new.flush()
     write_state(new, info, ImageState({n: state.hashes[n] for n in names if n in state.hashes}))
     real.rename(old)
     tmp.rename(real)

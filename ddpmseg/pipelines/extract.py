@@ -296,9 +296,12 @@ def _extract_locked(request: _Request, info: StoreInfo, inputs: _Inputs, backbon
     # Stat before hash: only files whose stat changed since they were hashed are read.
     stat_cache = inputs.stat_cache or content.StatCache.load(store.path)
     folder_hashes = content.sample_hashes(inputs.samples, stat_cache)
-    labels_by_name = {s.name: lab for s, lab in zip(inputs.samples, inputs.labels)
-                      if lab is not LATER}  # a changed mask is never left for later
     changes = content.plan(store, folder_hashes, request.prune or request.compact)
+    index = {s.name: k for k, s in enumerate(inputs.samples)}
+    # The masks to relabel with (changed since the store recorded them; loaded now if their
+    # files were left for later, as when the store was made from another copy of the folder).
+    labels_by_name = {name: inputs.label(index[name])
+                      for name in (store.names[i] for i in changes.relabel)}
     if request.repair or changes.describe() or not store.complete().all():
         # Tasks of earlier attempts stop at their next image. (A complete store that stays
         # as it is keeps its token: a rerun writes nothing, and no task of an earlier attempt
@@ -318,7 +321,7 @@ def _extract_locked(request: _Request, info: StoreInfo, inputs: _Inputs, backbon
                      for n in store.info.names),
                info.spec, request.batch_size, bool(request.resize), store.writer,
                request.max_image_pixels)
-    index, wanted = {s.name: k for k, s in enumerate(inputs.samples)}, set(todo)
+    wanted = set(todo)
     labels = [inputs.label(index[name]) if i in wanted else None
               for i, name in enumerate(store.info.names)]
     start = time.perf_counter()
