@@ -259,9 +259,10 @@ TOLERATED = {
     "sweep": ("steps", "blocks", "shapes"),
     # fit resuming a run: how the store is encoded changes no feature or label a member sees
     # (a lossy codec's rounding does: it is the spec's keepbits, compared with the rest)
-    "fit": ("codec", "format_version"),
-    # extract resuming a store: its images (the store follows its folder: featcache.content)
-    "extract": ("names",),
+    "fit": ("codec", "format_version", "images_per_shard"),
+    # extract resuming a store: its images (the store follows its folder: featcache.content),
+    # and its layout (a store keeps the format and shard size it was made with)
+    "extract": ("names", "format_version", "images_per_shard"),
 }
 
 

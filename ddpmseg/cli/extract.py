@@ -68,6 +68,10 @@ from ddpmseg.cli.common import (
 @click.option("--repair", is_flag=True,
               help="Read every chunk of the images already extracted and re-extract exactly "
                    "the damaged ones (those `ddpmseg verify STORE` lists).")
+@click.option("--images-per-shard", type=click.IntRange(min=0), default=64, show_default=True,
+              metavar="N",
+              help="A new store keeps N images' chunks of each array in one file (format 3); "
+                   "0: one file per image per array (format 2). An existing store keeps its own.")
 @max_pixels_option
 @click.option("--scheduler", default=None, metavar="local|local:N|tcp://HOST:PORT",
               help="Run as dask.distributed tasks: a local cluster of N worker processes, or "
@@ -75,7 +79,7 @@ from ddpmseg.cli.common import (
 @click.pass_context
 def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, num_classes,
             ignore_label, dtype, codec, device, threads, images_per_batch, precision, seed, resize,
-            overwrite, prune, compact, repair, max_image_pixels, scheduler):
+            overwrite, prune, compact, repair, images_per_shard, max_image_pixels, scheduler):
     """Extract diffusion features of every image in DATA_DIR into the store STORE.
 
     DATA_DIR holds images (png/jpg/webp/bmp/tif) with masks of the same stem (<id>.npy or <id>_mask.png)
@@ -118,7 +122,8 @@ def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, 
     result = extract(data_dir, store, cfg, checkpoint, preset=preset, device=device,
                      resize=resize, overwrite=overwrite, scheduler=scheduler,
                      progress=show_progress(ctx), prune=prune, compact=compact, repair=repair,
-                     threads=threads, max_image_pixels=max_image_pixels)
+                     threads=threads, max_image_pixels=max_image_pixels,
+                     images_per_shard=images_per_shard)
     info = result.info
     lossless = info.codec.get("keepbits") is None
     click.echo(f"{store}: {len(result)} images, {info.feature_dim} dims per pixel "

@@ -21,27 +21,123 @@ rerun sees the same differences and redoes the same (idempotent) steps.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ddpmseg.core.errors import BadInputError, StoreError
-from ddpmseg.core.fileio import is_url, sha256_file
+from ddpmseg.core.fileio import atomic_write, is_url, sha256_file
 from ddpmseg.featcache.store import FeatureStore, StoreInfo
 from ddpmseg.spec import short
 
 log = logging.getLogger(__name__)
 
 
-def sample_hashes(samples) -> dict[str, list]:
-    """{name: [image sha256, mask sha256 or None]} of ``data.Sample``s."""
-    return {s.name: [sha256_file(s.image), sha256_file(s.mask) if s.mask is not None else None]
+def sample_hashes(samples, cache: "StatCache | None" = None) -> dict[str, list]:
+    """{name: [image sha256, mask sha256 or None]} of ``data.Sample``s. With a ``cache``
+    (``StatCache.load``), a file whose stat has not changed since it was hashed takes its
+    recorded hash instead of being read."""
+    digest = sha256_file if cache is None else cache.sha256
+    return {s.name: [digest(s.image), digest(s.mask) if s.mask is not None else None]
             for s in samples}
+
+
+# -- stat before hash ------------------------------------------------------------------------
+
+def stat_cache_path(store_path) -> Path:
+    """The stat cache of a local store: the hidden file ``.<store name>.stat_cache.json``
+    beside it (as its writer lock is; inside, zarr would take it for a member)."""
+    p = Path(os.path.realpath(store_path))
+    return p.with_name(f".{p.name}.stat_cache.json")
+
+
+# A file modified less than this before its stat was recorded is "racily clean" (git's term):
+# a change within the same timestamp tick would keep its size and mtime, so it is hashed again
+# until its stat is older than that (filesystem timestamps are coarser than their ns field).
+RACY_NS = 2_000_000_000
+
+
+def file_stat(path) -> list[int]:
+    """What says a file changed without reading it: size, mtime_ns, ctime_ns, inode. A write
+    sets ctime to the current time, and no program can set it back (``touch -d`` and
+    ``os.utime`` restore mtime only), so a same-size change with a restored mtime is seen."""
+    st = os.stat(path)
+    return [int(st.st_size), int(st.st_mtime_ns), int(st.st_ctime_ns), int(st.st_ino)]
+
+
+@dataclass
+class StatCache:
+    """Per data file, [size, mtime_ns, ctime_ns, inode, sha256] as last hashed, and when those
+    stats were taken (``checked_ns``): a local store's stat cache, git's index for
+    the folder (``stat_cache_path``). It is a cache, not content: the store's digests never cover it, a damaged or
+    missing one means hashing every file again, and it is left out of byte comparisons."""
+
+    path: Path | None
+    files: dict
+    checked_ns: int = 0
+    changed: bool = False
+    _stats: dict = field(default_factory=dict)
+    # When this run began taking stats: recorded as the new checked_ns (a stat is never
+    # older than the time recorded for it, so the racy rule errs towards hashing).
+    started_ns: int = field(default_factory=time.time_ns)
+
+    @classmethod
+    def load(cls, store_path) -> "StatCache":
+        if is_url(store_path):
+            return cls(None, {})
+        path = stat_cache_path(store_path)
+        try:
+            raw = json.loads(path.read_text())
+            body = json.dumps(raw["files"], sort_keys=True, separators=(",", ":"))
+            if hashlib.sha256(body.encode()).hexdigest() == raw["digest"]:
+                return cls(path, dict(raw["files"]), int(raw["checked_ns"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return cls(path, {}, 0, changed=True)   # none, or damaged: hash every file
+
+    def unchanged(self, path) -> bool:
+        """Whether a file's stat is the one recorded when it was last hashed, and was not
+        racily clean then (so its bytes, and the checks made on them, are the same)."""
+        key = os.path.abspath(path)
+        self._stats[key] = file_stat(path)   # kept for ``sha256`` in the same run
+        return self._known(key, self._stats[key]) is not None
+
+    def _known(self, key: str, st: list[int]) -> str | None:
+        old = self.files.get(key)
+        racy = self.checked_ns - RACY_NS
+        if old and old[:4] == st and st[1] < racy and st[2] < racy:
+            return old[4]
+        return None
+
+    def sha256(self, path) -> str:
+        key = os.path.abspath(path)
+        st = self._stats.pop(key, None) or file_stat(path)
+        known = self._known(key, st)
+        if known is not None:
+            return known
+        digest = sha256_file(path)
+        self.changed = True   # new stats, or a racy entry's (checked_ns moves on)
+        self.files[key] = st + [digest]
+        return digest
+
+    def save(self) -> None:
+        """Record the stats (taken after ``started_ns``) when any file was hashed."""
+        if self.path is None or not self.changed:
+            return
+        body = json.dumps(self.files, sort_keys=True, separators=(",", ":"))
+        text = json.dumps({"checked_ns": self.started_ns, "files": self.files,
+                           "digest": hashlib.sha256(body.encode()).hexdigest()},
+                          separators=(",", ":"))
+        atomic_write(self.path, lambda p: p.write_text(text))
+        self.changed = False
 
 
 @dataclass(frozen=True)
@@ -140,7 +236,8 @@ def plan(store: FeatureStore, folder_hashes: dict, prune: bool) -> Plan:
             "put them back, or pass `prune=True` to keep them in the store as inactive (never "
             "trained on); add `compact=True` to also rewrite the store without them")
     inactive = (inactive | set(gone)) - set(folder_hashes)
-    new = [n for n in folder_hashes if n not in set(stored)]
+    known = set(stored)
+    new = [n for n in folder_hashes if n not in known]   # (a set made once: O(N), not O(N^2))
     hashes = dict(state.hashes)
     reextract, relabel, backfilled = [], [], []
     for i, name in enumerate(stored):
@@ -230,17 +327,14 @@ def compact(store: FeatureStore) -> FeatureStore:
     names = tuple(store.names[i] for i in keep)
     info = dataclasses.replace(store.info, num_images=len(keep), names=names)
     new = FeatureStore.create(tmp, info, config=store.config or None)
+    new.plan_writes(range(len(keep)))   # whole shards, each written once
     for j, i in enumerate(keep):
         encoded = store.encode(i, store.maps(i))  # float16 and bfloat16 round-trip exactly
         new.write_image(j, encoded, store.labels(i) if info.has_labels else None, encoded=True)
+    new.flush()
     write_state(new, info, ImageState({n: state.hashes[n] for n in names if n in state.hashes}))
     real.rename(old)
     tmp.rename(real)
     shutil.rmtree(old)
     log.info("%s: compacted, %d inactive image(s) removed", store.path, len(store) - len(keep))
     return FeatureStore.open(store.path, mode="r+")
-
-
-def labels_in_store_order(names: Sequence[str], labels_by_name: dict) -> list:
-    """Per store index, the folder's labels (None for images not in the folder)."""
-    return [labels_by_name.get(n) for n in names]

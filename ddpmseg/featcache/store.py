@@ -5,6 +5,7 @@ Layout (the full description is FORMAT.md, beside this file):
     zarr.json                 attributes: "ddpmseg" = StoreInfo (format version, fingerprint,
                               steps, ...), "config" = the resolved run config
     act_t{t}_b{b}/            (N, C, h, w) native-resolution activation, one image per chunk
+                              (format 3: in shards of ``images_per_shard`` images; FORMAT.md)
     labels/                   (N, H, W) uint8, after the reference's rare-class rule
                               (absent in a prediction-only store: has_labels False)
     complete/                 (N,) uint8, 1 once every array of that image is written
@@ -20,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -62,8 +64,13 @@ from ddpmseg.spec import MANTISSA_BITS, STORE_DTYPES, FeatureSpec, short  # noqa
 if TYPE_CHECKING:
     import torch
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# 3: every array is sharded (zarr's sharding codec): one file holds ``images_per_shard``
+# images' chunks of one array, so a pool of 100k images is thousands of files, not millions.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+# Images per shard of a new store (``extract(images_per_shard=...)``; 0 makes a format-2 store,
+# one file per image per array).
+DEFAULT_IMAGES_PER_SHARD = 64
 # The writer token: the attribute "writer" holds the token of the extract attempt that owns the
 # store (a new one per attempt, under the writer lock), and the array "writer" holds per image
 # [token of the attempt that wrote it, digest of its maps as stored]. A dask task of an attempt
@@ -97,6 +104,8 @@ class StoreInfo:
     codec: dict = field(default_factory=lambda: dict(DEFAULT_CODEC))
     format_version: int = FORMAT_VERSION
     min_class_pixels: int = 20   # the rare-class rule applied to the stored labels
+    # Format 3: images per shard (0 below format 3: one chunk file per image per array).
+    images_per_shard: int = DEFAULT_IMAGES_PER_SHARD
 
     steps = property(lambda self: self.spec.steps)
     blocks = property(lambda self: self.spec.blocks)
@@ -115,6 +124,21 @@ class StoreInfo:
         keepbits = self.codec.get("keepbits")
         if self.spec.keepbits != keepbits:
             object.__setattr__(self, "spec", replace(self.spec, keepbits=keepbits))
+        # Formats 1 and 2 have no shards; format 3 always has them (one per image at least).
+        if self.format_version < 3:
+            object.__setattr__(self, "images_per_shard", 0)
+        elif int(self.images_per_shard) < 1:
+            raise ConfigError(f"images per shard must be at least 1, got {self.images_per_shard}",
+                              "pass `images_per_shard=N` with N >= 1 (0 only makes a format-2 "
+                              "store, through extract)")
+
+    @property
+    def sharded(self) -> bool:
+        return self.images_per_shard > 0
+
+    def shard_of(self, i: int) -> int:
+        """The shard holding image i (its own chunk file, i, in an unsharded store)."""
+        return int(i) // self.images_per_shard if self.sharded else int(i)
 
     @property
     def fingerprint(self) -> dict:
@@ -130,6 +154,8 @@ class StoreInfo:
                    dtype=spec["dtype"], seed=spec["seed"], fingerprint=spec["fingerprint"],
                    codec=dict(self.codec), format_version=self.format_version,
                    precision=spec["precision"], min_class_pixels=self.min_class_pixels)
+        if self.sharded:
+            raw["images_per_shard"] = self.images_per_shard
         return json.loads(json.dumps(raw))
 
     @classmethod
@@ -141,7 +167,8 @@ class StoreInfo:
                    has_labels=raw.get("has_labels", True),
                    codec=raw.get("codec", dict(DEFAULT_CODEC)),
                    format_version=raw.get("format_version", 1),
-                   min_class_pixels=raw.get("min_class_pixels", 20))
+                   min_class_pixels=raw.get("min_class_pixels", 20),
+                   images_per_shard=raw.get("images_per_shard", 0))
 
     def differences(self, other: "StoreInfo", here: str = "here",
                     there: str = "in the store", ignore: Sequence[str] = ()) -> list[str]:
@@ -160,7 +187,7 @@ class StoreInfo:
                 detail += "; same names, other order"
             out.append(f"names ({detail})")
         for key in ("num_classes", "ignore_label", "class_names", "has_labels", "codec",
-                    "format_version", "min_class_pixels"):
+                    "format_version", "min_class_pixels", "images_per_shard"):
             a, b = getattr(self, key), getattr(other, key)
             if key == "codec":  # its keepbits is the spec's rounding, compared above
                 a, b = ({k: v for k, v in c.items() if k != "keepbits"} for c in (a, b))
@@ -244,6 +271,17 @@ def array_specs(info: StoreInfo) -> list[tuple[str, dict]]:
     out.append(("complete", dict(
         shape=(n,), chunks=(1,), dtype=np.uint8, compressors=[Crc32cCodec()], fill_value=0,
         config=cfg, dimension_names=("image",))))
+    if info.sharded:
+        # Format 3: the maps and labels in shards of images_per_shard images' chunks; the
+        # flags and records in chunks of that many images (one file, and one chunk to decode,
+        # per shard: reading every flag costs N / images_per_shard reads). Whoever writes a
+        # shard of images writes those images' flags and records, and no other writer does.
+        per = info.images_per_shard
+        for name, kw in out:
+            if name in (WRITER, "complete"):
+                kw["chunks"] = (per,) + tuple(kw["chunks"][1:])
+            else:
+                kw["shards"] = (per,) + tuple(kw["chunks"][1:])
     return out
 
 
@@ -303,6 +341,11 @@ class FeatureStore:
         self.guard = False
         self.previous_writer = 0   # the token before ``begin_attempt``
         self._has_records: bool | None = None
+        # Sharded stores: images waiting for the rest of their shard (write_image).
+        self._lock = threading.Lock()
+        self._planned: dict[int, set] = {}
+        self._buffer: dict[int, dict] = {}
+        self._shard_locks: dict[int, threading.Lock] = {}
 
     # -- creation and writing -------------------------------------------------------------
     @classmethod
@@ -436,7 +479,7 @@ class FeatureStore:
         stale = [int(i) for i in np.flatnonzero(done) if int(rec[i, 0]) != self.writer]
         if stale:
             rec[stale, 0] = self.writer
-            self._arr(WRITER).oindex[stale, :] = rec[stale]
+            zarr_adapter.write_rows([(self._arr(WRITER), rec[stale])], stale)
 
     def encode(self, i: int, maps: Sequence) -> list[np.ndarray]:
         """Image i's maps cast to the store dtype (raises FeatureOverflowError naming it)."""
@@ -448,33 +491,89 @@ class FeatureStore:
 
         ``maps`` are float tensors/arrays, cast and checked here, or (``encoded=True``) the
         output of ``encode``. Different images may be written from different threads or
-        processes: each touches only its own chunks.
+        processes: each touches only its own chunks (unsharded), or its own shards: in a
+        sharded store an image of a shard with planned images (``plan_writes``) waits in
+        memory until the shard's last one comes, then the shard is written whole.
         """
         i = self._index(i)
         self.check_writer(i)
         if not encoded:
             maps = self.encode(i, maps)
-        if self.info.has_labels:
-            if labels is None:
-                raise StoreError(f"image {i} ({self.info.names[i]}): the store holds labels but "
-                                 "none were given")
-            labels = np.asarray(labels, dtype=np.uint8)
-            if labels.shape != tuple(self.info.image_size):
-                raise StoreError(f"image {i}: labels are {labels.shape}, the store's image size "
-                                 f"is {tuple(self.info.image_size)}")
+        labels = self._checked_labels(i, labels)
+        if not self.info.sharded:
+            self._write_rows([(i, maps, labels)])
+            return
+        s = self.info.shard_of(i)
+        with self._lock:
+            waiting = self._buffer.setdefault(s, {})
+            waiting[i] = (maps, labels)
+            ready = set(waiting) >= self._planned.get(s, {i})
+            items = self._buffer.pop(s) if ready else None
+        if items:
+            self._write_rows([(k, *items[k]) for k in sorted(items)])
+
+    def plan_writes(self, indices: Sequence[int]) -> None:
+        """The images this handle is about to write (a sharded store buffers each shard's
+        until all of them are in, then writes each array's shard once: a full shard is
+        written with no read and no rewrite). Unplanned images are written at once."""
+        planned: dict[int, set] = {}
+        for i in indices:
+            planned.setdefault(self.info.shard_of(i), set()).add(int(i))
+        with self._lock:
+            self._planned = planned
+
+    def flush(self) -> None:
+        """Write the images still waiting for the rest of their shard (a plan not carried out
+        to its end), then forget the plan."""
+        with self._lock:
+            waiting, self._buffer, self._planned = self._buffer, {}, {}
+        for items in waiting.values():
+            self._write_rows([(k, *items[k]) for k in sorted(items)])
+
+    def discard_writes(self) -> None:
+        """Drop the images waiting in memory (a run that failed: they are redone)."""
+        with self._lock:
+            self._buffer, self._planned = {}, {}
+
+    def _checked_labels(self, i: int, labels) -> np.ndarray | None:
+        if not self.info.has_labels:
+            return None
+        if labels is None:
+            raise StoreError(f"image {i} ({self.info.names[i]}): the store holds labels but "
+                             "none were given")
+        labels = np.asarray(labels, dtype=np.uint8)
+        if labels.shape != tuple(self.info.image_size):
+            raise StoreError(f"image {i}: labels are {labels.shape}, the store's image size "
+                             f"is {tuple(self.info.image_size)}")
+        return labels
+
+    def _write_rows(self, items: list) -> None:
+        """Write (index, encoded maps, labels) of consecutive-or-not images of one shard (or
+        one image): flags of finished ones cleared, then every array, then their records,
+        then their flags set, in that order (a kill between leaves them incomplete)."""
+        rows = [i for i, _, _ in items]
+        with self._lock:
+            lock = self._shard_locks.setdefault(self.info.shard_of(rows[0]), threading.Lock())
+        with lock:  # writes into one shard read, merge and rewrite it: one at a time
+            self._write_rows_locked(items, rows)
+
+    def _write_rows_locked(self, items: list, rows: list[int]) -> None:
         complete = self._arr("complete")
-        if self._complete is None or self._complete[i]:
-            complete[i] = 0  # rewriting a finished image: it is incomplete until done again
-        targets = [(self._arr(array_name(t, b)), m) for (t, b), m in zip(self.info.keys, maps)]
+        redo = [i for i in rows if self._complete is None or self._complete[i]]
+        if redo:  # rewriting finished images: incomplete until done again
+            zarr_adapter.write_rows([(complete, np.zeros(len(redo), np.uint8))], redo)
+        targets = [(self._arr(array_name(t, b)), np.stack([m[k] for _, m, _ in items]))
+                   for k, (t, b) in enumerate(self.info.keys)]
         if self.info.has_labels:
-            targets.append((self._arr("labels"), labels))
-        zarr_adapter.write_images(targets, i)
+            targets.append((self._arr("labels"), np.stack([lab for _, _, lab in items])))
+        zarr_adapter.write_rows(targets, rows)
         if self.has_records():
-            self.check_writer(i)  # again: the maps took a while
-            self._arr(WRITER)[i] = np.array([self.writer, maps_digest(maps)], dtype=np.uint64)
-        complete[i] = 1
+            self.check_writer(rows[0])  # again: the maps took a while
+            rec = np.array([[self.writer, maps_digest(m)] for _, m, _ in items], dtype=np.uint64)
+            zarr_adapter.write_rows([(self._arr(WRITER), rec)], rows)
+        zarr_adapter.write_rows([(complete, np.ones(len(rows), np.uint8))], rows)
         if self._complete is not None:
-            self._complete[i] = True
+            self._complete[rows] = True
 
     def write_labels(self, i: int, labels: np.ndarray) -> None:
         """Rewrite only image i's labels chunk (a corrected mask); its maps are untouched."""
@@ -641,10 +740,22 @@ class FeatureStore:
 
     def missing_chunks(self, i: int) -> list[str]:
         """Names of the arrays whose chunk of image i is absent from storage."""
-        i = self._index(i)
+        return self.missing_by_image([i])[self._index(i)]
+
+    def missing_by_image(self, indices: Sequence[int]) -> dict[int, list[str]]:
+        """{i: names of the arrays whose chunk file of image i is absent}: each file (a
+        shard, in format 3) is asked about once, however many images it holds."""
         names = self._array_names()
-        present = zarr_adapter.chunks_exist([self._arr(n) for n in names], i)
-        return [n for n, ok in zip(names, present) if not ok]
+        arrays = [self._arr(n) for n in names]
+        by_file: dict[int, list[str]] = {}
+        out = {}
+        for i in (self._index(i) for i in indices):
+            s = self.info.shard_of(i)
+            if s not in by_file:
+                present = zarr_adapter.chunks_exist(arrays, i)
+                by_file[s] = [n for n, ok in zip(names, present) if not ok]
+            out[i] = by_file[s]
+        return out
 
     def _array_names(self) -> list[str]:
         names = [array_name(t, b) for t, b in self.info.keys]

@@ -8,7 +8,10 @@ fails there, by name, rather than somewhere in the store:
    ``Array.async_array``), which the public synchronous API does one array at a time.
 2. ``Array.store_path / Array.metadata.encode_chunk_key(coords)`` is where a chunk lives: the
    store asks whether a chunk exists without decoding it (a missing chunk of an image flagged
-   complete is damage, not the fill value).
+   complete is damage, not the fill value). In a sharded array (format 3) the chunk grid is
+   the grid of shards: image i's file is shard ``i // shards[0]`` (``Array.shards``); an inner
+   chunk absent from a present shard reads as the fill value (zarr gives no public way to ask),
+   which the image's maps digest (store.WRITER) catches for the maps.
 3. zarr's ``LocalStore`` writes each file to ``<path without suffix>.<uuid4 hex>.partial`` and
    renames it into place; a writer killed between the two leaves that file behind, and a
    resumed extraction deletes it (``remove_partial_files``).
@@ -33,7 +36,10 @@ class Missing:
 
 
 def _chunk_path(arr: zarr.Array, i: int):
-    return arr.store_path / arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
+    """The storage path of the file holding image i's chunk (its shard in a sharded array;
+    the chunk of several images' flags in format 3)."""
+    k = i // (arr.shards or arr.chunks)[0]
+    return arr.store_path / arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))
 
 
 def chunks_exist(arrays: Sequence[zarr.Array], i: int) -> list[bool]:
@@ -64,6 +70,43 @@ def write_images(targets: Sequence[tuple[zarr.Array, np.ndarray]], i: int) -> No
         await asyncio.gather(*(a.async_array.setitem(i, v) for a, v in targets))
 
     sync(write_all())
+
+
+def write_rows(targets: Sequence[tuple[zarr.Array, np.ndarray]], rows: Sequence[int]) -> None:
+    """``arr[rows] = value`` for every (array, value stacked along the first axis): arrays
+    written concurrently, each one run of consecutive rows after the other (two writes into one
+    shard at once would each read, merge and rewrite it, and one would be lost)."""
+    rows = [int(r) for r in rows]
+    runs, start = [], 0
+    for k in range(1, len(rows) + 1):
+        if k == len(rows) or rows[k] != rows[k - 1] + 1:
+            runs.append((start, k))
+            start = k
+
+    async def one(arr, value):
+        # A file whose every image is written here is deleted first: zarr would read it to
+        # merge (a damaged shard index or chunk would fail the write; a sound one is read for
+        # nothing). The caller has flagged those images incomplete.
+        per = (arr.shards or arr.chunks)[0]
+        await asyncio.gather(*(_chunk_path(arr, k * per).delete()
+                               for k in whole_shards(arr, rows)))
+        for a, b in runs:
+            await arr.async_array.setitem(slice(rows[a], rows[a] + b - a), value[a:b])
+
+    async def write_all():
+        await asyncio.gather(*(one(a, np.asarray(v)) for a, v in targets))
+
+    sync(write_all())
+
+
+def whole_shards(arr: zarr.Array, rows: Sequence[int]) -> list[int]:
+    """The files (shards, or chunks of several images) that ``rows`` cover entirely ([] for
+    one chunk file per image: zarr replaces those without reading them)."""
+    per, n, have = (arr.shards or arr.chunks)[0], arr.shape[0], set(rows)
+    if per == 1:
+        return []
+    return [k for k in sorted({r // per for r in have})
+            if have >= set(range(k * per, min((k + 1) * per, n)))]
 
 
 def remove_partial_files(root: str | Path) -> int:

@@ -13,6 +13,7 @@ the wrong size, a store made with another model) is reported before anything is 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -52,6 +53,8 @@ from ddpmseg.core.progress import bar
 from ddpmseg.core.renames import renamed_keyword
 from ddpmseg.featcache import content, integrity
 from ddpmseg.featcache.store import (
+    DEFAULT_IMAGES_PER_SHARD,
+    FORMAT_VERSION,
     FeatureStore,
     StoreInfo,
     encode_image,
@@ -78,8 +81,20 @@ WRITER_THREADS = max(1, min(4, os.cpu_count() or 1))
 @dataclass(frozen=True)
 class _Inputs:
     samples: list            # data.Sample, sorted by name
-    labels: list             # per image: uint8 (H, W) after the rare-class rule, or None
-    has_labels: bool
+    labels: list             # per image: uint8 (H, W) after the rare-class rule, or None,
+    has_labels: bool         # or LATER: a mask unchanged since it was checked (``label``)
+    later: Callable | None = None   # sample -> its labels, checked as _read_inputs does
+    stat_cache: object = None       # content.StatCache of the store: what was unchanged
+
+    def label(self, k: int):
+        """Image k's labels, loaded now if they were left for later."""
+        lab = self.labels[k]
+        return self.later(self.samples[k]) if lab is LATER else lab
+
+
+# An unchanged image's mask (content.StatCache): checked when it was first extracted, loaded
+# only if its image is to be extracted again.
+LATER = object()
 
 
 @dataclass(frozen=True)
@@ -119,6 +134,7 @@ class _Request:
     compact: bool = False
     repair: bool = False
     max_image_pixels: int | None = None
+    images_per_shard: int = DEFAULT_IMAGES_PER_SHARD
 
     @property
     def resolved_config(self) -> Config:
@@ -136,7 +152,8 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
             scheduler: str | None = None, progress: bool = True, prune: bool = False,
             compact: bool = False, repair: bool = False,
             threads: int | None = None, max_image_pixels: int | None = None,
-            batch_size: int | None = None) -> FeatureStore:
+            batch_size: int | None = None,
+            images_per_shard: int = DEFAULT_IMAGES_PER_SHARD) -> FeatureStore:
     """Extract the features of every image of ``data_dir`` into the store at ``store_path``.
 
     ``config``: steps, blocks, seed and dtype from ``config.features``; classes, ignore label
@@ -168,6 +185,9 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     run (default: OMP_NUM_THREADS, else torch's); the caller's setting is restored after.
     ``max_image_pixels``: images (and PNG masks) of more pixels are refused from their header
     (default: PIL's limit). ``batch_size`` is the old spelling of ``images_per_batch``.
+    ``images_per_shard``: a new store (format 3) keeps that many images' chunks of an array in
+    one file; 0 makes a format-2 store (one file per image per array). An existing store keeps
+    its own layout.
     Returns the store, opened for reading.
     """
     config = resolve_model(config or Config(), checkpoint, preset=preset, backbone=backbone)
@@ -176,6 +196,9 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     batch_size = int(renamed_keyword("extract", "batch_size", batch_size, "images_per_batch",
                                      images_per_batch) or fc.images_per_batch)
     _check_settings(fc, precision, batch_size, config.data)  # steps and blocks: the Config checked
+    if int(images_per_shard) < 0:
+        raise ConfigError(f"images per shard must be at least 0, got {images_per_shard}",
+                          "pass `images_per_shard=N` (N >= 1; 0 makes a format-2 store)")
     check_scheduler(scheduler)  # before anything is written
     if is_url(store_path):  # credentials, endpoint, bucket: before the backbone loads
         objectstore.check_access(str(store_path))
@@ -188,7 +211,7 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
         batch_size=batch_size, precision=precision, codec=parse_codec(fc.codec, fc.dtype),
         device=device, overwrite=overwrite, resize=resize, scheduler=scheduler,
         progress=progress, prune=prune, compact=compact, repair=repair,
-        max_image_pixels=max_image_pixels)
+        max_image_pixels=max_image_pixels, images_per_shard=int(images_per_shard))
     with use_threads(threads, "extract"):
         info, inputs, backbone = _prepare(request, backbone)
         # Under the store's writer lock: create the store, or reopen it and check that it was
@@ -241,7 +264,14 @@ def _prepare(request: _Request, backbone) -> tuple[StoreInfo, _Inputs, object]:
     flags = describe_backbone(backbone or request.checkpoint, config.model.preset)
     check_steps(fc.steps, flags.diffusion_steps, where="[features]")
     size = (flags.image_size, flags.image_size)
-    inputs = _read_inputs(request.data_dir, size, request.resize, dc, request.max_image_pixels)
+    # Files unchanged since an earlier run hashed them were checked then: not read again.
+    # (Only into an existing store kept as it is: a new or replaced store checks every file
+    # before its first byte is written.)
+    stat_cache = content.StatCache.load(request.store_path)
+    keep = is_store(request.store_path) and not request.overwrite
+    inputs = _read_inputs(request.data_dir, size, request.resize, dc, request.max_image_pixels,
+                          stat_cache.unchanged if keep else None)
+    inputs = dataclasses.replace(inputs, stat_cache=stat_cache)
     if backbone is None:
         if request.checkpoint is None:
             raise ConfigError("no checkpoint given",
@@ -256,7 +286,9 @@ def _prepare(request: _Request, backbone) -> tuple[StoreInfo, _Inputs, object]:
                      names=tuple(s.name for s in inputs.samples),
                      num_classes=dc.num_classes, ignore_label=dc.ignore_label,
                      class_names=tuple(dc.class_names), has_labels=inputs.has_labels,
-                     min_class_pixels=dc.min_class_pixels, codec=request.codec)
+                     min_class_pixels=dc.min_class_pixels, codec=request.codec,
+                     images_per_shard=request.images_per_shard,
+                     format_version=FORMAT_VERSION if request.images_per_shard else 2)
     return info, inputs, backbone
 
 
@@ -265,15 +297,22 @@ def _extract_locked(request: _Request, info: StoreInfo, inputs: _Inputs, backbon
     pruned images), then the images still to do extracted: under the writer lock."""
     store = _open_or_create(request.store_path, info, request.overwrite,
                             request.resolved_config.to_dict())
-    folder_hashes = content.sample_hashes(inputs.samples)
-    labels_by_name = {s.name: lab for s, lab in zip(inputs.samples, inputs.labels)}
+    # Stat before hash: only files whose stat changed since they were hashed are read.
+    stat_cache = inputs.stat_cache or content.StatCache.load(store.path)
+    folder_hashes = content.sample_hashes(inputs.samples, stat_cache)
     changes = content.plan(store, folder_hashes, request.prune or request.compact)
+    index = {s.name: k for k, s in enumerate(inputs.samples)}
+    # The masks to relabel with (changed since the store recorded them; loaded now if their
+    # files were left for later, as when the store was made from another copy of the folder).
+    labels_by_name = {name: inputs.label(index[name])
+                      for name in (store.names[i] for i in changes.relabel)}
     if request.repair or changes.describe() or not store.complete().all():
         # Tasks of earlier attempts stop at their next image. (A complete store that stays
         # as it is keeps its token: a rerun writes nothing, and no task of an earlier attempt
         # can still be at work, since each image it had is complete.)
         store.begin_attempt()
     content.apply(store, changes, labels_by_name)
+    stat_cache.save()
     if request.compact:
         store = content.compact(store)
     paths_by_name = {s.name: str(s.image) for s in inputs.samples}
@@ -286,7 +325,9 @@ def _extract_locked(request: _Request, info: StoreInfo, inputs: _Inputs, backbon
                      for n in store.info.names),
                info.spec, request.batch_size, bool(request.resize), store.writer,
                request.max_image_pixels)
-    labels = content.labels_in_store_order(store.info.names, labels_by_name)
+    wanted = set(todo)
+    labels = [inputs.label(index[name]) if i in wanted else None
+              for i, name in enumerate(store.info.names)]
     start = time.perf_counter()
     _run(request, store, job, todo, labels, backbone, initial=len(done) - len(todo))
     _refuse_foreign(store)
@@ -303,7 +344,8 @@ def _run(request: _Request, store: FeatureStore, job: _Job, todo: list[int], lab
         with bar(total=initial + len(todo), initial=initial, desc="extract", unit="img",
                  progress=request.progress) as images:
             if request.scheduler:
-                _run_distributed(request, job, todo, labels, backbone, images.update)
+                _run_distributed(request, store.info, job, todo, labels, backbone,
+                                 images.update)
             else:
                 run_images(store, backbone, job, todo, labels,
                            on_done=lambda i: images.update(1))
@@ -330,11 +372,12 @@ def _images_to_do(store: FeatureStore, repair: bool,
             store.mark_incomplete(i)
     done = store.complete()
     store.restamp(done)  # from now on, the complete images are this attempt's
+    missing = {} if repair else store.missing_by_image(np.flatnonzero(done))
     for i in np.flatnonzero(done):
         if repair:
             problems = [f"{name}: {what}" for name, what in store.damage(int(i))]
         else:
-            problems = [f"{name} is missing" for name in store.missing_chunks(int(i))]
+            problems = [f"{name} is missing" for name in missing[int(i)]]
         if problems:
             log.warning("image %d (%s) is damaged (%s): redoing it", i, info.names[i],
                         "; ".join(problems[:2]) + ("; ..." if len(problems) > 2 else ""))
@@ -388,7 +431,10 @@ def _check_settings(fc, precision: str, batch_size: int, dc) -> None:
 
 
 def _read_inputs(data_dir, size: tuple[int, int], resize: bool, dc,
-                 max_pixels: int | None = None) -> _Inputs:
+                 max_pixels: int | None = None, unchanged: Callable | None = None) -> _Inputs:
+    """The folder's samples with their labels, every image size and mask checked; with
+    ``unchanged`` (path -> bool), an image and mask unchanged since an earlier run checked
+    them are not read (their labels are LATER)."""
     samples = data.list_samples(data_dir, max_image_pixels=max_pixels)
     with_mask = [s for s in samples if s.mask is not None]
     if with_mask and len(with_mask) < len(samples):
@@ -399,29 +445,43 @@ def _read_inputs(data_dir, size: tuple[int, int], resize: bool, dc,
             "add its mask, or move it to a folder of unlabelled images (a folder without any "
             "mask makes a prediction-only store)")
     labels, unlabelled = [], []
+
+    def checked(s):
+        return _checked_labels(s, size, resize, dc, max_pixels, unlabelled)
+
     for s in samples:
-        hw = data.image_hw(s.image, max_pixels)
-        data.check_image_size(s.image, hw, size, resize)
-        if s.mask is None:
-            labels.append(None)
-            continue
-        # The mask must match its own image (`resize=True` resizes both to the model's size).
-        mask = data.load_mask(s.mask, hw, hint="make the mask the size of its image",
-                              max_image_pixels=max_pixels)
-        data.check_labels(mask, dc.num_classes, dc.ignore_label, s.mask)
-        if not data.labelled(mask, dc.ignore_label):
-            unlabelled.append(s.mask.name)
-        if hw != size:
-            # data's nearest-neighbour resize (labels stay labels), of the mask just checked.
-            mask = data.load_mask(s.mask, size, resize=True, max_image_pixels=max_pixels)
-        labels.append(data.drop_rare_classes(mask, dc.num_classes, dc.ignore_label,
-                                          dc.min_class_pixels))
+        if unchanged is not None and unchanged(s.image) and (s.mask is None
+                                                             or unchanged(s.mask)):
+            labels.append(None if s.mask is None else LATER)
+        else:
+            labels.append(checked(s))
     if unlabelled:  # fit trains on none of their pixels: say so rather than count them
         log.warning("note: %d mask(s) in %s hold only the ignore label %d, so their images are "
                     "unlabelled (no pixel to train on or score): %s", len(unlabelled), data_dir,
                     dc.ignore_label, ", ".join(unlabelled[:5])
                     + (", ..." if len(unlabelled) > 5 else ""))
-    return _Inputs(samples, labels, bool(with_mask))
+    return _Inputs(samples, labels, bool(with_mask), checked)
+
+
+def _checked_labels(s, size: tuple[int, int], resize: bool, dc, max_pixels: int | None,
+                    unlabelled: list):
+    """A sample's image size checked and its mask's labels (None without a mask), checked
+    and after the rare-class rule; a mask holding only the ignore label goes to
+    ``unlabelled``."""
+    hw = data.image_hw(s.image, max_pixels)
+    data.check_image_size(s.image, hw, size, resize)
+    if s.mask is None:
+        return None
+    # The mask must match its own image (`resize=True` resizes both to the model's size).
+    mask = data.load_mask(s.mask, hw, hint="make the mask the size of its image",
+                          max_image_pixels=max_pixels)
+    data.check_labels(mask, dc.num_classes, dc.ignore_label, s.mask)
+    if not data.labelled(mask, dc.ignore_label):
+        unlabelled.append(s.mask.name)
+    if hw != size:
+        # data's nearest-neighbour resize (labels stay labels), of the mask just checked.
+        mask = data.load_mask(s.mask, size, resize=True, max_image_pixels=max_pixels)
+    return data.drop_rare_classes(mask, dc.num_classes, dc.ignore_label, dc.min_class_pixels)
 
 
 # -- the store ----------------------------------------------------------------------------------
@@ -565,6 +625,27 @@ def _load_batch(paths: Sequence[str], size: tuple[int, int], resize: bool,
                         for p in paths])
 
 
+def shard_groups(info: StoreInfo, indices: Sequence[int]) -> list[list[int]]:
+    """``indices`` (ascending) split where the shard changes."""
+    groups: list[list[int]] = []
+    for i in indices:
+        if groups and info.shard_of(groups[-1][-1]) == info.shard_of(i):
+            groups[-1].append(int(i))
+        else:
+            groups.append([int(i)])
+    return groups
+
+
+def batches_of(info: StoreInfo, indices: Sequence[int], batch_size: int) -> list[list[int]]:
+    """``indices`` in batches of ``batch_size``; in a sharded store no batch spans two shards,
+    so a dask task that owns whole shards computes the same batches as one process."""
+    if info.sharded:
+        groups = shard_groups(info, indices)
+    else:
+        groups = [[int(i) for i in indices]] if len(indices) else []
+    return [g[k:k + batch_size] for g in groups for k in range(0, len(g), batch_size)]
+
+
 def _write_one(store: FeatureStore, i: int, maps: list, labels) -> int:
     store.write_image(i, store.encode(i, maps), labels, encoded=True)
     return i
@@ -580,9 +661,10 @@ def run_images(store: FeatureStore, backbone, job: _Job, indices: Sequence[int],
     images wait to be written, which bounds memory.
     """
     size = tuple(store.info.image_size)
-    batches = [list(indices[k:k + job.batch_size]) for k in range(0, len(indices), job.batch_size)]
+    batches = batches_of(store.info, indices, job.batch_size)
     if not batches:
         return
+    store.plan_writes(indices)
     limit = job.batch_size + writers
     pending: deque = deque()
 
@@ -617,9 +699,11 @@ def run_images(store: FeatureStore, backbone, job: _Job, indices: Sequence[int],
                 del maps
                 finish(block=False)
             finish(block=True)
+            store.flush()
         except BaseException:
             for _, fut in pending:
                 fut.cancel()
+            store.discard_writes()
             raise
 
 
@@ -701,12 +785,13 @@ def _backbone_source(request: _Request, backbone) -> dict:
     return source
 
 
-def _run_distributed(request: _Request, job: _Job, todo: list[int], labels: list, backbone,
-                     update: Callable[[int], None]) -> None:
+def _run_distributed(request: _Request, info: StoreInfo, job: _Job, todo: list[int],
+                     labels: list, backbone, update: Callable[[int], None]) -> None:
     source = _backbone_source(request, backbone)
     # Tasks of whole batches (a batch never spans two tasks, so the images are computed in the
-    # same groups as in one process).
-    groups = [todo[k:k + job.batch_size] for k in range(0, len(todo), job.batch_size)]
+    # same groups as in one process), and in a sharded store of whole shards (two workers
+    # never write one shard): one task per shard's images to do.
+    groups = shard_groups(info, todo) if info.sharded else batches_of(info, todo, job.batch_size)
     threads = torch.get_num_threads()
     tasks = run_tasks(request.scheduler, _dask_task,
                       [(job, source, g, [labels[i] for i in g]) for g in groups],

@@ -153,7 +153,8 @@ def test_predict_never_writes_over_a_data_folder(trained, data, tmp_path):
 def test_corrupt_store_leaves_no_partial_prediction(trained, tmp_path):
     bad = tmp_path / "bad.zarr"
     shutil.copytree(trained / "s.zarr", bad)
-    chunk = bad / "act_t250_b8" / "c" / "1" / "0" / "0" / "0"
+    # The last chunk file: image 1's (format 2), or the shard of both images (format 3).
+    chunk = sorted(p for p in (bad / "act_t250_b8" / "c").rglob("*") if p.is_file())[-1]
     raw = bytearray(chunk.read_bytes())
     raw[50] ^= 0xFF
     chunk.write_bytes(bytes(raw))
@@ -232,9 +233,10 @@ def test_demo_prints_its_table_on_stdout(monkeypatch, tmp_path):
     assert "mIoU 50.00 %" in res.stdout and res.stdout.rstrip().endswith("r/index.html")
 
 
-def test_format_1_store_still_reads(trained, tmp_path):
-    old = tmp_path / "old.zarr"
-    shutil.copytree(trained / "s.zarr", old)
+def test_format_1_store_still_reads(trained, data, tmp_path):
+    old = tmp_path / "old.zarr"   # format 2 (one file per image per array), made format 1
+    res = invoke("extract", data, old, *EXTRACT, "--images-per-shard", "0")
+    assert res.exit_code == 0, res.output
     meta = json.loads((old / "zarr.json").read_text())
     meta["attributes"]["ddpmseg"]["format_version"] = 1
     meta["attributes"].pop("ddpmseg_digest")  # format 1 was written before the digest

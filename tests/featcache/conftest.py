@@ -25,13 +25,19 @@ FACES64_BLOCKS = (2, 5, 8, 11)
 def tree_bytes(root: Path) -> dict[str, bytes]:
     """Every file under root (relative path -> bytes), with a store's writer token left out:
     each extract attempt draws a random one (store.WRITER), the rest must be equal bytes."""
-    return {str(p.relative_to(root)): _without_token(p.relative_to(root), p.read_bytes())
+    return {str(p.relative_to(root)): _without_token(root, p.relative_to(root), p.read_bytes())
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _without_token(rel: Path, data: bytes) -> bytes:
+def _without_token(root: Path, rel: Path, data: bytes) -> bytes:
     if rel.parts[0] == "writer" and rel.parts[1:2] == ("c",):
-        return data[8:16]  # [token, maps digest] uint64 + crc32c: the digest alone
+        per = shard_size(root, "writer")
+        if not per:
+            return data[8:16]  # [token, maps digest] uint64 + crc32c: the digest alone
+        # A shard: each inner chunk's digest alone, in order (the index and crc32c cover
+        # the tokens).
+        spans = shard_index(data, per)
+        return b"".join(data[a + 8:a + 16] for a, n in spans if n)
     if str(rel) == "zarr.json":
         meta = json.loads(data)
         attrs = meta.get("attributes", {})
@@ -39,6 +45,50 @@ def _without_token(rel: Path, data: bytes) -> bytes:
             attrs.pop("ddpmseg_digest", None)  # it covers the token
         return json.dumps(meta, sort_keys=True).encode()
     return data
+
+
+def shard_size(store: Path, name: str) -> int:
+    """Images per shard of an array of a store (0: unsharded: format 1 or 2, or format 3's
+    flags and records)."""
+    meta = json.loads((store / name / "zarr.json").read_text())
+    if meta["codecs"][0]["name"] != "sharding_indexed":
+        return 0
+    return meta["chunk_grid"]["configuration"]["chunk_shape"][0]
+
+
+def shard_index(raw: bytes, per: int) -> list[tuple[int, int]]:
+    """(offset, nbytes) of each inner chunk of a shard file (zarr's sharding codec: the index
+    at the end, one uint64 pair per inner chunk, then its crc32c; 2**64-1 for an absent one)."""
+    index = np.frombuffer(raw[len(raw) - 4 - 16 * per:len(raw) - 4], dtype="<u8")
+    return [(int(a), 0 if int(a) == 2 ** 64 - 1 else int(n)) for a, n in index.reshape(per, 2)]
+
+
+def image_chunk(store: Path, name: str, i: int) -> tuple[Path, int, int]:
+    """(file, start, end) of image i's chunk of an array: the chunk file (format 2), or its
+    inner chunk's bytes within the shard file (format 3)."""
+    store = Path(store)
+    per = shard_size(store, name)
+    meta = json.loads((store / name / "zarr.json").read_text())
+    rest = ["0"] * (len(meta["shape"]) - 1)
+    rows = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
+    if not per and rows > 1:  # format 3's flags and records: a chunk of several images
+        f = store.joinpath(name, "c", str(i // rows), *rest)
+        row = (f.stat().st_size - 4) // rows   # uncompressed, then a crc32c
+        return f, (i % rows) * row, (i % rows + 1) * row
+    if not per:
+        f = store.joinpath(name, "c", str(i), *rest)
+        return f, 0, f.stat().st_size
+    f = store.joinpath(name, "c", str(i // per), *rest)
+    a, n = shard_index(f.read_bytes(), per)[i % per]
+    return f, a, a + n
+
+
+def flip_byte(store: Path, name: str, i: int, at: float = 0.5, bit: int = 0x10) -> None:
+    """Flip one bit of image i's chunk of an array (``at``: where in the chunk, 0..1)."""
+    f, a, b = image_chunk(store, name, i)
+    raw = bytearray(f.read_bytes())
+    raw[a + int((b - a - 1) * at)] ^= bit
+    f.write_bytes(bytes(raw))
 
 
 def make_folder(dest: Path, images: list[np.ndarray], masks: list[np.ndarray | None],
@@ -177,6 +227,8 @@ def helpers():
         pass
 
     H.tree_bytes = staticmethod(tree_bytes)
+    H.image_chunk = staticmethod(image_chunk)
+    H.flip_byte = staticmethod(flip_byte)
     H.make_folder = staticmethod(make_folder)
     H.FakeBackbone = FakeBackbone
     H.sigkill_when = staticmethod(sigkill_when)

@@ -8,11 +8,14 @@ from ddpmseg.pipelines.extract import extract
 
 
 @pytest.mark.distributed
-def test_local_cluster_store_equals_single_process(tmp_path, faces_dir, faces_config, helpers):
+@pytest.mark.parametrize("per_shard", [2, 64], ids=["two_shards", "one_shard"])
+def test_local_cluster_store_equals_single_process(tmp_path, faces_dir, faces_config, helpers,
+                                                   per_shard):
+    # Shards of 2: two tasks, one per shard, on two workers (each writes only its shard).
     single = extract(faces_dir, tmp_path / "single.zarr", faces_config, device="cpu",
-                     progress=False)
+                     progress=False, images_per_shard=per_shard)
     dist = extract(faces_dir, tmp_path / "dist.zarr", faces_config, device="cpu",
-                   scheduler="local:2", progress=False)
+                   scheduler="local:2", progress=False, images_per_shard=per_shard)
     assert dist.complete().all() and len(dist) == len(single) == 4
     a, b = helpers.tree_bytes(tmp_path / "single.zarr"), helpers.tree_bytes(tmp_path / "dist.zarr")
     assert sorted(a) == sorted(b)

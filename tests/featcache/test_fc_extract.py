@@ -183,14 +183,17 @@ def test_batches_and_progress(tmp_path, synthetic_dir, fake_config, fake_backbon
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("per_shard", [0, 3], ids=["format2", "format3"])
 def test_resume_redoes_incomplete_and_damaged_images(tmp_path, synthetic_dir, fake_config,
-                                                     fake_backbone, helpers):
+                                                     fake_backbone, helpers, per_shard):
     path = tmp_path / "s.zarr"
-    extract(synthetic_dir, path, fake_config, backbone=fake_backbone(), progress=False)
+    extract(synthetic_dir, path, fake_config, backbone=fake_backbone(), progress=False,
+            images_per_shard=per_shard)
     want = helpers.tree_bytes(path)
     store = FeatureStore.open(path, mode="r+")
     store.mark_incomplete(1)                       # as if killed while writing image 1
-    (path / "act_t50_b2" / "c" / "3" / "0" / "0" / "0").unlink()   # damaged complete image
+    # A damaged complete image: its chunk file (format 3: image 3's shard, it alone) is gone.
+    helpers.image_chunk(path, "act_t50_b2", 3)[0].unlink()
     leftover = path / "labels" / "c" / "0" / "0" / ("0." + "0123456789abcdef" * 2 + ".partial")
     leftover.write_bytes(b"x")  # a killed writer's temporary file
     bb = fake_backbone()

@@ -57,7 +57,10 @@ def grown(tmp_path, faces, faces_config, faces64, helpers, one_thread):
     path = tmp_path / "grown.zarr"
 
     def run(**kw):
-        return extract(folder, path, faces_config, backbone=faces64, progress=False, **kw)
+        # Format 2: these tests compare one chunk file per image (test_fc_shards.py grows a
+        # format-3 store); a store keeps its layout, so only the first run makes it so.
+        return extract(folder, path, faces_config, backbone=faces64, progress=False,
+                       images_per_shard=0, **kw)
 
     run()
     return folder, path, run
@@ -184,8 +187,10 @@ def test_sigkill_mid_round_resumes_to_the_same_result(tmp_path, faces, faces64_c
     killed, full = tmp_path / "killed.zarr", tmp_path / "full.zarr"
 
     def run(path, delay):
+        # Format 3 in shards of 2 images: the round re-extracts image 0 into its shard,
+        # fills shard 1 and makes shard 2; a kill lands between two of them.
         return subprocess.Popen([sys.executable, str(script), str(folder), str(path),
-                                 str(faces64_ckpt), str(delay)],
+                                 str(faces64_ckpt), str(delay), "2"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     for path in (killed, full):

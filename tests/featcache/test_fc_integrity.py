@@ -23,10 +23,14 @@ from ddpmseg.core.locking import LockedError, lock_path, writer_lock
 from ddpmseg.pipelines.verify import verify_store
 
 
-@pytest.fixture
-def made(tmp_path, synthetic_dir, fake_config, fake_backbone, helpers):
+# Format 2 (one file per image per array) and format 3 in shards of 3 images (a full shard
+# and a partial one, for the 4 images of synthetic_dir).
+@pytest.fixture(params=[0, 3], ids=["format2", "format3"])
+def made(request, tmp_path, synthetic_dir, fake_config, fake_backbone, helpers):
     path = tmp_path / "s.zarr"
-    extract(synthetic_dir, path, fake_config, backbone=fake_backbone(), progress=False)
+    extract(synthetic_dir, path, fake_config, backbone=fake_backbone(), progress=False,
+            images_per_shard=request.param)
+    assert FeatureStore.open(path).info.format_version == (3 if request.param else 2)
     return path, helpers.tree_bytes(path)
 
 
@@ -55,7 +59,10 @@ def test_changed_array_metadata_is_refused_naming_the_array(made):
     meta_file = path / "act_t5_b1" / "zarr.json"
 
     def big_endian(m):
-        m["codecs"][0]["configuration"]["endian"] = "big"
+        codecs = m["codecs"]
+        if codecs[0]["name"] == "sharding_indexed":  # format 3: the inner chunks' codecs
+            codecs = codecs[0]["configuration"]["codecs"]
+        codecs[0]["configuration"]["endian"] = "big"
     _edit_json(meta_file, big_endian)
     with pytest.raises(StoreError, match=r"act_t5_b1/zarr\.json: codecs differ"):
         FeatureStore.open(path)
@@ -69,12 +76,15 @@ def test_changed_array_metadata_is_refused_naming_the_array(made):
 def test_a_damaged_complete_flag_counts_as_incomplete_and_a_rerun_repairs_it(
         made, synthetic_dir, fake_config, fake_backbone, helpers):
     path, before = made
-    chunk = path / "complete" / "c" / "2"
-    chunk.write_bytes(bytes([chunk.read_bytes()[0] ^ 1]) + chunk.read_bytes()[1:])
+    helpers.flip_byte(path, "complete", 2, at=0, bit=1)
     store = FeatureStore.open(path)
-    assert store.complete().tolist() == [True, True, False, True]
-    assert store.damaged_flags() == [2]
-    assert [(d.what, d.where) for d in verify_store(path)] == [("image 2 (img002)", "complete")]
+    # Format 3 keeps the flags of a shard's images in one chunk (shards of 3 here): its
+    # checksum fails for images 0-2, which are redone.
+    bad = [2] if store.info.format_version == 2 else [0, 1, 2]
+    assert store.complete().tolist() == [i not in bad for i in range(4)]
+    assert store.damaged_flags() == bad
+    assert [(d.what, d.where) for d in verify_store(path)] == [
+        (f"image {i} (img00{i})", "complete") for i in bad]
     _rerun(path, synthetic_dir, fake_config, fake_backbone)
     assert helpers.tree_bytes(path) == before
 
@@ -82,10 +92,7 @@ def test_a_damaged_complete_flag_counts_as_incomplete_and_a_rerun_repairs_it(
 def test_repair_re_extracts_exactly_the_damaged_images(made, synthetic_dir, fake_config,
                                                        fake_backbone, helpers):
     path, before = made
-    chunk = path / "act_t50_b2" / "c" / "1" / "0" / "0" / "0"
-    raw = bytearray(chunk.read_bytes())
-    raw[len(raw) // 2] ^= 0x10
-    chunk.write_bytes(bytes(raw))
+    helpers.flip_byte(path, "act_t50_b2", 1)
     store = FeatureStore.open(path)
     with pytest.raises(StoreError, match=r"image 1 \(img001\): the chunk of act_t50_b2 is "
                                          r"corrupt.*`repair=True`"):
@@ -117,19 +124,21 @@ def test_non_finite_maps_never_reach_a_reader(made):
 
 def test_overwrite_replaces_a_partial_store(tmp_path, synthetic_dir, fake_config,
                                             fake_backbone, made, helpers):
-    _, before = made
+    path, before = made
+    per = FeatureStore.open(path).info.images_per_shard   # new stores made as that one
     # A writer killed while writing the group's zarr.json leaves only zarr's temporary file:
     # a rerun starts over (nothing to keep), with or without --overwrite.
     partial = tmp_path / "p.zarr"
     partial.mkdir()
     (partial / f"zarr.json.{'ab' * 16}.partial").write_text("{")
-    _rerun(partial, synthetic_dir, fake_config, fake_backbone)
+    _rerun(partial, synthetic_dir, fake_config, fake_backbone, images_per_shard=per)
     assert helpers.tree_bytes(partial) == before
     # A store whose zarr.json is damaged: refused, then replaced by --overwrite.
     (partial / "zarr.json").write_bytes(b"\x00garbage")
     with pytest.raises(StoreError, match="zarr.json is unreadable.*`overwrite=True`"):
         _rerun(partial, synthetic_dir, fake_config, fake_backbone)
-    _rerun(partial, synthetic_dir, fake_config, fake_backbone, overwrite=True)
+    _rerun(partial, synthetic_dir, fake_config, fake_backbone, overwrite=True,
+           images_per_shard=per)
     assert helpers.tree_bytes(partial) == before
     # A folder holding anything else is never replaced.
     other = tmp_path / "other"
@@ -199,12 +208,11 @@ def test_mask_size_hint_fits_the_command(tmp_path, synthetic_dir, fake_config, f
         assert "size of its image" in err.value.hint
 
 
-def test_verify_command_lists_damage_and_exits_non_zero(made):
+def test_verify_command_lists_damage_and_exits_non_zero(made, helpers):
     path, _ = made
     ok = CliRunner().invoke(cli, ["verify", str(path)])
     assert ok.exit_code == 0 and "sound" in ok.stdout
-    chunk = path / "labels" / "c" / "3" / "0" / "0"
-    chunk.write_bytes(chunk.read_bytes()[:-1] + bytes([chunk.read_bytes()[-1] ^ 4]))
+    helpers.flip_byte(path, "labels", 3, at=1, bit=4)
     bad = CliRunner().invoke(cli, ["verify", str(path)])
     assert bad.exit_code == 1
     assert bad.stdout.splitlines()[0].startswith("image 3 (img003)\tlabels\t")

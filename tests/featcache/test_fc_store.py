@@ -45,11 +45,16 @@ def random_labels(seed):
     return np.random.default_rng(seed).integers(0, 3, (16, 16)).astype(np.uint8)
 
 
-def filled_store(path, dtype="float16", n=3, written=None):
-    store = FeatureStore.create(path, make_info(dtype, n))
+def filled_store(path, dtype="float16", n=3, written=None, **info):
+    store = FeatureStore.create(path, make_info(dtype, n, **info))
     for i in (range(n) if written is None else written):
         store.write_image(i, random_maps(i), random_labels(i))
     return store
+
+
+# The tests that damage one image's chunk file use format 2 (one file per image per array);
+# test_fc_shards.py damages format 3's inner chunks.
+FORMAT2 = {"format_version": 2}
 
 
 def chunk_file(store_path: Path, name: str, i: int) -> Path:
@@ -91,9 +96,19 @@ def test_bfloat16_is_stored_as_uint16_and_documented(tmp_path):
     assert np.array_equal(decode_map(bits, "bfloat16"), x.bfloat16().float().numpy())
 
 
-def test_metadata_has_codec_and_checksum(tmp_path):
-    store = filled_store(tmp_path / "s.zarr", n=1)
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_metadata_has_codec_and_checksum(tmp_path, fmt):
+    store = filled_store(tmp_path / "s.zarr", n=1, format_version=fmt)
     meta = json.loads((tmp_path / "s.zarr" / "act_t10_b1" / "zarr.json").read_text())
+    codecs = meta["codecs"]
+    if fmt == 3:  # the shards' inner chunks have the codecs, the shard index its own crc32c
+        (shard,) = codecs
+        assert shard["name"] == "sharding_indexed"
+        assert shard["configuration"]["chunk_shape"] == [1, 6, 4, 4]
+        assert [c["name"] for c in shard["configuration"]["index_codecs"]][-1] == "crc32c"
+        codecs = shard["configuration"]["codecs"]
+        meta["chunk_grid"]["configuration"]["chunk_shape"][0] = 1
+    meta["codecs"] = codecs
     names = [c["name"] for c in meta["codecs"]]
     assert names[-1] == "crc32c" and "blosc" in names
     blosc = next(c for c in meta["codecs"] if c["name"] == "blosc")["configuration"]
@@ -133,7 +148,7 @@ def test_non_finite_activation_raises(tmp_path):
 
 def test_corrupted_chunk_is_an_error_naming_the_image(tmp_path):
     path = tmp_path / "s.zarr"
-    filled_store(path)
+    filled_store(path, **FORMAT2)
     f = chunk_file(path, "act_t20_b2", 1)
     raw = bytearray(f.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
@@ -151,7 +166,7 @@ def test_corrupted_chunk_is_an_error_naming_the_image(tmp_path):
 
 def test_corrupted_label_chunk(tmp_path):
     path = tmp_path / "s.zarr"
-    filled_store(path)
+    filled_store(path, **FORMAT2)
     f = chunk_file(path, "labels", 2)
     raw = bytearray(f.read_bytes())
     raw[-1] ^= 0x01  # the checksum itself
@@ -162,7 +177,7 @@ def test_corrupted_label_chunk(tmp_path):
 
 def test_missing_chunk_of_a_complete_image(tmp_path):
     path = tmp_path / "s.zarr"
-    filled_store(path)
+    filled_store(path, **FORMAT2)
     chunk_file(path, "act_t10_b1", 0).unlink()
     store = FeatureStore.open(path)
     assert store.complete()[0]
@@ -175,7 +190,7 @@ def test_missing_chunk_of_a_complete_image(tmp_path):
 
 def test_truncated_chunk(tmp_path):
     path = tmp_path / "s.zarr"
-    filled_store(path)
+    filled_store(path, **FORMAT2)
     f = chunk_file(path, "act_t10_b2", 2)
     f.write_bytes(f.read_bytes()[:10])
     with pytest.raises(StoreError, match=r"image 2 \(im2\)"):
@@ -215,7 +230,7 @@ def test_prediction_only_store(tmp_path):
 
 def test_dask_arrays_are_lazy_and_match(tmp_path):
     path = tmp_path / "s.zarr"
-    filled_store(path, "bfloat16")
+    filled_store(path, "bfloat16", **FORMAT2)
     store = FeatureStore.open(path)
     arr = store.dask_array(20, 1)
     assert arr.shape == (3, 6, 4, 4) and arr.chunksize == (1, 6, 4, 4)

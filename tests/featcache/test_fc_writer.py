@@ -85,21 +85,25 @@ def test_overwrite_survives_a_folder_written_while_it_is_deleted(
     store = extract(synthetic_dir, path, fake_config, backbone=fake_backbone(scale=2.0),
                     progress=False, overwrite=True)
     assert store.complete().all() and verify_store(path) == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".s.zarr.lock", "s.zarr", "synthetic"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".s.zarr.lock",
+                                                          ".s.zarr.stat_cache.json", "s.zarr",
+                                                          "synthetic"]
 
 
+@pytest.mark.parametrize("per_shard", [0, 3], ids=["format2", "format3"])
 def test_a_damaged_writer_record_is_reported_and_redone(tmp_path, synthetic_dir, fake_config,
-                                                        fake_backbone):
+                                                        fake_backbone, helpers, per_shard):
     path = tmp_path / "s.zarr"
-    extract(synthetic_dir, path, fake_config, backbone=fake_backbone(), progress=False)
+    extract(synthetic_dir, path, fake_config, backbone=fake_backbone(), progress=False,
+            images_per_shard=per_shard)
     want = FeatureStore.open(path).maps(2)
-    chunk = path / "writer" / "c" / "2" / "0"
-    raw = bytearray(chunk.read_bytes())
-    raw[3] ^= 0x10
-    chunk.write_bytes(bytes(raw))
+    helpers.flip_byte(path, "writer", 2, at=3 / 15)  # byte 3 of its 16
     damage = verify_store(path)
-    assert [(d.what, d.where) for d in damage] == [("image 2 (img002)", "writer")]
-    assert "writer record is corrupt" in damage[0].detail
+    # Format 3 keeps a shard's records in one chunk (shards of 3): images 0-2 fail with it.
+    bad = [2] if per_shard == 0 else [0, 1, 2]
+    assert [(d.what, d.where) for d in damage] == [(f"image {i} (img00{i})", "writer")
+                                                   for i in bad]
+    assert all("writer record is corrupt" in d.detail for d in damage)
     store = extract(synthetic_dir, path, fake_config, backbone=fake_backbone(), progress=False)
     assert verify_store(path) == [] and store.complete().all()
     for got, w in zip(store.maps(2), want):
