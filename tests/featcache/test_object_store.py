@@ -248,14 +248,15 @@ def test_a_killed_extract_to_s3_resumes_byte_identical(s3, faces, faces64_ckpt, 
     script = tmp_path / "run_extract.py"
     script.write_text(SCRIPT)
     url, full = f"{s3}/killed.zarr", tmp_path / "full.zarr"
-    helpers.sigkill_when(start(script, [folder, url, faces64_ckpt, 0.6]),
+    # Shards of 2 images (format 3): whole shards reach the bucket as the run goes.
+    helpers.sigkill_when(start(script, [folder, url, faces64_ckpt, 0.6, 2]),
                          lambda: count_complete(url) >= 2)
     done_at_kill = count_complete(url)
     assert 2 <= done_at_kill < len(faces), "the kill came too late to test resumption"
     # The killed writer's lock object is left; the rerun on this host takes it over.
     assert f"{url[len(s3) + 1:].replace('killed', '.killed')}.lock" in keys(s3)
     for path in (url, full):
-        proc = start(script, [folder, path, faces64_ckpt, 0])
+        proc = start(script, [folder, path, faces64_ckpt, 0, 2])
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err.decode()
     assert FeatureStore.open(url).complete().all()
