@@ -168,11 +168,16 @@ class EpochPlan:
 
 # -- sources ---------------------------------------------------------------------------------
 class Chunk:
-    """A chunk of images whose pixels' features can be computed now."""
+    """A chunk of images whose pixels' features can be computed now.
 
-    def __init__(self, images: np.ndarray, featurize, release=lambda: None):
+    ``prepare(img, rows)`` takes the chunk's pixels in visiting order (``EpochPlan.chunk_rows``)
+    once and returns ``featurize(a, b)``: float32 (b - a, D) features of pixels a..b-1 of that
+    order, on the device.
+    """
+
+    def __init__(self, images: np.ndarray, prepare, release=lambda: None):
         self.images = images
-        self.featurize = featurize     # (image ids, rows) -> float32 (n, D) on the device
+        self.prepare = prepare
         self.release = release
 
 
@@ -197,11 +202,15 @@ class InMemorySource:
     def session(self, plan: EpochPlan) -> "_Session":
         def chunks(epoch):
             for images in plan.image_chunks(epoch):
-                yield Chunk(images, self._featurize)
+                yield Chunk(images, self._prepare)
         return _Session(chunks)
 
-    def _featurize(self, images, rows):
-        x = torch.index_select(self.x, 0, torch.from_numpy(rows))
+    def _prepare(self, images, rows):
+        rows = torch.from_numpy(rows)
+        return lambda a, b: self._featurize(rows[a:b])
+
+    def _featurize(self, rows):
+        x = torch.index_select(self.x, 0, rows)
         return x.to(self.device, non_blocking=True) if self.device.type != "cpu" else x
 
     def close(self) -> None:
@@ -240,12 +249,12 @@ class StreamSource:
         if self.resident:
             bufs, slot_of = self._load_resident()
 
-            def featurize(images, rows):
-                return self._features(bufs, slot_of, images, rows)
+            def prepare(images, rows):
+                return self._prepare(bufs, slot_of, images, rows)
 
             def chunks(epoch):
                 for images in plan.image_chunks(epoch):
-                    yield Chunk(images, featurize)
+                    yield Chunk(images, prepare)
             return _Session(chunks)
 
         def schedule(start):
@@ -280,18 +289,22 @@ class StreamSource:
                 slot_of[torch.from_numpy(images)] = torch.arange(len(images))
                 b = bufs[buf_id]
 
-                def featurize(imgs, rows, b=b):
-                    return self._features(b, slot_of, imgs, rows)
-                yield Chunk(images, featurize, release=lambda i=buf_id: loader.release(i))
+                def prepare(imgs, rows, b=b):
+                    return self._prepare(b, slot_of, imgs, rows)
+                yield Chunk(images, prepare, release=lambda i=buf_id: loader.release(i))
             state["next"] = epoch + 1
 
         return _Session(chunks, stop)
 
-    def _features(self, bufs, slot_of, images, rows):
-        img = torch.from_numpy(images)
-        slots = slot_of[img].to(self.device)
+    def _prepare(self, bufs, slot_of, images, rows):
+        """The chunk's taps and weights, once, in visiting order; each run then slices them."""
+        slots = slot_of[torch.from_numpy(images)].to(self.device)
         flat = torch.from_numpy(self.index.flat[rows].astype(np.int64)).to(self.device)
-        return self.layout.features(bufs, slots, flat)
+        taps, weights = self.layout.taps(slots, flat)
+        return lambda a, b: self._features(bufs, taps[:, a:b], weights[:, a:b])
+
+    def _features(self, bufs, taps, weights):
+        return self.layout.gather(bufs, taps, weights)
 
     def close(self) -> None:
         self._resident_bufs = None
@@ -405,11 +418,12 @@ def batches(plan: EpochPlan, session: _Session, epoch: int, device: torch.device
     for c, chunk in enumerate(session.chunks(epoch)):
         try:
             img, rows = plan.chunk_rows(epoch, c, chunk.images)
+            featurize = chunk.prepare(img, rows)
             pos, n = 0, len(rows)
             while pos < n:
                 # The rest of the current minibatch and a few whole ones, in one gather.
                 run = min(n - pos, need + extra)
-                feats = chunk.featurize(img[pos:pos + run], rows[pos:pos + run])
+                feats = featurize(pos, pos + run)
                 q = 0
                 while q < run:
                     take = min(need, run - q)
