@@ -2,8 +2,12 @@
 
 One process, one torch thread count, the same labelled pixels, three trainers:
 
-- stream:    ddpmseg's fit from the feature store, pixel features gathered from the pooled
-             native maps as the minibatches go (``train_member`` on a ``StreamSource``);
+- stream:    ddpmseg's fit from the feature store as ``fit`` runs it by default
+             (``sampler.make_source`` within the default 2 GB RAM budget: the dense rows when
+             every labelled pixel's features fit the budget, else the bounded pool);
+- stream_pool: the same fit forced onto the bounded pool (``StreamSource``), pixel features
+             gathered from the pooled native maps as the minibatches go (what a set whose dense
+             features exceed the budget gets);
 - in_memory: the same training from the dense float32 features of every labelled pixel held in
              RAM (``--in-memory``, an ``InMemorySource``);
 - reference: the reference's way, written here from its description: a ``TensorDataset`` over
@@ -24,8 +28,9 @@ Two sizes:
 
 The machine is shared, so timings drift: each round runs every trainer for --steps minibatches,
 in a rotating order, and the figures are per-trainer medians (and bests) over --rounds rounds;
-the ratios are medians of the per-round ratios. Also checked: the members trained streaming and
-in memory for the same steps are bit-identical.
+the ratios are medians of the per-round ratios. Also checked: the members trained streaming
+(both ways) and in memory for the same steps are bit-identical (their sha256 is in the JSON, to
+compare across versions).
 
     python bench/fit_speed.py [--sizes faces64,lsun256] [--threads 1] [--steps 300] [--rounds 5]
 
@@ -138,6 +143,17 @@ def reference_run(x, y, num_classes: int, steps: int, seed: int) -> float:
     return pixels / (time.perf_counter() - t0)
 
 
+def member_digest(state: dict) -> str:
+    """sha256 of a member's weights (names and bytes, in name order)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].numpy().tobytes())
+    return h.hexdigest()
+
+
 # -- one size --------------------------------------------------------------------------------
 def measure(name: str, store, steps: int, rounds: int) -> dict:
     import torch
@@ -153,10 +169,14 @@ def measure(name: str, store, steps: int, rounds: int) -> dict:
     shuffle = S.shuffle_images(len(index.images), S.image_bytes(info),
                                cfg.classifier.ram_budget_gb * _GIB)
     t0 = time.perf_counter()
-    sources = {"stream": S.StreamSource(store, index, dev, shuffle)}
+    sources = {"stream": S.make_source(store, index, dev, shuffle,
+                                       cfg.classifier.ram_budget_gb * _GIB)}
     t1 = time.perf_counter()
-    sources["in_memory"] = S.InMemorySource(store, index, dev)
+    sources["stream_pool"] = S.StreamSource(store, index, dev, shuffle)
     t2 = time.perf_counter()
+    sources["in_memory"] = S.InMemorySource(store, index, dev)
+    t3 = time.perf_counter()
+    stream_kind = "dense rows" if isinstance(sources["stream"], S.InMemorySource) else "pool"
     # The reference's dataset: the very same dense features and labels.
     x = sources["in_memory"].x
     y = torch.from_numpy(index.labels.astype(np.int64))
@@ -164,16 +184,18 @@ def measure(name: str, store, steps: int, rounds: int) -> dict:
           f"{info.feature_dim} dims; dense float32 {x.numel() * 4 / GIB:.2f} GB", file=sys.stderr,
           flush=True)
 
-    # Where the time goes: seconds inside the feature gather (streaming) or row copy (in memory).
-    gather = {"stream": 0.0, "in_memory": 0.0}
-    for kind, attr in (("stream", "_features"), ("in_memory", "_featurize")):
-        def timed(*a, _f=getattr(sources[kind], attr), _k=kind):
+    # Where the time goes: seconds inside the feature gather (pool) or row copy (dense rows).
+    gather = {k: 0.0 for k in sources}
+    for kind, src in sources.items():
+        attr = "_featurize" if isinstance(src, S.InMemorySource) else "_features"
+
+        def timed(*a, _f=getattr(src, attr), _k=kind):
             t = time.perf_counter()
             r = _f(*a)
             gather[_k] += time.perf_counter() - t
             return r
-        setattr(sources[kind], attr, timed)
-    gather_ms = {"stream": [], "in_memory": []}
+        setattr(src, attr, timed)
+    gather_ms = {k: [] for k in sources}
     states = {}
 
     def ours(kind: str) -> float:
@@ -186,8 +208,8 @@ def measure(name: str, store, steps: int, rounds: int) -> dict:
         gather_ms[kind].append(1e3 * gather[kind] / sum(r["steps"] for r in records))
         return sum(r["pixels"] for r in records) / sum(r["seconds"] for r in records)
 
-    runners = {"stream": lambda: ours("stream"), "in_memory": lambda: ours("in_memory"),
-               "reference": lambda: reference_run(x, y, info.num_classes, steps, 0)}
+    runners = {k: (lambda k=k: ours(k)) for k in sources}
+    runners["reference"] = lambda: reference_run(x, y, info.num_classes, steps, 0)
     names = list(runners)
     rates = {k: [] for k in names}
     for r in range(rounds):
@@ -199,8 +221,7 @@ def measure(name: str, store, steps: int, rounds: int) -> dict:
               file=sys.stderr, flush=True)
     for s in sources.values():
         s.close()
-    a, b = states["stream"], states["in_memory"]
-    identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    digests = {k: member_digest(v) for k, v in states.items()}
 
     def ratios(num, den):
         return [p / q for p, q in zip(rates[num], rates[den])]
@@ -208,17 +229,23 @@ def measure(name: str, store, steps: int, rounds: int) -> dict:
     out = {"feature_dim": info.feature_dim, "image_size": list(info.image_size),
            "images": len(index.images), "labelled_pixels": index.total,
            "num_classes": info.num_classes, "steps_per_round": steps, "rounds": rounds,
-           "setup_seconds": {"stream": round(t1 - t0, 2), "in_memory": round(t2 - t1, 2)},
+           "stream_source": stream_kind,
+           "dense_gb": S.dense_bytes(index, info.feature_dim) / _GIB,
+           "ram_budget_gb": cfg.classifier.ram_budget_gb,
+           "setup_seconds": {"stream": round(t1 - t0, 2), "stream_pool": round(t2 - t1, 2),
+                             "in_memory": round(t3 - t2, 2)},
            "pixels_per_s": rates,
            "median_pixels_per_s": {k: statistics.median(v) for k, v in rates.items()},
            "best_pixels_per_s": {k: max(v) for k, v in rates.items()},
            "stream_over_in_memory": statistics.median(ratios("stream", "in_memory")),
+           "stream_pool_over_in_memory": statistics.median(ratios("stream_pool", "in_memory")),
            "stream_over_reference": statistics.median(ratios("stream", "reference")),
            "in_memory_over_reference": statistics.median(ratios("in_memory", "reference")),
            "gather_ms_per_step": {k: statistics.median(v) for k, v in gather_ms.items()},
            "step_ms": {k: 64e3 / v for k, v in
                        {k: statistics.median(rates[k]) for k in rates}.items()},
-           "members_bit_identical": bool(identical)}
+           "member_sha256": digests,
+           "members_bit_identical": len(set(digests.values())) == 1}
     return out
 
 
@@ -268,15 +295,19 @@ def main() -> int:
         print(f"  {'trainer':<10} {'median px/s':>12} {'best px/s':>12}")
         for k in med:
             print(f"  {k:<10} {med[k]:>12,.0f} {best[k]:>12,.0f}")
-        print(f"  streaming / in-memory = {r['stream_over_in_memory']:.3f} (goal >= 0.95), "
+        print(f"  streaming ({r['stream_source']}, dense {r['dense_gb']:.2f} GB, budget "
+              f"{r['ram_budget_gb']:g} GB) / in-memory = {r['stream_over_in_memory']:.3f} "
+              f"(goal >= 0.95); pool gather forced / in-memory = "
+              f"{r['stream_pool_over_in_memory']:.3f}, "
               f"streaming / reference = {r['stream_over_reference']:.2f}, "
               f"in-memory / reference = {r['in_memory_over_reference']:.2f} "
               f"(medians of per-round ratios)")
         g, st = r["gather_ms_per_step"], r["step_ms"]
-        print(f"  profile, ms per minibatch (medians): stream {st['stream']:.2f} of which "
-              f"feature gather {g['stream']:.2f}; in_memory {st['in_memory']:.2f} of which row "
-              f"copy {g['in_memory']:.2f}; reference {st['reference']:.2f}")
-        print(f"  members streaming vs in memory bit-identical: {r['members_bit_identical']}")
+        print("  profile, ms per minibatch (medians), of which feature gather / row copy: "
+              + "; ".join(f"{k} {st[k]:.2f} ({g[k]:.2f})" for k in g)
+              + f"; reference {st['reference']:.2f}")
+        print(f"  members streaming (both) vs in memory bit-identical: "
+              f"{r['members_bit_identical']} ({next(iter(r['member_sha256'].values()))[:16]})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "threads": threads, "results": results},
