@@ -28,7 +28,8 @@ Two sizes:
 
 The machine is shared, so timings drift: each round runs every trainer for --steps minibatches,
 in a rotating order, and the figures are per-trainer medians (and bests) over --rounds rounds;
-the ratios are medians of the per-round ratios. Also checked: the members trained streaming
+the ratios are medians of the per-round ratios. Rates per CPU second (process time inside the
+epochs) are recorded beside the wall-clock ones: on a loaded machine they drift less. Also checked: the members trained streaming
 (both ways) and in memory for the same steps are bit-identical (their sha256 is in the JSON, to
 compare across versions).
 
@@ -116,8 +117,9 @@ def reference_mlp(dim: int, num_classes: int):
     return model
 
 
-def reference_run(x, y, num_classes: int, steps: int, seed: int) -> float:
-    """pixels/s of ``steps`` minibatches of the reference's loop over dense (x, y)."""
+def reference_run(x, y, num_classes: int, steps: int, seed: int) -> tuple[float, float]:
+    """(pixels per wall second, per CPU second) of ``steps`` minibatches of the reference's
+    loop over dense (x, y)."""
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -128,7 +130,7 @@ def reference_run(x, y, num_classes: int, steps: int, seed: int) -> float:
     loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     done = pixels = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     while done < steps:
         for xb, yb in loader:
             opt.zero_grad()
@@ -140,7 +142,7 @@ def reference_run(x, y, num_classes: int, steps: int, seed: int) -> float:
             done += 1
             if done >= steps:
                 break
-    return pixels / (time.perf_counter() - t0)
+    return pixels / (time.perf_counter() - t0), pixels / (time.process_time() - c0)
 
 
 def member_digest(state: dict) -> str:
@@ -197,34 +199,53 @@ def measure(name: str, store, steps: int, rounds: int) -> dict:
         setattr(src, attr, timed)
     gather_ms = {k: [] for k in sources}
     states = {}
+    # CPU seconds inside the epochs too: on a shared machine they drift less than wall time.
+    from ddpmseg.classifier import train as T
 
-    def ours(kind: str) -> float:
+    cpu = {"seconds": 0.0}
+    real_epoch = T._train_epoch
+
+    def timed_epoch(*a, **kw):
+        c = time.process_time()
+        try:
+            return real_epoch(*a, **kw)
+        finally:
+            cpu["seconds"] += time.process_time() - c
+    T._train_epoch = timed_epoch
+
+    def ours(kind: str) -> tuple[float, float]:
         gather[kind] = 0.0
+        cpu["seconds"] = 0.0
         records = []
         job = MemberJob(cfg.classifier, info.feature_dim, info.num_classes, shuffle, dev,
                         progress=False, max_steps=steps)
         state, _ = train_member(job, 0, sources[kind], index, on_epoch=records.append)
         states.setdefault(kind, state)
         gather_ms[kind].append(1e3 * gather[kind] / sum(r["steps"] for r in records))
-        return sum(r["pixels"] for r in records) / sum(r["seconds"] for r in records)
+        pixels = sum(r["pixels"] for r in records)
+        return pixels / sum(r["seconds"] for r in records), pixels / cpu["seconds"]
 
     runners = {k: (lambda k=k: ours(k)) for k in sources}
     runners["reference"] = lambda: reference_run(x, y, info.num_classes, steps, 0)
     names = list(runners)
     rates = {k: [] for k in names}
+    cpu_rates = {k: [] for k in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for k in order:
-            rates[k].append(runners[k]())
+            wall, per_cpu = runners[k]()
+            rates[k].append(wall)
+            cpu_rates[k].append(per_cpu)
         print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {rates[k][-1]:,.0f}"
                                                        for k in names) + " pixels/s",
               file=sys.stderr, flush=True)
+    T._train_epoch = real_epoch
     for s in sources.values():
         s.close()
     digests = {k: member_digest(v) for k, v in states.items()}
 
-    def ratios(num, den):
-        return [p / q for p, q in zip(rates[num], rates[den])]
+    def ratios(num, den, of=rates):
+        return [p / q for p, q in zip(of[num], of[den])]
 
     out = {"feature_dim": info.feature_dim, "image_size": list(info.image_size),
            "images": len(index.images), "labelled_pixels": index.total,
@@ -239,6 +260,11 @@ def measure(name: str, store, steps: int, rounds: int) -> dict:
            "best_pixels_per_s": {k: max(v) for k, v in rates.items()},
            "stream_over_in_memory": statistics.median(ratios("stream", "in_memory")),
            "stream_pool_over_in_memory": statistics.median(ratios("stream_pool", "in_memory")),
+           "cpu_pixels_per_s": cpu_rates,
+           "stream_over_in_memory_cpu": statistics.median(ratios("stream", "in_memory",
+                                                                 cpu_rates)),
+           "stream_pool_over_in_memory_cpu": statistics.median(ratios("stream_pool", "in_memory",
+                                                                      cpu_rates)),
            "stream_over_reference": statistics.median(ratios("stream", "reference")),
            "in_memory_over_reference": statistics.median(ratios("in_memory", "reference")),
            "gather_ms_per_step": {k: statistics.median(v) for k, v in gather_ms.items()},
@@ -298,7 +324,9 @@ def main() -> int:
         print(f"  streaming ({r['stream_source']}, dense {r['dense_gb']:.2f} GB, budget "
               f"{r['ram_budget_gb']:g} GB) / in-memory = {r['stream_over_in_memory']:.3f} "
               f"(goal >= 0.95); pool gather forced / in-memory = "
-              f"{r['stream_pool_over_in_memory']:.3f}, "
+              f"{r['stream_pool_over_in_memory']:.3f}; per CPU second: "
+              f"{r['stream_over_in_memory_cpu']:.3f} and {r['stream_pool_over_in_memory_cpu']:.3f}"
+              ", "
               f"streaming / reference = {r['stream_over_reference']:.2f}, "
               f"in-memory / reference = {r['in_memory_over_reference']:.2f} "
               f"(medians of per-round ratios)")

@@ -15,11 +15,13 @@ that stream:
 
 * ``StreamSource``: a pool of whole images' native maps (as float32: see ``MapLayout``),
   filled from the store by a background *thread* (zarr 3's asyncio loop can deadlock in forked
-  workers), with pixel features computed per minibatch from the pooled maps. When all training
-  images fit the RAM budget they are loaded once and stay; otherwise the pool holds two chunks
-  (the one being trained on and the next one, loading), so P = budget / (2 x bytes per image).
+  workers), with pixel features computed per run of minibatches from the pooled maps. When all
+  training images fit the RAM budget they are loaded once and stay; otherwise the pool holds
+  two chunks (the one being trained on and the next one, loading), so P = budget / (2 x bytes
+  per image).
 * ``InMemorySource``: the dense float32 features of every labelled pixel in RAM, as the
-  reference keeps them (the baseline, and the fast path for tiny sets).
+  reference keeps them (``--in-memory``; and what a streaming fit on a CPU uses whenever they
+  fit the RAM budget: ``make_source``).
 
 Both compute features with the same function from the same stored values and follow the same
 order, so they produce identical minibatches: an ensemble trained either way is the same.
@@ -32,13 +34,17 @@ The pooled maps' layout and the gather over them are ``ddpmseg.featcache.pixels.
 out in the reference's order (step-major, then block), so the trainer's model reads them as
 they are.
 
-Cost (bench/fit_speed.py, 1 thread, shared 2-core CPU): features are gathered for a run of
-minibatches at once (``run_pixels``). The gather reads four float32 taps per feature value, four
-times the bytes of the in-memory row copy: about 0.15 ms per 64 pixels at 1344 dims and 2.5 ms
-at 8448 dims (memory-bound), against 0.1 and 0.3-0.7 ms for the in-memory copy and 4 and
-16-20 ms for the training step. Tried and dropped: a float16 pool blended with ``lerp`` (the
-upcast and blends are three extra passes over (4, n, C) temporaries: 2-6x slower), and
-computing minibatches ahead in a thread (the GIL hand-offs cost more than they hide on 2 cores).
+Cost (bench/fit_speed.py, 1 thread, shared 2-core CPU; README "Benchmarks"): when a chunk
+arrives, its pixels' taps and weights are computed once in visiting order (``MapLayout.taps``);
+each run of minibatches (``run_pixels``) is then one ``embedding_bag`` per resolution and one
+``cat``. That gather still reads four float32 taps per feature value where the dense rows read
+one, and it is memory-bound: about 0.9 ms per 64 pixels at 8448 dims against 0.2 ms for the
+row copy (a ~9 ms training step). Hence ``make_source``: dense rows whenever they fit the
+budget. Tried and dropped: a float16 pool, gathered with ``index_select`` and upcast before the
+``embedding_bag`` (bit-identical, but the extra passes over (4n, C) temporaries cost 2-3x the
+float32 gather; PyTorch's float16 ``embedding_bag`` rounds its output to float16, and no stock
+kernel gathers float16 into float32), and computing minibatches ahead in a thread (the GIL
+hand-offs cost more than they hide on 2 cores).
 """
 
 from __future__ import annotations

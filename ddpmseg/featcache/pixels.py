@@ -135,9 +135,10 @@ class MapLayout:
     take one fused gather per resolution: ``embedding_bag`` sums each pixel's four bilinear
     taps (rows of C_g channels) with their weights in a single pass. float32 because that
     kernel needs the weights' dtype (a float16 pool would round every feature to float16);
-    upcasting float16 taps per minibatch instead costs three extra passes, 2-6x slower in
-    bench/fit_speed.py. The output is in the reference's order (step-major, then block): each
-    group's columns are copied straight into its maps' feature columns, so no caller ever
+    upcasting float16 taps before it instead costs extra passes, 2-3x slower. The taps and
+    weights of a chunk's pixels are computed once (``taps``) and each run of them gathered
+    (``gather``). The output is in the reference's order (step-major, then block): one ``cat``
+    lays each group's column segments into its maps' feature columns, so no caller ever
     reorders features or weights.
     """
 
