@@ -145,6 +145,75 @@ def reference_run(x, y, num_classes: int, steps: int, seed: int) -> tuple[float,
     return pixels / (time.perf_counter() - t0), pixels / (time.process_time() - c0)
 
 
+def gather_profile(store, index, rounds: int, runs: int = 200) -> dict:
+    """ms per 64 pixels of the pool gather, split into its parts, the way before this version
+    (taps and weights looked up per run, then one strided copy per column segment) and now
+    (taps once per chunk, then ``MapLayout.gather``), beside the dense row copy; interleaved,
+    medians over ``rounds``. Every way gives the same rows bit for bit (checked)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ddpmseg.classifier import sampler as S
+
+    src = S.StreamSource(store, index, torch.device("cpu"), len(index.images))
+    bufs, slot_of = src._load_resident()
+    dense = S.InMemorySource(store, index, torch.device("cpu"))
+    layout = src.layout
+    plan = S.EpochPlan(index, len(index.images), 0, 64)
+    img, rows = plan.chunk_rows(0, 0, plan.image_chunks(0)[0])
+    run = S.run_pixels(64, layout.dim)
+    runs = min(runs, len(rows) // run)
+    parts = {"before: taps per run": 0.0, "before: embedding_bag": 0.0,
+             "before: segment copies": 0.0, "now: taps once (per run)": 0.0,
+             "now: embedding_bag + cat": 0.0, "dense row copy": 0.0}
+    out = {k: [] for k in parts}
+
+    def before(a):
+        t0 = time.perf_counter()
+        slots = slot_of[torch.from_numpy(img[a:a + run])]
+        flat = torch.from_numpy(index.flat[rows[a:a + run]].astype(np.int64))
+        taps, weights = layout.taps(slots, flat)
+        res = torch.empty((len(flat), layout.dim))
+        t1 = time.perf_counter()
+        got = [F.embedding_bag(taps[g], b.view(-1, c), mode="sum", per_sample_weights=weights[g])
+               for g, ((_, _, c, _), b) in enumerate(zip(layout.groups, bufs))]
+        t2 = time.perf_counter()
+        for g, (*_, segments) in enumerate(layout.groups):
+            for c0, c1, fcol in segments:
+                res[:, fcol:fcol + c1 - c0] = got[g][:, c0:c1]
+        parts["before: taps per run"] += t1 - t0
+        parts["before: embedding_bag"] += t2 - t1
+        parts["before: segment copies"] += time.perf_counter() - t2
+        return res
+
+    t0 = time.perf_counter()
+    taps, weights = layout.taps(slot_of[torch.from_numpy(img)],
+                                torch.from_numpy(index.flat[rows].astype(np.int64)))
+    once = (time.perf_counter() - t0) * run / len(rows)
+    rows_t = torch.from_numpy(rows)
+    for _ in range(rounds):
+        for k in parts:
+            parts[k] = 0.0
+        for i in range(runs):
+            a = i * run
+            want = before(a)
+            t0 = time.perf_counter()
+            got = layout.gather(bufs, taps[:, a:a + run], weights[:, a:a + run])
+            t1 = time.perf_counter()
+            row = torch.index_select(dense.x, 0, rows_t[a:a + run])
+            t2 = time.perf_counter()
+            parts["now: embedding_bag + cat"] += t1 - t0
+            parts["dense row copy"] += t2 - t1
+            parts["now: taps once (per run)"] += once
+            if i == 0 and not (torch.equal(got, want) and torch.equal(row, want)):
+                raise SystemExit("error: the gathers disagree; this is a bug")
+        for k, v in parts.items():
+            out[k].append(1e3 * v * 64 / (runs * run))
+    src.close()
+    dense.close()
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
 def member_digest(state: dict) -> str:
     """sha256 of a member's weights (names and bytes, in name order)."""
     import hashlib
@@ -290,6 +359,7 @@ def main() -> int:
 
     import torch
 
+    from ddpmseg.classifier import sampler as S
     from ddpmseg.core.device import set_threads
 
     threads = set_threads(args.threads)
@@ -306,6 +376,8 @@ def main() -> int:
         else:
             raise SystemExit(f"error: unknown size {size!r}; use faces64 and/or lsun256")
         results[size] = measure(size, store, args.steps, args.rounds)
+        results[size]["gather_profile_ms_per_64px"] = gather_profile(
+            store, S.PixelIndex.from_store(store), args.rounds)
 
     machine = {"platform": platform.platform(), "processor": platform.processor(),
                "cpu_count": os.cpu_count(), "torch": torch.__version__,
@@ -334,6 +406,9 @@ def main() -> int:
         print("  profile, ms per minibatch (medians), of which feature gather / row copy: "
               + "; ".join(f"{k} {st[k]:.2f} ({g[k]:.2f})" for k in g)
               + f"; reference {st['reference']:.2f}")
+        prof = r["gather_profile_ms_per_64px"]
+        print("  gather alone, ms per 64 pixels (medians): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in prof.items()))
         print(f"  members streaming (both) vs in memory bit-identical: "
               f"{r['members_bit_identical']} ({next(iter(r['member_sha256'].values()))[:16]})")
     out = Path(args.out)
