@@ -324,13 +324,13 @@ def dense_bytes(index: PixelIndex, dim: int) -> int:
 def make_source(store, index: PixelIndex, device: torch.device, shuffle: int,
                 budget_bytes: float, in_memory: bool = False):
     """The fit's source of features: ``InMemorySource`` when asked (``in_memory``), or when
-    streaming on a CPU and the dense features of every labelled pixel fit the RAM budget (a
-    row copy per minibatch costs a quarter of the pool gather's reads, and the minibatches are
-    the same); else ``StreamSource``, whose pool the budget bounds. The order (P = ``shuffle``)
-    is the budget's either way."""
+    streaming on a CPU and the dense features of every labelled pixel, with the one image's
+    maps they are built from, fit the RAM budget (a row copy per minibatch reads a quarter of
+    the bytes of the pool gather, and the minibatches are the same); else ``StreamSource``,
+    whose pool the budget bounds. The order (P = ``shuffle``) is the budget's either way."""
     if in_memory:
         return InMemorySource(store, index, device)
-    need = dense_bytes(index, store.info.feature_dim)
+    need = dense_bytes(index, store.info.feature_dim) + image_bytes(store.info)
     if device.type == "cpu" and need <= budget_bytes:
         log.info("streaming: the dense features of the %d labelled pixels (%.2f GB) fit the RAM "
                  "budget (%.2f GB): held in RAM, as --in-memory does", index.total,

@@ -218,8 +218,9 @@ def test_streaming_holds_the_dense_features_when_they_fit_the_budget(store):
     features fit the RAM budget on a CPU; the bounded pool otherwise, and always on another
     device (the meta device stands in for a GPU)."""
     index = sampler.PixelIndex.from_store(store)
-    need = sampler.dense_bytes(index, store.info.feature_dim)
-    assert need == index.total * store.info.feature_dim * 4
+    dense = sampler.dense_bytes(index, store.info.feature_dim)
+    assert dense == index.total * store.info.feature_dim * 4
+    need = dense + sampler.image_bytes(store.info)  # the rows and the image they are built from
     cpu = torch.device("cpu")
     src = sampler.make_source(store, index, cpu, 5, need)
     assert isinstance(src, sampler.InMemorySource) and src.x.shape[0] == index.total
