@@ -125,7 +125,7 @@ def child(args) -> None:
     index = S.PixelIndex.from_store(store)
     shuffle = S.shuffle_images(len(index.images), S.image_bytes(store.info),
                                args.budget * _GIB)
-    source = _make_source(store, index, dev, shuffle, args.in_memory)
+    source = _make_source(store, index, dev, shuffle, args.in_memory, cfg.classifier)
     t_ready = time.perf_counter() - t0
     records = []
     try:

@@ -15,11 +15,13 @@ that stream:
 
 * ``StreamSource``: a pool of whole images' native maps (as float32: see ``MapLayout``),
   filled from the store by a background *thread* (zarr 3's asyncio loop can deadlock in forked
-  workers), with pixel features computed per minibatch from the pooled maps. When all training
-  images fit the RAM budget they are loaded once and stay; otherwise the pool holds two chunks
-  (the one being trained on and the next one, loading), so P = budget / (2 x bytes per image).
+  workers), with pixel features computed per run of minibatches from the pooled maps. When all
+  training images fit the RAM budget they are loaded once and stay; otherwise the pool holds
+  two chunks (the one being trained on and the next one, loading), so P = budget / (2 x bytes
+  per image).
 * ``InMemorySource``: the dense float32 features of every labelled pixel in RAM, as the
-  reference keeps them (the baseline, and the fast path for tiny sets).
+  reference keeps them (``--in-memory``; and what a streaming fit on a CPU uses whenever they
+  fit the RAM budget: ``make_source``).
 
 Both compute features with the same function from the same stored values and follow the same
 order, so they produce identical minibatches: an ensemble trained either way is the same.
@@ -32,13 +34,17 @@ The pooled maps' layout and the gather over them are ``ddpmseg.featcache.pixels.
 out in the reference's order (step-major, then block), so the trainer's model reads them as
 they are.
 
-Cost (bench/fit_speed.py, 1 thread, shared 2-core CPU): features are gathered for a run of
-minibatches at once (``run_pixels``). The gather reads four float32 taps per feature value, four
-times the bytes of the in-memory row copy: about 0.15 ms per 64 pixels at 1344 dims and 2.5 ms
-at 8448 dims (memory-bound), against 0.1 and 0.3-0.7 ms for the in-memory copy and 4 and
-16-20 ms for the training step. Tried and dropped: a float16 pool blended with ``lerp`` (the
-upcast and blends are three extra passes over (4, n, C) temporaries: 2-6x slower), and
-computing minibatches ahead in a thread (the GIL hand-offs cost more than they hide on 2 cores).
+Cost (bench/fit_speed.py, 1 thread, shared 2-core CPU; README "Benchmarks"): when a chunk
+arrives, its pixels' taps and weights are computed once in visiting order (``MapLayout.taps``);
+each run of minibatches (``run_pixels``) is then one ``embedding_bag`` per resolution and one
+``cat``. That gather still reads four float32 taps per feature value where the dense rows read
+one, and it is memory-bound: about 0.9 ms per 64 pixels at 8448 dims against 0.2 ms for the
+row copy (a ~9 ms training step). Hence ``make_source``: dense rows whenever they fit the
+budget. Tried and dropped: a float16 pool, gathered with ``index_select`` and upcast before the
+``embedding_bag`` (bit-identical, but the extra passes over (4n, C) temporaries cost 2-3x the
+float32 gather; PyTorch's float16 ``embedding_bag`` rounds its output to float16, and no stock
+kernel gathers float16 into float32), and computing minibatches ahead in a thread (the GIL
+hand-offs cost more than they hide on 2 cores).
 """
 
 from __future__ import annotations
@@ -168,11 +174,16 @@ class EpochPlan:
 
 # -- sources ---------------------------------------------------------------------------------
 class Chunk:
-    """A chunk of images whose pixels' features can be computed now."""
+    """A chunk of images whose pixels' features can be computed now.
 
-    def __init__(self, images: np.ndarray, featurize, release=lambda: None):
+    ``prepare(img, rows)`` takes the chunk's pixels in visiting order (``EpochPlan.chunk_rows``)
+    once and returns ``featurize(a, b)``: float32 (b - a, D) features of pixels a..b-1 of that
+    order, on the device.
+    """
+
+    def __init__(self, images: np.ndarray, prepare, release=lambda: None):
         self.images = images
-        self.featurize = featurize     # (image ids, rows) -> float32 (n, D) on the device
+        self.prepare = prepare
         self.release = release
 
 
@@ -197,11 +208,15 @@ class InMemorySource:
     def session(self, plan: EpochPlan) -> "_Session":
         def chunks(epoch):
             for images in plan.image_chunks(epoch):
-                yield Chunk(images, self._featurize)
+                yield Chunk(images, self._prepare)
         return _Session(chunks)
 
-    def _featurize(self, images, rows):
-        x = torch.index_select(self.x, 0, torch.from_numpy(rows))
+    def _prepare(self, images, rows):
+        rows = torch.from_numpy(rows)
+        return lambda a, b: self._featurize(rows[a:b])
+
+    def _featurize(self, rows):
+        x = torch.index_select(self.x, 0, rows)
         return x.to(self.device, non_blocking=True) if self.device.type != "cpu" else x
 
     def close(self) -> None:
@@ -240,12 +255,12 @@ class StreamSource:
         if self.resident:
             bufs, slot_of = self._load_resident()
 
-            def featurize(images, rows):
-                return self._features(bufs, slot_of, images, rows)
+            def prepare(images, rows):
+                return self._prepare(bufs, slot_of, images, rows)
 
             def chunks(epoch):
                 for images in plan.image_chunks(epoch):
-                    yield Chunk(images, featurize)
+                    yield Chunk(images, prepare)
             return _Session(chunks)
 
         def schedule(start):
@@ -280,21 +295,48 @@ class StreamSource:
                 slot_of[torch.from_numpy(images)] = torch.arange(len(images))
                 b = bufs[buf_id]
 
-                def featurize(imgs, rows, b=b):
-                    return self._features(b, slot_of, imgs, rows)
-                yield Chunk(images, featurize, release=lambda i=buf_id: loader.release(i))
+                def prepare(imgs, rows, b=b):
+                    return self._prepare(b, slot_of, imgs, rows)
+                yield Chunk(images, prepare, release=lambda i=buf_id: loader.release(i))
             state["next"] = epoch + 1
 
         return _Session(chunks, stop)
 
-    def _features(self, bufs, slot_of, images, rows):
-        img = torch.from_numpy(images)
-        slots = slot_of[img].to(self.device)
+    def _prepare(self, bufs, slot_of, images, rows):
+        """The chunk's taps and weights, once, in visiting order; each run then slices them."""
+        slots = slot_of[torch.from_numpy(images)].to(self.device)
         flat = torch.from_numpy(self.index.flat[rows].astype(np.int64)).to(self.device)
-        return self.layout.features(bufs, slots, flat)
+        taps, weights = self.layout.taps(slots, flat)
+        return lambda a, b: self._features(bufs, taps[:, a:b], weights[:, a:b])
+
+    def _features(self, bufs, taps, weights):
+        return self.layout.gather(bufs, taps, weights)
 
     def close(self) -> None:
         self._resident_bufs = None
+
+
+def dense_bytes(index: PixelIndex, dim: int) -> int:
+    """Bytes of the dense float32 features of every labelled pixel (``InMemorySource.x``)."""
+    return index.total * dim * 4
+
+
+def make_source(store, index: PixelIndex, device: torch.device, shuffle: int,
+                budget_bytes: float, in_memory: bool = False):
+    """The fit's source of features: ``InMemorySource`` when asked (``in_memory``), or when
+    streaming on a CPU and the dense features of every labelled pixel, with the one image's
+    maps they are built from, fit the RAM budget (a row copy per minibatch reads a quarter of
+    the bytes of the pool gather, and the minibatches are the same); else ``StreamSource``,
+    whose pool the budget bounds. The order (P = ``shuffle``) is the budget's either way."""
+    if in_memory:
+        return InMemorySource(store, index, device)
+    need = dense_bytes(index, store.info.feature_dim) + image_bytes(store.info)
+    if device.type == "cpu" and need <= budget_bytes:
+        log.info("streaming: the dense features of the %d labelled pixels (%.2f GB) fit the RAM "
+                 "budget (%.2f GB): held in RAM, as --in-memory does", index.total,
+                 need / 2 ** 30, budget_bytes / 2 ** 30)
+        return InMemorySource(store, index, device)
+    return StreamSource(store, index, device, shuffle)
 
 
 class _Session:
@@ -405,11 +447,12 @@ def batches(plan: EpochPlan, session: _Session, epoch: int, device: torch.device
     for c, chunk in enumerate(session.chunks(epoch)):
         try:
             img, rows = plan.chunk_rows(epoch, c, chunk.images)
+            featurize = chunk.prepare(img, rows)
             pos, n = 0, len(rows)
             while pos < n:
                 # The rest of the current minibatch and a few whole ones, in one gather.
                 run = min(n - pos, need + extra)
-                feats = chunk.featurize(img[pos:pos + run], rows[pos:pos + run])
+                feats = featurize(pos, pos + run)
                 q = 0
                 while q < run:
                     take = min(need, run - q)

@@ -279,10 +279,8 @@ def training_config(store: FeatureStore, config: Config | None) -> Config:
     return config
 
 
-def _make_source(store, index, device, shuffle, in_memory: bool):
-    if in_memory:
-        return sampler.InMemorySource(store, index, device)
-    return sampler.StreamSource(store, index, device, shuffle)
+def _make_source(store, index, device, shuffle, in_memory: bool, c: ClassifierConfig):
+    return sampler.make_source(store, index, device, shuffle, c.ram_budget_gb * GIB, in_memory)
 
 
 def fit(store, run_dir, config: Config | None = None, *, device="auto", in_memory: bool = False,
@@ -412,7 +410,7 @@ def _fit_locked(job: FitJob) -> Path:
 def _fit_here(job: FitJob, todo: list[int]) -> None:
     """Train the members ``todo`` one after the other in this process."""
     c = job.config.classifier
-    source = _make_source(job.store, job.index, job.device, job.shuffle, job.in_memory)
+    source = _make_source(job.store, job.index, job.device, job.shuffle, job.in_memory, c)
     try:
         for k in todo:
             state, meta = train_member(job.member_job(), k, source, job.index,
@@ -446,7 +444,7 @@ def _member_task(store_path: str, cfg_dict: dict, k: int, device: str, in_memory
     dev = resolve_device(device)
     job = MemberJob(cfg.classifier, info.feature_dim, info.num_classes, shuffle, dev,
                     progress=False)
-    source = _make_source(store, index, dev, shuffle, in_memory)
+    source = _make_source(store, index, dev, shuffle, in_memory, cfg.classifier)
     records = []
     try:
         state, meta = train_member(job, k, source, index, on_epoch=records.append)

@@ -46,8 +46,10 @@ log = logging.getLogger(__name__)
               help="Member k is seeded with SEED + k. [default: config, 0]")
 @click.option("--ram-budget-gb", "ram_budget_gb", type=click.FloatRange(min=0, min_open=True),
               default=None, metavar="GB",
-              help="Memory for the pool of stored maps that minibatches are computed from "
-                   "(GPU memory when training on CUDA). It also sets how many images are "
+              help="Memory for the training features: on a CPU the dense features of every "
+                   "labelled pixel when they fit (fastest), else a pool of stored maps that "
+                   "minibatches are computed from (GPU memory when training on CUDA). It also "
+                   "sets how many images are "
                    "shuffled together: resuming with a value that shuffles another number is "
                    "refused. [default: config, 2]")
 @renamed_option("--ram-budget", "--ram-budget-gb", "ram_budget_gb",

@@ -135,9 +135,10 @@ class MapLayout:
     take one fused gather per resolution: ``embedding_bag`` sums each pixel's four bilinear
     taps (rows of C_g channels) with their weights in a single pass. float32 because that
     kernel needs the weights' dtype (a float16 pool would round every feature to float16);
-    upcasting float16 taps per minibatch instead costs three extra passes, 2-6x slower in
-    bench/fit_speed.py. The output is in the reference's order (step-major, then block): each
-    group's columns are copied straight into its maps' feature columns, so no caller ever
+    upcasting float16 taps before it instead costs extra passes, 2-3x slower. The taps and
+    weights of a chunk's pixels are computed once (``taps``) and each run of them gathered
+    (``gather``). The output is in the reference's order (step-major, then block): one ``cat``
+    lays each group's column segments into its maps' feature columns, so no caller ever
     reorders features or weights.
     """
 
@@ -166,6 +167,10 @@ class MapLayout:
                     segments.append((c0, c0 + c, fcol))
                 c0 += c
             self.groups.append((h, w, c0, segments))
+        # Every group's segments in feature-column order: (group, pool c0, pool c1).
+        self._order = [(g, c0, c1) for _, g, c0, c1 in sorted(
+            (fcol, g, c0, c1) for g, (*_, segments) in enumerate(self.groups)
+            for c0, c1, fcol in segments)]
         self._table = None
 
     def image_bytes(self) -> int:
@@ -204,25 +209,36 @@ class MapLayout:
                            torch.tensor(sizes, device=self.device)[:, None, None])
         return self._table
 
+    def taps(self, slots: torch.Tensor, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pool rows (G, n, 4) int64 and weights (G, n, 4) float32 of the four bilinear taps
+        of pixels ``flat`` (y * W + x) of the images in ``slots`` (pool slot per pixel), for
+        every resolution group. Computed once for a chunk's pixels in visiting order, then
+        ``gather`` reads any run of them: ``gather(bufs, rows[:, a:b], weights[:, a:b])``."""
+        taps, weights, sizes = self._tables()
+        return taps[:, flat] + slots[None, :, None] * sizes, weights[:, flat]
+
+    def gather(self, bufs: list[torch.Tensor], rows: torch.Tensor,
+               weights: torch.Tensor) -> torch.Tensor:
+        """float32 (n, D) features from taps (``taps``), in the reference's feature order.
+
+        One ``embedding_bag`` per group sums each pixel's four taps with their weights in a
+        single pass (float32, the taps in the order of ``_tables``); one ``cat`` then lays the
+        groups' column segments out in feature order. Row k depends on tap row k only, so any
+        run of pixels gives the same rows however it is cut.
+        """
+        got = [F.embedding_bag(rows[g], buf.view(-1, c), mode="sum",
+                               per_sample_weights=weights[g])
+               for g, ((h, w, c, _), buf) in enumerate(zip(self.groups, bufs))]
+        if len(self._order) == 1:
+            return got[0]
+        return torch.cat([got[g][:, c0:c1] for g, c0, c1 in self._order], dim=1)
+
     def features(self, bufs: list[torch.Tensor], slots: torch.Tensor,
                  flat: torch.Tensor) -> torch.Tensor:
         """float32 (n, D) features of pixels ``flat`` (y * W + x) of the images in ``slots``
-        (pool slot per pixel), in the reference's feature order.
+        (pool slot per pixel), in the reference's feature order: ``gather`` of ``taps``.
 
         Same taps and weights as ``pixel_features`` (the weighted sum of the four taps instead
-        of two nested blends: equal within a float32 rounding). Row k depends on pixel k only,
-        so any run of pixels gives the same rows however it is cut.
+        of two nested blends: equal within a float32 rounding).
         """
-        n = flat.shape[0]
-        taps, weights, sizes = self._tables()
-        rows_all = taps[:, flat] + slots[None, :, None] * sizes   # (G, n, 4) pool rows
-        w_all = weights[:, flat]                                  # (G, n, 4)
-        out = torch.empty((n, self.dim), dtype=torch.float32, device=flat.device)
-        for g, ((h, w, c, segments), buf) in enumerate(zip(self.groups, bufs)):
-            got = F.embedding_bag(rows_all[g], buf.view(-1, c), mode="sum",
-                                  per_sample_weights=w_all[g])
-            if len(segments) == 1 and segments[0][1] - segments[0][0] == self.dim:
-                return got
-            for c0, c1, fcol in segments:
-                out[:, fcol:fcol + c1 - c0] = got[:, c0:c1]
-        return out
+        return self.gather(bufs, *self.taps(slots, flat))

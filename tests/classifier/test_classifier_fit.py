@@ -132,7 +132,8 @@ def test_etf_weight_zero_trains_what_none_trains(store_path, small_config, tmp_p
 
 @pytest.mark.slow
 def test_streaming_and_in_memory_fit_the_same_ensemble(store_path, small_config, tmp_path):
-    cfg = small_config(ensemble=1, max_epochs=3)
+    # A budget that holds every image's maps but not the dense features: the resident pool.
+    cfg = small_config(ensemble=1, max_epochs=3, ram_budget_gb=1e-4)
     a = fit(store_path, tmp_path / "stream", cfg, device="cpu", progress=False)
     b = fit(store_path, tmp_path / "memory", cfg, device="cpu", in_memory=True, progress=False)
     assert _same(_weights(a), _weights(b))

@@ -211,3 +211,21 @@ def test_a_loader_whose_thread_ended_without_a_chunk_raises_instead_of_waiting(s
     waiter.start()
     waiter.join(60)  # a bound for a hang only: the answer comes within one 0.5 s poll
     assert outcome and "loader thread stopped unexpectedly" in outcome[0]
+
+
+def test_streaming_holds_the_dense_features_when_they_fit_the_budget(store):
+    """The fit's source: the dense rows (a row copy per minibatch) when every labelled pixel's
+    features fit the RAM budget on a CPU; the bounded pool otherwise, and always on another
+    device (the meta device stands in for a GPU)."""
+    index = sampler.PixelIndex.from_store(store)
+    dense = sampler.dense_bytes(index, store.info.feature_dim)
+    assert dense == index.total * store.info.feature_dim * 4
+    need = dense + sampler.image_bytes(store.info)  # the rows and the image they are built from
+    cpu = torch.device("cpu")
+    src = sampler.make_source(store, index, cpu, 5, need)
+    assert isinstance(src, sampler.InMemorySource) and src.x.shape[0] == index.total
+    assert isinstance(sampler.make_source(store, index, cpu, 5, need - 1), sampler.StreamSource)
+    assert isinstance(sampler.make_source(store, index, torch.device("meta"), 5, need),
+                      sampler.StreamSource)
+    assert isinstance(sampler.make_source(store, index, cpu, 5, 0, in_memory=True),
+                      sampler.InMemorySource)

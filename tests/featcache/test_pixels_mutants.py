@@ -47,3 +47,30 @@ def test_a_map_with_a_batch_axis_of_one_is_read_as_its_image():
     ys, xs = torch.tensor([0, 7, 3]), torch.tensor([9, 0, 4])
     assert torch.equal(pixels.pixel_features([m[None]], (8, 10), ys, xs),
                        pixels.pixel_features([m], (8, 10), ys, xs))
+
+
+def test_taps_computed_once_then_gathered_by_runs_are_the_features_bit_for_bit():
+    # Three resolutions, maps of one resolution apart in feature order: the gather's cat must
+    # put every segment back in its feature columns, whatever run of the taps it reads.
+    shapes = ((2, 5, 7), (3, 10, 14), (4, 5, 7), (2, 20, 28))
+    spec = FeatureSpec(steps=(1, 2), blocks=(5, 8), shapes=shapes, image_size=(20, 28),
+                       dtype="float32")
+    info = StoreInfo(spec, num_images=2, names=("a", "b"), num_classes=2, ignore_label=255)
+    layout = pixels.MapLayout(info, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(1)
+    images = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(2)]
+    bufs = layout.allocate(2)
+    for slot, maps in enumerate(images):
+        layout.put(bufs, slot, maps)
+    flat = torch.randint(0, 20 * 28, (40,), generator=gen)
+    slots = torch.randint(0, 2, (40,), generator=gen)
+    rows, weights = layout.taps(slots, flat)
+    assert rows.shape == weights.shape == (3, 40, 4)
+    whole = layout.gather(bufs, rows, weights)
+    assert torch.equal(whole, layout.features(bufs, slots, flat))
+    assert torch.equal(torch.cat([layout.gather(bufs, rows[:, a:a + 16], weights[:, a:a + 16])
+                                  for a in range(0, 40, 16)]), whole)
+    for k in range(40):
+        want = pixels.pixel_features(images[int(slots[k])], (20, 28), flat[k:k + 1] // 28,
+                                     flat[k:k + 1] % 28)
+        torch.testing.assert_close(whole[k:k + 1], want, rtol=1e-5, atol=1e-5)
