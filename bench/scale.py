@@ -10,10 +10,11 @@ bundled faces_64 backbone with its default steps and blocks, one torch thread. P
     report PRED
 
 where RUN is an ensemble fitted once on the 8 labelled scenes. Each command runs as its own
-child process (os.wait4 gives its peak RSS); time per image is the command's wall time over
-the pool size. Also files and bytes per image of the store and of the prediction folder.
+child process (os.wait4 gives its peak RSS and CPU time); time per image is the command's
+wall time over the pool size, CPU per image its user + system CPU time over the pool size (the
+steadier figure on a shared machine). Also files and bytes per image of the store and of the prediction folder.
 Writes bench/results/scale.json (merged with earlier pool sizes) and
-bench/results/scale.png (seconds per image against pool size, log axes, drawn with Pillow).
+bench/results/scale.png (CPU seconds per image against pool size, log axes, drawn with Pillow).
 
     python bench/scale.py --pools 100,1000 [--work /tmp/ddpmseg-scale] [--ensemble 10]
     python bench/scale.py --plot-only        # redraw the PNG from scale.json
@@ -99,7 +100,8 @@ def timed(args: list[str], log) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode not in (0, 1):   # verify exits 1 on damage; none is expected
         raise SystemExit(f"failed ({proc.returncode}): ddpmseg {' '.join(args)}")
-    return {"s": round(seconds, 3), "peak_rss_gb": round(usage.ru_maxrss / 1024 ** 2, 3)}
+    return {"s": round(seconds, 3), "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+            "peak_rss_gb": round(usage.ru_maxrss / 1024 ** 2, 3)}
 
 
 def tree_size(path: Path) -> tuple[int, int]:
@@ -121,7 +123,9 @@ def fitted_run(work: Path, ensemble: int, log) -> Path:
     return run
 
 
-def measure_pool(work: Path, n: int, run: Path, log) -> dict:
+def measure_pool(work: Path, n: int, run: Path, log, save) -> dict:
+    """Every command over a pool of ``n``; ``save(partial)`` after each (a run stopped early
+    keeps what it measured)."""
     base = work / f"pool{n}"
     if base.exists():
         shutil.rmtree(base)
@@ -130,27 +134,33 @@ def measure_pool(work: Path, n: int, run: Path, log) -> dict:
     extract = ["extract", str(pool), str(store), "--checkpoint", "bundled:faces_64",
                "--num-classes", str(NUM_CLASSES), "--threads", "1"]
     out = {"images": n}
-    out["extract"] = timed(extract, log)
-    out["re-extract"] = timed(extract, log)
-    make_pool(pool, 1, first=n)
-    out["+1 image"] = timed(extract, log)
-    files, size = tree_size(store)
     n1 = n + 1
+
+    def step(cmd: str, args: list[str]) -> None:
+        out[cmd] = timed(args, log)
+        for key in ("s", "cpu_s"):
+            out[cmd][f"{key}_per_image"] = round(out[cmd][key] / (n if cmd == "extract"
+                                                                 else n1), 5)
+        save(out)
+
+    step("extract", extract)
+    step("re-extract", extract)
+    make_pool(pool, 1, first=n)
+    step("+1 image", extract)
+    files, size = tree_size(store)
     out["store_files_per_image"] = round(files / n1, 3)
     out["store_bytes_per_image"] = round(size / n1)
-    out["verify"] = timed(["verify", str(store)], log)
-    out["predict (store)"] = timed(["predict", str(run), str(store), str(pred), "--images",
-                                    str(pool), "--threads", "1"], log)
+    step("verify", ["verify", str(store)])
+    step("predict (store)", ["predict", str(run), str(store), str(pred), "--images", str(pool),
+                             "--threads", "1"])
     files, size = tree_size(pred)
     out["pred_files_per_image"] = round(files / n1, 3)
     out["pred_bytes_per_image"] = round(size / n1)
-    out["predict (images)"] = timed(["predict", str(run), str(pool), str(base / "pred_img"),
-                                     "--threads", "1"], log)
-    out["suggest"] = timed(["suggest", str(run), str(store), "--out", str(sugg), "--images",
-                            str(pool), "--threads", "1"], log)
-    out["report"] = timed(["report", str(pred)], log)
-    for cmd in COMMANDS:
-        out[cmd]["s_per_image"] = round(out[cmd]["s"] / (n if cmd == "extract" else n1), 5)
+    step("predict (images)", ["predict", str(run), str(pool), str(base / "pred_img"),
+                              "--threads", "1"])
+    step("suggest", ["suggest", str(run), str(store), "--out", str(sugg), "--images",
+                     str(pool), "--threads", "1"])
+    step("report", ["report", str(pred)])
     return out
 
 
@@ -159,12 +169,15 @@ COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (140, 86, 75), (227, 119, 194), (127, 127, 127)]
 
 
+KEY = "cpu_s_per_image"   # what the plot shows
+
+
 def plot(pools: dict, path: Path) -> None:
-    """Seconds per image against pool size, both on log axes, one line per command."""
-    sizes = sorted(int(n) for n in pools)
+    """CPU seconds per image against pool size, both on log axes, one line per command."""
+    sizes = sorted(int(n) for n in pools if all(c in pools[n] for c in COMMANDS))
     if not sizes:
         return
-    values = [pools[str(n)][c]["s_per_image"] for n in sizes for c in COMMANDS]
+    values = [pools[str(n)][c][KEY] for n in sizes for c in COMMANDS]
     xlo, xhi = math.floor(math.log10(min(sizes))), math.ceil(math.log10(max(sizes)))
     xhi = max(xhi, xlo + 1)
     ylo, yhi = math.floor(math.log10(min(values))), math.ceil(math.log10(max(values)))
@@ -187,10 +200,10 @@ def plot(pools: dict, path: Path) -> None:
         d.line([left, y, w - right, y], fill=(225, 225, 225))
         d.text((8, y - 6), f"{10.0 ** e:g} s", fill="black")
     d.text((left + 180, h - 25), "pool size (images, log)", fill="black")
-    d.text((left, 12), "seconds per image per command (log); bundled faces_64, 1 thread, "
+    d.text((left, 12), "CPU seconds per image per command (log); bundled faces_64, 1 thread, "
                        "64 px scenes", fill="black")
     for k, cmd in enumerate(COMMANDS):
-        pts = [xy(n, pools[str(n)][cmd]["s_per_image"]) for n in sizes]
+        pts = [xy(n, pools[str(n)][cmd][KEY]) for n in sizes]
         colour = COLOURS[k % len(COLOURS)]
         if len(pts) > 1:
             d.line(pts, fill=colour, width=3)
@@ -217,17 +230,21 @@ def main() -> None:
         with open(work / "commands.log", "a") as log:
             run = fitted_run(work, args.ensemble, log)
             for n in (int(x) for x in args.pools.split(",")):
-                results["pools"][str(n)] = measure_pool(work, n, run, log)
+                measure_pool(work, n, run, log, lambda out, n=n: save(results, n, out, args))
                 print(json.dumps({str(n): results["pools"][str(n)]}), flush=True)
-                results.update(
-                    bench="bench/scale.py", backbone="bundled:faces_64 (default steps, blocks)",
-                    ensemble=args.ensemble, threads=1, image_size=SIZE,
-                    store_format="today's (format 2, one chunk per image per array)",
-                    machine=f"{platform.processor() or platform.machine()}, "
-                            f"{os.cpu_count()} cores, shared with other jobs (timings noisy)",
-                    python=platform.python_version())
-                RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     plot(results["pools"], PLOT)
+
+
+def save(results: dict, n: int, out: dict, args) -> None:
+    results["pools"][str(n)] = out
+    results.update(
+        bench="bench/scale.py", backbone="bundled:faces_64 (default steps, blocks)",
+        ensemble=args.ensemble, threads=1, image_size=SIZE,
+        store_format="today's (format 2, one chunk per image per array)",
+        machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                "shared with other jobs (wall times noisy; CPU times steadier)",
+        python=platform.python_version())
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

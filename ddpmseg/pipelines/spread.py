@@ -72,6 +72,8 @@ def in_order(scheduler: str, fn: Callable, setup, items: Sequence, *, name: str,
     dask tasks on ``scheduler`` at this process's torch thread count; yields the results one
     by one in the order of ``items``, whatever order the tasks finish in. ``fn`` must be a
     module-level function (tasks pickle it by name) and ``setup`` picklable."""
+    if not items:
+        return
     threads = torch.get_num_threads()
     workers = default_workers(threads)
     chunks = chunked(items, workers)
