@@ -120,3 +120,20 @@ def test_pictures_for_the_first_images_only_unless_asked(pool, tmp_path, monkeyp
     assert all("overlay" in res["outputs"][n] for n in res["names"])
     assert np.array_equal(np.load(tmp_path / "few" / f"{rest[0]}.npy"),
                           np.load(tmp_path / "all" / f"{rest[0]}.npy"))
+
+
+@pytest.mark.distributed
+def test_relative_paths_reach_a_worker_in_another_folder(pool, tmp_path, monkeypatch,
+                                                         tcp_cluster):
+    """The worker runs in a folder of its own: the client's relative paths are made absolute
+    before they reach it."""
+    import os
+
+    root, images, run = pool
+    monkeypatch.chdir(tmp_path)
+    rel_run, rel_store = os.path.relpath(run), os.path.relpath(root / "s.zarr")
+    predict(rel_run, rel_store, "alone", device="cpu", progress=False)
+    predict(rel_run, rel_store, "spread", device="cpu", progress=False,
+            scheduler=tcp_cluster.address)
+    assert tree(tmp_path / "alone") == tree(tmp_path / "spread")
+    assert verify(rel_store, tcp_cluster.address) == verify(rel_store) == ("store", [])
