@@ -22,6 +22,16 @@ device_option = click.option(
 
 
 
+def scheduler_option(what: str = "the images"):
+    """``--scheduler``: run a command's per-image work as dask.distributed tasks (predict,
+    suggest, verify; the library's ``scheduler=``)."""
+    return click.option(
+        "--scheduler", default=None, metavar="local|local:N|tcp://HOST:PORT",
+        help=f"Process {what} as dask.distributed tasks: a local cluster of N worker "
+             "processes, or an existing scheduler whose workers see the same files. The "
+             "outputs are those of one process.")
+
+
 def threads_option(work: str | None = None):
     """``--threads N``: torch's intra-op threads for this command, passed to the library as
     ``threads=`` (it sets them for the command's length, ``ddpmseg.core.device.use_threads``).

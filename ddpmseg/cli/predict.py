@@ -9,6 +9,7 @@ from ddpmseg.cli.common import (
     count,
     device_option,
     max_pixels_option,
+    scheduler_option,
     show_progress,
     threads_option,
 )
@@ -36,19 +37,25 @@ from ddpmseg.cli.common import (
 @click.option("--checkpoint", default=None, metavar="PATH",
               help="The backbone checkpoint, when INPUT is an image folder and the run's is "
                    "elsewhere. Must be the one the run was trained with.")
+@click.option("--all-pictures", is_flag=True,
+              help="Draw an overlay (and uncertainty picture) for every image; by default "
+                   "only the first 100 get them, label maps are written for all.")
+@scheduler_option()
 @click.option("--report", "with_report", is_flag=True,
               help="Also write OUT/report/index.html (see `ddpmseg report`) and print its path.")
 @device_option
 @threads_option()
 @click.pass_context
 def command(ctx, run, input_path, out_dir, vote, uncertainty, tile_rows, images_dir, resize,
-            checkpoint, with_report, device, threads, max_image_pixels):
+            checkpoint, all_pictures, scheduler, with_report, device, threads,
+            max_image_pixels):
     """Predict segmentation masks with the ensemble of RUN for every image of INPUT.
 
     INPUT is a feature store (from `ddpmseg extract`) or a folder of images; from images,
     features are extracted on the fly with the run's backbone. OUT receives per image
-    <name>.npy (uint8 class indices), <name>.png (palette PNG), <name>_overlay.png, and once
-    palette.json, summary.png (contact sheet) and predict.json (the settings used).
+    <name>.npy (uint8 class indices), <name>.png (palette PNG), <name>_overlay.png (the first
+    100 images; all with --all-pictures), and once palette.json, summary.png (contact sheet)
+    and predict.json (the settings used).
 
     \b
     Examples:
@@ -61,7 +68,8 @@ def command(ctx, run, input_path, out_dir, vote, uncertainty, tile_rows, images_
     summary = predict(run, input_path, out_dir, vote=vote, uncertainty=uncertainty,
                       device=device, tile_rows=tile_rows, resize=resize, checkpoint=checkpoint,
                       images=images_dir, progress=show_progress(ctx),
-                      threads=threads, max_image_pixels=max_image_pixels)
+                      threads=threads, max_image_pixels=max_image_pixels,
+                      all_pictures=all_pictures, scheduler=scheduler)
     click.echo(f"predicted {count(summary['num_images'], 'image')} ({summary['input_kind']}, "
                f"vote {summary['vote']}, {count(summary['num_members'], 'member')}) into "
                f"{summary['out_dir']}")

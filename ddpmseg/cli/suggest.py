@@ -5,7 +5,13 @@ from __future__ import annotations
 import click
 
 from ddpmseg.outputs.suggestions import CSV_FILE, SCORES, SHEET_FILE
-from ddpmseg.cli.common import as_flags, device_option, max_pixels_option, threads_option
+from ddpmseg.cli.common import (
+    as_flags,
+    device_option,
+    max_pixels_option,
+    scheduler_option,
+    threads_option,
+)
 
 
 @click.command("suggest")
@@ -35,8 +41,9 @@ from ddpmseg.cli.common import as_flags, device_option, max_pixels_option, threa
 @device_option
 @threads_option()
 @max_pixels_option
+@scheduler_option()
 def command(run, input_path, out_dir, top, by, diverse, include_labelled, images_dir, resize,
-            checkpoint, device, threads, max_image_pixels):
+            checkpoint, device, threads, max_image_pixels, scheduler):
     """Rank the images of INPUT (a feature store or a folder of unlabelled images) by how
     much the ensemble of RUN disagrees on them, most first: the images to label next.
     Labelled images (with a mask, or trained on by RUN) are left out unless
@@ -56,7 +63,7 @@ def command(run, input_path, out_dir, top, by, diverse, include_labelled, images
     ranked = suggest(run, input_path, out_dir, top=top, by=by, diverse=diverse, device=device,
                      checkpoint=checkpoint, resize=resize, images=images_dir,
                      include_labelled=include_labelled, threads=threads,
-                     max_image_pixels=max_image_pixels)
+                     max_image_pixels=max_image_pixels, scheduler=scheduler)
     for k, s in enumerate(ranked, 1):
         click.echo(f"{k}\t{s.name}\t{s.score:.6f}")
     click.echo(as_flags(skipped_line(ranked.skipped)), err=True)  # how many the ranking leaves out

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import click
 
+from ddpmseg.cli.common import scheduler_option
 
 
 @click.command("verify")
 @click.argument("path", metavar="STORE|RUN_DIR")
-def command(path):
+@scheduler_option("a store's images")
+def command(path, scheduler):
     """Read every chunk of a feature store, or every file of a run dir, and list what is
     damaged: one line per problem (image or member, array or file, what is wrong) on
     stdout. Exits 1 when anything is damaged or incomplete, 0 when all is sound.
@@ -24,7 +26,7 @@ def command(path):
     """
     from ddpmseg.pipelines.verify import verify
 
-    kind, damage = verify(path)
+    kind, damage = verify(path, scheduler=scheduler)
     for d in damage:
         click.echo(str(d))
     if damage:

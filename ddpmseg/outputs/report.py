@@ -10,6 +10,12 @@ images whose ensemble members disagree most (mean Jensen-Shannon divergence).
 
 Every text that comes from a config, a file name or a class name is HTML-escaped; pictures are
 named by position (``img/0003_overlay.png``), never by the image's name.
+
+Cards come in pages of ``CARDS_PER_PAGE``: index.html holds the first (and everything else:
+settings, the whole class table, the confusion matrix, "label these next"); ``images-2.html``,
+``images-3.html``, ... the next ones, each linked from a pager on every page. A page's DOM
+stays the same size whatever the folder's, so a report of 10,000 images opens as fast as one
+of 200.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ __all__ = ["report", "REPORT_DIR", "LABEL_NEXT"]
 LABEL_NEXT = 8            # images listed under "label these next"
 IMAGE_THUMB = 512         # originals larger than this are shrunk for the page
 _OWN_PICTURE = re.compile(r"^\d{4,}_(image|pred|overlay|entropy|jsd)\.png$")
+CARDS_PER_PAGE = 200      # cards per HTML page
+_OWN_PAGE = re.compile(r"^images-\d+\.html$")
 
 
 @dataclass
@@ -188,11 +196,74 @@ def _write(page: _Page, predictions: dict) -> Path:
             confusion_png.unlink()
         cards.sort(key=lambda c: (-(c.entropy if c.entropy is not None else -1.0), c.position))
 
-    text = _page(page.pred_dir, meta, metrics, rows, palette, cards, page.label_next, limits)
+    pages = _paginate(cards)
+    _write_pages(page, pages, limits)
+    text = _page(page.pred_dir, meta, metrics, rows, palette, pages, page.label_next, limits)
     index = out_dir / folder.REPORT_INDEX
     atomic_write(index, lambda p: p.write_text(text, encoding="utf-8"))
-    log.info("report of %d image(s) in %s", len(cards), index)
+    log.info("report of %d image(s) in %s%s", len(cards), index,
+             f" (and {len(pages) - 1} more page(s) of cards)" if len(pages) > 1 else "")
     return index
+
+
+def _paginate(cards: list[_Card]) -> list[list[_Card]]:
+    """The cards, in order, in pages of ``CARDS_PER_PAGE`` (one page, maybe empty, at least)."""
+    return [cards[k:k + CARDS_PER_PAGE] for k in range(0, len(cards), CARDS_PER_PAGE)] or [[]]
+
+
+def page_file(number: int) -> str:
+    """The HTML file of page ``number`` (1: index.html)."""
+    return folder.REPORT_INDEX if number == 1 else f"images-{number}.html"
+
+
+def _write_pages(page: _Page, pages: list[list[_Card]], limits) -> None:
+    """images-2.html, ...: the cards after the first page's; stale pages removed."""
+    for old in page.out_dir.iterdir():
+        if _OWN_PAGE.match(old.name) and int(old.name[7:-5]) > len(pages):
+            old.unlink()
+    title = f"ddpmseg report: {page.pred_dir.resolve().name}"
+    for number, cards in enumerate(pages[1:], 2):
+        text = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
+<title>{_esc(title)}: images, page {number}</title>
+<style>{_CSS}</style></head>
+<body>
+<header><h1>{_esc(title)}</h1><nav><a href="index.html">run, classes and label these next</a>
+</nav></header>
+<section class="wide" id="images">{_cards_html(pages, number, limits)}</section>
+</body></html>
+"""
+        target = page.out_dir / page_file(number)
+        atomic_write(target, lambda p, t=text: p.write_text(t, encoding="utf-8"))
+
+
+def _pager(pages: list[list[_Card]], current: int) -> str:
+    """Links to every page of cards (none with one page)."""
+    if len(pages) < 2:
+        return ""
+    links, first = [], 1
+    for number, cards in enumerate(pages, 1):
+        span = f"{first}&ndash;{first + len(cards) - 1}"
+        first += len(cards)
+        links.append(f'<b aria-current="page">{span}</b>' if number == current else
+                     f'<a href="{page_file(number)}#images">{span}</a>')
+    return f'<nav class="pager" aria-label="pages of images">{" ".join(links)}</nav>'
+
+
+def _cards_html(pages: list[list[_Card]], number: int, limits) -> str:
+    """Page ``number``'s cards between two pagers."""
+    pager = _pager(pages, number)
+    return pager + "".join(_card(c, limits) for c in pages[number - 1]) + pager
+
+
+def _card_link(pages: list[list[_Card]], position: int) -> str:
+    """The address of card ``position`` from index.html."""
+    for number, cards in enumerate(pages, 1):
+        if any(c.position == position for c in cards):
+            return f"{'' if number == 1 else page_file(number)}#card-{position}"
+    return f"#card-{position}"
 
 
 def _cards(page: _Page, predictions: dict, palette: np.ndarray, limits, img_dir: Path
@@ -291,6 +362,7 @@ ul.legend .sw{width:10px;height:10px}
 ol.next{margin:0;padding-left:22px;font-size:12.5px}
 .confusion img{max-width:100%;height:auto}
 section.wide{padding:0 24px 24px}
+nav.pager{display:flex;flex-wrap:wrap;gap:4px 10px;font-size:12.5px;margin:0 0 12px}
 """
 
 # Sorts the class table by the clicked column: numbers largest first, text A to Z; a second
@@ -447,11 +519,13 @@ def _card(card: _Card, limits) -> str:
             "</div></article>")
 
 
-def _label_next(cards: list[_Card], count: int, suggested=None) -> str:
+def _label_next(pages: list[list[_Card]], count: int, suggested=None) -> str:
+    cards = [c for p in pages for c in p]
     if suggested:  # `ddpmseg suggest --out PRED_DIR` wrote suggest.csv here: its ranking wins
         position = {c.name: c.position for c in cards}
         items = "".join(
-            (f'<li><a href="#card-{position[name]}">{_esc(name)}</a> ' if name in position
+            (f'<li><a href="{_card_link(pages, position[name])}">{_esc(name)}</a> '
+             if name in position
              else f"<li>{_esc(name)} ") + f'<span class="sub">{_esc(kind)} {score:.4f}</span>'
             "</li>" for name, kind, score in suggested[:count])
         return ('<p class="sub">Ranked by <code>ddpmseg suggest</code> (suggest.csv): '
@@ -461,14 +535,15 @@ def _label_next(cards: list[_Card], count: int, suggested=None) -> str:
         return ('<p class="sub">No uncertainty maps in this folder: predict with '
                 '--uncertainty to rank images by ensemble disagreement.</p>')
     scored.sort(key=lambda c: (-c.jsd, c.position))
-    items = "".join(f'<li><a href="#card-{c.position}">{_esc(c.name)}</a> '
+    items = "".join(f'<li><a href="{_card_link(pages, c.position)}">{_esc(c.name)}</a> '
                     f'<span class="sub">JSD {c.jsd:.4f}</span></li>' for c in scored[:count])
     return ('<p class="sub">Highest mean disagreement between the ensemble\'s members '
             f'(Jensen-Shannon divergence):</p><ol class="next">{items}</ol>')
 
 
 def _page(pred_dir: Path, meta: dict, metrics: dict | None, rows: list[dict],
-          palette: np.ndarray, cards: list[_Card], label_next: int, limits) -> str:
+          palette: np.ndarray, pages: list[list[_Card]], label_next: int, limits) -> str:
+    cards = [c for p in pages for c in p]
     title = f"ddpmseg report: {pred_dir.resolve().name}"
     if metrics is not None:
         score = (f'<div class="miou" id="miou">mIoU {100 * metrics["miou"]:.2f} %</div>'
@@ -502,10 +577,10 @@ def _page(pred_dir: Path, meta: dict, metrics: dict | None, rows: list[dict],
 <div class="panel" id="classes">{score}</div>
 <div class="panel"><h2>Classes</h2><div class="tablebox">
 {_class_table(rows, palette, metrics is not None)}</div></div>
-<div class="panel" id="next"><h2>Label these next</h2>{_label_next(cards, label_next, read_suggestions(pred_dir))}</div>
+<div class="panel" id="next"><h2>Label these next</h2>{_label_next(pages, label_next, read_suggestions(pred_dir))}</div>
 </aside>
 <section id="images"><h2>Images ({len(cards)}, {order})</h2>
-{"".join(_card(c, limits) for c in cards)}
+{_cards_html(pages, 1, limits)}
 </section>
 </main>
 {confusion}

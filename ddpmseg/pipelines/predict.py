@@ -33,6 +33,7 @@ from ddpmseg.backbone.base import image_tensor
 from ddpmseg.backbone.bundled import resolve_checkpoint
 from ddpmseg.classifier import Ensemble, load_ensemble
 from ddpmseg.classifier.run import read_header
+from ddpmseg.core.cluster import absolute, check_scheduler, worker_must_see
 from ddpmseg.core.device import resolve_device, use_threads
 from ddpmseg.core.errors import (
     BadInputError,
@@ -58,6 +59,7 @@ from ddpmseg import data
 from ddpmseg.featcache import content, pixels
 from ddpmseg.featcache.store import FeatureStore, decode_map, is_store
 from ddpmseg.outputs import folder, render, voting
+from ddpmseg.pipelines import spread
 from ddpmseg.pipelines.extract import encoded_maps
 from ddpmseg.spec import TOLERATED, FeatureSpec
 
@@ -70,6 +72,9 @@ __all__ = ["predict", "predict_maps", "ImagePrediction", "load_run", "check_comp
 SUMMARY_IMAGES = 8
 # Overlays of small images are enlarged so their legend can be read.
 OVERLAY_MIN_SIDE = 256
+# Images that get pictures (overlay, uncertainty PNG) by default; every image gets its label
+# maps. Drawing and writing an overlay costs about what predicting a 64 px image does.
+PICTURE_IMAGES = 100
 
 @dataclass
 class ImagePrediction:
@@ -351,24 +356,28 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def _write_image_outputs(out: Path, item: _Item, pred: ImagePrediction, palette: np.ndarray,
-                         model: Ensemble, names: tuple, uncertainty: bool) -> tuple[dict, tuple]:
-    """Write one image's files into ``out`` (the staging folder); returns their paths there."""
+                         model: Ensemble, names: tuple, uncertainty: bool,
+                         pictures: bool = True) -> tuple[dict, tuple]:
+    """Write one image's files into ``out`` (the staging folder); returns their paths there.
+    Without ``pictures``, no overlay and no uncertainty PNG (the maps still)."""
     info = model.info
     files = {}
     files["png"] = folder.image_file(out, item.name, "png")
     render.save_label_png(files["png"], pred.labels, palette)
-    over = render.overlay(item.image, pred.labels, palette, names, info.num_classes,
-                          min_side=OVERLAY_MIN_SIDE)
-    files["overlay"] = folder.image_file(out, item.name, "overlay")
-    Image.fromarray(over).save(files["overlay"])
+    if pictures:
+        over = render.overlay(item.image, pred.labels, palette, names, info.num_classes,
+                              min_side=OVERLAY_MIN_SIDE)
+        files["overlay"] = folder.image_file(out, item.name, "overlay")
+        Image.fromarray(over).save(files["overlay"])
     if uncertainty:
         files["entropy"] = folder.image_file(out, item.name, "entropy")
         _save_npy(files["entropy"], pred.entropy)
         files["jsd"] = folder.image_file(out, item.name, "jsd")
         _save_npy(files["jsd"], pred.jsd)
-        files["uncertainty"] = folder.image_file(out, item.name, "uncertainty")
-        render.uncertainty_image(pred.entropy, pred.jsd, info.num_classes,
-                                 len(model.members)).save(files["uncertainty"])
+        if pictures:
+            files["uncertainty"] = folder.image_file(out, item.name, "uncertainty")
+            render.uncertainty_image(pred.entropy, pred.jsd, info.num_classes,
+                                     len(model.members)).save(files["uncertainty"])
     files["npy"] = folder.image_file(out, item.name, "npy")
     _save_npy(files["npy"], pred.labels)
     row = (item.name, item.image, pred.labels)
@@ -379,7 +388,8 @@ def predict(run, input, out_dir, *, vote: str | None = None, uncertainty: bool =
             device: str | torch.device = "auto", tile_rows: int | None = None,
             resize: bool = False, checkpoint: str | None = None, images: str | None = None,
             progress: bool = True, threads: int | None = None,
-            max_image_pixels: int | None = None) -> dict:
+            max_image_pixels: int | None = None, all_pictures: bool = False,
+            scheduler: str | None = None) -> dict:
     """Predict every image of INPUT (a feature store or a folder of images) with RUN.
 
     ``run`` is a run directory (``ddpmseg fit``'s output) or a ``classifier.Ensemble``.
@@ -390,10 +400,14 @@ def predict(run, input, out_dir, *, vote: str | None = None, uncertainty: bool =
     default to the run config's [predict] values. ``images`` is a folder of the originals for
     the overlays when INPUT is a store. Torch runs on ``threads`` threads (default: torch's),
     restored after. Images of more than ``max_image_pixels`` pixels (default PIL's limit) are
-    refused. Returns the summary written to predict.json, with the output paths per image
-    under "outputs".
+    refused. Overlays (and uncertainty PNGs) are drawn for the first ``PICTURE_IMAGES``
+    images only, unless ``all_pictures``; label maps for all. ``scheduler`` ("local",
+    "local:N" or a dask scheduler address whose workers see the same files) predicts the
+    images as dask tasks, with the same outputs. Returns the summary written to predict.json,
+    with the output paths per image under "outputs".
     """
     started = time.perf_counter()
+    check_scheduler(scheduler)  # before anything is written
     with use_threads(threads):
         dev = resolve_device(device)
         model = load_run(run, dev)
@@ -405,7 +419,9 @@ def predict(run, input, out_dir, *, vote: str | None = None, uncertainty: bool =
             source = open_source(source_path, model, dev, checkpoint, resize, images_dir,
                                  max_image_pixels)
             job = _Job(Path(out_dir), source, source_path, model, dev, vote, tile_rows,
-                       uncertainty, resize, images_dir, started, progress)
+                       uncertainty, resize, images_dir, started, progress,
+                       None if all_pictures else PICTURE_IMAGES, scheduler,
+                       max_image_pixels)
             summary = _predict_whole(job)
     log.info("predicted %d image(s) into %s (%.1f s)", summary["num_images"], job.out,
              summary["seconds"])
@@ -443,6 +459,9 @@ class _Job:
     images_dir: Path | None
     started: float             # time.perf_counter() at the start
     progress: bool
+    pictures: int | None = None    # images (the first ones) with pictures; None: all
+    scheduler: str | None = None   # dask, or None: this process
+    max_image_pixels: int | None = None
 
 
 def _predict_whole(job: _Job) -> dict:
@@ -500,17 +519,13 @@ def _predict_into(job: _Job, stage: Path) -> dict:
 
     outputs: dict[str, dict] = {}
     sheet_rows = []
-    items = bar(job.source.items(), total=len(job.source), desc="predict", unit="img",
+    _say_pictures(job)
+    results = _scheduled(job, stage) if job.scheduler else _predicted(job, stage)
+    items = bar(results, total=len(job.source), desc="predict", unit="img",
                 progress=job.progress, leave=False)
-    for item in items:
-        pred = predict_maps(model.members, item.maps, job.source.size, vote=job.vote,
-                            tile_rows=job.tile_rows, uncertainty=job.uncertainty,
-                            device=job.device)
-        item.maps = None
-        files, row = _write_image_outputs(stage, item, pred, palette, model, class_names,
-                                          job.uncertainty)
-        outputs[item.name] = {k: str(out / Path(v).name) for k, v in files.items()}
-        if len(sheet_rows) < SUMMARY_IMAGES:
+    for name, files, row in items:
+        outputs[name] = {k: str(out / Path(v).name) for k, v in files.items()}
+        if row is not None:
             sheet_rows.append(row)
     items.close()
     if sheet_rows:
@@ -519,6 +534,100 @@ def _predict_into(job: _Job, stage: Path) -> dict:
     summary = _meta(job, class_names, list(outputs), bool(sheet_rows))
     folder.write_meta(stage, summary)  # last: the prediction is whole
     return {**summary, "outputs": outputs}
+
+
+def _say_pictures(job: _Job) -> None:
+    """One line when some images get no pictures."""
+    total = len(job.source)
+    if job.pictures is not None and total > job.pictures:
+        log.info("overlays%s for the first %d of %d images only, label maps for all "
+                 "(`all_pictures=True` draws them all)",
+                 " and uncertainty pictures" if job.uncertainty else "", job.pictures, total)
+
+
+def _predict_items(model: Ensemble, source, items, stage: Path, settings: tuple,
+                   wanted: Collection[int] | None = None) -> Iterator[tuple]:
+    """(name, files, contact sheet row or None) of each item, its files written into
+    ``stage``; ``settings``: (vote, tile_rows, uncertainty, device, pictures)."""
+    vote, tile_rows, uncertainty, device, pictures = settings
+    class_names = render.class_names(model.info.class_names, model.config.data.class_names)
+    palette = render.make_palette(model.info.num_classes, model.info.ignore_label)
+    position = {n: k for k, n in enumerate(source.names)}
+    for item in items:
+        k = position[item.name]
+        pred = predict_maps(model.members, item.maps, source.size, vote=vote,
+                            tile_rows=tile_rows, uncertainty=uncertainty, device=device)
+        item.maps = None
+        files, row = _write_image_outputs(stage, item, pred, palette, model, class_names,
+                                          uncertainty, pictures is None or k < pictures)
+        yield item.name, files, row if k < SUMMARY_IMAGES else None
+
+
+def _predicted(job: _Job, stage: Path) -> Iterator[tuple]:
+    """``_predict_items`` of every image, in this process."""
+    settings = (job.vote, job.tile_rows, job.uncertainty, job.device, job.pictures)
+    return _predict_items(job.model, job.source, job.source.items(), stage, settings)
+
+
+# -- on dask ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Opening:
+    """What a dask worker opens to predict (a run and its input), every path absolute."""
+    run: str
+    input: str
+    device: str
+    checkpoint: str | None
+    resize: bool
+    images: str | None
+    max_image_pixels: int | None
+
+    @classmethod
+    def of(cls, model: Ensemble, source, source_path: Path, device, resize: bool,
+           images_dir: Path | None, max_image_pixels: int | None) -> "Opening":
+        if model.run_dir is None:
+            raise ConfigError("a scheduler needs the run's directory: each worker loads the "
+                              "run itself", "give the run directory, not a loaded ensemble")
+        checkpoint = getattr(source, "checkpoint", None)
+        return cls(absolute(model.run_dir), absolute(source_path), str(device),
+                   absolute(checkpoint) if checkpoint else None, resize,
+                   absolute(images_dir) if images_dir else None, max_image_pixels)
+
+    def open(self) -> tuple[Ensemble, object]:
+        """(the run, its source) on this worker: the ones its last task opened when alike."""
+        for path, what in ((self.run, "the run"), (self.input, "the input")):
+            worker_must_see(path, what)
+
+        def make():
+            dev = resolve_device(self.device)
+            model = load_run(self.run, dev)
+            images = Path(self.images) if self.images else None
+            return model, open_source(Path(self.input), model, dev, self.checkpoint,
+                                      self.resize, images, self.max_image_pixels)
+        return spread.opened(("predict", self), make)
+
+
+def only(source, names: Collection[str]) -> Iterator[_Item]:
+    """The items of ``source`` named in ``names``, in the source's order."""
+    keep = set(names)
+    return source.items(skip=[n for n in source.names if n not in keep])
+
+
+def _predict_chunk(setup: tuple, names: list[str]) -> list[tuple]:
+    """A dask task: ``_predict_items`` of ``names``; setup: (Opening, stage, settings)."""
+    opening, stage, settings = setup
+    model, source = opening.open()
+    settings = (*settings[:3], torch.device(settings[3]), settings[4])
+    return list(_predict_items(model, source, only(source, names), Path(stage), settings))
+
+
+def _scheduled(job: _Job, stage: Path) -> Iterator[tuple]:
+    """``_predicted``'s results, computed as dask tasks on ``job.scheduler``."""
+    opening = Opening.of(job.model, job.source, job.source_path, job.device, job.resize,
+                         job.images_dir, job.max_image_pixels)
+    settings = (job.vote, job.tile_rows, job.uncertainty, str(job.device), job.pictures)
+    return spread.in_order(job.scheduler, _predict_chunk, (opening, absolute(stage), settings),
+                           job.source.names, name="predict",
+                           doing=f"predicting into {job.out}")
 
 
 def _meta(job: _Job, class_names: tuple, names: list[str], sheet: bool) -> dict:

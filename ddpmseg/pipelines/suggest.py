@@ -26,15 +26,19 @@ from pathlib import Path
 import numpy as np
 
 from ddpmseg.classifier.run import read_header
+from ddpmseg.core.cluster import check_scheduler
 from ddpmseg.core.device import resolve_device, use_threads
 from ddpmseg.core.errors import ConfigError
 from ddpmseg.core.fileio import write_png
 from ddpmseg.core.locking import writer_lock
 from ddpmseg.outputs import render
 from ddpmseg.outputs.suggestions import CSV_FILE, SCORES, SHEET_FILE, write_suggestions
+from ddpmseg.pipelines import spread
 from ddpmseg.pipelines.predict import (
+    Opening,
     input_path,
     load_run,
+    only,
     open_source,
     predict_maps,
     reading_source,
@@ -129,13 +133,15 @@ def suggest(run, input, out_dir, *, top: int | None = None, by: str = "jsd",
             diverse: bool = False, device="auto", checkpoint: str | None = None,
             resize: bool = False, images: str | None = None, tile_rows: int | None = None,
             include_labelled: bool = False, threads: int | None = None,
-            max_image_pixels: int | None = None) -> Ranking:
+            max_image_pixels: int | None = None, scheduler: str | None = None) -> Ranking:
     """Rank the unlabelled images of ``input`` (a store or an image folder) for labelling by
     the run's ensemble disagreement; write suggest.csv and suggest.png into ``out_dir``.
     Returns the top ``top`` (default all) in rank order, with ``.skipped`` the labelled images
     left out (none with ``include_labelled``). Torch runs on ``threads`` threads (default:
     torch's), restored after; images of more than ``max_image_pixels`` pixels (default PIL's
-    limit) are refused."""
+    limit) are refused. ``scheduler`` ("local", "local:N" or a dask scheduler address whose
+    workers see the same files) scores the images as dask tasks, with the same outputs."""
+    check_scheduler(scheduler)  # before anything is written
     if by not in SCORES:
         raise ConfigError(f"unknown score {by!r}", f"use one of {', '.join(SCORES)}")
     if top is not None and top < 1:
@@ -154,8 +160,12 @@ def suggest(run, input, out_dir, *, top: int | None = None, by: str = "jsd",
             out = Path(out_dir)
             out.mkdir(parents=True, exist_ok=True)
             with writer_lock(out, "suggestions folder"):
+                opening = (Opening.of(model, source, path, dev, resize,
+                                      Path(images) if images else None, max_image_pixels)
+                           if scheduler else None)
                 job = _Job(model, source, input, out, skipped, top, by, diverse, dev,
-                           int(tile_rows or model.config.predict.tile_rows))
+                           int(tile_rows or model.config.predict.tile_rows), opening,
+                           scheduler)
                 return _rank(job)
 
 
@@ -172,20 +182,41 @@ class _Job:
     diverse: bool
     device: object
     tile_rows: int
+    opening: Opening | None = None   # what dask workers open (with a scheduler)
+    scheduler: str | None = None
 
 
-def _score(job: _Job) -> list[Scored]:
-    """Every image not skipped, predicted and scored."""
-    model, source, scored = job.model, job.source, []
-    for item in source.items(skip=job.skipped):
+def _score_items(model, source, items, by: str, tile_rows: int, device) -> list[Scored]:
+    """Each item predicted and scored."""
+    scored = []
+    for item in items:
         pred = predict_maps(model.members, item.maps, source.size, vote="soft",
-                            tile_rows=job.tile_rows, uncertainty=True, device=job.device)
-        per_pixel = pred.jsd if job.by == "jsd" else pred.entropy
+                            tile_rows=tile_rows, uncertainty=True, device=device)
+        per_pixel = pred.jsd if by == "jsd" else pred.entropy
         area = np.bincount(pred.labels.ravel(), minlength=256)[:model.num_classes]
         scored.append(Scored(item.name, float(per_pixel.mean()), area / pred.labels.size,
                              pooled_features(item.maps), item.image, pred.labels))
         item.maps = None
     return scored
+
+
+def _score_chunk(setup: tuple, names: list[str]) -> list[Scored]:
+    """A dask task: ``_score_items`` of ``names``; setup: (Opening, by, tile_rows)."""
+    opening, by, tile_rows = setup
+    model, source = opening.open()
+    return _score_items(model, source, only(source, names), by, tile_rows,
+                        resolve_device(opening.device))
+
+
+def _score(job: _Job) -> list[Scored]:
+    """Every image not skipped, predicted and scored (in this process, or on dask)."""
+    if not job.scheduler:
+        return _score_items(job.model, job.source, job.source.items(skip=job.skipped), job.by,
+                            job.tile_rows, job.device)
+    names = [n for n in job.source.names if n not in job.skipped]
+    return list(spread.in_order(job.scheduler, _score_chunk,
+                                (job.opening, job.by, job.tile_rows), names, name="suggest",
+                                doing=f"ranking the images of {job.input}"))
 
 
 def _rank(job: _Job) -> Ranking:

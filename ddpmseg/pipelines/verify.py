@@ -4,7 +4,9 @@ A store: its attributes and arrays' metadata (checked on open), every image's co
 and every chunk of every complete image (checksum, presence, finite values). A run: its
 manifest, header and every member (checksum against the manifest, loadable, finite weights).
 Each problem is a ``Damage`` (what, where, detail); an empty list means sound.
-``extract --repair`` re-extracts exactly the images a store's damage names.
+``extract --repair`` re-extracts exactly the images a store's damage names. With a
+``scheduler`` a store's images are read as dask tasks (the same list, in the same order); a
+run's few members are read here.
 """
 
 from __future__ import annotations
@@ -40,24 +42,39 @@ def is_run_dir(path: str | Path) -> bool:
                               (CONFIG_FILE, STORE_FILE, MANIFEST_FILE))
 
 
-def verify(path: str | Path) -> tuple[str, list[Damage]]:
+def verify(path: str | Path, scheduler: str | None = None) -> tuple[str, list[Damage]]:
     """("store" or "run", damage found). A path that is neither, or a store whose metadata
-    cannot be opened, is one Damage describing the error."""
+    cannot be opened, is one Damage describing the error. ``scheduler``: "local",
+    "local:N" or a dask scheduler address whose workers see the same files."""
+    if scheduler:
+        from ddpmseg.core.cluster import check_scheduler  # dask only when asked for
+        check_scheduler(scheduler)
     if is_run_dir(path):
         return "run", verify_run(path)
-    return "store", verify_store(path)
+    return "store", verify_store(path, scheduler)
 
 
-def verify_store(path: str | Path) -> list[Damage]:
+def verify_store(path: str | Path, scheduler: str | None = None) -> list[Damage]:
     try:
         store = FeatureStore.open(path)
     except StoreAccessError:
         raise  # an object store not reached (credentials, endpoint, bucket): not damage
     except DdpmsegError as exc:
         return [Damage("store", str(path), str(exc))]
-    out = []
     bad_flags = set(store.damaged_flags())
     done = store.complete()
+    # The complete images' chunks (the bulk of the bytes), here or as dask tasks.
+    todo = [i for i in range(len(store)) if done[i] and i not in bad_flags]
+    if scheduler:
+        from ddpmseg.core.cluster import absolute
+        from ddpmseg.pipelines import spread
+        found = spread.in_order(scheduler, _damage_chunk, absolute(path), todo,
+                                name="verify", doing=f"verifying {path}",
+                                kept="nothing is written")
+    else:
+        found = (_image_damage(store, i) for i in todo)
+    chunks = dict(zip(todo, found))
+    out = []
     for i, name in enumerate(store.names):
         label = f"image {i} ({name})"
         if i in bad_flags:
@@ -66,8 +83,23 @@ def verify_store(path: str | Path) -> list[Damage]:
         elif not done[i]:
             out.append(Damage(label, "complete", "not extracted yet (incomplete)"))
         else:
-            out.extend(Damage(label, array, what) for array, what in store.damage(i))
+            out.extend(chunks[i])
     return out
+
+
+def _image_damage(store: FeatureStore, i: int) -> list[Damage]:
+    label = f"image {i} ({store.names[i]})"
+    return [Damage(label, array, what) for array, what in store.damage(i)]
+
+
+def _damage_chunk(path: str, indices: list[int]) -> list[list[Damage]]:
+    """A dask task: the damage of images ``indices`` of the store at ``path``."""
+    from ddpmseg.core.cluster import worker_must_see
+    from ddpmseg.pipelines import spread
+
+    worker_must_see(path, "the feature store")
+    store = spread.opened(("verify", path), lambda: FeatureStore.open(path))
+    return [_image_damage(store, i) for i in indices]
 
 
 def verify_run(path: str | Path) -> list[Damage]:

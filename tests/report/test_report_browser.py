@@ -181,3 +181,32 @@ def test_a_long_report_lists_every_class_and_loads_pictures_lazily(browser, tmp_
     browser.execute_async_script(_LOAD_ALL)
     states = browser.execute_script(_IMAGE_STATES)
     assert len(states) == 2 * count and all(done and width > 0 for _, done, width in states)
+
+
+def test_paged_cards_in_chromium(browser, pred_folder, monkeypatch):
+    """With cards in pages: the pager leads to the next page, whose pictures all show, and a
+    "label these next" link opens the page holding its card, scrolled to it."""
+    from ddpmseg.outputs import report as reporting
+
+    monkeypatch.setattr(reporting, "CARDS_PER_PAGE", 2)
+    index = report(pred_folder.pred, pred_folder.gt)
+    open_page(browser, index)
+    assert browser.execute_script("return document.querySelectorAll('.card').length") == 2
+    browser.execute_script("document.querySelector('nav.pager a').click()")
+    assert browser.current_url.endswith("images-2.html#images")
+    driver_cards = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.card')).map(c => c.id)")
+    last = pred_folder.iou_order[2]
+    assert driver_cards == [f"card-{pred_folder.names.index(last)}"]
+    browser.set_script_timeout(60)
+    browser.execute_async_script(_LOAD_ALL)
+    states = browser.execute_script(_IMAGE_STATES)
+    assert states and all(done and w > 0 for _, done, w in states), states
+    open_page(browser, index)
+    link = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#next a'))"
+        f".find(a => a.getAttribute('href').startsWith('images-2')).getAttribute('href')")
+    browser.execute_script(f"document.querySelector('#next a[href=\"{link}\"]').click()")
+    top = browser.execute_script(
+        f"return document.getElementById('{link.split('#')[1]}').getBoundingClientRect().top")
+    assert browser.current_url.endswith(link) and 0 <= top < VIEWPORT[1]

@@ -110,3 +110,30 @@ def test_report_command_prints_the_index_path(pred_folder, tmp_path):
     assert missing.output.startswith("error: predictions folder") and "Traceback" not in \
         missing.output
 
+
+
+def test_cards_come_in_pages_and_label_next_links_across_them(pred_folder, monkeypatch):
+    from ddpmseg.outputs import report as reporting
+
+    monkeypatch.setattr(reporting, "CARDS_PER_PAGE", 2)
+    index = report(pred_folder.pred, pred_folder.gt)
+    first, second = index.read_text(), (index.parent / "images-2.html").read_text()
+    order = [esc(n) for n in pred_folder.iou_order]
+    assert card_order(first) == order[:2] and card_order(second) == order[2:]
+    # The class table whole on the first page only; a pager on both, the current page bold.
+    assert first.count("<tr data-index=") == pred_folder.num_classes
+    assert "class-table" not in second and 'href="index.html"' in second
+    assert '<b aria-current="page">1&ndash;2</b>' in first
+    assert '<a href="images-2.html#images">3&ndash;3</a>' in first
+    assert '<a href="index.html#images">1&ndash;2</a>' in second
+    # "label these next" links each card where it is.
+    nxt = first[first.index('id="next"'):]
+    links = dict((n, h) for h, n in re.findall(r'<li><a href="([^"]+)">(.*?)</a>', nxt))
+    last = pred_folder.iou_order[2]
+    assert links[esc(last)] == f"images-2.html#card-{pred_folder.names.index(last)}"
+    assert all(h.startswith("#card-") for n, h in links.items() if n != esc(last))
+    # A later report with one page removes the stale second page.
+    monkeypatch.setattr(reporting, "CARDS_PER_PAGE", 200)
+    report(pred_folder.pred, pred_folder.gt)
+    assert not (index.parent / "images-2.html").exists()
+    assert "pager" not in index.read_text().split("<style>")[1].split("</style>")[1]

@@ -1,0 +1,90 @@
+"""Per-image work of predict, suggest and verify as dask tasks (``core.cluster.run_tasks``).
+
+A command's images are split into chunks, one task each; a task returns one result per item
+of its chunk, and :func:`in_order` hands them back in the items' order, so that the client
+writes exactly what one process writes. A worker keeps what its tasks opened (a run and its
+source, a store) for the next task of the same command (:class:`Opened`), instead of loading
+the model once per chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Hashable, Iterator, Sequence
+
+import torch
+from distributed import WorkerPlugin, get_worker
+
+from ddpmseg.core.cluster import run_tasks
+
+# Tasks per worker: enough that a slow worker does not hold the end back, few enough that
+# each task's opening costs little.
+CHUNKS_PER_WORKER = 4
+
+
+class Opened(WorkerPlugin):
+    """What a dask worker's tasks opened (one thing at a time), kept for its later tasks:
+    ``worker.plugins[Opened.name].get(key, make)``."""
+
+    name = "ddpmseg-opened"
+
+    def __init__(self):
+        self.key: Hashable | None = None
+        self.value = None
+
+    def get(self, key: Hashable, make: Callable[[], object]):
+        if key != self.key:
+            self.value, self.key = None, None   # the old one goes before the new one loads
+            self.value, self.key = make(), key
+        return self.value
+
+
+def opened(key: Hashable, make: Callable[[], object]):
+    """``make()``, kept by this worker's ``Opened`` for the next task with the same ``key``;
+    made afresh outside a worker that has the plugin."""
+    try:
+        cache = get_worker().plugins.get(Opened.name)
+    except ValueError:   # not on a dask worker
+        cache = None
+    return cache.get(key, make) if cache is not None else make()
+
+
+def default_workers(threads: int) -> int:
+    """A LocalCluster's workers for ``local``: the cores, ``threads`` each."""
+    return max(1, (os.cpu_count() or 1) // max(1, threads))
+
+
+def chunked(items: Sequence, workers: int) -> list[list]:
+    """``items`` in consecutive chunks, ``CHUNKS_PER_WORKER`` per worker (at least 1 item)."""
+    size = max(1, -(-len(items) // (workers * CHUNKS_PER_WORKER)))
+    return [list(items[k:k + size]) for k in range(0, len(items), size)]
+
+
+def _indexed(fn: Callable, k: int, setup, chunk: list) -> tuple[int, list]:
+    return k, fn(setup, chunk)
+
+
+def in_order(scheduler: str, fn: Callable, setup, items: Sequence, *, name: str,
+             doing: str, kept: str = "nothing is written until every image is done"
+             ) -> Iterator:
+    """``fn(setup, chunk)`` (one result per item of ``chunk``) over ``items`` in chunks, as
+    dask tasks on ``scheduler`` at this process's torch thread count; yields the results one
+    by one in the order of ``items``, whatever order the tasks finish in. ``fn`` must be a
+    module-level function (tasks pickle it by name) and ``setup`` picklable."""
+    if not items:
+        return
+    threads = torch.get_num_threads()
+    workers = default_workers(threads)
+    chunks = chunked(items, workers)
+    tasks = run_tasks(scheduler, _indexed, [(fn, k, setup, c) for k, c in enumerate(chunks)],
+                      name=name, threads=threads, default_workers=workers, doing=doing,
+                      kept=kept, plugins=[Opened()])
+    waiting: dict[int, list] = {}
+    next_k = 0
+    with contextlib.closing(tasks):
+        for k, results in tasks:
+            waiting[k] = results
+            while next_k in waiting:
+                yield from waiting.pop(next_k)
+                next_k += 1
