@@ -22,14 +22,14 @@ device_option = click.option(
 
 
 
-def scheduler_option(what: str = "the images"):
-    """``--scheduler``: run a command's per-image work as dask.distributed tasks (predict,
-    suggest, verify; the library's ``scheduler=``)."""
+def scheduler_option(doing: str = "Process the images", sees: str = "the same files",
+                     outcome: str = " The outputs are those of one process."):
+    """``--scheduler``, the one definition for every command that spreads its work as
+    dask.distributed tasks (the library's ``scheduler=``)."""
     return click.option(
         "--scheduler", default=None, metavar="local|local:N|tcp://HOST:PORT",
-        help=f"Process {what} as dask.distributed tasks: a local cluster of N worker "
-             "processes, or an existing scheduler whose workers see the same files. The "
-             "outputs are those of one process.")
+        help=f"{doing} as dask.distributed tasks: a local cluster of N worker processes, or "
+             f"an existing scheduler whose workers see {sees}.{outcome}")
 
 
 def threads_option(work: str | None = None):

@@ -15,6 +15,7 @@ from ddpmseg.cli.common import (
     parse_ints,
     renamed_option,
     resolve_config,
+    scheduler_option,
     show_progress,
     threads_option,
 )
@@ -73,9 +74,7 @@ from ddpmseg.cli.common import (
               help="A new store keeps N images' chunks of each array in one file (format 3); "
                    "0: one file per image per array (format 2). An existing store keeps its own.")
 @max_pixels_option
-@click.option("--scheduler", default=None, metavar="local|local:N|tcp://HOST:PORT",
-              help="Run as dask.distributed tasks: a local cluster of N worker processes, or "
-                   "an existing scheduler whose workers see the same files.")
+@scheduler_option("Run", outcome="")
 @click.pass_context
 def command(ctx, paths, config_path, checkpoint, preset, prompt, steps, blocks, num_classes,
             ignore_label, dtype, codec, device, threads, images_per_batch, precision, seed, resize,

@@ -13,6 +13,7 @@ from ddpmseg.cli.common import (
     device_option,
     renamed_option,
     resolve_config,
+    scheduler_option,
     show_progress,
     threads_option,
 )
@@ -59,9 +60,7 @@ log = logging.getLogger(__name__)
                    "does (~2.2 GB per 256px image at 8448 dims); same result as streaming.")
 @device_option
 @threads_option("fit")
-@click.option("--scheduler", default=None, metavar="local|local:N|tcp://HOST:PORT",
-              help="Train the members in parallel as dask.distributed tasks (a local cluster "
-                   "of N worker processes, or an existing scheduler whose workers see STORE).")
+@scheduler_option("Train the members in parallel", "STORE", outcome="")
 @click.option("--overwrite", is_flag=True,
               help="Start over in a RUN_DIR that holds another run.")
 @click.pass_context

@@ -9,7 +9,7 @@ from ddpmseg.cli.common import scheduler_option
 
 @click.command("verify")
 @click.argument("path", metavar="STORE|RUN_DIR")
-@scheduler_option("a store's images")
+@scheduler_option("Check a store's images")
 def command(path, scheduler):
     """Read every chunk of a feature store, or every file of a run dir, and list what is
     damaged: one line per problem (image or member, array or file, what is wrong) on
