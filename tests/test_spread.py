@@ -94,9 +94,11 @@ def test_chunks_cover_the_items_in_order():
 
 
 def test_opened_outside_a_worker_makes_afresh():
+    from ddpmseg.core.cluster import opened
+
     made = []
-    assert spread.opened("k", lambda: made.append(1) or 7) == 7
-    assert spread.opened("k", lambda: made.append(1) or 7) == 7
+    assert opened("k", lambda: made.append(1) or 7) == 7
+    assert opened("k", lambda: made.append(1) or 7) == 7
     assert made == [1, 1]
 
 

@@ -10,12 +10,12 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from distributed import Client, LocalCluster, Nanny, as_completed, get_worker
+from distributed import Client, LocalCluster, Nanny, WorkerPlugin, as_completed, get_worker
 
 from ddpmseg.core.device import use_threads
 from ddpmseg.core.errors import ConfigError, DdpmsegError, InputNotFoundError, SchedulerLostError
@@ -222,3 +222,32 @@ def run_tasks(scheduler: str, fn: Callable, calls: Sequence[tuple], *, name: str
             for other in futures:
                 other.cancel()
             raise
+
+
+# -- state a worker keeps between a command's tasks ----------------------------------------------
+
+class Opened(WorkerPlugin):
+    """What a dask worker's tasks opened (one thing at a time), kept for its later tasks:
+    ``worker.plugins[Opened.name].get(key, make)``."""
+
+    name = "ddpmseg-opened"
+
+    def __init__(self):
+        self.key: Hashable | None = None
+        self.value = None
+
+    def get(self, key: Hashable, make: Callable[[], object]):
+        if key != self.key:
+            self.value, self.key = None, None   # the old one goes before the new one loads
+            self.value, self.key = make(), key
+        return self.value
+
+
+def opened(key: Hashable, make: Callable[[], object]):
+    """``make()``, kept by this worker's ``Opened`` for the next task with the same ``key``;
+    made afresh outside a worker that has the plugin."""
+    try:
+        cache = get_worker().plugins.get(Opened.name)
+    except ValueError:   # not on a dask worker
+        cache = None
+    return cache.get(key, make) if cache is not None else make()

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from distributed import WorkerPlugin, get_worker
 
 from ddpmseg import data
 from ddpmseg.backbone import Backbone, describe_backbone, load_backbone
@@ -37,7 +36,14 @@ from ddpmseg.backbone.adm.flags import USUAL_FEATURES
 from ddpmseg.backbone.bundled import BUNDLED_CHECKPOINTS, BUNDLED_PRESETS, resolve_checkpoint
 from ddpmseg.config import Config, FeatureConfig, ModelConfig
 from ddpmseg.core import objectstore
-from ddpmseg.core.cluster import absolute, check_scheduler, run_tasks, worker_must_see
+from ddpmseg.core.cluster import (
+    Opened,
+    absolute,
+    check_scheduler,
+    opened,
+    run_tasks,
+    worker_must_see,
+)
 from ddpmseg.core.device import use_threads
 from ddpmseg.core.errors import (
     BadInputError,
@@ -709,27 +715,6 @@ def run_images(store: FeatureStore, backbone, job: _Job, indices: Sequence[int],
 
 # -- dask.distributed ---------------------------------------------------------------------------
 
-class BackboneCache(WorkerPlugin):
-    """A dask worker's backbone, loaded by its first extraction task and kept for the later
-    ones: state of the worker (``worker.plugins[BackboneCache.name]``), registered by the
-    client of each extraction; none in this module."""
-
-    name = "ddpmseg-backbone"
-
-    def __init__(self):
-        self.key: str | None = None
-        self.backbone = None
-
-    def get(self, source: dict):
-        """The backbone ``source`` describes (checkpoint or random seed, flags, device): the
-        one kept when it is the same, else loaded (and kept instead)."""
-        key = repr(sorted((k, repr(v)) for k, v in source.items()))
-        if key != self.key:
-            self.backbone, self.key = None, None   # one model per worker at a time
-            self.backbone, self.key = _load_source(source), key
-        return self.backbone
-
-
 def _load_source(source: dict):
     if source.get("checkpoint"):
         return load_backbone(source["checkpoint"], source["flags"], device=source["device"])
@@ -737,13 +722,11 @@ def _load_source(source: dict):
 
 
 def _task_backbone(source: dict):
-    """This worker's backbone for ``source`` (its ``BackboneCache``), or a fresh one outside a
-    worker that has the plugin."""
-    try:
-        cache = get_worker().plugins.get(BackboneCache.name)
-    except ValueError:   # not on a dask worker
-        cache = None
-    return cache.get(source) if cache is not None else _load_source(source)
+    """This worker's backbone for ``source`` (checkpoint or random seed, flags, device): the
+    one its ``core.cluster.Opened`` keeps when it is the same, else loaded (one model per
+    worker at a time); a fresh one outside a worker that has the plugin."""
+    key = repr(sorted((k, repr(v)) for k, v in source.items()))
+    return opened(("backbone", key), lambda: _load_source(source))
 
 
 def _dask_task(job: _Job, source: dict, indices: list[int], labels: list):
@@ -798,7 +781,7 @@ def _run_distributed(request: _Request, info: StoreInfo, job: _Job, todo: list[i
                       name="extract", threads=threads,
                       default_workers=max(1, (os.cpu_count() or 1) // threads),
                       doing=f"extracting into {job.store_path}",
-                      kept="the images already extracted are kept", plugins=[BackboneCache()])
+                      kept="the images already extracted are kept", plugins=[Opened()])
     with contextlib.closing(tasks):
         for done in tasks:
             update(len(done))

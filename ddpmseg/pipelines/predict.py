@@ -33,7 +33,7 @@ from ddpmseg.backbone.base import image_tensor
 from ddpmseg.backbone.bundled import resolve_checkpoint
 from ddpmseg.classifier import Ensemble, load_ensemble
 from ddpmseg.classifier.run import read_header
-from ddpmseg.core.cluster import absolute, check_scheduler, worker_must_see
+from ddpmseg.core.cluster import absolute, check_scheduler, opened, worker_must_see
 from ddpmseg.core.device import resolve_device, use_threads
 from ddpmseg.core.errors import (
     BadInputError,
@@ -603,7 +603,7 @@ class Opening:
             images = Path(self.images) if self.images else None
             return model, open_source(Path(self.input), model, dev, self.checkpoint,
                                       self.resize, images, self.max_image_pixels)
-        return spread.opened(("predict", self), make)
+        return opened(("predict", self), make)
 
 
 def only(source, names: Collection[str]) -> Iterator[_Item]:

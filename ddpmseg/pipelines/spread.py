@@ -3,7 +3,7 @@
 A command's images are split into chunks, one task each; a task returns one result per item
 of its chunk, and :func:`in_order` hands them back in the items' order, so that the client
 writes exactly what one process writes. A worker keeps what its tasks opened (a run and its
-source, a store) for the next task of the same command (:class:`Opened`), instead of loading
+source, a store) for the next task of the same command (``core.cluster.Opened``), instead of loading
 the model once per chunk.
 """
 
@@ -11,43 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
-from distributed import WorkerPlugin, get_worker
-
-from ddpmseg.core.cluster import run_tasks
+from ddpmseg.core.cluster import Opened, run_tasks
 
 # Tasks per worker: enough that a slow worker does not hold the end back, few enough that
 # each task's opening costs little.
 CHUNKS_PER_WORKER = 4
-
-
-class Opened(WorkerPlugin):
-    """What a dask worker's tasks opened (one thing at a time), kept for its later tasks:
-    ``worker.plugins[Opened.name].get(key, make)``."""
-
-    name = "ddpmseg-opened"
-
-    def __init__(self):
-        self.key: Hashable | None = None
-        self.value = None
-
-    def get(self, key: Hashable, make: Callable[[], object]):
-        if key != self.key:
-            self.value, self.key = None, None   # the old one goes before the new one loads
-            self.value, self.key = make(), key
-        return self.value
-
-
-def opened(key: Hashable, make: Callable[[], object]):
-    """``make()``, kept by this worker's ``Opened`` for the next task with the same ``key``;
-    made afresh outside a worker that has the plugin."""
-    try:
-        cache = get_worker().plugins.get(Opened.name)
-    except ValueError:   # not on a dask worker
-        cache = None
-    return cache.get(key, make) if cache is not None else make()
 
 
 def default_workers(threads: int) -> int:

@@ -94,11 +94,10 @@ def _image_damage(store: FeatureStore, i: int) -> list[Damage]:
 
 def _damage_chunk(path: str, indices: list[int]) -> list[list[Damage]]:
     """A dask task: the damage of images ``indices`` of the store at ``path``."""
-    from ddpmseg.core.cluster import worker_must_see
-    from ddpmseg.pipelines import spread
+    from ddpmseg.core.cluster import opened, worker_must_see
 
     worker_must_see(path, "the feature store")
-    store = spread.opened(("verify", path), lambda: FeatureStore.open(path))
+    store = opened(("verify", path), lambda: FeatureStore.open(path))
     return [_image_damage(store, i) for i in indices]
 
 

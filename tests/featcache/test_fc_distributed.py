@@ -34,10 +34,11 @@ def test_bad_scheduler_is_a_config_error(tmp_path, synthetic_dir, fake_config, f
 
 
 def test_a_worker_keeps_its_backbone_in_its_own_plugin(monkeypatch):
-    """The loaded model is state of the dask worker (its BackboneCache plugin), loaded once
+    """The loaded model is state of the dask worker (its core.cluster.Opened plugin), loaded once
     per model and replaced by another; nothing is kept in the module or outside a worker."""
     from distributed import Client, LocalCluster
 
+    from ddpmseg.core.cluster import Opened
     from ddpmseg.pipelines import extract as extraction
 
     loads = []
@@ -57,11 +58,11 @@ def test_a_worker_keeps_its_backbone_in_its_own_plugin(monkeypatch):
         first = extraction._task_backbone(a)
         kept = extraction._task_backbone(a) is first
         other = extraction._task_backbone(b)
-        cache = get_worker().plugins[extraction.BackboneCache.name]
-        return kept, cache.backbone is other and other is not first
+        cache = get_worker().plugins[Opened.name]
+        return kept, cache.value is other and other is not first
 
     with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
-        client.register_plugin(extraction.BackboneCache())
+        client.register_plugin(Opened())
         assert client.submit(on_worker, pure=False).result() == (True, True)
     assert loads == ["a.pt", "b.pt"]
