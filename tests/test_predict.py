@@ -421,7 +421,7 @@ def test_resize_notes_each_stretch_once_width_x_height(tmp_path, monkeypatch, ca
     predict(model, tmp_path / "imgs", tmp_path / "out", resize=True, device="cpu",
             progress=False)
     notes = [r.getMessage() for r in caplog.records if "stretches" in r.getMessage()]
-    assert len(notes) == 1 and "q.png is 30x40; --resize stretches it to 24x20" in notes[0]
+    assert len(notes) == 1 and "q.png is 30x40; `resize=stretch` stretches it to 24x20" in notes[0]
 
 
 def test_a_store_image_whose_labels_are_all_ignore_counts_as_unlabelled(tmp_path):

@@ -13,6 +13,7 @@ the wrong size, a store made with another model) is reported before anything is 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -75,9 +76,11 @@ WRITER_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 @dataclass(frozen=True)
 class _Inputs:
-    samples: list            # data.Sample, sorted by name
+    samples: list            # data.Sample, sorted by name (tiles: one per window)
     labels: list             # per image: uint8 (H, W) after the rare-class rule, or None
     has_labels: bool
+    sizes: dict = dataclasses.field(default_factory=dict)    # {name: [H, W, mode or None]}
+    windows: dict = dataclasses.field(default_factory=dict)  # tiles: {name: window index}
 
 
 @dataclass(frozen=True)
@@ -90,10 +93,11 @@ class _Job:
     image_paths: tuple[str, ...]
     spec: FeatureSpec
     batch_size: int
-    resize: bool
+    resize: bool | str
     # The store's writer token of this attempt: a task stops when the store has another.
     writer: int = 0
     max_image_pixels: int | None = None   # None: PIL's limit
+    windows: tuple = ()   # tiles: per store index, its window of its image (None: whole)
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,7 @@ class _Request:
     codec: dict
     device: object = "auto"
     overwrite: bool = False
-    resize: bool = False
+    resize: bool | str = False
     scheduler: str | None = None
     progress: bool = True
     prune: bool = False
@@ -130,7 +134,7 @@ class _Request:
 def extract(data_dir, store_path, config: Config | None = None, checkpoint=None, *,
             preset: str | None = None, backbone=None, device="auto",
             images_per_batch: int | None = None,
-            precision: str | None = None, overwrite: bool = False, resize: bool = False,
+            precision: str | None = None, overwrite: bool = False, resize: bool | str = False,
             scheduler: str | None = None, progress: bool = True, prune: bool = False,
             compact: bool = False, repair: bool = False,
             threads: int | None = None, max_image_pixels: int | None = None,
@@ -166,6 +170,11 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     run (default: OMP_NUM_THREADS, else torch's); the caller's setting is restored after.
     ``max_image_pixels``: images (and PNG masks) of more pixels are refused from their header
     (default: PIL's limit). ``batch_size`` is the old spelling of ``images_per_batch``.
+    ``resize`` fits images of another size than the model's: True (the default way,
+    ``data.DEFAULT_RESIZE``), "stretch", "pad" (letterboxed; the border's labels are the
+    ignore label) or "tiles" (each overlapping model-size window of the image at its own
+    resolution is a store image ``<name>@<y>_<x>`` with its mask's window). Each image's own
+    size and mode are recorded (``featcache.content``), for predictions at that size.
     Returns the store, opened for reading.
     """
     config = resolve_model(config or Config(), checkpoint, preset=preset, backbone=backbone)
@@ -175,6 +184,7 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
                                      images_per_batch) or fc.images_per_batch)
     _check_settings(fc, precision, batch_size, config.data)  # steps and blocks: the Config checked
     check_scheduler(scheduler)  # before anything is written
+    data.resize_mode(resize)
     checkpoint = config.model.checkpoint or None
     request = _Request(
         Path(data_dir), str(store_path), config,
@@ -269,7 +279,8 @@ def _extract_locked(request: _Request, info: StoreInfo, inputs: _Inputs, backbon
         # as it is keeps its token: a rerun writes nothing, and no task of an earlier attempt
         # can still be at work, since each image it had is complete.)
         store.begin_attempt()
-    content.apply(store, changes, labels_by_name)
+    _check_recorded_sizes(store, inputs.sizes)
+    content.apply(store, changes, labels_by_name, inputs.sizes)
     if request.compact:
         store = content.compact(store)
     paths_by_name = {s.name: str(s.image) for s in inputs.samples}
@@ -280,8 +291,9 @@ def _extract_locked(request: _Request, info: StoreInfo, inputs: _Inputs, backbon
     job = _Job(absolute(request.store_path),
                tuple(absolute(paths_by_name[n]) if n in paths_by_name else ""
                      for n in store.info.names),
-               info.spec, request.batch_size, bool(request.resize), store.writer,
-               request.max_image_pixels)
+               info.spec, request.batch_size, data.resize_mode(request.resize) or False,
+               store.writer, request.max_image_pixels,
+               tuple(inputs.windows.get(n) for n in store.info.names) if inputs.windows else ())
     labels = content.labels_in_store_order(store.info.names, labels_by_name)
     start = time.perf_counter()
     _run(request, store, job, todo, labels, backbone, initial=len(done) - len(todo))
@@ -394,30 +406,64 @@ def _read_inputs(data_dir, size: tuple[int, int], resize: bool, dc,
             f"{len(with_mask)} of the {len(samples)} images in {data_dir} have one",
             "add its mask, or move it to a folder of unlabelled images (a folder without any "
             "mask makes a prediction-only store)")
-    labels, unlabelled = [], []
+    labels, unlabelled, fitted = [], [], _Fitted()
     for s in samples:
         hw = data.image_hw(s.image, max_pixels)
         data.check_image_size(s.image, hw, size, resize)
+        lay = fitted.add(s, data.layout(hw, size, resize))
         if s.mask is None:
-            labels.append(None)
+            labels += [None] * len(lay.windows())
             continue
-        # The mask must match its own image (`resize=True` resizes both to the model's size).
+        # The mask must match its own image (`resize` fits both to the model's size).
         mask = data.load_mask(s.mask, hw, hint="make the mask the size of its image",
                               max_image_pixels=max_pixels)
         data.check_labels(mask, dc.num_classes, dc.ignore_label, s.mask)
         if not data.labelled(mask, dc.ignore_label):
             unlabelled.append(s.mask.name)
-        if hw != size:
-            # data's nearest-neighbour resize (labels stay labels), of the mask just checked.
-            mask = data.load_mask(s.mask, size, resize=True, max_image_pixels=max_pixels)
-        labels.append(data.drop_rare_classes(mask, dc.num_classes, dc.ignore_label,
-                                          dc.min_class_pixels))
+        # data's nearest-neighbour fit (labels stay labels; padding is the ignore label).
+        labels += [data.drop_rare_classes(m, dc.num_classes, dc.ignore_label,
+                                          dc.min_class_pixels)
+                   for m in data.fit_mask(mask, lay, dc.ignore_label)]
     if unlabelled:  # fit trains on none of their pixels: say so rather than count them
         log.warning("note: %d mask(s) in %s hold only the ignore label %d, so their images are "
                     "unlabelled (no pixel to train on or score): %s", len(unlabelled), data_dir,
                     dc.ignore_label, ", ".join(unlabelled[:5])
                     + (", ..." if len(unlabelled) > 5 else ""))
-    return _Inputs(samples, labels, bool(with_mask))
+    return _Inputs(fitted.samples, labels, bool(with_mask), fitted.sizes, fitted.windows)
+
+
+class _Fitted:
+    """The store images of a folder's samples: one per image, or one per tile
+    (``<name>@<y>_<x>``), and the sizes to record."""
+
+    def __init__(self):
+        self.samples, self.sizes, self.windows = [], {}, {}
+
+    def add(self, s: data.Sample, lay: data.Layout) -> data.Layout:
+        if lay.mode != "tiles":
+            self.samples.append(s)
+            self.sizes[s.name] = [lay.hw[0], lay.hw[1], None if lay.mode == "same" else lay.mode]
+            return lay
+        for k, (y, x) in enumerate(lay.windows()):
+            name = f"{s.name}@{y}_{x}"
+            self.samples.append(data.Sample(name, s.image, s.mask))
+            self.windows[name] = k
+        return lay
+
+
+def _check_recorded_sizes(store: FeatureStore, sizes: dict) -> None:
+    """A store keeps one way of fitting each image: another one is refused (its maps and
+    labels would mix two geometries)."""
+    recorded = content.read_state(store).sizes
+    # (Another size is another image: re-extracted, whichever way it is fitted now.)
+    other = [n for n, rec in sizes.items() if n in recorded
+             and list(recorded[n][:2]) == list(rec[:2]) and recorded[n][2] != rec[2]]
+    if other:
+        was = recorded[other[0]][2] or "none"
+        raise BadInputError(f"{len(other)} image(s) of the store {store.path} were fitted to "
+                            f"the model another way (first {other[0]!r}: resize {was})",
+                            f"pass `resize={was}` as before, or "
+                            "`overwrite=True` to extract them again")
 
 
 # -- the store ----------------------------------------------------------------------------------
@@ -553,10 +599,17 @@ def encoded_maps(backbone, x0: torch.Tensor, spec: FeatureSpec,
             for maps, name in zip(image_maps(backbone, x0, spec), names)]
 
 
-def _load_batch(paths: Sequence[str], size: tuple[int, int], resize: bool,
-                max_pixels: int | None) -> torch.Tensor:
-    return torch.stack([image_tensor(data.load_image(Path(p), size, resize, max_pixels))
-                        for p in paths])
+def _load_batch(paths: Sequence[str], size: tuple[int, int], resize: bool | str,
+                max_pixels: int | None, windows: Sequence = ()) -> torch.Tensor:
+    if not any(w is not None for w in windows):
+        return torch.stack([image_tensor(data.load_image(Path(p), size, resize, max_pixels))
+                            for p in paths])
+    out = []
+    for p, k in zip(paths, windows):  # tiles: window k of its image
+        image = data.load_image(Path(p), max_image_pixels=max_pixels)
+        out.append(image_tensor(data.fit_image(image, data.layout(image.shape[:2], size,
+                                                                  resize))[k or 0]))
+    return torch.stack(out)
 
 
 def _write_one(store: FeatureStore, i: int, maps: list, labels) -> int:
@@ -596,7 +649,8 @@ def run_images(store: FeatureStore, backbone, job: _Job, indices: Sequence[int],
         try:
             def load(batch):
                 return loader.submit(_load_batch, [job.image_paths[i] for i in batch], size,
-                                     job.resize, job.max_image_pixels)
+                                     job.resize, job.max_image_pixels,
+                                     [job.windows[i] for i in batch] if job.windows else ())
 
             next_x = load(batches[0])
             for k, batch in enumerate(batches):
