@@ -250,7 +250,7 @@ def test_image_folder_path_with_a_substitute_backbone(tmp_path, monkeypatch):
     Image.fromarray(rng.integers(0, 256, (*SIZE, 3)).astype(np.uint8)).save(folder / "p.png")
     Image.fromarray(rng.integers(0, 256, (40, 30, 3)).astype(np.uint8)).save(folder / "q.jpg")
     res = predict(model, folder, tmp_path / "out", resize=True, tile_rows=6, device="cpu",
-                  progress=False)
+                  progress=False, at_model_size=True)
     assert res["input_kind"] == "images" and res["names"] == ["p", "q"]
     assert np.load(tmp_path / "out" / "q.npy").shape == SIZE
     with Image.open(tmp_path / "out" / "q_overlay.png") as im:
