@@ -47,7 +47,7 @@ class _ResizeMode(click.ParamType):
     def convert(self, value, param, ctx):
         from ddpmseg.data import RESIZE_MODES
 
-        if value is True or value in RESIZE_MODES:
+        if value is True or value is False or value in RESIZE_MODES:
             return value
         self.fail(f"{value!r} is not one of {', '.join(RESIZE_MODES)}; a bare --resize takes "
                   "the default way, so put paths before it (or write --resize=pad)", param, ctx)

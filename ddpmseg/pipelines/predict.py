@@ -280,7 +280,9 @@ class _StoreSource:
         self.size = tuple(self.store.info.image_size)
         self.names = list(self.store.names)
         self.sizes = {} if at_model_size else content.read_state(self.store).sizes
-        if not at_model_size and not self.sizes:
+        # (A store that extract did not make, with no record of its images, gets no note.)
+        made_by_extract = self.store.images_attribute() is not None or self.store.config
+        if not at_model_size and not self.sizes and made_by_extract:
             log.warning("note: %s records no original image sizes (extracted before ddpmseg "
                         "recorded them): predictions at the model's size %s; extract again "
                         "to get them at each image's own size", path, data.size_text(self.size))
