@@ -121,6 +121,9 @@ def main(argv=None) -> int:
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", default="/tmp/ddpmseg-nonsquare")
+    parser.add_argument("--out", default=str(RESULTS / "nonsquare.json"),
+                        help="JSON to write; sets already in it are kept (each set records "
+                             "its own settings)")
     args = parser.parse_args(argv)
     import torch
 
@@ -141,10 +144,14 @@ def main(argv=None) -> int:
                   "machine": f"{platform.machine()}, shared 2-core CPU (other jobs running), "
                              f"Python {platform.python_version()}"},
         "sets": {}}
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.sets.split(","):
-        result["sets"][name] = run_set(name, args, work)
-        (RESULTS / "nonsquare.json").write_text(json.dumps(result, indent=1) + "\n")
+        res = run_set(name, args, work)
+        res["setup"] = dict(result["setup"])
+        earlier = json.loads(out.read_text()).get("sets", {}) if out.is_file() else {}
+        result["sets"] = {**earlier, **result["sets"], name: res}
+        out.write_text(json.dumps(result, indent=1) + "\n")
     for name, res in result["sets"].items():
         for mode, r in res["modes"].items():
             print(f"{name:<16} {mode:<8} {r['mean']:6.2f} +- {r['std']:.2f}  "

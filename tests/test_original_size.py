@@ -18,7 +18,7 @@ from ddpmseg.outputs import render, voting
 from ddpmseg.outputs.evaluate import evaluate
 from ddpmseg.pipelines.extract import encoded_maps
 from ddpmseg.pipelines.predict import at_original_size, predict, predict_maps
-from tests.test_predict import SIZE, FakeBackbone, _substitute_model
+from tests.test_predict import SIZE, FakeBackbone, _substitute_model, predict_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,6 +75,11 @@ def test_at_model_size_gives_the_old_bytes(tmp_path, monkeypatch, photo_dir):
     want_png = tmp_path / "want.png"
     render.save_label_png(want_png, old.labels, render.make_palette(5, 255))
     assert (out / "p.png").read_bytes() == want_png.read_bytes()
+    names = render.class_names(model.info.class_names, model.config.data.class_names)
+    over = render.overlay(image, old.labels, render.make_palette(5, 255), names, 5,
+                          min_side=predict_module.OVERLAY_MIN_SIDE)
+    Image.fromarray(over).save(tmp_path / "want_overlay.png")
+    assert (out / "p_overlay.png").read_bytes() == (tmp_path / "want_overlay.png").read_bytes()
 
 
 def test_an_image_at_the_model_size_is_predicted_alike_either_way(tmp_path, monkeypatch):

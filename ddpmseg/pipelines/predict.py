@@ -379,7 +379,7 @@ class _ImageSource:
             lay = data.layout(image.shape[:2], self.size, self.resize)
             views = data.fit_image(image, lay)
             if self.at_model_size:
-                image, lay = views[0], None
+                image, lay = views[0], None  # today's output: the image as the model saw it
             yield _Item(sample.name, image, [self._maps(v, sample.name) for v in views], lay)
 
     def _maps(self, image: np.ndarray, name: str) -> list:
