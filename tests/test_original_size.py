@@ -203,3 +203,26 @@ def test_resize_modes_and_their_names():
     assert data.layout((20, 24), (20, 24), "tiles").mode == "same"
     with pytest.raises(Exception, match="stretch, pad, tiles"):
         data.resize_mode("crop")
+
+
+def test_resize_option_bare_or_with_a_way():
+    import click
+    from click.testing import CliRunner
+
+    from ddpmseg.cli.common import resize_option
+
+    @click.command()
+    @click.argument("paths", nargs=-1)
+    @resize_option("images")
+    def show(paths, resize):
+        click.echo(f"{list(paths)} {resize!r}")
+
+    def run(*argv):
+        return CliRunner().invoke(show, list(argv))
+
+    assert run("a", "b").output.strip() == "['a', 'b'] False"
+    assert run("a", "b", "--resize").output.strip() == "['a', 'b'] True"  # the old spelling
+    assert run("a", "--resize", "tiles", "b").output.strip() == "['a', 'b'] 'tiles'"
+    assert run("--resize=pad", "a").output.strip() == "['a'] 'pad'"
+    wrong = run("--resize", "a", "b")
+    assert wrong.exit_code == 2 and "put paths before it" in wrong.output
