@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ddpmseg.core.errors import BadInputError, InputNotFoundError
+from ddpmseg.spec import DEFAULT_RESIZE, RESIZE_MODES
 
 log = logging.getLogger(__name__)
 
@@ -320,8 +321,6 @@ def load_image(path: Path, size: tuple[int, int] | None = None, resize: bool = F
 # stretch: resized to the model's square (aspect lost); pad: scaled to fit and letterboxed,
 # the border grey and its labels the ignore label; tiles: overlapping model-size windows of
 # the image at its own resolution (padded up where a side is shorter than the model's).
-RESIZE_MODES = ("stretch", "pad", "tiles")
-DEFAULT_RESIZE = "stretch"
 # The letterbox border: mid grey, 0 in the model's [-1, 1] input range.
 PAD_VALUE = 128
 

@@ -41,11 +41,11 @@ max_pixels_option = click.option(
          "[default: PIL's, 89478485]")
 
 class _ResizeMode(click.ParamType):
-    """A way of fitting images to the model (``data.RESIZE_MODES``), named in one error."""
+    """A way of fitting images to the model (``spec.RESIZE_MODES``), named in one error."""
     name = "resize"
 
     def convert(self, value, param, ctx):
-        from ddpmseg.data import RESIZE_MODES
+        from ddpmseg.spec import RESIZE_MODES
 
         if value is True or value is False or value in RESIZE_MODES:
             return value
@@ -55,8 +55,8 @@ class _ResizeMode(click.ParamType):
 
 def resize_option(what: str):
     """``--resize [stretch|pad|tiles]``, alike in every command that fits images to the model;
-    a bare ``--resize`` is the default way (``data.DEFAULT_RESIZE``)."""
-    from ddpmseg.data import DEFAULT_RESIZE
+    a bare ``--resize`` is the default way (``spec.DEFAULT_RESIZE``)."""
+    from ddpmseg.spec import DEFAULT_RESIZE
 
     return click.option(
         "--resize", type=_ResizeMode(), is_flag=False, flag_value=True, default=False,

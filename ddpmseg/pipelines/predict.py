@@ -416,7 +416,7 @@ def open_source(path: Path, model: Ensemble, device: torch.device, checkpoint: s
     ``source.kind``, ``source.names``; ``source.image_content()`` says per name its image
     sha256 (None where a store recorded none) and whether a mask labels a pixel of it. Images
     and PNG masks of more than ``max_image_pixels`` pixels (default PIL's limit) are refused.
-    ``resize``: False, True or a mode of ``data.RESIZE_MODES``. Each item's ``layout`` says
+    ``resize``: False, True or a mode of ``spec.RESIZE_MODES``. Each item's ``layout`` says
     how its image was fitted to the model (None with ``at_model_size``, the default here)."""
     if is_store(path):
         return _StoreSource(path, model, images_dir, max_image_pixels, at_model_size)
@@ -495,7 +495,7 @@ def predict(run, input, out_dir, *, vote: str | None = None, uncertainty: bool =
     image's own size (the ensemble's mean scores resized bilinearly, then the argmax; a store
     must have recorded the sizes, else the model's size with a note); ``at_model_size`` keeps
     them at the model's size. ``resize`` fits images of another size to the model: True (the
-    default way, ``data.DEFAULT_RESIZE``), "stretch", "pad" (letterbox) or "tiles"
+    default way, ``spec.DEFAULT_RESIZE``), "stretch", "pad" (letterbox) or "tiles"
     (overlapping windows at the image's resolution). Torch runs on ``threads`` threads (default: torch's),
     restored after. Images of more than ``max_image_pixels`` pixels (default PIL's limit) are
     refused. Returns the summary written to predict.json, with the output paths per image
