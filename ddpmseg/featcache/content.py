@@ -4,7 +4,7 @@ follows a data folder that changes between two ``extract`` runs.
 The group attribute ``"images"`` holds ``{"hashes": {name: [image sha256, mask sha256 or
 null]}, "inactive": [names]}`` and, from stores that record them, ``"sizes": {name: [height,
 width, resize mode or null]}``: each image's size as shown (EXIF applied) and how it was fitted
-to the model (``data.RESIZE_MODES``; null when it was the model's size), so that predictions
+to the model (``spec.RESIZE_MODES``; null when it was the model's size), so that predictions
 from the store come out at the image's own size. The store order (``StoreInfo.names``) is insertion order: a
 rerun appends new images at the end. Comparing the folder's hashes with the recorded ones
 tells the cases apart:

@@ -171,7 +171,7 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     ``max_image_pixels``: images (and PNG masks) of more pixels are refused from their header
     (default: PIL's limit). ``batch_size`` is the old spelling of ``images_per_batch``.
     ``resize`` fits images of another size than the model's: True (the default way,
-    ``data.DEFAULT_RESIZE``), "stretch", "pad" (letterboxed; the border's labels are the
+    ``spec.DEFAULT_RESIZE``), "stretch", "pad" (letterboxed; the border's labels are the
     ignore label) or "tiles" (each overlapping model-size window of the image at its own
     resolution is a store image ``<name>@<y>_<x>`` with its mask's window). Each image's own
     size and mode are recorded (``featcache.content``), for predictions at that size.
