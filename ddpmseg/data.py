@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ddpmseg.core.errors import BadInputError, InputNotFoundError
+from ddpmseg.spec import DEFAULT_RESIZE, RESIZE_MODES
 
 log = logging.getLogger(__name__)
 
@@ -277,18 +278,21 @@ def image_hw(path: Path, max_image_pixels: int | None = None) -> tuple[int, int]
 
 
 def check_image_size(path: Path, hw: tuple[int, int], size: tuple[int, int],
-                     resize: bool) -> None:
+                     resize: bool | str) -> None:
     """An image of (H, W) ``hw`` against the model's ``size``: another size is an error
-    unless ``resize``; a stretch that changes the aspect ratio gets a note (once: call this
-    where inputs are checked, not where they are loaded)."""
+    unless ``resize`` (a mode of ``RESIZE_MODES``, or True for the default); a stretch that
+    changes the aspect ratio gets a note (once: call this where inputs are checked, not where
+    they are loaded)."""
     if tuple(hw) == tuple(size):
         return
-    if not resize:
+    mode = resize_mode(resize)
+    if mode is None:
         raise BadInputError(f"image {path} is {size_text(hw)} but the model takes "
                             f"{size_text(size)}", "pass `resize=True` to resize images (and masks)")
-    if abs(hw[1] * size[0] - hw[0] * size[1]) > max(size) * max(hw) // 100:
-        log.warning("note: %s is %s; --resize stretches it to %s (aspect ratio not kept; crop "
-                    "or pad it first to avoid that)", path, size_text(hw), size_text(size))
+    if mode == "stretch" and abs(hw[1] * size[0] - hw[0] * size[1]) > max(size) * max(hw) // 100:
+        log.warning("note: %s is %s; `resize=stretch` stretches it to %s (aspect ratio "
+                    "not kept; `resize=pad` keeps it)", path, size_text(hw),
+                    size_text(size))
 
 
 def load_image(path: Path, size: tuple[int, int] | None = None, resize: bool = False,
@@ -305,8 +309,118 @@ def load_image(path: Path, size: tuple[int, int] | None = None, resize: bool = F
     if size is not None and hw != tuple(size):
         if not resize:
             check_image_size(path, hw, size, resize)  # raises
+        if resize_mode(resize) != "stretch":
+            # One model-size picture: pad's letterbox (tiles' callers use ``fit_image``; a
+            # single picture of a tiled image is its letterbox too).
+            return fit_image(np.asarray(im, dtype=np.uint8), layout(hw, size, "pad"))[0]
         im = im.resize((size[1], size[0]), Image.BILINEAR)
     return np.asarray(im, dtype=np.uint8).copy()
+
+
+# -- images of another size than the model's --------------------------------------------------
+# stretch: resized to the model's square (aspect lost); pad: scaled to fit and letterboxed,
+# the border grey and its labels the ignore label; tiles: overlapping model-size windows of
+# the image at its own resolution (padded up where a side is shorter than the model's).
+# The letterbox border: mid grey, 0 in the model's [-1, 1] input range.
+PAD_VALUE = 128
+
+
+def resize_mode(resize: bool | str | None) -> str | None:
+    """The mode a ``resize`` argument means: None (no resizing) for False/None, the default
+    for True, else the mode named (``RESIZE_MODES``)."""
+    if resize is None or resize is False:
+        return None
+    if resize is True:
+        return DEFAULT_RESIZE
+    if resize not in RESIZE_MODES:
+        raise BadInputError(f"unknown resize mode {resize!r}",
+                            f"pass `resize=` one of {', '.join(RESIZE_MODES)} (or True: "
+                            f"{DEFAULT_RESIZE})")
+    return str(resize)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an image of ``hw`` (H, W as shown) becomes model-size inputs of ``size``, and where
+    their results go back. ``mode`` is "same" when the image is the model's size."""
+    hw: tuple[int, int]
+    size: tuple[int, int]
+    mode: str
+
+    @property
+    def inner(self) -> tuple[int, int, int, int]:
+        """(top, left, height, width): the image's part of a model-size input (not tiles)."""
+        (h, w), (sh, sw) = self.hw, self.size
+        if self.mode != "pad":
+            return (0, 0, sh, sw)
+        scale = min(sh / h, sw / w)
+        ih, iw = max(1, min(sh, round(h * scale))), max(1, min(sw, round(w * scale)))
+        return ((sh - ih) // 2, (sw - iw) // 2, ih, iw)
+
+    @property
+    def padded(self) -> tuple[int, int]:
+        """Tiles: the image's size once its shorter-than-the-model sides are padded up."""
+        return (max(self.hw[0], self.size[0]), max(self.hw[1], self.size[1]))
+
+    def windows(self) -> list[tuple[int, int]]:
+        """Tiles: the (y, x) origins of the overlapping windows (stride 3/4 of the model's
+        side, the last one flush with the edge); [(0, 0)] otherwise."""
+        if self.mode != "tiles":
+            return [(0, 0)]
+        return [(y, x) for y in _starts(self.padded[0], self.size[0])
+                for x in _starts(self.padded[1], self.size[1])]
+
+
+def _starts(length: int, window: int) -> list[int]:
+    stride = max(1, window * 3 // 4)
+    starts = list(range(0, length - window, stride))
+    return starts + [length - window]
+
+
+def layout(hw: tuple[int, int], size: tuple[int, int], resize: bool | str) -> Layout:
+    """The ``Layout`` of an image of ``hw`` for a model of ``size`` under ``resize``."""
+    hw, size = (int(hw[0]), int(hw[1])), (int(size[0]), int(size[1]))
+    mode = resize_mode(resize) if hw != size else "same"
+    if mode is None:
+        raise BadInputError(f"an image is {size_text(hw)} but the model takes {size_text(size)}",
+                            "pass `resize=True` to resize images (and masks)")
+    return Layout(hw, size, mode)
+
+
+def fit_image(image: np.ndarray, lay: Layout) -> list[np.ndarray]:
+    """RGB uint8 (H, W, 3) -> the model-size inputs of ``lay`` (one; tiles: one per window)."""
+    sh, sw = lay.size
+    if lay.mode == "same":
+        return [np.ascontiguousarray(image)]
+    if lay.mode == "stretch":
+        return [np.array(Image.fromarray(image).resize((sw, sh), Image.BILINEAR))]
+    if lay.mode == "pad":
+        top, left, ih, iw = lay.inner
+        out = np.full((sh, sw, 3), PAD_VALUE, dtype=np.uint8)
+        out[top:top + ih, left:left + iw] = np.asarray(
+            Image.fromarray(image).resize((iw, ih), Image.BILINEAR))
+        return [out]
+    big = np.full(lay.padded + (3,), PAD_VALUE, dtype=np.uint8)
+    big[:lay.hw[0], :lay.hw[1]] = image
+    return [np.ascontiguousarray(big[y:y + sh, x:x + sw]) for y, x in lay.windows()]
+
+
+def fit_mask(mask: np.ndarray, lay: Layout, ignore_label: int) -> list[np.ndarray]:
+    """A mask of the image's size -> the label maps of ``fit_image``'s inputs: nearest
+    neighbour, and the ignore label wherever an input shows no image (padding)."""
+    sh, sw = lay.size
+    if lay.mode == "same":
+        return [mask]
+    if lay.mode == "stretch":
+        return [resize_mask(mask, lay.size)]
+    if lay.mode == "pad":
+        top, left, ih, iw = lay.inner
+        out = np.full((sh, sw), ignore_label, dtype=np.uint8)
+        out[top:top + ih, left:left + iw] = resize_mask(mask, (ih, iw))
+        return [out]
+    big = np.full(lay.padded, ignore_label, dtype=np.uint8)
+    big[:lay.hw[0], :lay.hw[1]] = mask
+    return [np.ascontiguousarray(big[y:y + sh, x:x + sw]) for y, x in lay.windows()]
 
 
 # Grey images of more than 8 bits: PIL's convert("RGB") clips them at 255 (a 16-bit image

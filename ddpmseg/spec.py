@@ -27,6 +27,11 @@ from ddpmseg.core.errors import ConfigError
 STORE_DTYPES = ("float16", "bfloat16", "float32")
 VALUE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 MANTISSA_BITS = {"float16": 10, "bfloat16": 7, "float32": 23}
+# The ways an image of another size is fitted to the model's (``data.fit_image`` implements
+# them; extract and predict take them as ``resize``), and the one a bare ``resize=True`` means
+# (bench/nonsquare.py: README, "Non-square images").
+RESIZE_MODES = ("stretch", "pad", "tiles")
+DEFAULT_RESIZE = "stretch"
 PRECISIONS = ("fp32", "bf16", "fp16")  # what a backbone computes in
 
 # A decoder block: an index, or (diffusers) a name such as "up2" or "up2.res1".

@@ -182,7 +182,7 @@ def test_sizes_are_written_width_x_height(tmp_path, caplog):
     with pytest.raises(BadInputError, match=r"m\.npy is 6x4 but its image is 10x8"):
         data.load_mask(tmp_path / "m.npy", (8, 10))
     data.check_image_size(tmp_path / "wide.png", (4, 6), (8, 8), resize=True)
-    assert "wide.png is 6x4; --resize stretches it to 8x8" in caplog.text
+    assert "wide.png is 6x4; `resize=stretch` stretches it to 8x8" in caplog.text
 
 
 def _names(samples):

@@ -359,12 +359,12 @@ def test_end_to_end_ffhq34_with_a_unet2d_folder(ffhq, tmp_path):
                   "--max-epochs", "1", *common])
     assert r.exit_code == 0, r.output
     r = run(cli, ["predict", str(tmp_path / "run"), str(tmp_path / "test.zarr"),
-                  str(tmp_path / "pred"), "--device", "cpu", "--no-progress"])
+                  str(tmp_path / "pred"), "--at-model-size", "--device", "cpu", "--no-progress"])
     assert r.exit_code == 0, r.output
     # From the image folder, the model folder extracts anew: the same labels as from the store.
     r = run(cli, ["predict", str(tmp_path / "run"), str(tmp_path / "test"),
                   str(tmp_path / "pred_img"), "--checkpoint", str(model), "--resize",
-                  "--device", "cpu", "--no-progress"])
+                  "--at-model-size", "--device", "cpu", "--no-progress"])
     assert r.exit_code == 0, r.output
     names = sorted(p.stem for p in (tmp_path / "test").glob("*.png"))
     for name in names:

@@ -250,7 +250,7 @@ def test_image_folder_path_with_a_substitute_backbone(tmp_path, monkeypatch):
     Image.fromarray(rng.integers(0, 256, (*SIZE, 3)).astype(np.uint8)).save(folder / "p.png")
     Image.fromarray(rng.integers(0, 256, (40, 30, 3)).astype(np.uint8)).save(folder / "q.jpg")
     res = predict(model, folder, tmp_path / "out", resize=True, tile_rows=6, device="cpu",
-                  progress=False)
+                  progress=False, at_model_size=True)
     assert res["input_kind"] == "images" and res["names"] == ["p", "q"]
     assert np.load(tmp_path / "out" / "q.npy").shape == SIZE
     with Image.open(tmp_path / "out" / "q_overlay.png") as im:
@@ -421,7 +421,7 @@ def test_resize_notes_each_stretch_once_width_x_height(tmp_path, monkeypatch, ca
     predict(model, tmp_path / "imgs", tmp_path / "out", resize=True, device="cpu",
             progress=False)
     notes = [r.getMessage() for r in caplog.records if "stretches" in r.getMessage()]
-    assert len(notes) == 1 and "q.png is 30x40; --resize stretches it to 24x20" in notes[0]
+    assert len(notes) == 1 and "q.png is 30x40; `resize=stretch` stretches it to 24x20" in notes[0]
 
 
 def test_a_store_image_whose_labels_are_all_ignore_counts_as_unlabelled(tmp_path):

@@ -136,15 +136,16 @@ def test_bring_your_own_data_with_the_bundled_backbone(readme_dir):
     for command in commands(block):
         assert "lsun" not in command  # this block needs no download
         out[command] = run(command)
-    assert len(out) == 8
+    assert len(out) == 9
     names = sorted(p.stem for p in Path("data/test").glob("*.png"))
     for name in names:
         from_store = np.load(Path("preds") / f"{name}.npy")
         from_images = np.load(Path("preds-from-images") / f"{name}.npy")
-        assert from_store.shape == (64, 64)
+        assert from_store.shape == np.load(Path("data/test") / f"{name}.npy").shape  # 256px
         np.testing.assert_array_equal(from_store, from_images)
+        assert np.load(Path("preds-64") / f"{name}.npy").shape == (64, 64)
         assert (Path("preds") / f"{name}_uncertainty.png").is_file()
-    # evaluate --resize: the original masks, brought to 64 px with nearest neighbour.
+    # evaluate: the original masks as they are, the predictions being at the images' size.
     evaluated = [v for k, v in out.items() if k.startswith("ddpmseg evaluate preds/ data/test")]
     assert re.search(r"mIoU \d+\.\d+ % over 21 classes, 2 images", evaluated[0])
     assert Path("preds/report/index.html").is_file()
@@ -155,6 +156,29 @@ def test_bring_your_own_data_with_the_bundled_backbone(readme_dir):
     assert ds["act_t50_b8"].dims == ("image", "channel_64", "y_64", "x_64")
     assert ds["act_t50_b2"].dims == ("image", "channel_128", "y_16", "x_16")
     assert ds.sizes["image"] == 2
+
+
+@pytest.mark.slow
+def test_non_square_photos_as_written(readme_dir):
+    """The non-square block: 3:2 crops of the data (360x240), padded to the bundled model's
+    64 px, one short member; predictions at 360x240 scored against the 360x240 masks."""
+    block = bash_blocks(section(BYOD))[2]
+    block = block.replace("--ensemble 3 --max-epochs 6", "--ensemble 1 --max-epochs 1")
+    for split in ("train", "test"):
+        dst = Path("photos") / split
+        dst.mkdir(parents=True)
+        for png in sorted(Path("data", split).glob("*.png")):
+            with Image.open(png) as im:
+                wide = im.convert("RGB").crop((0, 43, 256, 213)).resize((360, 240))
+            wide.save(dst / png.name)
+            mask = Image.fromarray(np.load(png.with_suffix(".npy"))).crop((0, 43, 256, 213))
+            np.save(dst / f"{png.stem}.npy", np.asarray(mask.resize((360, 240), Image.NEAREST)))
+    out = [run(command) for command in commands(block)]
+    assert len(out) == 4 and re.search(r"mIoU \d+\.\d+ % over 21 classes, 2 images", out[3])
+    for png in Path("photos/test").glob("*.png"):
+        assert np.load(Path("preds-wide") / f"{png.stem}.npy").shape == (240, 360)
+        with Image.open(Path("preds-wide") / f"{png.stem}_uncertainty.png") as im:
+            assert im.size[0] > im.size[1]  # the two heat maps side by side, each 3:2
 
 
 def substituted(text: str, substitutions, name: str, capsys, note: str) -> str:

@@ -155,7 +155,8 @@ def pipeline(ffhq, tmp_path_factory):
         r["fit"] = invoke("fit", root / "train.zarr", root / "run", *COMMON, "--ensemble", "2",
                           "--max-epochs", "3")
         r["predict"] = invoke("predict", root / "run", root / "test.zarr", root / "preds",
-                              "--images", test, "--device", "cpu", "--no-progress")
+                              "--images", test, "--at-model-size", "--device", "cpu",
+                              "--no-progress")
         r["evaluate"] = invoke("evaluate", root / "preds", gt, "--config", CONFIG)
     return r
 

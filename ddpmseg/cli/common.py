@@ -51,6 +51,32 @@ max_pixels_option = click.option(
     help="Refuse images with more pixels than N (a guard against decompression bombs). "
          "[default: PIL's, 89478485]")
 
+class _ResizeMode(click.ParamType):
+    """A way of fitting images to the model (``spec.RESIZE_MODES``), named in one error."""
+    name = "resize"
+
+    def convert(self, value, param, ctx):
+        from ddpmseg.spec import RESIZE_MODES
+
+        if value is True or value is False or value in RESIZE_MODES:
+            return value
+        self.fail(f"{value!r} is not one of {', '.join(RESIZE_MODES)}; a bare --resize takes "
+                  "the default way, so put paths before it (or write --resize=pad)", param, ctx)
+
+
+def resize_option(what: str):
+    """``--resize [stretch|pad|tiles]``, alike in every command that fits images to the model;
+    a bare ``--resize`` is the default way (``spec.DEFAULT_RESIZE``)."""
+    from ddpmseg.spec import DEFAULT_RESIZE
+
+    return click.option(
+        "--resize", type=_ResizeMode(), is_flag=False, flag_value=True, default=False,
+        metavar="[stretch|pad|tiles]",
+        help=f"Fit {what} of another size to the model: stretch (aspect ratio lost), pad "
+             "(letterboxed; padding is never trained on nor predicted) or tiles (overlapping "
+             f"model-size windows at the image's resolution). Bare --resize: {DEFAULT_RESIZE}.")
+
+
 config_option = click.option(
     "--config", "config_path", default=None, metavar="TOML|NAME|JSON",
     help="A config file, the name of a bundled one (ffhq_34, bedroom_28, ...), or a "

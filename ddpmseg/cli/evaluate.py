@@ -24,8 +24,9 @@ from ddpmseg.cli.common import (
               help="Drop ground-truth ignore pixels before counting (stricter than the "
                    "reference, which counts predictions there in the class's union).")
 @click.option("--resize", is_flag=True,
-              help="Resize masks of another size to their prediction's (nearest neighbour, as "
-                   "extract --resize does): 256px masks for a model run at 64px.")
+              help="Resize masks of another size to their prediction's (nearest neighbour). "
+                   "Not needed for predictions at their images' own size (predict's default); "
+                   "for those made with --at-model-size.")
 @click.option("--confusion", is_flag=True, help="Also write confusion.csv and confusion.png.")
 @click.option("--out", "out_dir", default=None, metavar="DIR",
               help="Where metrics.json goes. [default: PRED_DIR]")

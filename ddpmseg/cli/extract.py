@@ -10,6 +10,7 @@ from ddpmseg.cli.common import (
     device_option,
     ignore_label_option,
     max_pixels_option,
+    resize_option,
     num_classes_option,
     parse_blocks,
     parse_ints,
@@ -57,8 +58,7 @@ from ddpmseg.cli.common import (
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="Compute precision of the model (fp16 on CUDA only). [default: config, fp32]")
 @click.option("--seed", type=int, default=None, help="Noise seed. [default: config, 0]")
-@click.option("--resize", is_flag=True,
-              help="Resize images of another size to the model's (masks with nearest).")
+@resize_option("images (and their masks)")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing store made with other settings.")
 @click.option("--prune", is_flag=True,

@@ -9,6 +9,7 @@ from ddpmseg.cli.common import (
     count,
     device_option,
     max_pixels_option,
+    resize_option,
     scheduler_option,
     show_progress,
     threads_option,
@@ -32,8 +33,10 @@ from ddpmseg.cli.common import (
               help="With a store as INPUT: folder of the original images, for the overlays "
                    "(drawn on grey without it).")
 @max_pixels_option
-@click.option("--resize", is_flag=True,
-              help="Resize images of another size to the run's image size.")
+@resize_option("images")
+@click.option("--at-model-size", is_flag=True,
+              help="Write masks and pictures at the model's size (the old output) instead of "
+                   "each image's own size.")
 @click.option("--checkpoint", default=None, metavar="PATH",
               help="The backbone checkpoint, when INPUT is an image folder and the run's is "
                    "elsewhere. Must be the one the run was trained with.")
@@ -47,7 +50,7 @@ from ddpmseg.cli.common import (
 @threads_option()
 @click.pass_context
 def command(ctx, run, input_path, out_dir, vote, uncertainty, tile_rows, images_dir, resize,
-            checkpoint, all_pictures, scheduler, with_report, device, threads,
+            at_model_size, checkpoint, all_pictures, scheduler, with_report, device, threads,
             max_image_pixels):
     """Predict segmentation masks with the ensemble of RUN for every image of INPUT.
 
@@ -55,13 +58,16 @@ def command(ctx, run, input_path, out_dir, vote, uncertainty, tile_rows, images_
     features are extracted on the fly with the run's backbone. OUT receives per image
     <name>.npy (uint8 class indices), <name>.png (palette PNG), <name>_overlay.png (the first
     100 images; all with --all-pictures), and once palette.json, summary.png (contact sheet)
-    and predict.json (the settings used).
+    and predict.json (the settings used). Masks and pictures are at each image's own size (the
+    ensemble's mean probabilities resized, then the argmax); --at-model-size keeps them at the
+    model's.
 
     \b
     Examples:
       ddpmseg predict runs/ffhq34 stores/ffhq34_test.zarr preds/ffhq34
       ddpmseg predict runs/ffhq34 data/ffhq_34/real/test preds/ffhq34 --uncertainty --report
       ddpmseg predict runs/ffhq34 stores/test.zarr preds --images data/test --vote hard
+      ddpmseg predict runs/cats photos/ preds/cats --resize pad
     """
     from ddpmseg.pipelines.predict import predict
 
@@ -69,7 +75,8 @@ def command(ctx, run, input_path, out_dir, vote, uncertainty, tile_rows, images_
                       device=device, tile_rows=tile_rows, resize=resize, checkpoint=checkpoint,
                       images=images_dir, progress=show_progress(ctx),
                       threads=threads, max_image_pixels=max_image_pixels,
-                      all_pictures=all_pictures, scheduler=scheduler)
+                      all_pictures=all_pictures, scheduler=scheduler,
+                      at_model_size=at_model_size)
     click.echo(f"predicted {count(summary['num_images'], 'image')} ({summary['input_kind']}, "
                f"vote {summary['vote']}, {count(summary['num_members'], 'member')}) into "
                f"{summary['out_dir']}")

@@ -2,7 +2,10 @@
 follows a data folder that changes between two ``extract`` runs.
 
 The group attribute ``"images"`` holds ``{"hashes": {name: [image sha256, mask sha256 or
-null]}, "inactive": [names]}``. The store order (``StoreInfo.names``) is insertion order: a
+null]}, "inactive": [names]}`` and, from stores that record them, ``"sizes": {name: [height,
+width, resize mode or null]}``: each image's size as shown (EXIF applied) and how it was fitted
+to the model (``spec.RESIZE_MODES``; null when it was the model's size), so that predictions
+from the store come out at the image's own size. The store order (``StoreInfo.names``) is insertion order: a
 rerun appends new images at the end. Comparing the folder's hashes with the recorded ones
 tells the cases apart:
 
@@ -27,7 +30,6 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,16 +149,21 @@ class ImageState:
 
     hashes: dict
     inactive: tuple[str, ...] = ()
+    sizes: dict = dataclasses.field(default_factory=dict)  # {name: [H, W, mode or None]}
 
     def to_json(self) -> dict:
-        return {"hashes": {k: list(v) for k, v in self.hashes.items()},
-                "inactive": list(self.inactive)}
+        out = {"hashes": {k: list(v) for k, v in self.hashes.items()},
+               "inactive": list(self.inactive)}
+        if self.sizes:
+            out["sizes"] = {k: list(v) for k, v in self.sizes.items()}
+        return out
 
     @classmethod
     def from_json(cls, raw: dict | None) -> "ImageState":
         raw = raw or {}
         return cls({k: list(v) for k, v in raw.get("hashes", {}).items()},
-                   tuple(raw.get("inactive", ())))
+                   tuple(raw.get("inactive", ())),
+                   {k: list(v) for k, v in raw.get("sizes", {}).items()})
 
 
 def read_state(store: FeatureStore) -> ImageState:
@@ -260,9 +267,10 @@ def plan(store: FeatureStore, folder_hashes: dict, prune: bool) -> Plan:
                 backfilled=tuple(backfilled))
 
 
-def apply(store: FeatureStore, p: Plan, labels_by_name: dict) -> None:
+def apply(store: FeatureStore, p: Plan, labels_by_name: dict, sizes: dict | None = None) -> None:
     """Carry out a plan on a store opened for writing (see the module docstring for why this
-    order survives a kill). ``labels_by_name``: the folder's stored-form labels."""
+    order survives a kill). ``labels_by_name``: the folder's stored-form labels; ``sizes``:
+    the folder's images' [H, W, resize mode] to record."""
     done = store.complete()
     index = {n: i for i, n in enumerate(store.names)}
     legacy = [n for n in p.backfilled if done[index[n]]]
@@ -279,7 +287,10 @@ def apply(store: FeatureStore, p: Plan, labels_by_name: dict) -> None:
     n = len(p.names)
     store.resize(n)
     info = dataclasses.replace(store.info, num_images=n, names=p.names)
-    state = ImageState(p.hashes, p.inactive)
+    recorded = read_state(store).sizes
+    state = ImageState(p.hashes, p.inactive, {n: list((sizes or {}).get(n) or recorded[n])
+                                               for n in p.names
+                                               if n in (sizes or {}) or n in recorded})
     if info != store.info or state != read_state(store):  # a rerun with no change writes nothing
         write_state(store, info, state)
     if p.describe():
@@ -332,7 +343,9 @@ def compact(store: FeatureStore) -> FeatureStore:
         encoded = store.encode(i, store.maps(i))  # float16 and bfloat16 round-trip exactly
         new.write_image(j, encoded, store.labels(i) if info.has_labels else None, encoded=True)
     new.flush()
-    write_state(new, info, ImageState({n: state.hashes[n] for n in names if n in state.hashes}))
+    write_state(new, info, ImageState({n: state.hashes[n] for n in names if n in state.hashes},
+                                      sizes={n: state.sizes[n] for n in names
+                                             if n in state.sizes}))
     real.rename(old)
     tmp.rename(real)
     shutil.rmtree(old)

@@ -159,9 +159,10 @@ def evaluate(pred_dir, gt_dir, *, num_classes: int | None = None,
     grey/palette PNG masks in GT_DIR. ``num_classes``, ``ignore_label`` and ``class_names``
     default to those in PRED_DIR/predict.json when predict wrote it (ignore label 255
     otherwise). GT_DIR may also be a feature store with labels: the masks as `extract` stored
-    them (at the store's size, after the rare-class rule). ``resize``: a mask of another size
-    than its prediction is resized to it (nearest neighbour, as `extract --resize` does), e.g.
-    256px masks for a 64px model. Writes ``metrics.json`` (with ``confusion``:
+    them (at the store's size, after the rare-class rule). Predictions are at their images'
+    own size (``predict``'s default), so masks of those images match them as they are.
+    ``resize``: a mask of another size than its prediction is resized to it (nearest
+    neighbour), only where they truly differ (e.g. a prediction made ``at_model_size``). Writes ``metrics.json`` (with ``confusion``:
     ``confusion.csv`` and ``confusion.png`` too) into ``out`` (default PRED_DIR) unless
     ``write`` is False. PRED_DIR is read under its writer lock (a predict rewriting it makes
     this fail at once); ``lock=False`` when the caller holds that lock already (``report``).
@@ -268,6 +269,9 @@ def _accumulate(job: _Job, classes: DataConfig, pairs: list, store_gt
         if pred.shape != gt.shape:
             raise BadInputError(f"prediction {pred_path} is {size_text(pred.shape)} but "
                                 f"its ground truth {gt_path} is {size_text(gt.shape)}",
+                                "give the folder of the masks at their images' size (a store "
+                                "holds them at the model's), or predict with "
+                                "`at_model_size=True`" if store_gt else
                                 "pass `resize=True` to resize the masks to the predictions")
         check_labels(gt, num_classes, ignore_label, gt_path)
         check_labels(pred, num_classes, ignore_label, pred_path, what="prediction")

@@ -55,7 +55,8 @@ REPORT_DIR = "report"     # the report's default folder, inside the prediction f
 REPORT_INDEX = "index.html"   # the report's page, in its folder
 # predict.json's keys, in the order predict writes them.
 META_KEYS = ("version", "run", "input", "input_kind", "out_dir", "vote", "tile_rows",
-             "uncertainty", "device", "resize", "images", "checkpoint", "num_members",
+             "uncertainty", "device", "resize", "at_model_size", "images", "checkpoint",
+             "num_members",
              "num_classes", "ignore_label", "class_names", "steps", "blocks", "image_size",
              "seed", "dtype", "fingerprint", "config", "num_images", "names", "summary",
              "palette", "seconds")

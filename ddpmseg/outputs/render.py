@@ -379,7 +379,8 @@ def contact_sheet(rows: Sequence[tuple[str, np.ndarray | None, np.ndarray]],
     for name, image, labels in rows:
         draw.text((pad, y), _fit_text(name, fnt, body_w - 2 * pad), fill=TEXT_RGB, font=fnt)
         y += line
-        height, width = labels.shape
+        # At the image's aspect, also for a prediction at the model's (square) size.
+        height, width = image.shape[:2] if image is not None else labels.shape
         size = _fit_size(height, width, tile)
         big_labels = resize_mask(labels, (size[1], size[0]))
         if image is None:

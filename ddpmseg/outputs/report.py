@@ -34,7 +34,7 @@ from PIL import Image
 from ddpmseg.core.errors import BadInputError, InputNotFoundError, OutputError
 from ddpmseg.core.fileio import atomic_write
 from ddpmseg.core.locking import writer_lock
-from ddpmseg.data import find_image, load_image, read_mask
+from ddpmseg.data import find_image, load_image, read_mask, resize_mask
 from ddpmseg.outputs import folder, render
 from ddpmseg.outputs.evaluate import confusion_axis, evaluate
 from ddpmseg.outputs.folder import REPORT_DIR, check_complete, list_predictions
@@ -281,11 +281,15 @@ def _cards(page: _Page, predictions: dict, palette: np.ndarray, limits, img_dir:
             card.iou = page.metrics["per_image"][name]
         image = _original(folders, name, page.max_image_pixels)
         stem = f"{position:04d}"
+        shown = None  # (H, W) the pictures take: the image's aspect
         if image is not None:
             thumb = Image.fromarray(image)
             thumb.thumbnail((IMAGE_THUMB, IMAGE_THUMB))
             thumb.save(img_dir / f"{stem}_image.png")
             card.pictures["image"] = f"{stem}_image.png"
+            if labels.shape != image.shape[:2]:  # a prediction at the model's size
+                shown = (thumb.size[1], thumb.size[0])
+                labels = resize_mask(labels, shown)
         render.save_label_png(img_dir / f"{stem}_pred.png", labels, palette)
         card.pictures["pred"] = f"{stem}_pred.png"
         # On the page the legend is HTML text beside the picture: it stays legible at
@@ -297,20 +301,24 @@ def _cards(page: _Page, predictions: dict, palette: np.ndarray, limits, img_dir:
         card.legend = render.legend_entries(np.bincount(labels.ravel(), minlength=256), palette,
                                             page.class_names, page.num_classes)
         _uncertainty_pictures(card, folder.uncertainty_maps(page.pred_dir, name), limits,
-                              img_dir / stem)
+                              img_dir / stem, shown)
         cards.append(card)
     return cards, counts
 
 
 def _uncertainty_pictures(card: _Card, maps: tuple[Path, Path] | None, limits,
-                          stem: Path) -> None:
-    """The card's mean entropy and JSD, and their heat maps (``<stem>_entropy.png``, ...)."""
+                          stem: Path, shown: tuple[int, int] | None = None) -> None:
+    """The card's mean entropy and JSD, and their heat maps (``<stem>_entropy.png``, ...),
+    at ``shown`` (H, W) when given (the image's aspect)."""
     if maps is None:
         return
     entropy, jsd = np.load(maps[0]), np.load(maps[1])
     card.entropy, card.jsd = float(entropy.mean()), float(jsd.mean())
     for kind, values, (vmax, _) in zip(("entropy", "jsd"), (entropy, jsd), limits):
-        Image.fromarray(render.heatmap(values, vmax)).save(f"{stem}_{kind}.png")
+        heat = Image.fromarray(render.heatmap(values, vmax))
+        if shown is not None:
+            heat = heat.resize((shown[1], shown[0]), Image.BILINEAR)
+        heat.save(f"{stem}_{kind}.png")
         card.pictures[kind] = f"{stem.name}_{kind}.png"
 
 

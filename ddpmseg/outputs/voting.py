@@ -56,6 +56,20 @@ def vote(logits, method: str = "soft") -> torch.Tensor:
     return counts.argmax(dim=-1)
 
 
+def scores(logits, method: str = "soft") -> torch.Tensor:
+    """float32 (n, C): per-class scores whose argmax is ``vote(logits, method)`` and which can
+    be averaged and interpolated (predictions at another size): the mean probability (soft),
+    the mean log-probability (log), or the share of members choosing the class (hard)."""
+    check_vote(method)
+    stacked = _stack(logits)
+    if method == "soft":
+        return torch.softmax(stacked, dim=-1).mean(dim=0)
+    if method == "log":
+        return torch.log_softmax(stacked, dim=-1).mean(dim=0)
+    choices = torch.nn.functional.one_hot(stacked.argmax(dim=-1), stacked.shape[-1])
+    return choices.float().mean(dim=0)
+
+
 def entropy(probs: torch.Tensor) -> torch.Tensor:
     """(n,) entropy in nats of (n, C) probabilities, with 0 log 0 = 0."""
     return -torch.special.xlogy(probs, probs).sum(dim=-1)

@@ -86,11 +86,14 @@ WRITER_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 @dataclass(frozen=True)
 class _Inputs:
-    samples: list            # data.Sample, sorted by name
+    samples: list            # data.Sample, sorted by name (tiles: one per window)
     labels: list             # per image: uint8 (H, W) after the rare-class rule, or None,
     has_labels: bool         # or LATER: a mask unchanged since it was checked (``label``)
     later: Callable | None = None   # sample -> its labels, checked as _read_inputs does
     stat_cache: object = None       # content.StatCache of the store: what was unchanged
+    sizes: dict = dataclasses.field(default_factory=dict)    # {name: [H, W, mode or None]}
+    windows: dict = dataclasses.field(default_factory=dict)  # tiles: {name: window index}
+    kept: tuple = ()         # names of unchanged images, not read: their recorded size stands
 
     def label(self, k: int):
         """Image k's labels, loaded now if they were left for later."""
@@ -113,10 +116,11 @@ class _Job:
     image_paths: tuple[str, ...]
     spec: FeatureSpec
     batch_size: int
-    resize: bool
+    resize: bool | str
     # The store's writer token of this attempt: a task stops when the store has another.
     writer: int = 0
     max_image_pixels: int | None = None   # None: PIL's limit
+    windows: tuple = ()   # tiles: per store index, its window of its image (None: whole)
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,7 @@ class _Request:
     codec: dict
     device: object = "auto"
     overwrite: bool = False
-    resize: bool = False
+    resize: bool | str = False
     scheduler: str | None = None
     progress: bool = True
     prune: bool = False
@@ -154,7 +158,7 @@ class _Request:
 def extract(data_dir, store_path, config: Config | None = None, checkpoint=None, *,
             preset: str | None = None, backbone=None, device="auto",
             images_per_batch: int | None = None,
-            precision: str | None = None, overwrite: bool = False, resize: bool = False,
+            precision: str | None = None, overwrite: bool = False, resize: bool | str = False,
             scheduler: str | None = None, progress: bool = True, prune: bool = False,
             compact: bool = False, repair: bool = False,
             threads: int | None = None, max_image_pixels: int | None = None,
@@ -194,6 +198,11 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     ``images_per_shard``: a new store (format 3) keeps that many images' chunks of an array in
     one file; 0 makes a format-2 store (one file per image per array). An existing store keeps
     its own layout.
+    ``resize`` fits images of another size than the model's: True (the default way,
+    ``spec.DEFAULT_RESIZE``), "stretch", "pad" (letterboxed; the border's labels are the
+    ignore label) or "tiles" (each overlapping model-size window of the image at its own
+    resolution is a store image ``<name>@<y>_<x>`` with its mask's window). Each image's own
+    size and mode are recorded (``featcache.content``), for predictions at that size.
     Returns the store, opened for reading.
     """
     config = resolve_model(config or Config(), checkpoint, preset=preset, backbone=backbone)
@@ -208,6 +217,7 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     check_scheduler(scheduler)  # before anything is written
     if is_url(store_path):  # credentials, endpoint, bucket: before the backbone loads
         objectstore.check_access(str(store_path))
+    data.resize_mode(resize)
     checkpoint = config.model.checkpoint or None
     request = _Request(
         Path(data_dir), str(store_path), config,
@@ -317,7 +327,8 @@ def _extract_locked(request: _Request, info: StoreInfo, inputs: _Inputs, backbon
         # as it is keeps its token: a rerun writes nothing, and no task of an earlier attempt
         # can still be at work, since each image it had is complete.)
         store.begin_attempt()
-    content.apply(store, changes, labels_by_name)
+    _check_recorded_sizes(store, inputs, data.resize_mode(request.resize))
+    content.apply(store, changes, labels_by_name, inputs.sizes)
     stat_cache.save()
     if request.compact:
         store = content.compact(store)
@@ -329,8 +340,9 @@ def _extract_locked(request: _Request, info: StoreInfo, inputs: _Inputs, backbon
     job = _Job(absolute(request.store_path),
                tuple(absolute(paths_by_name[n]) if n in paths_by_name else ""
                      for n in store.info.names),
-               info.spec, request.batch_size, bool(request.resize), store.writer,
-               request.max_image_pixels)
+               info.spec, request.batch_size, data.resize_mode(request.resize) or False,
+               store.writer, request.max_image_pixels,
+               tuple(inputs.windows.get(n) for n in store.info.names) if inputs.windows else ())
     wanted = set(todo)
     labels = [inputs.label(index[name]) if i in wanted else None
               for i, name in enumerate(store.info.names)]
@@ -450,44 +462,90 @@ def _read_inputs(data_dir, size: tuple[int, int], resize: bool, dc,
             f"{len(with_mask)} of the {len(samples)} images in {data_dir} have one",
             "add its mask, or move it to a folder of unlabelled images (a folder without any "
             "mask makes a prediction-only store)")
-    labels, unlabelled = [], []
+    labels, unlabelled, fitted = [], [], _Fitted()
 
     def checked(s):
-        return _checked_labels(s, size, resize, dc, max_pixels, unlabelled)
+        return _fitted_labels(s, size, resize, dc, max_pixels, unlabelled)[1][0]
 
+    # Tiles: the windows' names come from the image's size, so every image is read.
+    skip = unchanged if data.resize_mode(resize) != "tiles" else None
     for s in samples:
-        if unchanged is not None and unchanged(s.image) and (s.mask is None
-                                                             or unchanged(s.mask)):
+        if skip is not None and skip(s.image) and (s.mask is None or skip(s.mask)):
+            fitted.keep(s)
             labels.append(None if s.mask is None else LATER)
-        else:
-            labels.append(checked(s))
+            continue
+        lay, masks = _fitted_labels(s, size, resize, dc, max_pixels, unlabelled)
+        fitted.add(s, lay)
+        labels += masks
     if unlabelled:  # fit trains on none of their pixels: say so rather than count them
         log.warning("note: %d mask(s) in %s hold only the ignore label %d, so their images are "
                     "unlabelled (no pixel to train on or score): %s", len(unlabelled), data_dir,
                     dc.ignore_label, ", ".join(unlabelled[:5])
                     + (", ..." if len(unlabelled) > 5 else ""))
-    return _Inputs(samples, labels, bool(with_mask), checked)
+    return _Inputs(fitted.samples, labels, bool(with_mask), checked, sizes=fitted.sizes,
+                   windows=fitted.windows, kept=tuple(fitted.kept))
 
 
-def _checked_labels(s, size: tuple[int, int], resize: bool, dc, max_pixels: int | None,
-                    unlabelled: list):
-    """A sample's image size checked and its mask's labels (None without a mask), checked
-    and after the rare-class rule; a mask holding only the ignore label goes to
-    ``unlabelled``."""
+def _fitted_labels(s, size: tuple[int, int], resize, dc, max_pixels: int | None,
+                   unlabelled: list) -> tuple:
+    """A sample's image size checked: its ``data.Layout``, and its mask's labels per model
+    input (None each without a mask), checked and after the rare-class rule; a mask holding
+    only the ignore label goes to ``unlabelled``."""
     hw = data.image_hw(s.image, max_pixels)
     data.check_image_size(s.image, hw, size, resize)
+    lay = data.layout(hw, size, resize)
     if s.mask is None:
-        return None
-    # The mask must match its own image (`resize=True` resizes both to the model's size).
+        return lay, [None] * len(lay.windows())
+    # The mask must match its own image (`resize` fits both to the model's size).
     mask = data.load_mask(s.mask, hw, hint="make the mask the size of its image",
                           max_image_pixels=max_pixels)
     data.check_labels(mask, dc.num_classes, dc.ignore_label, s.mask)
     if not data.labelled(mask, dc.ignore_label):
         unlabelled.append(s.mask.name)
-    if hw != size:
-        # data's nearest-neighbour resize (labels stay labels), of the mask just checked.
-        mask = data.load_mask(s.mask, size, resize=True, max_image_pixels=max_pixels)
-    return data.drop_rare_classes(mask, dc.num_classes, dc.ignore_label, dc.min_class_pixels)
+    # data's nearest-neighbour fit (labels stay labels; padding is the ignore label).
+    return lay, [data.drop_rare_classes(m, dc.num_classes, dc.ignore_label, dc.min_class_pixels)
+                 for m in data.fit_mask(mask, lay, dc.ignore_label)]
+
+
+class _Fitted:
+    """The store images of a folder's samples: one per image, or one per tile
+    (``<name>@<y>_<x>``), and the sizes to record."""
+
+    def __init__(self):
+        self.samples, self.sizes, self.windows, self.kept = [], {}, {}, []
+
+    def keep(self, s: data.Sample) -> None:
+        """An unchanged image, not read: the store's record of it stands."""
+        self.samples.append(s)
+        self.kept.append(s.name)
+
+    def add(self, s: data.Sample, lay: data.Layout) -> data.Layout:
+        if lay.mode != "tiles":
+            self.samples.append(s)
+            self.sizes[s.name] = [lay.hw[0], lay.hw[1], None if lay.mode == "same" else lay.mode]
+            return lay
+        for k, (y, x) in enumerate(lay.windows()):
+            name = f"{s.name}@{y}_{x}"
+            self.samples.append(data.Sample(name, s.image, s.mask))
+            self.windows[name] = k
+        return lay
+
+
+def _check_recorded_sizes(store: FeatureStore, inputs: _Inputs, mode: str | None) -> None:
+    """A store keeps one way of fitting each image: another one is refused (its maps and
+    labels would mix two geometries). Unchanged images (``inputs.kept``, not read) are held
+    to the mode asked for."""
+    recorded = content.read_state(store).sizes
+    # (Another size is another image: re-extracted, whichever way it is fitted now.)
+    other = [n for n, rec in inputs.sizes.items() if n in recorded
+             and list(recorded[n][:2]) == list(rec[:2]) and recorded[n][2] != rec[2]]
+    other += [n for n in inputs.kept if n in recorded and recorded[n][2] not in (None, mode)]
+    if other:
+        was = recorded[other[0]][2] or "none"
+        raise BadInputError(f"{len(other)} image(s) of the store {store.path} were fitted to "
+                            f"the model another way (first {other[0]!r}: resize {was})",
+                            f"pass `resize={was}` as before, or "
+                            "`overwrite=True` to extract them again")
 
 
 # -- the store ----------------------------------------------------------------------------------
@@ -625,10 +683,17 @@ def encoded_maps(backbone, x0: torch.Tensor, spec: FeatureSpec,
             for maps, name in zip(image_maps(backbone, x0, spec), names)]
 
 
-def _load_batch(paths: Sequence[str], size: tuple[int, int], resize: bool,
-                max_pixels: int | None) -> torch.Tensor:
-    return torch.stack([image_tensor(data.load_image(Path(p), size, resize, max_pixels))
-                        for p in paths])
+def _load_batch(paths: Sequence[str], size: tuple[int, int], resize: bool | str,
+                max_pixels: int | None, windows: Sequence = ()) -> torch.Tensor:
+    if not any(w is not None for w in windows):
+        return torch.stack([image_tensor(data.load_image(Path(p), size, resize, max_pixels))
+                            for p in paths])
+    out = []
+    for p, k in zip(paths, windows):  # tiles: window k of its image
+        image = data.load_image(Path(p), max_image_pixels=max_pixels)
+        out.append(image_tensor(data.fit_image(image, data.layout(image.shape[:2], size,
+                                                                  resize))[k or 0]))
+    return torch.stack(out)
 
 
 def shard_groups(info: StoreInfo, indices: Sequence[int]) -> list[list[int]]:
@@ -690,7 +755,8 @@ def run_images(store: FeatureStore, backbone, job: _Job, indices: Sequence[int],
         try:
             def load(batch):
                 return loader.submit(_load_batch, [job.image_paths[i] for i in batch], size,
-                                     job.resize, job.max_image_pixels)
+                                     job.resize, job.max_image_pixels,
+                                     [job.windows[i] for i in batch] if job.windows else ())
 
             next_x = load(batches[0])
             for k, batch in enumerate(batches):

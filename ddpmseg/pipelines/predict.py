@@ -118,6 +118,80 @@ def predict_maps(members: Sequence[nn.Module], maps: Sequence, size: tuple[int, 
     return ImagePrediction(labels, entropy, jsd)
 
 
+# -- predictions at the image's own size -----------------------------------------------------
+@torch.no_grad()
+def score_map(members: Sequence[nn.Module], maps: Sequence, size: tuple[int, int], *,
+              vote: str = "soft", tile_rows: int = 32, uncertainty: bool = False,
+              device: torch.device | str | None = None) -> torch.Tensor:
+    """float32 (K, H, W) at the model's ``size``: the ensemble's class scores
+    (``voting.scores``: mean probabilities for a soft vote), then with ``uncertainty`` the
+    entropy and the members' JSD. Rows as in ``predict_maps``."""
+    height, width = size
+    device = torch.device(device) if device is not None else None
+    tiles = pixels.TileFeatures(maps, size, device)
+    out = None
+    for y0 in range(0, height, tile_rows):
+        y1 = min(y0 + tile_rows, height)
+        logits = torch.stack([m(tiles.rows(y0, y1).T).float() for m in members])
+        parts = [voting.scores(logits, vote)]
+        if uncertainty:
+            parts += [t[:, None] for t in voting.uncertainty(logits)]
+        block = torch.cat(parts, dim=1).T
+        if out is None:
+            out = torch.empty((block.shape[0], height * width), device=block.device)
+        out[:, y0 * width:y1 * width] = block
+    return out.view(-1, height, width)
+
+
+@torch.no_grad()
+def at_original_size(scores: Sequence[torch.Tensor], lay: data.Layout, *,
+                     uncertainty: bool = False, tile_rows: int = 32) -> ImagePrediction:
+    """The prediction of an image of ``lay.hw`` from the ``score_map`` of each of its
+    model-size inputs (``data.fit_image``): stretch and pad crop the image's part and resize
+    it bilinearly (align_corners False) to the image's size; tiles average their overlaps.
+    Then the argmax, as segmentation toolkits predict at the original shape."""
+    height, width = lay.hw
+    if lay.mode == "tiles":
+        sh, sw = lay.size
+        total = torch.zeros((scores[0].shape[0],) + lay.padded, device=scores[0].device)
+        count = torch.zeros(lay.padded, device=scores[0].device)
+        for (y, x), s in zip(lay.windows(), scores):
+            total[:, y:y + sh, x:x + sw] += s
+            count[y:y + sh, x:x + sw] += 1
+        full = (total / count)[:, :height, :width]
+
+        def rows(y0, y1):
+            return full[:, y0:y1].reshape(full.shape[0], -1)
+    else:
+        top, left, ih, iw = lay.inner
+        crop = scores[0][:, top:top + ih, left:left + iw].contiguous()
+        rows = pixels.TileFeatures([crop], lay.hw, crop.device).rows
+    num = scores[0].shape[0] - (2 if uncertainty else 0)
+    labels = np.empty((height, width), dtype=np.uint8)
+    extra = [np.empty((height, width), dtype=np.float32) for _ in range(2 if uncertainty else 0)]
+    for y0 in range(0, height, tile_rows):
+        y1 = min(y0 + tile_rows, height)
+        block = rows(y0, y1)
+        labels[y0:y1] = block[:num].argmax(dim=0).view(y1 - y0, width).to(torch.uint8).cpu()
+        for k, arr in enumerate(extra):
+            arr[y0:y1] = block[num + k].view(y1 - y0, width).cpu().numpy()
+    return ImagePrediction(labels, *extra) if extra else ImagePrediction(labels)
+
+
+def predict_item(members: Sequence[nn.Module], views: Sequence, size: tuple[int, int],
+                 lay: data.Layout | None, **settings) -> ImagePrediction:
+    """One image's prediction from the native maps of each of its model-size inputs
+    (``views``): at its own size (``lay.hw``) when ``lay`` says how it was fitted, else at
+    the model's size exactly as ``predict_maps`` predicts. ``settings``: vote, tile_rows,
+    uncertainty, device."""
+    if lay is None or lay.mode == "same":
+        return predict_maps(members, views[0], size, **settings)
+    voting.check_vote(settings.get("vote", "soft"))
+    scores = [score_map(members, maps, size, **settings) for maps in views]
+    return at_original_size(scores, lay, uncertainty=settings.get("uncertainty", False),
+                            tile_rows=settings.get("tile_rows", 32))
+
+
 # -- the run --------------------------------------------------------------------------------
 def load_run(run, device: torch.device) -> Ensemble:
     """A run directory -> its Ensemble on ``device``; an Ensemble is moved there."""
@@ -173,7 +247,17 @@ def _warn_if_stale(model: Ensemble) -> None:
 class _Item:
     name: str
     image: np.ndarray | None   # RGB uint8 for the overlay, None = draw on grey
-    maps: list                 # native maps in feature order
+    views: list                # per model-size input (tiles: several), its native maps
+    layout: data.Layout | None = None  # how the image was fitted; None: model size out
+
+    @property
+    def maps(self) -> list | None:
+        """The native maps of the (first) model-size input; None once released."""
+        return self.views[0] if self.views else None
+
+    @maps.setter
+    def maps(self, value) -> None:  # None releases them
+        self.views = None if value is None else [value]
 
 
 def reading_source(path: Path):
@@ -191,7 +275,7 @@ class _StoreSource:
     kind = "store"
 
     def __init__(self, path: Path | str, model: Ensemble, images_dir: Path | None,
-                 max_image_pixels: int | None = None):
+                 max_image_pixels: int | None = None, at_model_size: bool = False):
         self.store = FeatureStore.open(path)
         check_compatible(model.info.spec, self.store.info.spec, str(path))
         done = self.store.complete()
@@ -207,6 +291,20 @@ class _StoreSource:
         self.max_image_pixels = max_image_pixels
         self.size = tuple(self.store.info.image_size)
         self.names = list(self.store.names)
+        self.sizes = {} if at_model_size else content.read_state(self.store).sizes
+        # (A store that extract did not make, with no record of its images, gets no note.)
+        made_by_extract = self.store.images_attribute() is not None or self.store.config
+        if not at_model_size and not self.sizes and made_by_extract:
+            log.warning("note: %s records no original image sizes (extracted before ddpmseg "
+                        "recorded them): predictions at the model's size %s; extract again "
+                        "to get them at each image's own size", path, data.size_text(self.size))
+
+    def layout(self, name: str) -> data.Layout | None:
+        """How the stored image of ``name`` was fitted to the model (None: not recorded)."""
+        rec = self.sizes.get(name)
+        if not rec or rec[2] is None or rec[2] == "tiles":
+            return None  # a tile of a store is predicted as the model-size image it is
+        return data.Layout((int(rec[0]), int(rec[1])), self.size, rec[2])
 
     def __len__(self) -> int:
         return len(self.names)
@@ -232,19 +330,25 @@ class _StoreSource:
             elif self.images_dir is not None:
                 log.warning("no original image for %s in %s; overlay drawn on grey", name,
                             self.images_dir)
-            yield _Item(name, image, self.store.maps(i))
+            yield _Item(name, image, [self.store.maps(i)], self.layout(name))
 
 
 class _ImageSource:
     kind = "images"
 
     def __init__(self, path: Path, model: Ensemble, device: torch.device,
-                 checkpoint: str | None, resize: bool, max_image_pixels: int | None = None):
+                 checkpoint: str | None, resize: bool | str, max_image_pixels: int | None = None,
+                 at_model_size: bool = False):
         self.max_image_pixels = max_image_pixels
+        self.at_model_size = at_model_size
         self.samples = data.list_samples(path, max_image_pixels=max_image_pixels)
         self.spec = model.info.spec
         self.size = self.spec.image_size
-        self.resize = resize
+        self.resize = data.resize_mode(resize)
+        if at_model_size and self.resize == "tiles":
+            raise BadInputError("tiles have no one picture at the model's size",
+                                "pass `resize=stretch` or `resize=pad` with "
+                                "`at_model_size=True`")
         self.device = device
         self.ignore_label = model.info.ignore_label
         # Check every image's size before the (slow) backbone load and before any output
@@ -283,13 +387,20 @@ class _ImageSource:
         for sample in self.samples:
             if sample.name in skip:
                 continue
-            image = data.load_image(sample.image, self.size, self.resize, self.max_image_pixels)
-            x0 = image_tensor(image)[None].to(self.device)
-            with torch.no_grad():
-                # The path `extract` takes: the maps equal those a store of the images holds,
-                # rounded as the run's training store (the run's spec) rounded them.
-                (encoded,) = encoded_maps(self.backbone, x0, self.spec, [sample.name])
-            yield _Item(sample.name, image, [decode_map(m, self.spec.dtype) for m in encoded])
+            image = data.load_image(sample.image, max_image_pixels=self.max_image_pixels)
+            lay = data.layout(image.shape[:2], self.size, self.resize)
+            views = data.fit_image(image, lay)
+            if self.at_model_size:
+                image, lay = views[0], None  # today's output: the image as the model saw it
+            yield _Item(sample.name, image, [self._maps(v, sample.name) for v in views], lay)
+
+    def _maps(self, image: np.ndarray, name: str) -> list:
+        x0 = image_tensor(image)[None].to(self.device)
+        with torch.no_grad():
+            # The path `extract` takes: the maps equal those a store of the images holds,
+            # rounded as the run's training store (the run's spec) rounded them.
+            (encoded,) = encoded_maps(self.backbone, x0, self.spec, [name])
+        return [decode_map(m, self.spec.dtype) for m in encoded]
 
 
 def _check_sha256(checkpoint: Path, got: str, want: str) -> None:
@@ -314,17 +425,20 @@ def input_path(input) -> Path | str:
 
 
 def open_source(path: Path | str, model: Ensemble, device: torch.device, checkpoint: str | None,
-                resize: bool, images_dir: Path | None = None,
-                max_image_pixels: int | None = None):
+                resize: bool | str, images_dir: Path | None = None,
+                max_image_pixels: int | None = None, at_model_size: bool = True):
     """The images of a store or an image folder, as items (name, RGB image, native maps) the
     run can predict: ``source.items(skip=names)``, ``len(source)``, ``source.size``,
     ``source.kind``, ``source.names``; ``source.image_content()`` says per name its image
     sha256 (None where a store recorded none) and whether a mask labels a pixel of it. Images
-    and PNG masks of more than ``max_image_pixels`` pixels (default PIL's limit) are refused."""
+    and PNG masks of more than ``max_image_pixels`` pixels (default PIL's limit) are refused.
+    ``resize``: False, True or a mode of ``spec.RESIZE_MODES``. Each item's ``layout`` says
+    how its image was fitted to the model (None with ``at_model_size``, the default here)."""
     if is_store(path):
-        return _StoreSource(path, model, images_dir, max_image_pixels)
+        return _StoreSource(path, model, images_dir, max_image_pixels, at_model_size)
     if path.is_dir():
-        return _ImageSource(path, model, device, checkpoint, resize, max_image_pixels)
+        return _ImageSource(path, model, device, checkpoint, resize, max_image_pixels,
+                            at_model_size)
     raise BadInputError(f"input {path} is neither a feature store nor a folder of images",
                         "give a store made by `ddpmseg extract` or an image folder")
 
@@ -386,10 +500,10 @@ def _write_image_outputs(out: Path, item: _Item, pred: ImagePrediction, palette:
 
 def predict(run, input, out_dir, *, vote: str | None = None, uncertainty: bool = False,
             device: str | torch.device = "auto", tile_rows: int | None = None,
-            resize: bool = False, checkpoint: str | None = None, images: str | None = None,
+            resize: bool | str = False, checkpoint: str | None = None, images: str | None = None,
             progress: bool = True, threads: int | None = None,
             max_image_pixels: int | None = None, all_pictures: bool = False,
-            scheduler: str | None = None) -> dict:
+            scheduler: str | None = None, at_model_size: bool = False) -> dict:
     """Predict every image of INPUT (a feature store or a folder of images) with RUN.
 
     ``run`` is a run directory (``ddpmseg fit``'s output) or a ``classifier.Ensemble``.
@@ -398,7 +512,12 @@ def predict(run, input, out_dir, *, vote: str | None = None, uncertainty: bool =
     ``<name>_jsd.npy``, ``<name>_uncertainty.png``; once: ``palette.json``, ``summary.png`` and
     ``predict.json`` (the folder's schema: ``outputs.folder``). ``vote`` and ``tile_rows``
     default to the run config's [predict] values. ``images`` is a folder of the originals for
-    the overlays when INPUT is a store. Torch runs on ``threads`` threads (default: torch's),
+    the overlays when INPUT is a store. Label maps, pictures and uncertainty are at each
+    image's own size (the ensemble's mean scores resized bilinearly, then the argmax; a store
+    must have recorded the sizes, else the model's size with a note); ``at_model_size`` keeps
+    them at the model's size. ``resize`` fits images of another size to the model: True (the
+    default way, ``spec.DEFAULT_RESIZE``), "stretch", "pad" (letterbox) or "tiles"
+    (overlapping windows at the image's resolution). Torch runs on ``threads`` threads (default: torch's),
     restored after. Images of more than ``max_image_pixels`` pixels (default PIL's limit) are
     refused. Overlays (and uncertainty PNGs) are drawn for the first ``PICTURE_IMAGES``
     images only, unless ``all_pictures``; label maps for all. ``scheduler`` ("local",
@@ -417,11 +536,11 @@ def predict(run, input, out_dir, *, vote: str | None = None, uncertainty: bool =
         with reading_source(source_path):
             images_dir = Path(images) if images else None
             source = open_source(source_path, model, dev, checkpoint, resize, images_dir,
-                                 max_image_pixels)
+                                 max_image_pixels, at_model_size)
             job = _Job(Path(out_dir), source, source_path, model, dev, vote, tile_rows,
-                       uncertainty, resize, images_dir, started, progress,
+                       uncertainty, data.resize_mode(resize), images_dir, started, progress,
                        None if all_pictures else PICTURE_IMAGES, scheduler,
-                       max_image_pixels)
+                       max_image_pixels, at_model_size)
             summary = _predict_whole(job)
     log.info("predicted %d image(s) into %s (%.1f s)", summary["num_images"], job.out,
              summary["seconds"])
@@ -455,13 +574,14 @@ class _Job:
     vote: str
     tile_rows: int
     uncertainty: bool
-    resize: bool
+    resize: str | None         # data.resize_mode's
     images_dir: Path | None
     started: float             # time.perf_counter() at the start
     progress: bool
     pictures: int | None = None    # images (the first ones) with pictures; None: all
     scheduler: str | None = None   # dask, or None: this process
     max_image_pixels: int | None = None
+    at_model_size: bool = False
 
 
 def _predict_whole(job: _Job) -> dict:
@@ -555,9 +675,9 @@ def _predict_items(model: Ensemble, source, items, stage: Path, settings: tuple,
     position = {n: k for k, n in enumerate(source.names)}
     for item in items:
         k = position[item.name]
-        pred = predict_maps(model.members, item.maps, source.size, vote=vote,
+        pred = predict_item(model.members, item.views, source.size, item.layout, vote=vote,
                             tile_rows=tile_rows, uncertainty=uncertainty, device=device)
-        item.maps = None
+        item.views = None
         files, row = _write_image_outputs(stage, item, pred, palette, model, class_names,
                                           uncertainty, pictures is None or k < pictures)
         yield item.name, files, row if k < SUMMARY_IMAGES else None
@@ -577,20 +697,22 @@ class Opening:
     input: str
     device: str
     checkpoint: str | None
-    resize: bool
+    resize: str | None         # data.resize_mode's
     images: str | None
     max_image_pixels: int | None
+    at_model_size: bool
 
     @classmethod
-    def of(cls, model: Ensemble, source, source_path: Path, device, resize: bool,
-           images_dir: Path | None, max_image_pixels: int | None) -> "Opening":
+    def of(cls, job: "_Job") -> "Opening":
+        model, source, source_path = job.model, job.source, job.source_path
         if model.run_dir is None:
             raise ConfigError("a scheduler needs the run's directory: each worker loads the "
                               "run itself", "give the run directory, not a loaded ensemble")
         checkpoint = getattr(source, "checkpoint", None)
-        return cls(absolute(model.run_dir), absolute(source_path), str(device),
-                   absolute(checkpoint) if checkpoint else None, resize,
-                   absolute(images_dir) if images_dir else None, max_image_pixels)
+        return cls(absolute(model.run_dir), absolute(source_path), str(job.device),
+                   absolute(checkpoint) if checkpoint else None, job.resize,
+                   absolute(job.images_dir) if job.images_dir else None,
+                   job.max_image_pixels, job.at_model_size)
 
     def open(self) -> tuple[Ensemble, object]:
         """(the run, its source) on this worker: the ones its last task opened when alike."""
@@ -601,8 +723,9 @@ class Opening:
             dev = resolve_device(self.device)
             model = load_run(self.run, dev)
             images = Path(self.images) if self.images else None
-            return model, open_source(Path(self.input), model, dev, self.checkpoint,
-                                      self.resize, images, self.max_image_pixels)
+            given = self.input if is_url(self.input) else Path(self.input)
+            return model, open_source(given, model, dev, self.checkpoint, self.resize, images,
+                                      self.max_image_pixels, self.at_model_size)
         return opened(("predict", self), make)
 
 
@@ -622,8 +745,7 @@ def _predict_chunk(setup: tuple, names: list[str]) -> list[tuple]:
 
 def _scheduled(job: _Job, stage: Path) -> Iterator[tuple]:
     """``_predicted``'s results, computed as dask tasks on ``job.scheduler``."""
-    opening = Opening.of(job.model, job.source, job.source_path, job.device, job.resize,
-                         job.images_dir, job.max_image_pixels)
+    opening = Opening.of(job)
     settings = (job.vote, job.tile_rows, job.uncertainty, str(job.device), job.pictures)
     return spread.in_order(job.scheduler, _predict_chunk, (opening, absolute(stage), settings),
                            job.source.names, name="predict",
@@ -644,7 +766,8 @@ def _meta(job: _Job, class_names: tuple, names: list[str], sheet: bool) -> dict:
         "tile_rows": job.tile_rows,
         "uncertainty": job.uncertainty,
         "device": str(job.device),
-        "resize": job.resize,
+        "resize": job.resize or False,
+        "at_model_size": job.at_model_size,
         "images": str(job.images_dir) if job.images_dir else None,
         "checkpoint": str(source.checkpoint) if source.kind == "images" else None,
         "num_members": len(model.members),

@@ -213,8 +213,9 @@ def test_resize_says_when_it_stretches(tmp_path, caplog):
     Image.new("RGB", (128, 128)).save(tmp_path / "square.png")
     check_image_size(tmp_path / "square.png", image_hw(tmp_path / "square.png"), (64, 64), True)
     assert "stretches" not in caplog.text
-    check_image_size(tmp_path / "wide.png", image_hw(tmp_path / "wide.png"), (64, 64), True)
-    assert "wide.png is 128x64; --resize stretches it to 64x64" in caplog.text
+    check_image_size(tmp_path / "wide.png", image_hw(tmp_path / "wide.png"), (64, 64),
+                     "stretch")
+    assert "wide.png is 128x64; `resize=stretch` stretches it to 64x64" in caplog.text
     assert load_image(tmp_path / "wide.png", (64, 64), resize=True).shape == (64, 64, 3)
 
 
