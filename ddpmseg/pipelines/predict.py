@@ -697,22 +697,23 @@ class Opening:
     input: str
     device: str
     checkpoint: str | None
-    resize: str | None         # data.resize_mode's
+    resize: bool | str | None
     images: str | None
     max_image_pixels: int | None
-    at_model_size: bool
+    at_model_size: bool = True
 
     @classmethod
-    def of(cls, job: "_Job") -> "Opening":
-        model, source, source_path = job.model, job.source, job.source_path
+    def of(cls, model: Ensemble, source, source_path: Path | str, device,
+           resize: bool | str | None, images_dir: Path | None, max_image_pixels: int | None,
+           *, at_model_size: bool = True) -> "Opening":
         if model.run_dir is None:
             raise ConfigError("a scheduler needs the run's directory: each worker loads the "
                               "run itself", "give the run directory, not a loaded ensemble")
         checkpoint = getattr(source, "checkpoint", None)
-        return cls(absolute(model.run_dir), absolute(source_path), str(job.device),
-                   absolute(checkpoint) if checkpoint else None, job.resize,
-                   absolute(job.images_dir) if job.images_dir else None,
-                   job.max_image_pixels, job.at_model_size)
+        return cls(absolute(model.run_dir), absolute(source_path), str(device),
+                   absolute(checkpoint) if checkpoint else None, resize,
+                   absolute(images_dir) if images_dir else None, max_image_pixels,
+                   at_model_size)
 
     def open(self) -> tuple[Ensemble, object]:
         """(the run, its source) on this worker: the ones its last task opened when alike."""
@@ -745,7 +746,9 @@ def _predict_chunk(setup: tuple, names: list[str]) -> list[tuple]:
 
 def _scheduled(job: _Job, stage: Path) -> Iterator[tuple]:
     """``_predicted``'s results, computed as dask tasks on ``job.scheduler``."""
-    opening = Opening.of(job)
+    opening = Opening.of(job.model, job.source, job.source_path, job.device, job.resize,
+                         job.images_dir, job.max_image_pixels,
+                         at_model_size=job.at_model_size)
     settings = (job.vote, job.tile_rows, job.uncertainty, str(job.device), job.pictures)
     return spread.in_order(job.scheduler, _predict_chunk, (opening, absolute(stage), settings),
                            job.source.names, name="predict",
