@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -90,11 +91,11 @@ def list_samples(folder: str | Path, require_masks: bool = False,
     folder = Path(folder)
     if not folder.is_dir():
         raise InputNotFoundError(f"data folder {folder} does not exist", "check the path")
-    files = {p.name: p for p in folder.iterdir() if p.is_file()}
-    candidates = [p for p in sorted(files.values()) if p.suffix.lower() in IMAGE_SUFFIXES
+    files = _files_by_name(folder)
+    candidates = [p for p in files.values() if p.suffix.lower() in IMAGE_SUFFIXES
                   and not _is_accepted_mask(p, files)]
     images = {p.stem: p for p in candidates}
-    skipped = [p.name for p in sorted(files.values())
+    skipped = [p.name for p in files.values()
                if p.suffix.lower() not in IMAGE_SUFFIXES + (".npy",)
                and not p.name.startswith(".")]
     samples, other_names = [], []
@@ -122,6 +123,15 @@ def list_samples(folder: str | Path, require_masks: bool = False,
         raise InputNotFoundError(f"no images ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)}) in "
                                  f"{folder}", "point to a folder of images")
     return samples
+
+
+def _files_by_name(folder: Path) -> dict[str, Path]:
+    """The files of ``folder`` by name, in name order (the order of sorted paths in one
+    folder). Names are sorted as strings and entries typed by ``os.scandir``, without a stat
+    each: a 10,000-image folder lists in a fraction of the time that sorting Paths takes."""
+    with os.scandir(folder) as entries:
+        names = sorted(e.name for e in entries if e.is_file())
+    return {name: folder / name for name in names}
 
 
 def _some(names: list[str]) -> str:
@@ -159,7 +169,7 @@ def _prefixes(stem: str) -> list[str]:
 
 def _note_stray_masks(folder: Path, files: dict, names: set[str]) -> None:
     stray = []
-    for path in sorted(files.values()):
+    for path in files.values():  # in name order
         owners = _mask_owners(path.name)
         if owners and not any(o in names for o in owners):
             stray.append(path.name)
@@ -187,10 +197,12 @@ def find_image(folder: Path, name: str) -> Path | None:
 
 def _is_mask_png(path: Path, files: dict) -> bool:
     # <stem>.png is a mask only when a non-PNG image (JPEG, WebP, ...) of that stem sits beside it.
-    return any(f"{path.stem}{s}" in files for s in _NOT_PNG + tuple(x.upper() for x in _NOT_PNG))
+    stem = path.stem
+    return any(f"{stem}{s}" in files for s in _NOT_PNG_CASES)
 
 
 _NOT_PNG = tuple(s for s in IMAGE_SUFFIXES if s != ".png")
+_NOT_PNG_CASES = _NOT_PNG + tuple(x.upper() for x in _NOT_PNG)
 
 
 def _find_mask(image: Path, files: dict) -> Path | None:
