@@ -44,3 +44,29 @@ def test_without_flags_torch_probes_answer(monkeypatch):
     assert cpu_bf16_native() is False
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     assert cpu_bf16_native() is True
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_said_once(monkeypatch, caplog):
+    from ddpmseg.backbone.base import note_emulated_bf16, precision_context
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2"}))
+    note_emulated_bf16.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="ddpmseg.backbone.base"):
+            for _ in range(2):
+                with precision_context(cpu, "bf16"):
+                    pass
+            with precision_context(cpu, "fp32"):
+                pass
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 1 and "emulated" in lines[0] and 'precision="fp32"' in lines[0]
+        note_emulated_bf16.cache_clear()
+        caplog.clear()
+        monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+        with caplog.at_level("WARNING", logger="ddpmseg.backbone.base"):
+            with precision_context(cpu, "bf16"):
+                pass
+        assert not caplog.records
+    finally:
+        note_emulated_bf16.cache_clear()
