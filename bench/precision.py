@@ -82,6 +82,19 @@ def test_folder(folder: Path, work: Path, n: int | None) -> Path:
     return sub
 
 
+def earlier_rows(out: Path, name: str) -> tuple[dict, dict]:
+    """Scores and seconds of the variants of set ``name`` already in ``out`` (another run of
+    this script, e.g. the fp32 reference while this one runs another variant)."""
+    scores, seconds = {}, {}
+    old = json.loads(out.read_text()) if out.is_file() else {}
+    for table in old.get("accuracy", {}).get("sets", []):
+        if table["set"] == name:
+            for row in table["rows"]:
+                scores[row["variant"]] = row["miou_per_seed"]
+                seconds[row["variant"]] = {"extract_s": row["extract_s"], "fit_s": row["fit_s"]}
+    return scores, seconds
+
+
 def accuracy_one_set(name: str, args, save) -> dict:
     """Extract every variant's train/test stores, fit and score each seed; the paired table
     (``save(table)`` after each variant, so that a long run leaves what it has)."""
@@ -98,14 +111,16 @@ def accuracy_one_set(name: str, args, save) -> dict:
     gt_dir = work / "gt_64"
     write_ground_truth(folders["test"], gt_dir, (64, 64), True)
     dc = base.data
-    scores: dict[str, list[float]] = {}
-    seconds: dict[str, dict] = {}
+    scores, seconds = earlier_rows(Path(args.out), name)
     for variant in args.variants:
+        if variant in scores:
+            scores.pop(variant)  # measured again here
         precision, dtype = VARIANTS[variant]
         cfg = base.replace(features={"precision": precision, "dtype": dtype})
         t0 = time.perf_counter()
         stores = {split: extract(folders[split], work / variant / f"{split}.zarr", cfg,
-                                 device="cpu", resize=True, progress=False)
+                                 device="cpu", resize=True, progress=False,
+                                 scheduler=args.scheduler)
                   for split in ("train", "test")}
         seconds[variant] = {"extract_s": round(time.perf_counter() - t0, 1), "fit_s": []}
         scores[variant] = []
@@ -125,11 +140,11 @@ def accuracy_one_set(name: str, args, save) -> dict:
             scores[variant].append(100.0 * r["miou"])
             print(f"  {name} {variant} seed {seed}: mIoU {scores[variant][-1]:.2f}",
                   file=sys.stderr, flush=True)
-        save(paired_table(name, args, dc, scores, seconds))
-    return paired_table(name, args, dc, scores, seconds)
+        save(paired_table(name, args, dc.num_classes, scores, seconds))
+    return paired_table(name, args, dc.num_classes, scores, seconds)
 
 
-def paired_table(name, args, dc, scores, seconds) -> dict:
+def paired_table(name, args, num_classes, scores, seconds) -> dict:
     """Per variant: mIoU per seed, mean +- std, and the paired differences against fp32."""
     ref = scores.get("fp32")
     rows = []
@@ -144,10 +159,48 @@ def paired_table(name, args, dc, scores, seconds) -> dict:
             row.update(paired_diff_per_seed=d, paired_diff_mean=dmean, paired_diff_std=dstd,
                        within_seed_spread=abs(dmean) <= spread(ref)[1])
         rows.append(row)
-    return {"set": name, "num_classes": dc.num_classes, "seeds": args.seeds,
+    return {"set": name, "num_classes": num_classes, "seeds": args.seeds,
             "test_images": args.test_images or "all",
             "member_seeds": {s: [s + k for k in range(args.members)] for s in args.seeds},
             "fp32_seed_std": spread(ref)[1] if ref else None, "rows": rows}
+
+
+def merge_runs(files: list[Path], args) -> dict:
+    """Runs of this script split by seed or variant, as one: per set and variant, the mIoU of
+    every seed measured (in seed order), and the paired table recomputed; speed from the last
+    file that has it."""
+    merged: dict = {}
+    seen: dict[str, dict] = {}
+    for f in files:
+        part = json.loads(f.read_text())
+        if "speed" in part:
+            merged["speed"] = part["speed"]
+        acc = part.get("accuracy")
+        if not acc:
+            continue
+        merged.setdefault("accuracy", {k: v for k, v in acc.items() if k != "sets"})
+        for table in acc["sets"]:
+            entry = seen.setdefault(table["set"], {"num_classes": table["num_classes"],
+                                                   "scores": {}, "seconds": {}})
+            for row in table["rows"]:
+                per = entry["scores"].setdefault(row["variant"], {})
+                secs = entry["seconds"].setdefault(row["variant"],
+                                                   {"extract_s": row["extract_s"], "fit_s": []})
+                for seed, value, fit_s in zip(table["seeds"], row["miou_per_seed"],
+                                              row["fit_s"]):
+                    per[seed] = value
+                    secs["fit_s"].append(fit_s)
+    sets = []
+    for name, entry in seen.items():
+        # Paired by seed: only the seeds every variant has.
+        seeds = sorted(set.intersection(*(set(per) for per in entry["scores"].values())))
+        args.seeds = seeds
+        scores = {v: [per[s] for s in seeds] for v, per in entry["scores"].items()}
+        sets.append(paired_table(name, args, entry["num_classes"], scores, entry["seconds"]))
+    if "accuracy" in merged:
+        merged["accuracy"]["sets"] = sets
+        merged["accuracy"]["merged_from"] = [str(f) for f in files]
+    return merged
 
 
 def time_model(name: str, n_images: int, threads: int) -> dict:
@@ -268,6 +321,11 @@ def main(argv=None) -> int:
                     help="channels:size of the lsun_256 convolutions probed, '' for none")
     ap.add_argument("--speed-threads", default="1,2")
     ap.add_argument("--data-root", default=str(DATA_ROOT))
+    ap.add_argument("--merge", default=None,
+                    help="comma-separated JSON files of runs split by seed or variant: their "
+                         "accuracy rows (and speed, where present) merged into --out")
+    ap.add_argument("--scheduler", default=None,
+                    help="extract's scheduler, e.g. local:4 (bf16 extraction is slow here)")
     ap.add_argument("--work", default="/tmp/ddpmseg_precision")
     ap.add_argument("--out", default=str(RESULT))
     args = ap.parse_args(argv)
@@ -285,12 +343,29 @@ def main(argv=None) -> int:
     result = json.loads(out.read_text()) if out.is_file() else {}
     result["benchmark"] = "precision"
     result["machine"] = machine()
+    if args.merge:
+        result.update(merge_runs([Path(p) for p in args.merge.split(",")], args))
+        out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        print(render(result))
+        return 0
     if args.part in ("accuracy", "both"):
         torch.set_num_threads(1)
 
         def save(table: dict) -> None:
             # Re-read: another process may be running another set into the same file.
             current = json.loads(out.read_text()) if out.is_file() else result
+            mine = {r["variant"] for r in table["rows"]}
+            for other in current.get("accuracy", {}).get("sets", []):
+                if other["set"] == table["set"]:  # keep rows that another run added since
+                    extra = {r["variant"]: r for r in other["rows"] if r["variant"] not in mine}
+                    if extra:
+                        scores = {v: r["miou_per_seed"] for v, r in extra.items()}
+                        scores.update({r["variant"]: r["miou_per_seed"] for r in table["rows"]})
+                        secs = {v: {"extract_s": r["extract_s"], "fit_s": r["fit_s"]}
+                                for v, r in {**extra, **{r["variant"]: r for r in
+                                                         table["rows"]}}.items()}
+                        table = paired_table(table["set"], args, table["num_classes"],
+                                             scores, secs)
             acc = current.setdefault("accuracy", {})
             acc.update({
                 "backbone": "bundled:faces_64 (faces64 config: steps 50,150,250, "
