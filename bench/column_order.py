@@ -193,8 +193,12 @@ def main(argv=None) -> int:
             ap.error("run needs --tag old or --tag new")
         run(args)
         return 0
+    import torch
+    torch.set_num_threads(1)
     result = compare(args)
     result.update(benchmark="column_order", members=args.members,
+                  note="runs split over two work dirs (seeds 0-2, 3-4) on a shared machine; "
+                       "stores extracted once by befd1a1, read by both versions",
                   commit="befd1a1 (new) against its parent (old)",
                   rounding_growth_max_abs_logit_diff=rounding_growth(),
                   machine="2-core AMD EPYC (AVX2), shared with other jobs; 1 torch thread")
