@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
+import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
+from ddpmseg.core import device as core_device
 from ddpmseg.core.errors import BadInputError, ConfigError
 from ddpmseg.spec import BackboneId, BlockId, check_steps
 
@@ -26,6 +29,8 @@ def image_tensor(image: np.ndarray) -> torch.Tensor:
     """
     return torch.from_numpy(image).permute(2, 0, 1).contiguous().float().div(127.5).sub(1.0)
 
+
+log = logging.getLogger(__name__)
 
 # The autocast dtype of each of spec.PRECISIONS (None: no autocast).
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -40,7 +45,21 @@ def precision_context(device: torch.device, precision: str):
         return contextlib.nullcontext()
     if dtype is torch.float16 and device.type != "cuda":
         raise ConfigError("precision fp16 needs a CUDA device", "use bf16 or fp32 on the CPU")
+    if dtype is torch.bfloat16 and device.type == "cpu":
+        note_emulated_bf16()
     return torch.autocast(device.type, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def note_emulated_bf16() -> bool:
+    """Say once per process when bf16 on this CPU is emulated (no AMX-BF16 / AVX512-BF16):
+    there its convolutions are 50-100x slower than float32 (bench/results/precision.json).
+    Returns whether it did."""
+    if core_device.cpu_bf16_native():
+        return False
+    log.warning("precision bf16 on this CPU is emulated (no AMX-BF16 or AVX512-BF16): far "
+                "slower than fp32; pass `precision=\"fp32\"`")
+    return True
 
 
 def check_image(x0, device: torch.device, factor: int, what: str) -> torch.Tensor:

@@ -79,3 +79,37 @@ def use_threads(threads: int | None = None, work: str | None = None):
     finally:
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
+
+
+# /proc/cpuinfo flags of CPUs that compute bfloat16 natively (AMX tiles, or AVX-512 BF16
+# dot products). Without them torch emulates bf16 with float32 arithmetic plus conversions.
+NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str] | None:
+    """The CPU's feature flags from ``cpuinfo`` (Linux), or None where it cannot be read."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    return frozenset(value.split())
+    except OSError:
+        return None
+    return None
+
+
+def cpu_bf16_native(flags: frozenset[str] | None = None) -> bool:
+    """Whether this CPU has native bfloat16 arithmetic (AMX-BF16 or AVX512-BF16).
+
+    ``flags``: the CPU's feature flags (default: ``cpu_flags()``); where those cannot be read,
+    torch's own probes of the same instructions answer.
+    """
+    if flags is None:
+        flags = cpu_flags()
+    if flags is not None:
+        return bool(flags & NATIVE_BF16_FLAGS)
+    import torch
+
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
