@@ -229,7 +229,8 @@ def main(argv=None) -> int:
             pred_dir = work / "preds" / f"{tag}_{vote}"
             if pred_dir.exists():
                 shutil.rmtree(pred_dir)
-            predict(run, work / "test.zarr", pred_dir, vote=vote, device=args.device, progress=False)
+            predict(run, work / "test.zarr", pred_dir, vote=vote, device=args.device, progress=False,
+                    at_model_size=True)  # scored against the 64 px masks, as published
             out[vote] = score(pred_dir)
         print(f"  etf {mode:<8} seed {seed}{' in-memory' if in_memory else ''}: "
               f"hard {out['hard']:.2f}  soft {out['soft']:.2f}  (fit {t_fit:.0f} s)", flush=True)

@@ -84,7 +84,7 @@ def run(args) -> None:
                 if pred.exists():
                     shutil.rmtree(pred)
                 predict(run_dir, work / "test.zarr", pred, vote="soft", device="cpu",
-                        progress=False)
+                        progress=False, at_model_size=True)  # the 64 px masks
                 r = evaluate(pred, gt, num_classes=cfg.data.num_classes,
                              ignore_label=cfg.data.ignore_label, write=False)
                 scores[tag] = 100.0 * r["miou"]

@@ -134,7 +134,7 @@ def accuracy_one_set(name: str, args, save) -> dict:
             if pred.exists():
                 shutil.rmtree(pred)
             predict(run, work / variant / "test.zarr", pred, vote="soft", device="cpu",
-                    progress=False)
+                    progress=False, at_model_size=True)  # the 64 px masks
             r = evaluate(pred, gt_dir, num_classes=dc.num_classes, ignore_label=dc.ignore_label,
                          class_names=dc.class_names, write=False)
             scores[variant].append(100.0 * r["miou"])

@@ -144,7 +144,7 @@ def main(argv=None) -> int:
                 fit(stores[codec]["train"], run, c, device="cpu", in_memory=True, resume=False,
                     progress=False)
                 predict(run, stores[codec]["test"].path, pred, vote="soft", device="cpu",
-                        progress=False)
+                        progress=False, at_model_size=True)  # the 64 px masks
                 r = evaluate(pred, gt_dir, num_classes=dc.num_classes,
                              ignore_label=dc.ignore_label, class_names=dc.class_names,
                              write=False)
