@@ -1,0 +1,89 @@
+"""Per-image records (featcache.records): round trip, O(1) append, damage named by file.
+The records are not yet switched on in stores; these test the reader and writer."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import zarr
+import zarr.storage
+
+from ddpmseg.core.errors import StoreError
+from ddpmseg.featcache import content, records
+from ddpmseg.featcache.records import ImageRecord
+
+
+def _recs(n, start=0):
+    return [ImageRecord(f"img{i:05d}", (f"{i:064x}", None if i % 2 else f"{i + 1:064x}"),
+                        i % 3 == 0, (10 + i, 20, "crop") if i % 4 else None)
+            for i in range(start, start + n)]
+
+
+def _group(path):
+    return zarr.open_group(str(path), mode="w", zarr_format=3)
+
+
+def test_round_trip_and_state(tmp_path):
+    g = _group(tmp_path / "s.zarr")
+    arr = records.create(g, 0, 4)
+    recs = _recs(10) + [ImageRecord('a "quoted" naïve\\name')]
+    records.write(arr, 0, recs)
+    again = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")[records.RECORDS]
+    assert records.read(again, 11, "S") == recs
+    assert records.damaged(again, 11, "S") == []
+    names, state = content.records_state(recs)
+    assert names == tuple(r.name for r in recs)
+    assert content.state_records(names, state) == recs
+    # A longer array (a grow stopped before its count was recorded) reads its first N.
+    assert records.read(again, 7, "S") == recs[:7]
+
+
+def test_append_rewrites_one_chunk(tmp_path, monkeypatch):
+    """Appending one record to 3,000 writes about what it writes to 30: the last chunk and
+    the array's zarr.json, never the whole pool."""
+    written: Counter = Counter()
+    real = zarr.storage.LocalStore.set
+
+    async def counting(self, key, value):
+        written[key] += len(value)
+        return await real(self, key, value)
+
+    sizes = {}
+    for n in (30, 3000):
+        g = _group(tmp_path / f"s{n}.zarr")
+        arr = records.create(g, 0, 8)
+        records.write(arr, 0, _recs(n))
+        monkeypatch.setattr(zarr.storage.LocalStore, "set", counting)
+        written.clear()
+        records.write(arr, n, _recs(1, start=n))
+        monkeypatch.setattr(zarr.storage.LocalStore, "set", real)
+        sizes[n] = sum(written.values())
+        assert set(written) <= {"records/zarr.json", f"records/c/{n // 8}"}
+        assert records.read(arr, n + 1, "S")[-1] == _recs(1, start=n)[0]
+    assert sizes[3000] < sizes[30] + 64, sizes
+
+
+def test_damaged_chunk_is_named(tmp_path):
+    path = tmp_path / "s.zarr"
+    records.write(records.create(_group(path), 0, 4), 0, _recs(10))
+    f = path / "records" / "c" / "1"
+    raw = bytearray(f.read_bytes())
+    raw[5] ^= 0x10
+    f.write_bytes(bytes(raw))
+    arr = zarr.open_group(str(path), mode="r")[records.RECORDS]
+    with pytest.raises(StoreError, match=r"records/c/1: the image records are damaged"):
+        records.read(arr, 10, str(path))
+    assert [p for p, _ in records.damaged(arr, 10, str(path))] == [f"{path}/records/c/1"]
+    (path / "records" / "c" / "2").unlink()   # a missing chunk: records with no text
+    problems = dict(records.damaged(arr, 10, str(path)))
+    assert problems[f"{path}/records/c/2"] == "image 8 has no record"
+
+
+def test_unreadable_record_text(tmp_path):
+    arr = records.create(_group(tmp_path / "s.zarr"), 0, 4)
+    records.write(arr, 0, _recs(2))
+    arr[1:2] = np.array(['["x", null, "no", null]'], dtype=object)
+    with pytest.raises(StoreError, match="not readable"):
+        records.read(arr, 2, "S")
