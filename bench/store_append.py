@@ -8,6 +8,13 @@ group's zarr.json (the attributes: names, hashes, digest) and the rest; and the 
 metadata step (plan + apply), min of repeats. For N = 300 and 3000: O(1) would be the same
 bytes for both. Writes bench/results/store_append.json.
 
+Beside it, interleaved repeat by repeat, the per-image records (``featcache.records``, not yet
+switched on in stores) in a second group of N records: the same append done the way the
+records design does it (FORMAT.md, "Per-image records"): the new record written (its chunk
+and the records array's zarr.json), then the group attributes without names and image state
+(the commit: the new count). The arrays' growth (the "other" bytes above, about 3.9 kB) is
+the same in both and not repeated there.
+
     python bench/store_append.py [--sizes 300,3000] [--repeats 5]
 """
 
@@ -31,7 +38,10 @@ import zarr.storage
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ddpmseg.featcache import FeatureStore, StoreInfo, content  # noqa: E402
+import zarr  # noqa: E402
+
+from ddpmseg.featcache import FeatureStore, StoreInfo, content, records  # noqa: E402
+from ddpmseg.featcache.store import IMAGES_ATTR  # noqa: E402
 from ddpmseg.spec import BackboneId, FeatureSpec  # noqa: E402
 
 SHAPES = ((4, 2, 2),)
@@ -42,7 +52,8 @@ def count_writes() -> None:
     real = zarr.storage.LocalStore.set
 
     async def counting(self, key, value):
-        WRITTEN["zarr.json" if key == "zarr.json" else "other"] += len(value)
+        WRITTEN["zarr.json" if key == "zarr.json" else
+                "records" if key.startswith("records/") else "other"] += len(value)
         return await real(self, key, value)
 
     zarr.storage.LocalStore.set = counting
@@ -81,6 +92,34 @@ def append_one(store: FeatureStore) -> tuple[float, Counter]:
     return elapsed, meta
 
 
+def make_records(path: Path, store: FeatureStore) -> zarr.Group:
+    """A group holding ``store``'s names and hashes as records, and its attributes without
+    them (what a store with records would hold)."""
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    state = content.read_state(store)
+    arr = records.create(group, 0, store.info.images_per_shard)
+    records.write(arr, 0, content.state_records(store.names, state))
+    attrs = store.group.attrs.asdict()
+    attrs.pop(IMAGES_ATTR, None)
+    attrs["ddpmseg"] = {k: v for k, v in attrs["ddpmseg"].items() if k != "names"}
+    group.attrs.update(attrs)
+    return group
+
+
+def append_record(group: zarr.Group) -> tuple[float, Counter]:
+    arr = group[records.RECORDS]
+    n = arr.shape[0]
+    new = f"img{n:06d}"
+    rec = records.ImageRecord(new, tuple(fake_hashes([new])[new]))
+    WRITTEN.clear()
+    t = time.perf_counter()
+    records.write(arr, n, [rec])
+    attrs = group.attrs.asdict()
+    attrs["ddpmseg"] = {**attrs["ddpmseg"], "num_images": n + 1}
+    group.attrs.update(attrs)
+    return time.perf_counter() - t, Counter(WRITTEN)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="300,3000")
@@ -93,19 +132,31 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for n in (int(x) for x in args.sizes.split(",")):
             store = make(Path(tmp) / f"s{n}.zarr", n)
-            times, metas = [], []
-            for _ in range(args.repeats):
+            group = make_records(Path(tmp) / f"r{n}.zarr", store)
+            times, metas, rtimes, rmetas = [], [], [], []
+            for _ in range(args.repeats):   # interleaved: attributes, records, ...
                 t, meta = append_one(store)
                 times.append(t)
                 metas.append(meta)
+                t, meta = append_record(group)
+                rtimes.append(t)
+                rmetas.append(meta)
             rows[n] = {"metadata_step_min_s": round(min(times), 4),
                        "metadata_step_s": [round(t, 4) for t in times],
                        "group_zarr_json_bytes_written": metas[-1]["zarr.json"],
-                       "other_metadata_bytes_written": metas[-1]["other"]}
+                       "other_metadata_bytes_written": metas[-1]["other"],
+                       "records": {
+                           "step_min_s": round(min(rtimes), 4),
+                           "step_median_s": round(sorted(rtimes)[len(rtimes) // 2], 4),
+                           "step_s": [round(t, 4) for t in rtimes],
+                           "group_zarr_json_bytes_written": rmetas[-1]["zarr.json"],
+                           "records_bytes_written": rmetas[-1]["records"]}}
     result = {"stores": rows, "format": 3,
               "what": "one image appended: content.plan + content.apply (arrays grown, names "
                       "and hashes recorded in the group attributes); bytes LocalStore wrote "
-                      "in that step",
+                      "in that step; 'records': the same append with per-image records "
+                      "(featcache.records, not yet switched on in stores), measured on a "
+                      "second group holding the same records, interleaved",
               "threads": 1, "machine": f"{platform.machine()}, {os.cpu_count()} cores, shared "
                                        "with other jobs (timings noisy; bytes exact)"}
     print(json.dumps(result, indent=2))
