@@ -36,6 +36,10 @@ def test_round_trip_and_state(tmp_path):
     names, state = content.records_state(recs)
     assert names == tuple(r.name for r in recs)
     assert content.state_records(names, state) == recs
+    # A name with no recorded hashes (a store from before hashes) keeps none.
+    legacy = content.state_records(("old",), content.ImageState({}))
+    assert legacy == [ImageRecord("old")]
+    assert content.records_state(legacy) == (("old",), content.ImageState({}))
     # A longer array (a grow stopped before its count was recorded) reads its first N.
     assert records.read(again, 7, "S") == recs[:7]
 
