@@ -8,7 +8,7 @@ group's zarr.json (the attributes: names, hashes, digest) and the rest; and the 
 metadata step (plan + apply), min of repeats. For N = 300 and 3000: O(1) would be the same
 bytes for both. Writes bench/results/store_append.json.
 
-Beside it, interleaved repeat by repeat, the per-image records (``featcache.records``, not yet
+Beside it, interleaved repeat by repeat, the per-image records (``featcache.image_records``, not yet
 switched on in stores) in a second group of N records: the same append done the way the
 records design does it (FORMAT.md, "Per-image records"): the new record written (its chunk
 and the records array's zarr.json), then the group attributes without names and image state
@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 import zarr  # noqa: E402
 
-from ddpmseg.featcache import FeatureStore, StoreInfo, content, records  # noqa: E402
+from ddpmseg.featcache import FeatureStore, StoreInfo, content, image_records  # noqa: E402
 from ddpmseg.featcache.store import IMAGES_ATTR  # noqa: E402
 from ddpmseg.spec import BackboneId, FeatureSpec  # noqa: E402
 
@@ -53,7 +53,7 @@ def count_writes() -> None:
 
     async def counting(self, key, value):
         WRITTEN["zarr.json" if key == "zarr.json" else
-                "records" if key.startswith("records/") else "other"] += len(value)
+                "records" if key.startswith("image_records/") else "other"] += len(value)
         return await real(self, key, value)
 
     zarr.storage.LocalStore.set = counting
@@ -97,8 +97,8 @@ def make_records(path: Path, store: FeatureStore) -> zarr.Group:
     them (what a store with records would hold)."""
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     state = content.read_state(store)
-    arr = records.create(group, 0, store.info.images_per_shard)
-    records.write(arr, 0, content.state_records(store.names, state))
+    arr = image_records.create(group, 0, store.info.images_per_shard)
+    image_records.write(arr, 0, content.state_records(store.names, state))
     attrs = store.group.attrs.asdict()
     attrs.pop(IMAGES_ATTR, None)
     attrs["ddpmseg"] = {k: v for k, v in attrs["ddpmseg"].items() if k != "names"}
@@ -107,13 +107,13 @@ def make_records(path: Path, store: FeatureStore) -> zarr.Group:
 
 
 def append_record(group: zarr.Group) -> tuple[float, Counter]:
-    arr = group[records.RECORDS]
+    arr = group[image_records.IMAGE_RECORDS]
     n = arr.shape[0]
     new = f"img{n:06d}"
-    rec = records.ImageRecord(new, tuple(fake_hashes([new])[new]))
+    rec = image_records.ImageRecord(new, tuple(fake_hashes([new])[new]))
     WRITTEN.clear()
     t = time.perf_counter()
-    records.write(arr, n, [rec])
+    image_records.write(arr, n, [rec])
     attrs = group.attrs.asdict()
     attrs["ddpmseg"] = {**attrs["ddpmseg"], "num_images": n + 1}
     group.attrs.update(attrs)
@@ -155,7 +155,7 @@ def main() -> None:
               "what": "one image appended: content.plan + content.apply (arrays grown, names "
                       "and hashes recorded in the group attributes); bytes LocalStore wrote "
                       "in that step; 'records': the same append with per-image records "
-                      "(featcache.records, not yet switched on in stores), measured on a "
+                      "(featcache.image_records, not yet switched on in stores), measured on a "
                       "second group holding the same records, interleaved",
               "threads": 1, "machine": f"{platform.machine()}, {os.cpu_count()} cores, shared "
                                        "with other jobs (timings noisy; bytes exact)"}

@@ -37,7 +37,7 @@ import numpy as np
 
 from ddpmseg.core.errors import BadInputError, StoreError
 from ddpmseg.core.fileio import atomic_write, is_url, sha256_file
-from ddpmseg.featcache import records
+from ddpmseg.featcache import image_records
 from ddpmseg.featcache.store import FeatureStore, StoreInfo
 from ddpmseg.spec import short
 
@@ -167,11 +167,11 @@ class ImageState:
                    {k: list(v) for k, v in raw.get("sizes", {}).items()})
 
 
-def state_records(names, state: ImageState) -> list[records.ImageRecord]:
-    """The per-image records (``featcache.records``, not yet switched on) of a store's names
+def state_records(names, state: ImageState) -> list[image_records.ImageRecord]:
+    """The per-image records (``featcache.image_records``, not yet switched on) of a store's names
     and image state, in store order."""
     inactive = set(state.inactive)
-    return [records.ImageRecord(n, None if state.hashes.get(n) is None
+    return [image_records.ImageRecord(n, None if state.hashes.get(n) is None
                                 else tuple(state.hashes[n]), n in inactive,
                                 None if state.sizes.get(n) is None else tuple(state.sizes[n]))
             for n in names]

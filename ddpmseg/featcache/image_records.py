@@ -8,8 +8,8 @@ appending one image to a store of N rewrites O(N) bytes; a record array rewrites
 chunk (``images_per_shard`` records) that the appended image falls in, and the array's small
 ``zarr.json`` when it grows.
 
-Layout: array ``records``, shape (N,), zarr data type ``string`` (codecs ``vlen-utf8`` then
-``crc32c``), chunks (S,), fill value "" (no record). Record i is the canonical JSON (no
+Layout: array ``image_records``, shape (N,), zarr data type ``string`` (codecs ``vlen-utf8``
+then ``crc32c``), chunks (S,), fill value "" (no record). Record i is the canonical JSON (no
 spaces; a fixed-order list) ``[name, [image sha256, mask sha256 or null] or null,
 inactive, [height, width, resize mode or null] or null]``. Each chunk file ends with its
 crc32c: a damaged chunk is a ``StoreError`` naming the file (``read``) and is listed by
@@ -28,7 +28,7 @@ from zarr.codecs import Crc32cCodec
 
 from ddpmseg.core.errors import StoreError
 
-RECORDS = "records"
+IMAGE_RECORDS = "image_records"
 _HINT = ("the store's image records are damaged; re-extract it with the same command plus "
          "`overwrite=True`")
 
@@ -65,7 +65,7 @@ class ImageRecord:
 
 def array_spec(num_images: int, images_per_shard: int) -> tuple[str, dict]:
     """(name, ``create_array`` arguments) of the records array."""
-    return RECORDS, dict(
+    return IMAGE_RECORDS, dict(
         shape=(num_images,), chunks=(max(1, images_per_shard),), dtype=str,
         compressors=[Crc32cCodec()], fill_value="", config={"write_empty_chunks": True},
         dimension_names=("image",))
@@ -88,7 +88,7 @@ def write(arr: zarr.Array, start: int, records: Sequence[ImageRecord]) -> None:
 
 
 def chunk_file(path: str, k: int) -> str:
-    return f"{str(path).rstrip('/')}/{RECORDS}/c/{k}"
+    return f"{str(path).rstrip('/')}/{IMAGE_RECORDS}/c/{k}"
 
 
 def _read_chunk(arr: zarr.Array, k: int, n: int, path: str) -> list[ImageRecord]:

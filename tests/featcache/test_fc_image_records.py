@@ -1,4 +1,4 @@
-"""Per-image records (featcache.records): round trip, O(1) append, damage named by file.
+"""Per-image records (featcache.image_records): round trip, O(1) append, damage named by file.
 The records are not yet switched on in stores; these test the reader and writer."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import zarr
 import zarr.storage
 
 from ddpmseg.core.errors import StoreError
-from ddpmseg.featcache import content, records
-from ddpmseg.featcache.records import ImageRecord
+from ddpmseg.featcache import content, image_records
+from ddpmseg.featcache.image_records import ImageRecord
 
 
 def _recs(n, start=0):
@@ -27,12 +27,12 @@ def _group(path):
 
 def test_round_trip_and_state(tmp_path):
     g = _group(tmp_path / "s.zarr")
-    arr = records.create(g, 0, 4)
+    arr = image_records.create(g, 0, 4)
     recs = _recs(10) + [ImageRecord('a "quoted" naïve\\name')]
-    records.write(arr, 0, recs)
-    again = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")[records.RECORDS]
-    assert records.read(again, 11, "S") == recs
-    assert records.damaged(again, 11, "S") == []
+    image_records.write(arr, 0, recs)
+    again = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")[image_records.IMAGE_RECORDS]
+    assert image_records.read(again, 11, "S") == recs
+    assert image_records.damaged(again, 11, "S") == []
     names, state = content.records_state(recs)
     assert names == tuple(r.name for r in recs)
     assert content.state_records(names, state) == recs
@@ -41,7 +41,7 @@ def test_round_trip_and_state(tmp_path):
     assert legacy == [ImageRecord("old")]
     assert content.records_state(legacy) == (("old",), content.ImageState({}))
     # A longer array (a grow stopped before its count was recorded) reads its first N.
-    assert records.read(again, 7, "S") == recs[:7]
+    assert image_records.read(again, 7, "S") == recs[:7]
 
 
 def test_append_rewrites_one_chunk(tmp_path, monkeypatch):
@@ -57,37 +57,38 @@ def test_append_rewrites_one_chunk(tmp_path, monkeypatch):
     sizes = {}
     for n in (30, 3000):
         g = _group(tmp_path / f"s{n}.zarr")
-        arr = records.create(g, 0, 8)
-        records.write(arr, 0, _recs(n))
+        arr = image_records.create(g, 0, 8)
+        image_records.write(arr, 0, _recs(n))
         monkeypatch.setattr(zarr.storage.LocalStore, "set", counting)
         written.clear()
-        records.write(arr, n, _recs(1, start=n))
+        image_records.write(arr, n, _recs(1, start=n))
         monkeypatch.setattr(zarr.storage.LocalStore, "set", real)
         sizes[n] = sum(written.values())
-        assert set(written) <= {"records/zarr.json", f"records/c/{n // 8}"}
-        assert records.read(arr, n + 1, "S")[-1] == _recs(1, start=n)[0]
+        assert set(written) <= {"image_records/zarr.json", f"image_records/c/{n // 8}"}
+        assert image_records.read(arr, n + 1, "S")[-1] == _recs(1, start=n)[0]
     assert sizes[3000] < sizes[30] + 64, sizes
 
 
 def test_damaged_chunk_is_named(tmp_path):
     path = tmp_path / "s.zarr"
-    records.write(records.create(_group(path), 0, 4), 0, _recs(10))
-    f = path / "records" / "c" / "1"
+    image_records.write(image_records.create(_group(path), 0, 4), 0, _recs(10))
+    f = path / "image_records" / "c" / "1"
     raw = bytearray(f.read_bytes())
     raw[5] ^= 0x10
     f.write_bytes(bytes(raw))
-    arr = zarr.open_group(str(path), mode="r")[records.RECORDS]
-    with pytest.raises(StoreError, match=r"records/c/1: the image records are damaged"):
-        records.read(arr, 10, str(path))
-    assert [p for p, _ in records.damaged(arr, 10, str(path))] == [f"{path}/records/c/1"]
-    (path / "records" / "c" / "2").unlink()   # a missing chunk: records with no text
-    problems = dict(records.damaged(arr, 10, str(path)))
-    assert problems[f"{path}/records/c/2"] == "image 8 has no record"
+    arr = zarr.open_group(str(path), mode="r")[image_records.IMAGE_RECORDS]
+    with pytest.raises(StoreError, match=r"image_records/c/1: the image records are damaged"):
+        image_records.read(arr, 10, str(path))
+    damaged = image_records.damaged(arr, 10, str(path))
+    assert [p for p, _ in damaged] == [f"{path}/image_records/c/1"]
+    (path / "image_records" / "c" / "2").unlink()   # a missing chunk: records with no text
+    problems = dict(image_records.damaged(arr, 10, str(path)))
+    assert problems[f"{path}/image_records/c/2"] == "image 8 has no record"
 
 
 def test_unreadable_record_text(tmp_path):
-    arr = records.create(_group(tmp_path / "s.zarr"), 0, 4)
-    records.write(arr, 0, _recs(2))
+    arr = image_records.create(_group(tmp_path / "s.zarr"), 0, 4)
+    image_records.write(arr, 0, _recs(2))
     arr[1:2] = np.array(['["x", null, "no", null]'], dtype=object)
     with pytest.raises(StoreError, match="not readable"):
-        records.read(arr, 2, "S")
+        image_records.read(arr, 2, "S")
