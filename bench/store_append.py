@@ -98,7 +98,7 @@ def make_records(path: Path, store: FeatureStore) -> zarr.Group:
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     state = content.read_state(store)
     arr = image_records.create(group, 0, store.info.images_per_shard)
-    image_records.write(arr, 0, content.state_records(store.names, state))
+    image_records.write(arr, 0, image_records.from_images(store.names, state.to_json()))
     attrs = store.group.attrs.asdict()
     attrs.pop(IMAGES_ATTR, None)
     attrs["ddpmseg"] = {k: v for k, v in attrs["ddpmseg"].items() if k != "names"}

@@ -37,7 +37,6 @@ import numpy as np
 
 from ddpmseg.core.errors import BadInputError, StoreError
 from ddpmseg.core.fileio import atomic_write, is_url, sha256_file
-from ddpmseg.featcache import image_records
 from ddpmseg.featcache.store import FeatureStore, StoreInfo
 from ddpmseg.spec import short
 
@@ -165,24 +164,6 @@ class ImageState:
         return cls({k: list(v) for k, v in raw.get("hashes", {}).items()},
                    tuple(raw.get("inactive", ())),
                    {k: list(v) for k, v in raw.get("sizes", {}).items()})
-
-
-def state_records(names, state: ImageState) -> list[image_records.ImageRecord]:
-    """The per-image records (``featcache.image_records``, not yet switched on) of a store's names
-    and image state, in store order."""
-    inactive = set(state.inactive)
-    return [image_records.ImageRecord(n, None if state.hashes.get(n) is None
-                                else tuple(state.hashes[n]), n in inactive,
-                                None if state.sizes.get(n) is None else tuple(state.sizes[n]))
-            for n in names]
-
-
-def records_state(recs) -> tuple[tuple[str, ...], ImageState]:
-    """(names, image state) of per-image records: ``state_records`` undone."""
-    return (tuple(r.name for r in recs),
-            ImageState({r.name: list(r.hashes) for r in recs if r.hashes is not None},
-                       tuple(r.name for r in recs if r.inactive),
-                       {r.name: list(r.size) for r in recs if r.size is not None}))
 
 
 def read_state(store: FeatureStore) -> ImageState:

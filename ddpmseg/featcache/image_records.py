@@ -63,6 +63,40 @@ class ImageRecord:
         return record
 
 
+def from_images(names: Sequence[str], images: dict | None) -> list[ImageRecord]:
+    """The records of a store's names (store order) and image state as the attribute
+    ``images`` holds it (``content.ImageState.to_json``)."""
+    images = images or {}
+    hashes, sizes = images.get("hashes", {}), images.get("sizes", {})
+    inactive = set(images.get("inactive", ()))
+    return [ImageRecord(n, None if hashes.get(n) is None else tuple(hashes[n]), n in inactive,
+                        None if sizes.get(n) is None else tuple(sizes[n])) for n in names]
+
+
+def to_images(recs: Sequence[ImageRecord]) -> dict:
+    """The ``images`` attribute's JSON of records: ``from_images`` undone."""
+    out = {"hashes": {r.name: list(r.hashes) for r in recs if r.hashes is not None},
+           "inactive": [r.name for r in recs if r.inactive]}
+    sizes = {r.name: list(r.size) for r in recs if r.size is not None}
+    if sizes:
+        out["sizes"] = sizes
+    return out
+
+
+def changed_runs(old: Sequence[ImageRecord], new: Sequence[ImageRecord]) -> list[range]:
+    """The runs of consecutive indices whose record in ``new`` differs from ``old`` (or is
+    past its end): what to write, and no more."""
+    runs: list[range] = []
+    for i, rec in enumerate(new):
+        if i < len(old) and old[i] == rec:
+            continue
+        if runs and runs[-1].stop == i:
+            runs[-1] = range(runs[-1].start, i + 1)
+        else:
+            runs.append(range(i, i + 1))
+    return runs
+
+
 def array_spec(num_images: int, images_per_shard: int) -> tuple[str, dict]:
     """(name, ``create_array`` arguments) of the records array."""
     return IMAGE_RECORDS, dict(

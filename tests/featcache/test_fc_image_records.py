@@ -33,13 +33,16 @@ def test_round_trip_and_state(tmp_path):
     again = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")[image_records.IMAGE_RECORDS]
     assert image_records.read(again, 11, "S") == recs
     assert image_records.damaged(again, 11, "S") == []
-    names, state = content.records_state(recs)
-    assert names == tuple(r.name for r in recs)
-    assert content.state_records(names, state) == recs
+    images = image_records.to_images(recs)
+    names = [r.name for r in recs]
+    assert image_records.from_images(names, images) == recs
+    state = content.ImageState.from_json(images)
+    assert image_records.from_images(names, state.to_json()) == recs
     # A name with no recorded hashes (a store from before hashes) keeps none.
-    legacy = content.state_records(("old",), content.ImageState({}))
-    assert legacy == [ImageRecord("old")]
-    assert content.records_state(legacy) == (("old",), content.ImageState({}))
+    assert image_records.from_images(["old"], None) == [ImageRecord("old")]
+    assert image_records.to_images([ImageRecord("old")]) == {"hashes": {}, "inactive": []}
+    assert image_records.changed_runs(recs[:5], recs[:3] + [ImageRecord("x")] + recs[4:8]) \
+        == [range(3, 4), range(5, 8)]
     # A longer array (a grow stopped before its count was recorded) reads its first N.
     assert image_records.read(again, 7, "S") == recs[:7]
 
