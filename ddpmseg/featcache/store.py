@@ -42,7 +42,7 @@ from ddpmseg.core.errors import (
     StoreMismatchError,
 )
 from ddpmseg.core.fileio import is_url
-from ddpmseg.featcache import integrity, zarr_adapter
+from ddpmseg.featcache import image_records, integrity, zarr_adapter
 # The codec's public names are read from here too (``ddpmseg.featcache.store.parse_codec``...),
 # as before they moved to codec.py: kept for one release.
 from ddpmseg.featcache.codec import (  # noqa: F401 - re-exported
@@ -67,7 +67,10 @@ if TYPE_CHECKING:
 # 3: every array is sharded (zarr's sharding codec): one file holds ``images_per_shard``
 # images' chunks of one array, so a pool of 100k images is thousands of files, not millions.
 FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# 4: format 3 with the images' names and state in the array image_records instead of the group
+# attributes (featcache.image_records; FORMAT.md "Per-image records"), so that appending an
+# image rewrites one records chunk, not every name. Opt-in (``StoreInfo(format_version=4)``).
+READABLE_VERSIONS = (1, 2, 3, 4)
 # Images per shard of a new store (``extract(images_per_shard=...)``; 0 makes a format-2 store,
 # one file per image per array).
 DEFAULT_IMAGES_PER_SHARD = 64
@@ -133,6 +136,19 @@ class StoreInfo:
                               "store, through extract)")
 
     @property
+    def has_image_records(self) -> bool:
+        """Whether names and image state live in the image_records array (format 4)."""
+        return self.format_version >= 4
+
+    def attrs_json(self) -> dict:
+        """The ``ddpmseg`` attribute: ``to_json`` without the names where the records hold
+        them (run directories keep ``to_json``, names included)."""
+        raw = self.to_json()
+        if self.has_image_records:
+            del raw["names"]
+        return raw
+
+    @property
     def sharded(self) -> bool:
         return self.images_per_shard > 0
 
@@ -161,7 +177,7 @@ class StoreInfo:
     @classmethod
     def from_json(cls, raw: dict) -> "StoreInfo":
         return cls(spec=FeatureSpec.from_json(raw), num_images=raw["num_images"],
-                   names=tuple(raw["names"]), num_classes=raw["num_classes"],
+                   names=tuple(raw.get("names", ())), num_classes=raw["num_classes"],
                    ignore_label=raw["ignore_label"],
                    class_names=tuple(raw.get("class_names", ())),
                    has_labels=raw.get("has_labels", True),
@@ -226,7 +242,7 @@ def maps_digest(maps: Sequence[np.ndarray]) -> int:
 def store_attributes(info: StoreInfo, config: dict | None = None, writer: int = 0) -> dict:
     """The group attributes of a store of ``info``, with their digest: whatever writes or
     rewrites them (creation, a store that grows) writes this whole object."""
-    attrs = {"ddpmseg": info.to_json()}
+    attrs = {"ddpmseg": info.attrs_json()}
     if config is not None:
         attrs["config"] = json.loads(json.dumps(config))
     if writer:
@@ -268,6 +284,8 @@ def array_specs(info: StoreInfo) -> list[tuple[str, dict]]:
     out.append((WRITER, dict(
         shape=(n, 2), chunks=(1, 2), dtype=np.uint64, compressors=[Crc32cCodec()],
         fill_value=0, config=cfg, dimension_names=("image", "writer_record"))))
+    if info.has_image_records:
+        out.append(image_records.array_spec(n, info.images_per_shard))
     out.append(("complete", dict(
         shape=(n,), chunks=(1,), dtype=np.uint8, compressors=[Crc32cCodec()], fill_value=0,
         config=cfg, dimension_names=("image",))))
@@ -341,6 +359,7 @@ class FeatureStore:
         self.guard = False
         self.previous_writer = 0   # the token before ``begin_attempt``
         self._has_records: bool | None = None
+        self._image_records: list = []   # format 4: the first num_images image records
         # Sharded stores: images waiting for the rest of their shard (write_image).
         self._lock = threading.Lock()
         self._planned: dict[int, set] = {}
@@ -355,7 +374,10 @@ class FeatureStore:
         write no chunk."""
         if info.dtype not in STORE_DTYPES:
             raise StoreError(f"unknown store dtype {info.dtype!r}", f"use one of {STORE_DTYPES}")
-        attrs = store_attributes(info, config, new_writer_token())
+        # Format 4: the names exist only in the records, so the attributes say 0 images until
+        # the records are written (a kill before that leaves an empty store a rerun grows).
+        first = replace(info, num_images=0, names=()) if info.has_image_records else info
+        attrs = store_attributes(first, config, new_writer_token())
         if is_url(path):  # no credentials, endpoint or bucket: one line, before any write
             objectstore.check_access(str(path))
         try:
@@ -364,9 +386,13 @@ class FeatureStore:
         except zarr.errors.ContainsGroupError as exc:
             raise StoreError(f"{path} already exists", "pass `overwrite=True` to "
                              "replace it, or choose another path") from exc
-        store = cls(group, info, str(path))
+        store = cls(group, first, str(path))
+        store.info = info   # the arrays are made at the full size
         store.create_missing_arrays()
         store._complete = np.zeros(info.num_images, dtype=bool)
+        if info.has_image_records:
+            store.info = first
+            store.record(info, None)
         return store
 
     def create_missing_arrays(self) -> list[str]:
@@ -386,12 +412,24 @@ class FeatureStore:
 
     def images_attribute(self) -> dict | None:
         """The recorded image state (``content.ImageState`` as JSON), or None."""
+        if self.info.has_image_records:
+            return image_records.to_images(self._image_records)
         return self.group.attrs.get(IMAGES_ATTR)
 
-    def record(self, info: StoreInfo, images: dict) -> None:
-        """Record the store's info (names, count) and image state in one attribute write."""
-        self.update_attrs({"ddpmseg": info.to_json(), IMAGES_ATTR: images})
-        self.info = info
+    def record(self, info: StoreInfo, images: dict | None) -> None:
+        """Record the store's info (names, count) and image state: in one attribute write,
+        or (format 4) the records that changed, then the attributes (the commit)."""
+        if not info.has_image_records:
+            self.update_attrs({"ddpmseg": info.to_json(), IMAGES_ATTR: images})
+            self.info = info
+            return
+        new = image_records.from_images(info.names, images)
+        arr = self._arr(image_records.IMAGE_RECORDS)
+        for run in image_records.changed_runs(self._image_records, new):
+            image_records.write(arr, run.start, new[run.start:run.stop])
+        if info != self.info:
+            self.update_attrs({"ddpmseg": info.attrs_json()})
+        self._image_records, self.info = new, info
 
     def update_attrs(self, changes: dict) -> None:
         """Change some group attributes, rewriting them whole with their digest (one write)."""
@@ -653,6 +691,11 @@ class FeatureStore:
         # write_empty_chunks is runtime configuration, not metadata (see _arr).
         store._arrays = {k: a.with_config({"write_empty_chunks": True})
                          for k, a in arrays.items()}
+        if info.has_image_records:
+            recs = image_records.read(store._arr(image_records.IMAGE_RECORDS),
+                                      info.num_images, str(path))
+            store._image_records = recs
+            store.info = replace(info, names=tuple(r.name for r in recs))
         return store
 
     @property

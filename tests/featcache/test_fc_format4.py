@@ -1,0 +1,139 @@
+"""Format 4 (opt-in): the images' names and state in the image_records array, not the group
+attributes. Appending an image rewrites one records chunk; a kill before the attributes'
+commit resumes to the same bytes; a damaged records chunk is named on open."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import zarr.storage
+
+from ddpmseg.core.errors import StoreError
+from ddpmseg.featcache import FeatureStore, StoreInfo, content
+from ddpmseg.featcache.store import IMAGES_ATTR
+from ddpmseg.spec import BackboneId, FeatureSpec
+
+SPEC = FeatureSpec(steps=(10,), blocks=(1,), shapes=((2, 2, 2),), image_size=(4, 4),
+                   dtype="float16", backbone=BackboneId("ab" * 32, {"image_size": 4}))
+
+
+def _hashes(names):
+    return {n: [hashlib.sha256(n.encode()).hexdigest(), None] for n in names}
+
+
+def _names(n):
+    return tuple(f"img{k:04d}" for k in range(n))
+
+
+def _make(path, n, version=4):
+    info = StoreInfo(SPEC, num_images=n, names=_names(n), num_classes=3, ignore_label=255,
+                     has_labels=False, format_version=version, images_per_shard=4)
+    store = FeatureStore.create(path, info)
+    content.write_state(store, store.info, content.ImageState(_hashes(_names(n))))
+    return FeatureStore.open(path, mode="r+")
+
+
+def _append(store, k=1):
+    names = list(store.names) + [f"new{j}" for j in range(k)]
+    content.apply(store, content.plan(store, _hashes(names), prune=False), {})
+
+
+def test_names_and_state_live_in_records(tmp_path):
+    store = _make(tmp_path / "s.zarr", 6)
+    attrs = json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())["attributes"]
+    assert "names" not in attrs["ddpmseg"] and IMAGES_ATTR not in attrs
+    assert store.names == _names(6) and store.info.num_images == 6
+    assert content.read_state(store).hashes == _hashes(_names(6))
+    _append(store, 2)
+    again = FeatureStore.open(tmp_path / "s.zarr")
+    assert again.names == _names(6) + ("new0", "new1")
+    assert content.image_set(again) == _hashes(again.names)
+
+
+@pytest.mark.parametrize("version", [3, 4])
+def test_append_cost(tmp_path, monkeypatch, version):
+    """Bytes written by one append: O(pool) in the attributes (format 3), the same for 10 and
+    200 images with records (format 4)."""
+    written: Counter = Counter()
+    real = zarr.storage.LocalStore.set
+
+    async def counting(self, key, value):
+        written[key] += len(value)
+        return await real(self, key, value)
+
+    cost = {}
+    for n in (10, 200):
+        store = _make(tmp_path / f"s{n}.zarr", n, version)
+        monkeypatch.setattr(zarr.storage.LocalStore, "set", counting)
+        written.clear()
+        _append(store)
+        monkeypatch.setattr(zarr.storage.LocalStore, "set", real)
+        cost[n] = sum(written.values())
+        if version == 4:
+            assert f"image_records/c/{n // 4}" in written
+            assert not [k for k in written if k.startswith("image_records/c/")
+                        and k != f"image_records/c/{n // 4}"]
+    if version == 4:
+        # (the last chunk holds 2 records at 10 images, 0 at 200: within one chunk's worth)
+        assert cost[200] < cost[10] + 4 * 150, cost
+    else:
+        assert cost[200] > cost[10] + 190 * 64, cost   # every name and hash again
+
+
+def test_kill_before_commit_resumes_to_same_bytes(tmp_path, monkeypatch, helpers):
+    whole = _make(tmp_path / "a.zarr", 5)
+    _append(whole, 2)
+    cut = _make(tmp_path / "b.zarr", 5)
+
+    def killed(self, changes):
+        raise KeyboardInterrupt   # the records are written, the attributes are not
+
+    monkeypatch.setattr(FeatureStore, "update_attrs", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _append(cut, 2)
+    monkeypatch.undo()
+    reopened = FeatureStore.open(tmp_path / "b.zarr", mode="r+")
+    assert reopened.names == _names(5)   # records past num_images are not the store's yet
+    _append(reopened, 2)
+    assert helpers.tree_bytes(tmp_path / "a.zarr") == helpers.tree_bytes(tmp_path / "b.zarr")
+
+
+def test_kill_while_creating_resumes(tmp_path, monkeypatch, helpers):
+    _make(tmp_path / "a.zarr", 5)
+    monkeypatch.setattr(FeatureStore, "update_attrs", lambda self, c: (_ for _ in ()).throw(
+        KeyboardInterrupt()))
+    info = StoreInfo(SPEC, num_images=5, names=_names(5), num_classes=3, ignore_label=255,
+                     has_labels=False, format_version=4, images_per_shard=4)
+    with pytest.raises(KeyboardInterrupt):
+        FeatureStore.create(tmp_path / "b.zarr", info)
+    monkeypatch.undo()
+    empty = FeatureStore.open(tmp_path / "b.zarr", mode="r+")
+    assert len(empty) == 0 and empty.names == ()
+    content.apply(empty, content.plan(empty, _hashes(_names(5)), prune=False), {})
+    assert helpers.tree_bytes(tmp_path / "a.zarr") == helpers.tree_bytes(tmp_path / "b.zarr")
+
+
+def test_damaged_records_chunk_is_named_on_open(tmp_path):
+    _make(tmp_path / "s.zarr", 6)
+    f = tmp_path / "s.zarr" / "image_records" / "c" / "1"
+    raw = bytearray(f.read_bytes())
+    raw[3] ^= 0x01
+    f.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match=r"image_records/c/1: the image records are damaged"):
+        FeatureStore.open(tmp_path / "s.zarr")
+
+
+def test_compact_keeps_format4(tmp_path):
+    store = _make(tmp_path / "s.zarr", 3)
+    for i in range(3):
+        store.write_image(i, [np.zeros((2, 2, 2), np.float32)])
+    store.flush()
+    keep = list(store.names[1:])
+    content.apply(store, content.plan(store, _hashes(keep), prune=True), {})
+    new = content.compact(FeatureStore.open(tmp_path / "s.zarr", mode="r+"))
+    assert new.info.format_version == 4 and new.names == tuple(keep)
+    assert content.read_state(new).hashes == _hashes(keep)
