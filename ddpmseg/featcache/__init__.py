@@ -7,7 +7,7 @@ FORMAT.md beside this file.
     store      the store: its attributes (StoreInfo, digest, image state), arrays, reading
     codec      stored dtypes (numpy and torch types), zarr codecs, rounding, encoding maps
     content    which images a store holds, and how it follows a changing folder
-    image_records  per-image records in an array (reader/writer; not yet used by stores)
+    image_records  per-image records in an array (format 4 stores: names and image state)
     integrity  checks of the attributes' digest and the arrays' metadata
     pixels     pixel features from native maps (tensors)
 

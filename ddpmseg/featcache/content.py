@@ -1,7 +1,9 @@
 """What a store's images are: per-image content hashes, inactive images, and how a store
 follows a data folder that changes between two ``extract`` runs.
 
-The group attribute ``"images"`` holds ``{"hashes": {name: [image sha256, mask sha256 or
+In a format 4 store these live in the ``image_records`` array (``featcache.image_records``;
+``store.images_attribute`` and ``store.record`` hide which); in formats 1-3 the group attribute
+``"images"`` holds ``{"hashes": {name: [image sha256, mask sha256 or
 null]}, "inactive": [names]}`` and, from stores that record them, ``"sizes": {name: [height,
 width, resize mode or null]}``: each image's size as shown (EXIF applied) and how it was fitted
 to the model (``spec.RESIZE_MODES``; null when it was the model's size), so that predictions

@@ -1,5 +1,5 @@
 """Per-image records (featcache.image_records): round trip, O(1) append, damage named by file.
-The records are not yet switched on in stores; these test the reader and writer."""
+The array itself; stores of format 4 (test_fc_format4.py) use it."""
 
 from __future__ import annotations
 
