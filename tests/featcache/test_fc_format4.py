@@ -137,3 +137,13 @@ def test_compact_keeps_format4(tmp_path):
     new = content.compact(FeatureStore.open(tmp_path / "s.zarr", mode="r+"))
     assert new.info.format_version == 4 and new.names == tuple(keep)
     assert content.read_state(new).hashes == _hashes(keep)
+
+
+def test_format4_on_an_fsspec_url(tmp_path):
+    """The records are a zarr array, so a URL store holds them like any other array."""
+    url = f"memory://format4/{tmp_path.name}/s.zarr"
+    store = _make(url, 5)
+    _append(store, 1)
+    again = FeatureStore.open(url)
+    assert again.names == _names(5) + ("new0",)
+    assert content.image_set(again) == _hashes(again.names)
