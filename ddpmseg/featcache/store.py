@@ -177,7 +177,9 @@ class StoreInfo:
     @classmethod
     def from_json(cls, raw: dict) -> "StoreInfo":
         return cls(spec=FeatureSpec.from_json(raw), num_images=raw["num_images"],
-                   names=tuple(raw.get("names", ())), num_classes=raw["num_classes"],
+                   # format 4: the names are in the image_records array (``open``)
+                   names=tuple(raw["names"] if raw.get("format_version", 1) < 4
+                               else raw.get("names", ())), num_classes=raw["num_classes"],
                    ignore_label=raw["ignore_label"],
                    class_names=tuple(raw.get("class_names", ())),
                    has_labels=raw.get("has_labels", True),
