@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ddpmseg.featcache.store import DEFAULT_IMAGES_PER_SHARD, FORMAT_VERSION
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "scale.json"
 PLOT = HERE / "results" / "scale.png"
@@ -240,7 +242,7 @@ def save(results: dict, n: int, out: dict, args) -> None:
     results.update(
         bench="bench/scale.py", backbone="bundled:faces_64 (default steps, blocks)",
         ensemble=args.ensemble, threads=1, image_size=SIZE,
-        store_format="today's (format 2, one chunk per image per array)",
+        store_format=f"format {FORMAT_VERSION}, {DEFAULT_IMAGES_PER_SHARD} images per shard (extract's default)",
         machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                 "shared with other jobs (wall times noisy; CPU times steadier)",
         python=platform.python_version())

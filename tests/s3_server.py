@@ -14,18 +14,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
 from tests.helpers import need
-from tests.interop.label_studio_server import free_port  # noqa: F401 - the tests' one
-
-START_SECONDS = 60
+from tests.local_server import LocalServer, free_port  # noqa: F401 - free_port: the tests' one
 
 
 def need_s3() -> None:
@@ -36,38 +30,14 @@ def need_s3() -> None:
             need(f"{package} is not installed (pip install -e '.[test]')")
 
 
-class MotoServer:
+class MotoServer(LocalServer):
+    name = "moto"
+    health = "/moto-api/"
+
     def __init__(self, root: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = root / "moto.log"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_SECONDS
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"moto exited ({self.proc.returncode}): "
-                                   f"{self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/moto-api/", timeout=2):
-                    return
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.2)
-        raise RuntimeError(f"moto did not answer in {START_SECONDS} s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, 15)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, 9)
-                self.proc.wait()
+        port = free_port()
+        super().__init__([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                         port, root / "moto.log")
 
     def env(self) -> dict[str, str]:
         return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",

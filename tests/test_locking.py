@@ -142,7 +142,9 @@ def test_extract_through_a_symlink_writes_into_the_folder_it_points_to(tmp_path)
     result = CliRunner().invoke(cli, args + ["--seed", "1", "--compact"])
     assert result.exit_code == 0, result.output
     assert link.is_symlink() and len(FeatureStore.open(real)) == 1
-    assert sorted(p.name for p in real.parent.iterdir()) == [".s.zarr.lock", "s.zarr"]
+    # Beside the real folder: its lock and its stat cache (content.StatCache), nothing else.
+    assert sorted(p.name for p in real.parent.iterdir()) == [
+        ".s.zarr.lock", ".s.zarr.stat_cache.json", "s.zarr"]
 
 
 def test_every_writer_takes_its_folders_lock(tmp_path, hold_lock):

@@ -226,3 +226,18 @@ def test_resize_option_bare_or_with_a_way():
     assert run("--resize=pad", "a").output.strip() == "['a'] 'pad'"
     wrong = run("--resize", "a", "b")
     assert wrong.exit_code == 2 and "put paths before it" in wrong.output
+
+
+def test_more_classes_than_a_label_map_holds_is_refused_at_the_image_size_too():
+    """An ensemble of 300 classes: at the image's size as at the model's, a RunError, never
+    a uint8 argmax that wraps 256 to 0."""
+    from ddpmseg.core.errors import RunError
+    from ddpmseg.pipelines.predict import predict_item
+
+    torch.manual_seed(0)
+    members = [torch.nn.Linear(3, 300)]
+    maps = [torch.randn(3, 8, 8)]
+    lay = data.layout((12, 20), (8, 8), "stretch")
+    for layout in (None, lay):
+        with pytest.raises(RunError, match="300 classes"):
+            predict_item(members, [maps], (8, 8), layout)

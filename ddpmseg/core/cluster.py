@@ -41,6 +41,11 @@ class Scheduler:
     port: int = 0
 
 
+def workers_for(threads: int) -> int:
+    """A LocalCluster's workers for a bare ``local``: the cores, ``threads`` each."""
+    return max(1, (os.cpu_count() or 1) // max(1, threads))
+
+
 def parse_scheduler(scheduler: str) -> Scheduler:
     """The one reading of a ``--scheduler`` string; a malformed one is a ConfigError."""
     text = scheduler.strip()

@@ -86,6 +86,13 @@ def sha256_file(path: str | Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
+def json_sha256(value) -> str:
+    """Hex SHA-256 of ``value`` as canonical JSON (sorted keys, no spaces, ASCII): the digest
+    of a store's attributes and of its stat cache."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 RESUME_HINT = ("free some space (or choose another path) and rerun the same command: it "
                "resumes where it stopped")
 

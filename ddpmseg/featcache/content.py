@@ -26,7 +26,6 @@ rerun sees the same differences and redoes the same (idempotent) steps.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from ddpmseg.core.errors import BadInputError, StoreError
-from ddpmseg.core.fileio import atomic_write, is_url, sha256_file
+from ddpmseg.core.fileio import atomic_write, is_url, json_sha256, sha256_file
 from ddpmseg.featcache.store import FeatureStore, StoreInfo
 from ddpmseg.spec import short
 
@@ -100,8 +99,7 @@ class StatCache:
         path = stat_cache_path(store_path)
         try:
             raw = json.loads(path.read_text())
-            body = json.dumps(raw["files"], sort_keys=True, separators=(",", ":"))
-            if hashlib.sha256(body.encode()).hexdigest() == raw["digest"]:
+            if json_sha256(raw["files"]) == raw["digest"]:
                 return cls(path, dict(raw["files"]), int(raw["checked_ns"]))
         except (OSError, ValueError, KeyError, TypeError):
             pass
@@ -136,9 +134,8 @@ class StatCache:
         """Record the stats (taken after ``started_ns``) when any file was hashed."""
         if self.path is None or not self.changed:
             return
-        body = json.dumps(self.files, sort_keys=True, separators=(",", ":"))
         text = json.dumps({"checked_ns": self.started_ns, "files": self.files,
-                           "digest": hashlib.sha256(body.encode()).hexdigest()},
+                           "digest": json_sha256(self.files)},
                           separators=(",", ":"))
         atomic_write(self.path, lambda p: p.write_text(text))
         self.changed = False

@@ -14,8 +14,6 @@ Chunks carry crc32c checksums (store.py); this module covers the rest of what ca
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +22,7 @@ import zarr
 from zarr.storage import MemoryStore
 
 from ddpmseg.core.errors import StoreError
+from ddpmseg.core.fileio import json_sha256
 from ddpmseg.featcache.zarr_adapter import PARTIAL_FILE
 
 DIGEST_KEY = "ddpmseg_digest"
@@ -34,9 +33,7 @@ _DAMAGED_HINT = "the store is damaged; re-extract it with the same command plus 
 
 def attrs_digest(attrs: dict) -> str:
     """sha256 of the attributes (without the digest itself), as canonical JSON."""
-    body = {k: v for k, v in attrs.items() if k != DIGEST_KEY}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return json_sha256({k: v for k, v in attrs.items() if k != DIGEST_KEY})
 
 
 def check_attrs(attrs: dict, path: str) -> None:

@@ -432,7 +432,7 @@ def _settings(meta: dict) -> str:
         ("members", meta.get("num_members", "?")),
         ("vote", meta.get("vote", "?")),
         ("ETF", etf),
-        ("image size", "x".join(str(s) for s in meta.get("image_size") or []) or "?"),
+        ("model input", "x".join(str(s) for s in meta.get("image_size") or []) or "?"),
         ("classes", meta.get("num_classes")),
     ]
     chips = "".join(f'<span><b>{_esc(k)}</b> {_esc(v)}</span>' for k, v in items)

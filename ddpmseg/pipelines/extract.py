@@ -43,6 +43,7 @@ from ddpmseg.core.cluster import (
     opened,
     run_tasks,
     worker_must_see,
+    workers_for,
 )
 from ddpmseg.core.device import use_threads
 from ddpmseg.core.errors import (
@@ -845,7 +846,7 @@ def _run_distributed(request: _Request, info: StoreInfo, job: _Job, todo: list[i
     tasks = run_tasks(request.scheduler, _dask_task,
                       [(job, source, g, [labels[i] for i in g]) for g in groups],
                       name="extract", threads=threads,
-                      default_workers=max(1, (os.cpu_count() or 1) // threads),
+                      default_workers=workers_for(threads),
                       doing=f"extracting into {job.store_path}",
                       kept="the images already extracted are kept", plugins=[Opened()])
     with contextlib.closing(tasks):

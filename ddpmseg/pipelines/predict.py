@@ -105,10 +105,7 @@ def predict_maps(members: Sequence[nn.Module], maps: Sequence, size: tuple[int, 
     for y0 in range(0, height, tile_rows):
         y1 = min(y0 + tile_rows, height)
         feats = tiles.rows(y0, y1).T  # (n, D): a transposed view, no copy
-        logits = torch.stack([m(feats).float() for m in members])
-        if logits.shape[-1] > 256:
-            raise RunError(f"the ensemble has {logits.shape[-1]} classes; label maps hold at "
-                           "most 256", "use at most 256 classes")
+        logits = _member_logits(members, feats)
         tile = voting.vote(logits, vote)
         labels[y0:y1] = tile.view(y1 - y0, width).to(torch.uint8).cpu().numpy()
         if uncertainty:
@@ -116,6 +113,16 @@ def predict_maps(members: Sequence[nn.Module], maps: Sequence, size: tuple[int, 
             entropy[y0:y1] = ent.view(y1 - y0, width).cpu().numpy()
             jsd[y0:y1] = div.view(y1 - y0, width).cpu().numpy()
     return ImagePrediction(labels, entropy, jsd)
+
+
+def _member_logits(members: Sequence[nn.Module], feats: torch.Tensor) -> torch.Tensor:
+    """float32 (members, n, classes) of the pixels' features ``feats`` (n, D); an ensemble of
+    more classes than a uint8 label map holds is refused, at the model's size or the image's."""
+    logits = torch.stack([m(feats).float() for m in members])
+    if logits.shape[-1] > 256:
+        raise RunError(f"the ensemble has {logits.shape[-1]} classes; label maps hold at "
+                       "most 256", "use at most 256 classes")
+    return logits
 
 
 # -- predictions at the image's own size -----------------------------------------------------
@@ -132,7 +139,7 @@ def score_map(members: Sequence[nn.Module], maps: Sequence, size: tuple[int, int
     out = None
     for y0 in range(0, height, tile_rows):
         y1 = min(y0 + tile_rows, height)
-        logits = torch.stack([m(tiles.rows(y0, y1).T).float() for m in members])
+        logits = _member_logits(members, tiles.rows(y0, y1).T)
         parts = [voting.scores(logits, vote)]
         if uncertainty:
             parts += [t[:, None] for t in voting.uncertainty(logits)]

@@ -10,20 +10,14 @@ the model once per chunk.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
-from ddpmseg.core.cluster import Opened, run_tasks
+from ddpmseg.core.cluster import Opened, run_tasks, workers_for
 
 # Tasks per worker: enough that a slow worker does not hold the end back, few enough that
 # each task's opening costs little.
 CHUNKS_PER_WORKER = 4
-
-
-def default_workers(threads: int) -> int:
-    """A LocalCluster's workers for ``local``: the cores, ``threads`` each."""
-    return max(1, (os.cpu_count() or 1) // max(1, threads))
 
 
 def chunked(items: Sequence, workers: int) -> list[list]:
@@ -46,7 +40,7 @@ def in_order(scheduler: str, fn: Callable, setup, items: Sequence, *, name: str,
     if not items:
         return
     threads = torch.get_num_threads()
-    workers = default_workers(threads)
+    workers = workers_for(threads)
     chunks = chunked(items, workers)
     tasks = run_tasks(scheduler, _indexed, [(fn, k, setup, c) for k, c in enumerate(chunks)],
                       name=name, threads=threads, default_workers=workers, doing=doing,

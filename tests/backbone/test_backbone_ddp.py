@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ import torch.distributed as dist
 from ddpmseg.backbone import Backbone, ModelFlags
 from ddpmseg.backbone.train import Trainer, train_backbone
 from ddpmseg.core.errors import ConfigError
+from tests.local_server import free_port
 
 pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -34,12 +34,6 @@ CLI_ARGS = ["--iterations", str(STEPS), "--images-per-iteration", str(BATCH), "-
             "--device", "cpu", "--samples", "2", "--sample-passes", "2", "--no-progress"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _weights(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -54,7 +48,7 @@ def _torchrun(tmp_path, args, nproc=2):
            if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(script), "train-backbone", *map(str, args)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
 

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from tests.local_server import LocalServer, free_port
 
 ENV_VAR = "DDPMSEG_LABEL_STUDIO"
 TOKEN = "ddpmseg0test0token0abcdef0123456789abcdef"
@@ -27,19 +25,16 @@ USER, PASSWORD = "labeller@example.com", "ddpmseg-test-password"
 START_SECONDS = 600  # first start: migrations; a loaded CI machine is slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class LabelStudio(LocalServer):
+    name = "label-studio"
+    health = "/health"
+    start_seconds = START_SECONDS
+    poll_seconds = 1.0
 
-
-class LabelStudio:
     def __init__(self, executable: str, root: Path, files_root: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        port = free_port()
         data = root / "label-studio"
         data.mkdir(parents=True)
-        self.log = root / "label-studio.log"
         env = {**os.environ, "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "",
                "LABEL_STUDIO_USERNAME": USER, "LABEL_STUDIO_PASSWORD": PASSWORD,
                "LABEL_STUDIO_USER_TOKEN": TOKEN,
@@ -49,41 +44,11 @@ class LabelStudio:
                "LABEL_STUDIO_BASE_DATA_DIR": str(data), "DJANGO_DB": "sqlite",
                "COLLECT_ANALYTICS": "false", "PYTHONWARNINGS": "ignore"}
         cmd = [executable, "start", "--no-browser", "--internal-host", "127.0.0.1",
-               "--port", str(self.port), "--data-dir", str(data),
+               "--port", str(port), "--data-dir", str(data),
                "--database", str(data / "label_studio.sqlite3"),
                "--username", USER, "--password", PASSWORD, "--user-token", TOKEN,
                "--enable-legacy-api-token", "--log-level", "WARNING"]
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_SECONDS
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"label-studio exited ({self.proc.returncode}): "
-                                   f"{self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"label-studio did not answer in {START_SECONDS} s: "
-                           f"{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        """SIGTERM to its process group (it was made the leader of its own), SIGKILL if it
-        lingers."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        super().__init__(cmd, port, root / "label-studio.log", env)
 
     def api(self, method: str, path: str, body=None, raw: bool = False):
         data = None if body is None else json.dumps(body).encode()
