@@ -14,10 +14,17 @@ child process (os.wait4 gives its peak RSS and CPU time); time per image is the 
 wall time over the pool size, CPU per image its user + system CPU time over the pool size (the
 steadier figure on a shared machine). Also files and bytes per image of the store and of the prediction folder.
 Writes bench/results/scale.json (merged with earlier pool sizes) and
-bench/results/scale.png (CPU seconds per image against pool size, log axes, drawn with Pillow).
+bench/results/scale.png (or the --results file's name with .png; CPU seconds per image against pool size, log axes, drawn with Pillow).
 
     python bench/scale.py --pools 100,1000 [--work /tmp/ddpmseg-scale] [--ensemble 10]
     python bench/scale.py --plot-only        # redraw the PNG from scale.json
+    python bench/scale.py --pools 100,1000,10000 --steps 50 --ensemble 2 \
+        --results bench/results/scale_light.json --work /tmp/ddpmseg-scale-light
+                                             # lighter per image: the 10,000 pool in ~1 hour
+
+``--steps`` (extract's, comma-separated) and ``--ensemble`` make each image cheaper, so that
+what grows with the pool (listing, records, stat cache, shards, pages) is a larger share of
+each command; compare pool sizes only within one results file.
 """
 
 from __future__ import annotations
@@ -40,7 +47,6 @@ from ddpmseg.featcache.store import DEFAULT_IMAGES_PER_SHARD, FORMAT_VERSION
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "scale.json"
-PLOT = HERE / "results" / "scale.png"
 SIZE = 64
 NUM_CLASSES = 4          # background, rectangle, ellipse, triangle
 TRAIN_IMAGES = 8
@@ -111,21 +117,22 @@ def tree_size(path: Path) -> tuple[int, int]:
     return len(files), sum(p.stat().st_size for p in files)
 
 
-def fitted_run(work: Path, ensemble: int, log) -> Path:
+def fitted_run(work: Path, ensemble: int, steps: list[str], log) -> Path:
     run = work / "run"
     if (run / "member_00.pt").exists():
         return run
     train = make_pool(work / "train", TRAIN_IMAGES, first=10 ** 7, masks=True)
     subprocess.run(DDPMSEG + ["--no-progress", "extract", str(train), str(work / "train.zarr"),
                               "--checkpoint", "bundled:faces_64", "--num-classes",
-                              str(NUM_CLASSES), "--threads", "1"], check=True, stderr=log)
+                              str(NUM_CLASSES), "--threads", "1", *steps], check=True,
+                   stderr=log)
     subprocess.run(DDPMSEG + ["--no-progress", "fit", str(work / "train.zarr"), str(run),
                               "--ensemble", str(ensemble), "--max-epochs", "2", "--threads",
                               "1"], check=True, stderr=log)
     return run
 
 
-def measure_pool(work: Path, n: int, run: Path, log, save) -> dict:
+def measure_pool(work: Path, n: int, run: Path, steps: list[str], log, save) -> dict:
     """Every command over a pool of ``n``; ``save(partial)`` after each (a run stopped early
     keeps what it measured)."""
     base = work / f"pool{n}"
@@ -134,7 +141,7 @@ def measure_pool(work: Path, n: int, run: Path, log, save) -> dict:
     pool = make_pool(base / "images", n)
     store, pred, sugg = base / "pool.zarr", base / "pred", base / "suggest"
     extract = ["extract", str(pool), str(store), "--checkpoint", "bundled:faces_64",
-               "--num-classes", str(NUM_CLASSES), "--threads", "1"]
+               "--num-classes", str(NUM_CLASSES), "--threads", "1", *steps]
     out = {"images": n}
     n1 = n + 1
 
@@ -174,7 +181,7 @@ COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 KEY = "cpu_s_per_image"   # what the plot shows
 
 
-def plot(pools: dict, path: Path) -> None:
+def plot(pools: dict, path: Path, what: str) -> None:
     """CPU seconds per image against pool size, both on log axes, one line per command."""
     sizes = sorted(int(n) for n in pools if all(c in pools[n] for c in COMMANDS))
     if not sizes:
@@ -202,8 +209,7 @@ def plot(pools: dict, path: Path) -> None:
         d.line([left, y, w - right, y], fill=(225, 225, 225))
         d.text((8, y - 6), f"{10.0 ** e:g} s", fill="black")
     d.text((left + 180, h - 25), "pool size (images, log)", fill="black")
-    d.text((left, 12), "CPU seconds per image per command (log); bundled faces_64, 1 thread, "
-                       "64 px scenes", fill="black")
+    d.text((left, 12), f"CPU seconds per image per command (log); {what}", fill="black")
     for k, cmd in enumerate(COMMANDS):
         pts = [xy(n, pools[str(n)][cmd][KEY]) for n in sizes]
         colour = COLOURS[k % len(COLOURS)]
@@ -223,30 +229,39 @@ def main() -> None:
     ap.add_argument("--pools", default="100,1000")
     ap.add_argument("--work", default="/tmp/ddpmseg-scale")
     ap.add_argument("--ensemble", type=int, default=10)
+    ap.add_argument("--steps", default="", help="extract's --steps (default: the backbone's)")
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="results JSON (merged with earlier pool sizes); the PNG beside it")
     ap.add_argument("--plot-only", action="store_true")
     args = ap.parse_args()
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"pools": {}}
+    steps = ["--steps", args.steps] if args.steps else []
+    results = (json.loads(args.results.read_text()) if args.results.exists()
+               else {"pools": {}})
     if not args.plot_only:
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
         with open(work / "commands.log", "a") as log:
-            run = fitted_run(work, args.ensemble, log)
+            run = fitted_run(work, args.ensemble, steps, log)
             for n in (int(x) for x in args.pools.split(",")):
-                measure_pool(work, n, run, log, lambda out, n=n: save(results, n, out, args))
+                measure_pool(work, n, run, steps, log,
+                             lambda out, n=n: save(results, n, out, args))
                 print(json.dumps({str(n): results["pools"][str(n)]}), flush=True)
-    plot(results["pools"], PLOT)
+    plot(results["pools"], args.results.with_suffix(".png"),
+         f"{results.get('backbone', '')}, ensemble "
+         f"{results.get('ensemble', '?')}, 1 thread, 64 px scenes")
 
 
 def save(results: dict, n: int, out: dict, args) -> None:
     results["pools"][str(n)] = out
     results.update(
-        bench="bench/scale.py", backbone="bundled:faces_64 (default steps, blocks)",
+        bench="bench/scale.py",
+        backbone=f"bundled:faces_64 (steps {args.steps or 'default'}, default blocks)",
         ensemble=args.ensemble, threads=1, image_size=SIZE,
         store_format=f"format {FORMAT_VERSION}, {DEFAULT_IMAGES_PER_SHARD} images per shard (extract's default)",
         machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                 "shared with other jobs (wall times noisy; CPU times steadier)",
         python=platform.python_version())
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    args.results.write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

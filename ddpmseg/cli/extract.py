@@ -71,7 +71,7 @@ from ddpmseg.cli.common import (
                    "the damaged ones (those `ddpmseg verify STORE` lists).")
 @click.option("--images-per-shard", type=click.IntRange(min=0), default=64, show_default=True,
               metavar="N",
-              help="A new store keeps N images' chunks of each array in one file (format 3); "
+              help="A new store keeps N images' chunks of each array in one file (format 4); "
                    "0: one file per image per array (format 2). An existing store keeps its own.")
 @max_pixels_option
 @scheduler_option("Run", outcome="")

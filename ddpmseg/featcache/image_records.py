@@ -1,9 +1,8 @@
 """Per-image records: each image's name, content hashes, inactive flag and size in a zarr
 array of the store, one UTF-8 JSON text per image, chunked like the flags arrays.
 
-Used by format 4 stores (opt-in: ``StoreInfo(format_version=4)``; ``extract`` still makes
-format 3, which keeps these in the group attributes, ``content``); FORMAT.md "Per-image
-records". Why: the attributes are rewritten whole (with their digest) on every change, so
+Used by format 4 stores (the default for new sharded stores; formats 1-3 keep these in the
+group attributes, ``content``); FORMAT.md "Per-image records". Why: the attributes are rewritten whole (with their digest) on every change, so
 appending one image to a store of N rewrites O(N) bytes; a record array rewrites only the
 chunk (``images_per_shard`` records) that the appended image falls in, and the array's small
 ``zarr.json`` when it grows.

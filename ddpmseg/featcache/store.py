@@ -5,7 +5,7 @@ Layout (the full description is FORMAT.md, beside this file):
     zarr.json                 attributes: "ddpmseg" = StoreInfo (format version, fingerprint,
                               steps, ...), "config" = the resolved run config
     act_t{t}_b{b}/            (N, C, h, w) native-resolution activation, one image per chunk
-                              (format 3: in shards of ``images_per_shard`` images; FORMAT.md)
+                              (formats 3 and 4: in shards of ``images_per_shard`` images; FORMAT.md)
     labels/                   (N, H, W) uint8, after the reference's rare-class rule
                               (absent in a prediction-only store: has_labels False)
     complete/                 (N,) uint8, 1 once every array of that image is written
@@ -66,10 +66,10 @@ if TYPE_CHECKING:
 
 # 3: every array is sharded (zarr's sharding codec): one file holds ``images_per_shard``
 # images' chunks of one array, so a pool of 100k images is thousands of files, not millions.
-FORMAT_VERSION = 3
 # 4: format 3 with the images' names and state in the array image_records instead of the group
 # attributes (featcache.image_records; FORMAT.md "Per-image records"), so that appending an
-# image rewrites one records chunk, not every name. Opt-in (``StoreInfo(format_version=4)``).
+# image rewrites one records chunk, not every name. New sharded stores are format 4.
+FORMAT_VERSION = 4
 READABLE_VERSIONS = (1, 2, 3, 4)
 # Images per shard of a new store (``extract(images_per_shard=...)``; 0 makes a format-2 store,
 # one file per image per array).

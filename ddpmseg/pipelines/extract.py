@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import glob
 import logging
 import os
 import secrets
@@ -196,7 +197,7 @@ def extract(data_dir, store_path, config: Config | None = None, checkpoint=None,
     run (default: OMP_NUM_THREADS, else torch's); the caller's setting is restored after.
     ``max_image_pixels``: images (and PNG masks) of more pixels are refused from their header
     (default: PIL's limit). ``batch_size`` is the old spelling of ``images_per_batch``.
-    ``images_per_shard``: a new store (format 3) keeps that many images' chunks of an array in
+    ``images_per_shard``: a new store (format 4) keeps that many images' chunks of an array in
     one file; 0 makes a format-2 store (one file per image per array). An existing store keeps
     its own layout.
     ``resize`` fits images of another size than the model's: True (the default way,
@@ -626,6 +627,16 @@ def _sibling(p: Path, what: str) -> Path:
     return p.with_name(f".{p.name}.{what}-{secrets.token_hex(4)}")
 
 
+def _remove_leftovers(p: Path) -> None:
+    """Delete the half-made (``new``) and set-aside (``replaced``) siblings that killed runs
+    left beside ``p`` (under the writer lock: no other extract makes them now)."""
+    for what in ("new", "replaced"):
+        for left in p.parent.glob(f".{glob.escape(p.name)}.{what}-*"):
+            if left.is_dir() and not left.is_symlink():
+                log.info("removing %s, left by an interrupted run", left)
+                shutil.rmtree(left, ignore_errors=True)
+
+
 def _remove_aside(p: Path) -> None:
     """Delete a folder by first renaming it aside (one atomic step: the path is free at once,
     whatever a task of an earlier attempt still writes into the old folder). Through a
@@ -648,6 +659,7 @@ def _replace_local(p: Path, info: StoreInfo, config: dict) -> FeatureStore:
     a half-made store, and an old store there goes aside first (``_remove_aside``). Through a
     symlink: in the folder it points to, so the link stays a link."""
     p = Path(os.path.realpath(p))
+    _remove_leftovers(p)
     new = _sibling(p, "new")
     FeatureStore.create(new, info, config=config)
     for _ in range(3):

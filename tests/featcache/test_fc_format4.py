@@ -191,3 +191,68 @@ def test_extract_grows_a_format4_store_equal_to_scratch(tmp_path, monkeypatch, s
 
 def _names_of(folder):
     return tuple(sorted(p.stem for p in folder.glob("*.png")))
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+from ddpmseg.config import Config
+from ddpmseg.featcache import image_records
+from ddpmseg.pipelines.extract import extract
+
+data, store, ckpt, kill = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "kill"
+if kill:   # SIGKILL right after the records are written, before the attributes commit them
+    real = image_records.write
+
+    def write(*args, **kwargs):
+        real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+    image_records.write = write
+cfg = Config().replace(data={"num_classes": 34}, model={"preset": "faces_64"},
+                       features={"steps": (10,), "blocks": (2, 5)})
+extract(data, store, cfg, ckpt, progress=False, images_per_shard=2)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["create", "grow"])
+def test_sigkill_between_records_and_commit_resumes_byte_identical(
+        tmp_path, when, faces, faces64_ckpt, helpers):
+    """A real extract process SIGKILLed after writing records the attributes do not count yet
+    (while creating the store, or while growing it by three images) reruns to the bytes of an
+    uninterrupted run."""
+    import subprocess
+    import sys
+
+    first = faces[:2] if when == "grow" else faces[:5]
+    folder = helpers.make_folder(tmp_path / "data", [f[1] for f in first],
+                                 [f[2] for f in first], [f[0] for f in first])
+    script = tmp_path / "run.py"
+    script.write_text(KILL_SCRIPT)
+    killed, full = tmp_path / "killed.zarr", tmp_path / "full.zarr"
+
+    def run(path, kill=False):
+        proc = subprocess.run([sys.executable, str(script), str(folder), str(path),
+                               str(faces64_ckpt), "kill" if kill else "-"], capture_output=True)
+        if kill:
+            assert proc.returncode == -9, proc.stderr.decode()
+        else:
+            assert proc.returncode == 0, proc.stderr.decode()
+
+    if when == "grow":   # both stores had two images, then five
+        run(killed)
+        run(full)
+        for name, image, mask in faces[2:5]:
+            helpers.make_folder(folder, [image], [mask], [name])
+    run(killed, kill=True)
+    if when == "grow":   # the new records are written, not yet counted
+        assert len(FeatureStore.open(killed)) == 2
+        assert (killed / "image_records" / "c" / "1").exists()
+    else:   # a new local store is made beside its path and renamed into place
+        assert not killed.exists()
+        [half] = tmp_path.glob(".killed.zarr.new-*")
+        assert (half / "image_records" / "c" / "0").exists()
+    run(killed)
+    assert not list(tmp_path.glob(".killed.zarr.new-*"))   # the rerun removed it
+    run(full)
+    assert len(FeatureStore.open(full)) == 5
+    assert helpers.tree_bytes(killed) == helpers.tree_bytes(full)

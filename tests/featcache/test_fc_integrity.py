@@ -23,14 +23,19 @@ from ddpmseg.core.locking import LockedError, lock_path, writer_lock
 from ddpmseg.pipelines.verify import verify_store
 
 
-# Format 2 (one file per image per array) and format 3 in shards of 3 images (a full shard
-# and a partial one, for the 4 images of synthetic_dir).
-@pytest.fixture(params=[0, 3], ids=["format2", "format3"])
-def made(request, tmp_path, synthetic_dir, fake_config, fake_backbone, helpers):
+# Format 2 (one file per image per array), format 3 (an older sharded store: names and state
+# in the attributes) and format 4 (the default: in the image_records array), sharded in 3s (a
+# full shard and a partial one, for the 4 images of synthetic_dir).
+@pytest.fixture(params=[2, 3, 4], ids=["format2", "format3", "format4"])
+def made(request, tmp_path, monkeypatch, synthetic_dir, fake_config, fake_backbone, helpers):
+    from ddpmseg.pipelines import extract as extract_mod
+
+    if request.param == 3:   # no longer made: what extract made before format 4
+        monkeypatch.setattr(extract_mod, "FORMAT_VERSION", 3)
     path = tmp_path / "s.zarr"
     extract(synthetic_dir, path, fake_config, backbone=fake_backbone(), progress=False,
-            images_per_shard=request.param)
-    assert FeatureStore.open(path).info.format_version == (3 if request.param else 2)
+            images_per_shard=0 if request.param == 2 else 3)
+    assert FeatureStore.open(path).info.format_version == request.param
     return path, helpers.tree_bytes(path)
 
 
@@ -48,7 +53,7 @@ def _edit_json(path, edit):
 def test_changed_attributes_are_refused_naming_the_file(made):
     path, _ = made
     _edit_json(path / "zarr.json",
-               lambda m: m["attributes"]["ddpmseg"]["names"].__setitem__(0, "other"))
+               lambda m: m["attributes"]["ddpmseg"].__setitem__("num_classes", 4))
     with pytest.raises(StoreError, match=r"s\.zarr/zarr\.json: the store's attributes do not "
                                          r"match their checksum"):
         FeatureStore.open(path)

@@ -1,4 +1,4 @@
-"""Store format 3: every array in shards of ``images_per_shard`` images (zarr's sharding codec).
+"""Store formats 3 and 4: every array in shards of ``images_per_shard`` images (zarr's sharding codec).
 
 Few files per image, whole shards written once, byte-identical whatever order and grouping the
 images are written in (so a resumed, grown or repaired store equals an uninterrupted one), every
@@ -20,7 +20,7 @@ from ddpmseg.spec import BackboneId, FeatureSpec
 SHAPES = ((2, 2, 2), (1, 4, 4))
 
 
-def tiny_info(n: int, per_shard: int = 64, fmt: int = 3) -> StoreInfo:
+def tiny_info(n: int, per_shard: int = 64, fmt: int = 4) -> StoreInfo:
     spec = FeatureSpec(steps=(10,), blocks=(1, 2), shapes=SHAPES, image_size=(4, 4),
                        dtype="float16", backbone=BackboneId("cd" * 32, {"image_size": 4}))
     return StoreInfo(spec, num_images=n, names=tuple(f"im{k:04d}" for k in range(n)),
@@ -50,9 +50,9 @@ def test_a_thousand_images_are_few_files_per_array(tmp_path):
     store = FeatureStore.create(path, tiny_info(1000))
     write(store, range(1000))
     reopened = FeatureStore.open(path)
-    assert reopened.info.format_version == 3 and reopened.info.images_per_shard == 64
+    assert reopened.info.format_version == 4 and reopened.info.images_per_shard == 64
     assert reopened.complete().all()
-    for name in ("act_t10_b1", "act_t10_b2", "labels", "writer", "complete"):
+    for name in ("act_t10_b1", "act_t10_b2", "labels", "writer", "complete", "image_records"):
         files = [p for p in (path / name).rglob("*") if p.is_file()]
         assert len(files) / 1000 <= 0.05, (name, len(files))   # 16 shards + zarr.json
     for i in (0, 63, 64, 999):
@@ -109,7 +109,7 @@ def test_shard_size_must_be_positive(tmp_path, synthetic_dir, fake_config, fake_
     assert not (tmp_path / "s.zarr").exists()
 
 
-def test_format3_opens_in_xarray_and_dask(tmp_path):
+def test_a_sharded_store_opens_in_xarray_and_dask(tmp_path):
     import dask.array as da
     import xarray as xr
     import zarr
@@ -120,6 +120,8 @@ def test_format3_opens_in_xarray_and_dask(tmp_path):
     np.testing.assert_array_equal(ds["act_t10_b2"].isel(image=7).values,
                                   maps_of(7)[1].half().numpy())
     np.testing.assert_array_equal(ds["labels"].values[9], labels_of(9))
+    names = [json.loads(r)[0] for r in ds["image_records"].values]   # FORMAT.md's example
+    assert names == [f"im{k:04d}" for k in range(10)]
     acts = da.from_zarr(zarr.open_group(str(path), mode="r")["act_t10_b1"])
     assert acts.shape == (10, 2, 2, 2)
     np.testing.assert_array_equal(acts[5].compute(), maps_of(5)[0].half().numpy())
@@ -144,7 +146,7 @@ def test_verify_checks_every_inner_chunk_and_a_damaged_index(tmp_path, helpers):
         (f"image {i} (im000{i})", "act_t10_b1") for i in range(4)]
 
 
-def test_format3_repair_rewrites_the_shard_from_its_good_images(tmp_path, synthetic_dir,
+def test_sharded_repair_rewrites_the_shard_from_its_good_images(tmp_path, synthetic_dir,
                                                                fake_config, fake_backbone,
                                                                helpers):
     path = tmp_path / "s.zarr"
@@ -163,7 +165,7 @@ def test_format3_repair_rewrites_the_shard_from_its_good_images(tmp_path, synthe
     assert verify_store(path) == []
 
 
-def test_format3_grows_across_shards_equal_to_scratch(tmp_path, synthetic_dir, fake_config,
+def test_a_sharded_store_grows_across_shards_equal_to_scratch(tmp_path, synthetic_dir, fake_config,
                                                        fake_backbone, helpers):
     grown, scratch = tmp_path / "grown.zarr", tmp_path / "scratch.zarr"
     extract(synthetic_dir, scratch, fake_config, backbone=fake_backbone(), progress=False,
@@ -182,7 +184,7 @@ def test_format3_grows_across_shards_equal_to_scratch(tmp_path, synthetic_dir, f
     assert sorted(got) == sorted(want)
     assert [k for k in got if got[k] != want[k] and k != "zarr.json"] == []
     meta = json.loads(got["zarr.json"])["attributes"]["ddpmseg"]
-    assert meta["images_per_shard"] == 3 and meta["format_version"] == 3
+    assert meta["images_per_shard"] == 3 and meta["format_version"] == 4
 
 
 def test_a_format2_store_stays_format2_when_it_grows(tmp_path, synthetic_dir, fake_config,
