@@ -2,8 +2,8 @@
 array of the store, one UTF-8 JSON text per image, chunked like the flags arrays.
 
 Used by format 4 stores (the default for new sharded stores; formats 1-3 keep these in the
-group attributes, ``content``); FORMAT.md "Per-image records". Why: the attributes are rewritten whole (with their digest) on every change, so
-appending one image to a store of N rewrites O(N) bytes; a record array rewrites only the
+group attributes, ``content``); FORMAT.md "Per-image records". Why: the attributes are rewritten whole (with their digest)
+on every change, so appending one image to a store of N rewrites O(N) bytes; a record array rewrites only the
 chunk (``images_per_shard`` records) that the appended image falls in, and the array's small
 ``zarr.json`` when it grows.
 
@@ -124,21 +124,25 @@ def chunk_file(path: str, k: int) -> str:
     return f"{str(path).rstrip('/')}/{IMAGE_RECORDS}/c/{k}"
 
 
-def _read_chunk(arr: zarr.Array, k: int, n: int, path: str) -> list[ImageRecord]:
-    per = arr.chunks[0]
-    lo, hi = k * per, min(n, (k + 1) * per)
-    where = chunk_file(path, k)
-    try:
-        texts = arr[lo:hi]
-    except Exception as exc:  # noqa: BLE001 - any decode failure (checksum, codec) is damage
-        raise StoreError(f"{where}: the image records are damaged ({type(exc).__name__})",
-                         _HINT) from exc
+def _parse(texts, lo: int, per: int, path: str) -> list[ImageRecord]:
     out = []
-    for i, text in zip(range(lo, hi), texts):
+    for i, text in enumerate(texts, start=lo):
+        where = chunk_file(path, i // per)
         if not text:
             raise StoreError(f"{where}: image {i} has no record", _HINT)
         out.append(ImageRecord.from_text(str(text), where))
     return out
+
+
+def _read_chunk(arr: zarr.Array, k: int, n: int, path: str) -> list[ImageRecord]:
+    per = arr.chunks[0]
+    lo, hi = k * per, min(n, (k + 1) * per)
+    try:
+        texts = arr[lo:hi]
+    except Exception as exc:  # noqa: BLE001 - any decode failure (checksum, codec) is damage
+        raise StoreError(f"{chunk_file(path, k)}: the image records are damaged "
+                         f"({type(exc).__name__})", _HINT) from exc
+    return _parse(texts, lo, per, path)
 
 
 def read(arr: zarr.Array, num_images: int, path: str) -> list[ImageRecord]:
@@ -147,11 +151,13 @@ def read(arr: zarr.Array, num_images: int, path: str) -> list[ImageRecord]:
     if arr.shape[0] < num_images:
         raise StoreError(f"{path}: {arr.shape[0]} image records for {num_images} images",
                          _HINT)
-    per = arr.chunks[0]
-    out: list[ImageRecord] = []
-    for k in range(-(-num_images // per)):
-        out.extend(_read_chunk(arr, k, num_images, path))
-    return out
+    try:   # one read: zarr fetches the chunks concurrently (an object store's round trips)
+        texts = arr[:num_images]
+    except Exception:  # noqa: BLE001 - damage somewhere: chunk by chunk, to name its file
+        for k in range(-(-num_images // arr.chunks[0])):
+            _read_chunk(arr, k, num_images, path)
+        raise
+    return _parse(texts, 0, arr.chunks[0], path)
 
 
 def damaged(arr: zarr.Array, num_images: int, path: str) -> list[tuple[str, str]]:

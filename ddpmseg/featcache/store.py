@@ -415,6 +415,10 @@ class FeatureStore:
     def images_attribute(self) -> dict | None:
         """The recorded image state (``content.ImageState`` as JSON), or None."""
         if self.info.has_image_records:
+            # None, as a format 3 store's absent attribute, until some state is recorded
+            # (a store made by FeatureStore.create alone has only names).
+            if not any(r.hashes or r.inactive or r.size for r in self._image_records):
+                return None
             return image_records.to_images(self._image_records)
         return self.group.attrs.get(IMAGES_ATTR)
 

@@ -129,6 +129,28 @@ def test_a_sharded_store_opens_in_xarray_and_dask(tmp_path):
     np.testing.assert_array_equal(store.dask_array(10, 1)[3].compute(), store.maps(3)[0])
 
 
+def test_a_sharded_store_opens_in_tensorstore(tmp_path):
+    """Another zarr 3 implementation reads every array but the records as ddpmseg does:
+    shards, crc32c, blosc, dimension names. tensorstore has no string data type, so
+    image_records (the names) opens in zarr-python and xarray only."""
+    ts = pytest.importorskip("tensorstore", reason="the test extra is not installed")
+    path = tmp_path / "s.zarr"
+    write(FeatureStore.create(path, tiny_info(10, per_shard=4)), range(10))
+    store = FeatureStore.open(path)
+
+    def read(name):
+        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / name)}}
+        return ts.open(spec, read=True).result().read().result()
+
+    for i in (0, 5, 9):   # a full shard and the partial last one
+        for k, name in enumerate(("act_t10_b1", "act_t10_b2")):
+            np.testing.assert_array_equal(read(name)[i], store.maps(i)[k])
+        np.testing.assert_array_equal(read("labels")[i], labels_of(i))
+    assert read("complete").tolist() == [1] * 10
+    with pytest.raises(ValueError, match="string data type"):
+        read("image_records")
+
+
 def test_verify_checks_every_inner_chunk_and_a_damaged_index(tmp_path, helpers):
     path = tmp_path / "s.zarr"
     write(FeatureStore.create(path, tiny_info(10, per_shard=4)), range(10))
