@@ -24,11 +24,12 @@ def command(path, scheduler):
       ddpmseg verify stores/ffhq34_train.zarr
       ddpmseg verify runs/ffhq34
     """
+    from ddpmseg.cli.common import as_flags
     from ddpmseg.pipelines.verify import verify
 
     kind, damage = verify(path, scheduler=scheduler)
     for d in damage:
-        click.echo(str(d))
+        click.echo(as_flags(str(d)))   # a hint names --overwrite, not overwrite=True
     if damage:
         click.echo(f"{path}: {len(damage)} problem(s) found in the {kind}", err=True)
         raise SystemExit(1)

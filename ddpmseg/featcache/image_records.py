@@ -28,7 +28,8 @@ from zarr.codecs import Crc32cCodec
 from ddpmseg.core.errors import StoreError
 
 IMAGE_RECORDS = "image_records"
-_HINT = ("the store's image records are damaged; re-extract it with the same command plus "
+# Names and hashes exist only in the records: --repair cannot rebuild them.
+_HINT = ("records cannot be repaired; re-extract the store with the same command plus "
          "`overwrite=True`")
 
 
@@ -140,8 +141,8 @@ def _read_chunk(arr: zarr.Array, k: int, n: int, path: str) -> list[ImageRecord]
     try:
         texts = arr[lo:hi]
     except Exception as exc:  # noqa: BLE001 - any decode failure (checksum, codec) is damage
-        raise StoreError(f"{chunk_file(path, k)}: the image records are damaged "
-                         f"({type(exc).__name__})", _HINT) from exc
+        raise StoreError(f"{chunk_file(path, k)}: the image records are damaged (they fail "
+                         "their checksum or cannot be decoded)", _HINT) from exc
     return _parse(texts, lo, per, path)
 
 

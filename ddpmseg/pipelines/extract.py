@@ -351,7 +351,8 @@ def _extract_locked(request: _Request, info: StoreInfo, inputs: _Inputs, backbon
     start = time.perf_counter()
     _run(request, store, job, todo, labels, backbone, initial=len(done) - len(todo))
     _refuse_foreign(store)
-    log.info("extracted %d images in %.1fs into %s (%d dims per pixel, %s)", len(todo),
+    log.info("extracted %d image%s in %.1fs into %s (%d dims per pixel, %s)", len(todo),
+             "" if len(todo) == 1 else "s",
              time.perf_counter() - start, request.store_path, store.info.feature_dim,
              store.info.dtype)
 

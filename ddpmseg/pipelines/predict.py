@@ -97,15 +97,10 @@ def predict_maps(members: Sequence[nn.Module], maps: Sequence, size: tuple[int, 
     if tile_rows < 1:
         raise ConfigError(f"tile_rows must be >= 1, got {tile_rows}", "pass `tile_rows=32`")
     height, width = size
-    device = torch.device(device) if device is not None else None
-    tiles = pixels.TileFeatures(maps, size, device)
     labels = np.empty((height, width), dtype=np.uint8)
     entropy = np.empty((height, width), dtype=np.float32) if uncertainty else None
     jsd = np.empty((height, width), dtype=np.float32) if uncertainty else None
-    for y0 in range(0, height, tile_rows):
-        y1 = min(y0 + tile_rows, height)
-        feats = tiles.rows(y0, y1).T  # (n, D): a transposed view, no copy
-        logits = _member_logits(members, feats)
+    for y0, y1, logits in _row_logits(members, maps, size, tile_rows, device):
         tile = voting.vote(logits, vote)
         labels[y0:y1] = tile.view(y1 - y0, width).to(torch.uint8).cpu().numpy()
         if uncertainty:
@@ -113,6 +108,19 @@ def predict_maps(members: Sequence[nn.Module], maps: Sequence, size: tuple[int, 
             entropy[y0:y1] = ent.view(y1 - y0, width).cpu().numpy()
             jsd[y0:y1] = div.view(y1 - y0, width).cpu().numpy()
     return ImagePrediction(labels, entropy, jsd)
+
+
+def _row_logits(members: Sequence[nn.Module], maps: Sequence, size: tuple[int, int],
+                tile_rows: int, device):
+    """(y0, y1, float32 (members, n, classes) logits of rows y0..y1-1), row block by row
+    block: the dense features of a few rows at a time, so memory stays bounded."""
+    height = size[0]
+    device = torch.device(device) if device is not None else None
+    tiles = pixels.TileFeatures(maps, size, device)
+    for y0 in range(0, height, tile_rows):
+        y1 = min(y0 + tile_rows, height)
+        # (n, D): a transposed view, no copy
+        yield y0, y1, _member_logits(members, tiles.rows(y0, y1).T)
 
 
 def _member_logits(members: Sequence[nn.Module], feats: torch.Tensor) -> torch.Tensor:
@@ -134,12 +142,8 @@ def score_map(members: Sequence[nn.Module], maps: Sequence, size: tuple[int, int
     (``voting.scores``: mean probabilities for a soft vote), then with ``uncertainty`` the
     entropy and the members' JSD. Rows as in ``predict_maps``."""
     height, width = size
-    device = torch.device(device) if device is not None else None
-    tiles = pixels.TileFeatures(maps, size, device)
     out = None
-    for y0 in range(0, height, tile_rows):
-        y1 = min(y0 + tile_rows, height)
-        logits = _member_logits(members, tiles.rows(y0, y1).T)
+    for y0, y1, logits in _row_logits(members, maps, size, tile_rows, device):
         parts = [voting.scores(logits, vote)]
         if uncertainty:
             parts += [t[:, None] for t in voting.uncertainty(logits)]
