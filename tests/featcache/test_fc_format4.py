@@ -1,5 +1,5 @@
-"""Format 4 (opt-in): the images' names and state in the image_records array, not the group
-attributes. Appending an image rewrites one records chunk; a kill before the attributes'
+"""Format 4 (the default): the images' names and state in the image_records array, not the
+group attributes. Appending an image rewrites one records chunk; a kill before the attributes'
 commit resumes to the same bytes; a damaged records chunk is named on open."""
 
 from __future__ import annotations
@@ -149,17 +149,15 @@ def test_format4_on_an_fsspec_url(tmp_path):
     assert content.image_set(again) == _hashes(again.names)
 
 
-def test_extract_grows_a_format4_store_equal_to_scratch(tmp_path, monkeypatch, synthetic_dir,
-                                                        fake_config, fake_backbone, helpers):
-    """extract on format 4 (made opt-in by patching the version extract asks for): a store
-    grown by one image equals one extracted from scratch, byte for byte; verify reports a
-    damaged records chunk by its file."""
+def test_extract_grows_a_format4_store_equal_to_scratch(tmp_path, synthetic_dir, fake_config,
+                                                        fake_backbone, helpers):
+    """extract (format 4 by default): a store grown by one image equals one extracted from
+    scratch, byte for byte; verify reports a damaged records chunk by its file."""
     import shutil
 
     from ddpmseg.pipelines import extract as extract_mod
     from ddpmseg.pipelines.verify import verify_store
 
-    monkeypatch.setattr(extract_mod, "FORMAT_VERSION", 4)
     part = tmp_path / "part"
     part.mkdir()
     for f in sorted(synthetic_dir.iterdir()):
@@ -187,6 +185,16 @@ def test_extract_grows_a_format4_store_equal_to_scratch(tmp_path, monkeypatch, s
     f.write_bytes(bytes(raw))
     damage = verify_store(tmp_path / "grown.zarr")
     assert len(damage) == 1 and "image_records/c/1" in str(damage[0])
+    # The command: one line naming the file, what is wrong and the option that fixes it.
+    from click.testing import CliRunner
+
+    from ddpmseg.cli.main import cli
+    res = CliRunner().invoke(cli, ["verify", str(tmp_path / "grown.zarr")])
+    assert res.exit_code == 1
+    (line,) = [x for x in res.stdout.splitlines() if x]
+    assert line.endswith("image_records/c/1: the image records are damaged (they fail their "
+                         "checksum or cannot be decoded); records cannot be repaired; "
+                         "re-extract the store with the same command plus --overwrite"), line
 
 
 def _names_of(folder):
