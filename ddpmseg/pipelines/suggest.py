@@ -55,9 +55,9 @@ class Scored:
     name: str
     score: float
     area: np.ndarray            # (C,) fraction of pixels predicted as each class
-    pooled: np.ndarray          # mean-pooled features (diversity)
-    image: np.ndarray | None = field(repr=False, default=None)
-    labels: np.ndarray | None = field(repr=False, default=None)
+    # mean-pooled features, for --diverse only. No image or label map is kept per image: a
+    # pool of 100k images would hold them all; the sheet predicts its few rows again.
+    pooled: np.ndarray | None = field(repr=False, default=None)
     similarity: float | None = None   # with diverse: largest cosine similarity to a pick before
 
 
@@ -186,37 +186,43 @@ class _Job:
     scheduler: str | None = None
 
 
-def _score_items(model, source, items, by: str, tile_rows: int, device) -> list[Scored]:
+def _predicted(model, source, items, tile_rows: int, device):
+    """(item, its prediction with uncertainty at the model's size), item by item."""
+    for item in items:
+        yield item, predict_maps(model.members, item.maps, source.size, vote="soft",
+                                 tile_rows=tile_rows, uncertainty=True, device=device)
+
+
+def _score_items(model, source, items, by: str, tile_rows: int, device,
+                 diverse: bool) -> list[Scored]:
     """Each item predicted and scored."""
     scored = []
-    for item in items:
-        pred = predict_maps(model.members, item.maps, source.size, vote="soft",
-                            tile_rows=tile_rows, uncertainty=True, device=device)
+    for item, pred in _predicted(model, source, items, tile_rows, device):
         per_pixel = pred.jsd if by == "jsd" else pred.entropy
         area = np.bincount(pred.labels.ravel(), minlength=256)[:model.num_classes]
         scored.append(Scored(item.name, float(per_pixel.mean()), area / pred.labels.size,
-                             pooled_features(item.maps), item.image, pred.labels))
+                             pooled_features(item.maps) if diverse else None))
         item.maps = None
     return scored
 
 
 def _score_chunk(setup: tuple, names: list[str]) -> list[Scored]:
-    """A dask task: ``_score_items`` of ``names``; setup: (Opening, by, tile_rows)."""
-    opening, by, tile_rows = setup
+    """A dask task: ``_score_items`` of ``names``; setup: (Opening, by, tile_rows, diverse)."""
+    opening, by, tile_rows, diverse = setup
     model, source = opening.open()
     return _score_items(model, source, only(source, names), by, tile_rows,
-                        resolve_device(opening.device))
+                        resolve_device(opening.device), diverse)
 
 
 def _score(job: _Job) -> list[Scored]:
     """Every image not skipped, predicted and scored (in this process, or on dask)."""
     if not job.scheduler:
         return _score_items(job.model, job.source, job.source.items(skip=job.skipped), job.by,
-                            job.tile_rows, job.device)
+                            job.tile_rows, job.device, job.diverse)
     names = [n for n in job.source.names if n not in job.skipped]
     return list(spread.in_order(job.scheduler, _score_chunk,
-                                (job.opening, job.by, job.tile_rows), names, name="suggest",
-                                doing=f"ranking the images of {job.input}"))
+                                (job.opening, job.by, job.tile_rows, job.diverse), names,
+                                name="suggest", doing=f"ranking the images of {job.input}"))
 
 
 def _rank(job: _Job) -> Ranking:
@@ -239,7 +245,7 @@ def _rank(job: _Job) -> Ranking:
         order = sorted(range(len(scored)), key=lambda i: (-scores[i], scored[i].name))
     ranked = [scored[i] for i in order][:job.top]
     _write_csv(out / CSV_FILE, ranked, by, diverse, model)
-    _write_sheet(out / SHEET_FILE, ranked[:SHEET_IMAGES], by, model)
+    _write_sheet(out / SHEET_FILE, ranked[:SHEET_IMAGES], job)
     log.info("ranked %d image(s) by %s%s; wrote %s and %s", len(scored), by,
              " (diverse)" if diverse else "", out / CSV_FILE, out / SHEET_FILE)
     return Ranking(ranked, job.skipped)
@@ -257,10 +263,16 @@ def _write_csv(path: Path, ranked: list[Scored], by: str, diverse: bool, model) 
                                        for k in range(model.num_classes)], diverse)
 
 
-def _write_sheet(path: Path, ranked: list[Scored], by: str, model) -> None:
+def _write_sheet(path: Path, ranked: list[Scored], job: _Job) -> None:
+    """The contact sheet of the top images: predicted again here (the same labels as when
+    they were scored), since no image or label map was kept while ranking."""
+    model = job.model
     palette = render.make_palette(model.num_classes, model.info.ignore_label)
     names = _class_names(model)
-    rows = [(f"{k}. {s.name}  ({by} {s.score:.4f})", s.image, s.labels)
+    shown = {item.name: (item.image, pred.labels) for item, pred in _predicted(
+        model, job.source, only(job.source, [s.name for s in ranked]), job.tile_rows,
+        job.device)}
+    rows = [(f"{k}. {s.name}  ({job.by} {s.score:.4f})", *shown[s.name])
             for k, s in enumerate(ranked, 1)]
     write_png(path, render.contact_sheet(rows, palette, names, model.num_classes))
 

@@ -14,7 +14,7 @@ from ddpmseg.classifier import fit
 from ddpmseg.cli.main import cli
 from ddpmseg.core.errors import ConfigError
 from ddpmseg.featcache import content
-from ddpmseg.pipelines.predict import predict
+from ddpmseg.pipelines.predict import load_run, predict
 from ddpmseg.outputs.report import report
 from ddpmseg.outputs.suggestions import read_suggestions
 from ddpmseg.pipelines.suggest import diverse_order, suggest
@@ -42,8 +42,20 @@ def test_suggest_ranks_by_mean_jsd_and_writes_csv_and_sheet(run_dir, store_path,
         rows = list(csv.reader(fh))
     assert rows[0][:3] == ["rank", "name", "score_jsd"] and rows[0][3] == "area:c0"
     assert [r[1] for r in rows[1:]] == [s.name for s in ranked]
+    # The sheet: the top images' predictions, as predict made them (suggest keeps no label
+    # map while ranking and predicts its rows again).
+    from ddpmseg.outputs import render
+    from ddpmseg.pipelines.suggest import SHEET_IMAGES, _class_names
+
+    model = load_run(run_dir, "cpu")
+    rows = [(f"{k}. {s.name}  (jsd {s.score:.4f})", None, np.load(pred["outputs"][s.name]["npy"]))
+            for k, s in enumerate(ranked[:SHEET_IMAGES], 1)]
+    want = render.contact_sheet(rows, render.make_palette(model.num_classes,
+                                                          model.info.ignore_label),
+                                _class_names(model), model.num_classes)
     with Image.open(tmp_path / "pred" / "suggest.png") as im:
         assert im.width > 300 and im.height > 300
+        np.testing.assert_array_equal(np.asarray(im.convert("RGB")), np.asarray(want))
     # The HTML report lists the suggestions under "label these next", in their order.
     page = report(tmp_path / "pred").read_text()
     assert "Ranked by <code>ddpmseg suggest</code>" in page
