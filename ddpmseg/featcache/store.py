@@ -107,7 +107,7 @@ class StoreInfo:
     codec: dict = field(default_factory=lambda: dict(DEFAULT_CODEC))
     format_version: int = FORMAT_VERSION
     min_class_pixels: int = 20   # the rare-class rule applied to the stored labels
-    # Format 3: images per shard (0 below format 3: one chunk file per image per array).
+    # Formats 3 and 4: images per shard (0 below format 3: one chunk file per image per array).
     images_per_shard: int = DEFAULT_IMAGES_PER_SHARD
 
     steps = property(lambda self: self.spec.steps)
@@ -127,7 +127,7 @@ class StoreInfo:
         keepbits = self.codec.get("keepbits")
         if self.spec.keepbits != keepbits:
             object.__setattr__(self, "spec", replace(self.spec, keepbits=keepbits))
-        # Formats 1 and 2 have no shards; format 3 always has them (one per image at least).
+        # Formats 1 and 2 have no shards; formats 3 and 4 always have them (one per image at least).
         if self.format_version < 3:
             object.__setattr__(self, "images_per_shard", 0)
         elif int(self.images_per_shard) < 1:

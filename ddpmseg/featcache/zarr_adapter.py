@@ -8,7 +8,7 @@ fails there, by name, rather than somewhere in the store:
    ``Array.async_array``), which the public synchronous API does one array at a time.
 2. ``Array.store_path / Array.metadata.encode_chunk_key(coords)`` is where a chunk lives: the
    store asks whether a chunk exists without decoding it (a missing chunk of an image flagged
-   complete is damage, not the fill value). In a sharded array (format 3) the chunk grid is
+   complete is damage, not the fill value). In a sharded array (formats 3 and 4) the chunk grid is
    the grid of shards: image i's file is shard ``i // shards[0]`` (``Array.shards``); an inner
    chunk absent from a present shard reads as the fill value (zarr gives no public way to ask),
    which the image's maps digest (store.WRITER) catches for the maps.
@@ -37,7 +37,7 @@ class Missing:
 
 def _chunk_path(arr: zarr.Array, i: int):
     """The storage path of the file holding image i's chunk (its shard in a sharded array;
-    the chunk of several images' flags in format 3)."""
+    the chunk of several images' flags in formats 3 and 4)."""
     k = i // (arr.shards or arr.chunks)[0]
     return arr.store_path / arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))
 
