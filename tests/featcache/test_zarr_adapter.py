@@ -45,3 +45,30 @@ def test_concurrent_reads_and_writes_and_chunk_existence(tmp_path):
     got = zarr_adapter.read_images([a, b], 1)
     assert np.array_equal(got[0], va) and np.array_equal(got[1], vb)
     assert zarr_adapter.read_images([a, b], 0) == [zarr_adapter.Missing, zarr_adapter.Missing]
+
+
+def test_read_each_reads_each_flags_chunk_once(tmp_path, monkeypatch):
+    """Flags in chunks of 4 images (formats 3 and 4): a sound chunk gives each image's value,
+    a damaged one its exception for each of its images, an absent one Missing; each chunk
+    file is read once, not once per image (at 100k images that was 100k reads at once)."""
+    from zarr.codecs import Crc32cCodec
+
+    arr = zarr.create_array(str(tmp_path / "complete"), shape=(10,), chunks=(4,), dtype="uint8",
+                            compressors=[Crc32cCodec()], fill_value=0)
+    arr[:8] = np.arange(1, 9, dtype=np.uint8)
+    raw = bytearray((tmp_path / "complete" / "c" / "1").read_bytes())
+    raw[0] ^= 1
+    (tmp_path / "complete" / "c" / "1").write_bytes(bytes(raw))
+    reads = []
+    real = zarr.storage.LocalStore.get
+
+    async def counting(self, key, *args, **kwargs):
+        reads.append(key)
+        return await real(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "get", counting)
+    got = zarr_adapter.read_each(zarr.open_array(str(tmp_path / "complete"), mode="r"), 10)
+    assert [int(v) for v in got[:4]] == [1, 2, 3, 4]
+    assert all(isinstance(v, Exception) for v in got[4:8])
+    assert got[8:] == [zarr_adapter.Missing] * 2
+    assert sorted(k for k in reads if k.startswith("c/")) == ["c/0", "c/1"]
