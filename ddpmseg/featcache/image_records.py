@@ -2,10 +2,10 @@
 array of the store, one UTF-8 JSON text per image, chunked like the flags arrays.
 
 Used by format 4 stores (the default for new sharded stores; formats 1-3 keep these in the
-group attributes, ``content``); FORMAT.md "Per-image records". Why: the attributes are rewritten whole (with their digest)
-on every change, so appending one image to a store of N rewrites O(N) bytes; a record array rewrites only the
-chunk (``images_per_shard`` records) that the appended image falls in, and the array's small
-``zarr.json`` when it grows.
+group attributes, ``content``); FORMAT.md "Per-image records". Why: the attributes are
+rewritten whole (with their digest) on every change, so appending one image to a store of N
+rewrites O(N) bytes; a record array rewrites only the chunk (``images_per_shard`` records)
+that the appended image falls in, and the array's small ``zarr.json`` when it grows.
 
 Layout: array ``image_records``, shape (N,), zarr data type ``string`` (codecs ``vlen-utf8``
 then ``crc32c``), chunks (S,), fill value "" (no record). Record i is the canonical JSON (no

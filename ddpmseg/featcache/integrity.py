@@ -27,7 +27,8 @@ from ddpmseg.featcache.zarr_adapter import PARTIAL_FILE
 
 DIGEST_KEY = "ddpmseg_digest"
 # The entries of a store folder (zarr.json, the arrays' folders, zarr's temporary files).
-_STORE_ENTRY = re.compile(r"^(zarr\.json|act_t\d+_b[\w.]+|labels|writer|image_records|complete)$")
+_STORE_ENTRY = re.compile(
+    r"^(zarr\.json|act_t\d+_b[\w.]+|labels|writer|image_records|complete)$")
 _DAMAGED_HINT = "the store is damaged; re-extract it with the same command plus `overwrite=True`"
 
 
