@@ -3,15 +3,18 @@ needed), and a fake model."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import zarr.storage
 from PIL import Image
 
 from ddpmseg.backbone import Backbone, ModelFlags
@@ -233,3 +236,25 @@ def helpers():
     H.FakeBackbone = FakeBackbone
     H.sigkill_when = staticmethod(sigkill_when)
     return H
+
+
+@pytest.fixture
+def count_writes(monkeypatch):
+    """``with count_writes() as written:``: the bytes zarr's LocalStore writes inside the block,
+    by key (a Counter)."""
+    real = zarr.storage.LocalStore.set
+
+    @contextlib.contextmanager
+    def counting():
+        written: Counter = Counter()
+
+        async def counted(self, key, value):
+            written[key] += len(value)
+            return await real(self, key, value)
+
+        monkeypatch.setattr(zarr.storage.LocalStore, "set", counted)
+        try:
+            yield written
+        finally:
+            monkeypatch.setattr(zarr.storage.LocalStore, "set", real)
+    return counting

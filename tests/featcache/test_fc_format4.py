@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
 
 import numpy as np
 import pytest
-import zarr.storage
 
 from ddpmseg.core.errors import StoreError
 from ddpmseg.featcache import FeatureStore, StoreInfo, content
@@ -55,23 +53,14 @@ def test_names_and_state_live_in_records(tmp_path):
 
 
 @pytest.mark.parametrize("version", [3, 4])
-def test_append_cost(tmp_path, monkeypatch, version):
+def test_append_cost(tmp_path, count_writes, version):
     """Bytes written by one append: O(pool) in the attributes (format 3), the same for 10 and
     200 images with records (format 4)."""
-    written: Counter = Counter()
-    real = zarr.storage.LocalStore.set
-
-    async def counting(self, key, value):
-        written[key] += len(value)
-        return await real(self, key, value)
-
     cost = {}
     for n in (10, 200):
         store = _make(tmp_path / f"s{n}.zarr", n, version)
-        monkeypatch.setattr(zarr.storage.LocalStore, "set", counting)
-        written.clear()
-        _append(store)
-        monkeypatch.setattr(zarr.storage.LocalStore, "set", real)
+        with count_writes() as written:
+            _append(store)
         cost[n] = sum(written.values())
         if version == 4:
             assert f"image_records/c/{n // 4}" in written

@@ -3,7 +3,6 @@ The array itself; stores of format 4 (test_fc_format4.py) use it."""
 
 from __future__ import annotations
 
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -47,25 +46,16 @@ def test_round_trip_and_state(tmp_path):
     assert image_records.read(again, 7, "S") == recs[:7]
 
 
-def test_append_rewrites_one_chunk(tmp_path, monkeypatch):
+def test_append_rewrites_one_chunk(tmp_path, count_writes):
     """Appending one record to 3,000 writes about what it writes to 30: the last chunk and
     the array's zarr.json, never the whole pool."""
-    written: Counter = Counter()
-    real = zarr.storage.LocalStore.set
-
-    async def counting(self, key, value):
-        written[key] += len(value)
-        return await real(self, key, value)
-
     sizes = {}
     for n in (30, 3000):
         g = _group(tmp_path / f"s{n}.zarr")
         arr = image_records.create(g, 0, 8)
         image_records.write(arr, 0, _recs(n))
-        monkeypatch.setattr(zarr.storage.LocalStore, "set", counting)
-        written.clear()
-        image_records.write(arr, n, _recs(1, start=n))
-        monkeypatch.setattr(zarr.storage.LocalStore, "set", real)
+        with count_writes() as written:
+            image_records.write(arr, n, _recs(1, start=n))
         sizes[n] = sum(written.values())
         assert set(written) <= {"image_records/zarr.json", f"image_records/c/{n // 8}"}
         assert image_records.read(arr, n + 1, "S")[-1] == _recs(1, start=n)[0]
