@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ddpmseg.cli.common import scheduler_option
+from ddpmseg.cli.common import as_flags, scheduler_option
 
 
 @click.command("verify")
@@ -24,7 +24,6 @@ def command(path, scheduler):
       ddpmseg verify stores/ffhq34_train.zarr
       ddpmseg verify runs/ffhq34
     """
-    from ddpmseg.cli.common import as_flags
     from ddpmseg.pipelines.verify import verify
 
     kind, damage = verify(path, scheduler=scheduler)

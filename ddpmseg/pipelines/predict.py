@@ -744,7 +744,8 @@ class Opening:
 def only(source, names: Collection[str]) -> Iterator[_Item]:
     """The items of ``source`` named in ``names``, in the source's order."""
     keep = set(names)
-    return source.items(skip=[n for n in source.names if n not in keep])
+    # A set: a list made each task O(pool x pool) (0.66 s a task at 10k images, 10 s at 40k).
+    return source.items(skip={n for n in source.names if n not in keep})
 
 
 def _predict_chunk(setup: tuple, names: list[str]) -> list[tuple]:

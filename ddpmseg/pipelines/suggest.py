@@ -186,7 +186,7 @@ class _Job:
     scheduler: str | None = None
 
 
-def _predicted(model, source, items, tile_rows: int, device):
+def _predictions(model, source, items, tile_rows: int, device):
     """(item, its prediction with uncertainty at the model's size), item by item."""
     for item in items:
         yield item, predict_maps(model.members, item.maps, source.size, vote="soft",
@@ -197,7 +197,7 @@ def _score_items(model, source, items, by: str, tile_rows: int, device,
                  diverse: bool) -> list[Scored]:
     """Each item predicted and scored."""
     scored = []
-    for item, pred in _predicted(model, source, items, tile_rows, device):
+    for item, pred in _predictions(model, source, items, tile_rows, device):
         per_pixel = pred.jsd if by == "jsd" else pred.entropy
         area = np.bincount(pred.labels.ravel(), minlength=256)[:model.num_classes]
         scored.append(Scored(item.name, float(per_pixel.mean()), area / pred.labels.size,
@@ -269,7 +269,7 @@ def _write_sheet(path: Path, ranked: list[Scored], job: _Job) -> None:
     model = job.model
     palette = render.make_palette(model.num_classes, model.info.ignore_label)
     names = _class_names(model)
-    shown = {item.name: (item.image, pred.labels) for item, pred in _predicted(
+    shown = {item.name: (item.image, pred.labels) for item, pred in _predictions(
         model, job.source, only(job.source, [s.name for s in ranked]), job.tile_rows,
         job.device)}
     rows = [(f"{k}. {s.name}  ({job.by} {s.score:.4f})", *shown[s.name])
